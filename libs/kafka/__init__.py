@@ -1,0 +1,55 @@
+"""Kafka plumbing: client config, topics, the run loop with checkpoints, dead letters."""
+
+from libs.kafka.admin import TopicSpec, describe_cleanup_policy, ensure_topics
+from libs.kafka.config import KafkaSettings, SecurityProtocol
+from libs.kafka.dlq import (
+    DLQ_SUFFIX,
+    HEADER_ERROR_CLASS,
+    HEADER_ERROR_MESSAGE,
+    HEADER_SERVICE,
+    HEADER_SOURCE_OFFSET,
+    HEADER_SOURCE_PARTITION,
+    HEADER_SOURCE_TOPIC,
+    DeadLetterPublisher,
+    dlq_headers,
+    dlq_topic,
+)
+from libs.kafka.errors import DeliveryError, FatalLoopError, KafkaLibError, TopicError
+from libs.kafka.loop import (
+    Emitter,
+    Guarantee,
+    Handler,
+    LoopConfig,
+    LoopStats,
+    ProcessingLoop,
+    RetryLater,
+)
+
+__all__ = [
+    "DLQ_SUFFIX",
+    "HEADER_ERROR_CLASS",
+    "HEADER_ERROR_MESSAGE",
+    "HEADER_SERVICE",
+    "HEADER_SOURCE_OFFSET",
+    "HEADER_SOURCE_PARTITION",
+    "HEADER_SOURCE_TOPIC",
+    "DeadLetterPublisher",
+    "DeliveryError",
+    "Emitter",
+    "FatalLoopError",
+    "Guarantee",
+    "Handler",
+    "KafkaLibError",
+    "KafkaSettings",
+    "LoopConfig",
+    "LoopStats",
+    "ProcessingLoop",
+    "RetryLater",
+    "SecurityProtocol",
+    "TopicError",
+    "TopicSpec",
+    "describe_cleanup_policy",
+    "dlq_headers",
+    "dlq_topic",
+    "ensure_topics",
+]

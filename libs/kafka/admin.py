@@ -1,0 +1,96 @@
+"""Topic creation: idempotent, with the partitions and cleanup policy each topic needs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic  # type: ignore[attr-defined]
+
+from libs.kafka.errors import TopicError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """What a topic must look like."""
+
+    name: str
+    partitions: int
+    replication_factor: int
+    compacted: bool = False
+    config: dict[str, str] = field(default_factory=dict)
+
+    def topic_config(self) -> dict[str, str]:
+        """The topic-level configs to create the topic with."""
+        conf = {"cleanup.policy": "compact" if self.compacted else "delete"}
+        conf.update(self.config)
+        return conf
+
+
+def ensure_topics(
+    client_config: dict[str, Any], specs: Iterable[TopicSpec], *, timeout_s: float = 30.0
+) -> list[str]:
+    """Create the topics that do not exist; return the names created.
+
+    An existing topic is left as it is, except that a cleanup policy different from the spec
+    raises ``TopicError``: a compacted lookup topic created as ``delete`` would silently lose
+    keys after retention, which no amount of consumer code can repair.
+    """
+    specs = list(specs)
+    admin = AdminClient(client_config)
+    new = [
+        NewTopic(
+            s.name,
+            num_partitions=s.partitions,
+            replication_factor=s.replication_factor,
+            config=s.topic_config(),
+        )
+        for s in specs
+    ]
+    created: list[str] = []
+    if new:
+        futures = admin.create_topics(new, request_timeout=timeout_s, operation_timeout=timeout_s)
+        for name, fut in futures.items():
+            try:
+                fut.result(timeout=timeout_s)
+                created.append(name)
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                if err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise TopicError(f"cannot create topic {name}: {err.str()}") from exc
+    _check_cleanup_policies(admin, specs, timeout_s)
+    if created:
+        log.info("created topics", extra={"topics": created})
+    return created
+
+
+def _check_cleanup_policies(admin: AdminClient, specs: list[TopicSpec], timeout_s: float) -> None:
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in specs]
+    if not resources:
+        return
+    futures = admin.describe_configs(resources, request_timeout=timeout_s)
+    by_name = {s.name: s for s in specs}
+    for resource, fut in futures.items():
+        try:
+            entries = fut.result(timeout=timeout_s)
+        except KafkaException as exc:
+            raise TopicError(f"cannot describe topic {resource.name}: {exc}") from exc
+        actual = entries["cleanup.policy"].value if "cleanup.policy" in entries else "delete"
+        wanted = by_name[resource.name].topic_config()["cleanup.policy"]
+        if set(actual.split(",")) != set(wanted.split(",")):
+            raise TopicError(
+                f"topic {resource.name} has cleanup.policy={actual}, expected {wanted}"
+            )
+
+
+def describe_cleanup_policy(client_config: dict[str, Any], topic: str) -> str:
+    """The topic's ``cleanup.policy`` as the broker reports it."""
+    admin = AdminClient(client_config)
+    res = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    entries = admin.describe_configs([res])[res].result(timeout=30)
+    return str(entries["cleanup.policy"].value)

@@ -1,0 +1,19 @@
+"""The Kafka library's exceptions: one root, specific subclasses."""
+
+from __future__ import annotations
+
+
+class KafkaLibError(Exception):
+    """Root of every error raised by ``libs.kafka``."""
+
+
+class TopicError(KafkaLibError):
+    """A topic could not be created or does not look as it must."""
+
+
+class DeliveryError(KafkaLibError):
+    """A produced record was not acknowledged by the broker."""
+
+
+class FatalLoopError(KafkaLibError):
+    """The run loop cannot continue (fenced producer, fatal client error); restart the process."""

@@ -1,0 +1,398 @@
+"""The consume-process-produce loop with checkpoints, dead letters and graceful shutdown.
+
+Checkpoint order (the only order that never loses or duplicates output):
+
+* exactly-once: every output and dead letter of the interval is produced inside one
+  transaction; the checkpoint sends the consumed positions with
+  ``send_offsets_to_transaction`` and commits the transaction, so output and progress become
+  visible to ``read_committed`` readers together or not at all;
+* at-least-once: flush the producer (every output acknowledged), then commit the offsets;
+  a crash between the two replays the interval, never skips it.
+
+After either, ``on_checkpoint`` runs (the place to flush local state). A checkpoint happens
+every ``checkpoint_interval_s``, after ``max_uncommitted`` records, when partitions are revoked,
+and on stop. The loop never sleeps: a handler that needs to wait raises ``RetryLater`` and
+the loop rewinds to the last checkpoint and pauses the assignment while it keeps polling.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from prometheus_client import Counter, Gauge
+
+from libs.kafka.dlq import DeadLetterPublisher, Headers
+from libs.kafka.errors import DeliveryError, FatalLoopError
+
+log = logging.getLogger(__name__)
+
+RECORDS_IN = Counter("loop_records_consumed_total", "Records consumed", ["loop", "topic"])
+RECORDS_OUT = Counter("loop_records_produced_total", "Records produced", ["loop", "topic"])
+CHECKPOINTS = Counter("loop_checkpoints_total", "Checkpoints committed", ["loop"])
+ABORTS = Counter("loop_aborts_total", "Intervals rolled back and replayed", ["loop", "reason"])
+LAST_CHECKPOINT = Gauge("loop_last_checkpoint_timestamp_seconds", "Last checkpoint", ["loop"])
+
+
+class Guarantee(StrEnum):
+    """Processing guarantee of a loop."""
+
+    EXACTLY_ONCE = "exactly_once"
+    AT_LEAST_ONCE = "at_least_once"
+
+
+class RetryLater(Exception):  # noqa: N818 - a signal, not a failure
+    """Raised by a handler when a dependency is temporarily unavailable.
+
+    The loop rolls back to the last checkpoint, pauses its partitions for ``delay_s`` while
+    still polling (so the group membership stays alive), then replays.
+    """
+
+    def __init__(self, reason: str, delay_s: float = 1.0) -> None:
+        super().__init__(reason)
+        self.delay_s = delay_s
+
+
+class Emitter(Protocol):
+    """What a handler produces through."""
+
+    def produce(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None
+    ) -> None: ...
+
+
+Handler = Callable[[Message, Emitter], None]
+
+
+@dataclass
+class LoopConfig:
+    """How a loop runs; built by the service from its settings."""
+
+    name: str
+    topics: Sequence[str]
+    guarantee: Guarantee = Guarantee.EXACTLY_ONCE
+    checkpoint_interval_s: float = 0.5
+    max_uncommitted: int = 5000
+    batch_size: int = 500
+    poll_timeout_s: float = 0.2
+    transaction_timeout_s: float = 30.0
+    #: exceptions that mean "this record is bad": it is dead-lettered and the loop goes on.
+    poison_errors: tuple[type[BaseException], ...] = (Exception,)
+
+
+@dataclass
+class LoopStats:
+    """Counts for the stop log line and for tests."""
+
+    consumed: int = 0
+    produced: int = 0
+    dead_lettered: int = 0
+    checkpoints: int = 0
+    aborts: int = 0
+    per_topic: dict[str, int] = field(default_factory=dict)
+
+
+class _Out:
+    """The emitter handed to handlers: counts and forwards to the producer."""
+
+    def __init__(self, loop: ProcessingLoop) -> None:
+        self._loop = loop
+
+    def produce(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None
+    ) -> None:
+        self._loop._produce(topic, key=key, value=value, headers=headers)
+
+
+class ProcessingLoop:
+    """Runs ``handler`` over every record of ``config.topics`` until ``stop`` is set."""
+
+    def __init__(
+        self,
+        config: LoopConfig,
+        consumer_config: dict[str, Any],
+        producer_config: dict[str, Any],
+        handler: Handler,
+        *,
+        service: str,
+        stop: threading.Event,
+        on_checkpoint: Callable[[], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.stats = LoopStats()
+        self._handler = handler
+        self._stop = stop
+        self._on_checkpoint = on_checkpoint
+        self._on_idle = on_idle
+        self._eos = config.guarantee is Guarantee.EXACTLY_ONCE
+        if self._eos and "transactional.id" not in producer_config:
+            raise ValueError("exactly-once needs a transactional.id in the producer config")
+        if not self._eos:
+            producer_config = {k: v for k, v in producer_config.items() if k != "transactional.id"}
+        producer_config = dict(producer_config)
+        producer_config.setdefault(
+            "transaction.timeout.ms", int(config.transaction_timeout_s * 1000)
+        )
+        self._consumer = Consumer(consumer_config)
+        self._producer = Producer(producer_config)
+        self._dlq = DeadLetterPublisher(self._produce, service)
+        self._out = _Out(self)
+        self._in_txn = False
+        # next offset to consume per partition, as of the records handled since the checkpoint
+        self._pending: dict[tuple[str, int], int] = {}
+        # offset of the first record handled per partition since the checkpoint (rewind target)
+        self._base: dict[tuple[str, int], int] = {}
+        self._uncommitted = 0
+        self._last_checkpoint = time.monotonic()
+        self._paused_until: float | None = None
+        self._delivery_errors: list[KafkaError] = []
+        self.last_poll = time.monotonic()
+
+    # -- producing -------------------------------------------------------------------------
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._delivery_errors.append(err)
+
+    def _produce(
+        self, topic: str, *, key: bytes | None, value: bytes | None, headers: Headers | None
+    ) -> None:
+        if self._eos and not self._in_txn:
+            self._producer.begin_transaction()
+            self._in_txn = True
+        while True:
+            try:
+                self._producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=list(headers or ()),
+                    on_delivery=self._on_delivery,
+                )
+                break
+            except BufferError:
+                # local queue full: serve delivery reports until there is room again
+                self._producer.poll(0.05)
+        self.stats.produced += 1
+        RECORDS_OUT.labels(self.config.name, topic).inc()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _offsets(self) -> list[TopicPartition]:
+        return [TopicPartition(t, p, o) for (t, p), o in self._pending.items()]
+
+    def checkpoint(self) -> None:
+        """Make everything handled so far durable (see the module docstring for the order)."""
+        if self._pending or self._in_txn:
+            offsets = self._offsets()
+            if self._eos:
+                self._commit_transaction(offsets)
+            else:
+                self._flush_and_commit(offsets)
+            self._pending.clear()
+            self._base.clear()
+            self._uncommitted = 0
+            self.stats.checkpoints += 1
+            CHECKPOINTS.labels(self.config.name).inc()
+            LAST_CHECKPOINT.labels(self.config.name).set(time.time())
+        if self._on_checkpoint is not None:
+            self._on_checkpoint()
+        self._last_checkpoint = time.monotonic()
+
+    def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
+        timeout = self.config.transaction_timeout_s
+        try:
+            if not self._in_txn:
+                self._producer.begin_transaction()
+                self._in_txn = True
+            if offsets:
+                self._producer.send_offsets_to_transaction(
+                    offsets, self._consumer.consumer_group_metadata(), timeout
+                )
+            self._producer.commit_transaction(timeout)
+            self._in_txn = False
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.txn_requires_abort():
+                self._abort(f"transaction commit failed: {err.str()}")
+                return
+            raise FatalLoopError(f"transaction commit failed: {err.str()}") from exc
+
+    def _flush_and_commit(self, offsets: list[TopicPartition]) -> None:
+        remaining = self._producer.flush(self.config.transaction_timeout_s)
+        if remaining or self._delivery_errors:
+            errors = [e.str() for e in self._delivery_errors[:3]]
+            self._delivery_errors.clear()
+            raise DeliveryError(
+                f"{remaining} records unacknowledged, delivery errors: {errors}; "
+                "offsets not committed, the interval will be replayed after restart"
+            )
+        if offsets:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+
+    def _abort(self, reason: str) -> None:
+        """Throw away the interval since the last checkpoint and rewind to replay it."""
+        log.warning(
+            "rolling back to last checkpoint", extra={"loop": self.config.name, "reason": reason}
+        )
+        self.stats.aborts += 1
+        ABORTS.labels(self.config.name, reason.split(":")[0]).inc()
+        if self._eos and self._in_txn:
+            try:
+                self._producer.abort_transaction(self.config.transaction_timeout_s)
+            except KafkaException as exc:
+                raise FatalLoopError(f"transaction abort failed: {exc}") from exc
+            self._in_txn = False
+        self._rewind()
+        self._pending.clear()
+        self._uncommitted = 0
+
+    def _rewind(self) -> None:
+        # Seek every partition touched since the checkpoint back to the first record handled
+        # after it; seeking also drops what librdkafka had prefetched past that point.
+        for (topic, partition), offset in self._base.items():
+            self._consumer.seek(TopicPartition(topic, partition, offset))
+        self._base.clear()
+
+    # -- rebalances ------------------------------------------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info(
+            "partitions assigned",
+            extra={"loop": self.config.name, "partitions": _names(partitions)},
+        )
+        if self._paused_until is not None:
+            consumer.pause(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info(
+            "partitions revoked", extra={"loop": self.config.name, "partitions": _names(partitions)}
+        )
+        # Commit before the partitions move: their next owner starts from our offsets.
+        self.checkpoint()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning(
+            "partitions lost", extra={"loop": self.config.name, "partitions": _names(partitions)}
+        )
+        # Our offsets may no longer be committed; the new owner replays from its checkpoint.
+        lost = {(tp.topic, tp.partition) for tp in partitions}
+        self._pending = {k: v for k, v in self._pending.items() if k not in lost}
+        self._base = {k: v for k, v in self._base.items() if k not in lost}
+        if self._in_txn:
+            self._abort("partitions lost")
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> LoopStats:
+        """Consume until the stop event is set; checkpoint and close on the way out."""
+        if self._eos:
+            self._producer.init_transactions(self.config.transaction_timeout_s)
+        self._consumer.subscribe(
+            list(self.config.topics),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        log.info(
+            "loop started",
+            extra={
+                "loop": self.config.name,
+                "topics": list(self.config.topics),
+                "guarantee": self.config.guarantee.value,
+            },
+        )
+        try:
+            while not self._stop.is_set():
+                self._poll_once()
+            self.checkpoint()
+        finally:
+            self._close()
+        log.info(
+            "loop stopped",
+            extra={
+                "loop": self.config.name,
+                "consumed": self.stats.consumed,
+                "produced": self.stats.produced,
+                "dead_lettered": self.stats.dead_lettered,
+                "checkpoints": self.stats.checkpoints,
+                "aborts": self.stats.aborts,
+            },
+        )
+        return self.stats
+
+    def _poll_once(self) -> None:
+        now = time.monotonic()
+        self.last_poll = now
+        if self._paused_until is not None and now >= self._paused_until:
+            self._consumer.resume(self._consumer.assignment())
+            self._paused_until = None
+        if self._on_idle is not None:
+            self._on_idle()
+        msgs = self._consumer.consume(self.config.batch_size, self.config.poll_timeout_s)
+        for i, msg in enumerate(msgs):
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise FatalLoopError(f"consumer error: {err.str()}")
+                log.warning("consumer error", extra={"loop": self.config.name, "error": err.str()})
+                continue
+            try:
+                self._handle(msg)
+            except RetryLater as retry:
+                self._abort(f"retry later: {retry}")
+                self._consumer.pause(self._consumer.assignment())
+                self._paused_until = time.monotonic() + retry.delay_s
+                log.warning(
+                    "pausing",
+                    extra={
+                        "loop": self.config.name,
+                        "reason": str(retry),
+                        "delay_s": retry.delay_s,
+                        "discarded": len(msgs) - i,
+                    },
+                )
+                return
+        self._producer.poll(0)
+        if (
+            self._uncommitted >= self.config.max_uncommitted
+            or time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
+        ):
+            self.checkpoint()
+
+    def _handle(self, msg: Message) -> None:
+        topic, partition, offset = (
+            str(msg.topic()),
+            int(msg.partition() or 0),
+            int(msg.offset() or 0),
+        )
+        key = (topic, partition)
+        self._base.setdefault(key, offset)
+        self.stats.consumed += 1
+        RECORDS_IN.labels(self.config.name, topic).inc()
+        try:
+            self._handler(msg, self._out)
+        except (RetryLater, FatalLoopError):
+            raise
+        except self.config.poison_errors as exc:
+            self._dlq.publish_message(msg, exc)
+            self.stats.dead_lettered += 1
+        self._pending[key] = offset + 1
+        self._uncommitted += 1
+
+    def _close(self) -> None:
+        try:
+            if self._in_txn:
+                self._producer.abort_transaction(self.config.transaction_timeout_s)
+                self._in_txn = False
+        except KafkaException:
+            log.exception("abort on close failed")
+        self._producer.flush(10)
+        self._consumer.close()
+
+
+def _names(partitions: list[TopicPartition]) -> list[str]:
+    return [f"{tp.topic}[{tp.partition}]" for tp in partitions]

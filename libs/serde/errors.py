@@ -1,0 +1,34 @@
+"""The serde library's exceptions: one root, specific subclasses."""
+
+from __future__ import annotations
+
+
+class SerdeError(Exception):
+    """Root of every error raised by ``libs.serde``."""
+
+
+class SchemaNotFoundError(SerdeError):
+    """A schema file is missing from ``schemas/`` or is not valid Avro."""
+
+
+class RegistryError(SerdeError):
+    """The schema registry could not be reached or refused a request."""
+
+
+class SerializationError(SerdeError):
+    """A record could not be encoded with its schema."""
+
+
+class DeserializationError(SerdeError):
+    """Bytes read from Kafka could not be decoded.
+
+    Always names where the bytes came from, so a dead-letter record or a log line can point
+    an operator at the exact record.
+    """
+
+    def __init__(self, reason: str, *, topic: str, partition: int, offset: int) -> None:
+        super().__init__(f"{reason} (topic={topic} partition={partition} offset={offset})")
+        self.reason = reason
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset

@@ -1,0 +1,90 @@
+"""What every ``python -m services.<name>`` does around its app: help, settings, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+
+from libs.runtime import configure_logging
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_CONFIG = 2
+
+
+def env_help(*models: type[BaseSettings]) -> str:
+    """One line per setting: variable name, default (or 'required'), description."""
+    lines = []
+    for model in models:
+        prefix = str(model.model_config.get("env_prefix", ""))
+        for name, field in model.model_fields.items():
+            env = (prefix + name).upper()
+            if field.is_required():
+                default = "required"
+            elif "secret" in str(field.annotation).lower():
+                default = "secret, unset"
+            else:
+                default = f"default {field.default!r}"
+            doc = f"  {field.description}" if field.description else ""
+            lines.append(f"  {env:<40} {default}{doc}")
+    return "\n".join(lines)
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line naming every bad or missing setting by its environment variable."""
+    parts = []
+    for err in exc.errors():
+        name = (prefix + "_".join(str(p) for p in err["loc"])).upper()
+        if err["type"] == "missing":
+            parts.append(f"{name} is required but not set")
+        else:
+            parts.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid settings: " + "; ".join(parts)
+
+
+def run_service(
+    *,
+    name: str,
+    description: str,
+    settings_models: Sequence[type[BaseSettings]],
+    build_and_run: Callable[[list[BaseSettings]], int],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse ``--help``, load settings (one clear line on error), configure logging, run."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m services.{name}",
+        description=description,
+        epilog="settings (environment variables):\n" + env_help(*settings_models),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(argv)
+    loaded: list[BaseSettings] = []
+    for model in settings_models:
+        try:
+            loaded.append(model())
+        except ValidationError as exc:
+            prefix = str(model.model_config.get("env_prefix", ""))
+            print(f"{name}: {describe_validation_error(exc, prefix)}", file=sys.stderr)  # noqa: T201
+            return EXIT_CONFIG
+    common = loaded[0]
+    configure_logging(
+        str(getattr(common, "log_level", "INFO")),
+        json_format=getattr(common, "log_format", "json") == "json",
+    )
+    try:
+        return build_and_run(loaded)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception:
+        log.exception("fatal error, exiting", extra={"service": name})
+        return EXIT_FATAL

@@ -1,0 +1,97 @@
+"""Settings every service shares, read from the environment once, at start.
+
+Shared settings have no prefix (``KAFKA_BOOTSTRAP_SERVERS``, ``TOPIC_SLACK_MESSAGES``); each
+service adds its own ``BaseSettings`` with its prefix (``ENRICHER_...``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from libs.kafka import KafkaSettings, SecurityProtocol, TopicSpec
+from libs.serde import ConfluentSchemaRegistry
+
+
+class CommonSettings(BaseSettings):
+    """Kafka, schema registry, metrics and logging settings of every service."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
+
+    kafka_bootstrap_servers: str = Field(min_length=1)
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_location: str | None = None
+    schema_registry_url: str = Field(min_length=1)
+    schema_registry_basic_auth_user_info: SecretStr | None = None
+    metrics_port: int = Field(default=8080, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    def kafka(self, client_id: str) -> KafkaSettings:
+        """The library model for client configs."""
+        return KafkaSettings(
+            bootstrap_servers=self.kafka_bootstrap_servers,
+            security_protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            sasl_username=self.kafka_sasl_username,
+            sasl_password=self.kafka_sasl_password,
+            ssl_ca_location=self.kafka_ssl_ca_location,
+            client_id=client_id,
+        )
+
+    def registry(self) -> ConfluentSchemaRegistry:
+        """A schema registry client."""
+        auth = self.schema_registry_basic_auth_user_info
+        return ConfluentSchemaRegistry(
+            self.schema_registry_url, auth.get_secret_value() if auth else None
+        )
+
+
+class TopicSettings(BaseSettings):
+    """Topic names (``TOPIC_<NAME>``) and how the project creates topics."""
+
+    model_config = SettingsConfigDict(env_prefix="TOPIC_", extra="ignore", frozen=True)
+
+    data_notifications_pipeline: str = "data-notifications-pipeline"
+    onboarding_events: str = "onboarding-events"
+    data_csdr_assignment: str = "data-csdr-assignment"
+    data_slack_users: str = "data-slack-users"
+    slack_messages: str = "slack-messages"
+    slack_message_receipts: str = "slack-message-receipts"
+    producer_cursors: str = "producer-cursors"
+    partitions: int = Field(default=6, ge=1)
+    replication_factor: int = Field(default=3, ge=1)
+
+    def spec(
+        self, name: str, *, compacted: bool = False, partitions: int | None = None
+    ) -> TopicSpec:
+        """A ``TopicSpec`` for ``name`` with the configured partitions and replication."""
+        return TopicSpec(
+            name=name,
+            partitions=partitions or self.partitions,
+            replication_factor=self.replication_factor,
+            compacted=compacted,
+        )
+
+    def all_specs(self) -> list[TopicSpec]:
+        """Every topic of CONTRACT.md with its cleanup policy, dead-letter topics included."""
+        compacted = [
+            self.data_csdr_assignment,
+            self.data_slack_users,
+            self.slack_message_receipts,
+            self.producer_cursors,
+        ]
+        streams = [self.data_notifications_pipeline, self.onboarding_events, self.slack_messages]
+        # Every topic a service consumes has a dead-letter topic; the producer's cursor topic
+        # is only read back by the producer itself, which fails loudly instead.
+        consumed = streams + compacted[:3]
+        return (
+            [self.spec(t) for t in streams]
+            + [self.spec(t, compacted=True) for t in compacted]
+            + [self.spec(t + ".dlq") for t in consumed]
+        )

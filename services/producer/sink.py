@@ -1,0 +1,369 @@
+"""Where a batch goes: events, dead letters and the cursor, in one Kafka transaction.
+
+The cursor topic is the producer's only state. A batch's events, its dead letters and the
+``ProducerCursor`` that covers them are produced in one transaction, so a ``read_committed``
+reader (the restarted producer included) sees all of them or none: a crash between batches
+loses nothing, a crash inside one aborts it and the restart re-reads the same rows.
+
+Start order matters: ``init_transactions`` first, which fences a previous instance with the
+same ``transactional.id`` and aborts its open transaction, and only then read the cursor back.
+Reading first could wait on (or, with read_uncommitted, see) the zombie's unfinished batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+
+from libs.kafka import DeadLetterPublisher, FatalLoopError, KafkaSettings, dlq_topic
+from libs.serde import (
+    AvroDeserializer,
+    AvroRecord,
+    AvroSerializer,
+    DeserializationError,
+    ProducerCursor,
+    RegistryError,
+    SchemaRegistry,
+    SerializationError,
+)
+from services.producer.core import BatchPlan, DeadLetter, row_to_json
+
+log = logging.getLogger(__name__)
+
+SERVICE = "producer"
+#: Attempts at committing a transaction whose commit failed with a retriable error.
+_COMMIT_ATTEMPTS = 3
+
+
+class SinkError(Exception):
+    """Root of sink errors the producer retries (with backoff, the cursor unchanged)."""
+
+
+class BatchAbortedError(SinkError):
+    """The batch's transaction was aborted; nothing of it is visible. Retry the batch."""
+
+
+class CursorLoadError(SinkError):
+    """The cursor could not be read back (broker unreachable, topic not readable in time)."""
+
+
+class UnmappableRowError(ValueError):
+    """The error class named in a producer dead letter's ``dlq.error.class`` header."""
+
+
+class BatchSink(Protocol):
+    """Durable output of one query: its cursor and its batches, atomically."""
+
+    def start(self) -> None:
+        """Prepare for writing; fences any previous instance of the same query."""
+        ...
+
+    def load_cursor(self) -> ProducerCursor | None:
+        """The last committed cursor of the query, or None when it has none (or a tombstone)."""
+        ...
+
+    def write(self, plan: BatchPlan) -> None:
+        """Make the whole batch visible at once, or nothing of it (``BatchAbortedError``)."""
+        ...
+
+    def close(self) -> None:
+        """Release clients; an open transaction is aborted."""
+        ...
+
+
+class KafkaTransactionalSink:
+    """``BatchSink`` over one transactional producer per query."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        registry: SchemaRegistry,
+        *,
+        query: str,
+        record_type: type[AvroRecord],
+        output_topic: str,
+        cursor_topic: str,
+        source: str,
+        transactional_id: str,
+        transaction_timeout_s: float = 60.0,
+        load_timeout_s: float = 60.0,
+    ) -> None:
+        self.query = query
+        self.output_topic = output_topic
+        self.dlq_topic = dlq_topic(output_topic)
+        self.cursor_topic = cursor_topic
+        self.source = source
+        self._kafka = kafka
+        self._timeout_s = transaction_timeout_s
+        self._load_timeout_s = load_timeout_s
+        self._encode = AvroSerializer(registry, record_type)
+        self._encode_cursor = AvroSerializer(registry, ProducerCursor)
+        self._decode_cursor = AvroDeserializer(registry, ProducerCursor)
+        self._producer = Producer(
+            kafka.producer_config(
+                transactional_id=transactional_id,
+                **{"transaction.timeout.ms": int(transaction_timeout_s * 1000)},
+            )
+        )
+        self._dlq = DeadLetterPublisher(self._produce, SERVICE)
+        self._in_txn = False
+        self._delivery_errors: list[str] = []
+
+    # -- start -----------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self._producer.init_transactions(self._timeout_s)
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.fatal():
+                raise FatalLoopError(f"init_transactions failed: {err.str()}") from exc
+            raise CursorLoadError(f"init_transactions failed: {err.str()}") from exc
+
+    def load_cursor(self) -> ProducerCursor | None:
+        """Read the whole compacted cursor topic to its end; the last value of our key wins.
+
+        The end is each partition's high watermark taken after ``start`` fenced the previous
+        instance, reached by position (transaction markers occupy offsets no record is
+        returned for; the position moves past them).
+        """
+        conf = self._kafka.consumer_config(None, read_committed=True)
+        # the client insists on a group.id even for assign()-only use; this consumer never
+        # subscribes or commits, so the group is never joined
+        conf["group.id"] = f"{self.query}-cursor-reader-nogroup"
+        conf["enable.partition.eof"] = True
+        consumer = Consumer(conf)
+        try:
+            return self._read_cursor(consumer)
+        except KafkaException as exc:
+            raise CursorLoadError(f"reading {self.cursor_topic} failed: {exc}") from exc
+        finally:
+            consumer.close()
+
+    def _read_cursor(self, consumer: Consumer) -> ProducerCursor | None:
+        deadline = time.monotonic() + self._load_timeout_s
+        while True:
+            meta = consumer.list_topics(self.cursor_topic, timeout=self._load_timeout_s)
+            topic_meta = meta.topics.get(self.cursor_topic)
+            if topic_meta is not None and topic_meta.error is None and topic_meta.partitions:
+                break
+            if time.monotonic() > deadline:
+                raise CursorLoadError(f"cursor topic {self.cursor_topic} is not available")
+            # a topic created a moment ago may not be in every broker's metadata yet
+            time.sleep(0.2)
+        ends: dict[int, int] = {}
+        for p in topic_meta.partitions:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(self.cursor_topic, p), timeout=self._load_timeout_s
+            )
+            if high > low:
+                ends[p] = high
+        key = self.query.encode()
+        found: ProducerCursor | None = None
+        if not ends:
+            return None
+        consumer.assign([TopicPartition(self.cursor_topic, p, OFFSET_BEGINNING) for p in ends])
+        pending = set(ends)
+        while pending:
+            if time.monotonic() > deadline:
+                raise CursorLoadError(
+                    f"cursor topic {self.cursor_topic} not read to its end within "
+                    f"{self._load_timeout_s}s (partitions {sorted(pending)} pending)"
+                )
+            for msg in consumer.consume(500, 0.2):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(int(msg.partition() or 0))
+                        continue
+                    raise CursorLoadError(f"reading {self.cursor_topic}: {err.str()}")
+                if msg.key() != key:
+                    continue
+                found = self._decode(msg)
+            positions = consumer.position(
+                [TopicPartition(self.cursor_topic, p) for p in sorted(pending)]
+            )
+            for tp in positions:
+                if tp.offset >= ends[tp.partition]:
+                    pending.discard(tp.partition)
+        return found
+
+    def _decode(self, msg: Any) -> ProducerCursor | None:
+        value = msg.value()
+        if value is None:
+            return None  # a tombstone resets the query to its start
+        try:
+            return self._decode_cursor(
+                value,
+                topic=self.cursor_topic,
+                partition=int(msg.partition() or 0),
+                offset=int(msg.offset() or 0),
+            )
+        except DeserializationError as exc:
+            # Guessing a position would skip or repeat rows; an operator decides (for
+            # instance by producing a tombstone for the key, which restarts the query).
+            raise FatalLoopError(f"unreadable cursor for {self.query}: {exc}") from exc
+
+    # -- batches ---------------------------------------------------------------------------
+    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._delivery_errors.append(err.str())
+
+    def _produce(
+        self,
+        topic: str,
+        *,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, Any]] | None = None,
+    ) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    topic,
+                    key=key,
+                    value=value,
+                    headers=list(headers or ()),
+                    on_delivery=self._on_delivery,
+                )
+                return
+            except BufferError:
+                # local queue full: serve delivery reports until there is room again
+                self._producer.poll(0.05)
+
+    def _encode_batch(
+        self, plan: BatchPlan
+    ) -> tuple[list[tuple[bytes, bytes]], list[DeadLetter], bytes]:
+        events: list[tuple[bytes, bytes]] = []
+        dead = list(plan.dead_letters)
+        try:
+            for event in plan.events:
+                try:
+                    value = self._encode(self.output_topic, event.record)
+                except SerializationError as exc:
+                    # A record the mapper accepted but Avro refuses is still just a bad row.
+                    dead.append(
+                        DeadLetter(
+                            key=event.key,
+                            row_json=row_to_json(event.record.to_avro()),
+                            reason=str(exc),
+                            ordinal=event.ordinal,
+                        )
+                    )
+                    continue
+                events.append((event.key.encode(), value))
+            cursor = self._encode_cursor(self.cursor_topic, plan.cursor)
+        except RegistryError as exc:
+            raise BatchAbortedError(f"schema registry unavailable: {exc}") from exc
+        return events, dead, cursor
+
+    def write(self, plan: BatchPlan) -> None:
+        # Encoding happens before the transaction opens: registry calls stay outside it.
+        events, dead, cursor = self._encode_batch(plan)
+        self._delivery_errors.clear()
+        try:
+            self._producer.begin_transaction()
+            self._in_txn = True
+            for key, value in events:
+                self._produce(self.output_topic, key=key, value=value)
+            for letter in dead:
+                self._dlq.publish(
+                    source_topic=self.source,
+                    partition=-1,
+                    offset=letter.ordinal,
+                    key=letter.key.encode() if letter.key is not None else None,
+                    value=letter.row_json.encode(),
+                    error=UnmappableRowError(letter.reason),
+                    topic=self.dlq_topic,
+                )
+            self._produce(self.cursor_topic, key=self.query.encode(), value=cursor)
+            self._commit()
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.fatal():
+                # fenced by a newer instance, or the producer is unusable: restart the process
+                raise FatalLoopError(f"transaction failed: {err.str()}") from exc
+            self._abort()
+            detail = (
+                f"; delivery errors: {self._delivery_errors[:3]}" if self._delivery_errors else ""
+            )
+            raise BatchAbortedError(f"transaction aborted: {err.str()}{detail}") from exc
+
+    def _commit(self) -> None:
+        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+            try:
+                self._producer.commit_transaction(self._timeout_s)
+                self._in_txn = False
+                return
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                if not err.retriable() or attempt == _COMMIT_ATTEMPTS:
+                    raise
+                log.warning(
+                    "commit failed, retrying",
+                    extra={"query": self.query, "error": err.str(), "attempt": attempt},
+                )
+
+    def _abort(self) -> None:
+        if not self._in_txn:
+            return
+        try:
+            self._producer.abort_transaction(self._timeout_s)
+        except KafkaException as exc:
+            raise FatalLoopError(f"abort_transaction failed: {exc}") from exc
+        self._in_txn = False
+
+    def close(self) -> None:
+        try:
+            self._abort()
+        except FatalLoopError:
+            log.exception("abort on close failed", extra={"query": self.query})
+        self._producer.flush(10)
+
+
+@dataclass
+class InMemoryBatchSink:
+    """``BatchSink`` twin: keeps what was committed; scriptable failures for retry tests."""
+
+    cursor: ProducerCursor | None = None
+    events: list[tuple[str, AvroRecord]] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    batches: int = 0
+    started: bool = False
+    closed: bool = False
+    failures: list[SinkError] = field(default_factory=list)
+    load_failures: list[SinkError] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.started = True
+
+    def load_cursor(self) -> ProducerCursor | None:
+        if self.load_failures:
+            raise self.load_failures.pop(0)
+        return self.cursor
+
+    def write(self, plan: BatchPlan) -> None:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.events.extend((e.key, e.record) for e in plan.events)
+        self.dead_letters.extend(plan.dead_letters)
+        self.cursor = plan.cursor
+        self.batches += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+_kafka_sink: type[BatchSink] = KafkaTransactionalSink
+_memory_sink: type[BatchSink] = InMemoryBatchSink

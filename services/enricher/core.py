@@ -1,0 +1,292 @@
+"""The enricher's pure core: filter, join, route and render one event into a ``SlackMessage``.
+
+No I/O, no clock, no globals: the time and the lookups are passed in, and every business
+outcome is a return value (``Alert``, ``Drop``, ``Miss``) the shell counts and acts on.
+
+A pipeline is declared as data (``Pipeline``): its source topic setting, record type, filter,
+how the alert reads, suggested next steps and link templates. The join is the same for every
+pipeline, as in the original Kafka Streams topology: ``org_id -> CsdrAssignment`` (who owns the
+customer), then ``csdr_email`` (lower-cased) ``-> SlackUser`` (where to DM them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from string import Formatter
+from typing import Final, Generic, Protocol, TypeVar
+
+from libs.serde import CsdrAssignment, SlackMessage, SlackUser
+from services.enricher.render import Link, Mrkdwn, Note, blocks_json, fallback_text, quote_url_value
+
+V_co = TypeVar("V_co", covariant=True)
+
+#: join miss reasons (Prometheus label values: a fixed, small set)
+NO_OWNER: Final = "no_owner"
+NO_SLACK_USER: Final = "no_slack_user"
+
+#: length of ``message_id`` in hex characters (128 bits: collisions are not a concern)
+MESSAGE_ID_HEX: Final = 32
+
+
+class Lookup(Protocol[V_co]):
+    """A read-only key-value view: what the core needs of a lookup table."""
+
+    def get(self, key: str) -> V_co | None:
+        """The current value of ``key``, or ``None`` when absent or deleted."""
+        ...
+
+
+class Event(Protocol):
+    """What every source record has: an id for idempotency and the org it concerns."""
+
+    @property
+    def event_id(self) -> str: ...
+
+    @property
+    def org_id(self) -> str: ...
+
+
+E = TypeVar("E", bound=Event)
+
+
+@dataclass(frozen=True)
+class LinkTemplate:
+    """A link of a pipeline: ``name`` (for overrides), label and URL template.
+
+    ``{placeholders}`` name fields of the pipeline's ``link_fields``; values are
+    percent-encoded when substituted.
+    """
+
+    name: str
+    label: str
+    template: str
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the joins found, handed to a pipeline's ``describe``."""
+
+    owner: CsdrAssignment | None
+    user: SlackUser | None
+
+    @property
+    def org_name(self) -> str | None:
+        """The customer's name as the account-team mapping knows it."""
+        return self.owner.org_name if self.owner and self.owner.org_name else None
+
+
+def keep_all(event: object) -> str | None:
+    """The filter of a pipeline that alerts on every record."""
+    return None
+
+
+@dataclass(frozen=True)
+class Pipeline(Generic[E]):
+    """One alert pipeline, declared as data; see ``services/enricher/pipelines``."""
+
+    #: stable name: the ``pipeline`` field of messages, metrics labels, part of ``message_id``
+    name: str
+    #: attribute of ``TopicSettings`` naming the source topic (so ``TOPIC_<NAME>`` overrides it)
+    source_topic_setting: str
+    record_type: type[E]
+    #: the alert without steps, links, warning and footer (the core adds those)
+    describe: Callable[[E, Context], Note]
+    #: ``None`` keeps the event; a string drops it and is the reason counted (a fixed set)
+    keep: Callable[[E], str | None] = keep_all
+    steps: Sequence[str] = ()
+    links: Sequence[LinkTemplate] = ()
+    #: the event fields link templates may use
+    link_fields: Sequence[str] = ("org_id",)
+
+    def with_link_templates(self, overrides: Mapping[str, str]) -> Pipeline[E]:
+        """A copy whose links use ``overrides[<link name>]`` as template where given."""
+        links = tuple(
+            dataclasses.replace(link, template=overrides.get(link.name, link.template))
+            for link in self.links
+        )
+        return dataclasses.replace(self, links=links)
+
+
+def template_problem(template: str, fields: Sequence[str]) -> str | None:
+    """Why ``template`` cannot be a link template over ``fields``, or ``None`` if it can."""
+    if not template.startswith(("https://", "http://")):
+        return "must start with https:// or http://"
+    try:
+        names = {name for _, name, _, _ in Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        return f"is not a valid template: {exc}"
+    unknown = sorted(n for n in names if n not in fields)
+    if unknown:
+        return f"uses unknown fields {unknown}; available: {sorted(fields)}"
+    return None
+
+
+@dataclass(frozen=True)
+class Alert:
+    """Produce ``message``; ``miss`` names the join miss when it goes to the fallback channel."""
+
+    message: SlackMessage
+    miss: str | None = None
+
+
+@dataclass(frozen=True)
+class Drop:
+    """The pipeline's filter rejected the event: not an alert (counted by ``reason``)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Miss:
+    """A join miss with no fallback channel: nothing is produced (counted by ``reason``)."""
+
+    reason: str
+    detail: str
+
+
+Outcome = Alert | Drop | Miss
+
+
+def message_id(pipeline: str, event_id: str) -> str:
+    """Deterministic id: the same event through the same pipeline always gives the same id.
+
+    Downstream (the notifier's receipts table) uses it to recognise a replayed message, so it
+    must not depend on time, offsets or the channel it ends up in.
+    """
+    digest = hashlib.sha256(f"{pipeline}\x00{event_id}".encode()).hexdigest()
+    return digest[:MESSAGE_ID_HEX]
+
+
+def slack_user_key(email: str) -> str:
+    """The ``data-slack-users`` key of an e-mail address (keys are lower-case)."""
+    return email.strip().lower()
+
+
+def invalid_reason(event: Event) -> str | None:
+    """Why an event cannot be processed at all (it goes to the dead-letter topic), or ``None``."""
+    if not event.event_id.strip():
+        return "event_id is empty"
+    if not event.org_id.strip():
+        return "org_id is empty"
+    return None
+
+
+def resolve_links(pipeline: Pipeline[E], event: E) -> list[Link]:
+    """The pipeline's links for ``event``; a template that does not format is left out."""
+    values = {
+        name: quote_url_value(str(getattr(event, name, "") or "")) for name in pipeline.link_fields
+    }
+    links = []
+    for link in pipeline.links:
+        try:
+            url = link.template.format_map(values)
+        except (KeyError, IndexError, ValueError, AttributeError):
+            continue  # validated at start; an unexpected template must not sink the alert
+        links.append(Link(link.label, url))
+    return links
+
+
+def _miss(owner: CsdrAssignment | None, user: SlackUser | None) -> str | None:
+    if owner is None:
+        return NO_OWNER
+    if user is None or not user.slack_user_id.strip():
+        return NO_SLACK_USER
+    return None
+
+
+def _miss_warning(reason: str, event: Event, owner: CsdrAssignment | None) -> str:
+    if reason == NO_OWNER or owner is None:
+        return (
+            f"No account-team owner found for org {event.org_id}, so this alert came here "
+            "instead of a DM. Assign an owner to route the next one directly."
+        )
+    who = owner.csdr_name or owner.csdr_email
+    return (
+        f"No Slack user found for {slack_user_key(owner.csdr_email)} ({who}, owner of org "
+        f"{event.org_id}), so this alert came here instead of a DM."
+    )
+
+
+def _greeting(note: Note, owner: CsdrAssignment) -> Note:
+    first = (owner.csdr_name or "").split()
+    name = first[0] if first else ""
+    greet = Mrkdwn("Hi {greeting_name}, " if name else "Hi, ", {"greeting_name": name})
+    summary = Mrkdwn(
+        greet.template + note.summary.template, {**note.summary.values, **greet.values}
+    )
+    return dataclasses.replace(note, summary=summary)
+
+
+def route(
+    event: E,
+    owner: CsdrAssignment | None,
+    user: SlackUser | None,
+    *,
+    pipeline: Pipeline[E],
+    now: datetime,
+    fallback_channel: str | None,
+) -> Outcome:
+    """Decide what ``event`` becomes, given what the two joins found.
+
+    Filtered out: ``Drop``. Owner and Slack user found: an ``Alert`` DM'd to the owner (the
+    channel is the Slack user id). A miss: an ``Alert`` to ``fallback_channel`` whose text says
+    why, or a ``Miss`` (nothing produced) when there is no fallback channel.
+    """
+    dropped = pipeline.keep(event)
+    if dropped is not None:
+        return Drop(dropped)
+    miss = _miss(owner, user)
+    if miss is not None and not fallback_channel:
+        return Miss(miss, _miss_warning(miss, event, owner))
+    mid = message_id(pipeline.name, event.event_id)
+    note = pipeline.describe(event, Context(owner, user))
+    note = dataclasses.replace(
+        note,
+        steps=tuple(pipeline.steps),
+        links=resolve_links(pipeline, event),
+        footer=f"{pipeline.name} · event {event.event_id} · message {mid}",
+    )
+    if miss is not None and fallback_channel:
+        channel = fallback_channel
+        note = dataclasses.replace(note, warning=_miss_warning(miss, event, owner))
+    elif owner is not None and user is not None:
+        channel = user.slack_user_id.strip()
+        note = _greeting(note, owner)
+    else:  # unreachable: _miss returns a reason whenever owner or user is missing
+        return Miss(miss or NO_OWNER, _miss_warning(miss or NO_OWNER, event, owner))
+    message = SlackMessage(
+        message_id=mid,
+        pipeline=pipeline.name,
+        channel=channel,
+        text=fallback_text(note),
+        blocks=blocks_json(note),
+        org_id=event.org_id,
+        source_event_id=event.event_id,
+        created_at=now,
+    )
+    return Alert(message, miss)
+
+
+def process(
+    event: E,
+    *,
+    pipeline: Pipeline[E],
+    owners: Lookup[CsdrAssignment],
+    users: Lookup[SlackUser],
+    now: datetime,
+    fallback_channel: str | None,
+) -> Outcome:
+    """Filter, look up (owner by org id, then Slack user by the owner's e-mail) and ``route``.
+
+    The filter runs first so a dropped event costs no lookup.
+    """
+    dropped = pipeline.keep(event)
+    if dropped is not None:
+        return Drop(dropped)
+    owner = owners.get(event.org_id)
+    user = users.get(slack_user_key(owner.csdr_email)) if owner and owner.csdr_email else None
+    return route(event, owner, user, pipeline=pipeline, now=now, fallback_channel=fallback_channel)

@@ -1,0 +1,97 @@
+"""``connector-provisioning-failed``: a managed connector failed while it was being provisioned.
+
+Source: ``data-notifications-pipeline`` (``ConnectorStatusChanged``). Kept: ``PROVISIONING ->
+FAILED`` only; every other transition is dropped and counted by reason. Customers who hit this
+early often give up quietly, so the account team hears about it while it is fresh.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Final
+
+from libs.serde import ConnectorStatusChanged, Status
+from services.enricher.core import Context, LinkTemplate, Pipeline
+from services.enricher.render import Detail, Fact, Mrkdwn, Note
+
+NAME: Final = "connector-provisioning-failed"
+
+#: drop reasons (metric label values)
+NOT_FROM_PROVISIONING: Final = "not_from_provisioning"
+NOT_FAILED: Final = "not_failed"
+
+
+def keep(event: ConnectorStatusChanged) -> str | None:
+    """Keep ``PROVISIONING -> FAILED``; name why anything else is dropped."""
+    if event.old_status != Status.PROVISIONING:
+        return NOT_FROM_PROVISIONING
+    if event.new_status != Status.FAILED:
+        return NOT_FAILED
+    return None
+
+
+def describe(event: ConnectorStatusChanged, ctx: Context) -> Note:
+    """What happened, to which customer, and the context that matters."""
+    org = ctx.org_name or event.org_id
+    summary = Mrkdwn(
+        "*{org}* (`{org_id}`) just tried to create the {connector_type} connector "
+        "*{connector_name}*, and it failed while provisioning. Customers who hit this early "
+        "often give up quietly: a quick note from you while it is fresh can save the setup.",
+        {
+            "org": org,
+            "org_id": event.org_id,
+            "connector_type": event.connector_type,
+            "connector_name": event.connector_name,
+        },
+    )
+    return Note(
+        title=f"Connector failed to provision: {org}",
+        summary=summary,
+        facts=(
+            Fact("Customer", f"{org} ({event.org_id})"),
+            Fact("Connector", f"{event.connector_name} ({event.connector_id})"),
+            Fact("Type", event.connector_type),
+            Fact("Status", f"{event.old_status} → {event.new_status}"),
+            Fact("Cluster", event.cluster_id, code=True),
+            Fact("Environment", event.environment_id, code=True),
+            Fact("Failed at", event.occurred_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")),
+        ),
+        detail=Detail("Error", event.error_message) if event.error_message else None,
+    )
+
+
+PIPELINE: Final = Pipeline[ConnectorStatusChanged](
+    name=NAME,
+    source_topic_setting="data_notifications_pipeline",
+    record_type=ConnectorStatusChanged,
+    keep=keep,
+    describe=describe,
+    steps=(
+        "Read the error: most provisioning failures are configuration (credentials, network "
+        "access, a missing topic or ACL).",
+        "Open the connector in the Cloud Console and compare its settings with the docs.",
+        "Reach out with the fix or an offer to pair on it, and note it on the CRM record.",
+    ),
+    links=(
+        LinkTemplate(
+            "console",
+            "Connector in Cloud Console",
+            "https://confluent.cloud/environments/{environment_id}/clusters/{cluster_id}"
+            "/connectors/{connector_name}",
+        ),
+        LinkTemplate(
+            "docs",
+            "Connector docs",
+            "https://docs.confluent.io/cloud/current/connectors/overview.html",
+        ),
+        LinkTemplate("crm", "CRM record", "https://crm.example.com/accounts/{org_id}"),
+    ),
+    link_fields=(
+        "org_id",
+        "environment_id",
+        "cluster_id",
+        "connector_id",
+        "connector_name",
+        "connector_type",
+    ),
+)

@@ -1,0 +1,1 @@
+"""Notifier: delivers slack-messages to Slack, once, and writes a receipt for every message."""

@@ -1,0 +1,268 @@
+"""The notifier's composition root: Slack adapter, receipts table, markers, the sink loop.
+
+Start order:
+
+1. ensure the topics it uses exist (``slack-messages``, the compacted receipts topic, their
+   dead-letter topics), unless ``NOTIFIER_CREATE_TOPICS=false``;
+2. with a token, ``auth.test``: a token Slack rejects stops the service at once with exit 1
+   (every post would fail the same way; see ``core.FATAL_ERRORS``); Slack being unreachable
+   only logs a warning, the loop's retries deal with it;
+3. load the receipts table (``slack-message-receipts`` as a ``GlobalTable`` in
+   ``NOTIFIER_STATE_DIR/receipts``) up to the high watermarks of the start (the gate), so a
+   message that already has a final receipt is never posted again;
+4. run the sink loop (``services.notifier.sink``) until SIGTERM/SIGINT; it keeps following the
+   receipts table so receipts written by other instances are seen too.
+
+Without ``NOTIFIER_SLACK_BOT_TOKEN`` the Slack adapter is the dry-run one: every message is
+rendered to the log and gets a ``DRY_RUN`` receipt, and no local rate limit applies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Message, Producer
+from pydantic_settings import BaseSettings
+
+from libs.kafka import DeadLetterPublisher, KafkaSettings, TopicSpec, dlq_topic, ensure_topics
+from libs.runtime import HealthServer, install_stop_handlers
+from libs.serde import (
+    AvroDeserializer,
+    AvroSerializer,
+    SchemaRegistry,
+    SlackDeliveryReceipt,
+    SlackMessage,
+    load_schema_text,
+)
+from libs.tables import GlobalTable, bootstrap_all
+from services.common.settings import CommonSettings, TopicSettings
+from services.notifier.core import TOKEN_ERRORS, Rejected
+from services.notifier.markers import RocksDictAttemptLog
+from services.notifier.settings import NotifierSettings
+from services.notifier.sink import SinkConfig, SinkLoop, SinkStats
+from services.notifier.slack import DryRunNotifier, Notifier, SlackWebNotifier
+
+log = logging.getLogger(__name__)
+
+SERVICE = "notifier"
+#: how long the loop may go without a turn before /healthz fails (a wedged process)
+LIVENESS_STALL_S = 60.0
+#: how long the loop may go without a turn before /readyz fails
+READINESS_STALL_S = 15.0
+
+
+def _format_version() -> str:
+    # A different reader schema re-validates every stored receipt: wipe and rebuild the table.
+    schema = load_schema_text(SlackDeliveryReceipt.SCHEMA)
+    return hashlib.sha256(schema.encode()).hexdigest()[:16]
+
+
+class NotifierService:
+    """The running service; ``run()`` blocks until ``stop`` is set, returns the exit code."""
+
+    def __init__(
+        self,
+        common: CommonSettings,
+        topics: TopicSettings,
+        settings: NotifierSettings,
+        *,
+        stop: threading.Event,
+        registry: SchemaRegistry | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self._common = common
+        self._topics = topics
+        self._settings = settings
+        self._stop = stop
+        self._kafka: KafkaSettings = common.kafka(SERVICE)
+        self._registry = registry or common.registry()
+        self._notifier = notifier or _build_notifier(settings)
+        self._decode_message = AvroDeserializer(self._registry, SlackMessage)
+        decode_receipt = AvroDeserializer(self._registry, SlackDeliveryReceipt)
+        self._encode_receipt = AvroSerializer(self._registry, SlackDeliveryReceipt)
+        self._receipts_topic = topics.slack_message_receipts
+        self._table_dlq_producer = Producer(self._kafka.producer_config())
+        self._table_dlq = DeadLetterPublisher(self._produce_table_dead_letter, SERVICE)
+
+        def decode(value: bytes, topic: str, partition: int, offset: int) -> SlackDeliveryReceipt:
+            return decode_receipt(value, topic=topic, partition=partition, offset=offset)
+
+        self.receipts: GlobalTable[SlackDeliveryReceipt] = GlobalTable(
+            name="receipts",
+            topic=self._receipts_topic,
+            state_dir=Path(settings.state_dir),
+            consumer_config=self._kafka.consumer_config(None),
+            decode=decode,
+            on_invalid=self._table_dlq.publish_message,
+            format_version=_format_version(),
+        )
+        self.loop: SinkLoop | None = None
+
+    # -- adapters for the loop -------------------------------------------------------------
+    def _decode(self, value: bytes | None, topic: str, partition: int, offset: int) -> SlackMessage:
+        return self._decode_message(value, topic=topic, partition=partition, offset=offset)
+
+    def _encode(self, receipt: SlackDeliveryReceipt) -> bytes:
+        return self._encode_receipt(self._receipts_topic, receipt)
+
+    def _produce_table_dead_letter(
+        self, topic: str, *, key: bytes | None, value: bytes | None, headers: Any
+    ) -> None:
+        self._table_dlq_producer.produce(
+            topic, key=key, value=value, headers=list(headers or ()), on_delivery=_report
+        )
+        self._table_dlq_producer.poll(0)
+
+    def _topic_specs(self) -> list[TopicSpec]:
+        t = self._topics
+        return [
+            t.spec(t.slack_messages),
+            t.spec(t.slack_message_receipts, compacted=True),
+            t.spec(dlq_topic(t.slack_messages)),
+            t.spec(dlq_topic(t.slack_message_receipts)),
+        ]
+
+    def _sink_config(self) -> SinkConfig:
+        s = self._settings
+        return SinkConfig(
+            topic=self._topics.slack_messages,
+            receipts_topic=self._receipts_topic,
+            dlq_topic=dlq_topic(self._topics.slack_messages),
+            service=SERVICE,
+            concurrency=s.concurrency,
+            rate_per_channel_per_s=s.rate_per_channel_per_s,
+            rate_burst=s.rate_burst,
+            pace=not self._notifier.dry_run,
+            max_buffered_per_partition=s.max_buffered_per_partition,
+            poll_timeout_s=s.poll_timeout_s,
+            commit_interval_s=s.commit_interval_s,
+            # a stop or revoke waits for the calls in flight, which end by their timeout
+            drain_timeout_s=s.slack_timeout_s * s.history_max_pages + 5.0,
+            policy=s.retry_policy(),
+        )
+
+    def _consumer_config(self) -> dict[str, Any]:
+        conf = self._kafka.consumer_config(self._settings.group_id)
+        conf["max.poll.interval.ms"] = self._settings.max_poll_interval_ms
+        conf["session.timeout.ms"] = self._settings.session_timeout_ms
+        return conf
+
+    # -- health ----------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready once the receipts table passed the gate and while the loop turns."""
+        loop_ok = self.loop is not None and _since(self.loop.last_turn) < READINESS_STALL_S
+        ok = self.receipts.ready() and loop_ok
+        return ok, {"receipts": self.receipts.status(), "loop_running": loop_ok}
+
+    def liveness(self) -> tuple[bool, dict[str, object]]:
+        """Alive while loading the table, and while the loop turns."""
+        if self.loop is None:
+            return True, {"phase": "loading receipts"}
+        stalled = _since(self.loop.last_turn)
+        return stalled < LIVENESS_STALL_S, {"seconds_since_turn": round(stalled, 1)}
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def run(self) -> int:
+        """Topics, auth check, gate, loop; the exit code."""
+        s = self._settings
+        log.info(
+            "notifier starting",
+            extra={
+                "kafka": self._kafka.masked(),
+                "schema_registry_url": self._common.schema_registry_url,
+                "input": self._topics.slack_messages,
+                "receipts": self._receipts_topic,
+                "dead_letters": dlq_topic(self._topics.slack_messages),
+                "metrics_port": self._common.metrics_port,
+                "settings": s.masked(),
+            },
+        )
+        if s.create_topics:
+            ensure_topics(self._kafka.client_config(), self._topic_specs())
+        auth_error = self._notifier.check_auth()
+        if isinstance(auth_error, Rejected) and auth_error.error in TOKEN_ERRORS:
+            log.error(
+                "Slack rejects the token (NOTIFIER_SLACK_BOT_TOKEN), not starting",
+                extra={"error": auth_error.error},
+            )
+            return 1
+        if auth_error is not None:
+            log.warning("Slack auth.test failed, starting anyway", extra={"error": str(auth_error)})
+        markers = RocksDictAttemptLog(Path(s.state_dir) / "attempts")
+        pruned = markers.prune(datetime.now(UTC) - timedelta(hours=s.marker_retention_h))
+        log.info("in-doubt markers loaded", extra={"markers": len(markers), "pruned": pruned})
+        health = None
+        if self._common.metrics_port:
+            health = HealthServer(
+                self._common.metrics_port, liveness=self.liveness, readiness=self.readiness
+            ).start()
+        started = time.monotonic()
+        stats = SinkStats()
+        try:
+            bootstrap_all([self.receipts], self._stop)
+            if self._stop.is_set():
+                log.info("stopped while loading receipts")
+                return 0
+            self.loop = SinkLoop(
+                self._sink_config(),
+                self._consumer_config(),
+                self._kafka.producer_config(),
+                notifier=self._notifier,
+                table=self.receipts,
+                markers=markers,
+                decode=self._decode,
+                encode=self._encode,
+                stop=self._stop,
+            )
+            stats = self.loop.run()
+        finally:
+            self.receipts.close()
+            markers.close()
+            self._table_dlq_producer.flush(10)
+            if health is not None:
+                health.stop()
+            log.info(
+                "notifier stopped",
+                extra={
+                    "seconds": round(time.monotonic() - started, 1),
+                    **vars(self.loop.stats if self.loop is not None else stats),
+                },
+            )
+        return 0
+
+
+def _build_notifier(settings: NotifierSettings) -> Notifier:
+    if settings.slack_bot_token is None:
+        return DryRunNotifier()
+    return SlackWebNotifier(
+        settings.slack_bot_token.get_secret_value(),
+        base_url=settings.slack_api_url,
+        timeout_s=settings.slack_timeout_s,
+        history_limit=settings.history_limit,
+        history_max_pages=settings.history_max_pages,
+    )
+
+
+def _report(err: Any, msg: Message) -> None:
+    if err is not None:
+        log.error("dead letter not delivered", extra={"topic": msg.topic(), "error": str(err)})
+
+
+def _since(monotonic_ts: float) -> float:
+    return time.monotonic() - monotonic_ts
+
+
+def build_and_run(settings: list[BaseSettings]) -> int:
+    """``run_service`` entry point: settings in, exit code out."""
+    common, topics, notifier = settings
+    assert isinstance(common, CommonSettings)
+    assert isinstance(topics, TopicSettings)
+    assert isinstance(notifier, NotifierSettings)
+    stop = install_stop_handlers()
+    return NotifierService(common, topics, notifier, stop=stop).run()

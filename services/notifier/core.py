@@ -1,0 +1,571 @@
+"""Delivery decisions of the notifier: records and outcomes in, decisions out.
+
+No I/O, no clock, no randomness: the shell passes ``now`` (wall time for receipts, monotonic
+seconds for pacing) and ``jitter`` (a number in [0, 1) from an injectable random source), calls
+Slack, and feeds what Slack answered back in.
+
+One message goes through these steps (``Delivery`` is its state):
+
+1. ``already_final``: a message whose ``message_id`` has a final receipt (DELIVERED, FAILED,
+   DRY_RUN) in the receipts table is skipped. This makes re-consumption (offsets reset, a new
+   group, a replay upstream) free of duplicate posts.
+2. ``next_action``: a message in doubt (a post may have reached Slack without the notifier seeing
+   the answer) is first looked up in the channel's history by the ``message_id`` carried in its
+   Slack message metadata; otherwise it is posted, unless the retry cap is reached.
+3. ``after_post`` / ``after_history``: what Slack answered decides: a receipt (``Finish``,
+   with a dead letter for permanent failures), a retry after a delay (``Retry``; a 429's
+   ``Retry-After`` or capped exponential backoff with jitter), the next step (``Proceed``), or
+   ``Fatal`` for errors that condemn every message alike (a revoked token).
+
+Which failures leave a post in doubt follows Slack's own error descriptions: ``internal_error``
+and ``fatal_error`` say "it's possible some aspect of the operation succeeded", HTTP 5xx and a
+read timeout give no answer at all; a 429 or ``service_unavailable`` means Slack did nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Final
+
+from libs.serde import DeliveryStatus, SlackDeliveryReceipt, SlackMessage
+
+JsonObject = dict[str, object]
+
+#: ``event_type`` of the Slack message metadata every post carries.
+EVENT_TYPE: Final = "field_alert"
+
+FINAL_STATUSES: Final = frozenset(
+    {DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.DRY_RUN}
+)
+
+#: Slack error codes worth retrying, and whether the failed call may still have posted.
+RETRYABLE_ERRORS: Final[Mapping[str, bool]] = {
+    "ratelimited": False,
+    "service_unavailable": False,
+    "request_timeout": False,
+    "team_added_to_org": False,
+    "internal_error": True,
+    "fatal_error": True,
+}
+
+#: Errors of the token or app, not of one message: every message would fail the same way, so
+#: a FAILED receipt per message would silently write off the whole backlog. The service stops
+#: instead (exit 1, offsets of unfinished messages uncommitted) and is restarted until the
+#: token is fixed.
+TOKEN_ERRORS: Final = frozenset(
+    {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
+)
+FATAL_ERRORS: Final = TOKEN_ERRORS | frozenset(
+    {
+        "not_allowed_token_type",
+        "missing_scope",
+        "no_permission",
+        "ekm_access_denied",
+        "org_login_required",
+    }
+)
+
+
+class ErrorKind(StrEnum):
+    """How a Slack error code is handled."""
+
+    RETRYABLE = "retryable"
+    PERMANENT = "permanent"
+    FATAL = "fatal"
+
+
+def classify_error(code: str) -> ErrorKind:
+    """Retryable, fatal for the service, or (anything else) permanent for this message.
+
+    Unknown codes are permanent: retrying an error we do not understand is an endless loop
+    at worst; a FAILED receipt and a dead letter keep the message for an operator.
+    """
+    if code in RETRYABLE_ERRORS:
+        return ErrorKind.RETRYABLE
+    if code in FATAL_ERRORS:
+        return ErrorKind.FATAL
+    return ErrorKind.PERMANENT
+
+
+# -- outcomes of one Slack call (the adapter's answer) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Posted:
+    """``chat.postMessage`` succeeded; ``channel`` is the conversation Slack posted into."""
+
+    ts: str
+    channel: str
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """Dry-run: the message was rendered to the log instead of being posted."""
+
+
+@dataclass(frozen=True)
+class Found:
+    """The in-doubt post is in the channel's history."""
+
+    ts: str
+
+
+@dataclass(frozen=True)
+class NotFound:
+    """The channel's history (within the searched window) has no post of the message."""
+
+
+@dataclass(frozen=True)
+class RateLimited:
+    """HTTP 429: Slack did nothing; try again after ``retry_after_s``."""
+
+    retry_after_s: float
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Slack answered ``{"ok": false, "error": code}`` (HTTP 200 or 4xx)."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """No usable answer: HTTP 5xx, a timeout, a connection error.
+
+    ``in_doubt``: the request may have reached Slack and been acted on (a read timeout, a
+    dropped connection after sending, a 5xx); False when it surely was not (connect refused).
+    """
+
+    error: str
+    in_doubt: bool
+
+
+PostOutcome = Posted | Rendered | RateLimited | Rejected | Unavailable
+HistoryOutcome = Found | NotFound | RateLimited | Rejected | Unavailable
+
+
+# -- state and decisions -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry caps and backoff."""
+
+    max_attempts: int = 8
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    history_margin_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class AttemptMarker:
+    """What the shell persists before each post: proof that a post may have happened.
+
+    It is written before ``chat.postMessage`` and deleted once the message's receipt is
+    acknowledged; finding one for a message at start means the process died while the post's
+    outcome was unknown.
+    """
+
+    channel: str
+    attempts: int
+    first_attempt_at: datetime
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where one message stands.
+
+    ``attempts`` counts ``chat.postMessage`` calls (across restarts, via the marker);
+    ``failures`` and ``check_failures`` count retryable failures of posts and of history
+    checks (they drive backoff and the cap; a 429 counts as neither, it is back-pressure).
+    """
+
+    message: SlackMessage
+    attempts: int = 0
+    failures: int = 0
+    check_failures: int = 0
+    in_doubt: bool = False
+    first_attempt_at: datetime | None = None
+    last_error: str | None = None
+    #: a history check could not be made (no access to the history): the next post is
+    #: at-least-once
+    unverified: bool = False
+
+
+@dataclass(frozen=True)
+class PostRequest:
+    """A ``chat.postMessage`` call: blocks, fallback text and metadata with the message id."""
+
+    channel: str
+    text: str
+    blocks: list[JsonObject]
+    metadata: JsonObject
+
+
+class Step(StrEnum):
+    """The next Slack call of a delivery."""
+
+    CHECK_HISTORY = "check_history"
+    POST = "post"
+
+
+@dataclass(frozen=True)
+class Proceed:
+    """Make the ``step`` call now (``request`` is set for a post)."""
+
+    step: Step
+    delivery: Delivery
+    request: PostRequest | None = None
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The message is done: produce ``receipt``; ``dead_letter`` (a reason) when set."""
+
+    receipt: SlackDeliveryReceipt
+    dead_letter: str | None = None
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Call again after ``delay_s``; the channel waits with it (messages stay in order)."""
+
+    delivery: Delivery
+    delay_s: float
+    reason: str
+    rate_limited: bool = False
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """Stop the service: the error is not this message's fault and would hit every message."""
+
+    error: str
+
+
+Decision = Proceed | Finish | Retry | Fatal
+
+
+def already_final(receipt: SlackDeliveryReceipt | None) -> bool:
+    """True when the message already has a final receipt and must not be posted again."""
+    return receipt is not None and receipt.status in FINAL_STATUSES
+
+
+def start(message: SlackMessage, marker: AttemptMarker | None) -> Delivery:
+    """The initial state; a leftover marker means a post of a previous run is in doubt."""
+    if marker is None:
+        return Delivery(message)
+    return Delivery(
+        message,
+        attempts=marker.attempts,
+        in_doubt=True,
+        first_attempt_at=marker.first_attempt_at,
+        last_error="process stopped with the post's outcome unknown",
+    )
+
+
+def next_action(d: Delivery, *, now: datetime, policy: RetryPolicy) -> Proceed | Finish:
+    """Check the history when in doubt, post otherwise; give up once the cap is reached."""
+    if d.in_doubt:
+        if d.check_failures >= policy.max_attempts:
+            return _give_up(d, now, f"the in-doubt post could not be verified: {d.last_error}")
+        return Proceed(Step.CHECK_HISTORY, d)
+    if d.failures >= policy.max_attempts:
+        return _give_up(d, now, str(d.last_error))
+    prepared = prepare_post(d.message)
+    if isinstance(prepared, str):
+        return Finish(
+            receipt(d.message, DeliveryStatus.FAILED, now, d.attempts, error=prepared), prepared
+        )
+    return Proceed(Step.POST, d, prepared)
+
+
+def begin_post(d: Delivery, now: datetime) -> tuple[Delivery, AttemptMarker]:
+    """Count the post about to be made and return the marker to persist before making it."""
+    first = d.first_attempt_at or now
+    started = replace(d, attempts=d.attempts + 1, first_attempt_at=first)
+    return started, AttemptMarker(d.message.channel, started.attempts, first)
+
+
+def after_post(
+    d: Delivery, outcome: PostOutcome, *, now: datetime, policy: RetryPolicy, jitter: float
+) -> Decision:
+    """Decide from the answer to a post (``d`` as returned by ``begin_post``)."""
+    msg = d.message
+    if isinstance(outcome, Posted):
+        return Finish(receipt(msg, DeliveryStatus.DELIVERED, now, d.attempts, ts=outcome.ts))
+    if isinstance(outcome, Rendered):
+        return Finish(receipt(msg, DeliveryStatus.DRY_RUN, now, d.attempts))
+    if isinstance(outcome, RateLimited):
+        return Retry(
+            replace(d, last_error="ratelimited"),
+            max(0.0, outcome.retry_after_s),
+            "ratelimited",
+            rate_limited=True,
+        )
+    if isinstance(outcome, Rejected):
+        kind = classify_error(outcome.error)
+        if kind is ErrorKind.FATAL:
+            return Fatal(outcome.error)
+        if kind is ErrorKind.PERMANENT:
+            failed = receipt(msg, DeliveryStatus.FAILED, now, d.attempts, error=outcome.error)
+            return Finish(failed, outcome.error)
+        if outcome.error == "ratelimited":
+            return Retry(replace(d, last_error="ratelimited"), 1.0, "ratelimited", True)
+        return _retry(d, outcome.error, RETRYABLE_ERRORS[outcome.error], policy, jitter)
+    return _retry(d, outcome.error, outcome.in_doubt, policy, jitter)
+
+
+def after_history(
+    d: Delivery, outcome: HistoryOutcome, *, now: datetime, policy: RetryPolicy, jitter: float
+) -> Decision:
+    """Decide from the in-doubt check: found is delivered, not found goes on to post."""
+    if isinstance(outcome, Found):
+        return Finish(receipt(d.message, DeliveryStatus.DELIVERED, now, d.attempts, ts=outcome.ts))
+    if isinstance(outcome, NotFound):
+        return next_action(replace(d, in_doubt=False, check_failures=0), now=now, policy=policy)
+    if isinstance(outcome, RateLimited):
+        return Retry(d, max(0.0, outcome.retry_after_s), "history ratelimited", rate_limited=True)
+    if isinstance(outcome, Rejected):
+        kind = classify_error(outcome.error)
+        if kind is ErrorKind.RETRYABLE:
+            return _retry_check(d, outcome.error, policy, jitter)
+        if outcome.error in TOKEN_ERRORS:
+            return Fatal(outcome.error)
+        # No access to the history (a missing history scope, a DM the app cannot read): the
+        # post cannot be verified, and an alert posted twice beats an alert never posted.
+        unverified = replace(d, in_doubt=False, check_failures=0, unverified=True)
+        return next_action(unverified, now=now, policy=policy)
+    return _retry_check(d, outcome.error, policy, jitter)
+
+
+def _retry(d: Delivery, error: str, in_doubt: bool, policy: RetryPolicy, jitter: float) -> Retry:
+    failures = d.failures + 1
+    nd = replace(d, failures=failures, in_doubt=in_doubt, last_error=error)
+    return Retry(nd, backoff_delay(failures, policy, jitter), error)
+
+
+def _retry_check(d: Delivery, error: str, policy: RetryPolicy, jitter: float) -> Retry:
+    failures = d.check_failures + 1
+    nd = replace(d, check_failures=failures, last_error=f"history check: {error}")
+    return Retry(nd, backoff_delay(failures, policy, jitter), f"history check: {error}")
+
+
+def _give_up(d: Delivery, now: datetime, error: str) -> Finish:
+    reason = f"gave up after {d.attempts} attempts: {error}"
+    return Finish(receipt(d.message, DeliveryStatus.FAILED, now, d.attempts, error=reason), reason)
+
+
+def backoff_delay(failures: int, policy: RetryPolicy, jitter: float) -> float:
+    """Capped exponential backoff with "equal jitter": half fixed, half random.
+
+    ``failures`` >= 1; ``jitter`` in [0, 1). The fixed half keeps a retry from following a
+    failure immediately; the random half spreads the retries of many channels apart.
+    """
+    exp = min(policy.backoff_max_s, policy.backoff_base_s * 2.0 ** max(0, failures - 1))
+    return exp / 2.0 + exp / 2.0 * min(max(jitter, 0.0), 1.0)
+
+
+def history_oldest(d: Delivery, policy: RetryPolicy) -> datetime:
+    """Where an in-doubt check starts reading: the first attempt (or creation) minus a margin.
+
+    The margin absorbs clock skew between this host, the enricher's and Slack's.
+    """
+    since = d.first_attempt_at or d.message.created_at
+    return since - timedelta(seconds=policy.history_margin_s)
+
+
+def find_in_history(messages: Sequence[Mapping[str, object]], message_id: str) -> str | None:
+    """The ``ts`` of the message whose metadata carries ``message_id``, or None."""
+    for m in messages:
+        meta = m.get("metadata")
+        if not isinstance(meta, Mapping) or meta.get("event_type") != EVENT_TYPE:
+            continue
+        payload = meta.get("event_payload")
+        if isinstance(payload, Mapping) and payload.get("message_id") == message_id:
+            ts = m.get("ts")
+            if isinstance(ts, str):
+                return ts
+    return None
+
+
+def receipt(
+    message: SlackMessage,
+    status: str,
+    now: datetime,
+    attempts: int,
+    *,
+    ts: str | None = None,
+    error: str | None = None,
+) -> SlackDeliveryReceipt:
+    """The receipt of ``message``."""
+    return SlackDeliveryReceipt(
+        message_id=message.message_id,
+        channel=message.channel,
+        status=status,
+        attempts=attempts,
+        delivered_at=now,
+        slack_ts=ts,
+        error=error,
+    )
+
+
+def metadata(message: SlackMessage) -> JsonObject:
+    """The Slack message metadata that ties a post to its message and receipt."""
+    return {
+        "event_type": EVENT_TYPE,
+        "event_payload": {"message_id": message.message_id, "pipeline": message.pipeline},
+    }
+
+
+# Slack's fallback text limit is 40000; the fallback built from blocks stays far below.
+_MAX_DERIVED_TEXT: Final = 3000
+
+
+def prepare_post(message: SlackMessage) -> PostRequest | str:
+    """The ``chat.postMessage`` call for ``message``, or why it cannot be made."""
+    if not message.channel:
+        return "invalid_message: empty channel"
+    blocks = parse_blocks(message.blocks)
+    if isinstance(blocks, str):
+        return f"invalid_message: {blocks}"
+    text = message.text.strip()
+    if not text:
+        # slack-sdk warns and screen readers and notifications show nothing without a text.
+        text = "\n".join(_block_lines(blocks))[:_MAX_DERIVED_TEXT] or message.message_id
+    return PostRequest(message.channel, text, blocks, metadata(message))
+
+
+def parse_blocks(raw: str) -> list[JsonObject] | str:
+    """The ``blocks`` JSON array, or the reason it is not one. Empty means no blocks."""
+    if not raw.strip():
+        return []
+    try:
+        parsed: object = json.loads(raw)
+    except ValueError as exc:
+        return f"blocks is not JSON: {exc}"
+    if not isinstance(parsed, list) or not all(isinstance(b, dict) for b in parsed):
+        return "blocks is not a JSON array of objects"
+    return [{str(k): v for k, v in b.items()} for b in parsed]
+
+
+# -- dry-run rendering -------------------------------------------------------------------------
+
+_LINK = re.compile(r"<([^<>|]+)\|([^<>]+)>|<([^<>|]+)>")
+
+
+def _plain(text: str) -> str:
+    """mrkdwn to plain text: links as ``label (url)``, entities unescaped."""
+
+    def link(m: re.Match[str]) -> str:
+        if m.group(3) is not None:
+            return m.group(3)
+        return f"{m.group(2)} ({m.group(1)})"
+
+    out = _LINK.sub(link, text)
+    return out.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def _text_of(obj: object) -> str:
+    if isinstance(obj, Mapping):
+        text = obj.get("text")
+        if isinstance(text, str):
+            return _plain(text)
+        if isinstance(text, Mapping):
+            return _text_of(text)
+        if obj.get("type") == "image":
+            return f"[image: {obj.get('alt_text', '')}]"
+    if isinstance(obj, str):
+        return _plain(obj)
+    return ""
+
+
+def _block_lines(blocks: Sequence[Mapping[str, object]]) -> list[str]:
+    lines: list[str] = []
+    for block in blocks:
+        kind = block.get("type")
+        if kind == "header":
+            lines.append(f"== {_text_of(block.get('text'))} ==")
+        elif kind == "section":
+            if block.get("text") is not None:
+                lines.extend(_text_of(block.get("text")).splitlines())
+            fields = block.get("fields")
+            if isinstance(fields, list):
+                lines.extend("  " + _text_of(f).replace("\n", " ") for f in fields)
+            accessory = block.get("accessory")
+            if isinstance(accessory, Mapping) and isinstance(accessory.get("url"), str):
+                lines.append(f"  -> {_text_of(accessory.get('text'))} ({accessory['url']})")
+        elif kind == "context":
+            elements = block.get("elements")
+            if isinstance(elements, list):
+                lines.append("  (" + " | ".join(_text_of(e) for e in elements) + ")")
+        elif kind == "actions":
+            elements = block.get("elements")
+            if isinstance(elements, list):
+                buttons = []
+                for e in elements:
+                    url = e.get("url") if isinstance(e, Mapping) else None
+                    label = _text_of(e.get("text")) if isinstance(e, Mapping) else ""
+                    buttons.append(f"[{label}]({url})" if url else f"[{label}]")
+                lines.append("  " + " ".join(buttons))
+        elif kind == "divider":
+            lines.append("---")
+        elif kind == "image":
+            lines.append(f"[image: {block.get('alt_text', '')}]")
+        else:
+            lines.append(f"[{kind} block]")
+    return lines
+
+
+def render_request(request: PostRequest) -> str:
+    """A compact, readable text rendering of a post for the dry-run log.
+
+    Who it is for, the fallback text, then the blocks: ``== header ==``, section text and
+    fields, context in parentheses, buttons as ``[label](url)`` and links as ``label (url)``.
+    """
+    payload = request.metadata.get("event_payload")
+    ids = (
+        f" ({payload.get('pipeline')}, {payload.get('message_id')})"
+        if isinstance(payload, Mapping)
+        else ""
+    )
+    lines = [f"to {request.channel}{ids}", f"text: {_plain(request.text)}"]
+    lines.extend(_block_lines(request.blocks))
+    return "\n".join(lines)
+
+
+def render_text(message: SlackMessage) -> str:
+    """``render_request`` of the message's post, or why it cannot be posted."""
+    prepared = prepare_post(message)
+    if isinstance(prepared, str):
+        return f"to {message.channel} ({message.pipeline}, {message.message_id}): {prepared}"
+    return render_request(prepared)
+
+
+# -- pacing ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A token bucket (``updated`` in monotonic seconds)."""
+
+    tokens: float
+    updated: float
+
+
+def take_token(
+    bucket: Bucket | None, now: float, rate_per_s: float, burst: int
+) -> tuple[Bucket, float]:
+    """Take one token: the new bucket and 0, or the unchanged level and the seconds to wait."""
+    if bucket is None:
+        bucket = Bucket(float(burst), now)
+    tokens = min(float(burst), bucket.tokens + max(0.0, now - bucket.updated) * rate_per_s)
+    if tokens >= 1.0:
+        return Bucket(tokens - 1.0, now), 0.0
+    return Bucket(tokens, now), (1.0 - tokens) / rate_per_s

@@ -1,0 +1,122 @@
+"""The notifier's own settings (``NOTIFIER_...``), read once at start.
+
+Without ``NOTIFIER_SLACK_BOT_TOKEN`` the notifier runs in dry-run mode: it renders every message
+to the log and writes ``DRY_RUN`` receipts, and never talks to Slack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.notifier.core import RetryPolicy
+
+
+class NotifierSettings(BaseSettings):
+    """Settings of ``python -m services.notifier``."""
+
+    model_config = SettingsConfigDict(env_prefix="NOTIFIER_", extra="ignore", frozen=True)
+
+    group_id: str = Field(default="notifier", min_length=1, description="consumer group")
+    state_dir: Path = Field(
+        default=Path("./state/notifier"),
+        description=(
+            "RocksDB: the receipts table and the in-doubt markers (lost: the table is rebuilt "
+            "from Kafka, posts in flight at the loss fall back to at-least-once)"
+        ),
+    )
+    slack_bot_token: SecretStr | None = Field(
+        default=None, description="Slack bot token (xoxb-...); unset: dry-run"
+    )
+    slack_api_url: str = Field(
+        default="https://slack.com/api/", min_length=1, description="Slack Web API base URL"
+    )
+    slack_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="HTTP timeout of one Slack call (a timed-out post is in doubt)",
+    )
+    concurrency: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description=(
+            "Slack calls in flight at once, at most one per channel (16 calls of ~200 ms each "
+            "keep ~80 channels at 1 post/s)"
+        ),
+    )
+    rate_per_channel_per_s: float = Field(
+        default=1.0, gt=0, description="local chat.postMessage rate limit per channel"
+    )
+    rate_burst: int = Field(default=1, ge=1, description="token bucket size of that limit")
+    max_attempts: int = Field(
+        default=8,
+        ge=1,
+        description="give up (FAILED receipt + dead letter) after this many retryable failures",
+    )
+    backoff_base_s: float = Field(
+        default=1.0, gt=0, description="first retry delay; doubles per failure"
+    )
+    backoff_max_s: float = Field(default=60.0, gt=0, description="retry delay cap")
+    history_limit: int = Field(
+        default=200, ge=1, le=999, description="messages per conversations.history page"
+    )
+    history_max_pages: int = Field(
+        default=3, ge=1, description="pages an in-doubt check reads at most"
+    )
+    history_margin_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="the in-doubt check reads history from the first attempt minus this margin",
+    )
+    max_buffered_per_partition: int = Field(
+        default=500,
+        ge=1,
+        description="consumed-but-unfinished messages per partition before it is paused",
+    )
+    poll_timeout_s: float = Field(default=0.1, gt=0, le=5, description="longest wait per loop turn")
+    commit_interval_s: float = Field(default=1.0, gt=0, description="offset commit interval")
+    max_poll_interval_ms: int = Field(
+        default=300_000, ge=1000, description="consumer max.poll.interval.ms"
+    )
+    session_timeout_ms: int = Field(
+        default=45_000, ge=1000, description="consumer session.timeout.ms"
+    )
+    marker_retention_h: float = Field(
+        default=168.0, gt=0, description="in-doubt markers older than this are dropped at start"
+    )
+    create_topics: bool = Field(
+        default=True, description="create slack-messages, receipts and the DLQ when missing"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> NotifierSettings:
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError("NOTIFIER_BACKOFF_MAX_S must be >= NOTIFIER_BACKOFF_BASE_S")
+        if self.slack_bot_token is not None and not self.slack_bot_token.get_secret_value():
+            # An empty variable (a Secret key present but blank) means "no token": dry-run.
+            object.__setattr__(self, "slack_bot_token", None)
+        return self
+
+    @property
+    def dry_run(self) -> bool:
+        """True when no Slack token is configured."""
+        return self.slack_bot_token is None
+
+    def retry_policy(self) -> RetryPolicy:
+        """The core's retry policy from these settings."""
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            backoff_base_s=self.backoff_base_s,
+            backoff_max_s=self.backoff_max_s,
+            history_margin_s=self.history_margin_s,
+        )
+
+    def masked(self) -> dict[str, object]:
+        """The effective settings for the start-up log line, the token masked."""
+        out = self.model_dump(mode="json")
+        out["slack_bot_token"] = "********" if self.slack_bot_token is not None else None
+        out["dry_run"] = self.dry_run
+        return out

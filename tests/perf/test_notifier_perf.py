@@ -1,0 +1,315 @@
+"""Notifier benchmark: messages delivered per second against the fake Slack, and its overhead.
+
+Run with ``make bench`` (``pytest tests/perf -m perf -s -p no:timeout``); it prints a table.
+Figures (medians of ``BENCH_RUNS`` runs, default 3):
+
+* delivered messages/s of one notifier process (``python -m services.notifier``,
+  concurrency 8, the per-channel rate limit raised out of the way) for 1, 10 and 100 channels:
+  from the start of producing a batch of ``BENCH_MESSAGES`` messages (default 400 x channels
+  up to 2000) to the last of their receipts read back from ``slack-message-receipts``, so it
+  includes Kafka both ways, the receipts table, the markers, the receipt's ack and the commit;
+* the notifier's CPU time per message (user + system of its process, from ``/proc``);
+* the baseline, in the same run against the same fake Slack: bare
+  ``WebClient.chat_postMessage`` calls in a loop (one thread, and 8 threads like the
+  notifier's pool), with their client CPU time per call.
+
+The fake Slack runs as its own process (``python -m tests.support.fake_slack``, rate limit
+off), so neither side shares a GIL with it. ``overhead ms/msg`` = notifier CPU per message
+minus the bare client's CPU per call: what the notifier spends on each message beyond the HTTP
+call itself. The machine has 2 shared cores: the fake Slack, the broker and the notifier
+compete for them, so absolute figures are low; the ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from slack_sdk import WebClient
+
+from libs.serde import (
+    AvroDeserializer,
+    AvroSerializer,
+    ConfluentSchemaRegistry,
+    SlackDeliveryReceipt,
+    SlackMessage,
+)
+from tests.support.kafka import create_topics, unique, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+MESSAGES = int(os.environ.get("BENCH_MESSAGES", "2000"))
+CHANNELS = [1, 10, 100]
+TOKEN = "xoxb-bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+BLOCKS = [
+    {"type": "header", "text": {"type": "plain_text", "text": "Connector failed: s3-sink-orders"}},
+    {
+        "type": "section",
+        "text": {
+            "type": "mrkdwn",
+            "text": "*Acme Corp* (`org-42`): the connector failed while provisioning.",
+        },
+    },
+    {
+        "type": "section",
+        "fields": [
+            {"type": "mrkdwn", "text": "*Cluster*\n`lkc-123`"},
+            {"type": "mrkdwn", "text": "*Type*\nS3 sink"},
+        ],
+    },
+    {
+        "type": "context",
+        "elements": [
+            {"type": "mrkdwn", "text": "<https://docs.example/s3|Docs> · <https://c.io|Console>"}
+        ],
+    },
+]
+
+pytestmark = pytest.mark.perf
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, from /proc (clock-tick resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+@dataclass
+class Figure:
+    msgs_per_s: float
+    cpu_ms_per_msg: float
+
+
+@pytest.fixture(scope="module")
+def fake_slack_url() -> Iterator[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.fake_slack", "--token", TOKEN],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        assert sel.select(30), "fake Slack did not start"
+    line = proc.stdout.readline().strip()
+    try:
+        yield line.split("=", 1)[1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        proc.stdout.close()
+
+
+def baseline(url: str, n: int, threads: int) -> Figure:
+    """Bare chat_postMessage calls: n calls over ``threads`` threads, round-robin channels."""
+    client = WebClient(token=TOKEN, base_url=url, retry_handlers=[])
+    metadata = {"event_type": "field_alert", "event_payload": {"message_id": "x", "pipeline": "p"}}
+
+    def call(i: int) -> None:
+        client.chat_postMessage(
+            channel=f"CBASE{i % 100}", text=f"alert {i}", blocks=BLOCKS, metadata=metadata
+        )
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    if threads == 1:
+        for i in range(n):
+            call(i)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(call, range(n)))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return Figure(n / wall, cpu / n * 1000)
+
+
+class Bench:
+    """One notifier process and the topics it works on."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        registry: ConfluentSchemaRegistry,
+        env: dict[str, str],
+        tmp: Path,
+        url: str,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.messages = unique("bench-messages")
+        self.receipts = unique("bench-receipts")
+        create_topics(bootstrap, [self.messages, self.messages + ".dlq"], partitions=6)
+        create_topics(bootstrap, [self.receipts], partitions=6, compacted=True)
+        create_topics(bootstrap, [self.receipts + ".dlq"], partitions=1)
+        self.encode = AvroSerializer(registry, SlackMessage)
+        self.decode = AvroDeserializer(registry, SlackDeliveryReceipt)
+        self.log = (tmp / "notifier.log").open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.notifier"],
+            cwd=ROOT,
+            env={
+                **env,
+                "TOPIC_SLACK_MESSAGES": self.messages,
+                "TOPIC_SLACK_MESSAGE_RECEIPTS": self.receipts,
+                "NOTIFIER_GROUP_ID": unique("bench"),
+                "NOTIFIER_STATE_DIR": str(tmp / "state"),
+                "NOTIFIER_SLACK_BOT_TOKEN": TOKEN,
+                "NOTIFIER_SLACK_API_URL": url,
+                "NOTIFIER_RATE_PER_CHANNEL_PER_S": "1000000",
+                "NOTIFIER_RATE_BURST": "1000",
+                # the same parallelism as the 8-thread baseline
+                "NOTIFIER_CONCURRENCY": "8",
+                "LOG_FORMAT": "json",
+            },
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        self.reader = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": unique("bench-reader"),
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
+        # explicit offsets: OFFSET_END would resolve at the first fetch, after early receipts
+        self.reader.assign(wait_until(self._ends, timeout_s=30, message="receipts offsets"))
+        self.batch = 0
+        wait_until(
+            lambda: "partitions assigned" in (tmp / "notifier.log").read_text(),
+            timeout_s=60,
+            message="notifier ready",
+        )
+        self.warm_up()
+
+    def _ends(self) -> list[TopicPartition] | None:
+        meta = self.reader.list_topics(self.receipts, timeout=10).topics[self.receipts]
+        if len(meta.partitions) != 6:
+            return None  # a topic created a moment ago: metadata not there yet
+        try:
+            return [
+                TopicPartition(self.receipts, p, self.reader.get_watermark_offsets(tp, 5)[1])
+                for p in sorted(meta.partitions)
+                for tp in [TopicPartition(self.receipts, p)]
+            ]
+        except KafkaException:
+            return None  # its leader is not known yet
+
+    def warm_up(self) -> None:
+        # schema registration, the writer schema lookup, the first connections
+        self.run(1, 20)
+
+    def run(self, channels: int, n: int) -> Figure:
+        self.batch += 1
+        now = datetime.now(UTC)
+        ids = set()
+        values = []
+        for i in range(n):
+            channel = f"C{channels:03d}X{i % channels:03d}"
+            m = SlackMessage(
+                message_id=f"b{self.batch}-{i}",
+                pipeline="bench",
+                channel=channel,
+                text=f"alert {i}",
+                blocks=json.dumps(BLOCKS),
+                org_id="org-42",
+                source_event_id=f"ev-{i}",
+                created_at=now,
+            )
+            ids.add(m.message_id)
+            values.append((channel.encode(), self.encode(self.messages, m)))
+        cpu0 = cpu_seconds(self.proc.pid)
+        t0 = time.perf_counter()
+        for key, value in values:
+            self.producer.produce(self.messages, key=key, value=value)
+        self.producer.flush(30)
+        deadline = time.monotonic() + 300
+        while ids:
+            assert time.monotonic() < deadline, f"{len(ids)} receipts missing"
+            assert self.proc.poll() is None, "the notifier died"
+            for msg in self.reader.consume(1000, 0.05):
+                if msg.error() is None:
+                    r = self.decode(msg.value(), topic=self.receipts, partition=0, offset=0)
+                    assert r.status == "DELIVERED", r
+                    ids.discard(r.message_id)
+        wall = time.perf_counter() - t0
+        cpu = cpu_seconds(self.proc.pid) - cpu0
+        return Figure(n / wall, cpu / n * 1000)
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        self.reader.close()
+        self.log.close()
+
+
+def median(figures: list[Figure]) -> Figure:
+    return Figure(
+        statistics.median(f.msgs_per_s for f in figures),
+        statistics.median(f.cpu_ms_per_msg for f in figures),
+    )
+
+
+def test_notifier_throughput_and_overhead(
+    bootstrap: str,
+    registry: ConfluentSchemaRegistry,
+    service_env: dict[str, str],
+    tmp_path: Path,
+    fake_slack_url: str,
+) -> None:
+    baseline(fake_slack_url, 50, 1)  # warm the fake up
+    base_1 = median([baseline(fake_slack_url, 500, 1) for _ in range(RUNS)])
+    base_8 = median([baseline(fake_slack_url, 1000, 8) for _ in range(RUNS)])
+
+    bench = Bench(bootstrap, registry, service_env, tmp_path, fake_slack_url)
+    results: dict[int, Figure] = {}
+    try:
+        for channels in CHANNELS:
+            n = min(MESSAGES, 400 * channels)
+            results[channels] = median([bench.run(channels, n) for _ in range(RUNS)])
+    finally:
+        bench.close()
+    stopped = [
+        json.loads(line)
+        for line in (tmp_path / "notifier.log").read_text().splitlines()
+        if '"notifier stopped"' in line
+    ]
+
+    rows = [
+        ("bare WebClient, 1 thread", base_1, None),
+        ("bare WebClient, 8 threads", base_8, None),
+        *[(f"notifier, {c} channel{'s' if c > 1 else ''}", results[c], c) for c in CHANNELS],
+    ]
+    print()
+    print(f"notifier benchmark: medians of {RUNS} runs, fake Slack rate limit off")
+    print(
+        f"{'':34} {'msgs/s':>9} {'ms/msg':>8} {'CPU ms/msg':>11} "
+        f"{'vs 1-thread':>12} {'vs 8-thread':>12} {'overhead ms/msg':>16}"
+    )
+    for name, fig, channels in rows:
+        overhead = "" if channels is None else f"{fig.cpu_ms_per_msg - base_1.cpu_ms_per_msg:16.3f}"
+        print(
+            f"{name:34} {fig.msgs_per_s:9.1f} {1000 / fig.msgs_per_s:8.2f} "
+            f"{fig.cpu_ms_per_msg:11.3f} {fig.msgs_per_s / base_1.msgs_per_s:11.2f}x "
+            f"{fig.msgs_per_s / base_8.msgs_per_s:11.2f}x {overhead}"
+        )
+    if stopped:
+        s = stopped[0]
+        print(
+            f"notifier totals: delivered={s['delivered']} posts={s['posts']} "
+            f"retries={s['retries']} commits={s['commits']} pauses={s['pauses']}"
+        )
+    assert results and all(r.msgs_per_s > 0 for r in results.values())

@@ -1,0 +1,513 @@
+"""The notifier's pure core: classification, decisions, backoff, pacing, rendering."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from libs.serde import SlackDeliveryReceipt, SlackMessage
+from services.notifier import core
+from services.notifier.core import (
+    AttemptMarker,
+    Bucket,
+    Delivery,
+    ErrorKind,
+    Fatal,
+    Finish,
+    Found,
+    NotFound,
+    Posted,
+    Proceed,
+    RateLimited,
+    Rejected,
+    Rendered,
+    Retry,
+    RetryPolicy,
+    Step,
+    Unavailable,
+)
+
+T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+NOW = T0 + timedelta(minutes=1)
+POLICY = RetryPolicy(max_attempts=3, backoff_base_s=1.0, backoff_max_s=8.0, history_margin_s=60)
+BLOCKS = [
+    {"type": "header", "text": {"type": "plain_text", "text": "Connector failed"}},
+    {
+        "type": "section",
+        "text": {"type": "mrkdwn", "text": "*Acme* &amp; co: <https://c.io/x|console>"},
+    },
+    {
+        "type": "section",
+        "fields": [
+            {"type": "mrkdwn", "text": "*Cluster*\nlkc-1"},
+            {"type": "mrkdwn", "text": "*Type*\nS3 sink"},
+        ],
+    },
+    {"type": "divider"},
+    {
+        "type": "context",
+        "elements": [
+            {"type": "mrkdwn", "text": "pipeline p1"},
+            {"type": "plain_text", "text": "id m1"},
+        ],
+    },
+    {
+        "type": "actions",
+        "elements": [
+            {
+                "type": "button",
+                "text": {"type": "plain_text", "text": "Docs"},
+                "url": "https://d.io",
+            },
+            {"type": "button", "text": {"type": "plain_text", "text": "Ack"}},
+        ],
+    },
+    {"type": "image", "image_url": "https://i.io/x.png", "alt_text": "graph"},
+    {"type": "rich_text", "elements": []},
+]
+
+
+def message(text: str = "Connector failed for Acme", blocks: str | None = None) -> SlackMessage:
+    return SlackMessage(
+        message_id="m1",
+        pipeline="p1",
+        channel="U123",
+        text=text,
+        blocks=json.dumps(BLOCKS) if blocks is None else blocks,
+        org_id="org-1",
+        source_event_id="ev-1",
+        created_at=T0,
+    )
+
+
+def delivery(**changes: object) -> Delivery:
+    d = Delivery(message())
+    return Delivery(**{**d.__dict__, **changes})  # type: ignore[arg-type]
+
+
+# -- classification --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        ("ratelimited", ErrorKind.RETRYABLE),
+        ("internal_error", ErrorKind.RETRYABLE),
+        ("fatal_error", ErrorKind.RETRYABLE),
+        ("service_unavailable", ErrorKind.RETRYABLE),
+        ("request_timeout", ErrorKind.RETRYABLE),
+        ("channel_not_found", ErrorKind.PERMANENT),
+        ("invalid_blocks", ErrorKind.PERMANENT),
+        ("not_in_channel", ErrorKind.PERMANENT),
+        ("msg_too_long", ErrorKind.PERMANENT),
+        ("is_archived", ErrorKind.PERMANENT),
+        ("something_new_from_slack", ErrorKind.PERMANENT),
+        ("invalid_auth", ErrorKind.FATAL),
+        ("not_authed", ErrorKind.FATAL),
+        ("token_revoked", ErrorKind.FATAL),
+        ("missing_scope", ErrorKind.FATAL),
+    ],
+)
+def test_classify_error(code: str, kind: ErrorKind) -> None:
+    assert core.classify_error(code) is kind
+
+
+# -- the skip ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "final"),
+    [(None, False), ("DELIVERED", True), ("FAILED", True), ("DRY_RUN", True), ("PENDING", False)],
+)
+def test_already_final(status: str | None, final: bool) -> None:
+    receipt = (
+        None
+        if status is None
+        else SlackDeliveryReceipt("m1", "U123", status, attempts=1, delivered_at=T0)
+    )
+    assert core.already_final(receipt) is final
+
+
+# -- next_action ------------------------------------------------------------------------------
+
+
+def test_fresh_message_is_posted_with_blocks_text_and_metadata() -> None:
+    action = core.next_action(core.start(message(), None), now=NOW, policy=POLICY)
+    assert isinstance(action, Proceed) and action.step is Step.POST
+    assert action.request == core.PostRequest(
+        channel="U123",
+        text="Connector failed for Acme",
+        blocks=BLOCKS,
+        metadata={
+            "event_type": "field_alert",
+            "event_payload": {"message_id": "m1", "pipeline": "p1"},
+        },
+    )
+
+
+def test_marker_puts_the_message_in_doubt_with_its_attempts() -> None:
+    marker = AttemptMarker("U123", attempts=2, first_attempt_at=T0)
+    d = core.start(message(), marker)
+    assert (d.in_doubt, d.attempts, d.first_attempt_at) == (True, 2, T0)
+    action = core.next_action(d, now=NOW, policy=POLICY)
+    assert isinstance(action, Proceed) and action.step is Step.CHECK_HISTORY
+
+
+@pytest.mark.parametrize(
+    ("changes", "error_part"),
+    [
+        (
+            {"failures": 3, "attempts": 3, "last_error": "http 500"},
+            "gave up after 3 attempts: http 500",
+        ),
+        (
+            {"in_doubt": True, "check_failures": 3, "attempts": 1, "last_error": "timeout"},
+            "could not be verified",
+        ),
+    ],
+)
+def test_cap_gives_up_with_failed_receipt_and_dead_letter(
+    changes: dict[str, object], error_part: str
+) -> None:
+    action = core.next_action(delivery(**changes), now=NOW, policy=POLICY)
+    assert isinstance(action, Finish)
+    assert action.receipt.status == "FAILED"
+    assert error_part in str(action.receipt.error)
+    assert action.dead_letter == action.receipt.error
+    assert action.receipt.delivered_at == NOW
+
+
+@pytest.mark.parametrize(
+    ("blocks", "reason"),
+    [
+        ("not json", "blocks is not JSON"),
+        ('{"type": "divider"}', "not a JSON array"),
+        ("[1]", "not a JSON array"),
+    ],
+)
+def test_invalid_blocks_fail_without_calling_slack(blocks: str, reason: str) -> None:
+    action = core.next_action(Delivery(message(blocks=blocks)), now=NOW, policy=POLICY)
+    assert isinstance(action, Finish)
+    assert action.receipt.status == "FAILED" and action.receipt.attempts == 0
+    assert reason in str(action.dead_letter)
+
+
+def test_empty_text_is_derived_from_the_blocks() -> None:
+    request = core.prepare_post(message(text="  "))
+    assert isinstance(request, core.PostRequest)
+    assert request.text.startswith("== Connector failed ==\n*Acme* & co: console (https://c.io/x)")
+    no_blocks = core.prepare_post(message(text="", blocks=""))
+    assert isinstance(no_blocks, core.PostRequest)
+    assert (no_blocks.text, no_blocks.blocks) == ("m1", [])
+
+
+def test_begin_post_counts_and_keeps_the_first_attempt_time() -> None:
+    d1, marker1 = core.begin_post(Delivery(message()), T0)
+    d2, marker2 = core.begin_post(d1, NOW)
+    assert (d2.attempts, d2.first_attempt_at) == (2, T0)
+    assert marker1 == AttemptMarker("U123", 1, T0)
+    assert marker2 == AttemptMarker("U123", 2, T0)
+
+
+# -- after_post -------------------------------------------------------------------------------
+
+
+def _post(outcome: core.PostOutcome, jitter: float = 0.0, **changes: object) -> core.Decision:
+    d = delivery(attempts=1, first_attempt_at=T0, **changes)
+    return core.after_post(d, outcome, now=NOW, policy=POLICY, jitter=jitter)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "status", "ts", "error", "dead_letter"),
+    [
+        (Posted("1.000100", "D9"), "DELIVERED", "1.000100", None, None),
+        (Rendered(), "DRY_RUN", None, None, None),
+        (Rejected("channel_not_found"), "FAILED", None, "channel_not_found", "channel_not_found"),
+        (Rejected("invalid_blocks"), "FAILED", None, "invalid_blocks", "invalid_blocks"),
+        (Rejected("not_in_channel"), "FAILED", None, "not_in_channel", "not_in_channel"),
+        (Rejected("msg_too_long"), "FAILED", None, "msg_too_long", "msg_too_long"),
+    ],
+)
+def test_post_outcomes_that_finish(
+    outcome: core.PostOutcome,
+    status: str,
+    ts: str | None,
+    error: str | None,
+    dead_letter: str | None,
+) -> None:
+    decision = _post(outcome)
+    assert isinstance(decision, Finish)
+    r = decision.receipt
+    assert (r.message_id, r.channel, r.status, r.attempts) == ("m1", "U123", status, 1)
+    assert (r.slack_ts, r.error, r.delivered_at) == (ts, error, NOW)
+    assert decision.dead_letter == dead_letter
+
+
+@pytest.mark.parametrize(
+    ("outcome", "jitter", "delay", "in_doubt", "failures", "rate_limited"),
+    [
+        (RateLimited(7), 0.5, 7.0, False, 0, True),
+        (RateLimited(0), 0.5, 0.0, False, 0, True),
+        (Rejected("ratelimited"), 0.5, 1.0, False, 0, True),
+        (Unavailable("http 500: internal_error", True), 0.0, 0.5, True, 1, False),
+        (Unavailable("http 500: internal_error", True), 0.999, 0.9995, True, 1, False),
+        (Unavailable("timeout", True), 0.0, 0.5, True, 1, False),
+        (Unavailable("connection refused", False), 0.0, 0.5, False, 1, False),
+        (Rejected("internal_error"), 0.0, 0.5, True, 1, False),
+        (Rejected("fatal_error"), 0.0, 0.5, True, 1, False),
+        (Rejected("service_unavailable"), 0.0, 0.5, False, 1, False),
+    ],
+)
+def test_post_outcomes_that_retry(
+    outcome: core.PostOutcome,
+    jitter: float,
+    delay: float,
+    in_doubt: bool,
+    failures: int,
+    rate_limited: bool,
+) -> None:
+    decision = _post(outcome, jitter)
+    assert isinstance(decision, Retry)
+    assert decision.delay_s == pytest.approx(delay)
+    assert decision.delivery.in_doubt is in_doubt
+    assert decision.delivery.failures == failures
+    assert decision.rate_limited is rate_limited
+    assert decision.delivery.attempts == 1
+
+
+def test_backoff_grows_with_failures() -> None:
+    decision = _post(Unavailable("timeout", True), 0.0, failures=2)
+    assert isinstance(decision, Retry)
+    assert decision.delay_s == pytest.approx(2.0)  # 1 * 2**2 = 4, half fixed
+
+
+@pytest.mark.parametrize(
+    "code", ["invalid_auth", "not_authed", "account_inactive", "token_revoked"]
+)
+def test_token_errors_are_fatal(code: str) -> None:
+    assert _post(Rejected(code)) == Fatal(code)
+
+
+# -- after_history ----------------------------------------------------------------------------
+
+
+def _check(outcome: core.HistoryOutcome, **changes: object) -> core.Decision:
+    fields: dict[str, object] = {
+        "attempts": 1,
+        "first_attempt_at": T0,
+        "in_doubt": True,
+        "failures": 1,
+        **changes,
+    }
+    d = delivery(**fields)
+    return core.after_history(d, outcome, now=NOW, policy=POLICY, jitter=0.0)
+
+
+def test_found_in_history_is_delivered_without_posting() -> None:
+    decision = _check(Found("1.000200"))
+    assert isinstance(decision, Finish)
+    assert (decision.receipt.status, decision.receipt.slack_ts) == ("DELIVERED", "1.000200")
+    assert decision.receipt.attempts == 1
+    assert decision.dead_letter is None
+
+
+def test_not_found_goes_on_to_post() -> None:
+    decision = _check(NotFound())
+    assert isinstance(decision, Proceed) and decision.step is Step.POST
+    assert decision.delivery.in_doubt is False
+    assert decision.delivery.failures == 1
+
+
+def test_not_found_after_the_last_allowed_failure_gives_up() -> None:
+    decision = _check(NotFound(), failures=3, last_error="timeout")
+    assert isinstance(decision, Finish) and decision.receipt.status == "FAILED"
+
+
+@pytest.mark.parametrize("code", ["channel_not_found", "missing_scope", "history_window_exceeded"])
+def test_history_without_access_posts_unverified(code: str) -> None:
+    decision = _check(Rejected(code))
+    assert isinstance(decision, Proceed) and decision.step is Step.POST
+    assert decision.delivery.unverified is True
+
+
+@pytest.mark.parametrize(
+    ("outcome", "delay"),
+    [
+        (RateLimited(3), 3.0),
+        (Unavailable("timeout", True), 0.5),
+        (Rejected("internal_error"), 0.5),
+    ],
+)
+def test_history_failures_retry_the_check(outcome: core.HistoryOutcome, delay: float) -> None:
+    decision = _check(outcome)
+    assert isinstance(decision, Retry)
+    assert decision.delay_s == pytest.approx(delay)
+    assert decision.delivery.in_doubt is True
+    assert decision.delivery.failures == 1  # the post's count is untouched
+
+
+def test_history_token_error_is_fatal() -> None:
+    assert _check(Rejected("invalid_auth")) == Fatal("invalid_auth")
+
+
+def test_history_window_starts_at_the_first_attempt_minus_the_margin() -> None:
+    assert core.history_oldest(delivery(first_attempt_at=NOW), POLICY) == NOW - timedelta(
+        seconds=60
+    )
+    assert core.history_oldest(delivery(), POLICY) == T0 - timedelta(seconds=60)
+
+
+# -- a whole delivery, step by step -----------------------------------------------------------
+
+
+def test_500_then_success_is_one_post_with_two_attempts() -> None:
+    d, _ = core.begin_post(core.start(message(), None), T0)
+    first = core.after_post(d, Unavailable("http 500", True), now=NOW, policy=POLICY, jitter=0.3)
+    assert isinstance(first, Retry) and first.delivery.in_doubt
+    check = core.next_action(first.delivery, now=NOW, policy=POLICY)
+    assert isinstance(check, Proceed) and check.step is Step.CHECK_HISTORY
+    proceed = core.after_history(check.delivery, NotFound(), now=NOW, policy=POLICY, jitter=0.3)
+    assert isinstance(proceed, Proceed) and proceed.step is Step.POST
+    d2, marker = core.begin_post(proceed.delivery, NOW)
+    assert marker.attempts == 2
+    done = core.after_post(d2, Posted("2.0", "U123"), now=NOW, policy=POLICY, jitter=0.3)
+    assert isinstance(done, Finish)
+    assert (done.receipt.status, done.receipt.attempts) == ("DELIVERED", 2)
+
+
+# -- backoff and pacing -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failures", "jitter", "delay"),
+    [
+        (1, 0.0, 0.5),
+        (1, 1.0, 1.0),
+        (2, 0.0, 1.0),
+        (3, 0.5, 3.0),
+        (4, 0.0, 4.0),
+        (10, 0.0, 4.0),
+        (10, 1.0, 8.0),
+        (1, -5.0, 0.5),
+        (1, 5.0, 1.0),
+    ],
+)
+def test_backoff_delay(failures: int, jitter: float, delay: float) -> None:
+    assert core.backoff_delay(failures, POLICY, jitter) == pytest.approx(delay)
+
+
+def test_token_bucket_one_per_second() -> None:
+    bucket, wait = core.take_token(None, 100.0, 1.0, 1)
+    assert wait == 0.0
+    bucket, wait = core.take_token(bucket, 100.25, 1.0, 1)
+    assert wait == pytest.approx(0.75)
+    bucket, wait = core.take_token(bucket, 101.0, 1.0, 1)
+    assert wait == 0.0
+    assert bucket == Bucket(0.0, 101.0)
+
+
+def test_token_bucket_burst_then_rate() -> None:
+    bucket = None
+    waits = []
+    for _ in range(4):
+        bucket, wait = core.take_token(bucket, 0.0, 2.0, 3)
+        waits.append(wait)
+    assert waits == [0.0, 0.0, 0.0, pytest.approx(0.5)]
+    _, wait = core.take_token(bucket, 0.5, 2.0, 3)
+    assert wait == 0.0
+
+
+# -- history matching -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("messages", "found"),
+    [
+        ([], None),
+        ([{"ts": "1.1", "text": "no metadata"}], None),
+        (
+            [
+                {
+                    "ts": "1.1",
+                    "metadata": {"event_type": "other", "event_payload": {"message_id": "m1"}},
+                }
+            ],
+            None,
+        ),
+        (
+            [
+                {
+                    "ts": "1.1",
+                    "metadata": {
+                        "event_type": "field_alert",
+                        "event_payload": {"message_id": "m2"},
+                    },
+                }
+            ],
+            None,
+        ),
+        (
+            [
+                {
+                    "ts": "1.2",
+                    "metadata": {
+                        "event_type": "field_alert",
+                        "event_payload": {"message_id": "m2"},
+                    },
+                },
+                {
+                    "ts": "1.1",
+                    "metadata": {
+                        "event_type": "field_alert",
+                        "event_payload": {"message_id": "m1"},
+                    },
+                },
+            ],
+            "1.1",
+        ),
+        ([{"ts": "1.1", "metadata": "garbage"}], None),
+        (
+            [
+                {
+                    "ts": 5,
+                    "metadata": {
+                        "event_type": "field_alert",
+                        "event_payload": {"message_id": "m1"},
+                    },
+                }
+            ],
+            None,
+        ),
+    ],
+)
+def test_find_in_history(messages: list[dict[str, object]], found: str | None) -> None:
+    assert core.find_in_history(messages, "m1") == found
+
+
+# -- dry-run rendering ------------------------------------------------------------------------
+
+
+def test_render_text_is_readable() -> None:
+    assert core.render_text(message()) == "\n".join(
+        [
+            "to U123 (p1, m1)",
+            "text: Connector failed for Acme",
+            "== Connector failed ==",
+            "*Acme* & co: console (https://c.io/x)",
+            "  *Cluster* lkc-1",
+            "  *Type* S3 sink",
+            "---",
+            "  (pipeline p1 | id m1)",
+            "  [Docs](https://d.io) [Ack]",
+            "[image: graph]",
+            "[rich_text block]",
+        ]
+    )
+
+
+def test_render_text_names_an_invalid_message() -> None:
+    assert core.render_text(message(blocks="nope")).startswith(
+        "to U123 (p1, m1): invalid_message: blocks is not JSON"
+    )

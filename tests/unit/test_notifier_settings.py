@@ -1,0 +1,67 @@
+"""The notifier's settings: CONTRACT names and defaults, dry-run, masking, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from services.common.cli import describe_validation_error
+from services.notifier.core import RetryPolicy
+from services.notifier.settings import NotifierSettings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("NOTIFIER_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults() -> None:
+    s = NotifierSettings()
+    assert s.group_id == "notifier"
+    assert s.state_dir == Path("state/notifier")
+    assert s.slack_api_url == "https://slack.com/api/"
+    assert s.rate_per_channel_per_s == 1.0
+    assert s.dry_run is True
+    assert s.retry_policy() == RetryPolicy(8, 1.0, 60.0, 300.0)
+
+
+def test_token_means_live_and_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFIER_SLACK_BOT_TOKEN", "xoxb-secret-123")
+    monkeypatch.setenv("NOTIFIER_SLACK_API_URL", "http://127.0.0.1:9/api/")
+    monkeypatch.setenv("NOTIFIER_RATE_PER_CHANNEL_PER_S", "2.5")
+    s = NotifierSettings()
+    assert s.dry_run is False
+    assert s.rate_per_channel_per_s == 2.5
+    assert "xoxb-secret-123" not in repr(s)
+    assert "xoxb-secret-123" not in str(s.masked())
+    assert s.masked()["slack_bot_token"] == "********"
+    assert s.masked()["dry_run"] is False
+
+
+def test_empty_token_is_dry_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFIER_SLACK_BOT_TOKEN", "")
+    assert NotifierSettings().dry_run is True
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "named"),
+    [
+        ("NOTIFIER_CONCURRENCY", "0", "NOTIFIER_CONCURRENCY"),
+        ("NOTIFIER_RATE_PER_CHANNEL_PER_S", "fast", "NOTIFIER_RATE_PER_CHANNEL_PER_S"),
+        ("NOTIFIER_SLACK_TIMEOUT_S", "-1", "NOTIFIER_SLACK_TIMEOUT_S"),
+        ("NOTIFIER_BACKOFF_MAX_S", "0.5", "NOTIFIER_BACKOFF_MAX_S"),
+    ],
+)
+def test_invalid_settings_are_named(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, named: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as info:
+        NotifierSettings()
+    assert named in describe_validation_error(info.value, "NOTIFIER_")

@@ -1,0 +1,98 @@
+"""The sink loop's offset bookkeeping: commit only the contiguous prefix of finished offsets."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.notifier.sink import OffsetTracker
+
+TP = ("slack-messages", 0)
+OTHER = ("slack-messages", 1)
+
+
+def tracker(*offsets: int) -> tuple[OffsetTracker, int]:
+    t = OffsetTracker()
+    epoch = t.assign(TP)
+    for o in offsets:
+        t.add(TP, o)
+    return t, epoch
+
+
+@pytest.mark.parametrize(
+    ("consumed", "finished", "commit", "outstanding"),
+    [
+        ([5, 6, 7], [], None, 3),
+        ([5, 6, 7], [6, 7], None, 3),
+        ([5, 6, 7], [5], 6, 2),
+        ([5, 6, 7], [7, 5], 6, 2),
+        ([5, 6, 7], [7, 6, 5], 8, 0),
+        # offsets are sparse (compaction never touches this topic, but transaction markers do)
+        ([5, 9, 12], [5, 9], 10, 1),
+    ],
+)
+def test_contiguous_prefix(
+    consumed: list[int], finished: list[int], commit: int | None, outstanding: int
+) -> None:
+    t, epoch = tracker(*consumed)
+    for o in finished:
+        t.finish(TP, o, epoch)
+    assert t.committable().get(TP) == commit
+    assert t.outstanding(TP) == outstanding
+
+
+def test_committed_offsets_are_not_offered_again() -> None:
+    t, epoch = tracker(1, 2)
+    t.finish(TP, 1, epoch)
+    t.committed(t.committable())
+    assert t.committable() == {}
+    t.finish(TP, 2, epoch)
+    assert t.committable() == {TP: 3}
+
+
+def test_a_finish_of_a_previous_assignment_is_ignored() -> None:
+    t, old = tracker(1, 2)
+    t.drop(TP)
+    new = t.assign(TP)
+    t.add(TP, 1)
+    t.finish(TP, 1, old)
+    assert t.committable() == {}
+    t.finish(TP, 1, new)
+    assert t.committable() == {TP: 2}
+
+
+def test_rewind_forgets_the_tail() -> None:
+    t, epoch = tracker(1, 2, 3)
+    t.finish(TP, 3, epoch)
+    t.rewind(TP, 2)
+    assert t.outstanding(TP) == 1
+    t.add(TP, 2)
+    t.finish(TP, 1, epoch)
+    t.finish(TP, 2, epoch)
+    assert t.committable() == {TP: 3}
+
+
+def test_partitions_are_independent_and_filterable() -> None:
+    t = OffsetTracker()
+    e0, e1 = t.assign(TP), t.assign(OTHER)
+    t.add(TP, 1)
+    t.add(OTHER, 10)
+    t.finish(TP, 1, e0)
+    t.finish(OTHER, 10, e1)
+    assert t.committable() == {TP: 2, OTHER: 11}
+    assert t.committable([OTHER]) == {OTHER: 11}
+    assert t.total_outstanding() == 0
+    assert sorted(t.partitions()) == [TP, OTHER]
+
+
+def test_untracked_partitions_are_ignored() -> None:
+    t = OffsetTracker()
+    t.add(TP, 1)
+    t.finish(TP, 1, 1)
+    assert t.committable() == {}
+    assert t.outstanding(TP) == 0
+
+
+def test_out_of_order_add_is_refused() -> None:
+    t, _ = tracker(5)
+    with pytest.raises(ValueError, match="out of order"):
+        t.add(TP, 5)

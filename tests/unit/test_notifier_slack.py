@@ -1,0 +1,246 @@
+"""The notifier's Slack port: one contract suite for slack-sdk over the fake Slack and the twin."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+import pytest
+
+from services.notifier.core import (
+    Found,
+    NotFound,
+    Posted,
+    PostRequest,
+    RateLimited,
+    Rejected,
+    Rendered,
+    Unavailable,
+)
+from services.notifier.slack import (
+    STORE_THEN_TIMEOUT,
+    DryRunNotifier,
+    FakeNotifier,
+    Notifier,
+    SlackWebNotifier,
+)
+from tests.support.fake_slack import FakeSlack
+
+TOKEN = "xoxb-test"
+LONG_AGO = datetime(2020, 1, 1, tzinfo=UTC)
+
+
+def request(message_id: str, channel: str = "C1") -> PostRequest:
+    return PostRequest(
+        channel=channel,
+        text=f"alert {message_id}",
+        blocks=[{"type": "section", "text": {"type": "mrkdwn", "text": f"*{message_id}*"}}],
+        metadata={
+            "event_type": "field_alert",
+            "event_payload": {"message_id": message_id, "pipeline": "p1"},
+        },
+    )
+
+
+class Script(Protocol):
+    def rate_limit(self, channel: str, seconds: int) -> None: ...
+    def slack_error(self, channel: str, code: str) -> None: ...
+    def server_error(self, channel: str, status: int) -> None: ...
+    def store_then_timeout(self, channel: str) -> None: ...
+    def history_unavailable(self, channel: str) -> None: ...
+
+
+@dataclass
+class Subject:
+    notifier: Notifier
+    script: Script
+
+
+class WebScript:
+    def __init__(self, fake: FakeSlack) -> None:
+        self.fake = fake
+
+    def rate_limit(self, channel: str, seconds: int) -> None:
+        self.fake.rate_limit(channel, retry_after_s=seconds)
+
+    def slack_error(self, channel: str, code: str) -> None:
+        self.fake.slack_error(channel, code)
+
+    def server_error(self, channel: str, status: int) -> None:
+        self.fake.server_error(channel, status=status)
+
+    def store_then_timeout(self, channel: str) -> None:
+        self.fake.slow(channel, delay_s=5, then_store=True)
+
+    def history_unavailable(self, channel: str) -> None:
+        self.fake.server_error(channel, status=503, method="conversations.history")
+
+
+class TwinScript:
+    def __init__(self, twin: FakeNotifier) -> None:
+        self.twin = twin
+
+    def rate_limit(self, channel: str, seconds: int) -> None:
+        self.twin.script(channel, RateLimited(seconds))
+
+    def slack_error(self, channel: str, code: str) -> None:
+        self.twin.script(channel, Rejected(code))
+
+    def server_error(self, channel: str, status: int) -> None:
+        self.twin.script(channel, Unavailable(f"http {status}: internal_error", in_doubt=True))
+
+    def store_then_timeout(self, channel: str) -> None:
+        self.twin.script(channel, STORE_THEN_TIMEOUT)
+
+    def history_unavailable(self, channel: str) -> None:
+        self.twin.script(channel, Unavailable("http 503", in_doubt=True), method="history")
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeSlack]:
+    with FakeSlack(token=TOKEN) as server:
+        yield server
+
+
+@pytest.fixture(params=["slack_sdk", "twin"])
+def subject(request: pytest.FixtureRequest, fake: FakeSlack) -> Subject:
+    if request.param == "twin":
+        twin = FakeNotifier()
+        return Subject(twin, TwinScript(twin))
+    web = SlackWebNotifier(TOKEN, base_url=fake.base_url, timeout_s=1, history_limit=50)
+    return Subject(web, WebScript(fake))
+
+
+# -- the contract ------------------------------------------------------------------------------
+
+
+def test_post_then_find_by_metadata(subject: Subject) -> None:
+    n = subject.notifier
+    posted = n.post(request("m1"))
+    assert isinstance(posted, Posted)
+    assert posted.channel == "C1"
+    n.post(request("m2"))
+    assert n.find_post("C1", "m1", LONG_AGO) == Found(posted.ts)
+    assert n.find_post("C1", "m3", LONG_AGO) == NotFound()
+    assert n.find_post("C2", "m1", LONG_AGO) == NotFound()
+    later = datetime.fromtimestamp(float(posted.ts), UTC) + timedelta(seconds=60)
+    assert n.find_post("C1", "m1", later) == NotFound()
+
+
+def test_rate_limit(subject: Subject) -> None:
+    subject.script.rate_limit("C1", 7)
+    assert subject.notifier.post(request("m1")) == RateLimited(7)
+    assert isinstance(subject.notifier.post(request("m1")), Posted)
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["channel_not_found", "invalid_blocks", "not_in_channel", "invalid_auth", "msg_too_long"],
+)
+def test_slack_errors(subject: Subject, code: str) -> None:
+    subject.script.slack_error("C1", code)
+    assert subject.notifier.post(request("m1")) == Rejected(code)
+    assert subject.notifier.find_post("C1", "m1", LONG_AGO) == NotFound()
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_server_error_is_in_doubt(subject: Subject, status: int) -> None:
+    subject.script.server_error("C1", status)
+    outcome = subject.notifier.post(request("m1"))
+    assert isinstance(outcome, Unavailable)
+    assert outcome.in_doubt is True
+    assert str(status) in outcome.error
+
+
+def test_timeout_after_the_post_is_in_doubt_and_found(subject: Subject) -> None:
+    subject.script.store_then_timeout("C1")
+    outcome = subject.notifier.post(request("m1"))
+    assert isinstance(outcome, Unavailable) and outcome.in_doubt is True
+    assert isinstance(subject.notifier.find_post("C1", "m1", LONG_AGO), Found)
+
+
+def test_history_unavailable(subject: Subject) -> None:
+    subject.script.history_unavailable("C1")
+    outcome = subject.notifier.find_post("C1", "m1", LONG_AGO)
+    assert isinstance(outcome, Unavailable)
+
+
+# -- slack-sdk specifics -----------------------------------------------------------------------
+
+
+def test_connection_refused_is_not_in_doubt() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    web = SlackWebNotifier(TOKEN, base_url=f"http://127.0.0.1:{port}/api/", timeout_s=1)
+    outcome = web.post(request("m1"))
+    assert isinstance(outcome, Unavailable)
+    assert outcome.in_doubt is False
+    assert isinstance(web.check_auth(), Unavailable)
+
+
+def test_slack_sdk_does_not_retry_by_itself(fake: FakeSlack) -> None:
+    web = SlackWebNotifier(TOKEN, base_url=fake.base_url, timeout_s=1)
+    fake.rate_limit("C1", retry_after_s=0)
+    assert web.post(request("m1")) == RateLimited(0)
+    fake.server_error("C1", status=500)
+    assert isinstance(web.post(request("m1")), Unavailable)
+    assert len(fake.calls("chat.postMessage")) == 2
+    assert fake.posts() == []
+
+
+def test_post_carries_blocks_text_and_metadata(fake: FakeSlack) -> None:
+    web = SlackWebNotifier(TOKEN, base_url=fake.base_url)
+    web.post(request("m1", channel="U777"))
+    [stored] = fake.posts()
+    assert stored.channel == "U777"
+    assert stored.text == "alert m1"
+    assert stored.blocks == request("m1").blocks
+    assert stored.metadata == {
+        "event_type": "field_alert",
+        "event_payload": {"message_id": "m1", "pipeline": "p1"},
+    }
+
+
+def test_user_id_history_falls_back_when_the_dm_cannot_be_opened(fake: FakeSlack) -> None:
+    web = SlackWebNotifier(TOKEN, base_url=fake.base_url)
+    posted = web.post(request("m1", channel="U777"))
+    assert isinstance(posted, Posted)
+    fresh = SlackWebNotifier(TOKEN, base_url=fake.base_url)  # knows no DM channel yet
+    assert fresh.find_post("U777", "m1", LONG_AGO) == Found(posted.ts)
+    # the fake has no conversations.open: it answered unknown_method and the user id was used
+    assert [c.method for c in fake.calls()][-2:] == ["conversations.open", "conversations.history"]
+
+
+def test_history_pages_and_its_limit(fake: FakeSlack) -> None:
+    web = SlackWebNotifier(TOKEN, base_url=fake.base_url, history_limit=2, history_max_pages=3)
+    first = web.post(request("m0"))
+    for i in range(1, 5):
+        web.post(request(f"m{i}"))
+    assert isinstance(first, Posted)
+    assert web.find_post("C1", "m0", LONG_AGO) == Found(first.ts)
+    short = SlackWebNotifier(TOKEN, base_url=fake.base_url, history_limit=2, history_max_pages=2)
+    assert short.find_post("C1", "m0", LONG_AGO) == Rejected("history_window_exceeded")
+    assert short.find_post("C1", "m9", LONG_AGO) == Rejected("history_window_exceeded")
+    assert web.find_post("C1", "m9", LONG_AGO) == NotFound()
+
+
+def test_check_auth(fake: FakeSlack) -> None:
+    assert SlackWebNotifier(TOKEN, base_url=fake.base_url).check_auth() is None
+    wrong = SlackWebNotifier("xoxb-wrong", base_url=fake.base_url)
+    assert wrong.check_auth() == Rejected("invalid_auth")
+
+
+def test_dry_run_logs_a_rendering(caplog: pytest.LogCaptureFixture) -> None:
+    dry = DryRunNotifier()
+    with caplog.at_level(logging.INFO, logger="services.notifier.slack"):
+        assert dry.post(request("m1", channel="U9")) == Rendered()
+    [record] = caplog.records
+    assert record.getMessage() == "dry-run, not posted:\nto U9 (p1, m1)\ntext: alert m1\n*m1*"
+    assert dry.find_post("U9", "m1", LONG_AGO) == NotFound()
+    assert dry.check_auth() is None
+    assert dry.dry_run is True

@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 lint: install
-	$(VENV)/bin/ruff check libs services tests
-	$(VENV)/bin/ruff format --check libs services tests
+	$(VENV)/bin/ruff check libs services tests deploy
+	$(VENV)/bin/ruff format --check libs services tests deploy
 
 typecheck: install
 	$(VENV)/bin/mypy
@@ -25,11 +25,15 @@ typecheck: install
 test: install lint typecheck
 	$(PY) -m pytest tests -m "not perf"
 
+# The main job on embedded defaults; Ctrl-C stops everything it started.
+demo: install
+	$(PY) deploy/local/demo.py $(DEMO_ARGS)
+
 test-unit: install
 	$(PY) -m pytest tests/unit
 
 bench: install
-	$(PY) -m pytest tests/perf -m perf -s -p no:timeout
+	$(PY) -m pytest tests/perf -m perf -s --timeout=0
 
 stack-up:
 	deploy/local/stack.sh up

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,19 +74,32 @@ def _check_cleanup_policies(admin: AdminClient, specs: list[TopicSpec], timeout_
     resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in specs]
     if not resources:
         return
-    futures = admin.describe_configs(resources, request_timeout=timeout_s)
     by_name = {s.name: s for s in specs}
-    for resource, fut in futures.items():
-        try:
-            entries = fut.result(timeout=timeout_s)
-        except KafkaException as exc:
-            raise TopicError(f"cannot describe topic {resource.name}: {exc}") from exc
+    for resource in resources:
+        entries = _describe_with_retry(admin, resource, timeout_s)
         actual = entries["cleanup.policy"].value if "cleanup.policy" in entries else "delete"
         wanted = by_name[resource.name].topic_config()["cleanup.policy"]
         if set(actual.split(",")) != set(wanted.split(",")):
             raise TopicError(
                 f"topic {resource.name} has cleanup.policy={actual}, expected {wanted}"
             )
+
+
+def _describe_with_retry(
+    admin: AdminClient, resource: ConfigResource, timeout_s: float
+) -> dict[str, Any]:
+    # A topic created a moment ago may not have reached every broker's metadata yet:
+    # UNKNOWN_TOPIC_OR_PART then only means "not yet", until the deadline.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        fut = admin.describe_configs([resource], request_timeout=timeout_s)[resource]
+        try:
+            return dict(fut.result(timeout=timeout_s))
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.code() != KafkaError.UNKNOWN_TOPIC_OR_PART or time.monotonic() > deadline:
+                raise TopicError(f"cannot describe topic {resource.name}: {err.str()}") from exc
+            time.sleep(0.2)
 
 
 def describe_cleanup_policy(client_config: dict[str, Any], topic: str) -> str:

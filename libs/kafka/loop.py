@@ -332,7 +332,12 @@ class ProcessingLoop:
             self._paused_until = None
         if self._on_idle is not None:
             self._on_idle()
-        msgs = self._consumer.consume(self.config.batch_size, self.config.poll_timeout_s)
+        # Wait for the first record only, then take whatever else is already fetched:
+        # consume(n, timeout) would hold a partial batch for the whole timeout at low rates.
+        first = self._consumer.poll(self.config.poll_timeout_s)
+        msgs = (
+            [] if first is None else [first, *self._consumer.consume(self.config.batch_size - 1, 0)]
+        )
         for i, msg in enumerate(msgs):
             err = msg.error()
             if err is not None:

@@ -126,7 +126,8 @@ class GlobalTable(Generic[V]):
         self._db: Rdict | None = None
         self._consumer: Consumer | None = None
         self._write_opts = WriteOptions()
-        self._write_opts.disable_wal = True
+        # a property at run time, though rocksdict's stubs declare a method
+        self._write_opts.disable_wal = True  # type: ignore[method-assign,assignment]
         self._lock = threading.RLock()
         self._offsets: dict[int, int] = {}
         self._targets: dict[int, int] = {}

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from pydantic import ValidationError
@@ -34,7 +35,8 @@ def env_help(*models: type[BaseSettings]) -> str:
             elif "secret" in str(field.annotation).lower():
                 default = "secret, unset"
             else:
-                default = f"default {field.default!r}"
+                value = field.default
+                default = f"default {str(value) if isinstance(value, Path) else value!r}"
             doc = f"  {field.description}" if field.description else ""
             lines.append(f"  {env:<40} {default}{doc}")
     return "\n".join(lines)

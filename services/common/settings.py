@@ -20,17 +20,28 @@ class CommonSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
 
-    kafka_bootstrap_servers: str = Field(min_length=1)
-    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
-    kafka_sasl_mechanism: str = "PLAIN"
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: SecretStr | None = None
-    kafka_ssl_ca_location: str | None = None
-    schema_registry_url: str = Field(min_length=1)
-    schema_registry_basic_auth_user_info: SecretStr | None = None
-    metrics_port: int = Field(default=8080, ge=0, le=65535)
+    kafka_bootstrap_servers: str = Field(min_length=1, description="host:port[,host:port]")
+    kafka_security_protocol: SecurityProtocol = Field(
+        default="PLAINTEXT",
+        description="PLAINTEXT, SASL_SSL (Confluent Cloud), SASL_PLAINTEXT, SSL",
+    )
+    kafka_sasl_mechanism: str = Field(default="PLAIN", description="PLAIN, SCRAM-SHA-512, ...")
+    kafka_sasl_username: str | None = Field(default=None, description="API key with SASL")
+    kafka_sasl_password: SecretStr | None = Field(default=None, description="API secret")
+    kafka_ssl_ca_location: str | None = Field(
+        default=None, description="CA bundle for TLS (system CAs when unset)"
+    )
+    schema_registry_url: str = Field(
+        min_length=1, description="Confluent-compatible API (Apicurio: .../apis/ccompat/v7)"
+    )
+    schema_registry_basic_auth_user_info: SecretStr | None = Field(
+        default=None, description="key:secret for the registry"
+    )
+    metrics_port: int = Field(
+        default=8080, ge=0, le=65535, description="/metrics, /healthz, /readyz; 0 disables"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["json", "text"] = "json"
+    log_format: Literal["json", "text"] = Field(default="json", description="json or text")
 
     def kafka(self, client_id: str) -> KafkaSettings:
         """The library model for client configs."""
@@ -64,8 +75,10 @@ class TopicSettings(BaseSettings):
     slack_messages: str = "slack-messages"
     slack_message_receipts: str = "slack-message-receipts"
     producer_cursors: str = "producer-cursors"
-    partitions: int = Field(default=6, ge=1)
-    replication_factor: int = Field(default=3, ge=1)
+    partitions: int = Field(default=6, ge=1, description="partitions of topics the project creates")
+    replication_factor: int = Field(
+        default=3, ge=1, description="replicas of topics the project creates (local stack: 1)"
+    )
 
     def spec(
         self, name: str, *, compacted: bool = False, partitions: int | None = None

@@ -1,0 +1,1465 @@
+"""End-to-end harness: producer, enricher and notifier as real processes, a stream, an audit.
+
+What a scenario does (``World``):
+
+1. fresh names for every topic (``TOPIC_<NAME>`` overrides), consumer group, transactional id
+   and state directory, so scenarios never see each other's data on a shared broker;
+2. a ``FakeSlack`` of its own with a fresh bot token, lookup tables seeded with a small
+   directory of orgs and account-team owners (some without a Slack user, one without an
+   owner, one whose Slack channel is gone), and an empty DuckDB warehouse;
+3. the three services started as processes (``ServiceProcess``: logs captured per run,
+   readiness from ``/readyz`` on its ``METRICS_PORT``, ``kill -9``, SIGTERM, restart), kept
+   alive by a ``Fleet`` that does what Kubernetes would (restart a service that exits on its
+   own; probe ``/healthz`` like the manifests' liveness probe and restart a wedged one) and
+   records each such event: scenarios without an injected fault allow none;
+4. a stream (``StreamSpec``): connector status changes produced over time, onboarding rows
+   whose timestamps spread over the stream (the producer sees each row once the clock passes
+   it), poison records on every input topic, plus whatever faults the scenario injects;
+5. the audit (``Audit``): every input has an expected outcome computed from the directory
+   (the oracle): delivered (one post in the owner's DM and a DELIVERED receipt), filtered (no
+   message at all), dead-lettered (its record in the right ``.dlq`` topic) or missed (a join
+   miss: one post in the fallback channel saying why). The audit waits until every outcome
+   is observed, lets the pipeline settle, stops the services gracefully, then counts: inputs,
+   delivered, filtered, dead-lettered, missed, duplicate Slack posts (posts per ``message_id``
+   from the Slack message metadata) and lost inputs; it also checks that the enricher and
+   the producer wrote no record twice (their exactly-once promise) and that no secret
+   (Slack token, registry credentials, SASL password) appears in any captured log.
+
+Every report goes to ``SUMMARY``; ``tests/e2e/conftest.py`` prints the table at the end of
+the session and writes it to ``summary_path()``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from random import Random
+from typing import Any, Literal
+
+import duckdb
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+from libs.kafka import KafkaSettings, TopicError, ensure_topics
+from libs.serde import (
+    AvroDeserializer,
+    AvroSerializer,
+    ConfluentSchemaRegistry,
+    ConnectorStatusChanged,
+    CsdrAssignment,
+    DeserializationError,
+    OnboardingStarted,
+    SchemaRegistry,
+    SlackDeliveryReceipt,
+    SlackMessage,
+    SlackUser,
+)
+from services.common.settings import TopicSettings
+from services.enricher.core import message_id
+from services.enricher.pipelines.connector_provisioning_failed import NAME as CONNECTOR_PIPELINE
+from services.enricher.pipelines.onboarding_started import NAME as ONBOARDING_PIPELINE
+from services.producer.core import event_id as row_event_id
+from services.producer.queries import ONBOARDING_STARTED
+from tests.support.fake_slack import FakeSlack, StoredMessage
+from tests.support.kafka import unique
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("producer", "enricher", "notifier")
+FALLBACK_CHANNEL = "#e2e-fallback"
+#: the Slack user id of an owner whose DM Slack refuses (``channel_not_found``)
+GONE_CHANNEL = "U0E2EGONE"
+#: a schema id no registry has: a Confluent-framed value nobody can decode
+UNKNOWN_SCHEMA_ID = 2_000_000_000
+
+Outcome = Literal["delivered", "filtered", "dead_lettered", "missed"]
+
+# -- the directory the lookup tables hold ------------------------------------------------------
+
+#: owner e-mail as the assignment has it -> (name, Slack user id or None)
+OWNERS: dict[str, tuple[str, str | None]] = {
+    "ana.silva@example.com": ("Ana Silva", "U0E2EANA"),
+    "Bo.Chen@Example.com": ("Bo Chen", "U0E2EBO"),  # mixed case: the join lower-cases it
+    "dana.kim@example.com": ("Dana Kim", "U0E2EDANA"),
+    "raj.patel@example.com": ("Raj Patel", None),  # no Slack user: no_slack_user
+    "gone.user@example.com": ("Gone User", GONE_CHANNEL),
+}
+_DM_OWNERS = ["ana.silva@example.com", "Bo.Chen@Example.com", "dana.kim@example.com"]
+#: org id -> (org name, owner e-mail or None)
+ORGS: dict[str, tuple[str, str | None]] = {
+    **{f"org-{i:02d}": (f"Customer {i:02d}", _DM_OWNERS[i % 3]) for i in range(9)},
+    "org-09": ("Customer 09", "raj.patel@example.com"),
+    "org-10": ("Customer 10", "gone.user@example.com"),
+    "org-11": ("Customer 11", None),  # no owner: no_owner
+}
+ORG_IDS = sorted(ORGS)
+
+#: what a fallback post says for each miss reason (services/enricher/core.py)
+MISS_TEXT = {"no_owner": "No account-team owner found", "no_slack_user": "No Slack user found"}
+
+
+#: every channel a message can be delivered to (Slack refuses ``GONE_CHANNEL``)
+DELIVERABLE_CHANNELS = [u for _, u in OWNERS.values() if u and u != GONE_CHANNEL] + [
+    FALLBACK_CHANNEL
+]
+
+
+def route_of(
+    org_id: str, orgs: Mapping[str, tuple[str, str | None]] = ORGS
+) -> tuple[Outcome, str, str]:
+    """(outcome, channel, reason) of a kept event of ``org_id``, from the directory."""
+    _, owner = orgs[org_id]
+    if owner is None:
+        return "missed", FALLBACK_CHANNEL, "no_owner"
+    _, user = OWNERS[owner]
+    if user is None:
+        return "missed", FALLBACK_CHANNEL, "no_slack_user"
+    if user == GONE_CHANNEL:
+        return "dead_lettered", GONE_CHANNEL, "channel_not_found"
+    return "delivered", user, "dm"
+
+
+# -- small utilities ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def summary_path() -> Path:
+    """Where the summary table is written (``E2E_SUMMARY_FILE`` overrides)."""
+    return Path(os.environ.get("E2E_SUMMARY_FILE", Path(tempfile.gettempdir()) / "e2e-summary.txt"))
+
+
+def unknown_schema_value() -> bytes:
+    """Confluent wire format whose schema id is not in the registry."""
+    return struct.pack(">bI", 0, UNKNOWN_SCHEMA_ID) + b"\x02\x04abc"
+
+
+def client_config(bootstrap: str) -> dict[str, Any]:
+    """Config of the harness's own clients (the plain listener)."""
+    return {"bootstrap.servers": bootstrap}
+
+
+def raw_producer(bootstrap: str, **extra: Any) -> Producer:
+    """An idempotent producer for seeding and the stream."""
+    return Producer(
+        {
+            **client_config(bootstrap),
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            "log_level": 3,
+            **extra,
+        }
+    )
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Exit:
+    """A service run that ended on its own, or that its liveness probe had killed (not a
+    kill or stop of the scenario)."""
+
+    service: str
+    code: int
+    after_s: float
+    error: str
+    by_liveness_probe: bool = False
+
+    def describe(self) -> str:
+        how = (
+            "was killed by its liveness probe"
+            if self.by_liveness_probe
+            else f"exited {self.code} by itself"
+        )
+        return f"{self.service} {how} at +{self.after_s}s: {self.error[:300]}"
+
+
+class ServiceProcess:
+    """One service (``python -m services.<name>``) across its runs; a log file per run."""
+
+    def __init__(self, name: str, env: Mapping[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.metrics_port = free_port()
+        self.env = {**env, "METRICS_PORT": str(self.metrics_port)}
+        self.log_dir = log_dir
+        self.log_files: list[Path] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        #: True while the harness wants the process down (killed, stopping, stopped)
+        self.held_down = True
+
+    # -- running -----------------------------------------------------------------------------
+    def start(self, **overrides: str) -> None:
+        """Start a new run (the previous one must have ended)."""
+        assert self.proc is None or self.proc.poll() is not None, f"{self.name} is running"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        path = self.log_dir / f"{self.name}-{len(self.log_files) + 1}.log"
+        self.log_files.append(path)
+        env = {**self.env, **overrides}
+        with path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", f"services.{self.name}"],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.started_at = time.monotonic()
+        self.held_down = False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def kill9(self) -> None:
+        """``kill -9``: no handler runs, nothing is flushed."""
+        self.held_down = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def terminate(self, timeout_s: float = 60.0, *, signalled: bool = False) -> int:
+        """SIGTERM (once: a second one forces the default action) and wait; SIGKILL after
+        ``timeout_s``. Returns the exit code."""
+        self.held_down = True
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            if not signalled:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGKILL)
+                self.proc.wait(30)
+                return -int(signal.SIGKILL)
+        return int(self.proc.returncode)
+
+    # -- observing ---------------------------------------------------------------------------
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=2
+            ) as resp:
+                return int(resp.status) == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def healthy(self) -> tuple[bool, str]:
+        """The liveness probe: False only for an answer that says unhealthy (a process that
+        is not listening yet is starting, not dead)."""
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=3
+            ) as resp:
+                return int(resp.status) == 200, ""
+        except urllib.error.HTTPError as exc:
+            return False, f"HTTP {exc.code}: {exc.read().decode(errors='replace')[:200]}"
+        except (OSError, urllib.error.URLError):
+            return True, ""
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as resp:
+            return str(resp.read().decode())
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels``."""
+        total = 0.0
+        for line in self.metrics_text().splitlines():
+            if not (line.startswith(name + "{") or line.startswith(name + " ")):
+                continue
+            head, _, value = line.rpartition(" ")
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def log_text(self, run: int = -1) -> str:
+        if not self.log_files:
+            return ""
+        path = self.log_files[run]
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def log_records(self, run: int = -1) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_text(run).splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(line))
+        return out
+
+    def error_line(self, run: int = -1) -> str:
+        """The last ERROR/CRITICAL log line of a run (message and exception), else its tail."""
+        for rec in reversed(self.log_records(run)):
+            if rec.get("level") in ("ERROR", "CRITICAL"):
+                exc = str(rec.get("exc", "")).strip().splitlines()
+                return f"{rec.get('msg')} | {exc[-1] if exc else rec.get('error', '')}"
+        return self.log_text(run)[-300:].strip()
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log_text()[-chars:]
+
+
+#: the liveness probe of deploy/k8s/base/*.yaml: every 10 s, restart after 3 failures in a row
+LIVENESS_PERIOD_S = 10.0
+LIVENESS_FAILURES = 3
+
+
+class Fleet:
+    """The services of a scenario, supervised the way Kubernetes would: a run that ends by
+    itself is recorded and, with ``restart_on_exit``, restarted after ``restart_delay_s``; a
+    run whose ``/healthz`` answers unhealthy ``LIVENESS_FAILURES`` times in a row (probed every
+    ``LIVENESS_PERIOD_S``) is recorded, killed and restarted."""
+
+    def __init__(
+        self,
+        services: Mapping[str, ServiceProcess],
+        *,
+        restart_on_exit: bool = True,
+        restart_delay_s: float = 1.0,
+    ) -> None:
+        self.services = dict(services)
+        self.restart_on_exit = restart_on_exit
+        self.restart_delay_s = restart_delay_s
+        self.exits: list[Exit] = []
+        self._restart_at: dict[str, float] = {}
+        self._next_probe: dict[str, float] = {}
+        self._probe_failures: dict[str, list[str]] = {}
+        self.t0 = time.monotonic()
+
+    def __getitem__(self, name: str) -> ServiceProcess:
+        return self.services[name]
+
+    def start(self, *names: str) -> None:
+        for name in names or tuple(self.services):
+            self.services[name].start()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for name, svc in self.services.items():
+            if svc.held_down or svc.proc is None:
+                continue
+            code = svc.proc.poll()
+            if code is None:
+                self._probe(name, svc, now)
+                continue
+            if name not in self._restart_at:
+                self.exits.append(Exit(name, code, round(now - self.t0, 1), svc.error_line()))
+                self._restart_at[name] = now + self.restart_delay_s
+            if self.restart_on_exit and now >= self._restart_at[name]:
+                del self._restart_at[name]
+                svc.start()
+
+    def _probe(self, name: str, svc: ServiceProcess, now: float) -> None:
+        if now < self._next_probe.get(name, 0.0):
+            return
+        self._next_probe[name] = now + LIVENESS_PERIOD_S
+        healthy, detail = svc.healthy()
+        failures = self._probe_failures.setdefault(name, [])
+        if healthy:
+            failures.clear()
+            return
+        failures.append(detail)
+        if len(failures) < LIVENESS_FAILURES:
+            return
+        failures.clear()
+        svc.kill9()
+        self.exits.append(Exit(name, -9, round(now - self.t0, 1), detail, by_liveness_probe=True))
+        if self.restart_on_exit:
+            svc.start()
+
+    def sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            self.tick()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(0.1, left))
+
+    def wait_for(self, predicate: Callable[[], object], timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            self.tick()
+            if time.monotonic() > deadline:
+                tails = "\n".join(
+                    f"--- {n} (run {len(s.log_files)}):\n{s.tail(1500)}"
+                    for n, s in self.services.items()
+                )
+                raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n{tails}")
+            time.sleep(0.2)
+
+    def wait_ready(self, *names: str, timeout_s: float = 120.0) -> None:
+        wanted = [self.services[n] for n in names or tuple(self.services)]
+        self.wait_for(
+            lambda: all(s.ready() for s in wanted),
+            timeout_s,
+            "readiness of " + ", ".join(s.name for s in wanted),
+        )
+
+    def kill9(self, name: str, *, restart: bool = True) -> None:
+        svc = self.services[name]
+        svc.kill9()
+        self._restart_at.pop(name, None)
+        if restart:
+            svc.start()
+
+    def stop_all(self, timeout_s: float = 60.0) -> dict[str, int]:
+        """SIGTERM every running service (in parallel) and wait; exit codes by service."""
+        self._restart_at.clear()
+        running = [s for s in self.services.values() if s.alive()]
+        for svc in running:
+            svc.held_down = True
+            assert svc.proc is not None
+            svc.proc.send_signal(signal.SIGTERM)
+        return {s.name: s.terminate(timeout_s, signalled=True) for s in running}
+
+    def kill_all(self) -> None:
+        for svc in self.services.values():
+            svc.kill9()
+
+
+# -- a TCP proxy: a dependency that can vanish and come back on the same address --------------
+
+
+class TcpProxy:
+    """Forwards ``127.0.0.1:<port>`` to ``target``; ``down()`` refuses connections (and cuts
+    the open ones) until ``up()`` listens again on the same port."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        t = threading.Thread(target=self._accept, args=(listener,), daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def down(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+        for t in self._threads:
+            t.join(5)
+        self._threads = []
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._conns.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            # both directions end together; close() is idempotent, the other pump's is a no-op
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            with self._lock:
+                self._conns.discard(src)
+                self._conns.discard(dst)
+
+
+# -- reading topics back -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rec:
+    """A record as read back."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+
+
+class Follower:
+    """Reads topics from their beginning (``read_committed``) and keeps every record."""
+
+    def __init__(self, bootstrap: str, topics: Iterable[str]) -> None:
+        self.records: dict[str, list[Rec]] = {}
+        self._consumer = Consumer(
+            {
+                **client_config(bootstrap),
+                "group.id": unique("e2e-follower"),
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+                "log_level": 3,
+            }
+        )
+        parts = []
+        for topic in topics:
+            self.records[topic] = []
+            parts += [TopicPartition(topic, p, -2) for p in self._partitions(topic)]
+        self._consumer.assign(parts)
+
+    def _partitions(self, topic: str, timeout_s: float = 30.0) -> list[int]:
+        # a topic created a moment ago may not be in the metadata with its partitions yet
+        deadline = time.monotonic() + timeout_s
+        while True:
+            meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is not None and meta.error is None and meta.partitions:
+                return sorted(meta.partitions)
+            assert time.monotonic() < deadline, f"topic {topic} has no partitions"
+            time.sleep(0.2)
+
+    def poll(self, max_s: float = 1.0) -> None:
+        """Read whatever is available (at most ``max_s`` of reading)."""
+        deadline = time.monotonic() + max_s
+        while time.monotonic() < deadline:
+            msgs = self._consumer.consume(1000, 0.05)
+            if not msgs:
+                return
+            for m in msgs:
+                if m.error() is not None:
+                    continue
+                topic = str(m.topic())
+                headers = {k: (v or b"") for k, v in (m.headers() or [])}
+                self.records[topic].append(
+                    Rec(
+                        topic,
+                        int(m.partition() or 0),
+                        int(m.offset() or 0),
+                        m.key(),
+                        m.value(),
+                        headers,
+                    )
+                )
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+# -- topics ------------------------------------------------------------------------------------
+
+
+def scenario_topics(tag: str) -> TopicSettings:
+    """Every CONTRACT topic under a fresh name."""
+    return TopicSettings(
+        data_notifications_pipeline=f"{tag}.data-notifications-pipeline",
+        onboarding_events=f"{tag}.onboarding-events",
+        data_csdr_assignment=f"{tag}.data-csdr-assignment",
+        data_slack_users=f"{tag}.data-slack-users",
+        slack_messages=f"{tag}.slack-messages",
+        slack_message_receipts=f"{tag}.slack-message-receipts",
+        producer_cursors=f"{tag}.producer-cursors",
+        partitions=3,
+        replication_factor=1,
+    )
+
+
+def topic_env(topics: TopicSettings) -> dict[str, str]:
+    names = topics.model_dump(exclude={"partitions", "replication_factor"})
+    env = {f"TOPIC_{k.upper()}": str(v) for k, v in names.items()}
+    env["TOPIC_PARTITIONS"] = str(topics.partitions)
+    env["TOPIC_REPLICATION_FACTOR"] = str(topics.replication_factor)
+    return env
+
+
+def create_all_topics(bootstrap: str, topics: TopicSettings, attempts: int = 10) -> None:
+    """Create every topic of a scenario (and its dead-letter topics)."""
+    config = KafkaSettings(bootstrap_servers=bootstrap).client_config()
+    for attempt in range(1, attempts + 1):
+        try:
+            ensure_topics(config, topics.all_specs())
+            return
+        except TopicError as exc:
+            # describing a topic right after creating it may answer UNKNOWN_TOPIC_OR_PART
+            if attempt == attempts or "UNKNOWN_TOPIC" not in str(exc):
+                raise
+            time.sleep(0.5)
+
+
+# -- expectations and the audit ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Expect:
+    """One input and the outcome the directory predicts for it."""
+
+    input: str
+    outcome: Outcome
+    reason: str = ""
+    event_id: str | None = None
+    message_id: str | None = None
+    channel: str | None = None
+    #: dead letters: the topic and the key the record has there
+    dlq_topic: str | None = None
+    dlq_key: bytes | None = None
+
+
+@dataclass
+class Report:
+    """One row of the summary table, plus what went wrong."""
+
+    scenario: str
+    inputs: int = 0
+    delivered: int = 0
+    filtered: int = 0
+    dead_lettered: int = 0
+    missed: int = 0
+    duplicates: int = 0
+    lost: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def assert_ok(self) -> None:
+        assert not self.problems, f"{self.scenario}: " + "\n".join(self.problems[:30])
+        assert self.lost == 0 and self.duplicates == 0, self
+
+
+SUMMARY: list[Report] = []
+
+COLUMNS = (
+    "scenario",
+    "inputs",
+    "delivered",
+    "filtered",
+    "dead-lettered",
+    "missed",
+    "duplicates",
+    "lost",
+    "seconds",
+)
+
+
+def format_summary(reports: Sequence[Report]) -> str:
+    """The summary table (plain text), with each scenario's notes below it."""
+    rows = [
+        [
+            r.scenario,
+            str(r.inputs),
+            str(r.delivered),
+            str(r.filtered),
+            str(r.dead_lettered),
+            str(r.missed),
+            str(r.duplicates),
+            str(r.lost),
+            f"{r.seconds:.0f}",
+        ]
+        for r in reports
+    ]
+    totals = [
+        "TOTAL",
+        *(
+            str(sum(getattr(r, f) for r in reports))
+            for f in ("inputs", "delivered", "filtered", "dead_lettered", "missed")
+        ),
+        str(sum(r.duplicates for r in reports)),
+        str(sum(r.lost for r in reports)),
+        f"{sum(r.seconds for r in reports):.0f}",
+    ]
+    widths = [max(len(c), *(len(row[i]) for row in [*rows, totals])) for i, c in enumerate(COLUMNS)]
+
+    def line(cells: Sequence[str]) -> str:
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
+
+    out = [line(COLUMNS), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    out += [line(["-" * w for w in widths]), line(totals)]
+    noted = [r for r in reports if r.notes or r.problems]
+    if noted:
+        out.append("")
+        for r in noted:
+            for n in r.notes:
+                out.append(f"{r.scenario}: {n}")
+            for p in r.problems[:10]:
+                out.append(f"{r.scenario}: PROBLEM {p}")
+    return "\n".join(out)
+
+
+@dataclass
+class Observed:
+    """What the pipeline did, as seen in Slack and on the topics."""
+
+    posts: dict[str, list[StoredMessage]]
+    receipts: dict[str, list[str]]
+    messages: Counter[str]
+    message_events: dict[str, str]
+    dlq_keys: dict[str, Counter[bytes | None]]
+    dlq_message_ids: Counter[str]
+    onboarding_event_ids: Counter[str]
+    unparsed_posts: int
+
+    def duplicates(self) -> int:
+        return sum(len(p) - 1 for p in self.posts.values() if len(p) > 1)
+
+
+class Audit:
+    """Expected outcomes, and what the pipeline did with them."""
+
+    def __init__(self, registry: SchemaRegistry) -> None:
+        self.expects: list[Expect] = []
+        reg = registry
+        self._dec_message = AvroDeserializer(reg, SlackMessage)
+        self._dec_receipt = AvroDeserializer(reg, SlackDeliveryReceipt)
+        self._dec_onboarding = AvroDeserializer(reg, OnboardingStarted)
+
+    def add(self, expect: Expect) -> None:
+        self.expects.append(expect)
+
+    # -- observing ---------------------------------------------------------------------------
+    def observe(self, w: World) -> Observed:
+        w.follower.poll(2.0)
+        t = w.topics
+        posts: dict[str, list[StoredMessage]] = {}
+        unparsed = 0
+        for p in w.slack.posts():
+            payload = (p.metadata or {}).get("event_payload") or {}
+            mid = payload.get("message_id") if isinstance(payload, dict) else None
+            if not isinstance(mid, str):
+                unparsed += 1
+                continue
+            posts.setdefault(mid, []).append(p)
+        receipts: dict[str, list[str]] = {}
+        for r in w.follower.records[t.slack_message_receipts]:
+            if r.value is None:
+                continue
+            rec = self._dec_receipt(r.value, topic=r.topic, partition=r.partition, offset=r.offset)
+            receipts.setdefault(rec.message_id, []).append(rec.status)
+        messages: Counter[str] = Counter()
+        message_events: dict[str, str] = {}
+        for r in w.follower.records[t.slack_messages]:
+            try:
+                m = self._dec_message(
+                    r.value, topic=r.topic, partition=r.partition, offset=r.offset
+                )
+            except DeserializationError:
+                continue  # the poison we put there ourselves
+            messages[m.message_id] += 1
+            message_events[m.message_id] = m.source_event_id
+        dlq_keys: dict[str, Counter[bytes | None]] = {}
+        dlq_mids: Counter[str] = Counter()
+        for topic in w.dlq_topics:
+            dlq_keys[topic] = Counter(r.key for r in w.follower.records[topic])
+        for r in w.follower.records[t.slack_messages + ".dlq"]:
+            try:
+                m = self._dec_message(
+                    r.value, topic=r.topic, partition=r.partition, offset=r.offset
+                )
+            except DeserializationError:
+                continue
+            dlq_mids[m.message_id] += 1
+        onboarding: Counter[str] = Counter()
+        for r in w.follower.records[t.onboarding_events]:
+            try:
+                ev = self._dec_onboarding(
+                    r.value, topic=r.topic, partition=r.partition, offset=r.offset
+                )
+            except DeserializationError:
+                continue
+            onboarding[ev.event_id] += 1
+        return Observed(
+            posts, receipts, messages, message_events, dlq_keys, dlq_mids, onboarding, unparsed
+        )
+
+    def problem(self, e: Expect, obs: Observed) -> str | None:
+        """Why ``e`` is not (yet) accounted for, or None."""
+        if e.outcome in ("delivered", "missed"):
+            assert e.message_id is not None
+            posts = obs.posts.get(e.message_id, [])
+            if not posts:
+                return f"{e.input}: no Slack post of message {e.message_id} ({e.reason})"
+            channels = {p.channel for p in posts}
+            if channels != {e.channel}:
+                return f"{e.input}: posted to {sorted(channels)}, expected {e.channel}"
+            if e.outcome == "missed" and MISS_TEXT[e.reason] not in posts[0].text:
+                return f"{e.input}: fallback post does not say why ({e.reason})"
+            if "DELIVERED" not in obs.receipts.get(e.message_id, []):
+                return f"{e.input}: no DELIVERED receipt for {e.message_id}"
+            return None
+        if e.outcome == "filtered":
+            if e.event_id in obs.message_events.values():
+                return f"{e.input}: filtered event {e.event_id} produced a message"
+            return None
+        # dead-lettered
+        assert e.dlq_topic is not None
+        if e.message_id is not None:  # a message Slack refused: FAILED receipt + dead letter
+            if obs.dlq_message_ids[e.message_id] < 1:
+                return f"{e.input}: message {e.message_id} not in {e.dlq_topic}"
+            if "FAILED" not in obs.receipts.get(e.message_id, []):
+                return f"{e.input}: no FAILED receipt for {e.message_id}"
+            if obs.posts.get(e.message_id):
+                return f"{e.input}: refused message {e.message_id} is in Slack"
+            return None
+        if obs.dlq_keys[e.dlq_topic][e.dlq_key] < 1:
+            return f"{e.input}: key {e.dlq_key!r} not in {e.dlq_topic}"
+        return None
+
+    def pending(self, obs: Observed) -> list[str]:
+        return [p for e in self.expects if (p := self.problem(e, obs)) is not None]
+
+    # -- the verdict -------------------------------------------------------------------------
+    def report(self, obs: Observed, name: str) -> Report:
+        r = Report(name, inputs=len(self.expects))
+        for e in self.expects:
+            p = self.problem(e, obs)
+            if p is None:
+                setattr(r, e.outcome, getattr(r, e.outcome) + 1)
+            else:
+                r.lost += 1
+                r.problems.append("lost: " + p)
+        r.duplicates = obs.duplicates()
+        for mid, ps in obs.posts.items():
+            if len(ps) > 1:
+                r.problems.append(f"duplicate: message {mid} posted {len(ps)} times")
+        expected_mids = {e.message_id for e in self.expects if e.message_id}
+        unexpected = sorted(set(obs.posts) - expected_mids)
+        if unexpected:
+            r.problems.append(f"{len(unexpected)} posts of unexpected messages: {unexpected[:5]}")
+        if obs.unparsed_posts:
+            r.problems.append(f"{obs.unparsed_posts} posts without a message id in metadata")
+        dup_msgs = {m: n for m, n in obs.messages.items() if n > 1}
+        if dup_msgs:
+            r.problems.append(
+                f"enricher exactly-once broken: {len(dup_msgs)} message ids written more than "
+                f"once to slack-messages (read_committed): {list(dup_msgs.items())[:5]}"
+            )
+        dup_events = {m: n for m, n in obs.onboarding_event_ids.items() if n > 1}
+        if dup_events:
+            r.problems.append(
+                f"producer exactly-once broken: {len(dup_events)} event ids written more than "
+                f"once to onboarding-events: {list(dup_events.items())[:5]}"
+            )
+        extra_dlq = sum(
+            n - 1
+            for e in self.expects
+            if e.outcome == "dead_lettered" and e.message_id is None and e.dlq_topic
+            for n in [obs.dlq_keys[e.dlq_topic][e.dlq_key]]
+            if n > 1
+        ) + sum(n - 1 for n in obs.dlq_message_ids.values() if n > 1)
+        if extra_dlq:
+            r.notes.append(f"{extra_dlq} extra dead-letter copies (dead letters are at-least-once)")
+        return r
+
+
+# -- the stream --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """How much input, over how long."""
+
+    duration_s: float = 20.0
+    connectors: int = 36
+    rows: int = 24
+    poison: bool = True
+
+
+@dataclass(order=True)
+class Action:
+    at_s: float
+    label: str = field(compare=False)
+    run: Callable[[], None] = field(compare=False)
+
+
+Fault = tuple[float, str, Callable[[], None]]
+#: a warehouse row: org_id, org_name, plan, cloud, started_at
+Row = tuple[str, str, str, str | None, datetime]
+
+
+class World:
+    """One scenario's topics, fake Slack, seeded lookups, warehouse, services and audit."""
+
+    def __init__(
+        self,
+        name: str,
+        tmp: Path,
+        stack_env: Mapping[str, str],
+        *,
+        service_registry_url: str | None = None,
+        kafka_env: Mapping[str, str] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        secrets: Sequence[str] = (),
+        restart_on_exit: bool = True,
+    ) -> None:
+        self.name = name
+        self.tmp = tmp
+        self.started = time.monotonic()
+        self.tag = unique(f"e2e-{name}")
+        self.bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+        self.registry_url = stack_env["SCHEMA_REGISTRY_URL"]
+        self.topics = scenario_topics(self.tag)
+        self.dlq_topics = [
+            f"{t}.dlq"
+            for t in (
+                self.topics.data_notifications_pipeline,
+                self.topics.onboarding_events,
+                self.topics.data_csdr_assignment,
+                self.topics.data_slack_users,
+                self.topics.slack_messages,
+            )
+        ]
+        self.token = f"xoxb-e2e-{unique('token')}"
+        registry_secret = unique("registry-secret")
+        self.registry_user_info = f"e2e-user:{registry_secret}"
+        self.secrets = [
+            self.token,
+            registry_secret,
+            base64.b64encode(self.registry_user_info.encode()).decode(),
+            *secrets,
+        ]
+        self._cleanup = contextlib.ExitStack()
+        try:
+            self._setup(stack_env, service_registry_url, kafka_env, extra_env, restart_on_exit)
+        except BaseException:
+            self._cleanup.close()
+            raise
+
+    def _setup(
+        self,
+        stack_env: Mapping[str, str],
+        service_registry_url: str | None,
+        kafka_env: Mapping[str, str] | None,
+        extra_env: Mapping[str, str] | None,
+        restart_on_exit: bool,
+    ) -> None:
+        tmp = self.tmp
+        self.slack = FakeSlack(token=self.token).start()
+        self._cleanup.callback(self.slack.stop)
+        self.slack.slack_error(GONE_CHANNEL, "channel_not_found", times=None)
+        self.test_registry = ConfluentSchemaRegistry(self.registry_url)
+        self._cleanup.callback(self.test_registry.close)
+        create_all_topics(self.bootstrap, self.topics)
+        self.follower = Follower(
+            self.bootstrap,
+            [
+                self.topics.slack_messages,
+                self.topics.slack_message_receipts,
+                self.topics.onboarding_events,
+                *self.dlq_topics,
+            ],
+        )
+        self._cleanup.callback(self.follower.close)
+        self.producer = raw_producer(self.bootstrap)
+        self._cleanup.callback(self.producer.flush, 10)
+        self.warehouse = tmp / "warehouse.duckdb"
+        self.audit = Audit(self.test_registry)
+        self.orgs = dict(ORGS)
+        self.rows: list[Row] = []
+        self._seq = 0
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(
+                ("TOPIC_", "ENRICHER_", "NOTIFIER_", "PRODUCER_", "KAFKA_", "SCHEMA_REGISTRY_")
+            )
+        }
+        env.update(stack_env)
+        env.update(topic_env(self.topics))
+        env.update(
+            {
+                "SCHEMA_REGISTRY_URL": service_registry_url or self.registry_url,
+                "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO": self.registry_user_info,
+                "LOG_FORMAT": "json",
+                "LOG_LEVEL": "INFO",
+                # producer: every row once the clock passes its timestamp, small transactions
+                "PRODUCER_WAREHOUSE": f"duckdb:///{self.warehouse}",
+                "PRODUCER_DELAY_S": "0",
+                "PRODUCER_POLL_INTERVAL_S": "0.5",
+                "PRODUCER_BATCH_SIZE": "4",
+                "PRODUCER_RETRY_INITIAL_S": "0.5",
+                "PRODUCER_RETRY_MAX_S": "2",
+                "PRODUCER_TRANSACTIONAL_ID": f"{self.tag}-producer",
+                # enricher
+                "ENRICHER_GROUP_ID": f"{self.tag}-enricher",
+                "ENRICHER_TRANSACTIONAL_ID": f"{self.tag}-enricher",
+                "ENRICHER_STATE_DIR": str(tmp / "state" / "enricher"),
+                "ENRICHER_FALLBACK_CHANNEL": FALLBACK_CHANNEL,
+                "ENRICHER_SESSION_TIMEOUT_MS": "6000",
+                # notifier
+                "NOTIFIER_GROUP_ID": f"{self.tag}-notifier",
+                "NOTIFIER_STATE_DIR": str(tmp / "state" / "notifier"),
+                "NOTIFIER_SLACK_BOT_TOKEN": self.token,
+                "NOTIFIER_SLACK_API_URL": self.slack.base_url,
+                "NOTIFIER_SLACK_TIMEOUT_S": "5",
+                "NOTIFIER_RATE_PER_CHANNEL_PER_S": "5",
+                "NOTIFIER_RATE_BURST": "2",
+                "NOTIFIER_BACKOFF_BASE_S": "0.2",
+                "NOTIFIER_BACKOFF_MAX_S": "2",
+                "NOTIFIER_MAX_ATTEMPTS": "10",
+                "NOTIFIER_COMMIT_INTERVAL_S": "0.5",
+                "NOTIFIER_SESSION_TIMEOUT_MS": "6000",
+            }
+        )
+        env.update(kafka_env or {})
+        env.update(extra_env or {})
+        self.env = env
+        self.fleet = Fleet(
+            {s: ServiceProcess(s, env, tmp / "logs") for s in SERVICES},
+            restart_on_exit=restart_on_exit,
+        )
+        self._cleanup.callback(self.fleet.kill_all)
+        self.seed_lookups()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> World:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill what still runs, stop the fake Slack, close the clients (reverse order)."""
+        self._cleanup.close()
+
+    def start(self, *names: str, wait: bool = True) -> None:
+        self.fleet.start(*names)
+        if wait:
+            self.fleet.wait_ready(*names)
+
+    # -- seeding -----------------------------------------------------------------------------
+    def seed_lookups(self) -> None:
+        now = datetime.now(UTC)
+        enc_owner = AvroSerializer(self.test_registry, CsdrAssignment)
+        enc_user = AvroSerializer(self.test_registry, SlackUser)
+        t = self.topics
+        for org_id, (org_name, owner) in ORGS.items():
+            if owner is None:
+                continue
+            name, _ = OWNERS[owner]
+            rec = CsdrAssignment(org_id, org_name, owner, now, name)
+            self._produce(
+                t.data_csdr_assignment, org_id.encode(), enc_owner(t.data_csdr_assignment, rec)
+            )
+        for email, (name, user) in OWNERS.items():
+            if user is None:
+                continue
+            rec_u = SlackUser(email.lower(), user, now, name.split()[0].lower())
+            self._produce(
+                t.data_slack_users, email.lower().encode(), enc_user(t.data_slack_users, rec_u)
+            )
+        self.flush()
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, key=key, value=value)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    def flush(self) -> None:
+        # long enough to ride out a broker restart
+        assert self.producer.flush(120) == 0, "records not acknowledged"
+
+    def write_warehouse(self, rows: Sequence[Row]) -> None:
+        """(Re)write the warehouse file with every row so far and ``rows``, atomically (the
+        producer polls it; its cursor is past the old rows)."""
+        self.rows.extend(rows)
+        rows = self.rows
+        tmp = self.warehouse.with_suffix(".building")
+        tmp.unlink(missing_ok=True)
+        con = duckdb.connect(str(tmp))
+        try:
+            con.execute(
+                "CREATE TABLE onboarding (org_id VARCHAR, org_name VARCHAR, plan VARCHAR, "
+                "cloud VARCHAR, started_at TIMESTAMP)"
+            )
+            con.executemany(
+                "INSERT INTO onboarding VALUES (?, ?, ?, ?, ?)",
+                [(o, n, p, c, ts.astimezone(UTC).replace(tzinfo=None)) for o, n, p, c, ts in rows],
+            )
+        finally:
+            con.close()
+        os.replace(tmp, self.warehouse)
+
+    # -- inputs and their expectations -------------------------------------------------------
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def connector_event(self, org_id: str, kind: str) -> tuple[ConnectorStatusChanged, Expect]:
+        """A status change of ``kind`` (kept | not_from_provisioning | not_failed)."""
+        i = self._next()
+        old, new = {
+            "kept": ("PROVISIONING", "FAILED"),
+            "not_from_provisioning": ("RUNNING", "PAUSED"),
+            "not_failed": ("PROVISIONING", "RUNNING"),
+        }[kind]
+        eid = f"{self.tag}-cn-{i}"
+        event = ConnectorStatusChanged(
+            event_id=eid,
+            org_id=org_id,
+            environment_id=f"env-{i}",
+            cluster_id=f"lkc-{i}",
+            connector_id=f"lcc-{i}",
+            connector_name=f"connector-{i}",
+            connector_type="PostgresCdcSource",
+            old_status=old,
+            new_status=new,
+            occurred_at=datetime.now(UTC),
+            error_message="FATAL: password authentication failed" if kind == "kept" else None,
+        )
+        label = f"connector event {eid} ({org_id}, {old}->{new})"
+        if kind != "kept":
+            return event, Expect(label, "filtered", kind, event_id=eid)
+        return event, self._expect_kept(label, CONNECTOR_PIPELINE, eid, org_id)
+
+    def _expect_kept(self, label: str, pipeline: str, eid: str, org_id: str) -> Expect:
+        outcome, channel, reason = route_of(org_id, self.orgs)
+        mid = message_id(pipeline, eid)
+        if outcome == "dead_lettered":
+            return Expect(
+                label,
+                outcome,
+                reason,
+                event_id=eid,
+                message_id=mid,
+                channel=channel,
+                dlq_topic=self.topics.slack_messages + ".dlq",
+            )
+        return Expect(label, outcome, reason, event_id=eid, message_id=mid, channel=channel)
+
+    def produce_connectors(self, events: Sequence[tuple[ConnectorStatusChanged, Expect]]) -> None:
+        enc = AvroSerializer(self.test_registry, ConnectorStatusChanged)
+        topic = self.topics.data_notifications_pipeline
+        for event, expect in events:
+            self._produce(topic, event.org_id.encode(), enc(topic, event))
+            self.audit.add(expect)
+        self.flush()
+
+    def onboarding_rows(
+        self, rng: Random, count: int, t0: datetime, duration_s: float
+    ) -> list[Row]:
+        """Rows whose timestamps spread over the stream, and their expectations."""
+        rows = []
+        for _ in range(count):
+            i = self._next()
+            org_id = rng.choice(ORG_IDS)
+            ts = t0 + timedelta(microseconds=rng.randrange(int(duration_s * 1e6)) + i)
+            rows.append((org_id, ORGS[org_id][0], "ENTERPRISE", rng.choice(["AWS", None]), ts))
+            eid = row_event_id(ONBOARDING_STARTED.name, org_id, ts.astimezone(UTC))
+            label = f"warehouse row {org_id}@{ts.isoformat()}"
+            self.audit.add(self._expect_kept(label, ONBOARDING_PIPELINE, eid, org_id))
+        return rows
+
+    def bad_row(self, t0: datetime) -> Row:
+        """A row the producer cannot map (empty org_name): dead-lettered by the producer."""
+        org_id = f"org-badrow-{self._next()}"
+        self.audit.add(
+            Expect(
+                f"warehouse row {org_id} without org_name",
+                "dead_lettered",
+                "unmappable row",
+                dlq_topic=self.topics.onboarding_events + ".dlq",
+                dlq_key=org_id.encode(),
+            )
+        )
+        return (org_id, "", "FREE", None, t0)
+
+    def poison_records(self) -> list[tuple[str, bytes, bytes | None, str]]:
+        """(topic, key, value, why) for every input topic: garbage, unknown schema id..."""
+        t = self.topics
+        n = self._next()
+        enc = AvroSerializer(self.test_registry, ConnectorStatusChanged)
+        blank = ConnectorStatusChanged(
+            event_id=f"{self.tag}-blank-{n}",
+            org_id="  ",
+            environment_id="env",
+            cluster_id="lkc",
+            connector_id="lcc",
+            connector_name="c",
+            connector_type="S3_SINK",
+            old_status="PROVISIONING",
+            new_status="FAILED",
+            occurred_at=datetime.now(UTC),
+        )
+        garbage = b"this is not avro at all"
+        return [
+            (t.data_notifications_pipeline, f"poison-cn-garbage-{n}".encode(), garbage, "garbage"),
+            (
+                t.data_notifications_pipeline,
+                f"poison-cn-unknown-schema-{n}".encode(),
+                unknown_schema_value(),
+                "unknown schema id",
+            ),
+            (
+                t.data_notifications_pipeline,
+                f"poison-cn-blank-org-{n}".encode(),
+                enc(t.data_notifications_pipeline, blank),
+                "blank org_id",
+            ),
+            (t.onboarding_events, f"poison-ob-garbage-{n}".encode(), b'{"json": 1}', "garbage"),
+            (t.onboarding_events, f"poison-ob-null-{n}".encode(), None, "null value"),
+            (t.data_csdr_assignment, f"poison-org-garbage-{n}".encode(), garbage, "garbage"),
+            (
+                t.data_csdr_assignment,
+                f"poison-org-unknown-schema-{n}".encode(),
+                unknown_schema_value(),
+                "unknown schema id",
+            ),
+            (t.data_slack_users, f"poison-{n}@garbage.example".encode(), garbage, "garbage"),
+            (
+                t.data_slack_users,
+                f"poison-{n}@unknown-schema.example".encode(),
+                unknown_schema_value(),
+                "unknown schema id",
+            ),
+            (t.slack_messages, f"poison-channel-garbage-{n}".encode(), garbage, "garbage"),
+            (
+                t.slack_messages,
+                f"poison-channel-unknown-schema-{n}".encode(),
+                unknown_schema_value(),
+                "unknown schema id",
+            ),
+        ]
+
+    def produce_poison(self, records: Sequence[tuple[str, bytes, bytes | None, str]]) -> None:
+        for topic, key, value, why in records:
+            self._produce(topic, key, value)
+            self.audit.add(
+                Expect(
+                    f"poison {why} on {topic}",
+                    "dead_lettered",
+                    why,
+                    dlq_topic=topic + ".dlq",
+                    dlq_key=key,
+                )
+            )
+        self.flush()
+
+    def slack_message(self, channel: str, text: str) -> tuple[SlackMessage, Expect]:
+        """A message produced straight to slack-messages (as another enricher would)."""
+        i = self._next()
+        mid = message_id("e2e-direct", f"{self.tag}-{i}")
+        msg = SlackMessage(
+            message_id=mid,
+            pipeline="e2e-direct",
+            channel=channel,
+            text=text,
+            blocks=json.dumps([{"type": "section", "text": {"type": "mrkdwn", "text": text}}]),
+            org_id="org-00",
+            source_event_id=f"{self.tag}-direct-{i}",
+            created_at=datetime.now(UTC),
+        )
+        return msg, Expect(
+            f"slack message {mid} to {channel}",
+            "delivered",
+            "direct",
+            message_id=mid,
+            channel=channel,
+        )
+
+    def produce_slack_messages(self, items: Sequence[tuple[SlackMessage, Expect]]) -> None:
+        enc = AvroSerializer(self.test_registry, SlackMessage)
+        topic = self.topics.slack_messages
+        for msg, expect in items:
+            self._produce(topic, msg.channel.encode(), enc(topic, msg))
+            self.audit.add(expect)
+        self.flush()
+
+    # -- running a stream --------------------------------------------------------------------
+    def stream(self, spec: StreamSpec, rng: Random, faults: Sequence[Fault] = ()) -> None:
+        """Feed ``spec`` over ``spec.duration_s`` while running ``faults`` at their times
+        (each ``(seconds from the start, label, callable)``, run on this thread in order)."""
+        t0 = datetime.now(UTC)
+        rows = self.onboarding_rows(rng, spec.rows, t0, spec.duration_s)
+        if spec.poison:
+            rows.append(self.bad_row(t0 + timedelta(seconds=spec.duration_s / 2)))
+        self.write_warehouse(rows)
+        actions: list[Action] = []
+        kinds = ["kept", "kept", "not_from_provisioning", "kept", "not_failed"]
+        batches = max(1, int(spec.duration_s))
+        events = [
+            self.connector_event(rng.choice(ORG_IDS), rng.choice(kinds))
+            for _ in range(spec.connectors)
+        ]
+        for b in range(batches):
+            chunk = events[b::batches]
+            if chunk:
+                actions.append(
+                    Action(
+                        b * spec.duration_s / batches,
+                        "connectors",
+                        lambda c=chunk: self.produce_connectors(c),
+                    )
+                )
+        if spec.poison:
+            poison = self.poison_records()
+            half = len(poison) // 2
+            actions.append(
+                Action(spec.duration_s * 0.3, "poison", lambda: self.produce_poison(poison[:half]))
+            )
+            actions.append(
+                Action(spec.duration_s * 0.7, "poison", lambda: self.produce_poison(poison[half:]))
+            )
+        for at, label, run in faults:
+            actions.append(Action(at, label, run))
+        start = time.monotonic()
+        for action in sorted(actions):
+            wait = start + action.at_s - time.monotonic()
+            if wait > 0:
+                self.fleet.sleep(wait)
+            self.log(f"t={time.monotonic() - start:5.1f}s {action.label}")
+            action.run()
+        rest = start + spec.duration_s - time.monotonic()
+        if rest > 0:
+            self.fleet.sleep(rest)
+
+    def kill_notifier_mid_post(self, wait_s: float = 20.0) -> bool:
+        """Hold Slack's next answer (the post is stored at once) and ``kill -9`` the notifier
+        while it waits for it: the restart finds the post in doubt. True when a post was
+        caught in flight (else the kill happened after ``wait_s`` anyway)."""
+        before = len(self.slack.posts())
+        for channel in DELIVERABLE_CHANNELS:
+            # per channel, not for every channel: Slack must keep refusing GONE_CHANNEL
+            self.slack.slow(channel, delay_s=6.0, times=1, then_store=True)
+        deadline = time.monotonic() + wait_s
+        while len(self.slack.posts()) == before and time.monotonic() < deadline:
+            self.fleet.tick()
+            time.sleep(0.02)
+        caught = len(self.slack.posts()) > before
+        self.fleet.kill9("notifier")
+        self.log(f"notifier killed {'mid-post' if caught else 'with no post in flight'}")
+        return caught
+
+    def count_logs(self, service: str, msg: str) -> int:
+        """Log lines of every run of ``service`` whose message is ``msg``."""
+        svc = self.fleet[service]
+        return sum(
+            1 for i in range(len(svc.log_files)) for r in svc.log_records(i) if r.get("msg") == msg
+        )
+
+    def log(self, text: str) -> None:
+        with (self.tmp / "timeline.log").open("a") as f:
+            f.write(text + "\n")
+
+    # -- the verdict -------------------------------------------------------------------------
+    def finish(
+        self,
+        *,
+        timeout_s: float = 150.0,
+        settle_s: float = 4.0,
+        allow_exits: bool = False,
+        notes: Iterable[str] = (),
+    ) -> Report:
+        """Wait for every outcome, settle, stop gracefully, audit, grep logs for secrets."""
+        last: list[str] = []
+
+        def done() -> bool:
+            nonlocal last
+            last = self.audit.pending(self.audit.observe(self))
+            return not last
+
+        # on a timeout the report below names what is missing
+        with contextlib.suppress(AssertionError):
+            self.fleet.wait_for(done, timeout_s, "every input to be accounted for")
+        self.fleet.sleep(settle_s)
+        codes = self.fleet.stop_all()
+        obs = self.audit.observe(self)
+        report = self.audit.report(obs, self.name)
+        report.seconds = time.monotonic() - self.started
+        report.notes.extend(notes)
+        for name, code in codes.items():
+            if code != 0:
+                report.problems.append(f"{name} exited {code} on SIGTERM (expected 0)")
+        for ex in self.fleet.exits:
+            if allow_exits:
+                report.notes.append("restarted: " + ex.describe())
+            else:
+                report.problems.append(ex.describe())
+        report.problems.extend(self.secret_leaks())
+        SUMMARY.append(report)
+        return report
+
+    def secret_leaks(self, extra: Iterable[ServiceProcess] = ()) -> list[str]:
+        leaks = []
+        for svc in [*self.fleet.services.values(), *extra]:
+            for path in svc.log_files:
+                text = path.read_text(errors="replace") if path.exists() else ""
+                for secret in self.secrets:
+                    if secret and secret in text:
+                        leaks.append(f"secret {secret[:4]}… appears in {path.name}")
+        return leaks
+
+
+@contextlib.contextmanager
+def proxy(target_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """A ``TcpProxy`` in front of an HTTP URL; yields it and the URL through it (down)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(target_url)
+    assert parts.hostname and parts.port
+    p = TcpProxy(parts.hostname, parts.port)
+    url = parts._replace(netloc=f"127.0.0.1:{p.port}").geturl()
+    try:
+        yield p, url
+    finally:
+        p.down()
+
+
+def kafka_reachable(bootstrap: str, timeout_s: float = 5.0) -> bool:
+    c = Consumer({**client_config(bootstrap), "group.id": unique("probe"), "log_level": 0})
+    try:
+        c.list_topics(timeout=timeout_s)
+        return True
+    except KafkaException:
+        return False
+    finally:
+        c.close()

@@ -1,6 +1,6 @@
 """Kafka plumbing: client config, topics, the run loop with checkpoints, dead letters."""
 
-from libs.kafka.admin import TopicSpec, describe_cleanup_policy, ensure_topics
+from libs.kafka.admin import TopicSpec, connect_admin, describe_cleanup_policy, ensure_topics
 from libs.kafka.config import KafkaSettings, SecurityProtocol
 from libs.kafka.dlq import (
     DLQ_SUFFIX,
@@ -14,7 +14,13 @@ from libs.kafka.dlq import (
     dlq_headers,
     dlq_topic,
 )
-from libs.kafka.errors import DeliveryError, FatalLoopError, KafkaLibError, TopicError
+from libs.kafka.errors import (
+    DeliveryError,
+    FatalLoopError,
+    KafkaConnectionError,
+    KafkaLibError,
+    TopicError,
+)
 from libs.kafka.loop import (
     Emitter,
     Guarantee,
@@ -39,6 +45,7 @@ __all__ = [
     "FatalLoopError",
     "Guarantee",
     "Handler",
+    "KafkaConnectionError",
     "KafkaLibError",
     "KafkaSettings",
     "LoopConfig",
@@ -48,6 +55,7 @@ __all__ = [
     "SecurityProtocol",
     "TopicError",
     "TopicSpec",
+    "connect_admin",
     "describe_cleanup_policy",
     "dlq_headers",
     "dlq_topic",

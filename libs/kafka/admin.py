@@ -11,7 +11,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic  # type: ignore[attr-defined]
 
-from libs.kafka.errors import TopicError
+from libs.kafka.errors import KafkaConnectionError, TopicError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,47 @@ class TopicSpec:
         return conf
 
 
+# librdkafka reports rejected credentials as these error codes through error_cb; without a
+# callback the client only retries and the caller sees a timeout much later.
+_AUTH_ERRORS = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED})
+
+
+def connect_admin(client_config: dict[str, Any], *, timeout_s: float = 15.0) -> AdminClient:
+    """An admin client that has reached the cluster, or a clear ``KafkaConnectionError``.
+
+    Rejected credentials fail within seconds with an error that says so, instead of the
+    timeout of whatever request came first.
+    """
+    auth_errors: list[KafkaError] = []
+
+    def on_error(err: KafkaError) -> None:
+        if err.code() in _AUTH_ERRORS:
+            auth_errors.append(err)
+
+    conf: dict[str, Any] = {**client_config, "error_cb": on_error}
+    admin = AdminClient(conf)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin.list_topics(timeout=1.0)
+            return admin
+        except KafkaException as exc:
+            admin.poll(0.1)  # serves error_cb
+            if not auth_errors and time.monotonic() < deadline:
+                continue
+            servers = client_config.get("bootstrap.servers")
+            if auth_errors:
+                user = client_config.get("sasl.username")
+                raise KafkaConnectionError(
+                    f"Kafka authentication failed at {servers} (SASL user {user!r}, mechanism "
+                    f"{client_config.get('sasl.mechanism')}): {auth_errors[0].str()}; "
+                    "check the SASL username and password"
+                ) from exc
+            raise KafkaConnectionError(
+                f"cannot reach Kafka at {servers} within {timeout_s:.0f}s: {exc}"
+            ) from exc
+
+
 def ensure_topics(
     client_config: dict[str, Any], specs: Iterable[TopicSpec], *, timeout_s: float = 30.0
 ) -> list[str]:
@@ -43,7 +84,7 @@ def ensure_topics(
     keys after retention, which no amount of consumer code can repair.
     """
     specs = list(specs)
-    admin = AdminClient(client_config)
+    admin = connect_admin(client_config, timeout_s=min(timeout_s, 15.0))
     new = [
         NewTopic(
             s.name,

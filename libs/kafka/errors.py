@@ -7,6 +7,10 @@ class KafkaLibError(Exception):
     """Root of every error raised by ``libs.kafka``."""
 
 
+class KafkaConnectionError(KafkaLibError):
+    """The cluster could not be reached, or it rejected the credentials."""
+
+
 class TopicError(KafkaLibError):
     """A topic could not be created or does not look as it must."""
 

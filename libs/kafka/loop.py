@@ -395,8 +395,16 @@ class ProcessingLoop:
                 self._in_txn = False
         except KafkaException:
             log.exception("abort on close failed")
-        self._producer.flush(10)
-        self._consumer.close()
+        # errors here would replace the exception that brought us here (a fatal transaction
+        # state after a broker outage, say); log them instead
+        try:
+            self._producer.flush(10)
+        except KafkaException:
+            log.exception("producer flush on close failed")
+        try:
+            self._consumer.close()
+        except KafkaException:
+            log.exception("consumer close failed")
 
 
 def _names(partitions: list[TopicPartition]) -> list[str]:

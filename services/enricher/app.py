@@ -38,7 +38,6 @@ from libs.kafka import (
     LoopConfig,
     ProcessingLoop,
     RetryLater,
-    TopicError,
     ensure_topics,
 )
 from libs.runtime import HealthServer, install_stop_handlers
@@ -264,19 +263,6 @@ class Enricher:
         self.outcomes[(pipeline, outcome)] += 1
         EVENTS.labels(pipeline, outcome).inc()
 
-    def _ensure_topics(self, attempts: int = 5) -> None:
-        # Workaround: ensure_topics describes the topics right after creating them, and the
-        # broker may not know a just-created topic yet (UNKNOWN_TOPIC_OR_PART); a retry passes.
-        for attempt in range(1, attempts + 1):
-            try:
-                ensure_topics(self._kafka.client_config(), self._topics.all_specs())
-                return
-            except TopicError as exc:
-                if attempt == attempts or "UNKNOWN_TOPIC" not in str(exc):
-                    raise
-                log.warning("topics not visible yet, retrying", extra={"error": str(exc)})
-                time.sleep(0.5 * attempt)  # start-up only, before any consumer exists
-
     def _loop_consumer_config(self) -> dict[str, Any]:
         conf = self._kafka.consumer_config(self._settings.group_id)
         conf["session.timeout.ms"] = self._settings.session_timeout_ms
@@ -319,7 +305,7 @@ class Enricher:
                 "metrics_port": self._common.metrics_port,
             },
         )
-        self._ensure_topics()
+        ensure_topics(self._kafka.client_config(), self._topics.all_specs())
         health = None
         if self._common.metrics_port:
             health = HealthServer(

@@ -16,11 +16,11 @@ from datetime import datetime
 
 from pydantic_settings import BaseSettings
 
-from libs.kafka import TopicError, TopicSpec, dlq_topic, ensure_topics
+from libs.kafka import TopicSpec, dlq_topic, ensure_topics
 from libs.runtime import HealthServer, install_stop_handlers
 from libs.serde import SchemaRegistry
 from services.common.settings import CommonSettings, TopicSettings
-from services.producer.core import QueryDefinition, backoff_s
+from services.producer.core import QueryDefinition
 from services.producer.queries import ONBOARDING_STARTED
 from services.producer.runner import PollLoop, QueryRunner, utc_now
 from services.producer.settings import ProducerSettings
@@ -67,29 +67,6 @@ def topic_specs(settings: ProducerSettings, topics: TopicSettings) -> list[Topic
     for _, _, output in bound_queries(settings, topics):
         specs += [topics.spec(output), topics.spec(dlq_topic(output))]
     return specs
-
-
-def _ensure_topics(
-    common: CommonSettings,
-    topics: TopicSettings,
-    settings: ProducerSettings,
-    stop: threading.Event,
-    attempts: int = 5,
-) -> None:
-    # Describing a topic right after creating it can fail with UNKNOWN_TOPIC_OR_PART while
-    # the metadata propagates; the next attempt finds the topics and describes them.
-    for attempt in range(1, attempts + 1):
-        try:
-            ensure_topics(common.kafka(SERVICE).client_config(), topic_specs(settings, topics))
-            return
-        except TopicError as exc:
-            if attempt == attempts or stop.is_set():
-                raise
-            delay = backoff_s(attempt, initial_s=0.5, max_s=settings.retry_max_s)
-            log.warning(
-                "topic check failed, retrying", extra={"error": str(exc), "retry_in_s": delay}
-            )
-            stop.wait(delay)
 
 
 def build_runners(
@@ -155,7 +132,7 @@ def run(
         },
     )
     if settings.create_topics:
-        _ensure_topics(common, topics, settings, stop)
+        ensure_topics(common.kafka(SERVICE).client_config(), topic_specs(settings, topics))
     own_registry = common.registry() if registry is None else None
     registry = registry or own_registry
     assert registry is not None

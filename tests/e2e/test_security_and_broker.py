@@ -251,13 +251,6 @@ def test_wrong_password_exits_nonzero_in_bounded_time(wrong_password_run: WrongP
         assert run.any_lines[svc], f"{svc}: nothing in its output names the authentication failure"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (reported): with a wrong SASL password the services give up only when "
-    "ensure_topics times out (30-60 s) and their own error line says 'TimeoutError' / "
-    "'Failed while waiting for controller: Local: Timed out'; only librdkafka's raw stderr "
-    "lines name the authentication failure",
-)
 def test_wrong_password_fails_fast_with_its_own_clear_error(
     wrong_password_run: WrongPasswordRun,
 ) -> None:

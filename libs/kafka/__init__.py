@@ -13,6 +13,7 @@ from libs.kafka.dlq import (
     DeadLetterPublisher,
     dlq_headers,
     dlq_topic,
+    plain_produce,
 )
 from libs.kafka.errors import (
     DeliveryError,
@@ -60,4 +61,5 @@ __all__ = [
     "dlq_headers",
     "dlq_topic",
     "ensure_topics",
+    "plain_produce",
 ]

@@ -50,6 +50,31 @@ def dlq_headers(
     ]
 
 
+def plain_produce(producer: Any) -> ProduceFn:
+    """A ``ProduceFn`` over a non-transactional producer, for dead letters outside a loop.
+
+    Waits for room when the local queue is full and logs dead letters the broker did not
+    acknowledge (the caller flushes the producer at its checkpoints).
+    """
+
+    def report(err: Any, msg: Any) -> None:
+        if err is not None:
+            log.error("dead letter not delivered", extra={"topic": msg.topic(), "error": str(err)})
+
+    def produce(topic: str, *, key: bytes | None, value: bytes | None, headers: Any) -> None:
+        while True:
+            try:
+                producer.produce(
+                    topic, key=key, value=value, headers=list(headers or ()), on_delivery=report
+                )
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+
+    return produce
+
+
 class DeadLetterPublisher:
     """Produces dead letters through the caller's producer.
 

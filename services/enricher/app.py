@@ -39,6 +39,7 @@ from libs.kafka import (
     ProcessingLoop,
     RetryLater,
     ensure_topics,
+    plain_produce,
 )
 from libs.runtime import HealthServer, install_stop_handlers
 from libs.serde import (
@@ -137,7 +138,7 @@ class Enricher:
                 configured, AvroDeserializer(self._registry, pipeline.record_type)
             )
         self._dlq_producer = Producer(self._kafka.producer_config())
-        self._table_dlq = DeadLetterPublisher(self._produce_table_dead_letter, SERVICE)
+        self._table_dlq = DeadLetterPublisher(plain_produce(self._dlq_producer), SERVICE)
         self.owners: GlobalTable[CsdrAssignment] = self._table(
             "csdr_assignment", topics.data_csdr_assignment, CsdrAssignment
         )
@@ -174,18 +175,6 @@ class Enricher:
                 f"table record of {msg.topic()} cannot be validated: {exc}"
             ) from exc
         self._table_dlq.publish_message(msg, exc)
-
-    def _produce_table_dead_letter(
-        self, topic: str, *, key: bytes | None, value: bytes | None, headers: Any
-    ) -> None:
-        while True:
-            try:
-                self._dlq_producer.produce(
-                    topic, key=key, value=value, headers=list(headers or ()), on_delivery=_report
-                )
-                return
-            except BufferError:
-                self._dlq_producer.poll(0.05)
 
     def _follow_tables(self) -> None:
         """Apply whatever the tables fetched since the last call (the loop's ``on_idle``)."""
@@ -376,14 +365,6 @@ def _retry_if_registry_down(exc: DeserializationError) -> None:
     # dead-lettering a valid event.
     if _registry_unavailable(exc):
         raise RetryLater(f"schema registry unavailable: {exc}", delay_s=5.0) from exc
-
-
-def _report(err: Any, msg: Message) -> None:
-    if err is not None:
-        log.error(
-            "dead letter not delivered",
-            extra={"topic": msg.topic(), "error": str(err)},
-        )
 
 
 def _since(monotonic_ts: float) -> float:

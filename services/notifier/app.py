@@ -27,10 +27,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Message, Producer
+from confluent_kafka import Producer
 from pydantic_settings import BaseSettings
 
-from libs.kafka import DeadLetterPublisher, KafkaSettings, TopicSpec, dlq_topic, ensure_topics
+from libs.kafka import (
+    DeadLetterPublisher,
+    KafkaSettings,
+    TopicSpec,
+    dlq_topic,
+    ensure_topics,
+    plain_produce,
+)
 from libs.runtime import HealthServer, install_stop_handlers
 from libs.serde import (
     AvroDeserializer,
@@ -88,7 +95,7 @@ class NotifierService:
         self._encode_receipt = AvroSerializer(self._registry, SlackDeliveryReceipt)
         self._receipts_topic = topics.slack_message_receipts
         self._table_dlq_producer = Producer(self._kafka.producer_config())
-        self._table_dlq = DeadLetterPublisher(self._produce_table_dead_letter, SERVICE)
+        self._table_dlq = DeadLetterPublisher(plain_produce(self._table_dlq_producer), SERVICE)
 
         def decode(value: bytes, topic: str, partition: int, offset: int) -> SlackDeliveryReceipt:
             return decode_receipt(value, topic=topic, partition=partition, offset=offset)
@@ -110,14 +117,6 @@ class NotifierService:
 
     def _encode(self, receipt: SlackDeliveryReceipt) -> bytes:
         return self._encode_receipt(self._receipts_topic, receipt)
-
-    def _produce_table_dead_letter(
-        self, topic: str, *, key: bytes | None, value: bytes | None, headers: Any
-    ) -> None:
-        self._table_dlq_producer.produce(
-            topic, key=key, value=value, headers=list(headers or ()), on_delivery=_report
-        )
-        self._table_dlq_producer.poll(0)
 
     def _topic_specs(self) -> list[TopicSpec]:
         t = self._topics
@@ -247,11 +246,6 @@ def _build_notifier(settings: NotifierSettings) -> Notifier:
         history_limit=settings.history_limit,
         history_max_pages=settings.history_max_pages,
     )
-
-
-def _report(err: Any, msg: Message) -> None:
-    if err is not None:
-        log.error("dead letter not delivered", extra={"topic": msg.topic(), "error": str(err)})
 
 
 def _since(monotonic_ts: float) -> float:

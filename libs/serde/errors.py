@@ -32,3 +32,16 @@ class DeserializationError(SerdeError):
         self.topic = topic
         self.partition = partition
         self.offset = offset
+
+    @property
+    def registry_unavailable(self) -> bool:
+        """True when the registry could not answer, so the bytes are not to blame.
+
+        A schema id the registry answers 4xx for (404: unknown id) is the record's fault, a
+        poison record; unreachable, 5xx, 408 or 429 mean "try again later".
+        """
+        cause = self.__cause__
+        if not isinstance(cause, RegistryError):
+            return False
+        status = getattr(cause.__cause__, "http_status_code", None)
+        return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))

@@ -83,6 +83,8 @@ def run_service(
         str(getattr(common, "log_level", "INFO")),
         json_format=getattr(common, "log_format", "json") == "json",
     )
+    # The registry client's HTTP library logs every request at INFO: one line per schema id.
+    logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return build_and_run(loaded)
     except KeyboardInterrupt:

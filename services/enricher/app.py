@@ -167,7 +167,7 @@ class Enricher:
         )
 
     def _on_invalid_lookup(self, msg: Message, exc: Exception) -> None:
-        if isinstance(exc, DeserializationError) and _registry_unavailable(exc):
+        if isinstance(exc, DeserializationError) and exc.registry_unavailable:
             # Not the record's fault: skipping it would leave the table without a valid key
             # until the next rebuild. Failing stops the service before the batch (and its
             # offsets) is written, so the restart re-reads the record.
@@ -347,23 +347,10 @@ class Enricher:
         return 0
 
 
-def _registry_unavailable(exc: DeserializationError) -> bool:
-    """True when decoding failed because the registry could not answer, not the bytes.
-
-    A schema id the registry answers 404 for is the record's fault (poison). libs.serde
-    raises RegistryError for both, so the HTTP status of the client error tells them apart.
-    """
-    cause = exc.__cause__
-    if not isinstance(cause, RegistryError):
-        return False
-    status = getattr(cause.__cause__, "http_status_code", None)
-    return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
-
-
 def _retry_if_registry_down(exc: DeserializationError) -> None:
     # An unreachable registry is not the record's fault: replay it later instead of
     # dead-lettering a valid event.
-    if _registry_unavailable(exc):
+    if exc.registry_unavailable:
         raise RetryLater(f"schema registry unavailable: {exc}", delay_s=5.0) from exc
 
 
@@ -377,7 +364,5 @@ def build_and_run(settings: list[BaseSettings]) -> int:
     assert isinstance(common, CommonSettings)
     assert isinstance(topics, TopicSettings)
     assert isinstance(enricher, EnricherSettings)
-    # The registry client's HTTP library logs every request at INFO: one line per schema id.
-    logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.getLogger().level))
     stop = install_stop_handlers()
     return Enricher(common, topics, enricher, stop=stop).run()

@@ -77,7 +77,6 @@ from prometheus_client import Counter, Gauge
 from libs.kafka import DeadLetterPublisher, DeliveryError, FatalLoopError
 from libs.serde import (
     DeserializationError,
-    RegistryError,
     SlackDeliveryReceipt,
     SlackMessage,
 )
@@ -446,7 +445,7 @@ class SinkLoop:
             try:
                 message = self._decode(msg.value(), tp[0], tp[1], offset)
             except DeserializationError as exc:
-                if _registry_unavailable(exc):
+                if exc.registry_unavailable:
                     # Not the record's fault: consume it again once the registry answers.
                     self._hold(tp, offset, str(exc))
                     held.add(tp)
@@ -946,16 +945,6 @@ def _headers(msg: Message) -> Headers:
     if not headers:
         return None
     return list(headers.items()) if isinstance(headers, dict) else list(headers)
-
-
-def _registry_unavailable(exc: DeserializationError) -> bool:
-    # A schema id the registry answers 4xx for is the record's fault; anything else
-    # (unreachable, 5xx) is the registry's.
-    cause = exc.__cause__
-    if not isinstance(cause, RegistryError):
-        return False
-    status = getattr(cause.__cause__, "http_status_code", None)
-    return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
 
 
 def _result(outcome: object) -> str:

@@ -6,7 +6,7 @@ import pytest
 
 from libs.kafka import RetryLater
 from libs.serde import DeserializationError, RegistryError
-from services.enricher.app import _registry_unavailable, _retry_if_registry_down
+from services.enricher.app import _retry_if_registry_down
 
 
 class _HttpError(Exception):
@@ -43,7 +43,7 @@ def _registry_error(inner: BaseException) -> RegistryError:
 )
 def test_registry_unavailable_vs_poison(cause: BaseException | None, unavailable: bool) -> None:
     exc = _error(cause)
-    assert _registry_unavailable(exc) is unavailable
+    assert exc.registry_unavailable is unavailable
     if unavailable:
         with pytest.raises(RetryLater):
             _retry_if_registry_down(exc)

@@ -1,6 +1,7 @@
 """Kafka plumbing: client config, topics, the run loop with checkpoints, dead letters."""
 
 from libs.kafka.admin import TopicSpec, connect_admin, describe_cleanup_policy, ensure_topics
+from libs.kafka.bounded import call_bounded
 from libs.kafka.config import KafkaSettings, SecurityProtocol
 from libs.kafka.dlq import (
     DLQ_SUFFIX,
@@ -16,8 +17,10 @@ from libs.kafka.dlq import (
     plain_produce,
 )
 from libs.kafka.errors import (
+    ClientCallTimeoutError,
     DeliveryError,
     FatalLoopError,
+    InvalidRecordError,
     KafkaConnectionError,
     KafkaLibError,
     TopicError,
@@ -40,12 +43,14 @@ __all__ = [
     "HEADER_SOURCE_OFFSET",
     "HEADER_SOURCE_PARTITION",
     "HEADER_SOURCE_TOPIC",
+    "ClientCallTimeoutError",
     "DeadLetterPublisher",
     "DeliveryError",
     "Emitter",
     "FatalLoopError",
     "Guarantee",
     "Handler",
+    "InvalidRecordError",
     "KafkaConnectionError",
     "KafkaLibError",
     "KafkaSettings",
@@ -56,6 +61,7 @@ __all__ = [
     "SecurityProtocol",
     "TopicError",
     "TopicSpec",
+    "call_bounded",
     "connect_admin",
     "describe_cleanup_policy",
     "dlq_headers",

@@ -21,3 +21,17 @@ class DeliveryError(KafkaLibError):
 
 class FatalLoopError(KafkaLibError):
     """The run loop cannot continue (fenced producer, fatal client error); restart the process."""
+
+
+class ClientCallTimeoutError(FatalLoopError):
+    """A blocking client call did not return within the bound the runtime gives it.
+
+    The client is wedged: it must not be used again, and the process exits non-zero.
+    """
+
+
+class InvalidRecordError(KafkaLibError):
+    """A record that decodes but cannot be processed (an empty id, say): it is poison.
+
+    Poison is dead-lettered; any other exception of a handler stops the loop (fail closed).
+    """

@@ -13,6 +13,17 @@ After either, ``on_checkpoint`` runs (the place to flush local state). A checkpo
 every ``checkpoint_interval_s``, after ``max_uncommitted`` records, when partitions are revoked,
 and on stop. The loop never sleeps: a handler that needs to wait raises ``RetryLater`` and
 the loop rewinds to the last checkpoint and pauses the assignment while it keeps polling.
+
+A rollback (``RetryLater``, an aborted transaction) returns *every* partition the loop has
+received records from since the checkpoint to its checkpoint, including partitions whose
+records were fetched in the same batch but not handled yet: their position has moved past
+those records, and dropping them without a seek would lose them for good.
+
+Fail closed: only ``poison_errors`` (decoding and validation errors) dead-letter a record. Any
+other exception of the handler is a bug or an outage, not the record's fault: the loop stops
+with the record's coordinates, and Kubernetes restarts the process, which replays from the
+last checkpoint. Every blocking producer and consumer call is bounded (``call_bounded``): a
+client that does not answer in time is wedged, and the loop stops rather than hang.
 """
 
 from __future__ import annotations
@@ -28,8 +39,15 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter, Gauge
 
+from libs.kafka.bounded import MARGIN_S, call_bounded
 from libs.kafka.dlq import DeadLetterPublisher, Headers
-from libs.kafka.errors import DeliveryError, FatalLoopError
+from libs.kafka.errors import (
+    ClientCallTimeoutError,
+    DeliveryError,
+    FatalLoopError,
+    InvalidRecordError,
+)
+from libs.serde import DeserializationError
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +100,11 @@ class LoopConfig:
     batch_size: int = 500
     poll_timeout_s: float = 0.2
     transaction_timeout_s: float = 30.0
-    #: exceptions that mean "this record is bad": it is dead-lettered and the loop goes on.
-    poison_errors: tuple[type[BaseException], ...] = (Exception,)
+    #: exceptions that mean "this record is bad": it is dead-lettered and the loop goes on;
+    #: any other exception of the handler stops the loop (fail closed)
+    poison_errors: tuple[type[BaseException], ...] = (DeserializationError, InvalidRecordError)
+    #: how long closing the clients may take before the process gives up on them
+    close_timeout_s: float = 10.0
 
 
 @dataclass
@@ -124,6 +145,8 @@ class ProcessingLoop:
         stop: threading.Event,
         on_checkpoint: Callable[[], None] | None = None,
         on_idle: Callable[[], None] | None = None,
+        consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
+        producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
     ) -> None:
         self.config = config
         self.stats = LoopStats()
@@ -140,8 +163,12 @@ class ProcessingLoop:
         producer_config.setdefault(
             "transaction.timeout.ms", int(config.transaction_timeout_s * 1000)
         )
-        self._consumer = Consumer(consumer_config)
-        self._producer = Producer(producer_config)
+        self._consumer = consumer_factory(consumer_config)
+        self._producer = producer_factory(producer_config)
+        # set when a client call overran its bound: the client must not be called again
+        self._wedged = False
+        # set when the loop stops on an error: nothing more is committed on the way out
+        self._failed = False
         self._dlq = DeadLetterPublisher(self._produce, service)
         self._out = _Out(self)
         self._in_txn = False
@@ -154,6 +181,15 @@ class ProcessingLoop:
         self._paused_until: float | None = None
         self._delivery_errors: list[KafkaError] = []
         self.last_poll = time.monotonic()
+
+    # -- bounded calls -----------------------------------------------------------------------
+    def _bounded(self, what: str, timeout_s: float, fn: Callable[[], Any]) -> Any:
+        """Run a blocking client call given ``timeout_s``; wedged past ``timeout_s + MARGIN_S``."""
+        try:
+            return call_bounded(what, timeout_s + MARGIN_S, fn)
+        except ClientCallTimeoutError:
+            self._wedged = True
+            raise
 
     # -- producing -------------------------------------------------------------------------
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
@@ -211,10 +247,15 @@ class ProcessingLoop:
                 self._producer.begin_transaction()
                 self._in_txn = True
             if offsets:
-                self._producer.send_offsets_to_transaction(
-                    offsets, self._consumer.consumer_group_metadata(), timeout
+                metadata = self._consumer.consumer_group_metadata()
+                self._bounded(
+                    "send_offsets_to_transaction",
+                    timeout,
+                    lambda: self._producer.send_offsets_to_transaction(offsets, metadata, timeout),
                 )
-            self._producer.commit_transaction(timeout)
+            self._bounded(
+                "commit_transaction", timeout, lambda: self._producer.commit_transaction(timeout)
+            )
             self._in_txn = False
         except KafkaException as exc:
             err: KafkaError = exc.args[0]
@@ -224,7 +265,8 @@ class ProcessingLoop:
             raise FatalLoopError(f"transaction commit failed: {err.str()}") from exc
 
     def _flush_and_commit(self, offsets: list[TopicPartition]) -> None:
-        remaining = self._producer.flush(self.config.transaction_timeout_s)
+        timeout = self.config.transaction_timeout_s
+        remaining = self._bounded("flush", timeout, lambda: self._producer.flush(timeout))
         if remaining or self._delivery_errors:
             errors = [e.str() for e in self._delivery_errors[:3]]
             self._delivery_errors.clear()
@@ -233,7 +275,11 @@ class ProcessingLoop:
                 "offsets not committed, the interval will be replayed after restart"
             )
         if offsets:
-            self._consumer.commit(offsets=offsets, asynchronous=False)
+            self._bounded(
+                "commit",
+                timeout,
+                lambda: self._consumer.commit(offsets=offsets, asynchronous=False),
+            )
 
     def _abort(self, reason: str) -> None:
         """Throw away the interval since the last checkpoint and rewind to replay it."""
@@ -243,8 +289,11 @@ class ProcessingLoop:
         self.stats.aborts += 1
         ABORTS.labels(self.config.name, reason.split(":")[0]).inc()
         if self._eos and self._in_txn:
+            timeout = self.config.transaction_timeout_s
             try:
-                self._producer.abort_transaction(self.config.transaction_timeout_s)
+                self._bounded(
+                    "abort_transaction", timeout, lambda: self._producer.abort_transaction(timeout)
+                )
             except KafkaException as exc:
                 raise FatalLoopError(f"transaction abort failed: {exc}") from exc
             self._in_txn = False
@@ -272,6 +321,8 @@ class ProcessingLoop:
         log.info(
             "partitions revoked", extra={"loop": self.config.name, "partitions": _names(partitions)}
         )
+        if self._failed:
+            return  # stopping on an error: the next owner replays from the last checkpoint
         # Commit before the partitions move: their next owner starts from our offsets.
         self.checkpoint()
 
@@ -290,7 +341,10 @@ class ProcessingLoop:
     def run(self) -> LoopStats:
         """Consume until the stop event is set; checkpoint and close on the way out."""
         if self._eos:
-            self._producer.init_transactions(self.config.transaction_timeout_s)
+            timeout = self.config.transaction_timeout_s
+            self._bounded(
+                "init_transactions", timeout, lambda: self._producer.init_transactions(timeout)
+            )
         self._consumer.subscribe(
             list(self.config.topics),
             on_assign=self._on_assign,
@@ -309,6 +363,9 @@ class ProcessingLoop:
             while not self._stop.is_set():
                 self._poll_once()
             self.checkpoint()
+        except BaseException:
+            self._failed = True
+            raise
         finally:
             self._close()
         log.info(
@@ -338,6 +395,13 @@ class ProcessingLoop:
         msgs = (
             [] if first is None else [first, *self._consumer.consume(self.config.batch_size - 1, 0)]
         )
+        # Every partition we received records from now has a rewind target, handled or not: a
+        # rollback below must return the unhandled rest of this batch too (see module doc).
+        for msg in msgs:
+            if msg.error() is None:
+                self._base.setdefault(
+                    (str(msg.topic()), int(msg.partition() or 0)), int(msg.offset() or 0)
+                )
         for i, msg in enumerate(msgs):
             err = msg.error()
             if err is not None:
@@ -385,26 +449,51 @@ class ProcessingLoop:
         except self.config.poison_errors as exc:
             self._dlq.publish_message(msg, exc)
             self.stats.dead_lettered += 1
+        except Exception as exc:
+            # Not the record's fault (a bug, an outage): dead-lettering would write off the
+            # whole stream. Stop; the restart replays from the last checkpoint.
+            log.error(
+                "handler failed on a record that is not poison, stopping",
+                extra={
+                    "loop": self.config.name,
+                    "topic": topic,
+                    "partition": partition,
+                    "offset": offset,
+                    "error_class": f"{type(exc).__module__}.{type(exc).__qualname__}",
+                    "error": str(exc),
+                },
+            )
+            raise FatalLoopError(
+                f"handler failed on {topic}[{partition}]@{offset}: {type(exc).__name__}: {exc}"
+            ) from exc
         self._pending[key] = offset + 1
         self._uncommitted += 1
 
     def _close(self) -> None:
-        try:
-            if self._in_txn:
-                self._producer.abort_transaction(self.config.transaction_timeout_s)
-                self._in_txn = False
-        except KafkaException:
-            log.exception("abort on close failed")
-        # errors here would replace the exception that brought us here (a fatal transaction
-        # state after a broker outage, say); log them instead
-        try:
-            self._producer.flush(10)
-        except KafkaException:
-            log.exception("producer flush on close failed")
-        try:
-            self._consumer.close()
-        except KafkaException:
-            log.exception("consumer close failed")
+        # Errors here would replace the exception that brought us here (a fatal transaction
+        # state after a broker outage, say): log them instead. A wedged client is not called
+        # again; the others get ``close_timeout_s`` each, so closing never hangs the process.
+        if self._wedged:
+            log.error(
+                "a client is wedged; not closing the clients", extra={"loop": self.config.name}
+            )
+            return
+        bound = self.config.close_timeout_s
+        steps: list[tuple[str, Callable[[], Any]]] = [
+            ("producer flush", lambda: self._producer.flush(bound)),
+            ("consumer close", self._consumer.close),
+        ]
+        if self._in_txn:
+            steps.insert(0, ("abort on close", lambda: self._producer.abort_transaction(bound)))
+        for what, step in steps:
+            try:
+                call_bounded(what, bound + MARGIN_S, step)
+            except ClientCallTimeoutError as exc:
+                log.error(str(exc), extra={"loop": self.config.name})
+                return
+            except KafkaException:
+                log.exception(f"{what} failed", extra={"loop": self.config.name})
+        self._in_txn = False
 
 
 def _names(partitions: list[TopicPartition]) -> list[str]:

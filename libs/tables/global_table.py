@@ -12,6 +12,12 @@
   leaves holes and transaction markers occupy offsets no record is returned for; librdkafka
   moves the position past both.
 * One apply function serves bootstrap and live following.
+* Registry down is not the record's fault: a record whose writer schema cannot be fetched
+  (the registry unreachable, 5xx) is neither applied nor dead-lettered, and the table's
+  position does not move past it. Every partition is sought back to its first record not
+  applied, and the table consumes nothing for ``retry_s`` before it tries again; it stays
+  loading (or lagging), so readiness stays false. Only records that are really invalid
+  (undecodable bytes, an unknown schema id) go to ``on_invalid``.
 * Self-healing: a stored offset below the partition's low watermark (the records in between
   were deleted, so the copy would silently miss keys), above its high watermark (the topic was
   recreated), a store that does not open, or a changed format version wipes the store and
@@ -39,6 +45,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message,
 from prometheus_client import Counter, Gauge
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
+from libs.serde import DeserializationError
 from libs.tables.errors import TableError
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,11 @@ LAYOUT_VERSION = "1"
 
 STATE = Gauge("table_state", "1 for the table's current state", ["table", "state"])
 RECORDS = Gauge("table_records", "Keys in the table (RocksDB estimate)", ["table"])
+BLOCKED = Counter(
+    "table_blocked_total",
+    "Times applying stopped at a record whose schema could not be fetched (registry down)",
+    ["table"],
+)
 LAG = Gauge("table_lag_records", "Records between the table's position and the end", ["table"])
 LAST_UPDATE = Gauge(
     "table_last_update_timestamp_seconds", "Wall time of the last applied record", ["table"]
@@ -103,6 +115,7 @@ class GlobalTable(Generic[V]):
         batch_size: int = 5000,
         cache_size: int = 10_000,
         lagging_threshold: int = 1000,
+        retry_s: float = 2.0,
     ) -> None:
         self.name = name
         self.topic = topic
@@ -123,6 +136,11 @@ class GlobalTable(Generic[V]):
         self._cache: OrderedDict[str, V | None] = OrderedDict()
         self._cache_size = cache_size
         self._lagging_threshold = lagging_threshold
+        self._retry_s = retry_s
+        # while set: applying stopped at a record the registry could not resolve; consume
+        # nothing before this monotonic time
+        self._blocked_until: float | None = None
+        self.blocked_reason: str | None = None
         self._db: Rdict | None = None
         self._consumer: Consumer | None = None
         self._write_opts = WriteOptions()
@@ -270,11 +288,14 @@ class GlobalTable(Generic[V]):
     def step_bootstrap(self) -> bool:
         """Apply one batch; return True once every partition reached its snapshot."""
         consumer = self._require_consumer()
+        if self._is_blocked():
+            time.sleep(0.05)  # the gate has nothing else to do; the loop has not started
+            return False
         msgs = consumer.consume(self._batch_size, 0.2)
         if msgs:
             self._apply(msgs)
         pending = [p for p in self._partitions if self._offsets.get(p, 0) < self._targets[p]]
-        if pending:
+        if pending and not self._is_blocked():
             positions = consumer.position([TopicPartition(self.topic, p) for p in pending])
             for tp in positions:
                 # the position moves past transaction markers and compaction holes that no
@@ -304,6 +325,8 @@ class GlobalTable(Generic[V]):
         touched: dict[int, int] = {}
         applied = 0
         keys: list[str] = []
+        # partition -> offset of its first record of this batch that is not applied
+        rewind: dict[int, int] = {}
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -312,6 +335,9 @@ class GlobalTable(Generic[V]):
                 continue
             partition = int(msg.partition() or 0)
             offset = int(msg.offset() or 0)
+            if rewind:
+                rewind.setdefault(partition, offset)
+                continue
             touched[partition] = offset + 1
             key = msg.key()
             value = msg.value()
@@ -321,7 +347,18 @@ class GlobalTable(Generic[V]):
             if value is not None and self._validate:
                 try:
                     self._decode(value, self.topic, partition, offset)
-                except Exception as exc:  # whatever the decoder raises makes the record invalid
+                except DeserializationError as exc:
+                    if exc.registry_unavailable:
+                        # not applied, not dead-lettered, and the position stays before it
+                        del touched[partition]
+                        if offset > self._offsets.get(partition, -1):
+                            touched[partition] = offset
+                        rewind[partition] = offset
+                        self._block(exc)
+                        continue
+                    self._invalid(msg, exc)
+                    continue
+                except Exception as exc:  # whatever else the decoder raises: invalid record
                     self._invalid(msg, exc)
                     continue
             if value is None:
@@ -337,6 +374,9 @@ class GlobalTable(Generic[V]):
             for k in keys:
                 self._cache.pop(k, None)
         self._offsets.update(touched)
+        for partition, offset in rewind.items():
+            # seeking also drops what the consumer had fetched past that point
+            self._require_consumer().seek(TopicPartition(self.topic, partition, offset))
         if applied:
             self.applied_total += applied
             self.applied_since_start += applied
@@ -344,6 +384,26 @@ class GlobalTable(Generic[V]):
             APPLIED.labels(self.name).inc(applied)
             LAST_UPDATE.labels(self.name).set(self.last_update)
         return applied
+
+    def _block(self, exc: DeserializationError) -> None:
+        if self._blocked_until is None:
+            BLOCKED.labels(self.name).inc()
+            log.warning(
+                "schema registry unavailable, table paused at the record",
+                extra={"table": self.name, "retry_s": self._retry_s, "error": str(exc)},
+            )
+        self._blocked_until = time.monotonic() + self._retry_s
+        self.blocked_reason = f"schema registry unavailable: {exc.reason}"
+
+    def _is_blocked(self) -> bool:
+        if self._blocked_until is None:
+            return False
+        if time.monotonic() < self._blocked_until:
+            return True
+        # try again; a record that still cannot be resolved blocks the table anew
+        self._blocked_until = None
+        self.blocked_reason = None
+        return False
 
     def _store_offset(self, partition: int, next_offset: int) -> None:
         self._require_db().put(
@@ -371,6 +431,8 @@ class GlobalTable(Generic[V]):
     def poll(self, max_records: int = 1000, timeout_s: float = 0.0) -> int:
         """Apply records that arrived since the gate; return how many were applied."""
         consumer = self._require_consumer()
+        if self._is_blocked():
+            return 0
         msgs = consumer.consume(max_records, timeout_s)
         applied = self._apply(msgs) if msgs else 0
         self._update_lag(consumer)
@@ -451,6 +513,7 @@ class GlobalTable(Generic[V]):
             "lag": self._lag,
             "applied_since_start": self.applied_since_start,
             "invalid": self.invalid_total,
+            "blocked": self.blocked_reason,
             "last_update_age_s": age,
         }
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
@@ -91,4 +93,18 @@ def run_service(
         return EXIT_OK
     except Exception:
         log.exception("fatal error, exiting", extra={"service": name})
-        return EXIT_FATAL
+        hard_exit(EXIT_FATAL)
+
+
+def hard_exit(code: int) -> NoReturn:
+    """Exit now, without the interpreter's teardown.
+
+    After a fatal error a Kafka client may be wedged inside librdkafka (a call that overran
+    its bound, see ``libs.kafka.bounded``); destroying it at teardown can block for as long as
+    the call does, and Kubernetes would see a hung pod instead of an exit.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -11,7 +11,9 @@ Start order matters:
 
 Invalid lookup records are dead-lettered to ``<table topic>.dlq`` by a plain producer (they are
 not part of the loop's transactions: the tables keep their own offsets in RocksDB) and skipped;
-invalid events are dead-lettered by the loop inside its transaction.
+a lookup record whose schema the registry cannot serve right now is not invalid: the table
+waits at it (``libs.tables``), and the enricher stays not ready until the registry answers.
+Invalid events are dead-lettered by the loop inside its transaction.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from libs.kafka import (
     DeadLetterPublisher,
     Emitter,
     Guarantee,
+    InvalidRecordError,
     KafkaSettings,
     LoopConfig,
     ProcessingLoop,
@@ -54,6 +57,7 @@ from libs.serde import (
     SlackUser,
     encode_key,
     load_schema_text,
+    wait_for_registry,
 )
 from libs.tables import GlobalTable, bootstrap_all
 from services.common.settings import CommonSettings, TopicSettings
@@ -89,12 +93,8 @@ INVALID_EVENTS = Counter(
 )
 
 
-class InvalidEventError(ValueError):
+class InvalidEventError(InvalidRecordError):
     """A decodable event that cannot be processed (empty ids); it is dead-lettered."""
-
-
-class LookupUnavailableError(RuntimeError):
-    """A lookup record could not be validated for lack of the schema registry (fatal)."""
 
 
 @dataclass(frozen=True)
@@ -162,19 +162,9 @@ class Enricher:
             state_dir=Path(self._settings.state_dir),
             consumer_config=self._kafka.consumer_config(None),
             decode=decode,
-            on_invalid=self._on_invalid_lookup,
+            on_invalid=self._table_dlq.publish_message,
             format_version=_format_version(record_type),
         )
-
-    def _on_invalid_lookup(self, msg: Message, exc: Exception) -> None:
-        if isinstance(exc, DeserializationError) and exc.registry_unavailable:
-            # Not the record's fault: skipping it would leave the table without a valid key
-            # until the next rebuild. Failing stops the service before the batch (and its
-            # offsets) is written, so the restart re-reads the record.
-            raise LookupUnavailableError(
-                f"table record of {msg.topic()} cannot be validated: {exc}"
-            ) from exc
-        self._table_dlq.publish_message(msg, exc)
 
     def _follow_tables(self) -> None:
         """Apply whatever the tables fetched since the last call (the loop's ``on_idle``)."""
@@ -302,6 +292,9 @@ class Enricher:
             ).start()
         started = time.monotonic()
         try:
+            if not wait_for_registry(self._registry, self._stop):
+                log.info("stopped while waiting for the schema registry")
+                return 0
             bootstrap_all(self.tables, self._stop)
             self._dlq_producer.flush(10)
             if self._stop.is_set():

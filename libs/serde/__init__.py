@@ -33,6 +33,7 @@ from libs.serde.registry import (
     InMemorySchemaRegistry,
     SchemaRegistry,
     topic_subject,
+    wait_for_registry,
 )
 
 __all__ = [
@@ -62,4 +63,5 @@ __all__ = [
     "encode_key",
     "load_schema_text",
     "topic_subject",
+    "wait_for_registry",
 ]

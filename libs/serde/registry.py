@@ -7,6 +7,7 @@ serves natively and Apicurio Registry serves under ``/apis/ccompat/v7``.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from typing import Protocol
 
@@ -14,6 +15,8 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from libs.serde.errors import RegistryError
+
+log = logging.getLogger(__name__)
 
 
 class SchemaRegistry(Protocol):
@@ -34,6 +37,41 @@ class SchemaRegistry(Protocol):
     def set_compatibility(self, subject: str, level: str) -> None:
         """Set the subject's compatibility level (e.g. ``BACKWARD_TRANSITIVE``)."""
         ...
+
+    def check(self) -> None:
+        """Return when the registry answers; ``RegistryError`` when it does not."""
+        ...
+
+
+def wait_for_registry(
+    registry: SchemaRegistry,
+    stop: threading.Event,
+    *,
+    initial_s: float = 1.0,
+    max_s: float = 10.0,
+) -> bool:
+    """Block until the registry answers (True) or ``stop`` is set (False), with backoff.
+
+    Services call it at start, after their health server is up and before anything needs a
+    schema: a registry that is down at start means waiting, not ready, rather than exiting.
+    """
+    delay = initial_s
+    attempt = 0
+    while not stop.is_set():
+        try:
+            registry.check()
+            if attempt:
+                log.info("schema registry answers again", extra={"attempts": attempt + 1})
+            return True
+        except RegistryError as exc:
+            attempt += 1
+            log.warning(
+                "schema registry unavailable at start, waiting",
+                extra={"error": str(exc), "attempt": attempt, "retry_in_s": delay},
+            )
+        stop.wait(delay)
+        delay = min(max_s, delay * 2)
+    return False
 
 
 def topic_subject(topic: str, *, is_key: bool = False) -> str:
@@ -87,6 +125,12 @@ class ConfluentSchemaRegistry:
         except Exception as exc:
             raise RegistryError(f"setting compatibility of {subject} failed: {exc}") from exc
 
+    def check(self) -> None:
+        try:
+            self._client.get_subjects()
+        except Exception as exc:
+            raise RegistryError(f"schema registry at {self.url} unreachable: {exc}") from exc
+
     def close(self) -> None:
         """Close the HTTP connection pool."""
         self._client.close()
@@ -131,6 +175,9 @@ class InMemorySchemaRegistry:
     def set_compatibility(self, subject: str, level: str) -> None:
         with self._lock:
             self._levels[subject] = level
+
+    def check(self) -> None:
+        pass
 
     def subjects(self) -> dict[str, list[int]]:
         """Subjects and their schema ids, in registration order."""

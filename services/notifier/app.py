@@ -46,6 +46,7 @@ from libs.serde import (
     SlackDeliveryReceipt,
     SlackMessage,
     load_schema_text,
+    wait_for_registry,
 )
 from libs.tables import GlobalTable, bootstrap_all
 from services.common.settings import CommonSettings, TopicSettings
@@ -204,6 +205,9 @@ class NotifierService:
         started = time.monotonic()
         stats = SinkStats()
         try:
+            if not wait_for_registry(self._registry, self._stop):
+                log.info("stopped while waiting for the schema registry")
+                return 0
             bootstrap_all([self.receipts], self._stop)
             if self._stop.is_set():
                 log.info("stopped while loading receipts")

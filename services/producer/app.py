@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings
 
 from libs.kafka import TopicSpec, dlq_topic, ensure_topics
 from libs.runtime import HealthServer, install_stop_handlers
-from libs.serde import SchemaRegistry
+from libs.serde import SchemaRegistry, wait_for_registry
 from services.common.settings import CommonSettings, TopicSettings
 from services.producer.core import QueryDefinition
 from services.producer.queries import ONBOARDING_STARTED
@@ -168,7 +168,8 @@ def run(
         else None
     )
     try:
-        loop.run()
+        if wait_for_registry(registry, stop):
+            loop.run()
     finally:
         for runner in runners:
             runner.close()

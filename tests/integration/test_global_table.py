@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -215,3 +216,48 @@ def test_put_local_is_read_before_the_topic_echo(env: Env) -> None:
         assert t.get(key) == _user(5)
     finally:
         t.close()
+
+
+def test_registry_down_during_a_rebuild_dead_letters_nothing(
+    bootstrap: str, registry: ConfluentSchemaRegistry, registry_url: str, tmp_path: Path
+) -> None:
+    """A table rebuilt while the schema registry is unreachable: its records are not the
+    records' fault, so none is dead-lettered (before the fix every one was, and the stored
+    offsets moved past them, which cost the notifier its duplicate-post protection). The
+    table waits at the first record, stays loading, and completes once the registry answers."""
+    from tests.e2e.harness import proxy
+
+    env = Env(bootstrap, registry, tmp_path)
+    produce(bootstrap, env.topic, env.records([_user(i) for i in range(30)]))
+    with proxy(registry_url) as (registry_proxy, url):
+        down = ConfluentSchemaRegistry(url)
+        decoder = AvroDeserializer(down, SlackUser)
+        env.decoder = decoder
+        table = env.table(retry_s=0.5)
+        stop = threading.Event()
+        done = threading.Event()
+
+        def gate() -> None:
+            table.bootstrap(stop)
+            done.set()
+
+        thread = threading.Thread(target=gate, daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda: table.blocked_reason, timeout_s=30, message="table blocked")
+            time.sleep(2.0)  # several retries against the refused registry
+            assert not done.is_set() and not table.ready()
+            assert env.invalid == [], env.invalid
+            wait_until(lambda: table.status()["blocked"], timeout_s=10, message="status says why")
+            registry_proxy.up()
+            assert done.wait(60), "the gate did not pass once the registry answered"
+        finally:
+            stop.set()
+            thread.join(30)
+        assert env.invalid == []
+        assert table.ready() and table.status()["blocked"] is None
+        assert [table.get(f"user{i}@example.com") for i in range(30)] == [
+            _user(i) for i in range(30)
+        ]
+        table.close()
+        down.close()

@@ -6,12 +6,13 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings
 
 from libs.runtime import configure_logging
@@ -44,15 +45,46 @@ def env_help(*models: type[BaseSettings]) -> str:
     return "\n".join(lines)
 
 
-def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """One line naming every bad or missing setting by its environment variable."""
+#: settings whose value is never repeated in an error line, even without the model at hand
+_SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|USER_INFO|CREDENTIAL", re.IGNORECASE)
+
+
+def _secret_fields(model: type[BaseModel] | None) -> set[str]:
+    if model is None:
+        return set()
+    return {
+        name
+        for name, field in model.model_fields.items()
+        if "secret" in str(field.annotation).lower()
+    }
+
+
+def describe_validation_error(
+    exc: ValidationError, prefix: str = "", *, model: type[BaseModel] | None = None
+) -> str:
+    """One line naming every bad or missing setting by its environment variable.
+
+    The value a setting got is quoted, except for secrets (``SecretStr`` fields of ``model``
+    and names that look like credentials), whose value is never printed.
+    """
+    secrets = _secret_fields(model)
     parts = []
     for err in exc.errors():
         name = (prefix + "_".join(str(p) for p in err["loc"])).upper()
+        field = str(err["loc"][0]) if err["loc"] else ""
+        value = err.get("input")
         if err["type"] == "missing":
             parts.append(f"{name} is required but not set")
+        elif not err["loc"]:
+            # A check across settings: its message names them; its input is every setting,
+            # secrets included.
+            parts.append(err["msg"].removeprefix("Value error, "))
+        elif value is None:
+            parts.append(f"{name}: {err['msg']}")
+        elif field in secrets or _SECRET_NAME.search(name):
+            parts.append(f"{name}: {err['msg']} (value hidden: a secret)")
         else:
-            parts.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+            parts.append(f"{name}: {err['msg']} (got {value!r})")
     return "invalid settings: " + "; ".join(parts)
 
 
@@ -78,7 +110,7 @@ def run_service(
             loaded.append(model())
         except ValidationError as exc:
             prefix = str(model.model_config.get("env_prefix", ""))
-            print(f"{name}: {describe_validation_error(exc, prefix)}", file=sys.stderr)  # noqa: T201
+            print(f"{name}: {describe_validation_error(exc, prefix, model=model)}", file=sys.stderr)  # noqa: T201
             return EXIT_CONFIG
     common = loaded[0]
     configure_logging(

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from libs.kafka import KafkaSettings, SecurityProtocol, TopicSpec
@@ -26,8 +27,12 @@ class CommonSettings(BaseSettings):
         description="PLAINTEXT, SASL_SSL (Confluent Cloud), SASL_PLAINTEXT, SSL",
     )
     kafka_sasl_mechanism: str = Field(default="PLAIN", description="PLAIN, SCRAM-SHA-512, ...")
-    kafka_sasl_username: str | None = Field(default=None, description="API key with SASL")
-    kafka_sasl_password: SecretStr | None = Field(default=None, description="API secret")
+    kafka_sasl_username: str | None = Field(
+        default=None, validate_default=True, description="API key with SASL"
+    )
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, validate_default=True, description="API secret"
+    )
     kafka_ssl_ca_location: str | None = Field(
         default=None, description="CA bundle for TLS (system CAs when unset)"
     )
@@ -42,6 +47,33 @@ class CommonSettings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = Field(default="json", description="json or text")
+
+    @field_validator("kafka_sasl_username", "kafka_sasl_password")
+    @classmethod
+    def _sasl_needs_credentials(
+        cls, value: str | SecretStr | None, info: ValidationInfo
+    ) -> str | SecretStr | None:
+        # Without them librdkafka only fails later, at the first connection, with an
+        # authentication error far from the setting that causes it.
+        protocol = str(info.data.get("kafka_security_protocol", ""))
+        if protocol.startswith("SASL"):
+            raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+            if raw is None or not raw.strip():
+                raise PydanticCustomError(
+                    "sasl_credentials_missing",
+                    "must be set when KAFKA_SECURITY_PROTOCOL={protocol}",
+                    {"protocol": protocol},
+                )
+        return value
+
+    @field_validator("schema_registry_basic_auth_user_info")
+    @classmethod
+    def _user_info_is_key_colon_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # The registry client raises a bare ValueError (a traceback) on a value without ':'.
+        # The message never repeats the value: it is a secret.
+        if value is not None and ":" not in value.get_secret_value():
+            raise PydanticCustomError("user_info_format", "must be key:secret (no ':' found)")
+        return value
 
     def kafka(self, client_id: str) -> KafkaSettings:
         """The library model for client configs."""

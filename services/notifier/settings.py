@@ -7,8 +7,9 @@ to the log and writes ``DRY_RUN`` receipts, and never talks to Slack.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.notifier.core import RetryPolicy
@@ -90,6 +91,16 @@ class NotifierSettings(BaseSettings):
     create_topics: bool = Field(
         default=True, description="create slack-messages, receipts and the DLQ when missing"
     )
+
+    @field_validator("slack_api_url")
+    @classmethod
+    def _http_url_with_host(cls, value: str) -> str:
+        # httpx would only fail at the first post, and a relative "URL" would be joined onto
+        # nothing: refuse it at start.
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL with a host, e.g. https://slack.com/api/")
+        return value.strip()
 
     @model_validator(mode="after")
     def _check(self) -> NotifierSettings:

@@ -65,3 +65,23 @@ def test_invalid_settings_are_named(
     with pytest.raises(ValidationError) as info:
         NotifierSettings()
     assert named in describe_validation_error(info.value, "NOTIFIER_")
+
+
+@pytest.mark.parametrize(
+    "value", ["notaurl", "slack.com/api/", "ftp://slack.com/api/", "https://", "http:///api/"]
+)
+def test_slack_api_url_must_be_http_with_a_host(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("NOTIFIER_SLACK_API_URL", value)
+    with pytest.raises(ValidationError) as info:
+        NotifierSettings()
+    line = describe_validation_error(info.value, "NOTIFIER_")
+    assert line.startswith("invalid settings: NOTIFIER_SLACK_API_URL: ")
+    assert "http(s) URL with a host" in line
+
+
+@pytest.mark.parametrize("value", ["http://127.0.0.1:8099/api/", "https://slack.com/api/"])
+def test_slack_api_url_accepts_http_urls(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("NOTIFIER_SLACK_API_URL", value)
+    assert NotifierSettings().slack_api_url == value

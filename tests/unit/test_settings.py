@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from services.common.cli import describe_validation_error, env_help
 from services.common.settings import CommonSettings, TopicSettings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_reads_contract_names(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,3 +67,121 @@ def test_help_lists_settings_with_defaults() -> None:
     text = env_help(CommonSettings, TopicSettings)
     assert "KAFKA_BOOTSTRAP_SERVERS" in text and "required" in text
     assert "TOPIC_SLACK_MESSAGES" in text and "'slack-messages'" in text
+
+
+@pytest.fixture
+def required_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in (
+        "KAFKA_SECURITY_PROTOCOL",
+        "KAFKA_SASL_USERNAME",
+        "KAFKA_SASL_PASSWORD",
+        "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO",
+        "SCHEMA_REGISTRY_TIMEOUT_S",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    monkeypatch.setenv("SCHEMA_REGISTRY_URL", "http://127.0.0.1:8081")
+    return monkeypatch
+
+
+@pytest.mark.parametrize("model", [None, CommonSettings])
+def test_user_info_without_colon_is_named_and_not_echoed(
+    required_env: pytest.MonkeyPatch, model: type[CommonSettings] | None
+) -> None:
+    required_env.setenv("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "s3cr3t-no-colon")
+    with pytest.raises(ValidationError) as info:
+        CommonSettings()
+    line = describe_validation_error(info.value, model=model)
+    assert line.startswith("invalid settings: SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO: must be key:")
+    assert "s3cr3t" not in line
+
+
+def test_user_info_with_colon_is_accepted(required_env: pytest.MonkeyPatch) -> None:
+    required_env.setenv("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "key:s3cr3t")
+    common = CommonSettings()
+    assert common.schema_registry_basic_auth_user_info is not None
+    assert "s3cr3t" not in repr(common)
+
+
+@pytest.mark.parametrize("protocol", ["SASL_SSL", "SASL_PLAINTEXT"])
+def test_sasl_without_username_names_it(required_env: pytest.MonkeyPatch, protocol: str) -> None:
+    required_env.setenv("KAFKA_SECURITY_PROTOCOL", protocol)
+    required_env.setenv("KAFKA_SASL_PASSWORD", "pw-123")
+    with pytest.raises(ValidationError) as info:
+        CommonSettings()
+    assert describe_validation_error(info.value, model=CommonSettings) == (
+        f"invalid settings: KAFKA_SASL_USERNAME: must be set when "
+        f"KAFKA_SECURITY_PROTOCOL={protocol}"
+    )
+
+
+@pytest.mark.parametrize("username", [None, ""])
+def test_sasl_without_credentials_names_both(
+    required_env: pytest.MonkeyPatch, username: str | None
+) -> None:
+    required_env.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    if username is not None:
+        required_env.setenv("KAFKA_SASL_USERNAME", username)
+    with pytest.raises(ValidationError) as info:
+        CommonSettings()
+    line = describe_validation_error(info.value, model=CommonSettings)
+    assert "KAFKA_SASL_USERNAME: must be set" in line
+    assert "KAFKA_SASL_PASSWORD: must be set" in line
+
+
+def test_sasl_with_credentials_and_plaintext_without_are_accepted(
+    required_env: pytest.MonkeyPatch,
+) -> None:
+    assert CommonSettings().kafka_sasl_username is None  # PLAINTEXT needs none
+    required_env.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    required_env.setenv("KAFKA_SASL_USERNAME", "key")
+    required_env.setenv("KAFKA_SASL_PASSWORD", "pw-123")
+    assert CommonSettings().kafka("x").sasl_username == "key"
+
+
+def test_model_level_error_does_not_echo_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.notifier.settings import NotifierSettings
+
+    monkeypatch.setenv("NOTIFIER_SLACK_BOT_TOKEN", "xoxb-s3cr3t")
+    monkeypatch.setenv("NOTIFIER_BACKOFF_BASE_S", "5")
+    monkeypatch.setenv("NOTIFIER_BACKOFF_MAX_S", "1")
+    with pytest.raises(ValidationError) as info:
+        NotifierSettings()
+    line = describe_validation_error(info.value, "NOTIFIER_", model=NotifierSettings)
+    assert "NOTIFIER_BACKOFF_MAX_S must be >=" in line
+    assert "s3cr3t" not in line
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO": "s3cr3t-no-colon"}, "SCHEMA_REGISTRY_BASIC_AUTH"),
+        (
+            {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_PASSWORD": "pw"},
+            "KAFKA_SASL_USERNAME",
+        ),
+        ({"NOTIFIER_SLACK_API_URL": "notaurl"}, "NOTIFIER_SLACK_API_URL"),
+    ],
+    ids=["user-info", "sasl-username", "slack-url"],
+)
+def test_notifier_cli_exits_2_with_one_line(env: dict[str, str], named: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.notifier"],
+        cwd=ROOT,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+            "SCHEMA_REGISTRY_URL": "http://127.0.0.1:1",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"notifier: invalid settings: {named}")
+    assert "s3cr3t" not in line

@@ -82,12 +82,36 @@ def topic_subject(topic: str, *, is_key: bool = False) -> str:
 class ConfluentSchemaRegistry:
     """``SchemaRegistry`` over confluent-kafka's REST client (Confluent or Apicurio ccompat)."""
 
-    def __init__(self, url: str, basic_auth_user_info: str | None = None) -> None:
-        conf: dict[str, str] = {"url": url}
+    #: retries after a failed request (transport error or HTTP 408/429/5xx)
+    MAX_RETRIES = 2
+    #: full-jitter backoff between them: up to 0.5 s, then up to 1 s (capped at 2 s)
+    RETRIES_WAIT_MS = 500
+    RETRIES_MAX_WAIT_MS = 2000
+
+    def __init__(
+        self, url: str, basic_auth_user_info: str | None = None, *, timeout_s: float = 10.0
+    ) -> None:
+        """``timeout_s`` bounds each HTTP phase (connect, read, write) of one request.
+
+        The client's own defaults have no timeout at all (httpx then waits forever on a registry
+        that accepts and never answers) and 3 retries up to 20 s apart. Here one call takes at
+        most about ``(MAX_RETRIES + 1) * timeout_s`` plus 1.5 s of backoff before it raises
+        ``RegistryError``.
+        """
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        conf: dict[str, object] = {
+            "url": url,
+            "timeout": timeout_s,
+            "max.retries": self.MAX_RETRIES,
+            "retries.wait.ms": self.RETRIES_WAIT_MS,
+            "retries.max.wait.ms": self.RETRIES_MAX_WAIT_MS,
+        }
         if basic_auth_user_info:
             conf["basic.auth.user.info"] = basic_auth_user_info
         self._client = SchemaRegistryClient(conf)
         self.url = url
+        self.timeout_s = timeout_s
 
     def register(self, subject: str, schema: str) -> int:
         try:

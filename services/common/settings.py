@@ -42,6 +42,14 @@ class CommonSettings(BaseSettings):
     schema_registry_basic_auth_user_info: SecretStr | None = Field(
         default=None, description="key:secret for the registry"
     )
+    schema_registry_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "HTTP timeout of one registry request (up to 2 retries, 0.5-2 s apart, follow a "
+            "failed one)"
+        ),
+    )
     metrics_port: int = Field(
         default=8080, ge=0, le=65535, description="/metrics, /healthz, /readyz; 0 disables"
     )
@@ -91,7 +99,9 @@ class CommonSettings(BaseSettings):
         """A schema registry client."""
         auth = self.schema_registry_basic_auth_user_info
         return ConfluentSchemaRegistry(
-            self.schema_registry_url, auth.get_secret_value() if auth else None
+            self.schema_registry_url,
+            auth.get_secret_value() if auth else None,
+            timeout_s=self.schema_registry_timeout_s,
         )
 
 

@@ -139,6 +139,29 @@ def test_sasl_with_credentials_and_plaintext_without_are_accepted(
     assert CommonSettings().kafka("x").sasl_username == "key"
 
 
+def test_registry_timeout_default_is_passed_to_the_client(
+    required_env: pytest.MonkeyPatch,
+) -> None:
+    common = CommonSettings()
+    assert common.schema_registry_timeout_s == 10.0
+    required_env.setenv("SCHEMA_REGISTRY_TIMEOUT_S", "2.5")
+    registry = CommonSettings().registry()
+    try:
+        assert registry.timeout_s == 2.5
+    finally:
+        registry.close()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+def test_bad_registry_timeout_is_named(required_env: pytest.MonkeyPatch, value: str) -> None:
+    required_env.setenv("SCHEMA_REGISTRY_TIMEOUT_S", value)
+    with pytest.raises(ValidationError) as info:
+        CommonSettings()
+    assert describe_validation_error(info.value).startswith(
+        "invalid settings: SCHEMA_REGISTRY_TIMEOUT_S:"
+    )
+
+
 def test_model_level_error_does_not_echo_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     from services.notifier.settings import NotifierSettings
 

@@ -245,6 +245,10 @@ class Enricher:
     def _loop_consumer_config(self) -> dict[str, Any]:
         conf = self._kafka.consumer_config(self._settings.group_id)
         conf["session.timeout.ms"] = self._settings.session_timeout_ms
+        if self._settings.group_instance_id is not None:
+            # Static membership: a restart within session.timeout.ms gets its partitions back
+            # without a rebalance of the whole group (and without restoring their state).
+            conf["group.instance.id"] = self._settings.group_instance_id
         return conf
 
     # -- health ----------------------------------------------------------------------------

@@ -71,7 +71,15 @@ class EnricherSettings(BaseSettings):
         description="how soon a crashed instance's partitions move to another (group session)",
     )
 
-    @field_validator("fallback_channel", "transactional_id", mode="before")
+    group_instance_id: str | None = Field(
+        default=None,
+        description=(
+            "consumer group.instance.id (static membership: a restart within the session "
+            "timeout keeps its partitions); unique per instance; unset: dynamic membership"
+        ),
+    )
+
+    @field_validator("fallback_channel", "transactional_id", "group_instance_id", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

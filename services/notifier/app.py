@@ -151,6 +151,10 @@ class NotifierService:
         conf = self._kafka.consumer_config(self._settings.group_id)
         conf["max.poll.interval.ms"] = self._settings.max_poll_interval_ms
         conf["session.timeout.ms"] = self._settings.session_timeout_ms
+        if self._settings.group_instance_id is not None:
+            # Static membership: a restart within session.timeout.ms gets its partitions back
+            # without a rebalance of the whole group.
+            conf["group.instance.id"] = self._settings.group_instance_id
         return conf
 
     # -- health ----------------------------------------------------------------------------

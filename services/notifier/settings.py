@@ -88,9 +88,21 @@ class NotifierSettings(BaseSettings):
     marker_retention_h: float = Field(
         default=168.0, gt=0, description="in-doubt markers older than this are dropped at start"
     )
+    group_instance_id: str | None = Field(
+        default=None,
+        description=(
+            "consumer group.instance.id (static membership: a restart within the session "
+            "timeout keeps its partitions); unique per instance; unset: dynamic membership"
+        ),
+    )
     create_topics: bool = Field(
         default=True, description="create slack-messages, receipts and the DLQ when missing"
     )
+
+    @field_validator("group_instance_id", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("slack_api_url")
     @classmethod

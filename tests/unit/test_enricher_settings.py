@@ -138,3 +138,11 @@ def test_help_lists_enricher_settings() -> None:
         "KAFKA_BOOTSTRAP_SERVERS",
     ):
         assert name in proc.stdout
+
+
+def test_group_instance_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert EnricherSettings().group_instance_id is None
+    monkeypatch.setenv("ENRICHER_GROUP_INSTANCE_ID", "")
+    assert EnricherSettings().group_instance_id is None
+    monkeypatch.setenv("ENRICHER_GROUP_INSTANCE_ID", "enricher-7d9f-abcde")
+    assert EnricherSettings().group_instance_id == "enricher-7d9f-abcde"

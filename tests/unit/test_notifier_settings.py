@@ -85,3 +85,11 @@ def test_slack_api_url_must_be_http_with_a_host(
 def test_slack_api_url_accepts_http_urls(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("NOTIFIER_SLACK_API_URL", value)
     assert NotifierSettings().slack_api_url == value
+
+
+def test_group_instance_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert NotifierSettings().group_instance_id is None
+    monkeypatch.setenv("NOTIFIER_GROUP_INSTANCE_ID", " ")
+    assert NotifierSettings().group_instance_id is None
+    monkeypatch.setenv("NOTIFIER_GROUP_INSTANCE_ID", "notifier-7d9f-abcde")
+    assert NotifierSettings().group_instance_id == "notifier-7d9f-abcde"

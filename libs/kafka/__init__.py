@@ -34,6 +34,7 @@ from libs.kafka.loop import (
     ProcessingLoop,
     RetryLater,
 )
+from libs.kafka.producer import ProducerClient, TransactionAbortedError
 
 __all__ = [
     "DLQ_SUFFIX",
@@ -57,10 +58,12 @@ __all__ = [
     "LoopConfig",
     "LoopStats",
     "ProcessingLoop",
+    "ProducerClient",
     "RetryLater",
     "SecurityProtocol",
     "TopicError",
     "TopicSpec",
+    "TransactionAbortedError",
     "call_bounded",
     "connect_admin",
     "describe_cleanup_policy",

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter, Gauge
 
 from libs.kafka.bounded import MARGIN_S, call_bounded
@@ -47,6 +47,7 @@ from libs.kafka.errors import (
     FatalLoopError,
     InvalidRecordError,
 )
+from libs.kafka.producer import ProducerClient, TransactionAbortedError
 from libs.serde import DeserializationError
 
 log = logging.getLogger(__name__)
@@ -164,57 +165,31 @@ class ProcessingLoop:
             "transaction.timeout.ms", int(config.transaction_timeout_s * 1000)
         )
         self._consumer = consumer_factory(consumer_config)
-        self._producer = producer_factory(producer_config)
-        # set when a client call overran its bound: the client must not be called again
+        self._client = ProducerClient(
+            producer_factory(producer_config),
+            timeout_s=config.transaction_timeout_s,
+            transactional=self._eos,
+        )
+        # set when a consumer call overran its bound: it must not be called again
         self._wedged = False
         # set when the loop stops on an error: nothing more is committed on the way out
         self._failed = False
         self._dlq = DeadLetterPublisher(self._produce, service)
         self._out = _Out(self)
-        self._in_txn = False
         # next offset to consume per partition, as of the records handled since the checkpoint
         self._pending: dict[tuple[str, int], int] = {}
-        # offset of the first record handled per partition since the checkpoint (rewind target)
+        # offset of the first record received per partition since the checkpoint (rewind target)
         self._base: dict[tuple[str, int], int] = {}
         self._uncommitted = 0
         self._last_checkpoint = time.monotonic()
         self._paused_until: float | None = None
-        self._delivery_errors: list[KafkaError] = []
         self.last_poll = time.monotonic()
 
-    # -- bounded calls -----------------------------------------------------------------------
-    def _bounded(self, what: str, timeout_s: float, fn: Callable[[], Any]) -> Any:
-        """Run a blocking client call given ``timeout_s``; wedged past ``timeout_s + MARGIN_S``."""
-        try:
-            return call_bounded(what, timeout_s + MARGIN_S, fn)
-        except ClientCallTimeoutError:
-            self._wedged = True
-            raise
-
     # -- producing -------------------------------------------------------------------------
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._delivery_errors.append(err)
-
     def _produce(
         self, topic: str, *, key: bytes | None, value: bytes | None, headers: Headers | None
     ) -> None:
-        if self._eos and not self._in_txn:
-            self._producer.begin_transaction()
-            self._in_txn = True
-        while True:
-            try:
-                self._producer.produce(
-                    topic,
-                    value=value,
-                    key=key,
-                    headers=list(headers or ()),
-                    on_delivery=self._on_delivery,
-                )
-                break
-            except BufferError:
-                # local queue full: serve delivery reports until there is room again
-                self._producer.poll(0.05)
+        self._client.produce(topic, key, value, headers)
         self.stats.produced += 1
         RECORDS_OUT.labels(self.config.name, topic).inc()
 
@@ -224,10 +199,14 @@ class ProcessingLoop:
 
     def checkpoint(self) -> None:
         """Make everything handled so far durable (see the module docstring for the order)."""
-        if self._pending or self._in_txn:
+        if self._pending or self._client.in_transaction:
             offsets = self._offsets()
             if self._eos:
-                self._commit_transaction(offsets)
+                try:
+                    self._client.commit(offsets, self._consumer.consumer_group_metadata())
+                except TransactionAbortedError as exc:
+                    self._rollback(str(exc))
+                    return
             else:
                 self._flush_and_commit(offsets)
             self._pending.clear()
@@ -240,69 +219,39 @@ class ProcessingLoop:
             self._on_checkpoint()
         self._last_checkpoint = time.monotonic()
 
-    def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
-        timeout = self.config.transaction_timeout_s
-        try:
-            if not self._in_txn:
-                self._producer.begin_transaction()
-                self._in_txn = True
-            if offsets:
-                metadata = self._consumer.consumer_group_metadata()
-                self._bounded(
-                    "send_offsets_to_transaction",
-                    timeout,
-                    lambda: self._producer.send_offsets_to_transaction(offsets, metadata, timeout),
-                )
-            self._bounded(
-                "commit_transaction", timeout, lambda: self._producer.commit_transaction(timeout)
-            )
-            self._in_txn = False
-        except KafkaException as exc:
-            err: KafkaError = exc.args[0]
-            if err.txn_requires_abort():
-                self._abort(f"transaction commit failed: {err.str()}")
-                return
-            raise FatalLoopError(f"transaction commit failed: {err.str()}") from exc
-
     def _flush_and_commit(self, offsets: list[TopicPartition]) -> None:
-        timeout = self.config.transaction_timeout_s
-        remaining = self._bounded("flush", timeout, lambda: self._producer.flush(timeout))
-        if remaining or self._delivery_errors:
-            errors = [e.str() for e in self._delivery_errors[:3]]
-            self._delivery_errors.clear()
+        try:
+            self._client.flush()
+        except DeliveryError as exc:
             raise DeliveryError(
-                f"{remaining} records unacknowledged, delivery errors: {errors}; "
-                "offsets not committed, the interval will be replayed after restart"
-            )
+                f"{exc}; offsets not committed, the interval will be replayed after restart"
+            ) from exc
         if offsets:
-            self._bounded(
-                "commit",
-                timeout,
-                lambda: self._consumer.commit(offsets=offsets, asynchronous=False),
-            )
+            timeout = self.config.transaction_timeout_s
+            try:
+                call_bounded(
+                    "commit",
+                    timeout + MARGIN_S,
+                    lambda: self._consumer.commit(offsets=offsets, asynchronous=False),
+                )
+            except ClientCallTimeoutError:
+                self._wedged = True
+                raise
 
-    def _abort(self, reason: str) -> None:
+    def _rollback(self, reason: str) -> None:
         """Throw away the interval since the last checkpoint and rewind to replay it."""
         log.warning(
             "rolling back to last checkpoint", extra={"loop": self.config.name, "reason": reason}
         )
         self.stats.aborts += 1
         ABORTS.labels(self.config.name, reason.split(":")[0]).inc()
-        if self._eos and self._in_txn:
-            timeout = self.config.transaction_timeout_s
-            try:
-                self._bounded(
-                    "abort_transaction", timeout, lambda: self._producer.abort_transaction(timeout)
-                )
-            except KafkaException as exc:
-                raise FatalLoopError(f"transaction abort failed: {exc}") from exc
-            self._in_txn = False
+        self._client.abort()
         self._rewind()
         self._pending.clear()
         self._uncommitted = 0
 
     def _rewind(self) -> None:
-        # Seek every partition touched since the checkpoint back to the first record handled
+        # Seek every partition received from since the checkpoint back to its first record
         # after it; seeking also drops what librdkafka had prefetched past that point.
         for (topic, partition), offset in self._base.items():
             self._consumer.seek(TopicPartition(topic, partition, offset))
@@ -334,17 +283,14 @@ class ProcessingLoop:
         lost = {(tp.topic, tp.partition) for tp in partitions}
         self._pending = {k: v for k, v in self._pending.items() if k not in lost}
         self._base = {k: v for k, v in self._base.items() if k not in lost}
-        if self._in_txn:
-            self._abort("partitions lost")
+        if self._client.in_transaction:
+            self._rollback("partitions lost")
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> LoopStats:
         """Consume until the stop event is set; checkpoint and close on the way out."""
         if self._eos:
-            timeout = self.config.transaction_timeout_s
-            self._bounded(
-                "init_transactions", timeout, lambda: self._producer.init_transactions(timeout)
-            )
+            self._client.init_transactions()
         self._consumer.subscribe(
             list(self.config.topics),
             on_assign=self._on_assign,
@@ -412,7 +358,7 @@ class ProcessingLoop:
             try:
                 self._handle(msg)
             except RetryLater as retry:
-                self._abort(f"retry later: {retry}")
+                self._rollback(f"retry later: {retry}")
                 self._consumer.pause(self._consumer.assignment())
                 self._paused_until = time.monotonic() + retry.delay_s
                 log.warning(
@@ -425,7 +371,7 @@ class ProcessingLoop:
                     },
                 )
                 return
-        self._producer.poll(0)
+        self._client.poll()
         if (
             self._uncommitted >= self.config.max_uncommitted
             or time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
@@ -472,28 +418,19 @@ class ProcessingLoop:
     def _close(self) -> None:
         # Errors here would replace the exception that brought us here (a fatal transaction
         # state after a broker outage, say): log them instead. A wedged client is not called
-        # again; the others get ``close_timeout_s`` each, so closing never hangs the process.
-        if self._wedged:
-            log.error(
-                "a client is wedged; not closing the clients", extra={"loop": self.config.name}
-            )
-            return
+        # again; each step gets ``close_timeout_s``, so closing never hangs the process.
         bound = self.config.close_timeout_s
-        steps: list[tuple[str, Callable[[], Any]]] = [
-            ("producer flush", lambda: self._producer.flush(bound)),
-            ("consumer close", self._consumer.close),
-        ]
-        if self._in_txn:
-            steps.insert(0, ("abort on close", lambda: self._producer.abort_transaction(bound)))
-        for what, step in steps:
-            try:
-                call_bounded(what, bound + MARGIN_S, step)
-            except ClientCallTimeoutError as exc:
-                log.error(str(exc), extra={"loop": self.config.name})
-                return
-            except KafkaException:
-                log.exception(f"{what} failed", extra={"loop": self.config.name})
-        self._in_txn = False
+        for problem in self._client.close(bound):
+            log.error(problem, extra={"loop": self.config.name})
+        if self._wedged or self._client.wedged:
+            log.error("a client is wedged; consumer not closed", extra={"loop": self.config.name})
+            return
+        try:
+            call_bounded("consumer close", bound + MARGIN_S, self._consumer.close)
+        except ClientCallTimeoutError as exc:
+            log.error(str(exc), extra={"loop": self.config.name})
+        except KafkaException:
+            log.exception("consumer close failed", extra={"loop": self.config.name})
 
 
 def _names(partitions: list[TopicPartition]) -> list[str]:

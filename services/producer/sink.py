@@ -27,7 +27,15 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from libs.kafka import DeadLetterPublisher, FatalLoopError, KafkaSettings, dlq_topic
+from libs.kafka import (
+    DeadLetterPublisher,
+    DeliveryError,
+    FatalLoopError,
+    KafkaSettings,
+    ProducerClient,
+    TransactionAbortedError,
+    dlq_topic,
+)
 from libs.serde import (
     AvroDeserializer,
     AvroRecord,
@@ -43,8 +51,6 @@ from services.producer.core import BatchPlan, DeadLetter, row_to_json
 log = logging.getLogger(__name__)
 
 SERVICE = "producer"
-#: Attempts at committing a transaction whose commit failed with a retriable error.
-_COMMIT_ATTEMPTS = 3
 
 
 class SinkError(Exception):
@@ -106,30 +112,32 @@ class KafkaTransactionalSink:
         self.cursor_topic = cursor_topic
         self.source = source
         self._kafka = kafka
-        self._timeout_s = transaction_timeout_s
         self._load_timeout_s = load_timeout_s
         self._encode = AvroSerializer(registry, record_type)
         self._encode_cursor = AvroSerializer(registry, ProducerCursor)
         self._decode_cursor = AvroDeserializer(registry, ProducerCursor)
-        self._producer = Producer(
-            kafka.producer_config(
-                transactional_id=transactional_id,
-                **{"transaction.timeout.ms": int(transaction_timeout_s * 1000)},
-            )
+        self._client = ProducerClient(
+            Producer(
+                kafka.producer_config(
+                    transactional_id=transactional_id,
+                    **{"transaction.timeout.ms": int(transaction_timeout_s * 1000)},
+                )
+            ),
+            timeout_s=transaction_timeout_s,
+            transactional=True,
         )
         self._dlq = DeadLetterPublisher(self._produce, SERVICE)
-        self._in_txn = False
-        self._delivery_errors: list[str] = []
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
         try:
-            self._producer.init_transactions(self._timeout_s)
-        except KafkaException as exc:
-            err: KafkaError = exc.args[0]
-            if err.fatal():
-                raise FatalLoopError(f"init_transactions failed: {err.str()}") from exc
-            raise CursorLoadError(f"init_transactions failed: {err.str()}") from exc
+            self._client.init_transactions()
+        except FatalLoopError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, KafkaException) and not cause.args[0].fatal():
+                # the broker is unreachable or busy: retried with backoff by the poll loop
+                raise CursorLoadError(str(exc)) from exc
+            raise
 
     def load_cursor(self) -> ProducerCursor | None:
         """Read the whole compacted cursor topic to its end; the last value of our key wins.
@@ -216,10 +224,6 @@ class KafkaTransactionalSink:
             raise FatalLoopError(f"unreadable cursor for {self.query}: {exc}") from exc
 
     # -- batches ---------------------------------------------------------------------------
-    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
-        if err is not None:
-            self._delivery_errors.append(err.str())
-
     def _produce(
         self,
         topic: str,
@@ -228,19 +232,7 @@ class KafkaTransactionalSink:
         value: bytes | None,
         headers: Sequence[tuple[str, Any]] | None = None,
     ) -> None:
-        while True:
-            try:
-                self._producer.produce(
-                    topic,
-                    key=key,
-                    value=value,
-                    headers=list(headers or ()),
-                    on_delivery=self._on_delivery,
-                )
-                return
-            except BufferError:
-                # local queue full: serve delivery reports until there is room again
-                self._producer.poll(0.05)
+        self._client.produce(topic, key, value, headers)
 
     def _encode_batch(
         self, plan: BatchPlan
@@ -271,10 +263,8 @@ class KafkaTransactionalSink:
     def write(self, plan: BatchPlan) -> None:
         # Encoding happens before the transaction opens: registry calls stay outside it.
         events, dead, cursor = self._encode_batch(plan)
-        self._delivery_errors.clear()
         try:
-            self._producer.begin_transaction()
-            self._in_txn = True
+            self._client.begin()
             for key, value in events:
                 self._produce(self.output_topic, key=key, value=value)
             for letter in dead:
@@ -288,48 +278,21 @@ class KafkaTransactionalSink:
                     topic=self.dlq_topic,
                 )
             self._produce(self.cursor_topic, key=self.query.encode(), value=cursor)
-            self._commit()
-        except KafkaException as exc:
-            err: KafkaError = exc.args[0]
-            if err.fatal():
-                # fenced by a newer instance, or the producer is unusable: restart the process
-                raise FatalLoopError(f"transaction failed: {err.str()}") from exc
-            self._abort()
-            detail = (
-                f"; delivery errors: {self._delivery_errors[:3]}" if self._delivery_errors else ""
-            )
-            raise BatchAbortedError(f"transaction aborted: {err.str()}{detail}") from exc
-
-    def _commit(self) -> None:
-        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
-            try:
-                self._producer.commit_transaction(self._timeout_s)
-                self._in_txn = False
-                return
-            except KafkaException as exc:
-                err: KafkaError = exc.args[0]
-                if not err.retriable() or attempt == _COMMIT_ATTEMPTS:
-                    raise
-                log.warning(
-                    "commit failed, retrying",
-                    extra={"query": self.query, "error": err.str(), "attempt": attempt},
-                )
-
-    def _abort(self) -> None:
-        if not self._in_txn:
-            return
-        try:
-            self._producer.abort_transaction(self._timeout_s)
-        except KafkaException as exc:
-            raise FatalLoopError(f"abort_transaction failed: {exc}") from exc
-        self._in_txn = False
+            self._client.commit()
+        except TransactionAbortedError as exc:
+            raise BatchAbortedError(str(exc)) from exc
+        except DeliveryError as exc:
+            self._client.abort()
+            raise BatchAbortedError(f"transaction aborted: {exc}") from exc
+        except KafkaException as exc:  # from produce(): the transaction cannot go on
+            if exc.args[0].fatal():
+                raise FatalLoopError(f"transaction failed: {exc.args[0].str()}") from exc
+            self._client.abort()
+            raise BatchAbortedError(f"transaction aborted: {exc.args[0].str()}") from exc
 
     def close(self) -> None:
-        try:
-            self._abort()
-        except FatalLoopError:
-            log.exception("abort on close failed", extra={"query": self.query})
-        self._producer.flush(10)
+        for problem in self._client.close():
+            log.error(problem, extra={"query": self.query})
 
 
 @dataclass

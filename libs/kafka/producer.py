@@ -1,0 +1,211 @@
+"""One producer for every service: back-pressure, delivery errors and transactions, once.
+
+``ProducerClient`` wraps a confluent-kafka ``Producer`` so that no service writes its own
+produce-with-``BufferError`` retry, delivery-error collection or transaction-error
+classification (they had drifted: a retriable ``commit_transaction`` error was retried by the
+warehouse producer and fatal in the run loop).
+
+Transaction errors are classified the way librdkafka's transactional API documents them:
+
+* retriable (``err.retriable()``): the same call is made again, up to ``commit_attempts``;
+* abortable (``err.txn_requires_abort()``): the transaction is aborted here and
+  ``TransactionAbortedError`` raised; nothing of it is visible to ``read_committed`` readers,
+  and the caller replays from its last checkpoint;
+* fatal (``err.fatal()``, fenced by a newer instance, or anything else): ``FatalLoopError``;
+  the process restarts.
+
+Every blocking call is bounded (``libs.kafka.bounded``): past ``timeout_s`` plus a margin the
+client is wedged, ``ClientCallTimeoutError`` is raised and the client is not called again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from libs.kafka.bounded import MARGIN_S, call_bounded
+from libs.kafka.errors import (
+    ClientCallTimeoutError,
+    DeliveryError,
+    FatalLoopError,
+    KafkaLibError,
+)
+
+Headers = Sequence[tuple[str, Any]] | None
+OnDelivery = Callable[[KafkaError | None, Message], None]
+
+
+class TransactionAbortedError(KafkaLibError):
+    """The transaction was aborted: nothing of it is visible; replay from the checkpoint."""
+
+
+class ProducerClient:
+    """A producer with bounded calls and classified transaction errors (module docstring)."""
+
+    def __init__(
+        self,
+        producer: Producer,
+        *,
+        timeout_s: float,
+        transactional: bool,
+        commit_attempts: int = 3,
+    ) -> None:
+        self.producer = producer
+        self.timeout_s = timeout_s
+        self.transactional = transactional
+        self.in_transaction = False
+        self.wedged = False
+        self.delivery_errors: list[str] = []
+        self._commit_attempts = commit_attempts
+
+    # -- bounded calls -----------------------------------------------------------------------
+    def _call(self, what: str, fn: Callable[[], Any], timeout_s: float | None = None) -> Any:
+        if self.wedged:
+            raise ClientCallTimeoutError(f"{what}: the producer is wedged")
+        try:
+            return call_bounded(what, (timeout_s or self.timeout_s) + MARGIN_S, fn)
+        except ClientCallTimeoutError:
+            self.wedged = True
+            raise
+
+    # -- producing ---------------------------------------------------------------------------
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self.delivery_errors.append(f"{msg.topic()}: {err.str()}")
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers = None,
+        on_delivery: OnDelivery | None = None,
+    ) -> None:
+        """Produce one record (opening a transaction first when transactional).
+
+        A full local queue is waited out by serving delivery reports, for at most
+        ``timeout_s``: a queue that does not drain in that time means a broker that does not
+        answer, which is ``DeliveryError``.
+        """
+        if self.transactional and not self.in_transaction:
+            self.begin()
+        deadline: float | None = None
+        while True:
+            try:
+                self.producer.produce(
+                    topic,
+                    key=key,
+                    value=value,
+                    headers=list(headers or ()),
+                    on_delivery=on_delivery or self._on_delivery,
+                )
+                return
+            except BufferError:
+                now = time.monotonic()
+                deadline = deadline or now + self.timeout_s
+                if now > deadline:
+                    raise DeliveryError(
+                        f"local produce queue still full after {self.timeout_s:.0f}s"
+                    ) from None
+                self.producer.poll(0.05)
+
+    def poll(self) -> None:
+        """Serve delivery reports that are ready (never blocks)."""
+        self.producer.poll(0)
+
+    def flush(self) -> None:
+        """Wait (bounded) until every record is acknowledged; ``DeliveryError`` otherwise."""
+        timeout = self.timeout_s
+        remaining = self._call("flush", lambda: self.producer.flush(timeout))
+        if remaining or self.delivery_errors:
+            errors, self.delivery_errors = self.delivery_errors[:3], []
+            raise DeliveryError(f"{remaining} records unacknowledged, delivery errors: {errors}")
+
+    # -- transactions ------------------------------------------------------------------------
+    def init_transactions(self) -> None:
+        """Fence any earlier producer with the same ``transactional.id`` (bounded)."""
+        timeout = self.timeout_s
+        self._classified("init_transactions", lambda: self.producer.init_transactions(timeout))
+
+    def begin(self) -> None:
+        """Open a transaction."""
+        self._classified("begin_transaction", self.producer.begin_transaction)
+        self.in_transaction = True
+        self.delivery_errors.clear()
+
+    def commit(
+        self, offsets: list[TopicPartition] | None = None, group_metadata: Any = None
+    ) -> None:
+        """Commit the open transaction (with consumed ``offsets``, when given).
+
+        Raises ``TransactionAbortedError`` after aborting it, or ``FatalLoopError``.
+        """
+        if not self.in_transaction:
+            self.begin()
+        timeout = self.timeout_s
+        if offsets:
+            self._classified(
+                "send_offsets_to_transaction",
+                lambda: self.producer.send_offsets_to_transaction(offsets, group_metadata, timeout),
+            )
+        for attempt in range(1, self._commit_attempts + 1):
+            try:
+                self._call("commit_transaction", lambda: self.producer.commit_transaction(timeout))
+                self.in_transaction = False
+                return
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                retry = err.retriable() and not err.txn_requires_abort()
+                if retry and attempt < self._commit_attempts:
+                    continue
+                self._raise_classified("commit_transaction", exc)
+
+    def abort(self) -> None:
+        """Abort the open transaction, if any (a failed abort is fatal)."""
+        if not self.in_transaction:
+            return
+        timeout = self.timeout_s
+        try:
+            self._call("abort_transaction", lambda: self.producer.abort_transaction(timeout))
+        except KafkaException as exc:
+            raise FatalLoopError(f"abort_transaction failed: {exc}") from exc
+        self.in_transaction = False
+
+    def _classified(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return self._call(what, fn)
+        except KafkaException as exc:
+            self._raise_classified(what, exc)
+
+    def _raise_classified(self, what: str, exc: KafkaException) -> NoReturn:
+        err: KafkaError = exc.args[0]
+        detail = f"; delivery errors: {self.delivery_errors[:3]}" if self.delivery_errors else ""
+        if not err.fatal() and err.txn_requires_abort():
+            self.abort()
+            raise TransactionAbortedError(f"{what} failed, aborted: {err.str()}{detail}") from exc
+        raise FatalLoopError(f"{what} failed: {err.str()}{detail}") from exc
+
+    # -- closing -----------------------------------------------------------------------------
+    def close(self, timeout_s: float = 10.0) -> list[str]:
+        """Abort what is open and flush, each bounded; never raises. Returns what failed."""
+        problems: list[str] = []
+        if self.wedged:
+            return ["the producer is wedged; not closed"]
+        steps: list[tuple[str, Callable[[], Any]]] = [
+            ("producer flush", lambda: self.producer.flush(timeout_s))
+        ]
+        if self.in_transaction:
+            steps.insert(0, ("abort on close", lambda: self.producer.abort_transaction(timeout_s)))
+        for what, step in steps:
+            try:
+                self._call(what, step, timeout_s)
+            except ClientCallTimeoutError as exc:
+                problems.append(str(exc))
+                break
+            except KafkaException as exc:
+                problems.append(f"{what} failed: {exc}")
+        self.in_transaction = False
+        return problems

@@ -35,6 +35,7 @@ from libs.kafka.loop import (
     RetryLater,
 )
 from libs.kafka.producer import ProducerClient, TransactionAbortedError
+from libs.kafka.reader import read_to_end
 
 __all__ = [
     "DLQ_SUFFIX",
@@ -71,4 +72,5 @@ __all__ = [
     "dlq_topic",
     "ensure_topics",
     "plain_produce",
+    "read_to_end",
 ]

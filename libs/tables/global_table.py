@@ -18,6 +18,10 @@
   applied, and the table consumes nothing for ``retry_s`` before it tries again; it stays
   loading (or lagging), so readiness stays false. Only records that are really invalid
   (undecodable bytes, an unknown schema id) go to ``on_invalid``.
+* Dead letters are not multiplied: with ``dead_letter_topic`` the table reads that topic at
+  each bootstrap and never hands a record to ``on_invalid`` whose source coordinates
+  (``dlq.source.topic/partition/offset`` headers) are already there. A rebuild, or a second
+  replica loading the same topic, finds the poison already dead-lettered and skips it.
 * Self-healing: a stored offset below the partition's low watermark (the records in between
   were deleted, so the copy would silently miss keys), above its high watermark (the topic was
   recreated), a store that does not open, or a changed format version wipes the store and
@@ -45,6 +49,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message,
 from prometheus_client import Counter, Gauge
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
+from libs.kafka import (
+    HEADER_SOURCE_OFFSET,
+    HEADER_SOURCE_PARTITION,
+    HEADER_SOURCE_TOPIC,
+    TopicError,
+    read_to_end,
+)
 from libs.serde import DeserializationError
 from libs.tables.errors import TableError
 
@@ -116,6 +127,7 @@ class GlobalTable(Generic[V]):
         cache_size: int = 10_000,
         lagging_threshold: int = 1000,
         retry_s: float = 2.0,
+        dead_letter_topic: str | None = None,
     ) -> None:
         self.name = name
         self.topic = topic
@@ -137,6 +149,9 @@ class GlobalTable(Generic[V]):
         self._cache_size = cache_size
         self._lagging_threshold = lagging_threshold
         self._retry_s = retry_s
+        self._dead_letter_topic = dead_letter_topic
+        # (partition, offset) of this topic's records already in the dead-letter topic
+        self._dead_lettered: set[tuple[int, int]] = set()
         # while set: applying stopped at a record the registry could not resolve; consume
         # nothing before this monotonic time
         self._blocked_until: float | None = None
@@ -230,6 +245,7 @@ class GlobalTable(Generic[V]):
         if self._db is None:
             self.open()
         self._set_state(TableState.LOADING)
+        self._dead_lettered = self._read_dead_letters(timeout_s)
         consumer = Consumer(self._consumer_config)
         try:
             meta = consumer.list_topics(self.topic, timeout=timeout_s).topics.get(self.topic)
@@ -411,11 +427,50 @@ class GlobalTable(Generic[V]):
         )
         self._offsets[partition] = next_offset
 
+    def _read_dead_letters(self, timeout_s: float) -> set[tuple[int, int]]:
+        if self._dead_letter_topic is None:
+            return set()
+        found: set[tuple[int, int]] = set()
+        consumer = Consumer(self._consumer_config)
+        try:
+            for msg in read_to_end(
+                consumer, self._dead_letter_topic, timeout_s=timeout_s, missing_ok=True
+            ):
+                headers = dict(msg.headers() or [])
+                if headers.get(HEADER_SOURCE_TOPIC) != self.topic.encode():
+                    continue
+                try:
+                    found.add(
+                        (
+                            int(headers[HEADER_SOURCE_PARTITION] or b""),
+                            int(headers[HEADER_SOURCE_OFFSET] or b""),
+                        )
+                    )
+                except (KeyError, ValueError):
+                    continue  # not one of ours
+        except (TopicError, KafkaException) as exc:
+            # Not being able to deduplicate is no reason not to load: at worst a dead letter
+            # is written twice (dead letters are at-least-once).
+            log.warning(
+                "dead letters of the table not read; poison may be dead-lettered again",
+                extra={"table": self.name, "topic": self._dead_letter_topic, "error": str(exc)},
+            )
+        finally:
+            consumer.close()
+        return found
+
     def _invalid(self, msg: Message, exc: Exception) -> None:
         self.invalid_total += 1
         INVALID.labels(self.name).inc()
-        if self._on_invalid is not None:
+        coordinates = (int(msg.partition() or 0), int(msg.offset() or 0))
+        if coordinates in self._dead_lettered:
+            log.debug(
+                "invalid table record already dead-lettered",
+                extra={"table": self.name, "partition": coordinates[0], "offset": coordinates[1]},
+            )
+        elif self._on_invalid is not None:
             self._on_invalid(msg, exc)
+            self._dead_lettered.add(coordinates)
         else:
             log.warning(
                 "invalid table record skipped",

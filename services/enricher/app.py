@@ -41,6 +41,7 @@ from libs.kafka import (
     LoopConfig,
     ProcessingLoop,
     RetryLater,
+    dlq_topic,
     ensure_topics,
     plain_produce,
 )
@@ -163,6 +164,7 @@ class Enricher:
             consumer_config=self._kafka.consumer_config(None),
             decode=decode,
             on_invalid=self._table_dlq.publish_message,
+            dead_letter_topic=dlq_topic(topic),
             format_version=_format_version(record_type),
         )
 

@@ -108,6 +108,7 @@ class NotifierService:
             consumer_config=self._kafka.consumer_config(None),
             decode=decode,
             on_invalid=self._table_dlq.publish_message,
+            dead_letter_topic=dlq_topic(self._receipts_topic),
             format_version=_format_version(),
         )
         self.loop: SinkLoop | None = None

@@ -13,18 +13,14 @@ Reading first could wait on (or, with read_uncommitted, see) the zombie's unfini
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     Consumer,
-    KafkaError,
     KafkaException,
     Producer,
-    TopicPartition,
 )
 
 from libs.kafka import (
@@ -33,8 +29,10 @@ from libs.kafka import (
     FatalLoopError,
     KafkaSettings,
     ProducerClient,
+    TopicError,
     TransactionAbortedError,
     dlq_topic,
+    read_to_end,
 )
 from libs.serde import (
     AvroDeserializer,
@@ -160,51 +158,14 @@ class KafkaTransactionalSink:
             consumer.close()
 
     def _read_cursor(self, consumer: Consumer) -> ProducerCursor | None:
-        deadline = time.monotonic() + self._load_timeout_s
-        while True:
-            meta = consumer.list_topics(self.cursor_topic, timeout=self._load_timeout_s)
-            topic_meta = meta.topics.get(self.cursor_topic)
-            if topic_meta is not None and topic_meta.error is None and topic_meta.partitions:
-                break
-            if time.monotonic() > deadline:
-                raise CursorLoadError(f"cursor topic {self.cursor_topic} is not available")
-            # a topic created a moment ago may not be in every broker's metadata yet
-            time.sleep(0.2)
-        ends: dict[int, int] = {}
-        for p in topic_meta.partitions:
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(self.cursor_topic, p), timeout=self._load_timeout_s
-            )
-            if high > low:
-                ends[p] = high
         key = self.query.encode()
         found: ProducerCursor | None = None
-        if not ends:
-            return None
-        consumer.assign([TopicPartition(self.cursor_topic, p, OFFSET_BEGINNING) for p in ends])
-        pending = set(ends)
-        while pending:
-            if time.monotonic() > deadline:
-                raise CursorLoadError(
-                    f"cursor topic {self.cursor_topic} not read to its end within "
-                    f"{self._load_timeout_s}s (partitions {sorted(pending)} pending)"
-                )
-            for msg in consumer.consume(500, 0.2):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(int(msg.partition() or 0))
-                        continue
-                    raise CursorLoadError(f"reading {self.cursor_topic}: {err.str()}")
-                if msg.key() != key:
-                    continue
-                found = self._decode(msg)
-            positions = consumer.position(
-                [TopicPartition(self.cursor_topic, p) for p in sorted(pending)]
-            )
-            for tp in positions:
-                if tp.offset >= ends[tp.partition]:
-                    pending.discard(tp.partition)
+        try:
+            for msg in read_to_end(consumer, self.cursor_topic, timeout_s=self._load_timeout_s):
+                if msg.key() == key:
+                    found = self._decode(msg)
+        except TopicError as exc:
+            raise CursorLoadError(str(exc)) from exc
         return found
 
     def _decode(self, msg: Any) -> ProducerCursor | None:

@@ -12,10 +12,10 @@ import pytest
 from confluent_kafka import Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from libs.kafka import KafkaSettings
+from libs.kafka import DeadLetterPublisher, KafkaSettings, dlq_topic, plain_produce
 from libs.serde import AvroDeserializer, AvroSerializer, ConfluentSchemaRegistry, SlackUser
 from libs.tables import GlobalTable, TableError, TableState
-from tests.support.kafka import create_topics, produce, unique, wait_until
+from tests.support.kafka import consume_all, create_topics, produce, unique, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -261,3 +261,38 @@ def test_registry_down_during_a_rebuild_dead_letters_nothing(
         ]
         table.close()
         down.close()
+
+
+def test_a_rebuild_does_not_dead_letter_the_same_poison_again(
+    bootstrap: str, registry: ConfluentSchemaRegistry, tmp_path: Path
+) -> None:
+    """Every instance that rebuilt a table used to dead-letter the same poison again. The table
+    reads its dead-letter topic at bootstrap and skips records already there (by their source
+    coordinates), so two rebuilds and a second replica leave one dead letter per poison."""
+    env = Env(bootstrap, registry, tmp_path)
+    dlq = dlq_topic(env.topic)
+    create_topics(bootstrap, [dlq], partitions=1)
+    produce(bootstrap, env.topic, [*env.records([_user(1)]), ("poison@x", b"garbage")])
+    producer = Producer({"bootstrap.servers": bootstrap})
+    publisher = DeadLetterPublisher(plain_produce(producer), "test")
+
+    def load(state: Path) -> None:
+        table = GlobalTable(
+            name="users",
+            topic=env.topic,
+            state_dir=state,
+            consumer_config=KafkaSettings(bootstrap_servers=bootstrap).consumer_config(None),
+            decode=env.decode,
+            on_invalid=publisher.publish_message,
+            dead_letter_topic=dlq,
+        )
+        table.bootstrap(threading.Event(), timeout_s=60)
+        assert table.get("user1@example.com") == _user(1)
+        table.close()
+        assert producer.flush(30) == 0
+
+    load(tmp_path / "first")
+    load(tmp_path / "first-rebuilt")  # a lost volume
+    load(tmp_path / "second-replica")
+    letters = consume_all(bootstrap, dlq, idle_s=2)
+    assert [m.key() for m in letters] == [b"poison@x"]

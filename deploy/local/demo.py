@@ -15,12 +15,16 @@ What it does, in order (each step prints one progress line):
 6. shows every alert as its receipt arrives — who gets it, what it says, the receipt — with
    a live count of events in, filtered, delivered and missed.
 
-Ctrl-C (or ``--exit-after-alerts N`` / ``--timeout S``) stops everything it started.
+Ctrl-C (or ``--exit-after-alerts N`` / ``--timeout S``, SIGTERM, SIGHUP) stops everything it
+started, also when its output is gone (``make demo | tee demo.log`` and Ctrl-C kills ``tee``
+first): every line goes through ``emit``, which stops writing once a write fails, and the
+stack and the services run in their own sessions, so only the demo's own clean-up stops them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -32,6 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import IO, TextIO
 
 import duckdb
 from confluent_kafka import Consumer, Producer
@@ -51,7 +56,7 @@ from services.common.settings import TopicSettings
 from services.notifier.core import render_text
 
 ROOT = Path(__file__).resolve().parents[2]
-STATE = ROOT / "deploy" / "local" / ".state" / "demo"
+DEFAULT_STATE = ROOT / "deploy" / "local" / ".state" / "demo"
 STACK_SH = ROOT / "deploy" / "local" / "stack.sh"
 FALLBACK_CHANNEL = "#field-alerts-triage"
 SERVICES = ("producer", "enricher", "notifier")
@@ -148,8 +153,36 @@ ONBOARDING_FIRST = [
 ONBOARDING_LATER = [("org-1c9e", "Globex Corporation", "ENTERPRISE", "GCP")]
 
 
+_emit_lock = threading.Lock()
+
+
+def emit(text: str, stream: TextIO | None = None) -> None:
+    """Write a line to stdout (or ``stream``); never raise because the reader went away.
+
+    When the pipe or terminal is gone (``tee`` killed by the same Ctrl-C, a closed terminal),
+    the stream's descriptor is pointed at /dev/null, so that neither later lines nor the flush
+    at interpreter exit fail, and the clean-up after it still runs.
+    """
+    out = sys.stdout if stream is None else stream
+    with _emit_lock:
+        try:
+            out.write(text + "\n")
+            out.flush()
+        except (OSError, ValueError):  # BrokenPipeError, EIO of a hung-up tty, a closed file
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, out.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
+
+
 def log(msg: str) -> None:
-    print(f"{DIM}[demo {time.strftime('%H:%M:%S')}]{RESET} {msg}", flush=True)
+    emit(f"{DIM}[demo {time.strftime('%H:%M:%S')}]{RESET} {msg}")
+
+
+def shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -161,15 +194,59 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def stack(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "STACK_DIR": str(STATE / "stack")}
+def _forward(lines: IO[str]) -> None:
+    for line in lines:
+        emit(line.rstrip("\n"), sys.stderr)
+
+
+def stack(
+    state: Path, *args: str, stop: threading.Event | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``stack.sh ARGS`` on the demo's state dir; its progress is forwarded through ``emit``.
+
+    It runs in its own session, so a terminal's Ctrl-C does not cut a ``down`` short and a dead
+    stdout never kills it with SIGPIPE; when ``stop`` is set meanwhile, it gets SIGTERM, on
+    which ``stack.sh up`` stops what it had started.
+    """
+    env = {**os.environ, "STACK_DIR": str(state / "stack")}
     for name in ("STACK_KAFKA_PORT", "STACK_KAFKA_CONTROLLER_PORT", "STACK_REGISTRY_PORT"):
         env.setdefault(name, "0")
-    return subprocess.run([str(STACK_SH), *args], env=env, text=True, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(STACK_SH), *args],
+        env=env,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    forwarder = threading.Thread(target=_forward, args=(proc.stderr,), daemon=True)
+    forwarder.start()
+    signalled = False
+    while True:
+        try:
+            proc.wait(0.2)
+            break
+        except subprocess.TimeoutExpired:
+            if stop is not None and stop.is_set() and not signalled:
+                proc.send_signal(signal.SIGTERM)
+                signalled = True
+    out = proc.stdout.read()
+    forwarder.join(5)
+    proc.stdout.close()
+    proc.stderr.close()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, None)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)  # its own session: the group is the service and its children
 
 
 @dataclass
 class Services:
+    state: Path
     env: dict[str, str]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
@@ -178,33 +255,35 @@ class Services:
         for name in SERVICES:
             port = free_port()
             env = {**self.env, "METRICS_PORT": str(port)}
-            logfile = (STATE / "logs" / f"{name}.log").open("ab")
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}"],
-                env=env,
-                stdout=logfile,
-                stderr=logfile,
-                cwd=ROOT,
-                start_new_session=True,
-            )
+            with (self.state / "logs" / f"{name}.log").open("ab") as logfile:
+                # in their own session: stopped by stop(), never by a signal meant for the demo
+                self.procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", f"services.{name}"],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logfile,
+                    stderr=logfile,
+                    cwd=ROOT,
+                    start_new_session=True,
+                )
             self.ports[name] = port
 
     def check(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
-                tail = (STATE / "logs" / f"{name}.log").read_text(errors="replace")[-2000:]
+                tail = (self.state / "logs" / f"{name}.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{name} exited with {proc.returncode}; log tail:\n{tail}")
 
     def stop(self) -> None:
+        """SIGTERM to every service's process group, SIGKILL to those still there after 30 s."""
         for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+            _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + 30
         for proc in self.procs.values():
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _signal_group(proc, signal.SIGKILL)
                 proc.wait()
 
     def metric(self, service: str, name: str, **labels: str) -> float:
@@ -326,40 +405,44 @@ def show_alert(msg: SlackMessage, receipt: SlackDeliveryReceipt, started: float)
             SLACK_USERS[e.lower()][0]: n for e, n in OWNERS.values() if e.lower() in SLACK_USERS
         }
         who = f"DM to {names.get(msg.channel, '?')} ({msg.channel})"
-    print(f"\n{BOLD}┌─ {msg.pipeline} → {who}{RESET}")
+    emit(f"\n{BOLD}┌─ {msg.pipeline} → {who}{RESET}")
     lines = render_text(msg).splitlines()
     # the blocks as Slack shows them; the plain-text fallback before them says the same
     start = next((i for i, line in enumerate(lines) if line.startswith("== ")), 1)
     for line in lines[start:]:
-        print(f"│ {line}")
+        emit(f"│ {line}")
     detail = f"ts={receipt.slack_ts}" if receipt.slack_ts else (receipt.error or "")
-    print(
+    emit(
         f"└─ receipt: {colour}{receipt.status}{RESET} attempts={receipt.attempts} {detail} "
-        f"{DIM}(+{time.monotonic() - started:.1f}s){RESET}",
-        flush=True,
+        f"{DIM}(+{time.monotonic() - started:.1f}s){RESET}"
     )
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    state: Path = args.state_dir.resolve()
     stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
+    # the default already, made explicit: a dead pipe is an error to ignore, not a kill
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
-    stack("down", "--purge")  # a previous demo killed hard leaves its stack behind
-    (STATE / "logs").mkdir(parents=True, exist_ok=True)
-    log("starting Kafka (KRaft) and Apicurio Registry (first run downloads them)...")
-    up = stack("up")
-    if up.returncode != 0:
-        log(f"{RED}stack failed to start; see {STATE / 'stack' / 'logs'}{RESET}")
-        return 1
-    env = dict(os.environ)
-    for line in up.stdout.splitlines():
-        if line.startswith("export "):
-            k, _, v = line[7:].partition("=")
-            env[k] = v
-    services = Services(env={})
+    stack(state, "down", "--purge")  # a previous demo killed hard leaves its stack behind
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    services = Services(state, env={})
     try:
+        log("starting Kafka (KRaft) and Apicurio Registry (first run downloads them)...")
+        up = stack(state, "up", stop=stop)
+        if stop.is_set():
+            return 0
+        if up.returncode != 0:
+            log(f"{RED}stack failed to start; see {state / 'stack' / 'logs'}{RESET}")
+            return 1
+        env = dict(os.environ)
+        for line in up.stdout.splitlines():
+            if line.startswith("export "):
+                k, _, v = line[7:].partition("=")
+                env[k] = v
         bootstrap, registry_url = env["KAFKA_BOOTSTRAP_SERVERS"], env["SCHEMA_REGISTRY_URL"]
         log(
             f"stack up in {time.monotonic() - started:.0f}s: kafka {bootstrap}, "
@@ -373,10 +456,10 @@ def run(args: argparse.Namespace) -> int:
         now = datetime.now(UTC)
         seed_lookups(bootstrap, registry, topics, now)
         log(f"seeded {len(OWNERS)} account-team assignments and {len(SLACK_USERS)} Slack users")
-        warehouse = STATE / "warehouse.duckdb"
+        warehouse = state / "warehouse.duckdb"
         warehouse.unlink(missing_ok=True)
         write_warehouse(warehouse, ONBOARDING_FIRST, now - timedelta(minutes=2), create=True)
-        log(f"warehouse {warehouse.relative_to(ROOT)}: {len(ONBOARDING_FIRST)} onboarding rows")
+        log(f"warehouse {shown(warehouse)}: {len(ONBOARDING_FIRST)} onboarding rows")
 
         token = env.get("NOTIFIER_SLACK_BOT_TOKEN")
         services.env = {
@@ -386,16 +469,15 @@ def run(args: argparse.Namespace) -> int:
             "PRODUCER_WAREHOUSE": f"duckdb:///{warehouse}",
             "PRODUCER_DELAY_S": "5",
             "PRODUCER_POLL_INTERVAL_S": "2",
-            "ENRICHER_STATE_DIR": str(STATE / "enricher"),
+            "ENRICHER_STATE_DIR": str(state / "enricher"),
             "ENRICHER_FALLBACK_CHANNEL": env.get("ENRICHER_FALLBACK_CHANNEL", FALLBACK_CHANNEL),
-            "NOTIFIER_STATE_DIR": str(STATE / "notifier"),
+            "NOTIFIER_STATE_DIR": str(state / "notifier"),
         }
+        if stop.is_set():
+            return 0
         services.start()
         mode = "posting to Slack" if token else "dry-run Slack"
-        log(
-            f"started producer, enricher, notifier ({mode}); "
-            f"logs in {(STATE / 'logs').relative_to(ROOT)}/"
-        )
+        log(f"started producer, enricher, notifier ({mode}); logs in {shown(state / 'logs')}/")
 
         feeder = threading.Thread(
             target=feed_connectors,
@@ -405,11 +487,17 @@ def run(args: argparse.Namespace) -> int:
         feeder.start()
         return watch(args, services, bootstrap, registry, topics, warehouse, stop, started)
     finally:
+        # whatever happened above, and even with stdout gone: stop all that was started
         stop.set()
         log("stopping services and the stack...")
-        services.stop()
-        stack("down")
-        log("stopped; nothing left running")
+        try:
+            services.stop()
+        finally:
+            down = stack(state, "down")
+            if down.returncode == 0:
+                log("stopped; nothing left running")
+            else:
+                log(f"{RED}stack.sh down failed ({down.returncode}); see {state / 'stack'}{RESET}")
 
 
 def watch(
@@ -493,11 +581,10 @@ def status_line(services: Services, receipts: dict[str, SlackDeliveryReceipt]) -
     missed = services.metric("enricher", "enricher_join_misses_total")
     delivered = sum(1 for r in receipts.values() if r.status in ("DELIVERED", "DRY_RUN"))
     failed = sum(1 for r in receipts.values() if r.status == "FAILED")
-    print(
+    emit(
         f"{YELLOW}── events in {events_in:.0f} · filtered {filtered:.0f} · delivered "
         f"{delivered} · failed {failed} · missed (owner/Slack user unknown) "
-        f"{missed:.0f}{RESET}",
-        flush=True,
+        f"{missed:.0f}{RESET}"
     )
 
 
@@ -514,6 +601,12 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=0, help="stop after this many seconds")
     parser.add_argument(
         "--gap", type=float, default=1.5, help="seconds between connector status changes fed"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE,
+        help=f"stack state, logs, service state (default {shown(DEFAULT_STATE)})",
     )
     args = parser.parse_args()
     try:

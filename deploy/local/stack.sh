@@ -40,12 +40,16 @@ Commands:
               keeps data and logs unless --purge, which deletes STACK_DIR
   status      one line per component: running/stopped, pid, port
               (exit 0 when every started component runs, 3 otherwise)
+  paths       print STACK_DIR=... and STACK_CACHE_DIR=... as resolved (creates nothing)
   -h, --help  this text
 
 Environment (all optional; a port of 0 means "pick a free port"):
   STACK_DIR                      state: config, data, logs, pids, tls, env
                                  (default deploy/local/.state)
-  STACK_CACHE_DIR                downloads and builds (default deploy/local/.cache)
+  STACK_CACHE_DIR                downloads and builds, shared by every clone and stack of
+                                 the user (default \${XDG_CACHE_HOME:-\$HOME/.cache}/field-alerts);
+                                 the first --with-bigquery builds the emulator there once
+                                 (about 15 minutes on 2 cores)
   STACK_KAFKA_PORT               Kafka PLAINTEXT listener (default 9092)
   STACK_KAFKA_CONTROLLER_PORT    KRaft controller listener (default 9093)
   STACK_KAFKA_SASL_PORT          SASL_SSL listener, with --with-sasl (default 9094)
@@ -89,8 +93,26 @@ load_settings() {
   ENV_FILE=$STACK_DIR/env
 }
 
+# Downloads and builds live in the user's cache directory (XDG base directory spec: an unset,
+# empty or relative XDG_CACHE_HOME means ~/.cache), so a second clone reuses the ~230 MB of
+# downloads and the 15-minute emulator build instead of redoing them.
+default_cache_dir() {
+  local base=${XDG_CACHE_HOME:-}
+  if [[ $base != /* ]]; then
+    [[ -n ${HOME:-} ]] || die "neither XDG_CACHE_HOME nor HOME is set; set STACK_CACHE_DIR"
+    base=$HOME/.cache
+  fi
+  printf '%s/field-alerts\n' "${base%/}"
+}
+
+cache_dir() { # the cache dir as configured, absolute; CREATE as 'create' makes it
+  local d
+  if [[ -n ${STACK_CACHE_DIR:-} ]]; then d=$STACK_CACHE_DIR; else d=$(default_cache_dir); fi
+  abs_dir "$d" "${1:-}"
+}
+
 load_up_settings() {
-  STACK_CACHE_DIR=$(abs_dir "${STACK_CACHE_DIR:-$SCRIPT_DIR/.cache}" create)
+  STACK_CACHE_DIR=$(cache_dir create)
   KAFKA_PORT=${STACK_KAFKA_PORT:-9092}
   KAFKA_CONTROLLER_PORT=${STACK_KAFKA_CONTROLLER_PORT:-9093}
   KAFKA_SASL_PORT=${STACK_KAFKA_SASL_PORT:-9094}
@@ -349,6 +371,42 @@ with_cache_lock() { # serialise downloads of stacks sharing STACK_CACHE_DIR
   if command -v flock >/dev/null 2>&1; then eval "exec $CACHE_LOCK_FD>&-"; fi
 }
 
+PROGRESS_PID= # the long download or build running in the background, if any
+
+# run_long VERB WORKDIR LOG CMD...: run CMD in WORKDIR with its output in LOG and say
+# 'still VERB (N min elapsed)' every 60 s (STACK_PROGRESS_INTERVAL_S) until it ends, so a
+# first run never sits silent for minutes; returns CMD's exit status. CMD gets its own
+# process group so that an interrupted `up` stops it (see on_up_exit).
+run_long() {
+  local verb=$1 workdir=$2 log=$3
+  shift 3
+  local interval=${STACK_PROGRESS_INTERVAL_S:-60} start next elapsed rc=0
+  [[ $interval =~ ^[1-9][0-9]*$ ]] || interval=60
+  local -a launcher=()
+  command -v setsid >/dev/null 2>&1 && launcher=(setsid)
+  (cd -- "$workdir" && exec "${launcher[@]}" "$@") </dev/null >"$log" 2>&1 8>&- 9>&- &
+  PROGRESS_PID=$!
+  start=$(now_s)
+  next=$interval
+  while kill -0 "$PROGRESS_PID" 2>/dev/null; do
+    sleep 1
+    elapsed=$(($(now_s) - start))
+    if ((elapsed >= next)); then
+      say "still $verb ($((elapsed / 60)) min elapsed)"
+      next=$((next + interval))
+    fi
+  done
+  wait "$PROGRESS_PID" || rc=$?
+  PROGRESS_PID=
+  return "$rc"
+}
+
+stop_long() { # on an interrupted `up`: stop the download or build run_long started
+  [[ -n $PROGRESS_PID ]] || return 0
+  kill -s TERM -- "-$PROGRESS_PID" 2>/dev/null || kill -s TERM "$PROGRESS_PID" 2>/dev/null || true
+  PROGRESS_PID=
+}
+
 KAFKA_HOME=
 REGISTRY_HOME=
 BIGQUERY_BIN=
@@ -360,8 +418,9 @@ fetch_kafka() {
   local tmp=$KAFKA_HOME.partial
   rm -rf -- "$tmp" "$KAFKA_HOME"
   mkdir -p -- "$tmp/lib"
-  if ! mvn -q -B -f "$SCRIPT_DIR/kafka-pom.xml" dependency:copy-dependencies \
-    -DoutputDirectory="$tmp/lib" -DincludeScope=runtime >"$tmp/mvn.log" 2>&1; then
+  if ! run_long "downloading Kafka" "$PWD" "$tmp/mvn.log" \
+    mvn -q -B -f "$SCRIPT_DIR/kafka-pom.xml" dependency:copy-dependencies \
+    -DoutputDirectory="$tmp/lib" -DincludeScope=runtime; then
     tail -n 30 "$tmp/mvn.log" >&2
     die "downloading Kafka with Maven failed (full log: $tmp/mvn.log)"
   fi
@@ -378,9 +437,10 @@ fetch_registry() {
   local tmp=$REGISTRY_HOME.partial tgz
   rm -rf -- "$tmp" "$REGISTRY_HOME"
   mkdir -p -- "$tmp/download"
-  if ! mvn -q -B dependency:copy \
+  if ! run_long "downloading Apicurio Registry" "$PWD" "$tmp/mvn.log" \
+    mvn -q -B dependency:copy \
     -Dartifact="io.apicurio:apicurio-registry-app:$APICURIO_VERSION:tar.gz:all" \
-    -DoutputDirectory="$tmp/download" >"$tmp/mvn.log" 2>&1; then
+    -DoutputDirectory="$tmp/download"; then
     tail -n 30 "$tmp/mvn.log" >&2
     die "downloading Apicurio Registry with Maven failed (full log: $tmp/mvn.log)"
   fi
@@ -407,15 +467,17 @@ fetch_bigquery() {
   BIGQUERY_BIN=$STACK_CACHE_DIR/bin/bigquery-emulator
   local marker=$BIGQUERY_BIN.version
   if [[ -x $BIGQUERY_BIN && -f $marker && $(<"$marker") == "$version" ]]; then return 0; fi
-  say "building the BigQuery emulator $version with Go into $BIGQUERY_BIN (first time: 10-15 minutes on 2 cores)"
+  say "building the BigQuery emulator $version with Go into $BIGQUERY_BIN: a one-time build," \
+    "about 15 minutes on 2 cores; later runs and other clones reuse it"
   local src=$STACK_CACHE_DIR/build/bigquery-emulator
   rm -rf -- "$src" "$marker"
   mkdir -p -- "$src" "$STACK_CACHE_DIR/bin"
   # Built from a copy: `-mod=mod` may rewrite go.mod/go.sum, which must not touch the repository.
   cp -- "$SCRIPT_DIR/bigquery-emulator/go.mod" "$SCRIPT_DIR/bigquery-emulator/go.sum" \
     "$SCRIPT_DIR/bigquery-emulator/tools.go" "$src/"
-  if ! (cd -- "$src" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath \
-    -o "$BIGQUERY_BIN.partial" github.com/goccy/bigquery-emulator/cmd/bigquery-emulator) >"$src/build.log" 2>&1; then
+  if ! run_long "building the BigQuery emulator" "$src" "$src/build.log" \
+    env CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath \
+    -o "$BIGQUERY_BIN.partial" github.com/goccy/bigquery-emulator/cmd/bigquery-emulator; then
     tail -n 30 "$src/build.log" >&2
     die "building the BigQuery emulator failed (full log: $src/build.log)"
   fi
@@ -745,6 +807,7 @@ UP_DONE=0
 
 on_up_exit() {
   local rc=$?
+  stop_long
   release_ports
   if ((!UP_DONE)) && ((${#STARTED[@]})); then
     say "start-up failed: stopping what was started"
@@ -947,6 +1010,11 @@ cmd_status() {
   return "$rc"
 }
 
+cmd_paths() {
+  [[ $# == 0 ]] || { say "paths takes no arguments"; exit 2; }
+  printf 'STACK_DIR=%s\nSTACK_CACHE_DIR=%s\n' "$STACK_DIR" "$(cache_dir)"
+}
+
 main() {
   local cmd=${1:-}
   [[ $# -gt 0 ]] && shift
@@ -955,10 +1023,12 @@ main() {
     env) load_settings; cmd_env "$@" ;;
     down) load_settings; cmd_down "$@" ;;
     status) load_settings; cmd_status "$@" ;;
+    paths) load_settings; cmd_paths "$@" ;;
     -h | --help | help) usage ;;
     "") usage; exit 2 ;;
     *) say "unknown command: $cmd"; usage >&2; exit 2 ;;
   esac
 }
 
-main "$@"
+# sourced (tests/unit/test_stack_sh.py checks helpers that way): define functions only
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then main "$@"; fi

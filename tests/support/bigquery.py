@@ -46,7 +46,17 @@ from google.cloud import bigquery
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE_DIR = ROOT / "deploy" / "local" / "bigquery-emulator"
-DEFAULT_CACHE_DIR = ROOT / "deploy" / "local" / ".cache"
+
+
+def _default_cache_dir() -> Path:
+    # the same default as deploy/local/stack.sh: the user's cache dir (a relative
+    # XDG_CACHE_HOME is ignored, as the XDG spec says), shared by every clone on the machine
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg.startswith("/") else Path.home() / ".cache"
+    return base / "field-alerts"
+
+
+DEFAULT_CACHE_DIR = _default_cache_dir()
 PROJECT = "test-project"
 DATASET = "alerts"
 EMULATOR_PACKAGE = "github.com/goccy/bigquery-emulator/cmd/bigquery-emulator"

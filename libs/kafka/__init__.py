@@ -1,5 +1,6 @@
 """Kafka plumbing: client config, topics, the run loop with checkpoints, dead letters."""
 
+from libs.kafka.acks import OffsetTracker
 from libs.kafka.admin import TopicSpec, connect_admin, describe_cleanup_policy, ensure_topics
 from libs.kafka.bounded import call_bounded
 from libs.kafka.config import KafkaSettings, SecurityProtocol
@@ -58,6 +59,7 @@ __all__ = [
     "KafkaSettings",
     "LoopConfig",
     "LoopStats",
+    "OffsetTracker",
     "ProcessingLoop",
     "ProducerClient",
     "RetryLater",

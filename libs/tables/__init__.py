@@ -5,7 +5,6 @@ from libs.tables.global_table import (
     Decoder,
     GlobalTable,
     InMemoryTable,
-    Table,
     TableState,
     bootstrap_all,
 )
@@ -14,7 +13,6 @@ __all__ = [
     "Decoder",
     "GlobalTable",
     "InMemoryTable",
-    "Table",
     "TableError",
     "TableState",
     "bootstrap_all",

@@ -43,7 +43,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 from prometheus_client import Counter, Gauge
@@ -62,7 +62,6 @@ from libs.tables.errors import TableError
 log = logging.getLogger(__name__)
 
 V = TypeVar("V")
-V_co = TypeVar("V_co", covariant=True)
 
 #: (value bytes, topic, partition, offset) -> decoded value; raises on invalid input
 Decoder = Callable[[bytes, str, int, int], V]
@@ -99,14 +98,6 @@ class TableState(StrEnum):
     LOADING = "loading"
     CAUGHT_UP = "caught_up"
     LAGGING = "lagging"
-
-
-class Table(Protocol[V_co]):
-    """The read port a core or shell depends on."""
-
-    def get(self, key: str) -> V_co | None:
-        """The current value of ``key``, or ``None`` when absent or deleted."""
-        ...
 
 
 class GlobalTable(Generic[V]):
@@ -526,11 +517,6 @@ class GlobalTable(Generic[V]):
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return value
-
-    def get_raw(self, key: str) -> bytes | None:
-        """The stored bytes of ``key`` as read from the topic."""
-        raw = self._require_db().get(_DATA + key.encode("utf-8"))
-        return None if raw is None else bytes(raw)
 
     def put_local(self, key: str, value: bytes | None) -> None:
         """Write through a record this process produced itself, ahead of reading it back."""

@@ -9,8 +9,8 @@ Offsets
     for a permanent failure) is acknowledged by the broker (``acks=all``), or at once when the
     message is skipped (a final receipt exists). Per partition the contiguous prefix of finished
     offsets is committed every ``commit_interval_s``, on revoke and on stop
-    (``OffsetTracker``). A crash replays only unfinished messages, and the receipts table plus
-    the in-doubt markers keep the replay from posting twice.
+    (``libs.kafka.OffsetTracker``). A crash replays only unfinished messages, and the receipts
+    table plus the in-doubt markers keep the replay from posting twice.
 
 Channels
     ``slack-messages`` is keyed by channel, so a channel lives in one partition, but a
@@ -51,8 +51,8 @@ Rebalances
     the table to expose its positions, so the loop could wait until they reach the receipts
     topic's high watermarks snapshotted at assignment (proposed for ``libs.tables``).
 
-Generic parts (``OffsetTracker``, the pause/resume bookkeeping) do not depend on Slack and
-could move to ``libs.kafka`` when a second sink needs them.
+The offset bookkeeping is ``libs.kafka.OffsetTracker``; the pause/resume bookkeeping does not
+depend on Slack either and could move there when a second sink needs it.
 """
 
 from __future__ import annotations
@@ -74,7 +74,14 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter, Gauge
 
-from libs.kafka import DeadLetterPublisher, DeliveryError, FatalLoopError
+from libs.kafka import (
+    DeadLetterPublisher,
+    DeliveryError,
+    FatalLoopError,
+    OffsetTracker,
+    ProducerClient,
+)
+from libs.kafka.bounded import MARGIN_S, call_bounded
 from libs.serde import (
     DeserializationError,
     SlackDeliveryReceipt,
@@ -184,104 +191,6 @@ class SinkStats:
     pauses: int = 0
 
 
-# -- offsets -----------------------------------------------------------------------------------
-
-
-class OffsetTracker:
-    """Per partition, the offsets handed out and which of them are finished.
-
-    ``committable()`` gives, per partition whose finished prefix advanced, the offset to commit:
-    the first offset not finished yet (or one past the last consumed). Offsets must be added
-    in increasing order per partition (Kafka's order); finishing is in any order. An
-    ``epoch`` per assignment keeps a late finish of a previous assignment from counting.
-    """
-
-    @dataclass
-    class _Partition:
-        epoch: int
-        pending: deque[int] = field(default_factory=deque)
-        done: set[int] = field(default_factory=set)
-        next_commit: int | None = None
-        committed: int | None = None
-
-    def __init__(self) -> None:
-        self._parts: dict[TP, OffsetTracker._Partition] = {}
-        self._epochs = itertools.count(1)
-
-    def assign(self, tp: TP) -> int:
-        """Start tracking ``tp``; returns the epoch finishes must name."""
-        epoch = next(self._epochs)
-        self._parts[tp] = OffsetTracker._Partition(epoch)
-        return epoch
-
-    def epoch(self, tp: TP) -> int | None:
-        """The current epoch of ``tp``, None when not tracked."""
-        part = self._parts.get(tp)
-        return None if part is None else part.epoch
-
-    def add(self, tp: TP, offset: int) -> None:
-        """An offset was consumed."""
-        part = self._parts.get(tp)
-        if part is None:
-            return
-        if part.pending and offset <= part.pending[-1]:
-            raise ValueError(f"offset {offset} of {tp} added out of order")
-        part.pending.append(offset)
-
-    def rewind(self, tp: TP, offset: int) -> None:
-        """Forget ``offset`` and everything after it (they will be consumed again)."""
-        part = self._parts.get(tp)
-        if part is None:
-            return
-        while part.pending and part.pending[-1] >= offset:
-            part.done.discard(part.pending.pop())
-
-    def finish(self, tp: TP, offset: int, epoch: int) -> None:
-        """An offset's work is done; advance the committable prefix."""
-        part = self._parts.get(tp)
-        if part is None or part.epoch != epoch:
-            return
-        part.done.add(offset)
-        while part.pending and part.pending[0] in part.done:
-            first = part.pending.popleft()
-            part.done.discard(first)
-            part.next_commit = first + 1
-
-    def outstanding(self, tp: TP) -> int:
-        """Consumed and not finished."""
-        part = self._parts.get(tp)
-        return 0 if part is None else len(part.pending)
-
-    def total_outstanding(self) -> int:
-        """Consumed and not finished, over every partition."""
-        return sum(len(p.pending) for p in self._parts.values())
-
-    def committable(self, only: Sequence[TP] | None = None) -> dict[TP, int]:
-        """Offsets to commit (next offset to consume) where the prefix moved since the last."""
-        out: dict[TP, int] = {}
-        for tp, part in self._parts.items():
-            if only is not None and tp not in only:
-                continue
-            if part.next_commit is not None and part.next_commit != part.committed:
-                out[tp] = part.next_commit
-        return out
-
-    def committed(self, offsets: dict[TP, int]) -> None:
-        """Record that ``offsets`` were committed."""
-        for tp, offset in offsets.items():
-            part = self._parts.get(tp)
-            if part is not None:
-                part.committed = offset
-
-    def drop(self, tp: TP) -> None:
-        """Stop tracking ``tp`` (revoked or lost)."""
-        self._parts.pop(tp, None)
-
-    def partitions(self) -> list[TP]:
-        """Tracked partitions."""
-        return list(self._parts)
-
-
 # -- per message and per channel state ---------------------------------------------------------
 
 
@@ -350,7 +259,10 @@ class SinkLoop:
         self._mono = monotonic
         self._rng = rng or Random()
         self._consumer = Consumer(consumer_config)
-        self._producer = Producer(producer_config)
+        self._client = ProducerClient(
+            Producer(producer_config), timeout_s=config.drain_timeout_s, transactional=False
+        )
+        self._producer = self._client.producer
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="slack")
         self._completions: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
         self._tracker = OffsetTracker()
@@ -389,9 +301,10 @@ class SinkLoop:
             self._closing = True
             self._pool.shutdown(wait=False, cancel_futures=True)
             try:
-                self._consumer.close()
+                call_bounded("consumer close", 10.0 + MARGIN_S, self._consumer.close)
             finally:
-                self._producer.flush(10)
+                for problem in self._client.close(10.0):
+                    log.error(problem)
         if self._fatal is not None:
             raise FatalLoopError(f"stopping on a fatal Slack error: {self._fatal}")
         return self.stats
@@ -757,14 +670,7 @@ class SinkLoop:
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             self._acked(acks, err)
 
-        while True:
-            try:
-                self._producer.produce(
-                    topic, key=key, value=value, headers=headers, on_delivery=on_delivery
-                )
-                return
-            except BufferError:
-                self._producer.poll(0.05)
+        self._client.produce(topic, key, value, headers, on_delivery)
 
     def _acked(self, acks: _Acks, err: KafkaError | None) -> None:
         if err is not None:

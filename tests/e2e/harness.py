@@ -78,6 +78,7 @@ from services.producer.core import event_id as row_event_id
 from services.producer.queries import ONBOARDING_STARTED
 from tests.support.fake_slack import FakeSlack, StoredMessage
 from tests.support.kafka import unique
+from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("producer", "enricher", "notifier")
@@ -135,13 +136,6 @@ def route_of(
 
 
 # -- small utilities ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def summary_path() -> Path:

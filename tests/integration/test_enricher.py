@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from libs.serde import (
 from services.common.settings import TopicSettings
 from services.enricher.core import message_id
 from tests.support.kafka import consume_all, create_topics, produce, unique, wait_until
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -47,12 +47,6 @@ T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 FALLBACK = "C0FALLBACK"
 CONNECTOR = "connector-provisioning-failed"
 ONBOARDING = "onboarding-started"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def owner(org: str, email: str | None = None, name: str = "Jane Doe") -> CsdrAssignment:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from tests.integration.test_producer_sources import (
 )
 from tests.support.bigquery import BigQueryEmulator, shared_emulator
 from tests.support.kafka import consume_all, unique, wait_until
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -48,12 +48,6 @@ KILLS = 2
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigQueryEmulator]:
     with shared_emulator(tmp_path_factory) as emu:
         yield emu
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ProducerProcess:
@@ -281,7 +275,7 @@ def test_kill_9_mid_batch_then_restart_produces_every_row_exactly_once(
                     proc.signal(signal.SIGKILL)
                     proc.wait()
 
-        port = _free_port()
+        port = free_port()
         final = ProducerProcess(dict(env, METRICS_PORT=str(port)), log_path)
         try:
             wait_until(lambda: _get(port, "/readyz")[0] == 200, timeout_s=60, message="readiness")

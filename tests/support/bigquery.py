@@ -26,7 +26,6 @@ import fcntl
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -43,6 +42,8 @@ import pytest
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
+
+from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE_DIR = ROOT / "deploy" / "local" / "bigquery-emulator"
@@ -127,12 +128,6 @@ class BigQueryEmulator:
             self.log_file = None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _cache_dir() -> Path:
     return Path(os.environ.get("STACK_CACHE_DIR") or DEFAULT_CACHE_DIR).resolve()
 
@@ -208,7 +203,7 @@ def emulator_binary(build_log: Path | None = None) -> Path:
 def start_emulator(log_dir: Path, *, timeout_s: float = 120.0) -> BigQueryEmulator:
     """Start the emulator on free loopback ports and wait until its REST API answers."""
     binary = emulator_binary(log_dir / "build.log")
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     log_path = log_dir / "bigquery-emulator.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed by BigQueryEmulator.stop
     proc = subprocess.Popen(

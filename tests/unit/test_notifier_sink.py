@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.notifier.sink import OffsetTracker
+from libs.kafka import OffsetTracker
 
 TP = ("slack-messages", 0)
 OTHER = ("slack-messages", 1)

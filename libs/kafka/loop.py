@@ -106,6 +106,9 @@ class LoopConfig:
     poison_errors: tuple[type[BaseException], ...] = (DeserializationError, InvalidRecordError)
     #: how long closing the clients may take before the process gives up on them
     close_timeout_s: float = 10.0
+    #: wedged transactional producers replaced in place within 10 minutes before the loop
+    #: gives up (exits non-zero)
+    max_producer_replacements: int = 3
 
 
 @dataclass
@@ -165,11 +168,10 @@ class ProcessingLoop:
             "transaction.timeout.ms", int(config.transaction_timeout_s * 1000)
         )
         self._consumer = consumer_factory(consumer_config)
-        self._client = ProducerClient(
-            producer_factory(producer_config),
-            timeout_s=config.transaction_timeout_s,
-            transactional=self._eos,
-        )
+        self._producer_factory = producer_factory
+        self._producer_config = producer_config
+        self._client = self._new_client()
+        self._replacements: list[float] = []
         # set when a consumer call overran its bound: it must not be called again
         self._wedged = False
         # set when the loop stops on an error: nothing more is committed on the way out
@@ -184,6 +186,13 @@ class ProcessingLoop:
         self._last_checkpoint = time.monotonic()
         self._paused_until: float | None = None
         self.last_poll = time.monotonic()
+
+    def _new_client(self) -> ProducerClient:
+        return ProducerClient(
+            self._producer_factory(self._producer_config),
+            timeout_s=self.config.transaction_timeout_s,
+            transactional=self._eos,
+        )
 
     # -- producing -------------------------------------------------------------------------
     def _produce(
@@ -206,6 +215,9 @@ class ProcessingLoop:
                     self._client.commit(offsets, self._consumer.consumer_group_metadata())
                 except TransactionAbortedError as exc:
                     self._rollback(str(exc))
+                    return
+                except ClientCallTimeoutError as exc:
+                    self._replace_producer(str(exc))
                     return
             else:
                 self._flush_and_commit(offsets)
@@ -245,9 +257,61 @@ class ProcessingLoop:
         )
         self.stats.aborts += 1
         ABORTS.labels(self.config.name, reason.split(":")[0]).inc()
-        self._client.abort()
+        try:
+            self._client.abort()
+        except ClientCallTimeoutError as exc:
+            if not self._eos:
+                raise
+            self._replace_producer(str(exc))
+            return
         self._rewind()
         self._pending.clear()
+        self._uncommitted = 0
+
+    def _replace_producer(self, reason: str) -> None:
+        """Abandon a wedged transactional producer for a new one with the same id.
+
+        The new producer's ``init_transactions`` fences the wedged one and aborts whatever
+        transaction it had open; that transaction may have committed before, though, so the
+        consumer resumes from the offsets the group has committed (``committed()`` of a
+        ``read_committed`` consumer waits for pending transactional offsets), not from our
+        own idea of the last checkpoint. Too many replacements in a row mean something else
+        is wrong: the loop stops (``ClientCallTimeoutError``) and the process restarts.
+        """
+        now = time.monotonic()
+        self._replacements = [t for t in self._replacements if now - t < 600.0] + [now]
+        if len(self._replacements) > self.config.max_producer_replacements:
+            raise ClientCallTimeoutError(
+                f"{reason}; the producer was replaced {len(self._replacements) - 1} times in "
+                "10 minutes, giving up"
+            )
+        log.error(
+            "producer wedged, replacing it (the new one fences the old)",
+            extra={"loop": self.config.name, "reason": reason},
+        )
+        self.stats.aborts += 1
+        ABORTS.labels(self.config.name, "producer wedged").inc()
+        self._client = self._new_client()
+        self._client.init_transactions()
+        # Only partitions that returned records since the checkpoint can be past the
+        # committed offsets; the others' positions are where the group's offsets are.
+        timeout = self.config.transaction_timeout_s
+        moved = [TopicPartition(t, p) for t, p in self._base]
+        try:
+            committed = call_bounded(
+                "committed",
+                timeout + MARGIN_S,
+                lambda: self._consumer.committed(moved, timeout=timeout) if moved else [],
+            )
+        except ClientCallTimeoutError:
+            self._wedged = True
+            raise
+        for tp in committed:
+            # nothing committed yet: back to the first record received since assignment
+            offset = tp.offset if tp.offset >= 0 else self._base[(tp.topic, tp.partition)]
+            self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        self._pending.clear()
+        self._base.clear()
         self._uncommitted = 0
 
     def _rewind(self) -> None:

@@ -335,14 +335,8 @@ def test_broker_killed_and_restarted_mid_stream(broker_restart_run: BrokerRestar
     broker_restart_run.report.assert_ok()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="librdkafka #5456/#5511 (open upstream, not fixed in confluent-kafka 2.16.1): after "
-    "a broker restart send_offsets_to_transaction can block past its timeout; the enricher's "
-    "loop bounds the call and exits 1 (restarted, nothing lost: see the test above) instead of "
-    "wedging, so a restart of the enricher may still be needed; rebuilding the producer in "
-    "place would avoid it",
-)
 def test_broker_restart_needs_no_service_restart(broker_restart_run: BrokerRestartRun) -> None:
-    """The services ride out a broker restart by themselves: none exits or wedges."""
+    """The services ride out a broker restart by themselves: none exits or wedges. (After a
+    broker restart librdkafka can block in send_offsets_to_transaction far past its timeout,
+    #5456/#5511: the enricher's loop bounds the call and replaces the producer in place.)"""
     assert not broker_restart_run.exits, [e.describe() for e in broker_restart_run.exits]

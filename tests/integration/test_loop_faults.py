@@ -143,26 +143,59 @@ class _HangingProducer(Producer):  # type: ignore[misc]
         threading.Event().wait(3600)
 
 
-def test_a_wedged_transaction_call_is_bounded(bootstrap: str) -> None:
-    """librdkafka can block in send_offsets_to_transaction far past the timeout it is given.
-    The loop bounds the call itself: it stops with ClientCallTimeoutError (the service then
-    exits non-zero and is restarted) instead of hanging. Before the fix the loop hung."""
+def test_a_wedged_producer_is_replaced_in_place_and_nothing_is_lost(bootstrap: str) -> None:
+    """librdkafka can block in send_offsets_to_transaction far past the timeout it is given
+    (#5456). The loop bounds the call, abandons the wedged producer for a new one with the
+    same transactional id (which fences it), resumes from the group's committed offsets and
+    goes on: every record out exactly once, no restart. Before the fix the loop hung."""
+    made: list[str] = []
+
+    def factory(config: dict[str, Any]) -> Producer:
+        made.append("hanging" if not made else "healthy")
+        return _HangingProducer(config) if len(made) == 1 else Producer(config)
+
     run = Run(
         bootstrap,
         _passthrough,
         config={"transaction_timeout_s": 2.0},
+        producer_factory=factory,
+    )
+    values = [f"v{i}".encode() for i in range(30)]
+    produce(bootstrap, run.topic_in, [(f"k{i}", v) for i, v in enumerate(values)])
+    run.start()
+    try:
+        wait_until(
+            lambda: len(run.outputs(idle_s=0.5)) >= len(values) or run.error,
+            timeout_s=90,
+            message="every record out after the producer was replaced",
+        )
+    finally:
+        run.finish()
+    assert run.error is None, run.error
+    assert made == ["hanging", "healthy"]
+    out = Counter(run.outputs(idle_s=1))
+    assert set(out) == set(values) and max(out.values()) == 1, out
+
+
+def test_a_producer_that_keeps_wedging_stops_the_loop(bootstrap: str) -> None:
+    """Replacing is bounded too: a producer that wedges every time stops the loop with
+    ClientCallTimeoutError (the service exits non-zero and is restarted) instead of hanging."""
+    run = Run(
+        bootstrap,
+        _passthrough,
+        config={"transaction_timeout_s": 1.0, "max_producer_replacements": 1},
         producer_factory=_HangingProducer,
     )
     produce(bootstrap, run.topic_in, [("k", b"v")])
     started = time.monotonic()
     run.start()
-    run.thread.join(90)
+    run.thread.join(120)
     elapsed = time.monotonic() - started
     assert not run.thread.is_alive(), "the loop hangs in send_offsets_to_transaction"
     assert isinstance(run.error, ClientCallTimeoutError), run.error
-    assert "send_offsets_to_transaction" in str(run.error)
-    assert elapsed < 60, elapsed
-    # nothing of the wedged transaction is visible to read_committed readers
+    assert "replaced 1 times" in str(run.error)
+    assert elapsed < 90, elapsed
+    # nothing of the wedged transactions is visible to read_committed readers
     assert run.outputs(idle_s=1) == []
 
 

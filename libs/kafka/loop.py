@@ -292,7 +292,22 @@ class ProcessingLoop:
         self.stats.aborts += 1
         ABORTS.labels(self.config.name, "producer wedged").inc()
         self._client = self._new_client()
-        self._client.init_transactions()
+        for attempt in range(1, 4):
+            try:
+                # waits for the coordinator to abort the wedged producer's transaction
+                self._client.init_transactions()
+                break
+            except FatalLoopError as exc:
+                # CONCURRENT_TRANSACTIONS while the coordinator still aborts the old
+                # transaction, a timeout: anything but a fatal error is worth another try
+                cause = exc.__cause__
+                fatal = not isinstance(cause, KafkaException) or cause.args[0].fatal()
+                if fatal or attempt == 3:
+                    raise
+                log.warning(
+                    "init_transactions of the replacement failed, retrying",
+                    extra={"loop": self.config.name, "error": str(exc), "attempt": attempt},
+                )
         # Only partitions that returned records since the checkpoint can be past the
         # committed offsets; the others' positions are where the group's offsets are.
         timeout = self.config.transaction_timeout_s

@@ -183,7 +183,7 @@ def test_a_producer_that_keeps_wedging_stops_the_loop(bootstrap: str) -> None:
     run = Run(
         bootstrap,
         _passthrough,
-        config={"transaction_timeout_s": 1.0, "max_producer_replacements": 1},
+        config={"transaction_timeout_s": 2.0, "max_producer_replacements": 1},
         producer_factory=_HangingProducer,
     )
     produce(bootstrap, run.topic_in, [("k", b"v")])

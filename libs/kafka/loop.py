@@ -23,7 +23,8 @@ Fail closed: only ``poison_errors`` (decoding and validation errors) dead-letter
 other exception of the handler is a bug or an outage, not the record's fault: the loop stops
 with the record's coordinates, and Kubernetes restarts the process, which replays from the
 last checkpoint. Every blocking producer and consumer call is bounded (``call_bounded``): a
-client that does not answer in time is wedged, and the loop stops rather than hang.
+client that does not answer in time is wedged. A wedged transactional producer is replaced in
+place (``_replace_producer``); any other wedged client stops the loop rather than hang it.
 """
 
 from __future__ import annotations

@@ -188,6 +188,14 @@ class ProcessingLoop:
         self._paused_until: float | None = None
         self.last_poll = time.monotonic()
 
+    def _consumer_call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """A blocking consumer call given the transaction timeout, bounded; wedged past it."""
+        try:
+            return call_bounded(what, self.config.transaction_timeout_s + MARGIN_S, fn)
+        except ClientCallTimeoutError:
+            self._wedged = True
+            raise
+
     def _new_client(self) -> ProducerClient:
         return ProducerClient(
             self._producer_factory(self._producer_config),
@@ -240,16 +248,9 @@ class ProcessingLoop:
                 f"{exc}; offsets not committed, the interval will be replayed after restart"
             ) from exc
         if offsets:
-            timeout = self.config.transaction_timeout_s
-            try:
-                call_bounded(
-                    "commit",
-                    timeout + MARGIN_S,
-                    lambda: self._consumer.commit(offsets=offsets, asynchronous=False),
-                )
-            except ClientCallTimeoutError:
-                self._wedged = True
-                raise
+            self._consumer_call(
+                "commit", lambda: self._consumer.commit(offsets=offsets, asynchronous=False)
+            )
 
     def _rollback(self, reason: str) -> None:
         """Throw away the interval since the last checkpoint and rewind to replay it."""
@@ -313,15 +314,9 @@ class ProcessingLoop:
         # committed offsets; the others' positions are where the group's offsets are.
         timeout = self.config.transaction_timeout_s
         moved = [TopicPartition(t, p) for t, p in self._base]
-        try:
-            committed = call_bounded(
-                "committed",
-                timeout + MARGIN_S,
-                lambda: self._consumer.committed(moved, timeout=timeout) if moved else [],
-            )
-        except ClientCallTimeoutError:
-            self._wedged = True
-            raise
+        committed = self._consumer_call(
+            "committed", lambda: self._consumer.committed(moved, timeout=timeout) if moved else []
+        )
         for tp in committed:
             # nothing committed yet: back to the first record received since assignment
             offset = tp.offset if tp.offset >= 0 else self._base[(tp.topic, tp.partition)]

@@ -7,7 +7,10 @@ set -euo pipefail
 
 readonly KAFKA_VERSION=4.1.1
 readonly APICURIO_VERSION=3.3.3
-readonly COMPONENTS=(kafka registry bigquery)
+# "kafka" is the single node; a --brokers 3 cluster runs kafka-1, kafka-2 and kafka-3
+readonly COMPONENTS=(kafka kafka-1 kafka-2 kafka-3 registry bigquery)
+readonly MAX_BROKERS=3
+BROKERS=1 # Kafka nodes of the stack: 1, or 3 with `up --brokers 3`
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly SCRIPT_DIR
@@ -18,7 +21,7 @@ usage() {
 Usage: deploy/local/stack.sh COMMAND [OPTIONS]
 
 Commands:
-  up [--with-bigquery] [--with-sasl]
+  up [--brokers 1|3] [--with-bigquery] [--with-sasl]
               download what is missing (cached), start Kafka ${KAFKA_VERSION} (KRaft) and
               Apicurio Registry ${APICURIO_VERSION} on 127.0.0.1 (and the BigQuery emulator with
               --with-bigquery; a SASL_SSL/PLAIN listener with --with-sasl), wait until they
@@ -33,7 +36,17 @@ Commands:
               with --with-sasl:
                 export STACK_KAFKA_SASL_BOOTSTRAP=127.0.0.1:<port>
                 export STACK_KAFKA_SSL_CA_LOCATION=<STACK_DIR>/tls/ca.pem
+              with --brokers 3 (a three-node KRaft cluster, each node broker and controller;
+              replication factor 3 and min.insync.replicas=2 for every topic it creates):
+                export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:<p1>,127.0.0.1:<p2>,127.0.0.1:<p3>
+                export TOPIC_REPLICATION_FACTOR=3
+                export STACK_KAFKA_BROKERS=3
               Typical use: eval "\$(deploy/local/stack.sh up)"
+  stop-broker N [--kill]
+              stop Kafka node N (1..3; 1 is the single node) of the running stack, gracefully
+              (SIGTERM, SIGKILL after ~20 s) or at once with --kill; the rest keeps running
+  start-broker N
+              start a stopped node again on its ports and data, and wait until it is ready
   env         print the export lines of the running stack again
   down [--purge]
               stop what 'up' started (by recorded pid: SIGTERM, then SIGKILL after ~20 s);
@@ -50,8 +63,9 @@ Environment (all optional; a port of 0 means "pick a free port"):
                                  the user (default \${XDG_CACHE_HOME:-\$HOME/.cache}/field-alerts);
                                  the first --with-bigquery builds the emulator there once
                                  (about 15 minutes on 2 cores)
-  STACK_KAFKA_PORT               Kafka PLAINTEXT listener (default 9092)
-  STACK_KAFKA_CONTROLLER_PORT    KRaft controller listener (default 9093)
+  STACK_KAFKA_PORT               Kafka PLAINTEXT listener (default 9092; of node 1 with
+                                 --brokers 3, the other nodes take free ports)
+  STACK_KAFKA_CONTROLLER_PORT    KRaft controller listener (default 9093; node 1)
   STACK_KAFKA_SASL_PORT          SASL_SSL listener, with --with-sasl (default 9094)
   STACK_REGISTRY_PORT            Apicurio Registry HTTP port (default 8081)
   STACK_REGISTRY_MANAGEMENT_PORT registry's Quarkus management interface (default 0)
@@ -63,7 +77,7 @@ Environment (all optional; a port of 0 means "pick a free port"):
   STACK_SASL_PASSWORD            its password (default alerts-secret)
   STACK_START_TIMEOUT_S          seconds to wait for each component (default 120)
   STACK_JAVA21_HOME              JDK 21+ for the registry (else JAVA_HOME, PATH, /usr/lib/jvm/*)
-  STACK_KAFKA_HEAP               Kafka's -Xmx (default 768m)
+  STACK_KAFKA_HEAP               Kafka's -Xmx per node (default 768m; 512m with --brokers 3)
   STACK_REGISTRY_HEAP            registry's -Xmx (default 512m)
   STACK_KAFKA_AUTO_CREATE_TOPICS auto.create.topics.enable of the broker (default true)
   STACK_REGISTRY_COMPATIBILITY   global compatibility rule of the registry, like Confluent
@@ -125,7 +139,7 @@ load_up_settings() {
   SASL_USERNAME=${STACK_SASL_USERNAME:-alerts}
   SASL_PASSWORD=${STACK_SASL_PASSWORD:-alerts-secret}
   START_TIMEOUT_S=${STACK_START_TIMEOUT_S:-120}
-  KAFKA_HEAP=${STACK_KAFKA_HEAP:-768m}
+  if ((BROKERS > 1)); then KAFKA_HEAP=${STACK_KAFKA_HEAP:-512m}; else KAFKA_HEAP=${STACK_KAFKA_HEAP:-768m}; fi
   REGISTRY_HEAP=${STACK_REGISTRY_HEAP:-512m}
   KAFKA_AUTO_CREATE_TOPICS=${STACK_KAFKA_AUTO_CREATE_TOPICS:-true}
   REGISTRY_COMPATIBILITY=${STACK_REGISTRY_COMPATIBILITY:-BACKWARD}
@@ -359,9 +373,14 @@ tree_alive() { # tree_alive PID IS_GROUP: the process, or anything left in its p
 
 CACHE_LOCK_FD=8
 
-with_cache_lock() { # serialise downloads of stacks sharing STACK_CACHE_DIR
+# with_cache_lock NAME CMD...: serialise one download or build among the stacks sharing
+# STACK_CACHE_DIR; one lock per artifact, so a plain `up` does not wait ~15 minutes behind
+# another stack's first emulator build.
+with_cache_lock() {
+  local lock=$STACK_CACHE_DIR/.lock-$1
+  shift
   if command -v flock >/dev/null 2>&1; then
-    eval "exec $CACHE_LOCK_FD>\"\$STACK_CACHE_DIR/.lock\""
+    eval "exec $CACHE_LOCK_FD>\"\$lock\""
     if ! flock -n "$CACHE_LOCK_FD"; then
       say "waiting for another stack.sh to finish downloading into $STACK_CACHE_DIR"
       flock "$CACHE_LOCK_FD"
@@ -500,13 +519,14 @@ cds_archive_path() { # NAME JAVA HOME: where the archive of NAME run by JAVA is 
   printf '%s/cds/%s-%s.jsa\n' "$3" "$1" "${key%% *}"
 }
 
-# cds_opts NAME JAVA HOME: sets CDS_OPTS; when no archive exists yet, the run dumps one into
-# data/NAME.jsa and pids/NAME.cds remembers where to install it.
+# cds_opts NAME JAVA HOME [ARCHIVE]: sets CDS_OPTS; when no archive exists yet, the run dumps
+# one into data/NAME.jsa and pids/NAME.cds remembers where to install it. ARCHIVE (default
+# NAME) names the cached archive, so the nodes of a cluster share one.
 cds_opts() {
   CDS_OPTS=()
   [[ ${STACK_CDS:-1} != 0 ]] || return 0
   local archive dump=$STACK_DIR/data/$1.jsa
-  archive=$(cds_archive_path "$1" "$2" "$3")
+  archive=$(cds_archive_path "${4:-$1}" "$2" "$3")
   if [[ -s $archive ]]; then
     CDS_OPTS=(-Xshare:auto "-XX:SharedArchiveFile=$archive")
   else
@@ -568,40 +588,101 @@ write_tls() { # self-signed CA + server certificate for 127.0.0.1/localhost, PEM
   }
 }
 
-write_kafka_config() {
-  local cfg=$STACK_DIR/config/server.properties listeners advertised protomap
-  listeners="PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT"
-  advertised="PLAINTEXT://127.0.0.1:$KAFKA_PORT"
+# Kafka nodes: node N is component kafka_component N, with its own ports, config, data dir
+# and log; the layout (node count and ports) is kept in $STACK_DIR/kafka-nodes so that
+# stop-broker/start-broker work on a running stack.
+declare -A NODE_PORT=() NODE_CTRL_PORT=()
+
+kafka_component() { # kafka_component N: the component name of node N
+  if ((BROKERS == 1)); then printf 'kafka\n'; else printf 'kafka-%s\n' "$1"; fi
+}
+
+node_of() { # node_of COMPONENT: N of kafka-N (1 for the single node "kafka")
+  case $1 in kafka) printf '1\n' ;; kafka-*) printf '%s\n' "${1#kafka-}" ;; esac
+}
+
+save_layout() {
+  local n
+  {
+    printf 'BROKERS=%s\nWITH_SASL=%s\nKAFKA_SASL_PORT=%s\n' "$BROKERS" "$WITH_SASL" "$KAFKA_SASL_PORT"
+    printf 'KAFKA_HOME=%q\nKAFKA_JAVA=%q\nKAFKA_HEAP=%s\n' "$KAFKA_HOME" "$KAFKA_JAVA" "$KAFKA_HEAP"
+    for ((n = 1; n <= BROKERS; n++)); do
+      printf 'NODE_PORT[%s]=%s\nNODE_CTRL_PORT[%s]=%s\n' "$n" "${NODE_PORT[$n]}" "$n" "${NODE_CTRL_PORT[$n]}"
+    done
+  } >"$STACK_DIR/kafka-nodes.tmp"
+  mv -- "$STACK_DIR/kafka-nodes.tmp" "$STACK_DIR/kafka-nodes"
+}
+
+load_layout() { # the layout of the stack in STACK_DIR; false when none was started there
+  BROKERS=1
+  [[ -f $STACK_DIR/kafka-nodes ]] || return 1
+  # shellcheck disable=SC1091 # written by save_layout
+  source "$STACK_DIR/kafka-nodes"
+}
+
+bootstrap_servers() {
+  local n out=
+  for ((n = 1; n <= BROKERS; n++)); do out+=${out:+,}127.0.0.1:${NODE_PORT[$n]}; done
+  printf '%s\n' "$out"
+}
+
+kafka_config_file() { # N
+  if ((BROKERS == 1)); then
+    printf '%s/config/server.properties\n' "$STACK_DIR"
+  else
+    printf '%s/config/server-%s.properties\n' "$STACK_DIR" "$1"
+  fi
+}
+
+kafka_data_dir() { # N
+  if ((BROKERS == 1)); then printf '%s/data/kafka\n' "$STACK_DIR"; else printf '%s/data/kafka-%s\n' "$STACK_DIR" "$1"; fi
+}
+
+write_kafka_config() { # N
+  local n=$1 cfg listeners advertised protomap quorum rf min_isr voters= m
+  cfg=$(kafka_config_file "$n")
+  listeners="PLAINTEXT://127.0.0.1:${NODE_PORT[$n]},CONTROLLER://127.0.0.1:${NODE_CTRL_PORT[$n]}"
+  advertised="PLAINTEXT://127.0.0.1:${NODE_PORT[$n]}"
   protomap="PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
   if ((WITH_SASL)); then
     listeners+=",SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT"
     advertised+=",SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT"
     protomap+=",SASL_SSL:SASL_SSL"
   fi
+  if ((BROKERS == 1)); then
+    # a dynamic quorum of one, formatted with --standalone
+    quorum="controller.quorum.bootstrap.servers=127.0.0.1:${NODE_CTRL_PORT[1]}"
+    rf=1 min_isr=1
+  else
+    # a static quorum of every node: no node can form it alone, two of three keep it
+    for ((m = 1; m <= BROKERS; m++)); do voters+=${voters:+,}$m@127.0.0.1:${NODE_CTRL_PORT[$m]}; done
+    quorum="controller.quorum.voters=$voters"
+    rf=$BROKERS min_isr=2
+  fi
   (
     umask 077 # may hold the SASL password
     cat >"$cfg.tmp" <<EOF
 # Generated by deploy/local/stack.sh on every 'up'; edits are overwritten.
 process.roles=broker,controller
-node.id=1
+node.id=$n
 listeners=$listeners
 advertised.listeners=$advertised
 listener.security.protocol.map=$protomap
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
-controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
-log.dirs=$STACK_DIR/data/kafka
+$quorum
+log.dirs=$(kafka_data_dir "$n")
 
-# single node: every internal topic with one replica
-offsets.topic.replication.factor=1
+# internal topics replicated on every node ($rf); writes need $min_isr in sync
+offsets.topic.replication.factor=$rf
 offsets.topic.num.partitions=10
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor=$rf
+transaction.state.log.min.isr=$min_isr
 transaction.state.log.num.partitions=10
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-default.replication.factor=1
-min.insync.replicas=1
+share.coordinator.state.topic.replication.factor=$rf
+share.coordinator.state.topic.min.isr=$min_isr
+default.replication.factor=$rf
+min.insync.replicas=$min_isr
 num.partitions=1
 auto.create.topics.enable=$KAFKA_AUTO_CREATE_TOPICS
 group.initial.rebalance.delay.ms=0
@@ -618,7 +699,7 @@ log.segment.delete.delay.ms=1000
 
 # a small machine
 num.network.threads=2
-num.io.threads=4
+num.io.threads=$((BROKERS == 1 ? 4 : 2))
 num.recovery.threads.per.data.dir=1
 EOF
     if ((WITH_SASL)); then
@@ -645,46 +726,52 @@ random_cluster_id() { # a Kafka Uuid: 16 random bytes, base64url without padding
   printf '%s\n' "$id"
 }
 
-kafka_jvm_opts() { # common to the broker and the storage tool
+kafka_jvm_opts() { # COMPONENT: common to the broker and the storage tool
   KAFKA_JVM_OPTS=(
     "-Xmx$KAFKA_HEAP" -Djava.awt.headless=true
     "-Dlog4j2.configurationFile=$SCRIPT_DIR/kafka-log4j2.properties"
-    "-Dstack.kafka.log.file=$LOGS_DIR/kafka.log"
+    "-Dstack.kafka.log.file=$LOGS_DIR/$1.log"
     "-Dstack.dir=$STACK_DIR"
     -cp "$KAFKA_HOME/lib/*"
   )
 }
 
-format_kafka() {
-  local data=$STACK_DIR/data/kafka
+format_kafka() { # N CLUSTER_ID
+  local n=$1 data name
+  data=$(kafka_data_dir "$n")
+  name=$(kafka_component "$n")
   [[ -f $data/meta.properties ]] && return 0
   say "formatting the Kafka log directory $data"
   rm -rf -- "$data"
   mkdir -p -- "$data"
-  local -a KAFKA_JVM_OPTS CDS_OPTS
-  kafka_jvm_opts
-  cds_opts kafka-format "$KAFKA_JAVA" "$KAFKA_HOME"
+  local -a KAFKA_JVM_OPTS CDS_OPTS quorum=()
+  # one node: a dynamic quorum it forms alone; several: the static voters of the config
+  ((BROKERS == 1)) && quorum=(--standalone)
+  kafka_jvm_opts "$name"
+  cds_opts "$name-format" "$KAFKA_JAVA" "$KAFKA_HOME" kafka-format
   # a short-lived tool: the quick compiler only
   if ! "$KAFKA_JAVA" "${CDS_OPTS[@]}" "${KAFKA_JVM_OPTS[@]}" -XX:TieredStopAtLevel=1 -XX:+UseSerialGC \
-    -Dstack.kafka.log.file="$LOGS_DIR/kafka-format.log" \
-    kafka.tools.StorageTool format --standalone -t "$(random_cluster_id)" \
-    -c "$STACK_DIR/config/server.properties" >"$LOGS_DIR/kafka-format.log" 2>&1; then
-    tail -n 30 "$LOGS_DIR/kafka-format.log" >&2
-    die "formatting the Kafka log directory failed (see $LOGS_DIR/kafka-format.log)"
+    -Dstack.kafka.log.file="$LOGS_DIR/$name-format.log" \
+    kafka.tools.StorageTool format "${quorum[@]}" -t "$2" \
+    -c "$(kafka_config_file "$n")" >"$LOGS_DIR/$name-format.log" 2>&1; then
+    tail -n 30 "$LOGS_DIR/$name-format.log" >&2
+    die "formatting the Kafka log directory failed (see $LOGS_DIR/$name-format.log)"
   fi
-  cds_install kafka-format
+  cds_install "$name-format"
 }
 
-start_kafka() {
+start_kafka() { # N
+  local n=$1 name
+  name=$(kafka_component "$n")
   local -a KAFKA_JVM_OPTS CDS_OPTS
-  kafka_jvm_opts
-  cds_opts kafka "$KAFKA_JAVA" "$KAFKA_HOME"
-  start_bg kafka "$STACK_DIR/data" "$KAFKA_JAVA" "${CDS_OPTS[@]}" "${KAFKA_JVM_OPTS[@]}" \
+  kafka_jvm_opts "$name"
+  cds_opts "$name" "$KAFKA_JAVA" "$KAFKA_HOME" kafka
+  start_bg "$name" "$STACK_DIR/data" "$KAFKA_JAVA" "${CDS_OPTS[@]}" "${KAFKA_JVM_OPTS[@]}" \
     -Xms128m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExplicitGCInvokesConcurrent \
-    kafka.Kafka "$STACK_DIR/config/server.properties"
-  local ports="$KAFKA_PORT (controller $KAFKA_CONTROLLER_PORT"
+    kafka.Kafka "$(kafka_config_file "$n")"
+  local ports="${NODE_PORT[$n]} (controller ${NODE_CTRL_PORT[$n]}"
   if ((WITH_SASL)); then ports+=", sasl_ssl $KAFKA_SASL_PORT"; fi
-  printf '%s)\n' "$ports" >"$PIDS_DIR/kafka.port"
+  printf '%s)\n' "$ports" >"$PIDS_DIR/$name.port"
 }
 
 start_registry() {
@@ -722,14 +809,16 @@ start_bigquery() {
 
 # ---------------------------------------------------------------- readiness checks
 
-# Kafka: the broker logged the end of its start-up (it is unfenced by then) and answers an
-# ApiVersions request (v0, correlation id 7) on the PLAINTEXT listener with error code 0.
+# Kafka node COMPONENT: it logged the end of its start-up (it is unfenced by then) and answers
+# an ApiVersions request (v0, correlation id 7) on its PLAINTEXT listener with error code 0.
 kafka_ready() {
-  grep -q 'Kafka Server started' "$LOGS_DIR/kafka.log" 2>/dev/null || return 1
+  local name=${1:-kafka} port
+  port=${NODE_PORT[$(node_of "$name")]}
+  grep -q 'Kafka Server started' "$LOGS_DIR/$name.log" 2>/dev/null || return 1
   local resp
   resp=$(
     exec 2>/dev/null
-    exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT" || exit 1
+    exec 3<>"/dev/tcp/127.0.0.1/$port" || exit 1
     printf '\x00\x00\x00\x0f\x00\x12\x00\x00\x00\x00\x00\x07\x00\x05probe' >&3
     timeout 5 head -c 10 <&3 | od -An -tx1 | tr -d ' \n'
   ) || return 1
@@ -755,13 +844,15 @@ bigquery_ready() {
 # show the end of its log and fail (the EXIT trap stops what was started).
 wait_ready() {
   local -A done_=()
-  local start name pid pending
+  local start name pid pending ready
   start=$(now_s)
   while :; do
     pending=0
     for name in "$@"; do
       [[ -n ${done_[$name]:-} ]] && continue
-      if "${name}_ready"; then
+      ready=${name}_ready
+      [[ $name == kafka* ]] && ready="kafka_ready $name"
+      if $ready; then
         done_[$name]=1
         : >"$PIDS_DIR/$name.ready"
         say "$name is ready ($(($(now_s) - T0)) s)"
@@ -820,15 +911,30 @@ on_up_exit() {
 cmd_up() {
   WITH_BIGQUERY=0
   WITH_SASL=0
-  local arg
-  for arg in "$@"; do
-    case $arg in
+  BROKERS=1
+  while (($#)); do
+    case $1 in
       --with-bigquery) WITH_BIGQUERY=1 ;;
       --with-sasl) WITH_SASL=1 ;;
+      --brokers)
+        (($# > 1)) || { say "--brokers needs a number: 1 or 3"; exit 2; }
+        BROKERS=$2
+        shift
+        ;;
+      --brokers=*) BROKERS=${1#--brokers=} ;;
       -h | --help) usage; exit 0 ;;
-      *) say "unknown option for up: $arg (see --help)"; exit 2 ;;
+      *) say "unknown option for up: $1 (see --help)"; exit 2 ;;
     esac
+    shift
   done
+  if [[ $BROKERS != 1 && $BROKERS != "$MAX_BROKERS" ]]; then
+    say "--brokers must be 1 or $MAX_BROKERS, got '$BROKERS'"
+    exit 2
+  fi
+  if ((BROKERS > 1 && WITH_SASL)); then
+    say "--with-sasl runs on the single node only; drop --brokers $BROKERS or --with-sasl"
+    exit 2
+  fi
   T0=$(now_s)
 
   # tools first: one line naming everything that is missing
@@ -873,7 +979,7 @@ cmd_up() {
   trap 'exit 130' INT
   trap 'exit 143' TERM HUP
 
-  with_cache_lock fetch_all
+  fetch_all
 
   resolve_port KAFKA_PORT STACK_KAFKA_PORT
   resolve_port KAFKA_CONTROLLER_PORT STACK_KAFKA_CONTROLLER_PORT
@@ -884,14 +990,22 @@ cmd_up() {
     resolve_port BIGQUERY_PORT STACK_BIGQUERY_PORT
     resolve_port BIGQUERY_GRPC_PORT STACK_BIGQUERY_GRPC_PORT
   fi
-  local -a ports=("$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$REGISTRY_PORT" "$REGISTRY_MGMT_PORT")
+  NODE_PORT[1]=$KAFKA_PORT
+  NODE_CTRL_PORT[1]=$KAFKA_CONTROLLER_PORT
+  local n
+  for ((n = 2; n <= BROKERS; n++)); do
+    NODE_PORT[$n]=$(pick_free_port)
+    NODE_CTRL_PORT[$n]=$(pick_free_port)
+    CLAIMED_PORTS+=("${NODE_PORT[$n]}" "${NODE_CTRL_PORT[$n]}") # picked in subshells
+  done
+  local -a ports=("${NODE_PORT[@]}" "${NODE_CTRL_PORT[@]}" "$REGISTRY_PORT" "$REGISTRY_MGMT_PORT")
   ((WITH_SASL)) && ports+=("$KAFKA_SASL_PORT")
   ((WITH_BIGQUERY)) && ports+=("$BIGQUERY_PORT" "$BIGQUERY_GRPC_PORT")
   [[ $(printf '%s\n' "${ports[@]}" | sort | uniq -d) == "" ]] ||
     die "the same port is configured twice: ${ports[*]}"
 
   local name
-  for name in kafka registry bigquery; do # fresh logs for this run, the previous one kept
+  for name in "${COMPONENTS[@]}"; do # fresh logs for this run, the previous one kept
     if [[ -s $LOGS_DIR/$name.log ]]; then mv -f -- "$LOGS_DIR/$name.log" "$LOGS_DIR/$name.log.1"; fi
   done
 
@@ -903,19 +1017,29 @@ cmd_up() {
     start_bigquery
   fi
   ((WITH_SASL)) && write_tls
-  write_kafka_config
-  format_kafka
-  say "starting Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT"
-  start_kafka
+  save_layout
+  local cluster_id
+  cluster_id=$(random_cluster_id)
+  local -a wait_for=()
+  for ((n = 1; n <= BROKERS; n++)); do
+    write_kafka_config "$n"
+    format_kafka "$n" "$cluster_id"
+  done
+  for ((n = 1; n <= BROKERS; n++)); do
+    say "starting Kafka $KAFKA_VERSION node $n of $BROKERS on 127.0.0.1:${NODE_PORT[$n]}"
+    start_kafka "$n"
+    wait_for+=("$(kafka_component "$n")")
+  done
 
-  local -a wait_for=(kafka registry)
+  wait_for+=(registry)
   ((WITH_BIGQUERY)) && wait_for+=(bigquery)
   wait_ready "${wait_for[@]}"
 
   {
-    export_line KAFKA_BOOTSTRAP_SERVERS "127.0.0.1:$KAFKA_PORT"
+    export_line KAFKA_BOOTSTRAP_SERVERS "$(bootstrap_servers)"
     export_line SCHEMA_REGISTRY_URL "http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7"
-    export_line TOPIC_REPLICATION_FACTOR 1
+    export_line TOPIC_REPLICATION_FACTOR "$BROKERS"
+    ((BROKERS > 1)) && export_line STACK_KAFKA_BROKERS "$BROKERS"
     if ((WITH_BIGQUERY)); then
       export_line PRODUCER_BIGQUERY_API_ENDPOINT "http://127.0.0.1:$BIGQUERY_PORT"
       export_line PRODUCER_WAREHOUSE "bigquery://$BIGQUERY_PROJECT"
@@ -933,9 +1057,9 @@ cmd_up() {
 }
 
 fetch_all() {
-  fetch_kafka
-  fetch_registry
-  if ((WITH_BIGQUERY)); then fetch_bigquery; fi
+  with_cache_lock kafka fetch_kafka
+  with_cache_lock registry fetch_registry
+  if ((WITH_BIGQUERY)); then with_cache_lock bigquery fetch_bigquery; fi
 }
 
 recorded_components() {
@@ -975,7 +1099,7 @@ cmd_down() {
     else
       say "nothing is running in $STACK_DIR"
     fi
-    rm -f -- "$ENV_FILE" "$PIDS_DIR"/*.starting
+    rm -f -- "$ENV_FILE" "$PIDS_DIR"/*.starting "$STACK_DIR/kafka-nodes"
   else
     say "nothing is running in $STACK_DIR"
   fi
@@ -992,8 +1116,12 @@ cmd_down() {
 
 cmd_status() {
   [[ $# == 0 ]] || { say "status takes no arguments"; exit 2; }
-  local name pid port state rc=0 any=0
-  for name in "${COMPONENTS[@]}"; do
+  local name pid port state rc=0 any=0 n
+  local -a names=()
+  load_layout || true
+  for ((n = 1; n <= BROKERS; n++)); do names+=("$(kafka_component "$n")"); done
+  names+=(registry bigquery)
+  for name in "${names[@]}"; do
     port=-
     [[ -f $PIDS_DIR/$name.port ]] && port=$(<"$PIDS_DIR/$name.port")
     if pid=$(component_pid "$name"); then
@@ -1001,13 +1129,66 @@ cmd_status() {
       any=1
     else
       state=stopped
-      if [[ -f $(pid_file "$name") ]]; then rc=3; fi
+      # a started component that is not running; a stopped node of the cluster too
+      if [[ -f $(pid_file "$name") || ($name == kafka* && -f $STACK_DIR/kafka-nodes) ]]; then rc=3; fi
       pid=-
     fi
     printf '%-9s %-8s pid %-8s port %s\n' "$name" "$state" "$pid" "$port"
   done
   ((any)) || rc=3
   return "$rc"
+}
+
+broker_arg() { # broker_arg N: check N against the running stack's layout
+  load_layout || die "no stack was started in $STACK_DIR (start one with: deploy/local/stack.sh up)"
+  [[ $1 =~ ^[0-9]+$ ]] && (($1 >= 1 && $1 <= BROKERS)) ||
+    die "no Kafka node '$1' in $STACK_DIR: its nodes are 1..$BROKERS"
+}
+
+cmd_stop_broker() {
+  local node= kill=0 arg
+  for arg in "$@"; do
+    case $arg in
+      --kill) kill=1 ;;
+      -*) say "unknown option for stop-broker: $arg (see --help)"; exit 2 ;;
+      *) [[ -z $node ]] || { say "stop-broker takes one node number"; exit 2; }; node=$arg ;;
+    esac
+  done
+  [[ -n $node ]] || { say "usage: stack.sh stop-broker N [--kill]"; exit 2; }
+  lock_state
+  broker_arg "$node"
+  local name pid
+  name=$(kafka_component "$node")
+  pid=$(component_pid "$name") || die "Kafka node $node ($name) is not running"
+  if ((kill)); then
+    say "killing Kafka node $node (pid $pid) with SIGKILL"
+    kill -s KILL -- "-$pid" 2>/dev/null || kill -s KILL "$pid" 2>/dev/null || true
+    rm -f -- "$PIDS_DIR/$name.ready" # a killed JVM leaves no usable class archive
+    local i
+    for ((i = 0; i < 100; i++)); do
+      tree_alive "$pid" 1 || break
+      sleep 0.05
+    done
+  fi
+  stop_components "$name"
+  say "Kafka node $node is stopped; start it again with: deploy/local/stack.sh start-broker $node"
+}
+
+cmd_start_broker() {
+  [[ $# == 1 ]] || { say "usage: stack.sh start-broker N"; exit 2; }
+  lock_state
+  broker_arg "$1"
+  local n=$1 name pid
+  name=$(kafka_component "$n")
+  if pid=$(component_pid "$name"); then die "Kafka node $n ($name) is already running (pid $pid)"; fi
+  START_TIMEOUT_S=${STACK_START_TIMEOUT_S:-120}
+  KAFKA_AUTO_CREATE_TOPICS=${STACK_KAFKA_AUTO_CREATE_TOPICS:-true}
+  port_in_use "${NODE_PORT[$n]}" && die "port ${NODE_PORT[$n]} of Kafka node $n is taken by another process"
+  T0=$(now_s)
+  if [[ -s $LOGS_DIR/$name.log ]]; then mv -f -- "$LOGS_DIR/$name.log" "$LOGS_DIR/$name.log.1"; fi
+  say "starting Kafka node $n on 127.0.0.1:${NODE_PORT[$n]}"
+  start_kafka "$n"
+  wait_ready "$name"
 }
 
 cmd_paths() {
@@ -1024,6 +1205,8 @@ main() {
     down) load_settings; cmd_down "$@" ;;
     status) load_settings; cmd_status "$@" ;;
     paths) load_settings; cmd_paths "$@" ;;
+    stop-broker) load_settings; cmd_stop_broker "$@" ;;
+    start-broker) load_settings; cmd_start_broker "$@" ;;
     -h | --help | help) usage ;;
     "") usage; exit 2 ;;
     *) say "unknown command: $cmd"; usage >&2; exit 2 ;;

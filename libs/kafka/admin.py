@@ -27,8 +27,16 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
     def topic_config(self) -> dict[str, str]:
-        """The topic-level configs to create the topic with."""
+        """The topic-level configs to create the topic with.
+
+        With three or more replicas a write needs two of them in sync
+        (``min.insync.replicas=2``): with ``acks=all`` an acknowledged record then survives the
+        loss of any one broker, and a broker stopped for a rolling restart does not stop
+        writes. The broker default (1) would acknowledge a record held by the leader alone.
+        """
         conf = {"cleanup.policy": "compact" if self.compacted else "delete"}
+        if self.replication_factor >= 3:
+            conf["min.insync.replicas"] = "2"
         conf.update(self.config)
         return conf
 

@@ -9,7 +9,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import ConfigResource  # type: ignore[attr-defined]
 
-from libs.kafka.admin import _describe_with_retry
+from libs.kafka.admin import TopicSpec, _describe_with_retry
 from libs.kafka.errors import TopicError
 
 
@@ -44,3 +44,18 @@ def test_other_errors_are_not_retried() -> None:
     with pytest.raises(TopicError, match="cannot describe topic t"):
         _describe_with_retry(admin, resource, 5.0)  # type: ignore[arg-type]
     assert admin.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("replicas", "expected"),
+    [(1, None), (2, None), (3, "2"), (5, "2")],
+)
+def test_replicated_topics_need_two_in_sync_replicas(replicas: int, expected: str | None) -> None:
+    conf = TopicSpec("t", partitions=3, replication_factor=replicas).topic_config()
+    assert conf.get("min.insync.replicas") == expected
+    assert conf["cleanup.policy"] == "delete"
+
+
+def test_an_explicit_min_insync_replicas_wins() -> None:
+    spec = TopicSpec("t", 3, 3, compacted=True, config={"min.insync.replicas": "3"})
+    assert spec.topic_config() == {"cleanup.policy": "compact", "min.insync.replicas": "3"}

@@ -15,6 +15,13 @@ class RegistryError(SerdeError):
     """The schema registry could not be reached or refused a request."""
 
 
+class RegistryAuthError(RegistryError):
+    """The schema registry rejected the client's credentials (HTTP 401 or 403).
+
+    Unlike an unreachable registry, waiting does not help: the configuration must change.
+    """
+
+
 class SerializationError(SerdeError):
     """A record could not be encoded with its schema."""
 

@@ -57,6 +57,8 @@ def env_help(*models: type[BaseSettings]) -> str:
 
 #: settings whose value is never repeated in an error line, even without the model at hand
 _SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|USER_INFO|CREDENTIAL", re.IGNORECASE)
+#: credentials inside a URL (``scheme://user:password@host``), hidden in an echoed value
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 def _secret_fields(model: type[BaseModel] | None) -> set[str]:
@@ -75,7 +77,8 @@ def describe_validation_error(
     """One line naming every bad or missing setting by its environment variable.
 
     The value a setting got is quoted, except for secrets (``SecretStr`` fields of ``model``
-    and names that look like credentials), whose value is never printed.
+    and names that look like credentials), whose value is never printed, and the credentials
+    part of a URL.
     """
     secrets = _secret_fields(model)
     parts = []
@@ -94,7 +97,8 @@ def describe_validation_error(
         elif field in secrets or _SECRET_NAME.search(name):
             parts.append(f"{name}: {err['msg']} (value hidden: a secret)")
         else:
-            parts.append(f"{name}: {err['msg']} (got {value!r})")
+            shown = _URL_USERINFO.sub("***@", repr(value))
+            parts.append(f"{name}: {err['msg']} (got {shown})")
     return "invalid settings: " + "; ".join(parts)
 
 

@@ -122,7 +122,6 @@ class Enricher:
         registry: SchemaRegistry,
         stop: threading.Event,
     ) -> None:
-        self._common = common
         self._topics = topics
         self._settings = settings
         self._stop = stop

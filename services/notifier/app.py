@@ -81,7 +81,6 @@ class NotifierService:
         stop: threading.Event,
         notifier: Notifier | None = None,
     ) -> None:
-        self._common = common
         self._topics = topics
         self._settings = settings
         self._stop = stop

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -14,6 +15,11 @@ log = logging.getLogger(__name__)
 
 #: a check answers (healthy, details)
 Check = Callable[[], tuple[bool, dict[str, object]]]
+
+
+def seconds_since(monotonic_ts: float) -> float:
+    """Seconds elapsed since ``monotonic_ts`` (a ``time.monotonic()`` reading)."""
+    return time.monotonic() - monotonic_ts
 
 
 def _always_ok() -> tuple[bool, dict[str, object]]:

@@ -10,6 +10,7 @@ from libs.serde.avro import (
 )
 from libs.serde.errors import (
     DeserializationError,
+    RegistryAuthError,
     RegistryError,
     SchemaNotFoundError,
     SerdeError,
@@ -50,6 +51,7 @@ __all__ = [
     "InMemorySchemaRegistry",
     "OnboardingStarted",
     "ProducerCursor",
+    "RegistryAuthError",
     "RegistryError",
     "SchemaNotFoundError",
     "SchemaRegistry",

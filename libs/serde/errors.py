@@ -15,6 +15,13 @@ class RegistryError(SerdeError):
     """The schema registry could not be reached or refused a request."""
 
 
+class RegistryAuthError(RegistryError):
+    """The schema registry rejected the client's credentials (HTTP 401 or 403).
+
+    Unlike an unreachable registry, waiting does not help: the configuration must change.
+    """
+
+
 class SerializationError(SerdeError):
     """A record could not be encoded with its schema."""
 
@@ -38,10 +45,15 @@ class DeserializationError(SerdeError):
         """True when the registry could not answer, so the bytes are not to blame.
 
         A schema id the registry answers 4xx for (404: unknown id) is the record's fault, a
-        poison record; unreachable, 5xx, 408 or 429 mean "try again later".
+        poison record; unreachable, 5xx, 408 or 429 mean "try again later", and so do 401 and
+        403: credentials the registry rejects (rotated, revoked) say nothing about the record,
+        and dead-lettering every valid record until they are fixed would lose them all.
         """
         cause = self.__cause__
         if not isinstance(cause, RegistryError):
             return False
         status = getattr(cause.__cause__, "http_status_code", None)
-        return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
+        not_the_record = (401, 403, 408, 429)
+        return not (
+            isinstance(status, int) and 400 <= status < 500 and status not in not_the_record
+        )

@@ -14,7 +14,7 @@ from typing import Protocol
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-from libs.serde.errors import RegistryError
+from libs.serde.errors import RegistryAuthError, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ def wait_for_registry(
 
     Services call it at start, after their health server is up and before anything needs a
     schema: a registry that is down at start means waiting, not ready, rather than exiting.
+    Rejected credentials are not something time repairs: ``RegistryAuthError`` propagates at
+    once instead of being waited on.
     """
     delay = initial_s
     attempt = 0
@@ -63,6 +65,8 @@ def wait_for_registry(
             if attempt:
                 log.info("schema registry answers again", extra={"attempts": attempt + 1})
             return True
+        except RegistryAuthError:
+            raise
         except RegistryError as exc:
             attempt += 1
             log.warning(
@@ -152,6 +156,13 @@ class ConfluentSchemaRegistry:
     def check(self) -> None:
         try:
             self._client.get_subjects()
+        except SchemaRegistryError as exc:
+            if exc.http_status_code in (401, 403):
+                raise RegistryAuthError(
+                    f"schema registry at {self.url} rejects the credentials: "
+                    f"HTTP {exc.http_status_code} {exc.error_message}"
+                ) from exc
+            raise RegistryError(f"schema registry at {self.url} answers {exc}") from exc
         except Exception as exc:
             raise RegistryError(f"schema registry at {self.url} unreachable: {exc}") from exc
 

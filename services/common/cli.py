@@ -8,22 +8,32 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings
 
-from libs.runtime import configure_logging
+from libs.runtime import (
+    EXIT_CONFIG,
+    EXIT_FATAL,
+    EXIT_OK,
+    Service,
+    ServiceRuntime,
+    configure_logging,
+    install_stop_handlers,
+    run_lifecycle,
+)
+from libs.serde import SchemaRegistry
+from services.common.settings import CommonSettings, TopicSettings
 
 log = logging.getLogger(__name__)
 
-S = TypeVar("S")
-
-EXIT_OK = 0
-EXIT_FATAL = 1
-EXIT_CONFIG = 2
+S = TypeVar("S", bound=BaseSettings)
+S_contra = TypeVar("S_contra", bound=BaseSettings, contravariant=True)
+M = TypeVar("M", bound=BaseSettings)
 
 
 def env_help(*models: type[BaseSettings]) -> str:
@@ -47,6 +57,8 @@ def env_help(*models: type[BaseSettings]) -> str:
 
 #: settings whose value is never repeated in an error line, even without the model at hand
 _SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|USER_INFO|CREDENTIAL", re.IGNORECASE)
+#: credentials inside a URL (``scheme://user:password@host``), hidden in an echoed value
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 def _secret_fields(model: type[BaseModel] | None) -> set[str]:
@@ -65,7 +77,8 @@ def describe_validation_error(
     """One line naming every bad or missing setting by its environment variable.
 
     The value a setting got is quoted, except for secrets (``SecretStr`` fields of ``model``
-    and names that look like credentials), whose value is never printed.
+    and names that look like credentials), whose value is never printed, and the credentials
+    part of a URL.
     """
     secrets = _secret_fields(model)
     parts = []
@@ -84,43 +97,87 @@ def describe_validation_error(
         elif field in secrets or _SECRET_NAME.search(name):
             parts.append(f"{name}: {err['msg']} (value hidden: a secret)")
         else:
-            parts.append(f"{name}: {err['msg']} (got {value!r})")
+            shown = _URL_USERINFO.sub("***@", repr(value))
+            parts.append(f"{name}: {err['msg']} (got {shown})")
     return "invalid settings: " + "; ".join(parts)
+
+
+class ServiceFactory(Protocol[S_contra]):
+    """Builds a service from its typed settings (the service classes' constructors)."""
+
+    def __call__(
+        self,
+        common: CommonSettings,
+        topics: TopicSettings,
+        settings: S_contra,
+        *,
+        registry: SchemaRegistry,
+        stop: threading.Event,
+    ) -> Service: ...
+
+
+class _BadSettingsError(Exception):
+    """One line naming the bad settings of one model."""
+
+
+def _load(model: type[M]) -> M:
+    try:
+        return model()
+    except ValidationError as exc:
+        prefix = str(model.model_config.get("env_prefix", ""))
+        raise _BadSettingsError(describe_validation_error(exc, prefix, model=model)) from None
 
 
 def run_service(
     *,
     name: str,
     description: str,
-    settings_models: Sequence[type[BaseSettings]],
-    build_and_run: Callable[[list[BaseSettings]], int],
+    settings: type[S],
+    build: ServiceFactory[S],
     argv: Sequence[str] | None = None,
 ) -> int:
-    """Parse ``--help``, load settings (one clear line on error), configure logging, run."""
+    """Parse ``--help``, load settings (one clear line on error), configure logging, run.
+
+    The service built by ``build`` runs through ``libs.runtime.run_lifecycle``: start line,
+    topics, health server, registry wait, bootstrap, loop, stop line.
+    """
     parser = argparse.ArgumentParser(
         prog=f"python -m services.{name}",
         description=description,
-        epilog="settings (environment variables):\n" + env_help(*settings_models),
+        epilog="settings (environment variables):\n"
+        + env_help(CommonSettings, TopicSettings, settings),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.parse_args(argv)
-    loaded: list[BaseSettings] = []
-    for model in settings_models:
-        try:
-            loaded.append(model())
-        except ValidationError as exc:
-            prefix = str(model.model_config.get("env_prefix", ""))
-            print(f"{name}: {describe_validation_error(exc, prefix, model=model)}", file=sys.stderr)  # noqa: T201
-            return EXIT_CONFIG
-    common = loaded[0]
-    configure_logging(
-        str(getattr(common, "log_level", "INFO")),
-        json_format=getattr(common, "log_format", "json") == "json",
-    )
+    try:
+        common = _load(CommonSettings)
+        topics = _load(TopicSettings)
+        own = _load(settings)
+    except _BadSettingsError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_CONFIG
+    configure_logging(common.log_level, json_format=common.log_format == "json")
     # The registry client's HTTP library logs every request at INFO: one line per schema id.
     logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.getLogger().level))
+    stop = install_stop_handlers()
     try:
-        return build_and_run(loaded)
+        registry = common.registry()
+        try:
+            service = build(common, topics, own, registry=registry, stop=stop)
+            return run_lifecycle(
+                service,
+                ServiceRuntime(
+                    name=name,
+                    kafka=common.kafka(name),
+                    registry=registry,
+                    registry_url=common.schema_registry_url,
+                    registry_credentials_setting="SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO",
+                    metrics_port=common.metrics_port,
+                    stop=stop,
+                ),
+            )
+        finally:
+            registry.close()
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception:

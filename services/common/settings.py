@@ -7,6 +7,7 @@ service adds its own ``BaseSettings`` with its prefix (``ENRICHER_...``).
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -73,6 +74,30 @@ class CommonSettings(BaseSettings):
                     {"protocol": protocol},
                 )
         return value
+
+    @field_validator("schema_registry_url")
+    @classmethod
+    def _registry_url_is_http(cls, value: str) -> str:
+        # The registry client only checks that the value starts with "http": anything else
+        # fails at start with a traceback, and "http://" or "https:host" pass it and fail at
+        # the first request, which the service waits on forever as "registry unavailable".
+        # The client accepts a comma-separated list of URLs: each one is checked.
+        urls = [u.strip() for u in value.split(",")]
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise PydanticCustomError(
+                    "registry_url",
+                    "must be an http(s) URL with a host, e.g. http://registry:8081 "
+                    "(several: comma-separated)",
+                )
+            if parts.username is not None or parts.password is not None:
+                # The URL is logged; credentials belong in their secret setting.
+                raise PydanticCustomError(
+                    "registry_url_credentials",
+                    "must not hold credentials: set SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO",
+                )
+        return ",".join(urls)
 
     @field_validator("schema_registry_basic_auth_user_info")
     @classmethod

@@ -3,8 +3,7 @@
 import sys
 
 from services.common.cli import run_service
-from services.common.settings import CommonSettings, TopicSettings
-from services.enricher.app import build_and_run
+from services.enricher.app import Enricher
 from services.enricher.settings import EnricherSettings
 
 if __name__ == "__main__":
@@ -13,7 +12,7 @@ if __name__ == "__main__":
             name="enricher",
             description="Filters events, joins them with their account-team owner and produces "
             "Slack-ready messages to slack-messages.",
-            settings_models=[CommonSettings, TopicSettings, EnricherSettings],
-            build_and_run=build_and_run,
+            settings=EnricherSettings,
+            build=Enricher,
         )
     )

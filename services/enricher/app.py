@@ -1,13 +1,14 @@
 """The enricher's composition root: tables, gate, loop, metrics; the core decides everything.
 
-Start order matters:
+Start order matters (``libs.runtime.service`` calls these hooks in this order):
 
-1. ensure every CONTRACT topic exists (dead-letter topics included);
-2. load both lookup tables up to the high watermarks snapshotted at start (the *gate*), so an
-   event is never joined against a table that has not yet seen records written before it;
-3. only then consume events: one ``ProcessingLoop`` over every pipeline's source topic, the
-   handler dispatching by topic; before each poll the tables apply what they have fetched
-   since (live following), so updates reach the next batch of events.
+1. ``topics()``: ensure every CONTRACT topic exists (dead-letter topics included);
+2. ``bootstrap()``, once the registry answers: load both lookup tables up to the high
+   watermarks snapshotted at start (the *gate*), so an event is never joined against a table
+   that has not yet seen records written before it;
+3. ``run()``: only then consume events: one ``ProcessingLoop`` over every pipeline's source
+   topic, the handler dispatching by topic; before each poll the tables apply what they have
+   fetched since (live following), so updates reach the next batch of events.
 
 Invalid lookup records are dead-lettered to ``<table topic>.dlq`` by a plain producer (they are
 not part of the loop's transactions: the tables keep their own offsets in RocksDB) and skipped;
@@ -21,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
 from collections import Counter as Tally
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,7 +30,6 @@ from typing import Any
 
 from confluent_kafka import Message, Producer
 from prometheus_client import Counter
-from pydantic_settings import BaseSettings
 
 from libs.kafka import (
     DeadLetterPublisher,
@@ -39,13 +38,14 @@ from libs.kafka import (
     InvalidRecordError,
     KafkaSettings,
     LoopConfig,
+    LoopStats,
     ProcessingLoop,
     RetryLater,
+    TopicSpec,
     dlq_topic,
-    ensure_topics,
     plain_produce,
 )
-from libs.runtime import HealthServer, install_stop_handlers
+from libs.runtime import seconds_since
 from libs.serde import (
     AvroDeserializer,
     AvroRecord,
@@ -58,7 +58,6 @@ from libs.serde import (
     SlackUser,
     encode_key,
     load_schema_text,
-    wait_for_registry,
 )
 from libs.tables import GlobalTable, bootstrap_all
 from services.common.settings import CommonSettings, TopicSettings
@@ -112,7 +111,7 @@ def _format_version(record_type: type[AvroRecord]) -> str:
 
 
 class Enricher:
-    """The running service; ``run()`` blocks until ``stop`` is set."""
+    """The enricher as a ``libs.runtime.Service``; ``run()`` blocks until ``stop`` is set."""
 
     def __init__(
         self,
@@ -120,15 +119,14 @@ class Enricher:
         topics: TopicSettings,
         settings: EnricherSettings,
         *,
+        registry: SchemaRegistry,
         stop: threading.Event,
-        registry: SchemaRegistry | None = None,
     ) -> None:
-        self._common = common
         self._topics = topics
         self._settings = settings
         self._stop = stop
         self._kafka: KafkaSettings = common.kafka(SERVICE)
-        self._registry = registry or common.registry()
+        self._registry = registry
         self._encode = AvroSerializer(self._registry, SlackMessage)
         self._out_topic = topics.slack_messages
         self._sources: dict[str, _Source] = {}
@@ -149,6 +147,7 @@ class Enricher:
         self.tables = (self.owners, self.users)
         self.outcomes: Tally[tuple[str, str]] = Tally()
         self.loop: ProcessingLoop | None = None
+        self._stats = LoopStats()
 
     # -- tables ----------------------------------------------------------------------------
     def _table(self, name: str, topic: str, record_type: type[Any]) -> GlobalTable[Any]:
@@ -257,7 +256,7 @@ class Enricher:
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready once every table passed the gate and while the loop keeps polling."""
         tables = {t.name: t.status() for t in self.tables}
-        loop_ok = self.loop is not None and _since(self.loop.last_poll) < READINESS_STALL_S
+        loop_ok = self.loop is not None and seconds_since(self.loop.last_poll) < READINESS_STALL_S
         ok = all(t.ready() for t in self.tables) and loop_ok
         return ok, {"tables": tables, "loop_running": loop_ok}
 
@@ -265,85 +264,80 @@ class Enricher:
         """Alive while loading tables, and while the loop polls."""
         if self.loop is None:
             return True, {"phase": "loading tables"}
-        stalled = _since(self.loop.last_poll)
+        stalled = seconds_since(self.loop.last_poll)
         return stalled < LIVENESS_STALL_S, {"seconds_since_poll": round(stalled, 1)}
 
-    # -- lifecycle -------------------------------------------------------------------------
-    def run(self) -> int:
-        """Ensure topics, pass the gate, run the loop until stopped; the exit code."""
+    # -- lifecycle hooks (libs.runtime.Service) ---------------------------------------------
+    def config(self) -> dict[str, object]:
+        """The enricher's effective settings for the start line."""
         guarantee = Guarantee(self._settings.processing_guarantee)
         txn_id = self._settings.effective_transactional_id()
-        log.info(
-            "enricher starting",
-            extra={
-                "kafka": self._kafka.masked(),
-                "schema_registry_url": self._common.schema_registry_url,
-                "group_id": self._settings.group_id,
-                "guarantee": guarantee.value,
-                "transactional_id": txn_id if guarantee is Guarantee.EXACTLY_ONCE else None,
-                "state_dir": str(self._settings.state_dir),
-                "fallback_channel": self._settings.fallback_channel,
-                "sources": {t: s.pipeline.name for t, s in self._sources.items()},
-                "tables": {t.name: t.topic for t in self.tables},
-                "output": self._out_topic,
-                "link_templates": self._settings.link_templates,
-                "metrics_port": self._common.metrics_port,
-            },
+        return {
+            "group_id": self._settings.group_id,
+            "guarantee": guarantee.value,
+            "transactional_id": txn_id if guarantee is Guarantee.EXACTLY_ONCE else None,
+            "state_dir": str(self._settings.state_dir),
+            "fallback_channel": self._settings.fallback_channel,
+            "sources": {t: s.pipeline.name for t, s in self._sources.items()},
+            "tables": {t.name: t.topic for t in self.tables},
+            "output": self._out_topic,
+            "link_templates": self._settings.link_templates,
+        }
+
+    def topics(self) -> list[TopicSpec]:
+        """Every CONTRACT topic, dead-letter topics included."""
+        return self._topics.all_specs()
+
+    def prepare(self) -> None:
+        """Nothing to check before the registry answers."""
+
+    def bootstrap(self) -> None:
+        """The gate: both tables loaded up to the high watermarks of the start."""
+        bootstrap_all(self.tables, self._stop)
+        self._dlq_producer.flush(10)
+
+    def run(self) -> None:
+        """Consume every pipeline's source topic until stopped."""
+        guarantee = Guarantee(self._settings.processing_guarantee)
+        self.loop = ProcessingLoop(
+            LoopConfig(
+                name=SERVICE,
+                topics=list(self._sources),
+                guarantee=guarantee,
+                checkpoint_interval_s=self._settings.checkpoint_interval_s,
+            ),
+            self._loop_consumer_config(),
+            self._kafka.producer_config(
+                transactional_id=self._settings.effective_transactional_id()
+            ),
+            self.handle,
+            service=SERVICE,
+            stop=self._stop,
+            on_idle=self._follow_tables,
         )
-        ensure_topics(self._kafka.client_config(), self._topics.all_specs())
-        health = None
-        if self._common.metrics_port:
-            health = HealthServer(
-                self._common.metrics_port, liveness=self.liveness, readiness=self.readiness
-            ).start()
-        started = time.monotonic()
-        try:
-            if not wait_for_registry(self._registry, self._stop):
-                log.info("stopped while waiting for the schema registry")
-                return 0
-            bootstrap_all(self.tables, self._stop)
-            self._dlq_producer.flush(10)
-            if self._stop.is_set():
-                log.info("stopped while loading tables")
-                return 0
-            self.loop = ProcessingLoop(
-                LoopConfig(
-                    name=SERVICE,
-                    topics=list(self._sources),
-                    guarantee=guarantee,
-                    checkpoint_interval_s=self._settings.checkpoint_interval_s,
-                ),
-                self._loop_consumer_config(),
-                self._kafka.producer_config(transactional_id=txn_id),
-                self.handle,
-                service=SERVICE,
-                stop=self._stop,
-                on_idle=self._follow_tables,
-            )
-            stats = self.loop.run()
-        finally:
-            for table in self.tables:
-                table.close()
-            self._dlq_producer.flush(10)
-            if health is not None:
-                health.stop()
-        log.info(
-            "enricher stopped",
-            extra={
-                "seconds": round(time.monotonic() - started, 1),
-                "consumed": stats.consumed,
-                "produced": stats.produced,
-                "dead_lettered": stats.dead_lettered,
-                "checkpoints": stats.checkpoints,
-                "aborts": stats.aborts,
-                "outcomes": {f"{p}/{o}": n for (p, o), n in sorted(self.outcomes.items())},
-                "tables": {
-                    t.name: {"applied": t.applied_total, "invalid": t.invalid_total}
-                    for t in self.tables
-                },
+        self._stats = self.loop.run()
+
+    def close(self) -> None:
+        """Close the tables, flush the tables' dead letters."""
+        for table in self.tables:
+            table.close()
+        self._dlq_producer.flush(10)
+
+    def counts(self) -> dict[str, object]:
+        """Loop counts, outcomes by pipeline, applied and invalid table records."""
+        stats = self._stats
+        return {
+            "consumed": stats.consumed,
+            "produced": stats.produced,
+            "dead_lettered": stats.dead_lettered,
+            "checkpoints": stats.checkpoints,
+            "aborts": stats.aborts,
+            "outcomes": {f"{p}/{o}": n for (p, o), n in sorted(self.outcomes.items())},
+            "tables": {
+                t.name: {"applied": t.applied_total, "invalid": t.invalid_total}
+                for t in self.tables
             },
-        )
-        return 0
+        }
 
 
 def _retry_if_registry_down(exc: DeserializationError) -> None:
@@ -351,17 +345,3 @@ def _retry_if_registry_down(exc: DeserializationError) -> None:
     # dead-lettering a valid event.
     if exc.registry_unavailable:
         raise RetryLater(f"schema registry unavailable: {exc}", delay_s=5.0) from exc
-
-
-def _since(monotonic_ts: float) -> float:
-    return time.monotonic() - monotonic_ts
-
-
-def build_and_run(settings: list[BaseSettings]) -> int:
-    """``run_service`` entry point: settings in, exit code out."""
-    common, topics, enricher = settings
-    assert isinstance(common, CommonSettings)
-    assert isinstance(topics, TopicSettings)
-    assert isinstance(enricher, EnricherSettings)
-    stop = install_stop_handlers()
-    return Enricher(common, topics, enricher, stop=stop).run()

@@ -230,15 +230,12 @@ def route(
     now: datetime,
     fallback_channel: str | None,
 ) -> Outcome:
-    """Decide what ``event`` becomes, given what the two joins found.
+    """Decide what ``event``, which passed the pipeline's filter, becomes given the joins.
 
-    Filtered out: ``Drop``. Owner and Slack user found: an ``Alert`` DM'd to the owner (the
-    channel is the Slack user id). A miss: an ``Alert`` to ``fallback_channel`` whose text says
-    why, or a ``Miss`` (nothing produced) when there is no fallback channel.
+    Owner and Slack user found: an ``Alert`` DM'd to the owner (the channel is the Slack user
+    id). A miss: an ``Alert`` to ``fallback_channel`` whose text says why, or a ``Miss``
+    (nothing produced) when there is no fallback channel. ``process`` filters first.
     """
-    dropped = pipeline.keep(event)
-    if dropped is not None:
-        return Drop(dropped)
     miss = _miss(owner, user)
     if miss is not None and not fallback_channel:
         return Miss(miss, _miss_warning(miss, event, owner))

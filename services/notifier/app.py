@@ -1,17 +1,18 @@
 """The notifier's composition root: Slack adapter, receipts table, markers, the sink loop.
 
-Start order:
+Start order (``libs.runtime.service`` calls these hooks in this order):
 
-1. ensure the topics it uses exist (``slack-messages``, the compacted receipts topic, their
-   dead-letter topics), unless ``NOTIFIER_CREATE_TOPICS=false``;
-2. with a token, ``auth.test``: a token Slack rejects stops the service at once with exit 1
-   (every post would fail the same way; see ``core.FATAL_ERRORS``); Slack being unreachable
-   only logs a warning, the loop's retries deal with it;
-3. load the receipts table (``slack-message-receipts`` as a ``GlobalTable`` in
-   ``NOTIFIER_STATE_DIR/receipts``) up to the high watermarks of the start (the gate), so a
-   message that already has a final receipt is never posted again;
-4. run the sink loop (``services.notifier.sink``) until SIGTERM/SIGINT; it keeps following the
-   receipts table so receipts written by other instances are seen too.
+1. ``topics()``: ensure the topics it uses exist (``slack-messages``, the compacted receipts
+   topic, their dead-letter topics), unless ``NOTIFIER_CREATE_TOPICS=false``;
+2. ``prepare()``: with a token, ``auth.test``: a token Slack rejects stops the service at once
+   with exit 1 (every post would fail the same way; see ``core.FATAL_ERRORS``); Slack being
+   unreachable only logs a warning, the loop's retries deal with it;
+3. ``bootstrap()``, once the registry answers: load the receipts table
+   (``slack-message-receipts`` as a ``GlobalTable`` in ``NOTIFIER_STATE_DIR/receipts``) up to
+   the high watermarks of the start (the gate), so a message that already has a final receipt
+   is never posted again;
+4. ``run()``: the sink loop (``services.notifier.sink``) until SIGTERM/SIGINT; it keeps
+   following the receipts table so receipts written by other instances are seen too.
 
 Without ``NOTIFIER_SLACK_BOT_TOKEN`` the Slack adapter is the dry-run one: every message is
 rendered to the log and gets a ``DRY_RUN`` receipt, and no local rate limit applies.
@@ -22,23 +23,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
-from pydantic_settings import BaseSettings
 
 from libs.kafka import (
     DeadLetterPublisher,
     KafkaSettings,
     TopicSpec,
     dlq_topic,
-    ensure_topics,
     plain_produce,
 )
-from libs.runtime import HealthServer, install_stop_handlers
+from libs.runtime import StartRefusedError, seconds_since
 from libs.serde import (
     AvroDeserializer,
     AvroSerializer,
@@ -46,7 +44,6 @@ from libs.serde import (
     SlackDeliveryReceipt,
     SlackMessage,
     load_schema_text,
-    wait_for_registry,
 )
 from libs.tables import GlobalTable, bootstrap_all
 from services.common.settings import CommonSettings, TopicSettings
@@ -72,7 +69,7 @@ def _format_version() -> str:
 
 
 class NotifierService:
-    """The running service; ``run()`` blocks until ``stop`` is set, returns the exit code."""
+    """The notifier as a ``libs.runtime.Service``; ``run()`` blocks until ``stop`` is set."""
 
     def __init__(
         self,
@@ -80,16 +77,15 @@ class NotifierService:
         topics: TopicSettings,
         settings: NotifierSettings,
         *,
+        registry: SchemaRegistry,
         stop: threading.Event,
-        registry: SchemaRegistry | None = None,
         notifier: Notifier | None = None,
     ) -> None:
-        self._common = common
         self._topics = topics
         self._settings = settings
         self._stop = stop
         self._kafka: KafkaSettings = common.kafka(SERVICE)
-        self._registry = registry or common.registry()
+        self._registry = registry
         self._notifier = notifier or _build_notifier(settings)
         self._decode_message = AvroDeserializer(self._registry, SlackMessage)
         decode_receipt = AvroDeserializer(self._registry, SlackDeliveryReceipt)
@@ -112,6 +108,7 @@ class NotifierService:
             format_version=_format_version(),
         )
         self.loop: SinkLoop | None = None
+        self._markers: RocksDictAttemptLog | None = None
 
     # -- adapters for the loop -------------------------------------------------------------
     def _decode(self, value: bytes | None, topic: str, partition: int, offset: int) -> SlackMessage:
@@ -161,7 +158,7 @@ class NotifierService:
     # -- health ----------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready once the receipts table passed the gate and while the loop turns."""
-        loop_ok = self.loop is not None and _since(self.loop.last_turn) < READINESS_STALL_S
+        loop_ok = self.loop is not None and seconds_since(self.loop.last_turn) < READINESS_STALL_S
         ok = self.receipts.ready() and loop_ok
         return ok, {"receipts": self.receipts.status(), "loop_running": loop_ok}
 
@@ -169,80 +166,71 @@ class NotifierService:
         """Alive while loading the table, and while the loop turns."""
         if self.loop is None:
             return True, {"phase": "loading receipts"}
-        stalled = _since(self.loop.last_turn)
+        stalled = seconds_since(self.loop.last_turn)
         return stalled < LIVENESS_STALL_S, {"seconds_since_turn": round(stalled, 1)}
 
-    # -- lifecycle -------------------------------------------------------------------------
-    def run(self) -> int:
-        """Topics, auth check, gate, loop; the exit code."""
+    # -- lifecycle hooks (libs.runtime.Service) ---------------------------------------------
+    def config(self) -> dict[str, object]:
+        """The notifier's effective settings for the start line, the token masked."""
+        return {
+            "input": self._topics.slack_messages,
+            "receipts": self._receipts_topic,
+            "dead_letters": dlq_topic(self._topics.slack_messages),
+            "settings": self._settings.masked(),
+        }
+
+    def topics(self) -> list[TopicSpec]:
+        """Its topics, unless ``NOTIFIER_CREATE_TOPICS=false``."""
+        return self._topic_specs() if self._settings.create_topics else []
+
+    def prepare(self) -> None:
+        """Refuse a token Slack rejects; open the in-doubt markers, dropping expired ones."""
         s = self._settings
-        log.info(
-            "notifier starting",
-            extra={
-                "kafka": self._kafka.masked(),
-                "schema_registry_url": self._common.schema_registry_url,
-                "input": self._topics.slack_messages,
-                "receipts": self._receipts_topic,
-                "dead_letters": dlq_topic(self._topics.slack_messages),
-                "metrics_port": self._common.metrics_port,
-                "settings": s.masked(),
-            },
-        )
-        if s.create_topics:
-            ensure_topics(self._kafka.client_config(), self._topic_specs())
         auth_error = self._notifier.check_auth()
         if isinstance(auth_error, Rejected) and auth_error.error in TOKEN_ERRORS:
-            log.error(
+            raise StartRefusedError(
                 "Slack rejects the token (NOTIFIER_SLACK_BOT_TOKEN), not starting",
-                extra={"error": auth_error.error},
+                error=auth_error.error,
             )
-            return 1
         if auth_error is not None:
             log.warning("Slack auth.test failed, starting anyway", extra={"error": str(auth_error)})
-        markers = RocksDictAttemptLog(Path(s.state_dir) / "attempts")
-        pruned = markers.prune(datetime.now(UTC) - timedelta(hours=s.marker_retention_h))
-        log.info("in-doubt markers loaded", extra={"markers": len(markers), "pruned": pruned})
-        health = None
-        if self._common.metrics_port:
-            health = HealthServer(
-                self._common.metrics_port, liveness=self.liveness, readiness=self.readiness
-            ).start()
-        started = time.monotonic()
-        stats = SinkStats()
-        try:
-            if not wait_for_registry(self._registry, self._stop):
-                log.info("stopped while waiting for the schema registry")
-                return 0
-            bootstrap_all([self.receipts], self._stop)
-            if self._stop.is_set():
-                log.info("stopped while loading receipts")
-                return 0
-            self.loop = SinkLoop(
-                self._sink_config(),
-                self._consumer_config(),
-                self._kafka.producer_config(),
-                notifier=self._notifier,
-                table=self.receipts,
-                markers=markers,
-                decode=self._decode,
-                encode=self._encode,
-                stop=self._stop,
-            )
-            stats = self.loop.run()
-        finally:
-            self.receipts.close()
-            markers.close()
-            self._table_dlq_producer.flush(10)
-            if health is not None:
-                health.stop()
-            log.info(
-                "notifier stopped",
-                extra={
-                    "seconds": round(time.monotonic() - started, 1),
-                    **vars(self.loop.stats if self.loop is not None else stats),
-                },
-            )
-        return 0
+        self._markers = RocksDictAttemptLog(Path(s.state_dir) / "attempts")
+        pruned = self._markers.prune(datetime.now(UTC) - timedelta(hours=s.marker_retention_h))
+        log.info("in-doubt markers loaded", extra={"markers": len(self._markers), "pruned": pruned})
+
+    def bootstrap(self) -> None:
+        """The gate: the receipts table loaded up to the high watermarks of the start."""
+        bootstrap_all([self.receipts], self._stop)
+
+    def run(self) -> None:
+        """The sink loop, until stopped."""
+        assert self._markers is not None, "prepare() opens the markers"
+        self.loop = self._sink_loop(self._markers)
+        self.loop.run()
+
+    def _sink_loop(self, markers: RocksDictAttemptLog) -> SinkLoop:
+        return SinkLoop(
+            self._sink_config(),
+            self._consumer_config(),
+            self._kafka.producer_config(),
+            notifier=self._notifier,
+            table=self.receipts,
+            markers=markers,
+            decode=self._decode,
+            encode=self._encode,
+            stop=self._stop,
+        )
+
+    def close(self) -> None:
+        """Close the table and the markers, flush the table's dead letters."""
+        self.receipts.close()
+        if self._markers is not None:
+            self._markers.close()
+        self._table_dlq_producer.flush(10)
+
+    def counts(self) -> dict[str, object]:
+        """The sink loop's counts."""
+        return dict(vars(self.loop.stats if self.loop is not None else SinkStats()))
 
 
 def _build_notifier(settings: NotifierSettings) -> Notifier:
@@ -255,17 +243,3 @@ def _build_notifier(settings: NotifierSettings) -> Notifier:
         history_limit=settings.history_limit,
         history_max_pages=settings.history_max_pages,
     )
-
-
-def _since(monotonic_ts: float) -> float:
-    return time.monotonic() - monotonic_ts
-
-
-def build_and_run(settings: list[BaseSettings]) -> int:
-    """``run_service`` entry point: settings in, exit code out."""
-    common, topics, notifier = settings
-    assert isinstance(common, CommonSettings)
-    assert isinstance(topics, TopicSettings)
-    assert isinstance(notifier, NotifierSettings)
-    stop = install_stop_handlers()
-    return NotifierService(common, topics, notifier, stop=stop).run()

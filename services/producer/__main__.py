@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 
 from services.common.cli import run_service
-from services.common.settings import CommonSettings, TopicSettings
-from services.producer.app import build_and_run
+from services.producer.app import ProducerService
 from services.producer.settings import ProducerSettings
 
 if __name__ == "__main__":
@@ -16,7 +15,7 @@ if __name__ == "__main__":
             description="Polls warehouse queries (first: onboarding-started) and produces one "
             "event per new row, with a gap-free (timestamp, key) cursor committed in the same "
             "Kafka transaction as the events.",
-            settings_models=[CommonSettings, TopicSettings, ProducerSettings],
-            build_and_run=build_and_run,
+            settings=ProducerSettings,
+            build=ProducerService,
         )
     )

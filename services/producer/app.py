@@ -1,4 +1,4 @@
-"""Composition root: settings -> source, sinks, runners, health server; run until stopped.
+"""Composition root: settings -> source, sinks, runners; ``libs.runtime`` runs the lifecycle.
 
 One producer replica per deployment is the contract: each query's transactional id is
 ``<PRODUCER_TRANSACTIONAL_ID>.<query>``, stable across restarts, so a restarted instance
@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime
 
-from pydantic_settings import BaseSettings
-
-from libs.kafka import TopicSpec, dlq_topic, ensure_topics
-from libs.runtime import HealthServer, install_stop_handlers
-from libs.serde import SchemaRegistry, wait_for_registry
+from libs.kafka import TopicSpec, dlq_topic
+from libs.runtime import seconds_since
+from libs.serde import SchemaRegistry
 from services.common.settings import CommonSettings, TopicSettings
 from services.producer.core import QueryDefinition
 from services.producer.queries import ONBOARDING_STARTED
@@ -108,97 +105,109 @@ def build_runners(
     return runners
 
 
-def run(
-    common: CommonSettings,
-    topics: TopicSettings,
-    settings: ProducerSettings,
-    stop: threading.Event,
-    *,
-    clock: Callable[[], datetime] = utc_now,
-    registry: SchemaRegistry | None = None,
-) -> int:
-    """Run the producer until ``stop`` is set; 0 on a graceful stop (fatal errors raise)."""
-    log.info(
-        "producer starting",
-        extra={
-            "kafka": common.kafka(SERVICE).masked(),
-            "schema_registry": common.schema_registry_url,
-            "topics": {
-                "cursors": topics.producer_cursors,
-                "outputs": [o for _, _, o in bound_queries(settings, topics)],
-            },
-            "settings": settings.masked(),
-            "metrics_port": common.metrics_port,
-        },
-    )
-    if settings.create_topics:
-        ensure_topics(common.kafka(SERVICE).client_config(), topic_specs(settings, topics))
-    own_registry = common.registry() if registry is None else None
-    registry = registry or own_registry
-    assert registry is not None
-    source = open_source(settings)
-    runners = build_runners(common, topics, settings, source=source, registry=registry, stop=stop)
-    loop = PollLoop(
-        runners,
-        stop,
-        poll_interval_s=settings.poll_interval_s,
-        retry_initial_s=settings.retry_initial_s,
-        retry_max_s=settings.retry_max_s,
-        clock=clock,
-    )
-    # A loop iteration can legitimately take a query (with the client's retries), a
-    # transaction and the longest wait; anything well beyond that is a stuck process.
-    stuck_after_s = (
-        2 * settings.query_timeout_s
-        + settings.transaction_timeout_s
-        + max(settings.poll_interval_s, settings.retry_max_s)
-        + 30
-    )
+class ProducerService:
+    """The producer as a ``libs.runtime.Service``: source and runners built at ``prepare``."""
 
-    def liveness() -> tuple[bool, dict[str, object]]:
-        age = time.monotonic() - loop.heartbeat
-        return age < stuck_after_s, {"loop_heartbeat_age_s": round(age, 1)}
-
-    def readiness() -> tuple[bool, dict[str, object]]:
-        return loop.ready, {r.name: {"cursor_loaded": r.loaded} for r in runners}
-
-    health = (
-        HealthServer(common.metrics_port, liveness=liveness, readiness=readiness).start()
-        if common.metrics_port
-        else None
-    )
-    try:
-        if wait_for_registry(registry, stop):
-            loop.run()
-    finally:
-        for runner in runners:
-            runner.close()
-        source.close()
-        if own_registry is not None:
-            own_registry.close()
-        if health is not None:
-            health.stop()
-        log.info(
-            "producer stopped",
-            extra={
-                r.name: {
-                    "rows": r.stats.rows,
-                    "events": r.stats.events,
-                    "dead_letters": r.stats.dead_letters,
-                    "batches": r.stats.batches,
-                    "failures": r.stats.failures,
-                    "cursor_timestamp": (r.cursor.last_timestamp.isoformat() if r.cursor else None),
-                }
-                for r in runners
-            },
+    def __init__(
+        self,
+        common: CommonSettings,
+        topics: TopicSettings,
+        settings: ProducerSettings,
+        *,
+        registry: SchemaRegistry,
+        stop: threading.Event,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._common = common
+        self._topics = topics
+        self._settings = settings
+        self._registry = registry
+        self._stop = stop
+        self._clock = clock
+        self._source: WarehouseSource | None = None
+        self.runners: list[QueryRunner] = []
+        self.loop: PollLoop | None = None
+        s = settings
+        # A loop iteration can legitimately take a query (with the client's retries), a
+        # transaction and the longest wait; anything well beyond that is a stuck process.
+        self._stuck_after_s = (
+            2 * s.query_timeout_s
+            + s.transaction_timeout_s
+            + max(s.poll_interval_s, s.retry_max_s)
+            + 30
         )
-    return 0
 
+    def config(self) -> dict[str, object]:
+        """Topics and producer settings for the start line."""
+        return {
+            "topics": {
+                "cursors": self._topics.producer_cursors,
+                "outputs": [o for _, _, o in bound_queries(self._settings, self._topics)],
+            },
+            "settings": self._settings.masked(),
+        }
 
-def build_and_run(loaded: Sequence[BaseSettings]) -> int:
-    """The ``run_service`` entry: typed settings in, exit code out."""
-    common, topics, settings = loaded
-    assert isinstance(common, CommonSettings)
-    assert isinstance(topics, TopicSettings)
-    assert isinstance(settings, ProducerSettings)
-    return run(common, topics, settings, install_stop_handlers())
+    def topics(self) -> list[TopicSpec]:
+        """Outputs, their dead-letter topics and the cursor topic (``PRODUCER_CREATE_TOPICS``)."""
+        return topic_specs(self._settings, self._topics) if self._settings.create_topics else []
+
+    def prepare(self) -> None:
+        """Open the warehouse and build one runner (one transactional producer) per query."""
+        self._source = open_source(self._settings)
+        self.runners = build_runners(
+            self._common,
+            self._topics,
+            self._settings,
+            source=self._source,
+            registry=self._registry,
+            stop=self._stop,
+        )
+        self.loop = PollLoop(
+            self.runners,
+            self._stop,
+            poll_interval_s=self._settings.poll_interval_s,
+            retry_initial_s=self._settings.retry_initial_s,
+            retry_max_s=self._settings.retry_max_s,
+            clock=self._clock,
+        )
+
+    def bootstrap(self) -> None:
+        """Nothing: each runner loads its cursor inside the loop, retrying."""
+
+    def run(self) -> None:
+        """Poll every query until stopped."""
+        assert self.loop is not None, "prepare() builds the loop"
+        self.loop.run()
+
+    def close(self) -> None:
+        """Abort open transactions, close the warehouse."""
+        for runner in self.runners:
+            runner.close()
+        if self._source is not None:
+            self._source.close()
+
+    def liveness(self) -> tuple[bool, dict[str, object]]:
+        """Alive while the loop keeps turning."""
+        if self.loop is None or not self.loop.heartbeat:
+            return True, {"loop_started": False}
+        age = seconds_since(self.loop.heartbeat)
+        return age < self._stuck_after_s, {"loop_heartbeat_age_s": round(age, 1)}
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready once every query's cursor is loaded."""
+        ready = self.loop is not None and self.loop.ready
+        return ready, {r.name: {"cursor_loaded": r.loaded} for r in self.runners}
+
+    def counts(self) -> dict[str, object]:
+        """Per query: rows, events, dead letters, batches, failures, the cursor reached."""
+        return {
+            r.name: {
+                "rows": r.stats.rows,
+                "events": r.stats.events,
+                "dead_letters": r.stats.dead_letters,
+                "batches": r.stats.batches,
+                "failures": r.stats.failures,
+                "cursor_timestamp": (r.cursor.last_timestamp.isoformat() if r.cursor else None),
+            }
+            for r in self.runners
+        }

@@ -38,6 +38,8 @@ def _registry_error(inner: BaseException) -> RegistryError:
         (_registry_error(_HttpError(503)), True),
         (_registry_error(_HttpError(429)), True),
         (_registry_error(_HttpError(408)), True),
+        (_registry_error(_HttpError(401)), True),  # credentials rejected: not the record
+        (_registry_error(_HttpError(403)), True),
         (_registry_error(ConnectionRefusedError("refused")), True),  # registry down
     ],
 )

@@ -268,6 +268,29 @@ def test_route_is_pure_given_what_the_joins_found() -> None:
     )
 
 
+@pytest.mark.parametrize("kept", [True, False])
+def test_process_runs_the_filter_once_per_event(kept: bool) -> None:
+    # a filter may be costly (a pipeline's own rule); it runs once, before any lookup
+    calls: list[str] = []
+
+    def keep(event: ConnectorStatusChanged) -> str | None:
+        calls.append(event.event_id)
+        return None if kept else "not_wanted"
+
+    counting = dataclasses.replace(CONNECTOR, keep=keep)
+    owners, users = tables([owner()], [user()])
+    outcome = process(
+        connector_event(),
+        pipeline=counting,
+        owners=owners,
+        users=users,
+        now=NOW,
+        fallback_channel=None,
+    )
+    assert calls == ["ev-1"]
+    assert isinstance(outcome, Alert) if kept else outcome == Drop("not_wanted")
+
+
 # -- message ids -------------------------------------------------------------------------------
 def test_message_id_is_deterministic_per_pipeline_and_event() -> None:
     event = connector_event()

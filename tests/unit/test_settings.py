@@ -84,6 +84,48 @@ def required_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["notaurl", "127.0.0.1:8081", "ftp://registry:8081", "http://", "https:registry", " "],
+)
+def test_registry_url_must_be_http_with_a_host(
+    required_env: pytest.MonkeyPatch, value: str
+) -> None:
+    required_env.setenv("SCHEMA_REGISTRY_URL", value)
+    with pytest.raises(ValidationError) as info:
+        CommonSettings()
+    line = describe_validation_error(info.value, model=CommonSettings)
+    assert line.startswith("invalid settings: SCHEMA_REGISTRY_URL: must be an http(s) URL")
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        ("http://127.0.0.1:8081", "http://127.0.0.1:8081"),
+        ("https://psrc-x.confluent.cloud", "https://psrc-x.confluent.cloud"),
+        ("http://r:8080/apis/ccompat/v7", "http://r:8080/apis/ccompat/v7"),
+        ("http://a:8081, http://b:8081", "http://a:8081,http://b:8081"),
+    ],
+)
+def test_registry_url_accepts_http_urls(
+    required_env: pytest.MonkeyPatch, value: str, parsed: str
+) -> None:
+    required_env.setenv("SCHEMA_REGISTRY_URL", value)
+    assert CommonSettings().schema_registry_url == parsed
+
+
+def test_registry_url_with_credentials_is_refused_without_echoing_them(
+    required_env: pytest.MonkeyPatch,
+) -> None:
+    required_env.setenv("SCHEMA_REGISTRY_URL", "https://key:s3cr3t@registry.example")
+    with pytest.raises(ValidationError) as info:
+        CommonSettings()
+    line = describe_validation_error(info.value, model=CommonSettings)
+    assert "SCHEMA_REGISTRY_URL: must not hold credentials" in line
+    assert "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO" in line
+    assert "s3cr3t" not in line and "key:" not in line
+
+
 @pytest.mark.parametrize("model", [None, CommonSettings])
 def test_user_info_without_colon_is_named_and_not_echoed(
     required_env: pytest.MonkeyPatch, model: type[CommonSettings] | None
@@ -184,8 +226,10 @@ def test_model_level_error_does_not_echo_every_setting(monkeypatch: pytest.Monke
             "KAFKA_SASL_USERNAME",
         ),
         ({"NOTIFIER_SLACK_API_URL": "notaurl"}, "NOTIFIER_SLACK_API_URL"),
+        ({"SCHEMA_REGISTRY_URL": "notaurl"}, "SCHEMA_REGISTRY_URL"),
+        ({"SCHEMA_REGISTRY_URL": "http://"}, "SCHEMA_REGISTRY_URL"),
     ],
-    ids=["user-info", "sasl-username", "slack-url"],
+    ids=["user-info", "sasl-username", "slack-url", "registry-url", "registry-url-no-host"],
 )
 def test_notifier_cli_exits_2_with_one_line(env: dict[str, str], named: str) -> None:
     proc = subprocess.run(

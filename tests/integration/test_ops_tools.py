@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaException, Producer
 
 from libs.kafka import DeadLetterPublisher, KafkaSettings, plain_produce
 from libs.kafka.redrive import HEADER_REDRIVEN_FROM, LetterFilter, scan_dead_letters
@@ -27,6 +27,7 @@ from libs.serde import (
     SlackDeliveryReceipt,
     SlackMessage,
 )
+from services.dlq.cli import CLIENT_ID
 from tests.support.kafka import consume_all, create_topics, unique
 
 pytestmark = pytest.mark.integration
@@ -152,6 +153,41 @@ def test_redrive_sends_letters_back_once_and_refuses_a_second_time(
     assert listed.code == 0, listed.err
     rows = listed.json_lines()
     assert len(rows) == 6 and all(r["redriven"] for r in rows)
+
+
+def test_a_crashed_redrive_is_fenced_and_its_letters_go_exactly_once(
+    bootstrap: str, env: dict[str, str]
+) -> None:
+    """A re-drive stuck or killed mid-transaction left records and ledger entries uncommitted:
+    they are invisible and count for nothing, the next run fences the old one (same
+    transactional id), and the old one can no longer commit its copies."""
+    letters = DeadLetters(bootstrap, partitions=1)
+    letters.add(3, error=ValueError("x"))
+    create_topics(bootstrap, [env["TOPIC_DLQ_REDRIVES"]], partitions=1, compacted=True)
+    crashed = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "transactional.id": f"{CLIENT_ID}.{letters.dlq}",
+            "transaction.timeout.ms": 300_000,  # only fencing can end it within the test
+        }
+    )
+    crashed.init_transactions(30)
+    crashed.begin_transaction()
+    for offset in range(3):
+        coordinates = f"{letters.dlq}/0/{offset}".encode()
+        crashed.produce(
+            letters.source, key=b"k", value=b"v", headers=[(HEADER_REDRIVEN_FROM, coordinates)]
+        )
+        crashed.produce(env["TOPIC_DLQ_REDRIVES"], key=coordinates, value=b"{}")
+    assert crashed.flush(30) == 0  # in the log, never committed: the process "died" here
+
+    result = run(env, "services.dlq", "redrive", letters.source, "--timeout", "60")
+    assert result.code == 0, result.err
+    assert "re-drove 3 of 3" in result.out
+    with pytest.raises(KafkaException, match=r"(?i)fenced"):
+        crashed.commit_transaction(30)
+    back = consume_all(bootstrap, letters.source, expected=3)
+    assert sorted(m.key() for m in back) == [b"key-0", b"key-1", b"key-2"]
 
 
 def test_selection_by_time_and_offsets(bootstrap: str, env: dict[str, str]) -> None:

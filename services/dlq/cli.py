@@ -45,7 +45,7 @@ CLIENT_ID = "dlq-tool"
 _EXAMPLES = f"""\
 examples:
   {PROG} list slack-messages --since 2h
-  {PROG} list enricher-input.dlq --error-class DeserializationError --json
+  {PROG} list data-notifications-pipeline.dlq --error-class DeserializationError --json
   {PROG} show slack-messages 2:1041
   {PROG} redrive slack-messages --error-class SlackApiError --since 2026-12-02T08:00Z --dry-run
   {PROG} redrive slack-messages --partition 2 --offsets 1000-1100

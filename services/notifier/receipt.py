@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, Message
 from pydantic_settings import BaseSettings
 
-from libs.kafka import read_to_end
+from libs.kafka import TopicError, read_to_end
 from libs.serde import AvroDeserializer, SlackDeliveryReceipt
 from services.common.cli import env_help
 from services.common.settings import CommonSettings, TopicSettings
@@ -64,6 +64,10 @@ def find_latest(
     progress_interval_s: float = 2.0,
 ) -> Lookup:
     """The newest record keyed ``message_id`` in ``topic``, read to its end."""
+    meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    if meta is None or meta.error is not None or not meta.partitions:
+        # read_to_end would wait its whole timeout for a topic that may yet appear
+        raise TopicError(f"topic {topic} does not exist (check TOPIC_SLACK_MESSAGE_RECEIPTS)")
     key = message_id.encode("utf-8")
     latest: Message | None = None
     scanned = 0

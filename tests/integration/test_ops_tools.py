@@ -357,6 +357,17 @@ def test_receipt_prints_the_latest_receipt_of_a_message(
     assert "was deleted" in deleted.err
 
 
+def test_receipt_of_a_missing_topic_fails_fast(env: dict[str, str]) -> None:
+    topic = unique("no-receipts")
+    started = time.monotonic()
+    result = run(
+        {**env, "TOPIC_SLACK_MESSAGE_RECEIPTS": topic}, "services.notifier", "receipt", "m"
+    )
+    assert result.code == 1
+    assert f"topic {topic} does not exist" in result.err
+    assert time.monotonic() - started < 30  # not the 60 s read timeout
+
+
 def test_receipt_without_settings_names_the_missing_one(env: dict[str, str]) -> None:
     bare = {k: v for k, v in env.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
     result = run(bare, "services.notifier", "receipt", "m-1")

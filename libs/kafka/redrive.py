@@ -42,6 +42,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -423,8 +424,9 @@ def find_letter(
 ) -> DeadLetter:
     """The letter at ``partition``/``offset`` of ``topic``; ``SelectionError`` when none is."""
     flt = LetterFilter(partition=partition, offsets=(offset, offset))
-    for letter in scan_dead_letters(consumer, topic, flt, timeout_s=timeout_s):
-        return letter
+    with closing(scan_dead_letters(consumer, topic, flt, timeout_s=timeout_s)) as letters:
+        for letter in letters:
+            return letter
     raise SelectionError(
         f"no dead letter at {topic}/{partition}/{offset} (a transaction marker or compacted)"
     )
@@ -447,6 +449,41 @@ def read_ledger(
             else:
                 done.add(key.decode())
     return done
+
+
+def _redrive_batch(
+    producer: TransactionalProducer,
+    batch: Sequence[DeadLetter],
+    targets: dict[str, Target],
+    done: set[str],
+    ledger_topic: str,
+    at: datetime,
+) -> None:
+    """One transaction: the batch's records and their ledger entries, committed together."""
+    producer.begin()
+    stamp = at.isoformat(timespec="milliseconds")
+    for letter in batch:
+        target = targets[letter.coordinates]
+        producer.produce(
+            target.topic,
+            key=letter.key,
+            value=letter.value,
+            headers=letter.redrive_headers(),
+            partition=target.partition,
+        )
+        entry = {
+            "dlq_topic": letter.topic,
+            "partition": letter.partition,
+            "offset": letter.offset,
+            "target_topic": target.topic,
+            "target_partition": target.partition,
+            "redriven_at": stamp,
+            "forced": letter.coordinates in done,
+        }
+        producer.produce(
+            ledger_topic, key=letter.coordinates.encode(), value=json.dumps(entry).encode()
+        )
+    producer.commit()
 
 
 class TransactionalProducer(Protocol):
@@ -607,36 +644,22 @@ def redrive(
         report.redriven = len(selected)
         return report
     assert producer is not None
-    for start in range(0, len(selected), batch_size):
-        batch = selected[start : start + batch_size]
-        producer.begin()
-        at = now().isoformat(timespec="milliseconds")
-        for letter in batch:
-            target = targets[letter.coordinates]
-            producer.produce(
-                target.topic,
-                key=letter.key,
-                value=letter.value,
-                headers=letter.redrive_headers(),
-                partition=target.partition,
+    try:
+        for start in range(0, len(selected), batch_size):
+            _redrive_batch(
+                producer, selected[start : start + batch_size], targets, done, ledger_topic, now()
             )
-            entry = {
-                "dlq_topic": letter.topic,
-                "partition": letter.partition,
-                "offset": letter.offset,
-                "target_topic": target.topic,
-                "target_partition": target.partition,
-                "redriven_at": at,
-                "forced": letter.coordinates in done,
-            }
-            producer.produce(
-                ledger_topic, key=letter.coordinates.encode(), value=json.dumps(entry).encode()
+            report.transactions += 1
+            report.redriven += min(batch_size, len(selected) - start)
+            log.info(
+                "re-drove a batch of dead letters",
+                extra={"dlq_topic": dlq_topic, "done": report.redriven, "of": len(selected)},
             )
-        producer.commit()
-        report.transactions += 1
-        report.redriven += len(batch)
-        log.info(
-            "re-drove a batch of dead letters",
-            extra={"dlq_topic": dlq_topic, "done": report.redriven, "of": len(selected)},
-        )
+    except KafkaLibError as exc:
+        # Committed batches stay re-driven (and in the ledger); the failed one is aborted.
+        raise RedriveError(
+            f"re-drive of {dlq_topic} stopped after {report.redriven} of {len(selected)} "
+            f"letters ({report.transactions} transactions committed): {exc}; rerun with "
+            "--skip-redriven to send the rest"
+        ) from exc
     return report

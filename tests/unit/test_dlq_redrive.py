@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 
-from libs.kafka import dlq_headers
+from libs.kafka import TransactionAbortedError, dlq_headers
 from libs.kafka.redrive import (
     HEADER_REDRIVEN_FROM,
     AlreadyRedrivenError,
     DeadLetter,
     LetterFilter,
     NotRedrivableError,
+    RedriveError,
     SelectionError,
     dlq_topic_of,
     parse_offsets,
@@ -352,3 +353,26 @@ def test_force_and_skip_contradict() -> None:
             force=True,
             skip_redriven=True,
         )
+
+
+def test_a_failed_batch_reports_what_was_committed_and_how_to_resume() -> None:
+    class FailingSecondCommit(RecordingProducer):
+        def commit(self) -> None:
+            if len(self.committed) == 1:
+                raise TransactionAbortedError("commit_transaction failed, aborted: broker gone")
+            super().commit()
+
+    producer = FailingSecondCommit()
+    with pytest.raises(
+        RedriveError, match=r"after 2 of 5 letters \(1 transactions.*--skip-redriven"
+    ):
+        redrive(
+            [letter(o) for o in range(5)],
+            dlq_topic="events.dlq",
+            producer=producer,
+            read_redriven=set,
+            topic_partitions=partitions({"events": 3}),
+            ledger_topic=LEDGER,
+            batch_size=2,
+        )
+    assert len(producer.records("events")) == 2

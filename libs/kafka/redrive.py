@@ -607,6 +607,7 @@ def redrive(
     skip_redriven: bool = False,
     batch_size: int = 500,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    progress_interval_s: float = 2.0,
 ) -> RedriveReport:
     """Send ``letters`` back to their source topics, each batch in one transaction with its
     ledger entries; see the module docstring for the refusal rules.
@@ -644,6 +645,7 @@ def redrive(
         report.redriven = len(selected)
         return report
     assert producer is not None
+    last_report = time.monotonic()
     try:
         for start in range(0, len(selected), batch_size):
             _redrive_batch(
@@ -651,10 +653,12 @@ def redrive(
             )
             report.transactions += 1
             report.redriven += min(batch_size, len(selected) - start)
-            log.info(
-                "re-drove a batch of dead letters",
-                extra={"dlq_topic": dlq_topic, "done": report.redriven, "of": len(selected)},
-            )
+            if time.monotonic() - last_report >= progress_interval_s:
+                last_report = time.monotonic()
+                log.info(
+                    "re-driving dead letters",
+                    extra={"dlq_topic": dlq_topic, "done": report.redriven, "of": len(selected)},
+                )
     except KafkaLibError as exc:
         # Committed batches stay re-driven (and in the ledger); the failed one is aborted.
         raise RedriveError(

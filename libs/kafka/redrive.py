@@ -580,6 +580,8 @@ class RedriveReport:
     transactions: int = 0
     by_target: dict[str, int] = field(default_factory=dict)
     dry_run: bool = False
+    #: in a dry run, each letter that would go and where (a real run keeps only counts)
+    planned: list[tuple[DeadLetter, Target]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -643,6 +645,7 @@ def redrive(
         report.by_target[target.topic] = report.by_target.get(target.topic, 0) + 1
     if dry_run:
         report.redriven = len(selected)
+        report.planned = [(x, targets[x.coordinates]) for x in selected]
         return report
     assert producer is not None
     last_report = time.monotonic()

@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +22,6 @@ from libs.kafka import KafkaSettings, ProducerClient, ensure_topics
 from libs.kafka.redrive import (
     DeadLetter,
     LetterFilter,
-    RedriveError,
     SelectionError,
     dlq_topic_of,
     find_letter,
@@ -178,7 +177,7 @@ def _filter(args: argparse.Namespace) -> LetterFilter:
     )
 
 
-def _progress(topic: str) -> Any:
+def _progress(topic: str) -> Callable[[int, int], None]:
     def report(scanned: int, total: int) -> None:
         log.info("scanning dead letters", extra={"topic": topic, "scanned": scanned, "of": total})
 
@@ -277,7 +276,7 @@ def _show(args: argparse.Namespace, consumer: Consumer, dlq: str, common: Common
     return EXIT_OK
 
 
-def _topic_partitions(consumer: Consumer, timeout_s: float) -> Any:
+def _topic_partitions(consumer: Consumer, timeout_s: float) -> Callable[[str], int | None]:
     def count(topic: str) -> int | None:
         meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
@@ -335,6 +334,11 @@ def _redrive(
     if args.json:
         write(json.dumps(report.as_dict()))
         return EXIT_OK
+    for letter, target in report.planned:
+        write(
+            f"{letter.partition}:{letter.offset} -> {target.topic}/{target.partition}  "
+            f"{letter.error_class.rsplit('.', 1)[-1]}  key={letter.summary()['key']}"
+        )
     verb = "would re-drive" if report.dry_run else "re-drove"
     targets = ", ".join(f"{t}: {n}" for t, n in sorted(report.by_target.items()))
     write(
@@ -349,6 +353,3 @@ def _redrive(
         + ("" if report.dry_run else f"; {report.transactions} transaction(s)")
     )
     return EXIT_OK
-
-
-__all__ = ["RedriveError", "main"]

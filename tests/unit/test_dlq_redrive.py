@@ -317,6 +317,10 @@ def test_dry_run_produces_nothing_and_reports_the_plan() -> None:
     )
     assert report.dry_run and report.redriven == 2
     assert report.by_target == {"events": 1, "other": 1}
+    assert [(x.offset, t.topic, t.partition) for x, t in report.planned] == [
+        (1, "events", 1),
+        (2, "other", 0),
+    ]
 
 
 def test_warehouse_rows_are_refused_naming_the_table() -> None:

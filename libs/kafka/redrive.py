@@ -9,6 +9,10 @@ and reports progress against a known total.
 
 Re-driving, and refusing to do it twice
 ---------------------------------------
+The selection is read twice: the first pass keeps coordinates and targets only and refuses
+before anything is produced; the second streams the letters into transactions, so memory is
+bounded by a batch however many letters a mass failure dead-lettered.
+
 A re-driven record is the dead letter's key and value, its original headers minus every
 ``dlq.*`` header, plus ``dlq.redriven.from: <dlq topic>/<partition>/<offset>``, produced to
 ``dlq.source.topic`` on partition ``dlq.source.partition`` (where the record was: its key's
@@ -515,7 +519,7 @@ class Target:
 
 
 def plan_targets(
-    letters: Sequence[DeadLetter], topic_partitions: Callable[[str], int | None]
+    letters: Iterable[DeadLetter], topic_partitions: Callable[[str], int | None]
 ) -> dict[str, Target]:
     """The target of every letter, by coordinates; ``NotRedrivableError`` for any that has none.
 
@@ -580,8 +584,10 @@ class RedriveReport:
     transactions: int = 0
     by_target: dict[str, int] = field(default_factory=dict)
     dry_run: bool = False
-    #: in a dry run, each letter that would go and where (a real run keeps only counts)
-    planned: list[tuple[DeadLetter, Target]] = field(default_factory=list)
+    #: planned letters no longer found when sending (deleted by retention meanwhile)
+    vanished: int = 0
+    #: in a dry run, the coordinates of each letter that would go and where it would go
+    planned: list[tuple[str, Target]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -592,12 +598,13 @@ class RedriveReport:
             "already_redriven": len(self.already_redriven),
             "skipped_already_redriven": self.skipped,
             "transactions": self.transactions,
+            "vanished": self.vanished,
             "by_target": self.by_target,
         }
 
 
 def redrive(
-    letters: Iterable[DeadLetter],
+    select: Callable[[], Iterable[DeadLetter]],
     *,
     dlq_topic: str,
     producer: TransactionalProducer | None,
@@ -611,26 +618,35 @@ def redrive(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     progress_interval_s: float = 2.0,
 ) -> RedriveReport:
-    """Send ``letters`` back to their source topics, each batch in one transaction with its
-    ledger entries; see the module docstring for the refusal rules.
+    """Send the selected letters back to their source topics, each batch in one transaction
+    with its ledger entries; see the module docstring for the refusal rules.
+
+    ``select`` reads the selection afresh at each call. It is called twice: the first pass
+    keeps only coordinates and targets, to refuse before anything is produced; the second
+    streams the letters into batches. Memory stays bounded by a batch, not by the dead-letter
+    topic (a mass failure can dead-letter millions of records). Letters that appear between
+    the passes are left for the next run; letters that vanish (retention) are counted.
 
     ``producer`` is a transactional producer (``ProducerClient``) whose ``transactional.id``
     is unique to ``dlq_topic`` (unused, and may be ``None``, in a dry run). ``read_redriven``
     reads the ledger; it is called after ``init_transactions`` so that earlier re-drives are
-    settled.
-    Raises ``NotRedrivableError`` and ``AlreadyRedrivenError`` before anything is produced.
+    settled. Raises ``NotRedrivableError`` and ``AlreadyRedrivenError`` before anything is
+    produced.
     """
     if force and skip_redriven:
         raise SelectionError("--force and --skip-redriven contradict each other; pick one")
-    selected = list(letters)
-    report = RedriveReport(dlq_topic=dlq_topic, selected=len(selected), dry_run=dry_run)
-    targets = plan_targets(selected, topic_partitions)
+    if batch_size < 1:
+        raise SelectionError(f"bad batch size {batch_size}: must be 1 or more")
+    targets = plan_targets(select(), topic_partitions)  # dict order: the selection's order
+    report = RedriveReport(dlq_topic=dlq_topic, selected=len(targets), dry_run=dry_run)
+    if not targets:
+        return report
     if not dry_run:
         if producer is None:
             raise ValueError("a producer is needed unless dry_run")
         producer.init_transactions()
     done = read_redriven()
-    report.already_redriven = [x.coordinates for x in selected if x.coordinates in done]
+    report.already_redriven = [c for c in targets if c in done]
     if report.already_redriven and not force:
         if not skip_redriven:
             raise AlreadyRedrivenError(
@@ -638,35 +654,71 @@ def redrive(
                 "(see the dlq.redriven.from header on the source topic); --skip-redriven "
                 "re-drives only the others, --force re-drives them again"
             )
-        selected = [x for x in selected if x.coordinates not in done]
+        targets = {c: t for c, t in targets.items() if c not in done}
         report.skipped = len(report.already_redriven)
-    for letter in selected:
-        target = targets[letter.coordinates]
+    for target in targets.values():
         report.by_target[target.topic] = report.by_target.get(target.topic, 0) + 1
     if dry_run:
-        report.redriven = len(selected)
-        report.planned = [(x, targets[x.coordinates]) for x in selected]
+        report.redriven = len(targets)
+        report.planned = list(targets.items())
         return report
     assert producer is not None
+    _send(
+        select, targets, producer, done, ledger_topic, batch_size, now, report, progress_interval_s
+    )
+    return report
+
+
+def _send(
+    select: Callable[[], Iterable[DeadLetter]],
+    targets: dict[str, Target],
+    producer: TransactionalProducer,
+    done: set[str],
+    ledger_topic: str,
+    batch_size: int,
+    now: Callable[[], datetime],
+    report: RedriveReport,
+    progress_interval_s: float,
+) -> None:
+    """The second pass: stream the planned letters into transactions of ``batch_size``."""
+    seen: set[str] = set()
     last_report = time.monotonic()
-    try:
-        for start in range(0, len(selected), batch_size):
-            _redrive_batch(
-                producer, selected[start : start + batch_size], targets, done, ledger_topic, now()
+
+    def flush(batch: list[DeadLetter]) -> None:
+        nonlocal last_report
+        _redrive_batch(producer, batch, targets, done, ledger_topic, now())
+        report.transactions += 1
+        report.redriven += len(batch)
+        if time.monotonic() - last_report >= progress_interval_s:
+            last_report = time.monotonic()
+            log.info(
+                "re-driving dead letters",
+                extra={"dlq_topic": report.dlq_topic, "done": report.redriven, "of": len(targets)},
             )
-            report.transactions += 1
-            report.redriven += min(batch_size, len(selected) - start)
-            if time.monotonic() - last_report >= progress_interval_s:
-                last_report = time.monotonic()
-                log.info(
-                    "re-driving dead letters",
-                    extra={"dlq_topic": dlq_topic, "done": report.redriven, "of": len(selected)},
-                )
+
+    try:
+        batch: list[DeadLetter] = []
+        for letter in select():
+            coordinates = letter.coordinates
+            if coordinates not in targets or coordinates in seen:
+                continue
+            seen.add(coordinates)
+            batch.append(letter)
+            if len(batch) >= batch_size:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
     except KafkaLibError as exc:
         # Committed batches stay re-driven (and in the ledger); the failed one is aborted.
         raise RedriveError(
-            f"re-drive of {dlq_topic} stopped after {report.redriven} of {len(selected)} "
+            f"re-drive of {report.dlq_topic} stopped after {report.redriven} of {len(targets)} "
             f"letters ({report.transactions} transactions committed): {exc}; rerun with "
             "--skip-redriven to send the rest"
         ) from exc
-    return report
+    report.vanished = len(targets) - len(seen)
+    if report.vanished:
+        log.warning(
+            "dead letters vanished between planning and sending (retention?)",
+            extra={"dlq_topic": report.dlq_topic, "vanished": report.vanished},
+        )

@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from datetime import UTC, datetime
 from typing import Any
@@ -296,12 +296,12 @@ def _redrive(
     if args.batch_size < 1:
         raise SelectionError(f"bad --batch-size {args.batch_size}: must be 1 or more")
     flt = _filter(args)
-    letters = list(
-        scan_dead_letters(consumer, dlq, flt, timeout_s=args.timeout, progress=_progress(dlq))
-    )
-    if not letters:
-        write(f"no dead letters of {dlq} match; nothing re-driven")
-        return EXIT_OK
+
+    def select() -> Iterator[DeadLetter]:
+        return scan_dead_letters(
+            consumer, dlq, flt, timeout_s=args.timeout, progress=_progress(dlq)
+        )
+
     producer: ProducerClient | None = None
     if not args.dry_run:
         ensure_topics(kafka.client_config(), [topics.spec(topics.dlq_redrives, compacted=True)])
@@ -313,7 +313,7 @@ def _redrive(
         )
     try:
         report = redrive(
-            letters,
+            select,
             dlq_topic=dlq,
             producer=producer,
             read_redriven=lambda: read_ledger(
@@ -334,11 +334,11 @@ def _redrive(
     if args.json:
         write(json.dumps(report.as_dict()))
         return EXIT_OK
-    for letter, target in report.planned:
-        write(
-            f"{letter.partition}:{letter.offset} -> {target.topic}/{target.partition}  "
-            f"{letter.error_class.rsplit('.', 1)[-1]}  key={letter.summary()['key']}"
-        )
+    if not report.selected:
+        write(f"no dead letters of {dlq} match; nothing re-driven")
+        return EXIT_OK
+    for coordinates, target in report.planned:
+        write(f"{coordinates} -> {target.topic}/{target.partition}")
     verb = "would re-drive" if report.dry_run else "re-drove"
     targets = ", ".join(f"{t}: {n}" for t, n in sorted(report.by_target.items()))
     write(
@@ -351,5 +351,6 @@ def _redrive(
             else ""
         )
         + ("" if report.dry_run else f"; {report.transactions} transaction(s)")
+        + (f"; {report.vanished} vanished meanwhile (retention)" if report.vanished else "")
     )
     return EXIT_OK

@@ -193,7 +193,7 @@ def test_redriven_record_keeps_key_value_and_original_headers_on_its_partition()
     x = letter(3, partition=2, source_partition=4, extra_headers=[("trace", b"t-1")])
     producer = RecordingProducer()
     report = redrive(
-        [x],
+        lambda: [x],
         dlq_topic="events.dlq",
         producer=producer,
         read_redriven=set,
@@ -227,7 +227,7 @@ def test_an_earlier_redrive_header_is_replaced_not_stacked() -> None:
 def test_each_batch_is_one_transaction_with_its_ledger_entries() -> None:
     producer = RecordingProducer()
     report = redrive(
-        [letter(o) for o in range(5)],
+        lambda: [letter(o) for o in range(5)],
         dlq_topic="events.dlq",
         producer=producer,
         read_redriven=set,
@@ -252,7 +252,7 @@ def test_ledger_is_read_after_fencing_earlier_redrives() -> None:
         return set()
 
     redrive(
-        [letter(1)],
+        lambda: [letter(1)],
         dlq_topic="events.dlq",
         producer=producer,
         read_redriven=read,
@@ -266,7 +266,7 @@ def test_second_redrive_is_refused_before_anything_is_produced() -> None:
     producer = RecordingProducer()
     with pytest.raises(AlreadyRedrivenError, match=r"1 letter\(s\): events.dlq/0/1 .*--force"):
         redrive(
-            [letter(1), letter(2)],
+            lambda: [letter(1), letter(2)],
             dlq_topic="events.dlq",
             producer=producer,
             read_redriven=lambda: {"events.dlq/0/1"},
@@ -280,7 +280,7 @@ def test_skip_redriven_sends_only_the_others_and_force_sends_all() -> None:
     done = {"events.dlq/0/1"}
     skipping = RecordingProducer()
     report = redrive(
-        [letter(1), letter(2)],
+        lambda: [letter(1), letter(2)],
         dlq_topic="events.dlq",
         producer=skipping,
         read_redriven=lambda: done,
@@ -293,7 +293,7 @@ def test_skip_redriven_sends_only_the_others_and_force_sends_all() -> None:
 
     forcing = RecordingProducer()
     report = redrive(
-        [letter(1), letter(2)],
+        lambda: [letter(1), letter(2)],
         dlq_topic="events.dlq",
         producer=forcing,
         read_redriven=lambda: done,
@@ -307,7 +307,7 @@ def test_skip_redriven_sends_only_the_others_and_force_sends_all() -> None:
 
 def test_dry_run_produces_nothing_and_reports_the_plan() -> None:
     report = redrive(
-        [letter(1), letter(2, source="other", source_partition=0)],
+        lambda: [letter(1), letter(2, source="other", source_partition=0)],
         dlq_topic="events.dlq",
         producer=None,
         read_redriven=set,
@@ -317,9 +317,9 @@ def test_dry_run_produces_nothing_and_reports_the_plan() -> None:
     )
     assert report.dry_run and report.redriven == 2
     assert report.by_target == {"events": 1, "other": 1}
-    assert [(x.offset, t.topic, t.partition) for x, t in report.planned] == [
-        (1, "events", 1),
-        (2, "other", 0),
+    assert [(c, t.topic, t.partition) for c, t in report.planned] == [
+        ("events.dlq/0/1", "events", 1),
+        ("events.dlq/0/2", "other", 0),
     ]
 
 
@@ -347,7 +347,7 @@ def test_letter_without_source_headers_is_refused() -> None:
 def test_force_and_skip_contradict() -> None:
     with pytest.raises(SelectionError, match="pick one"):
         redrive(
-            [letter(1)],
+            lambda: [letter(1)],
             dlq_topic="events.dlq",
             producer=None,
             read_redriven=set,
@@ -371,7 +371,7 @@ def test_a_failed_batch_reports_what_was_committed_and_how_to_resume() -> None:
         RedriveError, match=r"after 2 of 5 letters \(1 transactions.*--skip-redriven"
     ):
         redrive(
-            [letter(o) for o in range(5)],
+            lambda: [letter(o) for o in range(5)],
             dlq_topic="events.dlq",
             producer=producer,
             read_redriven=set,
@@ -380,3 +380,32 @@ def test_a_failed_batch_reports_what_was_committed_and_how_to_resume() -> None:
             batch_size=2,
         )
     assert len(producer.records("events")) == 2
+
+
+def test_letters_that_arrive_between_the_passes_wait_and_vanished_ones_are_counted() -> None:
+    passes = iter([[letter(1), letter(2), letter(3)], [letter(2), letter(3), letter(4)]])
+    producer = RecordingProducer()
+    report = redrive(
+        lambda: next(passes),
+        dlq_topic="events.dlq",
+        producer=producer,
+        read_redriven=set,
+        topic_partitions=partitions({"events": 3}),
+        ledger_topic=LEDGER,
+    )
+    # 1 was deleted by retention after planning; 4 was not checked against the ledger
+    assert [r["key"] for r in producer.records("events")] == [b"k2", b"k3"]
+    assert (report.selected, report.redriven, report.vanished) == (3, 2, 1)
+
+
+def test_nothing_selected_touches_no_producer() -> None:
+    calls: list[str] = []
+    report = redrive(
+        list,
+        dlq_topic="events.dlq",
+        producer=RecordingProducer(calls),
+        read_redriven=set,
+        topic_partitions=partitions({}),
+        ledger_topic=LEDGER,
+    )
+    assert (report.selected, report.redriven, calls) == (0, 0, [])

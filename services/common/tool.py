@@ -8,6 +8,7 @@ diagnostics to the log on stderr, so ``... | jq`` keeps working while a long sca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -79,7 +80,8 @@ def run_tool(
     except BrokenPipeError:
         # the reader went away (``| head``): stop quietly; stdout is pointed at /dev/null so
         # the interpreter's final flush does not raise again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with contextlib.suppress(OSError, ValueError):  # stdout without a file descriptor
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Exception:
         log.exception("command failed", extra={"command": prog})

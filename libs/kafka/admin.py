@@ -64,9 +64,11 @@ def connect_admin(client_config: dict[str, Any], *, timeout_s: float = 15.0) -> 
     while True:
         try:
             admin.list_topics(timeout=1.0)
+            # serves the log lines (libs.kafka.logs) of the connection attempts
+            admin.poll(0)
             return admin
         except KafkaException as exc:
-            admin.poll(0.1)  # serves error_cb
+            admin.poll(0.1)  # serves error_cb and log lines
             if not auth_errors and time.monotonic() < deadline:
                 continue
             servers = client_config.get("bootstrap.servers")
@@ -114,6 +116,7 @@ def ensure_topics(
                 if err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise TopicError(f"cannot create topic {name}: {err.str()}") from exc
     _check_cleanup_policies(admin, specs, timeout_s)
+    admin.poll(0)  # the admin client's log lines are delivered only when it is polled
     if created:
         log.info("created topics", extra={"topics": created})
     return created
@@ -156,4 +159,5 @@ def describe_cleanup_policy(client_config: dict[str, Any], topic: str) -> str:
     admin = AdminClient(client_config)
     res = ConfigResource(ConfigResource.Type.TOPIC, topic)
     entries = admin.describe_configs([res])[res].result(timeout=30)
+    admin.poll(0)  # delivers its log lines
     return str(entries["cleanup.policy"].value)

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, SecretStr
 
+from libs.kafka.logs import LibrdkafkaLogger
+
 SecurityProtocol = Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"]
 
 
@@ -25,11 +27,17 @@ class KafkaSettings(BaseModel):
     client_id: str = "field-alerts"
 
     def client_config(self) -> dict[str, Any]:
-        """Properties every client (admin, consumer, producer) needs."""
+        """Properties every client (admin, consumer, producer) needs.
+
+        ``logger`` routes librdkafka's own log lines through Python logging (the JSON
+        handler), delivered when the client is polled; see ``libs.kafka.logs``.
+        """
+        secrets = [self.sasl_password.get_secret_value()] if self.sasl_password else []
         conf: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.security_protocol,
             "client.id": self.client_id,
+            "logger": LibrdkafkaLogger(secrets=secrets),
         }
         if self.security_protocol.startswith("SASL"):
             conf["sasl.mechanism"] = self.sasl_mechanism
@@ -91,6 +99,7 @@ class KafkaSettings(BaseModel):
     def masked(self) -> dict[str, Any]:
         """The effective connection config for a start-up log line, secrets masked."""
         conf = self.client_config()
+        del conf["logger"]
         if "sasl.password" in conf:
             conf["sasl.password"] = "********"
         return conf

@@ -83,8 +83,11 @@ class ProducerClient:
         value: bytes | None,
         headers: Headers = None,
         on_delivery: OnDelivery | None = None,
+        partition: int | None = None,
     ) -> None:
         """Produce one record (opening a transaction first when transactional).
+
+        ``partition`` pins the record to a partition; by default the partitioner picks one.
 
         A full local queue is waited out by serving delivery reports, for at most
         ``timeout_s``: a queue that does not drain in that time means a broker that does not
@@ -101,6 +104,8 @@ class ProducerClient:
                     value=value,
                     headers=list(headers or ()),
                     on_delivery=on_delivery or self._on_delivery,
+                    # -1 (RD_KAFKA_PARTITION_UA) is confluent-kafka's default: the partitioner
+                    partition=-1 if partition is None else partition,
                 )
                 return
             except BufferError:

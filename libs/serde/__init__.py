@@ -5,6 +5,7 @@ from libs.serde.avro import (
     AvroDeserializer,
     AvroSerializer,
     decode_key,
+    decode_with_writer_schema,
     encode_key,
     load_schema_text,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "SlackUser",
     "Status",
     "decode_key",
+    "decode_with_writer_schema",
     "encode_key",
     "load_schema_text",
     "topic_subject",

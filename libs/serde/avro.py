@@ -24,6 +24,7 @@ from libs.serde.errors import (
     DeserializationError,
     RegistryError,
     SchemaNotFoundError,
+    SerdeError,
     SerializationError,
 )
 from libs.serde.records import R
@@ -173,6 +174,26 @@ class AvroDeserializer(Generic[R]):
                 partition=partition,
                 offset=offset,
             ) from exc
+
+
+def decode_with_writer_schema(registry: SchemaRegistry, data: bytes) -> tuple[int, Any]:
+    """Decode Confluent-framed Avro with its writer's schema alone, into plain Python values.
+
+    For tools that show a record of any type (a dead letter); services decode into typed
+    records with ``AvroDeserializer``. Returns the schema id and the value; raises
+    ``SerdeError`` when ``data`` is not framed Avro, its schema is unavailable, or the body
+    does not decode.
+    """
+    if len(data) < 5 or data[0] != MAGIC_BYTE:
+        raise SerdeError("not Confluent wire format (missing magic byte 0 and schema id)")
+    _, schema_id = _HEADER.unpack_from(data)
+    try:
+        writer = _parse(registry.schema_by_id(schema_id))
+        return schema_id, fastavro.schemaless_reader(io.BytesIO(data[5:]), writer, None)
+    except Exception as exc:  # registry errors, invalid schema, corrupt body: all "cannot decode"
+        raise SerdeError(
+            f"cannot decode with writer schema {schema_id}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _canonical(text: str) -> str:

@@ -142,6 +142,10 @@ class TopicSettings(BaseSettings):
     slack_messages: str = "slack-messages"
     slack_message_receipts: str = "slack-message-receipts"
     producer_cursors: str = "producer-cursors"
+    dlq_redrives: str = Field(
+        default="dlq-redrives",
+        description="compacted ledger of re-driven dead letters (python -m services.dlq)",
+    )
     partitions: int = Field(default=6, ge=1, description="partitions of topics the project creates")
     replication_factor: int = Field(
         default=3, ge=1, description="replicas of topics the project creates (local stack: 1)"

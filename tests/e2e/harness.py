@@ -309,8 +309,14 @@ class ServiceProcess:
         return out
 
     def error_line(self, run: int = -1) -> str:
-        """The last ERROR/CRITICAL log line of a run (message and exception), else its tail."""
+        """The last ERROR/CRITICAL log line of a run (message and exception), else its tail.
+
+        librdkafka's own lines (logger ``librdkafka``, e.g. a refused connection) are not the
+        service's verdict on why it stopped: they are skipped.
+        """
         for rec in reversed(self.log_records(run)):
+            if rec.get("logger") == "librdkafka":
+                continue
             if rec.get("level") in ("ERROR", "CRITICAL"):
                 exc = str(rec.get("exc", "")).strip().splitlines()
                 return f"{rec.get('msg')} | {exc[-1] if exc else rec.get('error', '')}"

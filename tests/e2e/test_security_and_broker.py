@@ -264,7 +264,8 @@ def test_wrong_password_fails_fast_with_its_own_clear_error(
 def _auth_line(svc: ServiceProcess, *, structured: bool) -> str | None:
     if structured:
         for rec in svc.log_records():
-            if rec.get("level") not in ("ERROR", "CRITICAL"):
+            # the service's own line: librdkafka's (now JSON too) must not stand in for it
+            if rec.get("level") not in ("ERROR", "CRITICAL") or rec.get("logger") == "librdkafka":
                 continue
             text = f"{rec.get('msg', '')} {rec.get('error', '')} {rec.get('exc', '')}"
             if "authentication" in text.lower():

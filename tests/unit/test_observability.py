@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,31 +24,20 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY, generate_latest
 
+from deploy.observability.promnames import (
+    PROMETHEUS_OWN,
+    exported_series_names,
+    metric_names,
+    panels,
+    rules,
+    used_metric_names,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
 OBS = ROOT / "deploy" / "observability"
 RULES = OBS / "alerts.yml"
 RULE_TESTS = OBS / "alerts.test.yml"
 DASHBOARD = OBS / "dashboard.json"
-
-#: series Prometheus makes itself for every scrape target, exported by no service
-PROMETHEUS_OWN = {"up"}
-
-PROMQL_KEYWORDS = {
-    "and",
-    "or",
-    "unless",
-    "bool",
-    "offset",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "inf",
-    "nan",
-}
-
 
 # -- promtool ----------------------------------------------------------------------------------
 
@@ -101,11 +88,6 @@ def test_rule_unit_tests_pass(promtool: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def _rules() -> list[dict[str, Any]]:
-    doc = yaml.safe_load(RULES.read_text())
-    return [rule for group in doc["groups"] for rule in group["rules"]]
-
-
 def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
     doc = yaml.safe_load(RULE_TESTS.read_text())
     fires: set[str] = set()
@@ -113,14 +95,14 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
     for test in doc["tests"]:
         for case in test.get("alert_rule_test", []):
             (fires if case.get("exp_alerts") else quiet).add(case["alertname"])
-    alerts = {r["alert"] for r in _rules() if "alert" in r}
+    alerts = {r["alert"] for r in rules(RULES) if "alert" in r}
     assert alerts, "no alerts in alerts.yml"
     assert alerts - fires == set(), "alerts never seen firing in alerts.test.yml"
     assert alerts - quiet == set(), "alerts never checked quiet in alerts.test.yml"
 
 
 def test_every_alert_says_how_bad_and_what_to_do() -> None:
-    for rule in _rules():
+    for rule in rules(RULES):
         assert rule["labels"]["severity"] in ("page", "ticket"), rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
 
@@ -133,12 +115,6 @@ def _dashboard() -> dict[str, Any]:
     return doc
 
 
-def _panels(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for panel in doc["panels"]:
-        yield panel
-        yield from panel.get("panels", [])  # panels of a collapsed row
-
-
 def test_dashboard_datasource_is_a_template_variable() -> None:
     variables = {v["name"]: v for v in _dashboard()["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
@@ -147,9 +123,9 @@ def test_dashboard_datasource_is_a_template_variable() -> None:
 
 def test_every_dashboard_panel_has_a_query_on_the_templated_datasource() -> None:
     doc = _dashboard()
-    ids = [p["id"] for p in _panels(doc)]
+    ids = [p["id"] for p in panels(doc)]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
-    graphs = [p for p in _panels(doc) if p["type"] != "row"]
+    graphs = [p for p in panels(doc) if p["type"] != "row"]
     assert len(graphs) >= 10
     for panel in graphs:
         where = f"panel {panel['title']!r}"
@@ -163,23 +139,6 @@ def test_every_dashboard_panel_has_a_query_on_the_templated_datasource() -> None
 
 
 # -- metric names ------------------------------------------------------------------------------
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression selects (not labels, functions or keywords)."""
-    text = re.sub(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'', '""', expr)
-    text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers
-    text = re.sub(r"\[[^\]]*\]", " ", text)  # ranges and subqueries
-    text = re.sub(
-        r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text
-    )  # grouping labels
-    names: set[str] = set()
-    for match in re.finditer(r"(?<![\w.$])[A-Za-z_:][A-Za-z0-9_:]*", text):
-        after = text[match.end() :].lstrip()
-        if after.startswith("(") or match.group() in PROMQL_KEYWORDS:
-            continue  # a function call or an operator
-        names.add(match.group())
-    return names
 
 
 @pytest.mark.parametrize(
@@ -203,26 +162,6 @@ def test_metric_names_are_parsed_from_promql(expr: str, names: set[str]) -> None
     assert metric_names(expr) == names
 
 
-def exported_series_names(exposition: str) -> set[str]:
-    """Every series name a scrape of this exposition text can return, suffixes included."""
-    suffixes = {
-        "counter": ("_total", "_created"),
-        "gauge": ("",),
-        "histogram": ("_bucket", "_count", "_sum", "_created"),
-        "summary": ("", "_count", "_sum", "_created"),
-        "info": ("_info",),
-        "untyped": ("",),
-    }
-    names: set[str] = set()
-    for line in exposition.splitlines():
-        if not line.startswith("# TYPE "):
-            continue
-        _, _, name, kind = line.split()
-        base = name.removesuffix("_total") if kind == "counter" else name
-        names.update(base + suffix for suffix in suffixes.get(kind, ("",)))
-    return names
-
-
 def services_exposition() -> str:
     """What the three services' /metrics would list, from the modules that register it."""
     import services.enricher.app
@@ -232,22 +171,9 @@ def services_exposition() -> str:
     return generate_latest(REGISTRY).decode()
 
 
-def used_metric_names() -> dict[str, set[str]]:
-    """Metric name -> where it is used (alert names, dashboard panel titles)."""
-    used: dict[str, set[str]] = {}
-    for rule in _rules():
-        for name in metric_names(rule["expr"]):
-            used.setdefault(name, set()).add(f"alert {rule['alert']}")
-    for panel in _panels(_dashboard()):
-        for target in panel.get("targets", []):
-            for name in metric_names(target["expr"]):
-                used.setdefault(name, set()).add(f"panel {panel['title']!r}")
-    return used
-
-
 def test_every_metric_used_is_exported_by_a_service() -> None:
     exported = exported_series_names(services_exposition()) | PROMETHEUS_OWN
-    used = used_metric_names()
+    used = used_metric_names(RULES, DASHBOARD)
     # the things an on-call needs, each read by at least one rule or panel
     for needed in (
         "loop_heartbeat_timestamp_seconds",

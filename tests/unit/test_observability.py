@@ -196,3 +196,15 @@ def test_exported_names_carry_the_scrape_suffixes() -> None:
     )
     assert {"a_total", "a_created", "g", "h_bucket", "h_count", "h_sum", "s", "s_sum"} <= names
     assert "a_total_total" not in names and "h" not in names
+
+
+def test_a_metric_no_service_exports_is_caught(tmp_path: Path) -> None:
+    """A counter without its _total suffix (what the service code calls it) is not exported."""
+    doc = _dashboard()
+    graphs = [p for p in panels(doc) if p["type"] != "row"]
+    graphs[0]["targets"][0]["expr"] = "sum(rate(enricher_events[5m]))"
+    broken = tmp_path / "dashboard.json"
+    broken.write_text(json.dumps(doc))
+    exported = exported_series_names(services_exposition()) | PROMETHEUS_OWN
+    used = used_metric_names(RULES, broken)
+    assert {name for name in used if name not in exported} == {"enricher_events"}

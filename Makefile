@@ -43,3 +43,9 @@ stack-down:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# deploy/observability/dashboard.png: the on-call dashboard drawn from a real run (needs
+# Debian's prometheus and chromium packages; see deploy/observability/screenshot.py).
+.PHONY: dashboard-screenshot
+dashboard-screenshot: install
+	$(PY) deploy/observability/screenshot.py $(SCREENSHOT_ARGS)

@@ -49,6 +49,7 @@ from libs.kafka.errors import (
     InvalidRecordError,
 )
 from libs.kafka.producer import ProducerClient, TransactionAbortedError
+from libs.runtime.heartbeat import beat
 from libs.serde import DeserializationError
 
 log = logging.getLogger(__name__)
@@ -405,6 +406,7 @@ class ProcessingLoop:
     def _poll_once(self) -> None:
         now = time.monotonic()
         self.last_poll = now
+        beat(self.config.name)
         if self._paused_until is not None and now >= self._paused_until:
             self._consumer.resume(self._consumer.assignment())
             self._paused_until = None

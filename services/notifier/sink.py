@@ -64,14 +64,22 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from random import Random
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from prometheus_client import Counter, Gauge
 
 from libs.kafka import (
@@ -82,6 +90,7 @@ from libs.kafka import (
     ProducerClient,
 )
 from libs.kafka.bounded import MARGIN_S, call_bounded
+from libs.runtime.heartbeat import beat
 from libs.serde import (
     DeserializationError,
     SlackDeliveryReceipt,
@@ -124,6 +133,11 @@ IN_DOUBT = Counter(
 BUFFERED = Gauge("notifier_buffered_messages", "Consumed messages not finished yet")
 PAUSED = Gauge("notifier_paused_partitions", "Partitions paused (buffer full or on hold)")
 INFLIGHT = Gauge("notifier_slack_calls_in_flight", "Slack calls in flight")
+BEHIND = Gauge(
+    "notifier_receipts_behind_messages",
+    "Messages of this replica's partitions without a final outcome (receipt) yet: "
+    "not consumed, or consumed and not finished",
+)
 
 
 class SlackDeliveryError(Exception):
@@ -312,6 +326,7 @@ class SinkLoop:
     def _turn(self) -> None:
         now = self._mono()
         self.last_turn = now
+        beat(self.config.service)
         self._take_completions(block_s=0.0)
         self._producer.poll(0)
         self._raise_delivery_errors()
@@ -324,6 +339,7 @@ class SinkLoop:
                 pass
         if now - self._last_commit >= self.config.commit_interval_s:
             self._commit(None)
+            self._observe_backlog()
         wait = self.config.poll_timeout_s
         if self._ready and self._in_flight < self.config.concurrency:
             wait = max(0.0, min(wait, self._ready[0][0] - self._mono()))
@@ -744,6 +760,22 @@ class SinkLoop:
         self._tracker.committed(offsets)
         self.stats.commits += 1
 
+    def _observe_backlog(self) -> None:
+        # Local calls only: librdkafka caches the end offsets from its fetch answers and
+        # knows the positions, so this costs no broker round trip.
+        tps = [TopicPartition(t, p) for t, p in sorted(self.assigned)]
+        positions = {(tp.topic, tp.partition): tp.offset for tp in self._consumer.position(tps)}
+        BEHIND.set(
+            receipts_behind(
+                (
+                    self._consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)[1],
+                    positions.get(tp, OFFSET_INVALID),
+                    self._tracker.outstanding(tp),
+                )
+                for tp in sorted(self.assigned)
+            )
+        )
+
     def _prune_channels(self) -> None:
         # One entry per DM user ever seen would grow without bound; an idle channel whose
         # bucket has refilled and whose Retry-After has passed carries no state worth keeping.
@@ -851,6 +883,24 @@ def _headers(msg: Message) -> Headers:
     if not headers:
         return None
     return list(headers.items()) if isinstance(headers, dict) else list(headers)
+
+
+def receipts_behind(partitions: Iterable[tuple[int, int, int]]) -> int:
+    """How many messages still wait for their receipt, over ``(end, position, outstanding)``.
+
+    Per partition, ``end - position`` messages are not consumed yet (``end`` is the last
+    stable offset, as the consumer reads committed) and ``outstanding`` are consumed but not
+    finished. A partition whose end or position is not known yet (no fetch answered: a
+    negative logical offset) counts its outstanding messages only. Transaction markers make
+    the end run ahead of the last message by one per transaction still to be read, so this
+    is an upper bound, exact once the partition is read to its end.
+    """
+    total = 0
+    for end, position, outstanding in partitions:
+        if end >= 0 and position >= 0:
+            total += max(0, end - position)
+        total += outstanding
+    return total
 
 
 def _result(outcome: object) -> str:

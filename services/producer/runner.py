@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 from prometheus_client import Counter, Gauge
 
+from libs.runtime.heartbeat import beat
 from libs.serde import ProducerCursor
 from services.producer.core import (
     QueryDefinition,
@@ -224,6 +225,8 @@ class PollLoop:
     retry_max_s: float = 60.0
     clock: Callable[[], datetime] = utc_now
     monotonic: Callable[[], float] = time.monotonic
+    #: the ``loop`` label of its heartbeat gauge
+    name: str = "producer"
     heartbeat: float = field(default=0.0, init=False)
 
     @property
@@ -239,6 +242,7 @@ class PollLoop:
         schedules = [_Schedule(r) for r in self.runners]
         while not self.stop.is_set():
             self.heartbeat = self.monotonic()
+            beat(self.name)
             for sched in schedules:
                 if self.stop.is_set():
                     break

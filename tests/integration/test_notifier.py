@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from libs.serde import (
 )
 from tests.support.fake_slack import FakeSlack
 from tests.support.kafka import consume_all, create_topics, produce, unique, wait_until
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -214,6 +216,19 @@ def h(
         harness.close()
 
 
+def gauge(port: int, name: str) -> float | None:
+    """A gauge without labels from a running service's /metrics (None: not served yet)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
 def message_id_of(post: object) -> str:
     metadata = getattr(post, "metadata", None)
     assert isinstance(metadata, dict)
@@ -389,10 +404,12 @@ def test_429_storm_delays_only_that_channel_and_the_consumer_stays_in_its_group(
 def test_a_full_buffer_pauses_the_partition_and_polling_goes_on(h: Harness) -> None:
     storm = "C0FULL"
     h.fake.rate_limit(storm, retry_after_s=1, times=None)
+    metrics_port = free_port()
     notifier = h.start(
         NOTIFIER_MAX_BUFFERED_PER_PARTITION="2",
         NOTIFIER_MAX_POLL_INTERVAL_MS="6000",
         NOTIFIER_SESSION_TIMEOUT_MS="6000",
+        METRICS_PORT=str(metrics_port),
     )
     members = h.members()
     sent = [h.message(i, storm) for i in range(6)]
@@ -403,10 +420,21 @@ def test_a_full_buffer_pauses_the_partition_and_polling_goes_on(h: Harness) -> N
         timeout_s=30,
         message="8 s of storm",
     )
+    # all 6 wait for their receipt, whether consumed (buffer of 2) or not yet
+    wait_until(
+        lambda: gauge(metrics_port, "notifier_receipts_behind_messages") == 6,
+        timeout_s=30,
+        message="6 receipts behind",
+    )
     h.fake.clear_script()
     h.fake.wait_for_posts(6, channel=storm, timeout_s=30)
     assert [p.text for p in h.fake.posts(storm)] == [m.text for m in sent]
     wait_until(lambda: notifier.logged("partition resumed"), timeout_s=30, message="a resume")
+    wait_until(
+        lambda: gauge(metrics_port, "notifier_receipts_behind_messages") == 0,
+        timeout_s=30,
+        message="no receipt behind",
+    )
     assert h.members() == members
     assert notifier.stop() == 0
     [paused] = notifier.logged("partition paused")[:1]

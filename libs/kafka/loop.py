@@ -48,6 +48,7 @@ from libs.kafka.errors import (
     FatalLoopError,
     InvalidRecordError,
 )
+from libs.kafka.ports import ConsumerFactory, ConsumerPort, ProducerFactory
 from libs.kafka.producer import ProducerClient, TransactionAbortedError
 from libs.serde import DeserializationError
 
@@ -150,8 +151,8 @@ class ProcessingLoop:
         stop: threading.Event,
         on_checkpoint: Callable[[], None] | None = None,
         on_idle: Callable[[], None] | None = None,
-        consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
-        producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
+        consumer_factory: ConsumerFactory = Consumer,
+        producer_factory: ProducerFactory = Producer,
     ) -> None:
         self.config = config
         self.stats = LoopStats()
@@ -168,7 +169,7 @@ class ProcessingLoop:
         producer_config.setdefault(
             "transaction.timeout.ms", int(config.transaction_timeout_s * 1000)
         )
-        self._consumer = consumer_factory(consumer_config)
+        self._consumer: ConsumerPort = consumer_factory(consumer_config)
         self._producer_factory = producer_factory
         self._producer_config = producer_config
         self._client = self._new_client()
@@ -333,7 +334,7 @@ class ProcessingLoop:
         self._base.clear()
 
     # -- rebalances ------------------------------------------------------------------------
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.info(
             "partitions assigned",
             extra={"loop": self.config.name, "partitions": _names(partitions)},
@@ -341,7 +342,7 @@ class ProcessingLoop:
         if self._paused_until is not None:
             consumer.pause(partitions)
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.info(
             "partitions revoked", extra={"loop": self.config.name, "partitions": _names(partitions)}
         )
@@ -350,7 +351,7 @@ class ProcessingLoop:
         # Commit before the partitions move: their next owner starts from our offsets.
         self.checkpoint()
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.warning(
             "partitions lost", extra={"loop": self.config.name, "partitions": _names(partitions)}
         )

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from libs.kafka.bounded import MARGIN_S, call_bounded
 from libs.kafka.errors import (
@@ -33,6 +33,7 @@ from libs.kafka.errors import (
     FatalLoopError,
     KafkaLibError,
 )
+from libs.kafka.ports import ProducerPort
 
 Headers = Sequence[tuple[str, Any]] | None
 OnDelivery = Callable[[KafkaError | None, Message], None]
@@ -47,7 +48,7 @@ class ProducerClient:
 
     def __init__(
         self,
-        producer: Producer,
+        producer: ProducerPort,
         *,
         timeout_s: float,
         transactional: bool,
@@ -123,6 +124,15 @@ class ProducerClient:
         if remaining or self.delivery_errors:
             errors, self.delivery_errors = self.delivery_errors[:3], []
             raise DeliveryError(f"{remaining} records unacknowledged, delivery errors: {errors}")
+
+    def flush_pending(self, timeout_s: float | None = None) -> int:
+        """Wait (bounded) for acknowledgements; how many records are still unacknowledged.
+
+        For callers that collect delivery errors in their own ``on_delivery`` callbacks (the
+        notifier's sink): nothing is raised for them here.
+        """
+        timeout = timeout_s if timeout_s is not None else self.timeout_s
+        return int(self._call("flush", lambda: self.producer.flush(timeout), timeout))
 
     # -- transactions ------------------------------------------------------------------------
     def init_transactions(self) -> None:

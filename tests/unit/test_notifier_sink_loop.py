@@ -1,0 +1,115 @@
+"""The notifier's sink loop on the in-memory twins: deliveries, commits, rebalances, faults."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from libs.kafka import ClientCallTimeoutError
+from services.notifier.core import Rejected
+from tests.support.kafka import wait_until
+from tests.support.notifier_twins import DLQ, SinkRig, message
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_every_message_gets_a_receipt_and_the_offsets_are_committed() -> None:
+    rig = SinkRig().start()
+    msgs = [message(i, f"C{i % 3}") for i in range(12)]
+    rig.send(msgs)
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    assert {r.status for r in rig.receipts().values()} == {"DELIVERED"}
+    assert set(rig.receipts()) == {m.message_id for m in msgs}
+    assert stats.delivered == 12 and stats.posts == 12
+    # posts stay in order per channel
+    for ch in ("C0", "C1", "C2"):
+        ids = [p.request.metadata["event_payload"] for p in rig.slack.posts_to(ch)]
+        assert [i["message_id"] for i in ids] == [  # type: ignore[index]
+            m.message_id for m in msgs if m.channel == ch
+        ]
+    assert len(rig.markers) == 0
+
+
+def test_a_replay_in_a_new_group_posts_nothing() -> None:
+    rig = SinkRig().start()
+    rig.send([message(i, "C1") for i in range(5)])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    rig.finish()
+    rig.start(group="replay")
+    wait_until(lambda: rig.all_committed("replay"), timeout_s=20, message="replay committed")
+    stats = rig.finish()
+    assert stats.skipped == 5 and stats.posts == 0
+    assert len(rig.slack.posts) == 5
+
+
+def test_a_permanent_error_gives_a_failed_receipt_and_a_dead_letter() -> None:
+    rig = SinkRig()
+    rig.slack.script("C404", Rejected("channel_not_found"))
+    rig.start()
+    rig.send([message(1, "C404"), message(2, "C1")])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    rig.finish()
+    assert rig.receipts()["m1"].status == "FAILED"
+    assert rig.receipts()["m2"].status == "DELIVERED"
+    [dead] = rig.broker.records(DLQ)
+    headers = dict(dead.headers() or [])
+    assert headers["dlq.error.class"] == b"services.notifier.sink.SlackDeliveryError"
+
+
+def test_undecodable_input_is_dead_lettered_and_committed_past() -> None:
+    rig = SinkRig(partitions=1).start()
+    rig.send_raw(b"C1", b"garbage")
+    rig.send([message(1, "C1")])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    assert stats.undecodable == 1 and stats.delivered == 1
+    assert [d.value() for d in rig.broker.records(DLQ)] == [b"garbage"]
+
+
+def test_revoke_commits_what_is_finished_before_the_partition_moves() -> None:
+    rig = SinkRig(partitions=2).start()
+    rig.send([message(i, f"C{i}") for i in range(6)])
+    wait_until(lambda: len(rig.receipts()) == 6, timeout_s=20, message="6 receipts")
+    # A second member joins: one partition moves, and the first member commits it on revoke.
+    other = rig.broker.consumer(
+        {"group.id": "notifier", "enable.auto.commit": False, "auto.offset.reset": "earliest"}
+    )
+    other.subscribe([rig.config.topic])
+    wait_until(
+        lambda: (other.consume(1, 0.05) or True) and len(other.assignment()) == 1,
+        timeout_s=20,
+        message="the partition moved",
+    )
+    assert rig.loop is not None
+    wait_until(lambda: rig.loop is not None and len(rig.loop.assigned) == 1, timeout_s=20)
+    moved = other.assignment()[0].partition
+    assert rig.ends()[moved] > 0
+    assert rig.committed()[moved] == rig.ends()[moved]
+    stats = rig.finish()
+    assert stats.revocations >= 1
+    other.close()
+
+
+def test_a_wedged_commit_is_bounded_and_stops_the_loop() -> None:
+    """librdkafka's synchronous commit can block past any timeout (a coordinator that does not
+    answer). Before the fix the sink called it unbounded: the loop hung for good, every channel
+    stalled and the member was evicted without the process noticing. Now the commit is bounded
+    by ``client_call_bound_s``: the loop stops with ClientCallTimeoutError (exit 1, restart),
+    the wedged consumer is not called again, and nothing unfinished was committed."""
+    rig = SinkRig(partitions=1, client_call_bound_s=0.5).start()
+    wait_until(lambda: rig.consumers and rig.consumers[0].assignment(), timeout_s=20)
+    release = rig.consumers[0].hang("commit")
+    try:
+        started = time.monotonic()
+        rig.send([message(1, "C1")])
+        assert rig.join(20), "the sink loop hangs in a wedged commit"
+        assert isinstance(rig.error, ClientCallTimeoutError), rig.error
+        assert "consumer commit" in str(rig.error)
+        assert time.monotonic() - started < 15
+        # the receipt was produced before the commit; the offset is replayed, not lost
+        assert rig.receipts()["m1"].status == "DELIVERED"
+        assert rig.committed() == {0: None}
+    finally:
+        release.set()

@@ -4,6 +4,7 @@ from libs.kafka.acks import OffsetTracker
 from libs.kafka.admin import TopicSpec, connect_admin, describe_cleanup_policy, ensure_topics
 from libs.kafka.bounded import call_bounded
 from libs.kafka.config import KafkaSettings, SecurityProtocol
+from libs.kafka.consumer import CommitFailedError, ConsumerClient
 from libs.kafka.dlq import (
     DLQ_SUFFIX,
     HEADER_ERROR_CLASS,
@@ -47,6 +48,8 @@ __all__ = [
     "HEADER_SOURCE_PARTITION",
     "HEADER_SOURCE_TOPIC",
     "ClientCallTimeoutError",
+    "CommitFailedError",
+    "ConsumerClient",
     "DeadLetterPublisher",
     "DeliveryError",
     "Emitter",

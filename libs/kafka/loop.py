@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter, Gauge
 
-from libs.kafka.bounded import MARGIN_S, call_bounded
+from libs.kafka.consumer import ConsumerClient
 from libs.kafka.dlq import DeadLetterPublisher, Headers
 from libs.kafka.errors import (
     ClientCallTimeoutError,
@@ -170,12 +170,14 @@ class ProcessingLoop:
             "transaction.timeout.ms", int(config.transaction_timeout_s * 1000)
         )
         self._consumer: ConsumerPort = consumer_factory(consumer_config)
+        # blocking consumer calls are given the transaction timeout and bounded past it
+        self._consumer_client = ConsumerClient(
+            self._consumer, timeout_s=config.transaction_timeout_s
+        )
         self._producer_factory = producer_factory
         self._producer_config = producer_config
         self._client = self._new_client()
         self._replacements: list[float] = []
-        # set when a consumer call overran its bound: it must not be called again
-        self._wedged = False
         # set when the loop stops on an error: nothing more is committed on the way out
         self._failed = False
         self._dlq = DeadLetterPublisher(self._produce, service)
@@ -188,14 +190,6 @@ class ProcessingLoop:
         self._last_checkpoint = time.monotonic()
         self._paused_until: float | None = None
         self.last_poll = time.monotonic()
-
-    def _consumer_call(self, what: str, fn: Callable[[], Any]) -> Any:
-        """A blocking consumer call given the transaction timeout, bounded; wedged past it."""
-        try:
-            return call_bounded(what, self.config.transaction_timeout_s + MARGIN_S, fn)
-        except ClientCallTimeoutError:
-            self._wedged = True
-            raise
 
     def _new_client(self) -> ProducerClient:
         return ProducerClient(
@@ -248,10 +242,9 @@ class ProcessingLoop:
             raise DeliveryError(
                 f"{exc}; offsets not committed, the interval will be replayed after restart"
             ) from exc
-        if offsets:
-            self._consumer_call(
-                "commit", lambda: self._consumer.commit(offsets=offsets, asynchronous=False)
-            )
+        # A commit the group refuses (CommitFailedError) stops the loop: the outputs are
+        # flushed, so the restart replays the interval (at-least-once).
+        self._consumer_client.commit(offsets)
 
     def _rollback(self, reason: str) -> None:
         """Throw away the interval since the last checkpoint and rewind to replay it."""
@@ -313,11 +306,8 @@ class ProcessingLoop:
                 )
         # Only partitions that returned records since the checkpoint can be past the
         # committed offsets; the others' positions are where the group's offsets are.
-        timeout = self.config.transaction_timeout_s
         moved = [TopicPartition(t, p) for t, p in self._base]
-        committed = self._consumer_call(
-            "committed", lambda: self._consumer.committed(moved, timeout=timeout) if moved else []
-        )
+        committed = self._consumer_client.committed(moved)
         for tp in committed:
             # nothing committed yet: back to the first record received since assignment
             offset = tp.offset if tp.offset >= 0 else self._base[(tp.topic, tp.partition)]
@@ -498,15 +488,11 @@ class ProcessingLoop:
         bound = self.config.close_timeout_s
         for problem in self._client.close(bound):
             log.error(problem, extra={"loop": self.config.name})
-        if self._wedged or self._client.wedged:
+        if self._client.wedged:
             log.error("a client is wedged; consumer not closed", extra={"loop": self.config.name})
             return
-        try:
-            call_bounded("consumer close", bound + MARGIN_S, self._consumer.close)
-        except ClientCallTimeoutError as exc:
-            log.error(str(exc), extra={"loop": self.config.name})
-        except KafkaException:
-            log.exception("consumer close failed", extra={"loop": self.config.name})
+        for problem in self._consumer_client.close(bound):
+            log.error(problem, extra={"loop": self.config.name})
 
 
 def _names(partitions: list[TopicPartition]) -> list[str]:

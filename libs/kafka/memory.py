@@ -180,6 +180,18 @@ class InMemoryBroker:
             member._rebalance_due = True
         self.cond.notify_all()
 
+    def _owned_by_others(self, member: InMemoryConsumer) -> set[TP]:
+        group = self._groups[member.group_id]
+        return set().union(*(m._assigned for m in group.members if m is not member and not m._lost))
+
+    def _released(self, group_id: str) -> None:
+        """A member gave partitions up: members waiting for them look again."""
+        for member in self._group(group_id).members:
+            if member._awaiting_release:
+                member._awaiting_release = False
+                member._rebalance_due = True
+        self.cond.notify_all()
+
     def _target(self, member: InMemoryConsumer) -> set[TP]:
         """Round-robin over the group's members, in the order they joined."""
         group = self._groups[member.group_id]
@@ -227,6 +239,8 @@ class InMemoryConsumer(_Faults):
         self._positions: dict[TP, int] = {}
         self._paused: set[TP] = set()
         self._rebalance_due = False
+        #: a partition of our target is still owned by the member that is to revoke it
+        self._awaiting_release = False
         self._lost = False
         self._closed = False
         self._rr = 0
@@ -279,7 +293,12 @@ class InMemoryConsumer(_Faults):
             self._rebalance_due = False
             target = set() if self._lost else self._broker._target(self)
             gone = self._assigned - target
-            added = target - self._assigned
+            # Cooperative: a partition moves only once its previous owner has revoked it.
+            owned = self._broker._owned_by_others(self)
+            added = target - self._assigned - owned
+            if (target - self._assigned) & owned:
+                self._rebalance_due = True
+                self._awaiting_release = True
             lost = self._lost
         if gone:
             parts = _tps(gone)
@@ -291,6 +310,7 @@ class InMemoryConsumer(_Faults):
                 self._paused -= gone
                 for tp in gone:
                     self._positions.pop(tp, None)
+                self._broker._released(self.group_id)
         if added:
             with self._broker.cond:
                 self._assigned |= added
@@ -319,7 +339,7 @@ class InMemoryConsumer(_Faults):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
-                if not self._rebalance_due:
+                if not self._rebalance_due or self._awaiting_release:
                     self._broker.cond.wait(remaining)
 
     def _fetch(self, limit: int) -> list[Message]:
@@ -437,6 +457,7 @@ class InMemoryConsumer(_Faults):
             self._assigned.clear()
             self._closed = True
             self._broker._membership_changed(group)
+            self._broker._released(self.group_id)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -23,12 +23,13 @@ Pausing, never sleeping
 
 Bounded client calls
     Every blocking Kafka call of the loop (the synchronous commit, the producer flush, the
-    consumer close) is bounded by ``libs.kafka.call_bounded``: librdkafka does not always
-    honour its own timeouts, and a commit stuck in a coordinator request would stall every
-    channel and get the member evicted without the process noticing. A call past
-    ``client_call_bound_s`` raises ``ClientCallTimeoutError``; the client is not called again
-    and the service exits non-zero (unfinished offsets stay uncommitted and are replayed,
-    without reposting, by the next owner).
+    consumer close) goes through ``libs.kafka.ConsumerClient``/``ProducerClient``, which
+    bound it with ``call_bounded``: librdkafka does not always honour its own timeouts, and a
+    commit stuck in a coordinator request would stall every channel and get the member
+    evicted without the process noticing. A call past ``client_call_bound_s`` raises
+    ``ClientCallTimeoutError``; the client is not called again and the service exits
+    non-zero (unfinished offsets stay uncommitted and are replayed, without reposting, by
+    the next owner).
 
 Threads
     Slack calls are blocking HTTP (slack-sdk over urllib, up to ``slack_timeout_s``). They run
@@ -72,17 +73,18 @@ from datetime import UTC, datetime
 from random import Random
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from prometheus_client import Counter, Gauge
 
 from libs.kafka import (
-    ClientCallTimeoutError,
+    CommitFailedError,
+    ConsumerClient,
     DeadLetterPublisher,
     DeliveryError,
     FatalLoopError,
     ProducerClient,
 )
-from libs.kafka.bounded import MARGIN_S, call_bounded
+from libs.kafka.bounded import MARGIN_S
 from libs.kafka.ports import ConsumerFactory, ConsumerPort, ProducerFactory
 from libs.serde import (
     DeserializationError,
@@ -263,6 +265,9 @@ class SinkLoop:
         self._mono = monotonic
         self._rng = rng or Random()
         self._consumer: ConsumerPort = consumer_factory(consumer_config)
+        self._consumer_client = ConsumerClient(
+            self._consumer, timeout_s=config.drain_timeout_s, bound_s=config.client_call_bound_s
+        )
         # A flush is given drain_timeout_s; the client bounds it at that plus a margin.
         self._client = ProducerClient(
             producer_factory(producer_config),
@@ -274,8 +279,6 @@ class SinkLoop:
         self.scheduler: ChannelScheduler[_Item] = ChannelScheduler(config.scheduling())
         self._delivery_errors: list[str] = []
         self._fatal: str | None = None
-        # set when a consumer call overran its bound: the consumer is not called again
-        self._consumer_wedged = False
         self._last_commit = self._mono()
         self._last_table_poll = 0.0
         self._closing = False
@@ -302,19 +305,14 @@ class SinkLoop:
             self._closing = True
             self._pool.shutdown(wait=False, cancel_futures=True)
             try:
-                if self._consumer_wedged:
-                    log.error("the consumer is wedged; not closed")
-                else:
-                    call_bounded("consumer close", 10.0 + MARGIN_S, self._close)
+                for problem in self._consumer_client.close(10.0):
+                    log.error(problem)
             finally:
                 for problem in self._client.close(10.0):
                     log.error(problem)
         if self._fatal is not None:
             raise FatalLoopError(f"stopping on a fatal Slack error: {self._fatal}")
         return self.stats
-
-    def _close(self) -> None:
-        self._consumer.close()
 
     def _turn(self) -> None:
         now = self._mono()
@@ -689,23 +687,13 @@ class SinkLoop:
         offsets = self.scheduler.committable(only)
         if not offsets:
             return
-        parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
-            call_bounded(
-                "consumer commit",
-                self.config.client_call_bound_s,
-                lambda: self._consumer.commit(offsets=parts, asynchronous=False),
-            )
-        except ClientCallTimeoutError:
-            self._consumer_wedged = True
-            raise
-        except KafkaException as exc:
-            err: KafkaError = exc.args[0]
-            if err.fatal():
-                raise FatalLoopError(f"commit failed: {err.str()}") from exc
+            # bounded: a wedged commit stops the loop (ClientCallTimeoutError)
+            self._consumer_client.commit(offsets)
+        except CommitFailedError as exc:
             # A rebalance in progress, say: the offsets are committed at the next interval (or
             # the next owner replays a few messages, which the receipts table skips).
-            log.warning("commit failed, will retry", extra={"error": err.str()})
+            log.warning("commit failed, will retry", extra={"error": str(exc)})
             return
         self.scheduler.committed(offsets)
         self.stats.commits += 1

@@ -272,6 +272,36 @@ def check_a_new_transactional_producer_fences_the_old_one(kit: Kit) -> None:
     c.close()
 
 
+def check_a_partition_moves_after_its_owner_committed_in_on_revoke(kit: Kit) -> None:
+    """Cooperative rebalancing: the new owner starts where the old one committed on revoke."""
+    topic, group = kit.topic(partitions=2), kit.group()
+    p = kit.producer()
+    for partition in (0, 1):
+        _produce(p, topic, [b"old1", b"old2"], partition=partition)
+    a = kit.consumer(group)
+
+    def on_revoke(consumer: Any, partitions: list[TopicPartition]) -> None:
+        ends = [TopicPartition(tp.topic, tp.partition, 2) for tp in partitions]
+        consumer.commit(offsets=ends, asynchronous=False)
+
+    a.subscribe([topic], on_revoke=on_revoke)
+    _read(a, 4)
+    b = kit.consumer(group)
+    b.subscribe([topic])
+
+    def moved() -> bool:
+        a.consume(1, 0.1)
+        b.consume(1, 0.1)
+        return len(b.assignment()) == 1
+
+    _until(moved, "a partition moved to the second member")
+    partition = b.assignment()[0].partition
+    _produce(p, topic, [b"new"], partition=partition)
+    assert [m.value() for m in _read(b, 1)] == [b"new"]
+    b.close()
+    a.close()
+
+
 CHECKS: list[Callable[[Kit], None]] = [
     check_produce_then_consume_in_order,
     check_headers_round_trip,
@@ -283,4 +313,5 @@ CHECKS: list[Callable[[Kit], None]] = [
     check_read_committed_sees_committed_transactions_only,
     check_offsets_sent_to_a_transaction_commit_with_it,
     check_a_new_transactional_producer_fences_the_old_one,
+    check_a_partition_moves_after_its_owner_committed_in_on_revoke,
 ]

@@ -102,7 +102,7 @@ from services.notifier.core import (
     RetryPolicy,
     Step,
 )
-from services.notifier.markers import AttemptLog
+from services.notifier.markers import InDoubtStore
 from services.notifier.scheduler import Channel, ChannelScheduler, Entry, SchedulerConfig
 from services.notifier.slack import Notifier
 
@@ -243,7 +243,7 @@ class SinkLoop:
         *,
         notifier: Notifier,
         table: ReceiptTable,
-        markers: AttemptLog,
+        markers: InDoubtStore,
         decode: Decode,
         encode: Encode,
         stop: threading.Event,
@@ -319,6 +319,7 @@ class SinkLoop:
         self.last_turn = now
         self._take_completions(block_s=0.0)
         self._client.poll()
+        self._markers.poll()
         self._raise_delivery_errors()
         self._dispatch()
         self._flow_control(now)
@@ -406,6 +407,10 @@ class SinkLoop:
                 if settle is not None:
                     self.scheduler.defer(channel, settle)
                     return
+                if not self._markers.ready(entry.tp):
+                    # the partition's in-doubt markers are still being restored
+                    self.scheduler.defer(channel, now + self.config.poll_timeout_s)
+                    return
                 existing = self._table.get(item.message.message_id)
                 if core.already_final(existing):
                     self._skip(channel, entry, existing)
@@ -432,26 +437,39 @@ class SinkLoop:
 
     def _submit(self, channel: _Channel, entry: _Entry, action: Proceed) -> None:
         item = entry.item
-        delivery = action.delivery
+        self.scheduler.call_started(channel)
+        INFLIGHT.set(self.scheduler.in_flight)
         if action.step is Step.POST:
-            assert action.request is not None
-            delivery, marker = core.begin_post(delivery, self._now())
-            # Written before the call: if the process dies before the receipt is acknowledged,
-            # the next run knows this post is in doubt.
-            self._markers.put(item.message.message_id, marker)
             request = action.request
-            future: Future[object] = self._pool.submit(self._notifier.post, request)
+            assert request is not None
+            item.delivery, marker = core.begin_post(action.delivery, self._now())
+
+            def post() -> None:
+                if entry.dropped:
+                    # revoked while its marker was being written: the next owner posts it
+                    # (after a history check, as the marker says it is in doubt)
+                    self.scheduler.call_ended(channel)
+                    self.scheduler.pop(channel)
+                    self.scheduler.proceed(channel, self._mono())
+                    return
+                future = self._pool.submit(self._notifier.post, request)
+                self._call(channel, entry, Step.POST, future)
+
+            # The marker must be durable before the call: if the process dies before the
+            # receipt is acknowledged, the next owner knows this post is in doubt.
+            self._markers.begin(entry.tp, item.message.message_id, marker, on_durable=post)
             self.stats.posts += 1
         else:
-            oldest = core.history_oldest(delivery, self.config.policy)
-            future = self._pool.submit(
+            item.delivery = action.delivery
+            oldest = core.history_oldest(action.delivery, self.config.policy)
+            future: Future[object] = self._pool.submit(
                 self._notifier.find_post, item.message.channel, item.message.message_id, oldest
             )
             self.stats.history_checks += 1
-        item.delivery = delivery
-        self.scheduler.call_started(channel)
-        INFLIGHT.set(self.scheduler.in_flight)
-        completion = _Completion(channel, entry, action.step, future)
+            self._call(channel, entry, Step.CHECK_HISTORY, future)
+
+    def _call(self, channel: _Channel, entry: _Entry, step: Step, future: Future[Any]) -> None:
+        completion = _Completion(channel, entry, step, future)
         future.add_done_callback(lambda _: self._completions.put(completion))
 
     # -- Slack answers ---------------------------------------------------------------------
@@ -712,6 +730,7 @@ class SinkLoop:
             and self.scheduler.calls_in_flight(partitions)
             and self._mono() < deadline
         ):
+            self._markers.poll()  # a post waiting for its marker is in flight too
             self._take_completions(block_s=min(0.1, max(0.0, deadline - self._mono())))
             self._client.poll()
         pending = self.scheduler.calls_in_flight(partitions)
@@ -725,6 +744,7 @@ class SinkLoop:
         self.stats.assignments += 1
         tps = [(p.topic, p.partition) for p in partitions]
         self.scheduler.assign(tps, self._mono())
+        self._markers.assign(tps)
         self.assigned.update(tps)
         log.info("partitions assigned", extra={"partitions": _names(partitions)})
 
@@ -749,6 +769,7 @@ class SinkLoop:
 
     def _release(self, tps: set[TP]) -> None:
         self.scheduler.release(tps)
+        self._markers.revoke(tps)
         self.assigned -= tps
 
 

@@ -7,7 +7,8 @@ import time
 import pytest
 
 from libs.kafka import ClientCallTimeoutError
-from services.notifier.core import Rejected
+from services.notifier.core import PostOutcome, PostRequest, Rejected
+from services.notifier.markers import InMemoryAttemptLog
 from tests.support.kafka import wait_until
 from tests.support.notifier_twins import DLQ, SinkRig, message
 
@@ -113,3 +114,45 @@ def test_a_wedged_commit_is_bounded_and_stops_the_loop() -> None:
         assert rig.committed() == {0: None}
     finally:
         release.set()
+
+
+def test_no_post_before_its_marker_is_durable() -> None:
+    """With a store whose writes become durable later (a Kafka-backed one), the loop makes a
+    post only from the marker's ``on_durable``: a crash in between leaves the post in doubt,
+    never unrecorded."""
+    rig = SinkRig()
+    rig.markers = InMemoryAttemptLog(remote=True)
+    posted_while_durable: list[bool] = []
+    post = rig.slack.post
+
+    def checked(request: PostRequest) -> PostOutcome:
+        payload = request.metadata["event_payload"]
+        assert isinstance(payload, dict)
+        posted_while_durable.append(payload["message_id"] in rig.markers.durable)
+        return post(request)
+
+    rig.slack.post = checked  # type: ignore[method-assign]
+    rig.start()
+    rig.send([message(i, f"C{i % 2}") for i in range(6)])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    rig.finish()
+    assert posted_while_durable == [True] * 6
+    assert len(rig.markers) == 0  # deleted once the receipts were acknowledged
+
+
+def test_a_partition_starts_only_once_its_markers_are_restored() -> None:
+    rig = SinkRig(partitions=1)
+    rig.markers = InMemoryAttemptLog(remote=True, hold_restores=True)
+    rig.start()
+    rig.send([message(1, "C1")])
+    loop = rig.loop
+    assert loop is not None
+    wait_until(lambda: loop.stats.consumed == 1, timeout_s=20)
+    consumed_at = loop.last_turn
+    # many turns later (each defers the channel by poll_timeout_s), still nothing posted
+    wait_until(lambda: loop.last_turn > consumed_at + 0.3, timeout_s=20)
+    assert rig.slack.posts == []
+    rig.markers.restored(("slack-messages", 0))
+    wait_until(rig.all_committed, timeout_s=20, message="posted once restored")
+    rig.finish()
+    assert len(rig.slack.posts) == 1

@@ -1,6 +1,6 @@
 """Kafka plumbing: client config, topics, the run loop with checkpoints, dead letters."""
 
-from libs.kafka.acks import OffsetTracker
+from libs.kafka.acks import AckTicket, OffsetTracker
 from libs.kafka.admin import TopicSpec, connect_admin, describe_cleanup_policy, ensure_topics
 from libs.kafka.bounded import call_bounded
 from libs.kafka.config import KafkaSettings, SecurityProtocol
@@ -47,6 +47,7 @@ __all__ = [
     "HEADER_SOURCE_OFFSET",
     "HEADER_SOURCE_PARTITION",
     "HEADER_SOURCE_TOPIC",
+    "AckTicket",
     "ClientCallTimeoutError",
     "CommitFailedError",
     "ConsumerClient",

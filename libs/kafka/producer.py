@@ -77,15 +77,27 @@ class ProducerClient:
         if err is not None:
             self.delivery_errors.append(f"{msg.topic()}: {err.str()}")
 
+    def _reporter(self, on_acked: Callable[[], None]) -> OnDelivery:
+        def report(err: KafkaError | None, msg: Message) -> None:
+            self._on_delivery(err, msg)
+            if err is None:
+                on_acked()
+
+        return report
+
     def produce(
         self,
         topic: str,
         key: bytes | None,
         value: bytes | None,
         headers: Headers = None,
-        on_delivery: OnDelivery | None = None,
+        on_acked: Callable[[], None] | None = None,
     ) -> None:
         """Produce one record (opening a transaction first when transactional).
+
+        ``on_acked`` runs (in ``poll``/``flush``) once the broker acknowledged the record; a
+        delivery error is recorded instead (``delivery_errors``, raised by ``flush`` and
+        ``check_delivery``).
 
         A full local queue is waited out by serving delivery reports, for at most
         ``timeout_s``: a queue that does not drain in that time means a broker that does not
@@ -93,6 +105,7 @@ class ProducerClient:
         """
         if self.transactional and not self.in_transaction:
             self.begin()
+        report = self._on_delivery if on_acked is None else self._reporter(on_acked)
         deadline: float | None = None
         while True:
             try:
@@ -101,7 +114,7 @@ class ProducerClient:
                     key=key,
                     value=value,
                     headers=list(headers or ()),
-                    on_delivery=on_delivery or self._on_delivery,
+                    on_delivery=report,
                 )
                 return
             except BufferError:
@@ -128,11 +141,18 @@ class ProducerClient:
     def flush_pending(self, timeout_s: float | None = None) -> int:
         """Wait (bounded) for acknowledgements; how many records are still unacknowledged.
 
-        For callers that collect delivery errors in their own ``on_delivery`` callbacks (the
-        notifier's sink): nothing is raised for them here.
+        For a sink that finishes records as they are acknowledged (``on_acked``) and can
+        live with some still in flight at a revoke; delivery errors are left for
+        ``check_delivery``.
         """
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         return int(self._call("flush", lambda: self.producer.flush(timeout), timeout))
+
+    def check_delivery(self, consequence: str = "") -> None:
+        """``DeliveryError`` when a record produced so far was not acknowledged."""
+        if self.delivery_errors:
+            errors = self.delivery_errors[:3]
+            raise DeliveryError(f"records not acknowledged: {errors}{consequence}")
 
     # -- transactions ------------------------------------------------------------------------
     def init_transactions(self) -> None:

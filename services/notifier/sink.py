@@ -73,14 +73,14 @@ from datetime import UTC, datetime
 from random import Random
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from prometheus_client import Counter, Gauge
 
 from libs.kafka import (
+    AckTicket,
     CommitFailedError,
     ConsumerClient,
     DeadLetterPublisher,
-    DeliveryError,
     FatalLoopError,
     ProducerClient,
 )
@@ -277,7 +277,6 @@ class SinkLoop:
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="slack")
         self._completions: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
         self.scheduler: ChannelScheduler[_Item] = ChannelScheduler(config.scheduling())
-        self._delivery_errors: list[str] = []
         self._fatal: str | None = None
         self._last_commit = self._mono()
         self._last_table_poll = 0.0
@@ -320,7 +319,7 @@ class SinkLoop:
         self._take_completions(block_s=0.0)
         self._client.poll()
         self._markers.poll()
-        self._raise_delivery_errors()
+        self._check_delivery()
         self._dispatch()
         self._flow_control(now)
         settling = self.scheduler.any_settling(now)
@@ -388,8 +387,8 @@ class SinkLoop:
     ) -> None:
         self.stats.undecodable += 1
         MESSAGES.labels("undecodable").inc()
-        token = _Acks(tp, offset, epoch, None, 1)
-        self._publish_dead_letter(token, tp, offset, msg.key(), msg.value(), _headers(msg), exc)
+        ticket = self.scheduler.tracker.expect(tp, offset, epoch, 1)
+        self._publish_dead_letter(ticket, None, msg.key(), msg.value(), _headers(msg), exc)
 
     # -- starting Slack calls --------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -601,23 +600,21 @@ class SinkLoop:
             extra["error"] = receipt.error
         log.log(logging.WARNING if status == "FAILED" else logging.INFO, "receipt", extra=extra)
         value = self._encode(receipt)
-        acks = _Acks(
-            entry.tp,
-            entry.offset,
-            entry.epoch,
-            entry.item.message.message_id,
-            2 if decision.dead_letter else 1,
+        ticket = self.scheduler.tracker.expect(
+            entry.tp, entry.offset, entry.epoch, 2 if decision.dead_letter else 1
         )
-        self._produce(self.config.receipts_topic, receipt.message_id.encode(), value, None, acks)
+        message_id = entry.item.message.message_id
+        self._produce(
+            self.config.receipts_topic, receipt.message_id.encode(), value, None, ticket, message_id
+        )
         # Read-your-own-write: the next copy of this message (a replay right behind it in the
         # channel queue) must see the receipt before it has gone round the topic.
         self._table.put_local(receipt.message_id, value)
         if decision.dead_letter:
             item = entry.item
             self._publish_dead_letter(
-                acks,
-                entry.tp,
-                entry.offset,
+                ticket,
+                message_id,
                 item.key,
                 item.value,
                 item.headers,
@@ -626,21 +623,20 @@ class SinkLoop:
 
     def _publish_dead_letter(
         self,
-        acks: _Acks,
-        tp: TP,
-        offset: int,
+        ticket: AckTicket,
+        message_id: str | None,
         key: bytes | None,
         value: bytes | None,
         headers: Headers,
         error: Exception,
     ) -> None:
         def produce(topic: str, *, key: bytes | None, value: bytes | None, headers: Any) -> None:
-            self._produce(topic, key, value, list(headers or ()), acks)
+            self._produce(topic, key, value, list(headers or ()), ticket, message_id)
 
         DeadLetterPublisher(produce, self.config.service).publish(
-            source_topic=tp[0],
-            partition=tp[1],
-            offset=offset,
+            source_topic=ticket.tp[0],
+            partition=ticket.tp[1],
+            offset=ticket.offset,
             key=key,
             value=value,
             error=error,
@@ -655,31 +651,21 @@ class SinkLoop:
         key: bytes | None,
         value: bytes | None,
         headers: Headers,
-        acks: _Acks,
+        ticket: AckTicket,
+        message_id: str | None,
     ) -> None:
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            self._acked(acks, err)
+        def on_acked() -> None:
+            if self.scheduler.tracker.acked(ticket) and message_id is not None:
+                # the receipt is on the topic: the post is no longer in doubt
+                self._markers.delete(message_id)
 
-        self._client.produce(topic, key, value, headers, on_delivery)
+        self._client.produce(topic, key, value, headers, on_acked=on_acked)
 
-    def _acked(self, acks: _Acks, err: KafkaError | None) -> None:
-        if err is not None:
-            self._delivery_errors.append(f"{err.str()} (offset {acks.offset} of {acks.tp})")
-            return
-        acks.pending -= 1
-        if acks.pending:
-            return
-        if acks.message_id is not None:
-            self._markers.delete(acks.message_id)
-        self.scheduler.finish(acks.tp, acks.offset, acks.epoch)
-
-    def _raise_delivery_errors(self) -> None:
-        if self._delivery_errors:
-            errors = self._delivery_errors[:3]
-            raise DeliveryError(
-                f"receipts or dead letters not acknowledged: {errors}; their offsets stay "
-                "uncommitted and are replayed (without reposting) after the restart"
-            )
+    def _check_delivery(self) -> None:
+        self._client.check_delivery(
+            "; their offsets stay uncommitted and are replayed (without reposting) after the "
+            "restart"
+        )
 
     # -- flow control and commits ----------------------------------------------------------
     def _flow_control(self, now: float) -> None:
@@ -718,7 +704,7 @@ class SinkLoop:
 
     def _flush(self) -> None:
         remaining = self._client.flush_pending(self.config.drain_timeout_s)
-        self._raise_delivery_errors()
+        self._check_delivery()
         if remaining:
             log.warning("receipts not acknowledged at stop", extra={"remaining": remaining})
 
@@ -771,17 +757,6 @@ class SinkLoop:
         self.scheduler.release(tps)
         self._markers.revoke(tps)
         self.assigned -= tps
-
-
-@dataclass(eq=False)
-class _Acks:
-    """Acknowledgements still awaited for one offset."""
-
-    tp: TP
-    offset: int
-    epoch: int
-    message_id: str | None
-    pending: int
 
 
 def _headers(msg: Message) -> Headers:

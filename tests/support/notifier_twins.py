@@ -120,6 +120,7 @@ class SinkRig:
         }
         self.config = SinkConfig(TOPIC, RECEIPTS, DLQ, **{**defaults, **config})
         self.consumers: list[Any] = []
+        self.producers: list[Any] = []
         self.loop: SinkLoop | None = None
         self.stop = threading.Event()
         self.error: BaseException | None = None
@@ -142,6 +143,11 @@ class SinkRig:
         self.consumers.append(c)
         return c
 
+    def producer(self, config: dict[str, Any]) -> Any:
+        p = self.broker.producer(config)
+        self.producers.append(p)
+        return p
+
     def start(self, group: str = "notifier", **config: Any) -> SinkRig:
         self.stop = threading.Event()
         self.error = None
@@ -156,7 +162,7 @@ class SinkRig:
             encode=encode_receipt,
             stop=self.stop,
             consumer_factory=self.consumer,
-            producer_factory=self.broker.producer,
+            producer_factory=self.producer,
         )
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()

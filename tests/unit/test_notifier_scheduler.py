@@ -266,3 +266,11 @@ def test_a_partition_no_longer_ours_is_not_tracked() -> None:
     s.release({OTHER})
     assert s.track(OTHER, 0) is None
     assert s.track(TP, 0) is not None
+
+
+def test_the_scheduler_is_pure() -> None:
+    """No I/O, clock or client: the same rule as the cores, except the offset tracker."""
+    from tests.unit.test_architecture import CORE_FORBIDDEN, ROOT, _forbidden, _imports
+
+    imports = _imports(ROOT / "services/notifier/scheduler.py") - {"libs.kafka.acks"}
+    assert sorted(n for n in imports if _forbidden(n, CORE_FORBIDDEN)) == []

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
+from confluent_kafka import KafkaError
 
-from libs.kafka import ClientCallTimeoutError
+from libs.kafka import ClientCallTimeoutError, DeliveryError
 from services.notifier.core import PostOutcome, PostRequest, Rejected
 from services.notifier.markers import InMemoryAttemptLog
 from tests.support.kafka import wait_until
-from tests.support.notifier_twins import DLQ, SinkRig, message
+from tests.support.notifier_twins import DLQ, RECEIPTS, SinkRig, message
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -156,3 +157,15 @@ def test_a_partition_starts_only_once_its_markers_are_restored() -> None:
     wait_until(rig.all_committed, timeout_s=20, message="posted once restored")
     rig.finish()
     assert len(rig.slack.posts) == 1
+
+
+def test_an_unacknowledged_receipt_stops_the_loop_and_its_offset_stays_uncommitted() -> None:
+    rig = SinkRig(partitions=1).start()
+    wait_until(lambda: rig.producers, timeout_s=10)
+    rig.producers[0].fail_delivery(RECEIPTS, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+    rig.send([message(1, "C1")])
+    assert rig.join(20), "the loop did not stop"
+    assert isinstance(rig.error, DeliveryError), rig.error
+    assert "replayed (without reposting)" in str(rig.error)
+    assert rig.committed() == {0: None}
+    assert len(rig.markers) == 1  # the post stays in doubt for the restart

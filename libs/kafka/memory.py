@@ -23,9 +23,11 @@ Faults are injected per method: ``fail(name, error)`` makes the next call raise
 ``KafkaException(error)``; ``hang(name)`` makes calls block until the returned event is set
 (a wedged librdkafka call); ``fail_delivery(topic, error)`` fails the next delivery report.
 
-Not modelled: replication, compaction, retention, timestamps beyond the append order,
-record batches. The twins never sleep on their own; ``poll``/``consume`` wait (on a
-condition, for at most their timeout) only when nothing is fetchable.
+Not modelled: replication, compaction, retention, timestamps, record batches, prefetching.
+Keyed records go to ``crc32(key) % partitions``, not Kafka's murmur2: a test must not
+depend on which partition a key lands on (name the partition when it matters). The twins
+never sleep on their own; ``poll``/``consume`` wait (on a condition, for at most their
+timeout) only when nothing is fetchable.
 """
 
 from __future__ import annotations

@@ -169,3 +169,25 @@ def test_an_unacknowledged_receipt_stops_the_loop_and_its_offset_stays_uncommitt
     assert "replayed (without reposting)" in str(rig.error)
     assert rig.committed() == {0: None}
     assert len(rig.markers) == 1  # the post stays in doubt for the restart
+
+
+def test_a_lost_partition_is_replayed_after_rejoining_without_posting_twice() -> None:
+    # no commit before the loss: the replay starts from the beginning
+    rig = SinkRig(partitions=1, pace=True, rate_per_channel_per_s=20.0, commit_interval_s=60)
+    rig.start()
+    msgs = [message(i, "C1") for i in range(10)]
+    rig.send(msgs)
+    wait_until(lambda: len(rig.slack.posts) >= 3, timeout_s=20, message="a few posts")
+    member = rig.consumers[0]
+    member.lose()  # a session timeout: nothing more may be committed for it
+    wait_until(lambda: rig.loop is not None and not rig.loop.assigned, timeout_s=20)
+    delivered_before = len(rig.receipts())
+    member.rejoin()
+    wait_until(lambda: len(rig.receipts()) == 10, timeout_s=20, message="all delivered")
+    stats = rig.finish()  # commits on the way out
+    assert rig.all_committed()
+    posted = [p.request.metadata["event_payload"] for p in rig.slack.posts]
+    ids = [p["message_id"] for p in posted]  # type: ignore[index]
+    assert sorted(ids) == sorted(m.message_id for m in msgs)  # each posted exactly once
+    # the replay found the receipts of what was delivered before the loss
+    assert stats.skipped >= delivered_before >= 3

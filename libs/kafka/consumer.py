@@ -104,3 +104,8 @@ class ConsumerClient:
         except KafkaException as exc:
             return [f"consumer close failed: {exc}"]
         return []
+
+
+def partition_names(partitions: list[TopicPartition]) -> list[str]:
+    """``topic[partition]`` names for log lines."""
+    return [f"{tp.topic}[{tp.partition}]" for tp in partitions]

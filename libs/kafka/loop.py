@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter, Gauge
 
-from libs.kafka.consumer import ConsumerClient
+from libs.kafka.consumer import ConsumerClient, partition_names
 from libs.kafka.dlq import DeadLetterPublisher, Headers
 from libs.kafka.errors import (
     ClientCallTimeoutError,
@@ -327,14 +327,15 @@ class ProcessingLoop:
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.info(
             "partitions assigned",
-            extra={"loop": self.config.name, "partitions": _names(partitions)},
+            extra={"loop": self.config.name, "partitions": partition_names(partitions)},
         )
         if self._paused_until is not None:
             consumer.pause(partitions)
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.info(
-            "partitions revoked", extra={"loop": self.config.name, "partitions": _names(partitions)}
+            "partitions revoked",
+            extra={"loop": self.config.name, "partitions": partition_names(partitions)},
         )
         if self._failed:
             return  # stopping on an error: the next owner replays from the last checkpoint
@@ -343,7 +344,8 @@ class ProcessingLoop:
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.warning(
-            "partitions lost", extra={"loop": self.config.name, "partitions": _names(partitions)}
+            "partitions lost",
+            extra={"loop": self.config.name, "partitions": partition_names(partitions)},
         )
         # Our offsets may no longer be committed; the new owner replays from its checkpoint.
         lost = {(tp.topic, tp.partition) for tp in partitions}
@@ -493,7 +495,3 @@ class ProcessingLoop:
             return
         for problem in self._consumer_client.close(bound):
             log.error(problem, extra={"loop": self.config.name})
-
-
-def _names(partitions: list[TopicPartition]) -> list[str]:
-    return [f"{tp.topic}[{tp.partition}]" for tp in partitions]

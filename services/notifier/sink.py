@@ -85,6 +85,7 @@ from libs.kafka import (
     ProducerClient,
 )
 from libs.kafka.bounded import MARGIN_S
+from libs.kafka.consumer import partition_names
 from libs.kafka.ports import ConsumerFactory, ConsumerPort, ProducerFactory
 from libs.serde import (
     DeserializationError,
@@ -732,12 +733,12 @@ class SinkLoop:
         self.scheduler.assign(tps, self._mono())
         self._markers.assign(tps)
         self.assigned.update(tps)
-        log.info("partitions assigned", extra={"partitions": _names(partitions)})
+        log.info("partitions assigned", extra={"partitions": partition_names(partitions)})
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.stats.revocations += 1
         revoked = {(p.topic, p.partition) for p in partitions}
-        log.info("partitions revoked", extra={"partitions": _names(partitions)})
+        log.info("partitions revoked", extra={"partitions": partition_names(partitions)})
         if self._closing:
             self._release(revoked)
             return
@@ -749,7 +750,7 @@ class SinkLoop:
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         lost = {(p.topic, p.partition) for p in partitions}
-        log.warning("partitions lost", extra={"partitions": _names(partitions)})
+        log.warning("partitions lost", extra={"partitions": partition_names(partitions)})
         self.scheduler.forget(lost)
         self._release(lost)
 
@@ -782,7 +783,3 @@ def _ids(entry: _Entry, **more: object) -> dict[str, object]:
         "offset": entry.offset,
         **more,
     }
-
-
-def _names(partitions: list[TopicPartition]) -> list[str]:
-    return [f"{tp.topic}[{tp.partition}]" for tp in partitions]

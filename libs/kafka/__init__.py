@@ -1,9 +1,10 @@
 """Kafka plumbing: client config, topics, the run loop with checkpoints, dead letters."""
 
-from libs.kafka.acks import OffsetTracker
+from libs.kafka.acks import AckTicket, OffsetTracker
 from libs.kafka.admin import TopicSpec, connect_admin, describe_cleanup_policy, ensure_topics
 from libs.kafka.bounded import call_bounded
 from libs.kafka.config import KafkaSettings, SecurityProtocol
+from libs.kafka.consumer import CommitFailedError, ConsumerClient
 from libs.kafka.dlq import (
     DLQ_SUFFIX,
     HEADER_ERROR_CLASS,
@@ -46,7 +47,10 @@ __all__ = [
     "HEADER_SOURCE_OFFSET",
     "HEADER_SOURCE_PARTITION",
     "HEADER_SOURCE_TOPIC",
+    "AckTicket",
     "ClientCallTimeoutError",
+    "CommitFailedError",
+    "ConsumerClient",
     "DeadLetterPublisher",
     "DeliveryError",
     "Emitter",

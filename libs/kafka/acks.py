@@ -15,6 +15,16 @@ from dataclasses import dataclass, field
 TP = tuple[str, int]
 
 
+@dataclass(eq=False)
+class AckTicket:
+    """The records still to be acknowledged before one consumed offset is finished."""
+
+    tp: TP
+    offset: int
+    epoch: int
+    pending: int
+
+
 class OffsetTracker:
     """Per partition, the offsets handed out and which of them are finished.
 
@@ -74,6 +84,18 @@ class OffsetTracker:
             first = part.pending.popleft()
             part.done.discard(first)
             part.next_commit = first + 1
+
+    def expect(self, tp: TP, offset: int, epoch: int, records: int) -> AckTicket:
+        """``offset`` finishes once ``records`` produced for it are acknowledged."""
+        return AckTicket(tp, offset, epoch, records)
+
+    def acked(self, ticket: AckTicket) -> bool:
+        """One record of ``ticket`` was acknowledged; True when that finished its offset."""
+        ticket.pending -= 1
+        if ticket.pending:
+            return False
+        self.finish(ticket.tp, ticket.offset, ticket.epoch)
+        return True
 
     def outstanding(self, tp: TP) -> int:
         """Consumed and not finished."""

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter, Gauge
 
-from libs.kafka.bounded import MARGIN_S, call_bounded
+from libs.kafka.consumer import ConsumerClient, partition_names
 from libs.kafka.dlq import DeadLetterPublisher, Headers
 from libs.kafka.errors import (
     ClientCallTimeoutError,
@@ -48,6 +48,7 @@ from libs.kafka.errors import (
     FatalLoopError,
     InvalidRecordError,
 )
+from libs.kafka.ports import ConsumerFactory, ConsumerPort, ProducerFactory
 from libs.kafka.producer import ProducerClient, TransactionAbortedError
 from libs.runtime.heartbeat import beat
 from libs.serde import DeserializationError
@@ -151,8 +152,8 @@ class ProcessingLoop:
         stop: threading.Event,
         on_checkpoint: Callable[[], None] | None = None,
         on_idle: Callable[[], None] | None = None,
-        consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
-        producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
+        consumer_factory: ConsumerFactory = Consumer,
+        producer_factory: ProducerFactory = Producer,
     ) -> None:
         self.config = config
         self.stats = LoopStats()
@@ -169,13 +170,15 @@ class ProcessingLoop:
         producer_config.setdefault(
             "transaction.timeout.ms", int(config.transaction_timeout_s * 1000)
         )
-        self._consumer = consumer_factory(consumer_config)
+        self._consumer: ConsumerPort = consumer_factory(consumer_config)
+        # blocking consumer calls are given the transaction timeout and bounded past it
+        self._consumer_client = ConsumerClient(
+            self._consumer, timeout_s=config.transaction_timeout_s
+        )
         self._producer_factory = producer_factory
         self._producer_config = producer_config
         self._client = self._new_client()
         self._replacements: list[float] = []
-        # set when a consumer call overran its bound: it must not be called again
-        self._wedged = False
         # set when the loop stops on an error: nothing more is committed on the way out
         self._failed = False
         self._dlq = DeadLetterPublisher(self._produce, service)
@@ -188,14 +191,6 @@ class ProcessingLoop:
         self._last_checkpoint = time.monotonic()
         self._paused_until: float | None = None
         self.last_poll = time.monotonic()
-
-    def _consumer_call(self, what: str, fn: Callable[[], Any]) -> Any:
-        """A blocking consumer call given the transaction timeout, bounded; wedged past it."""
-        try:
-            return call_bounded(what, self.config.transaction_timeout_s + MARGIN_S, fn)
-        except ClientCallTimeoutError:
-            self._wedged = True
-            raise
 
     def _new_client(self) -> ProducerClient:
         return ProducerClient(
@@ -248,10 +243,9 @@ class ProcessingLoop:
             raise DeliveryError(
                 f"{exc}; offsets not committed, the interval will be replayed after restart"
             ) from exc
-        if offsets:
-            self._consumer_call(
-                "commit", lambda: self._consumer.commit(offsets=offsets, asynchronous=False)
-            )
+        # A commit the group refuses (CommitFailedError) stops the loop: the outputs are
+        # flushed, so the restart replays the interval (at-least-once).
+        self._consumer_client.commit(offsets)
 
     def _rollback(self, reason: str) -> None:
         """Throw away the interval since the last checkpoint and rewind to replay it."""
@@ -313,11 +307,8 @@ class ProcessingLoop:
                 )
         # Only partitions that returned records since the checkpoint can be past the
         # committed offsets; the others' positions are where the group's offsets are.
-        timeout = self.config.transaction_timeout_s
         moved = [TopicPartition(t, p) for t, p in self._base]
-        committed = self._consumer_call(
-            "committed", lambda: self._consumer.committed(moved, timeout=timeout) if moved else []
-        )
+        committed = self._consumer_client.committed(moved)
         for tp in committed:
             # nothing committed yet: back to the first record received since assignment
             offset = tp.offset if tp.offset >= 0 else self._base[(tp.topic, tp.partition)]
@@ -334,26 +325,28 @@ class ProcessingLoop:
         self._base.clear()
 
     # -- rebalances ------------------------------------------------------------------------
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.info(
             "partitions assigned",
-            extra={"loop": self.config.name, "partitions": _names(partitions)},
+            extra={"loop": self.config.name, "partitions": partition_names(partitions)},
         )
         if self._paused_until is not None:
             consumer.pause(partitions)
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.info(
-            "partitions revoked", extra={"loop": self.config.name, "partitions": _names(partitions)}
+            "partitions revoked",
+            extra={"loop": self.config.name, "partitions": partition_names(partitions)},
         )
         if self._failed:
             return  # stopping on an error: the next owner replays from the last checkpoint
         # Commit before the partitions move: their next owner starts from our offsets.
         self.checkpoint()
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.warning(
-            "partitions lost", extra={"loop": self.config.name, "partitions": _names(partitions)}
+            "partitions lost",
+            extra={"loop": self.config.name, "partitions": partition_names(partitions)},
         )
         # Our offsets may no longer be committed; the new owner replays from its checkpoint.
         lost = {(tp.topic, tp.partition) for tp in partitions}
@@ -499,16 +492,8 @@ class ProcessingLoop:
         bound = self.config.close_timeout_s
         for problem in self._client.close(bound):
             log.error(problem, extra={"loop": self.config.name})
-        if self._wedged or self._client.wedged:
+        if self._client.wedged:
             log.error("a client is wedged; consumer not closed", extra={"loop": self.config.name})
             return
-        try:
-            call_bounded("consumer close", bound + MARGIN_S, self._consumer.close)
-        except ClientCallTimeoutError as exc:
-            log.error(str(exc), extra={"loop": self.config.name})
-        except KafkaException:
-            log.exception("consumer close failed", extra={"loop": self.config.name})
-
-
-def _names(partitions: list[TopicPartition]) -> list[str]:
-    return [f"{tp.topic}[{tp.partition}]" for tp in partitions]
+        for problem in self._consumer_client.close(bound):
+            log.error(problem, extra={"loop": self.config.name})

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from libs.kafka.bounded import MARGIN_S, call_bounded
 from libs.kafka.errors import (
@@ -33,6 +33,7 @@ from libs.kafka.errors import (
     FatalLoopError,
     KafkaLibError,
 )
+from libs.kafka.ports import ProducerPort
 
 Headers = Sequence[tuple[str, Any]] | None
 OnDelivery = Callable[[KafkaError | None, Message], None]
@@ -47,7 +48,7 @@ class ProducerClient:
 
     def __init__(
         self,
-        producer: Producer,
+        producer: ProducerPort,
         *,
         timeout_s: float,
         transactional: bool,
@@ -76,18 +77,29 @@ class ProducerClient:
         if err is not None:
             self.delivery_errors.append(f"{msg.topic()}: {err.str()}")
 
+    def _reporter(self, on_acked: Callable[[], None]) -> OnDelivery:
+        def report(err: KafkaError | None, msg: Message) -> None:
+            self._on_delivery(err, msg)
+            if err is None:
+                on_acked()
+
+        return report
+
     def produce(
         self,
         topic: str,
         key: bytes | None,
         value: bytes | None,
         headers: Headers = None,
-        on_delivery: OnDelivery | None = None,
+        on_acked: Callable[[], None] | None = None,
         partition: int | None = None,
     ) -> None:
         """Produce one record (opening a transaction first when transactional).
 
-        ``partition`` pins the record to a partition; by default the partitioner picks one.
+        ``on_acked`` runs (in ``poll``/``flush``) once the broker acknowledged the record; a
+        delivery error is recorded instead (``delivery_errors``, raised by ``flush`` and
+        ``check_delivery``). ``partition`` pins the record to a partition; by default the
+        partitioner picks one.
 
         A full local queue is waited out by serving delivery reports, for at most
         ``timeout_s``: a queue that does not drain in that time means a broker that does not
@@ -95,6 +107,7 @@ class ProducerClient:
         """
         if self.transactional and not self.in_transaction:
             self.begin()
+        report = self._on_delivery if on_acked is None else self._reporter(on_acked)
         deadline: float | None = None
         while True:
             try:
@@ -103,7 +116,7 @@ class ProducerClient:
                     key=key,
                     value=value,
                     headers=list(headers or ()),
-                    on_delivery=on_delivery or self._on_delivery,
+                    on_delivery=report,
                     # -1 (RD_KAFKA_PARTITION_UA) is confluent-kafka's default: the partitioner
                     partition=-1 if partition is None else partition,
                 )
@@ -128,6 +141,22 @@ class ProducerClient:
         if remaining or self.delivery_errors:
             errors, self.delivery_errors = self.delivery_errors[:3], []
             raise DeliveryError(f"{remaining} records unacknowledged, delivery errors: {errors}")
+
+    def flush_pending(self, timeout_s: float | None = None) -> int:
+        """Wait (bounded) for acknowledgements; how many records are still unacknowledged.
+
+        For a sink that finishes records as they are acknowledged (``on_acked``) and can
+        live with some still in flight at a revoke; delivery errors are left for
+        ``check_delivery``.
+        """
+        timeout = timeout_s if timeout_s is not None else self.timeout_s
+        return int(self._call("flush", lambda: self.producer.flush(timeout), timeout))
+
+    def check_delivery(self, consequence: str = "") -> None:
+        """``DeliveryError`` when a record produced so far was not acknowledged."""
+        if self.delivery_errors:
+            errors = self.delivery_errors[:3]
+            raise DeliveryError(f"records not acknowledged: {errors}{consequence}")
 
     # -- transactions ------------------------------------------------------------------------
     def init_transactions(self) -> None:

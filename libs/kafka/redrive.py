@@ -503,7 +503,7 @@ class TransactionalProducer(Protocol):
         key: bytes | None,
         value: bytes | None,
         headers: Sequence[tuple[str, Any]] | None = None,
-        on_delivery: Any = None,
+        on_acked: Any = None,
         partition: int | None = None,
     ) -> None: ...
 

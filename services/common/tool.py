@@ -18,9 +18,9 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from libs.kafka import KafkaLibError
-from libs.runtime import configure_logging
+from libs.runtime import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, configure_logging
 from libs.serde import SerdeError
-from services.common.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, describe_validation_error
+from services.common.cli import describe_validation_error
 
 log = logging.getLogger(__name__)
 

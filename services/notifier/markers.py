@@ -22,6 +22,30 @@ another node with an ``emptyDir``, a deleted volume), the markers are gone and a
 flight at that moment may be sent twice: delivery falls back to at-least-once for exactly
 those messages. The receipts table in the same directory is only a cache and is rebuilt from
 Kafka.
+
+The port, and where it goes next
+--------------------------------
+``AttemptLog`` is the store; ``InDoubtStore`` is the store as the sink loop uses it, shaped so
+that a store backed by a compacted Kafka topic (in-doubt state shared across replicas, so
+any replica that takes a partition over checks Slack before it re-posts) drops in without a
+change to the loop:
+
+* markers are scoped by the *input* partition: ``assign``/``revoke`` follow the consumer's
+  rebalances, and ``ready(tp)`` is False while the markers of a newly assigned partition are
+  still being restored; the loop starts no message of that partition before;
+* a marker must be durable *before* its post: ``begin`` takes ``on_durable`` and the loop
+  makes the Slack call only from it. The local stores call it at once (the write-ahead log
+  has the marker when ``put`` returns); a Kafka store calls it from the marker's delivery
+  report (``acks=all``), served on the loop's thread by ``poll()``;
+* ``delete`` stays fire-and-forget: a leftover marker costs one history check, never a
+  duplicate post.
+
+The Kafka-backed store (not built yet): a compacted topic partitioned like
+``slack-messages`` (marker of input partition p in changelog partition p, keyed by
+``message_id``, a tombstone on delete), written by the sink's idempotent producer;
+``assign`` snapshots each changelog partition's high watermark and reads it from the start
+until the position reaches it (the global table's gate, per partition); ``revoke`` drops the
+partition's markers; retention is by tombstones, replacing ``prune``.
 """
 
 from __future__ import annotations
@@ -29,6 +53,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol, cast
@@ -38,6 +63,9 @@ from rocksdict import Options, Rdict, WriteOptions
 from services.notifier.core import AttemptMarker
 
 log = logging.getLogger(__name__)
+
+#: an input partition: (topic, partition)
+TP = tuple[str, int]
 
 
 class AttemptLog(Protocol):
@@ -59,6 +87,35 @@ class AttemptLog(Protocol):
 
     def close(self) -> None:
         """Release the store."""
+        ...
+
+
+class InDoubtStore(AttemptLog, Protocol):
+    """The markers as the sink loop uses them: per input partition, durable asynchronously.
+
+    See "The port, and where it goes next" in the module docstring.
+    """
+
+    def assign(self, tps: Iterable[TP]) -> None:
+        """The loop owns ``tps`` now: make their markers available (restore them)."""
+        ...
+
+    def ready(self, tp: TP) -> bool:
+        """True once every marker of ``tp`` is readable with ``get``."""
+        ...
+
+    def revoke(self, tps: Iterable[TP]) -> None:
+        """The loop no longer owns ``tps`` (revoked or lost)."""
+        ...
+
+    def begin(
+        self, tp: TP, message_id: str, marker: AttemptMarker, on_durable: Callable[[], None]
+    ) -> None:
+        """Record a post about to be made; ``on_durable()`` once the marker would survive."""
+        ...
+
+    def poll(self) -> None:
+        """Serve restores and acknowledgements (on the loop's thread; never blocks)."""
         ...
 
 
@@ -147,16 +204,78 @@ class RocksDictAttemptLog:
     def __len__(self) -> int:
         return self._count
 
+    # -- InDoubtStore: one local copy, so every marker is readable and durable at once --------
+    def assign(self, tps: Iterable[TP]) -> None:
+        pass
+
+    def ready(self, tp: TP) -> bool:
+        return True
+
+    def revoke(self, tps: Iterable[TP]) -> None:
+        pass
+
+    def begin(
+        self, tp: TP, message_id: str, marker: AttemptMarker, on_durable: Callable[[], None]
+    ) -> None:
+        # In the write-ahead log when put returns: survives a killed process (module doc).
+        self.put(message_id, marker)
+        on_durable()
+
+    def poll(self) -> None:
+        pass
+
     def close(self) -> None:
         self._db.flush()
         self._db.close()
 
 
 class InMemoryAttemptLog:
-    """A dict-backed ``AttemptLog`` for unit tests."""
+    """A dict-backed ``InDoubtStore`` for unit tests.
 
-    def __init__(self) -> None:
+    ``remote=True`` behaves as a store in Kafka would: a marker becomes durable (and
+    ``on_durable`` runs) only at the next ``poll()``, and an assigned partition is ``ready``
+    only after a ``poll()`` (or, with ``hold_restores``, once ``restored(tp)`` is called).
+    """
+
+    def __init__(self, *, remote: bool = False, hold_restores: bool = False) -> None:
         self.markers: dict[str, AttemptMarker] = {}
+        self.remote = remote
+        self.hold_restores = hold_restores
+        self.durable: set[str] = set()
+        self._waiting: list[tuple[str, Callable[[], None]]] = []
+        self._restoring: set[TP] = set()
+
+    def assign(self, tps: Iterable[TP]) -> None:
+        if self.remote:
+            self._restoring.update(tps)
+
+    def ready(self, tp: TP) -> bool:
+        return tp not in self._restoring
+
+    def restored(self, tp: TP) -> None:
+        """The markers of ``tp`` are all read (remote mode)."""
+        self._restoring.discard(tp)
+
+    def revoke(self, tps: Iterable[TP]) -> None:
+        self._restoring.difference_update(tps)
+
+    def begin(
+        self, tp: TP, message_id: str, marker: AttemptMarker, on_durable: Callable[[], None]
+    ) -> None:
+        self.markers[message_id] = marker
+        if not self.remote:
+            self.durable.add(message_id)
+            on_durable()
+        else:
+            self._waiting.append((message_id, on_durable))
+
+    def poll(self) -> None:
+        if not self.hold_restores:
+            self._restoring.clear()
+        waiting, self._waiting = self._waiting, []
+        for message_id, on_durable in waiting:
+            self.durable.add(message_id)
+            on_durable()
 
     def get(self, message_id: str) -> AttemptMarker | None:
         return self.markers.get(message_id)

@@ -2,29 +2,34 @@
 
 ``libs.kafka.ProcessingLoop`` is a consume-transform-produce loop: a record is finished when
 its handler returns. A Slack post is a side effect that takes from milliseconds to a rate
-limit's minutes, so this loop tracks every record until its receipt is acknowledged:
+limit's minutes, so this loop tracks every record until its receipt is acknowledged. It is
+the I/O shell around two pure parts: ``services.notifier.core`` decides what to do with one
+message from what Slack answered, and ``services.notifier.scheduler`` decides which channel
+goes next, which partition is paused and which offsets are committable (per-channel FIFOs,
+pacing, ``Retry-After`` holds; see its docstring). This module does the calls.
 
 Offsets
     An offset is *finished* when every record produced for it (its receipt, and a dead letter
     for a permanent failure) is acknowledged by the broker (``acks=all``), or at once when the
     message is skipped (a final receipt exists). Per partition the contiguous prefix of finished
-    offsets is committed every ``commit_interval_s``, on revoke and on stop
-    (``libs.kafka.OffsetTracker``). A crash replays only unfinished messages, and the receipts
-    table plus the in-doubt markers keep the replay from posting twice.
-
-Channels
-    ``slack-messages`` is keyed by channel, so a channel lives in one partition, but a
-    partition carries many channels. Consumed messages wait in a FIFO per channel; only the
-    head of a channel is ever in flight, so posts stay in order per channel while a rate-limited
-    or failing channel waits (``Retry-After``, backoff) without holding up the others. Each
-    channel also has a local token bucket (about one post per second, as Slack allows).
+    offsets is committed every ``commit_interval_s``, on revoke and on stop. A crash replays
+    only unfinished messages, and the receipts table plus the in-doubt markers keep the replay
+    from posting twice.
 
 Pausing, never sleeping
-    A partition is paused when its consumed-but-unfinished messages reach
-    ``max_buffered_per_partition`` and resumed at half of that. The loop keeps polling the
-    consumer all the time; it only ever waits inside ``consume()`` or on the completion queue
-    of the Slack calls, each bounded by ``poll_timeout_s``, so ``max.poll.interval.ms`` is never
-    at risk, whatever Slack does.
+    The loop keeps polling the consumer all the time; it only ever waits inside ``consume()``
+    or on the completion queue of the Slack calls, each bounded by ``poll_timeout_s``, so
+    ``max.poll.interval.ms`` is never at risk, whatever Slack does.
+
+Bounded client calls
+    Every blocking Kafka call of the loop (the synchronous commit, the producer flush, the
+    consumer close) goes through ``libs.kafka.ConsumerClient``/``ProducerClient``, which
+    bound it with ``call_bounded``: librdkafka does not always honour its own timeouts, and a
+    commit stuck in a coordinator request would stall every channel and get the member
+    evicted without the process noticing. A call past ``client_call_bound_s`` raises
+    ``ClientCallTimeoutError``; the client is not called again and the service exits
+    non-zero (unfinished offsets stay uncommitted and are replayed, without reposting, by
+    the next owner).
 
 Threads
     Slack calls are blocking HTTP (slack-sdk over urllib, up to ``slack_timeout_s``). They run
@@ -51,45 +56,37 @@ Rebalances
     the table to expose its positions, so the loop could wait until they reach the receipts
     topic's high watermarks snapshotted at assignment (proposed for ``libs.tables``).
 
-The offset bookkeeping is ``libs.kafka.OffsetTracker``; the pause/resume bookkeeping does not
-depend on Slack either and could move there when a second sink needs it.
+Clients come from ``consumer_factory``/``producer_factory`` (``libs.kafka.ports``), so the
+whole loop runs in unit tests on the in-memory twins of ``libs.kafka.memory``.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import queue
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from random import Random
 from typing import Any, Protocol
 
-from confluent_kafka import (
-    OFFSET_INVALID,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import OFFSET_INVALID, Consumer, Message, Producer, TopicPartition
 from prometheus_client import Counter, Gauge
 
 from libs.kafka import (
+    AckTicket,
+    CommitFailedError,
+    ConsumerClient,
     DeadLetterPublisher,
-    DeliveryError,
     FatalLoopError,
-    OffsetTracker,
     ProducerClient,
 )
-from libs.kafka.bounded import MARGIN_S, call_bounded
+from libs.kafka.bounded import MARGIN_S
+from libs.kafka.consumer import partition_names
+from libs.kafka.ports import ConsumerFactory, ConsumerPort, ProducerFactory
 from libs.runtime.heartbeat import beat
 from libs.serde import (
     DeserializationError,
@@ -98,7 +95,6 @@ from libs.serde import (
 )
 from services.notifier import core
 from services.notifier.core import (
-    Bucket,
     Decision,
     Delivery,
     Fatal,
@@ -108,7 +104,8 @@ from services.notifier.core import (
     RetryPolicy,
     Step,
 )
-from services.notifier.markers import AttemptLog
+from services.notifier.markers import InDoubtStore
+from services.notifier.scheduler import Channel, ChannelScheduler, Entry, SchedulerConfig
 from services.notifier.slack import Notifier
 
 log = logging.getLogger(__name__)
@@ -179,7 +176,21 @@ class SinkConfig:
     decode_retry_s: float = 5.0
     #: after an assignment, how long the partition's messages wait for the receipts table
     assign_settle_s: float = 0.5
+    #: how long a blocking Kafka call (commit, flush, close) may take before the client
+    #: counts as wedged (flush and close are given less, so the bound is theirs plus a margin)
+    client_call_bound_s: float = 30.0 + MARGIN_S
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def scheduling(self) -> SchedulerConfig:
+        """The scheduler's part of the config."""
+        return SchedulerConfig(
+            concurrency=self.concurrency,
+            rate_per_channel_per_s=self.rate_per_channel_per_s,
+            rate_burst=self.rate_burst,
+            pace=self.pace,
+            max_buffered_per_partition=self.max_buffered_per_partition,
+            assign_settle_s=self.assign_settle_s,
+        )
 
 
 @dataclass
@@ -205,33 +216,19 @@ class SinkStats:
     pauses: int = 0
 
 
-# -- per message and per channel state ---------------------------------------------------------
-
-
 @dataclass(eq=False)
-class _Entry:
-    """One consumed record until its receipt (and dead letter) is acknowledged."""
+class _Item:
+    """What the loop keeps of a consumed record (the scheduler's ``Entry.item``)."""
 
-    tp: TP
-    offset: int
-    epoch: int
     key: bytes | None
     value: bytes | None
     headers: Headers
     message: SlackMessage
     delivery: Delivery | None = None
-    acks_pending: int = 0
-    dropped: bool = False
 
 
-@dataclass(eq=False)
-class _Channel:
-    name: str
-    queue: deque[_Entry] = field(default_factory=deque)
-    busy: bool = False
-    not_before: float = 0.0
-    bucket: Bucket | None = None
-    scheduled: float | None = None
+_Entry = Entry[_Item]
+_Channel = Channel[_Item]
 
 
 @dataclass(frozen=True)
@@ -253,13 +250,15 @@ class SinkLoop:
         *,
         notifier: Notifier,
         table: ReceiptTable,
-        markers: AttemptLog,
+        markers: InDoubtStore,
         decode: Decode,
         encode: Encode,
         stop: threading.Event,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         monotonic: Callable[[], float] = time.monotonic,
         rng: Random | None = None,
+        consumer_factory: ConsumerFactory = Consumer,
+        producer_factory: ProducerFactory = Producer,
     ) -> None:
         self.config = config
         self.stats = SinkStats()
@@ -272,22 +271,19 @@ class SinkLoop:
         self._now = wall_clock
         self._mono = monotonic
         self._rng = rng or Random()
-        self._consumer = Consumer(consumer_config)
-        self._client = ProducerClient(
-            Producer(producer_config), timeout_s=config.drain_timeout_s, transactional=False
+        self._consumer: ConsumerPort = consumer_factory(consumer_config)
+        self._consumer_client = ConsumerClient(
+            self._consumer, timeout_s=config.drain_timeout_s, bound_s=config.client_call_bound_s
         )
-        self._producer = self._client.producer
+        # A flush is given drain_timeout_s; the client bounds it at that plus a margin.
+        self._client = ProducerClient(
+            producer_factory(producer_config),
+            timeout_s=config.drain_timeout_s,
+            transactional=False,
+        )
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="slack")
         self._completions: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
-        self._tracker = OffsetTracker()
-        self._channels: dict[str, _Channel] = {}
-        self._ready: list[tuple[float, int, _Channel]] = []
-        self._seq = itertools.count()
-        self._in_flight = 0
-        self._paused: set[TP] = set()
-        self._hold_until: dict[TP, float] = {}
-        self._settle_until: dict[TP, float] = {}
-        self._delivery_errors: list[str] = []
+        self.scheduler: ChannelScheduler[_Item] = ChannelScheduler(config.scheduling())
         self._fatal: str | None = None
         self._last_commit = self._mono()
         self._last_table_poll = 0.0
@@ -315,7 +311,8 @@ class SinkLoop:
             self._closing = True
             self._pool.shutdown(wait=False, cancel_futures=True)
             try:
-                call_bounded("consumer close", 10.0 + MARGIN_S, self._consumer.close)
+                for problem in self._consumer_client.close(10.0):
+                    log.error(problem)
             finally:
                 for problem in self._client.close(10.0):
                     log.error(problem)
@@ -328,11 +325,12 @@ class SinkLoop:
         self.last_turn = now
         beat(self.config.service)
         self._take_completions(block_s=0.0)
-        self._producer.poll(0)
-        self._raise_delivery_errors()
+        self._client.poll()
+        self._markers.poll()
+        self._check_delivery()
         self._dispatch()
         self._flow_control(now)
-        settling = self._settling(now)
+        settling = self.scheduler.any_settling(now)
         if settling or now - self._last_table_poll >= self.config.table_poll_interval_s:
             self._last_table_poll = now
             while self._table.poll(max_records=1000) >= 1000:
@@ -340,10 +338,8 @@ class SinkLoop:
         if now - self._last_commit >= self.config.commit_interval_s:
             self._commit(None)
             self._observe_backlog()
-        wait = self.config.poll_timeout_s
-        if self._ready and self._in_flight < self.config.concurrency:
-            wait = max(0.0, min(wait, self._ready[0][0] - self._mono()))
-        if self._in_flight:
+        wait = self.scheduler.wait_s(self._mono(), self.config.poll_timeout_s)
+        if self.scheduler.in_flight:
             msgs = self._consumer.consume(self.config.batch_size, 0)
             if not msgs:
                 # Wake on the first finished Slack call rather than at the end of the wait.
@@ -364,11 +360,8 @@ class SinkLoop:
                 log.warning("consumer error", extra={"error": err.str()})
                 continue
             tp: TP = (str(msg.topic()), int(msg.partition() or 0))
-            if tp in held:
-                continue
-            epoch = self._tracker.epoch(tp)
-            if epoch is None:
-                continue  # a partition no longer ours
+            if tp in held or self.scheduler.tracker.epoch(tp) is None:
+                continue  # on hold since earlier in this batch, or a partition no longer ours
             offset = int(msg.offset() or 0)
             self.stats.consumed += 1
             try:
@@ -380,30 +373,19 @@ class SinkLoop:
                     held.add(tp)
                     self.stats.consumed -= 1
                     continue
-                self._tracker.add(tp, offset)
+                epoch = self.scheduler.track(tp, offset)
+                assert epoch is not None
                 self._dead_letter_undecodable(msg, tp, offset, epoch, exc)
                 continue
-            self._tracker.add(tp, offset)
-            entry = _Entry(
-                tp, offset, epoch, msg.key(), msg.value(), _headers(msg), message=message
-            )
-            channel = self._channels.get(message.channel)
-            if channel is None:
-                channel = self._channels[message.channel] = _Channel(message.channel)
-            channel.queue.append(entry)
-            if len(channel.queue) == 1 and not channel.busy:
-                self._schedule(channel, channel.not_before)
-        BUFFERED.set(self._tracker.total_outstanding())
-
-    def _settling(self, now: float) -> bool:
-        for tp in [tp for tp, until in self._settle_until.items() if now >= until]:
-            del self._settle_until[tp]
-        return bool(self._settle_until)
+            epoch = self.scheduler.track(tp, offset)
+            assert epoch is not None
+            item = _Item(msg.key(), msg.value(), _headers(msg), message)
+            self.scheduler.enqueue(tp, offset, epoch, message.channel, item)
+        BUFFERED.set(self.scheduler.outstanding())
 
     def _hold(self, tp: TP, offset: int, reason: str) -> None:
-        self._tracker.rewind(tp, offset)
+        self.scheduler.hold(tp, offset, self._mono(), self.config.decode_retry_s)
         self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
-        self._hold_until[tp] = self._mono() + self.config.decode_retry_s
         log.warning(
             "schema registry unavailable, partition on hold",
             extra={"partition": f"{tp[0]}[{tp[1]}]", "offset": offset, "error": reason},
@@ -414,84 +396,91 @@ class SinkLoop:
     ) -> None:
         self.stats.undecodable += 1
         MESSAGES.labels("undecodable").inc()
-        token = _Acks(tp, offset, epoch, None, 1)
-        self._publish_dead_letter(token, tp, offset, msg.key(), msg.value(), _headers(msg), exc)
+        ticket = self.scheduler.tracker.expect(tp, offset, epoch, 1)
+        self._publish_dead_letter(ticket, None, msg.key(), msg.value(), _headers(msg), exc)
 
-    # -- scheduling ------------------------------------------------------------------------
-    def _schedule(self, channel: _Channel, at: float) -> None:
-        channel.scheduled = at
-        heapq.heappush(self._ready, (at, next(self._seq), channel))
-
+    # -- starting Slack calls --------------------------------------------------------------
     def _dispatch(self) -> None:
         now = self._mono()
-        while (
-            self._ready and self._ready[0][0] <= now and self._in_flight < self.config.concurrency
-        ):
-            at, _, channel = heapq.heappop(self._ready)
-            if channel.scheduled != at or channel.busy or not channel.queue:
-                continue  # superseded by a later schedule
-            channel.scheduled = None
+        while (channel := self.scheduler.next_due(now)) is not None:
             self._start_head(channel, now)
             now = self._mono()
 
     def _start_head(self, channel: _Channel, now: float) -> None:
         """Run the channel's head as far as it goes without waiting."""
-        while channel.queue and not channel.busy:
-            entry = channel.queue[0]
-            settle = self._settle_until.get(entry.tp)
-            if settle is not None and now < settle and entry.delivery is None:
-                self._schedule(channel, settle)
-                return
-            if entry.delivery is None:
-                existing = self._table.get(entry.message.message_id)
+        while (entry := channel.head) is not None and not channel.busy:
+            item = entry.item
+            if item.delivery is None:
+                settle = self.scheduler.settling(entry.tp, now)
+                if settle is not None:
+                    self.scheduler.defer(channel, settle)
+                    return
+                if not self._markers.ready(entry.tp):
+                    # the partition's in-doubt markers are still being restored
+                    self.scheduler.defer(channel, now + self.config.poll_timeout_s)
+                    return
+                existing = self._table.get(item.message.message_id)
                 if core.already_final(existing):
                     self._skip(channel, entry, existing)
                     continue
-                marker = self._markers.get(entry.message.message_id)
-                entry.delivery = core.start(entry.message, marker)
+                marker = self._markers.get(item.message.message_id)
+                item.delivery = core.start(item.message, marker)
                 if marker is not None:
                     log.info(
                         "post of a previous run is in doubt, checking the history first",
                         extra=_ids(entry, attempts=marker.attempts),
                     )
-            action = core.next_action(entry.delivery, now=self._now(), policy=self.config.policy)
+            action = core.next_action(item.delivery, now=self._now(), policy=self.config.policy)
             if isinstance(action, Finish):
-                self._finish(channel, entry, action)
+                self.scheduler.pop(channel)
+                self._produce_finish(entry, action)
                 continue
-            if action.step is Step.POST and self.config.pace:
-                channel.bucket, wait = core.take_token(
-                    channel.bucket, now, self.config.rate_per_channel_per_s, self.config.rate_burst
-                )
+            if action.step is Step.POST:
+                wait = self.scheduler.take_token(channel, now)
                 if wait > 0:
-                    self._schedule(channel, now + wait)
+                    self.scheduler.defer(channel, now + wait)
                     return
             self._submit(channel, entry, action)
             return
 
     def _submit(self, channel: _Channel, entry: _Entry, action: Proceed) -> None:
-        delivery = action.delivery
+        item = entry.item
+        self.scheduler.call_started(channel)
+        INFLIGHT.set(self.scheduler.in_flight)
         if action.step is Step.POST:
-            assert action.request is not None
-            delivery, marker = core.begin_post(delivery, self._now())
-            # Written before the call: if the process dies before the receipt is acknowledged,
-            # the next run knows this post is in doubt.
-            self._markers.put(entry.message.message_id, marker)
             request = action.request
-            future: Future[object] = self._pool.submit(self._notifier.post, request)
+            assert request is not None
+            item.delivery, marker = core.begin_post(action.delivery, self._now())
+
+            def post() -> None:
+                if entry.dropped:
+                    # revoked while its marker was being written: the next owner posts it
+                    # (after a history check, as the marker says it is in doubt)
+                    self.scheduler.call_ended(channel)
+                    self.scheduler.pop(channel)
+                    self.scheduler.proceed(channel, self._mono())
+                    return
+                future = self._pool.submit(self._notifier.post, request)
+                self._call(channel, entry, Step.POST, future)
+
+            # The marker must be durable before the call: if the process dies before the
+            # receipt is acknowledged, the next owner knows this post is in doubt.
+            self._markers.begin(entry.tp, item.message.message_id, marker, on_durable=post)
             self.stats.posts += 1
         else:
-            oldest = core.history_oldest(delivery, self.config.policy)
-            future = self._pool.submit(
-                self._notifier.find_post, entry.message.channel, entry.message.message_id, oldest
+            item.delivery = action.delivery
+            oldest = core.history_oldest(action.delivery, self.config.policy)
+            future: Future[object] = self._pool.submit(
+                self._notifier.find_post, item.message.channel, item.message.message_id, oldest
             )
             self.stats.history_checks += 1
-        entry.delivery = delivery
-        channel.busy = True
-        self._in_flight += 1
-        INFLIGHT.set(self._in_flight)
-        completion = _Completion(channel, entry, action.step, future)
+            self._call(channel, entry, Step.CHECK_HISTORY, future)
+
+    def _call(self, channel: _Channel, entry: _Entry, step: Step, future: Future[Any]) -> None:
+        completion = _Completion(channel, entry, step, future)
         future.add_done_callback(lambda _: self._completions.put(completion))
 
+    # -- Slack answers ---------------------------------------------------------------------
     def _take_completions(self, block_s: float) -> None:
         try:
             first = self._completions.get(timeout=block_s) if block_s > 0 else None
@@ -506,11 +495,11 @@ class SinkLoop:
                 return
 
     def _complete(self, c: _Completion) -> None:
-        self._in_flight -= 1
-        INFLIGHT.set(self._in_flight)
         channel, entry = c.channel, c.entry
-        channel.busy = False
-        assert entry.delivery is not None
+        self.scheduler.call_ended(channel)
+        INFLIGHT.set(self.scheduler.in_flight)
+        delivery = entry.item.delivery
+        assert delivery is not None
         try:
             outcome = c.future.result()
         except Exception as exc:  # a bug in an adapter: treat as an unanswered call
@@ -524,23 +513,23 @@ class SinkLoop:
                 outcome = core.Unavailable(f"unexpected answer {outcome!r}", in_doubt=True)
             SLACK_CALLS.labels("chat.postMessage", _result(outcome)).inc()
             decision = core.after_post(
-                entry.delivery, outcome, now=now, policy=self.config.policy, jitter=jitter
+                delivery, outcome, now=now, policy=self.config.policy, jitter=jitter
             )
         else:
             if not isinstance(outcome, core.HistoryOutcome):
                 outcome = core.Unavailable(f"unexpected answer {outcome!r}", in_doubt=True)
             SLACK_CALLS.labels("conversations.history", _result(outcome)).inc()
             decision = core.after_history(
-                entry.delivery, outcome, now=now, policy=self.config.policy, jitter=jitter
+                delivery, outcome, now=now, policy=self.config.policy, jitter=jitter
             )
             self._count_check(entry, outcome, decision)
         if entry.dropped:
             # Its partition was revoked or lost while the call was in flight: still record a
             # final outcome (a fact the next owner's table will see), retry nothing.
-            channel.queue.popleft()
+            self.scheduler.pop(channel)
             if isinstance(decision, Finish):
                 self._produce_finish(entry, decision)
-            self._continue(channel)
+            self.scheduler.proceed(channel, self._mono())
             return
         self._decide(channel, entry, decision)
 
@@ -561,15 +550,15 @@ class SinkLoop:
 
     def _decide(self, channel: _Channel, entry: _Entry, decision: Decision) -> None:
         if isinstance(decision, Finish):
-            self._finish(channel, entry, decision)
-            self._continue(channel)
+            self.scheduler.pop(channel)
+            self._produce_finish(entry, decision)
+            self.scheduler.proceed(channel, self._mono())
         elif isinstance(decision, Retry):
-            entry.delivery = decision.delivery
+            entry.item.delivery = decision.delivery
             self.stats.retries += 1
             RETRIES.labels("ratelimited" if decision.rate_limited else "error").inc()
             if decision.rate_limited:
                 self.stats.rate_limited += 1
-            channel.not_before = self._mono() + decision.delay_s
             log.info(
                 "retrying later",
                 extra=_ids(
@@ -579,10 +568,10 @@ class SinkLoop:
                     attempts=decision.delivery.attempts,
                 ),
             )
-            self._schedule(channel, channel.not_before)
+            self.scheduler.retry_after(channel, decision.delay_s, self._mono())
         elif isinstance(decision, Proceed):
-            entry.delivery = decision.delivery
-            self._schedule(channel, max(channel.not_before, self._mono()))
+            entry.item.delivery = decision.delivery
+            self.scheduler.proceed(channel, self._mono())
         elif isinstance(decision, Fatal):
             self._fatal = decision.error
             log.error(
@@ -590,15 +579,11 @@ class SinkLoop:
                 extra=_ids(entry, error=decision.error),
             )
 
-    def _continue(self, channel: _Channel) -> None:
-        if channel.queue and not channel.busy:
-            self._schedule(channel, max(channel.not_before, self._mono()))
-
     # -- finishing ---------------------------------------------------------------------------
     def _skip(
         self, channel: _Channel, entry: _Entry, existing: SlackDeliveryReceipt | None
     ) -> None:
-        channel.queue.popleft()
+        self.scheduler.pop(channel)
         self.stats.skipped += 1
         MESSAGES.labels("skipped").inc()
         log.info(
@@ -606,12 +591,8 @@ class SinkLoop:
             extra=_ids(entry, status=existing.status if existing else None),
         )
         # A marker left by a crash between the receipt's ack and the marker's deletion.
-        self._markers.delete(entry.message.message_id)
-        self._tracker.finish(entry.tp, entry.offset, entry.epoch)
-
-    def _finish(self, channel: _Channel, entry: _Entry, decision: Finish) -> None:
-        channel.queue.popleft()
-        self._produce_finish(entry, decision)
+        self._markers.delete(entry.item.message.message_id)
+        self.scheduler.finish(entry.tp, entry.offset, entry.epoch)
 
     def _produce_finish(self, entry: _Entry, decision: Finish) -> None:
         receipt = decision.receipt
@@ -628,45 +609,43 @@ class SinkLoop:
             extra["error"] = receipt.error
         log.log(logging.WARNING if status == "FAILED" else logging.INFO, "receipt", extra=extra)
         value = self._encode(receipt)
-        acks = _Acks(
-            entry.tp,
-            entry.offset,
-            entry.epoch,
-            entry.message.message_id,
-            2 if decision.dead_letter else 1,
+        ticket = self.scheduler.tracker.expect(
+            entry.tp, entry.offset, entry.epoch, 2 if decision.dead_letter else 1
         )
-        self._produce(self.config.receipts_topic, receipt.message_id.encode(), value, None, acks)
+        message_id = entry.item.message.message_id
+        self._produce(
+            self.config.receipts_topic, receipt.message_id.encode(), value, None, ticket, message_id
+        )
         # Read-your-own-write: the next copy of this message (a replay right behind it in the
         # channel queue) must see the receipt before it has gone round the topic.
         self._table.put_local(receipt.message_id, value)
         if decision.dead_letter:
+            item = entry.item
             self._publish_dead_letter(
-                acks,
-                entry.tp,
-                entry.offset,
-                entry.key,
-                entry.value,
-                entry.headers,
+                ticket,
+                message_id,
+                item.key,
+                item.value,
+                item.headers,
                 SlackDeliveryError(decision.dead_letter),
             )
 
     def _publish_dead_letter(
         self,
-        acks: _Acks,
-        tp: TP,
-        offset: int,
+        ticket: AckTicket,
+        message_id: str | None,
         key: bytes | None,
         value: bytes | None,
         headers: Headers,
         error: Exception,
     ) -> None:
         def produce(topic: str, *, key: bytes | None, value: bytes | None, headers: Any) -> None:
-            self._produce(topic, key, value, list(headers or ()), acks)
+            self._produce(topic, key, value, list(headers or ()), ticket, message_id)
 
         DeadLetterPublisher(produce, self.config.service).publish(
-            source_topic=tp[0],
-            partition=tp[1],
-            offset=offset,
+            source_topic=ticket.tp[0],
+            partition=ticket.tp[1],
+            offset=ticket.offset,
             key=key,
             value=value,
             error=error,
@@ -681,83 +660,55 @@ class SinkLoop:
         key: bytes | None,
         value: bytes | None,
         headers: Headers,
-        acks: _Acks,
+        ticket: AckTicket,
+        message_id: str | None,
     ) -> None:
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            self._acked(acks, err)
+        def on_acked() -> None:
+            if self.scheduler.tracker.acked(ticket) and message_id is not None:
+                # the receipt is on the topic: the post is no longer in doubt
+                self._markers.delete(message_id)
 
-        self._client.produce(topic, key, value, headers, on_delivery)
+        self._client.produce(topic, key, value, headers, on_acked=on_acked)
 
-    def _acked(self, acks: _Acks, err: KafkaError | None) -> None:
-        if err is not None:
-            self._delivery_errors.append(f"{err.str()} (offset {acks.offset} of {acks.tp})")
-            return
-        acks.pending -= 1
-        if acks.pending:
-            return
-        if acks.message_id is not None:
-            self._markers.delete(acks.message_id)
-        self._tracker.finish(acks.tp, acks.offset, acks.epoch)
-
-    def _raise_delivery_errors(self) -> None:
-        if self._delivery_errors:
-            errors = self._delivery_errors[:3]
-            raise DeliveryError(
-                f"receipts or dead letters not acknowledged: {errors}; their offsets stay "
-                "uncommitted and are replayed (without reposting) after the restart"
-            )
+    def _check_delivery(self) -> None:
+        self._client.check_delivery(
+            "; their offsets stay uncommitted and are replayed (without reposting) after the "
+            "restart"
+        )
 
     # -- flow control and commits ----------------------------------------------------------
     def _flow_control(self, now: float) -> None:
-        limit = self.config.max_buffered_per_partition
-        for tp in self._tracker.partitions():
-            hold = self._hold_until.get(tp)
-            if hold is not None and now >= hold:
-                del self._hold_until[tp]
-                hold = None
-            outstanding = self._tracker.outstanding(tp)
-            if tp in self._paused:
-                if hold is None and outstanding <= limit // 2:
-                    self._consumer.resume([TopicPartition(tp[0], tp[1])])
-                    self._paused.discard(tp)
-                    log.info(
-                        "partition resumed",
-                        extra={"partition": f"{tp[0]}[{tp[1]}]", "buffered": outstanding},
-                    )
-            elif hold is not None or outstanding >= limit:
-                self._consumer.pause([TopicPartition(tp[0], tp[1])])
-                self._paused.add(tp)
+        for change in self.scheduler.flow(now):
+            tp = change.tp
+            partition = [TopicPartition(tp[0], tp[1])]
+            extra: dict[str, object] = {
+                "partition": f"{tp[0]}[{tp[1]}]",
+                "buffered": change.outstanding,
+            }
+            if change.action == "resume":
+                self._consumer.resume(partition)
+                log.info("partition resumed", extra=extra)
+            else:
+                self._consumer.pause(partition)
                 self.stats.pauses += 1
-                log.info(
-                    "partition paused",
-                    extra={
-                        "partition": f"{tp[0]}[{tp[1]}]",
-                        "buffered": outstanding,
-                        "reason": "on hold" if hold is not None else "buffer full",
-                    },
-                )
-        PAUSED.set(len(self._paused))
+                log.info("partition paused", extra={**extra, "reason": change.reason})
+        PAUSED.set(len(self.scheduler.paused))
 
-    def _commit(self, only: Sequence[TP] | None) -> None:
+    def _commit(self, only: list[TP] | None) -> None:
         self._last_commit = self._mono()
-        self._prune_channels()
-        offsets = self._tracker.committable(only)
+        self.scheduler.prune(self._last_commit)
+        offsets = self.scheduler.committable(only)
         if not offsets:
             return
         try:
-            self._consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                asynchronous=False,
-            )
-        except KafkaException as exc:
-            err: KafkaError = exc.args[0]
-            if err.fatal():
-                raise FatalLoopError(f"commit failed: {err.str()}") from exc
+            # bounded: a wedged commit stops the loop (ClientCallTimeoutError)
+            self._consumer_client.commit(offsets)
+        except CommitFailedError as exc:
             # A rebalance in progress, say: the offsets are committed at the next interval (or
             # the next owner replays a few messages, which the receipts table skips).
-            log.warning("commit failed, will retry", extra={"error": err.str()})
+            log.warning("commit failed, will retry", extra={"error": str(exc)})
             return
-        self._tracker.committed(offsets)
+        self.scheduler.committed(offsets)
         self.stats.commits += 1
 
     def _observe_backlog(self) -> None:
@@ -770,112 +721,67 @@ class SinkLoop:
                 (
                     self._consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)[1],
                     positions.get(tp, OFFSET_INVALID),
-                    self._tracker.outstanding(tp),
+                    self.scheduler.tracker.outstanding(tp),
                 )
                 for tp in sorted(self.assigned)
             )
         )
 
-    def _prune_channels(self) -> None:
-        # One entry per DM user ever seen would grow without bound; an idle channel whose
-        # bucket has refilled and whose Retry-After has passed carries no state worth keeping.
-        horizon = self._mono() - self.config.rate_burst / self.config.rate_per_channel_per_s
-        idle = [
-            name
-            for name, ch in self._channels.items()
-            if not ch.queue
-            and not ch.busy
-            and ch.not_before < horizon
-            and (ch.bucket is None or ch.bucket.updated < horizon)
-        ]
-        for name in idle:
-            del self._channels[name]
-
     def _flush(self) -> None:
-        remaining = self._producer.flush(self.config.drain_timeout_s)
-        self._raise_delivery_errors()
+        remaining = self._client.flush_pending(self.config.drain_timeout_s)
+        self._check_delivery()
         if remaining:
             log.warning("receipts not acknowledged at stop", extra={"remaining": remaining})
 
     def _drain(self, partitions: set[TP] | None) -> None:
         """Wait (bounded) for the Slack calls in flight of ``partitions`` (None: all)."""
-
-        def pending() -> int:
-            return sum(
-                1
-                for ch in self._channels.values()
-                if ch.busy and ch.queue and (partitions is None or ch.queue[0].tp in partitions)
-            )
-
         deadline = self._mono() + self.config.drain_timeout_s
-        while self._in_flight and pending() and self._mono() < deadline:
+        while (
+            self.scheduler.in_flight
+            and self.scheduler.calls_in_flight(partitions)
+            and self._mono() < deadline
+        ):
+            self._markers.poll()  # a post waiting for its marker is in flight too
             self._take_completions(block_s=min(0.1, max(0.0, deadline - self._mono())))
-            self._producer.poll(0)
-        if pending():
+            self._client.poll()
+        pending = self.scheduler.calls_in_flight(partitions)
+        if pending:
             log.warning(
-                "Slack calls still in flight after the drain timeout", extra={"calls": pending()}
+                "Slack calls still in flight after the drain timeout", extra={"calls": pending}
             )
 
     # -- rebalances ------------------------------------------------------------------------
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.stats.assignments += 1
-        settle = self._mono() + self.config.assign_settle_s
-        for p in partitions:
-            tp = (p.topic, p.partition)
-            self._tracker.assign(tp)
-            self.assigned.add(tp)
-            self._settle_until[tp] = settle
-        log.info("partitions assigned", extra={"partitions": _names(partitions)})
+        tps = [(p.topic, p.partition) for p in partitions]
+        self.scheduler.assign(tps, self._mono())
+        self._markers.assign(tps)
+        self.assigned.update(tps)
+        log.info("partitions assigned", extra={"partitions": partition_names(partitions)})
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.stats.revocations += 1
         revoked = {(p.topic, p.partition) for p in partitions}
-        log.info("partitions revoked", extra={"partitions": _names(partitions)})
+        log.info("partitions revoked", extra={"partitions": partition_names(partitions)})
         if self._closing:
             self._release(revoked)
             return
-        self._forget_queued(revoked)
+        self.scheduler.forget(revoked)
         self._drain(revoked)
         self._flush()
         self._commit(list(revoked))
         self._release(revoked)
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         lost = {(p.topic, p.partition) for p in partitions}
-        log.warning("partitions lost", extra={"partitions": _names(partitions)})
-        self._forget_queued(lost)
+        log.warning("partitions lost", extra={"partitions": partition_names(partitions)})
+        self.scheduler.forget(lost)
         self._release(lost)
 
-    def _forget_queued(self, tps: set[TP]) -> None:
-        """Drop queued messages of ``tps``; a head in flight stays, marked, until it completes."""
-        for channel in self._channels.values():
-            head = channel.queue[0] if channel.busy and channel.queue else None
-            kept = deque(e for e in channel.queue if e.tp not in tps and e is not head)
-            if head is not None:
-                head.dropped = head.dropped or head.tp in tps
-                kept.appendleft(head)
-            channel.queue = kept
-
     def _release(self, tps: set[TP]) -> None:
-        for tp in tps:
-            self._tracker.drop(tp)
-            self._paused.discard(tp)
-            self._hold_until.pop(tp, None)
-            self._settle_until.pop(tp, None)
-            self.assigned.discard(tp)
-        for name in [n for n, ch in self._channels.items() if not ch.queue and not ch.busy]:
-            del self._channels[name]
-
-
-@dataclass(eq=False)
-class _Acks:
-    """Acknowledgements still awaited for one offset."""
-
-    tp: TP
-    offset: int
-    epoch: int
-    message_id: str | None
-    pending: int
+        self.scheduler.release(tps)
+        self._markers.revoke(tps)
+        self.assigned -= tps
 
 
 def _headers(msg: Message) -> Headers:
@@ -913,13 +819,9 @@ def _result(outcome: object) -> str:
 
 def _ids(entry: _Entry, **more: object) -> dict[str, object]:
     return {
-        "message_id": entry.message.message_id,
-        "channel": entry.message.channel,
+        "message_id": entry.item.message.message_id,
+        "channel": entry.item.message.channel,
         "partition": entry.tp[1],
         "offset": entry.offset,
         **more,
     }
-
-
-def _names(partitions: list[TopicPartition]) -> list[str]:
-    return [f"{tp.topic}[{tp.partition}]" for tp in partitions]

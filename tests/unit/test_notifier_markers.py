@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from services.notifier.core import AttemptMarker
-from services.notifier.markers import AttemptLog, InMemoryAttemptLog, RocksDictAttemptLog
+from services.notifier.markers import (
+    AttemptLog,
+    InDoubtStore,
+    InMemoryAttemptLog,
+    RocksDictAttemptLog,
+)
 
 T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 
@@ -75,3 +80,37 @@ def test_a_corrupt_store_starts_empty(tmp_path: Path) -> None:
         assert log.get("m1") is not None
     finally:
         log.close()
+
+
+@pytest.fixture(params=["rocksdict", "in_memory"])
+def local_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[InDoubtStore]:
+    store: InDoubtStore = (
+        RocksDictAttemptLog(tmp_path / "attempts")
+        if request.param == "rocksdict"
+        else InMemoryAttemptLog()
+    )
+    yield store
+    store.close()
+
+
+def test_a_local_store_is_ready_and_durable_at_once(local_store: InDoubtStore) -> None:
+    tp = ("slack-messages", 0)
+    local_store.assign([tp])
+    assert local_store.ready(tp)
+    durable: list[str] = []
+    local_store.begin(tp, "m1", AttemptMarker("C1", 1, T0), lambda: durable.append("m1"))
+    assert durable == ["m1"]  # before begin returned: the post may go now
+    assert local_store.get("m1") == AttemptMarker("C1", 1, T0)
+    local_store.revoke([tp])
+
+
+def test_a_remote_store_is_durable_and_restored_only_at_poll() -> None:
+    store = InMemoryAttemptLog(remote=True)
+    tp = ("slack-messages", 0)
+    store.assign([tp])
+    assert not store.ready(tp)
+    durable: list[str] = []
+    store.begin(tp, "m1", AttemptMarker("C1", 1, T0), lambda: durable.append("m1"))
+    assert durable == []
+    store.poll()
+    assert durable == ["m1"] and store.ready(tp)

@@ -1,0 +1,111 @@
+"""One group consumer wrapper for every loop: bounded blocking calls and classified commits.
+
+``ConsumerClient`` is the consumer-side twin of ``ProducerClient``: the run loop and the
+notifier's sink loop both commit, read committed offsets and close through it, so neither
+writes its own bounded-call and commit-error code (they had drifted: the run loop bounded
+its commit, the sink did not).
+
+Every blocking call (``commit``, ``committed``, ``close``) is bounded by ``call_bounded``:
+librdkafka does not always honour its own timeouts, and a call stuck in a coordinator
+request would hang the loop while the group evicts it. Past the bound the consumer is
+*wedged*: ``ClientCallTimeoutError`` is raised, and the client is never called again (not
+even ``close``); the process exits non-zero and is restarted.
+
+Commit errors are classified: fatal ones are ``FatalLoopError``; anything else (a rebalance
+in progress, a coordinator moving) is ``CommitFailedError``, which the caller may retry at
+its next commit or treat as a reason to stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from libs.kafka.bounded import MARGIN_S, call_bounded
+from libs.kafka.errors import ClientCallTimeoutError, FatalLoopError, KafkaLibError
+from libs.kafka.ports import ConsumerPort
+
+T = TypeVar("T")
+TP = tuple[str, int]
+
+
+class CommitFailedError(KafkaLibError):
+    """The group did not take a commit (not fatal): commit again later, or replay."""
+
+
+class ConsumerClient:
+    """A consumer with bounded blocking calls and classified commits (module docstring)."""
+
+    def __init__(
+        self, consumer: ConsumerPort, *, timeout_s: float, bound_s: float | None = None
+    ) -> None:
+        self.consumer = consumer
+        #: the timeout given to calls that take one (``committed``)
+        self.timeout_s = timeout_s
+        #: how long any blocking call may take before the consumer counts as wedged
+        self.bound_s = bound_s if bound_s is not None else timeout_s + MARGIN_S
+        self.wedged = False
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` (a blocking call of the consumer), bounded; wedged past the bound."""
+        if self.wedged:
+            raise ClientCallTimeoutError(f"{what}: the consumer is wedged")
+        try:
+            return call_bounded(what, self.bound_s, fn)
+        except ClientCallTimeoutError:
+            self.wedged = True
+            raise
+
+    def commit(self, offsets: Mapping[TP, int] | list[TopicPartition]) -> None:
+        """Commit ``offsets`` (the next offset to consume per partition), synchronously.
+
+        Raises ``CommitFailedError``, ``FatalLoopError`` or ``ClientCallTimeoutError``.
+        """
+        parts = (
+            [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+            if isinstance(offsets, Mapping)
+            else offsets
+        )
+        if not parts:
+            return
+        try:
+            self.call(
+                "consumer commit", lambda: self.consumer.commit(offsets=parts, asynchronous=False)
+            )
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.fatal():
+                raise FatalLoopError(f"commit failed: {err.str()}") from exc
+            raise CommitFailedError(f"commit failed: {err.str()}") from exc
+
+    def committed(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """The group's committed offsets of ``partitions`` (negative where none), bounded."""
+        if not partitions:
+            return []
+        timeout = self.timeout_s
+        return self.call(
+            "consumer committed", lambda: self.consumer.committed(partitions, timeout=timeout)
+        )
+
+    def close(self, timeout_s: float = 10.0) -> list[str]:
+        """Leave the group (bounded at ``timeout_s`` plus a margin); never raises.
+
+        Returns what went wrong, for the caller's stop log. A wedged consumer is not called.
+        """
+        if self.wedged:
+            return ["the consumer is wedged; not closed"]
+        try:
+            call_bounded("consumer close", timeout_s + MARGIN_S, self.consumer.close)
+        except ClientCallTimeoutError as exc:
+            self.wedged = True
+            return [str(exc)]
+        except KafkaException as exc:
+            return [f"consumer close failed: {exc}"]
+        return []
+
+
+def partition_names(partitions: list[TopicPartition]) -> list[str]:
+    """``topic[partition]`` names for log lines."""
+    return [f"{tp.topic}[{tp.partition}]" for tp in partitions]

@@ -1,0 +1,225 @@
+"""ProcessingLoop on the in-memory Kafka twins: checkpoints, rollbacks, poison, revokes.
+
+The same behaviours are tested against the real broker in tests/integration/test_loop_faults.py;
+here they run in milliseconds and with faults the real broker cannot be made to produce.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, Message
+
+from libs.kafka import (
+    Emitter,
+    FatalLoopError,
+    Guarantee,
+    LoopConfig,
+    LoopStats,
+    ProcessingLoop,
+    RetryLater,
+)
+from libs.kafka.memory import InMemoryBroker, InMemoryConsumer, InMemoryProducer
+from libs.serde import DeserializationError
+from tests.support.kafka import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+IN, OUT = "in", "out"
+Handler = Callable[["Rig", Message, Emitter], None]
+
+
+def passthrough(rig: Rig, msg: Message, out: Emitter) -> None:
+    out.produce(OUT, msg.key(), msg.value())
+
+
+class Rig:
+    """A loop over ``in`` (2 partitions) -> ``out`` on the twins, on a thread of its own."""
+
+    def __init__(self, handler: Handler = passthrough, **config: Any) -> None:
+        self.broker = InMemoryBroker()
+        for topic, partitions in ((IN, 2), (OUT, 1), (IN + ".dlq", 1)):
+            self.broker.create_topic(topic, partitions)
+        self.consumers: list[InMemoryConsumer] = []
+        self.producers: list[InMemoryProducer] = []
+        self.handler = handler
+        self.stop = threading.Event()
+        defaults: dict[str, Any] = {"checkpoint_interval_s": 0.05, "poll_timeout_s": 0.02}
+        self.loop = ProcessingLoop(
+            LoopConfig(name="test", topics=[IN], **{**defaults, **config}),
+            {"group.id": "g", "enable.auto.commit": False, "auto.offset.reset": "earliest"},
+            {"transactional.id": "g-tx"},
+            lambda msg, out: self.handler(self, msg, out),
+            service="test",
+            stop=self.stop,
+            consumer_factory=self._consumer,
+            producer_factory=self._producer,
+        )
+        self.error: BaseException | None = None
+        self.stats: LoopStats | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _consumer(self, config: dict[str, Any]) -> InMemoryConsumer:
+        self.consumers.append(self.broker.consumer(config))
+        return self.consumers[-1]
+
+    def _producer(self, config: dict[str, Any]) -> InMemoryProducer:
+        self.producers.append(self.broker.producer(config))
+        return self.producers[-1]
+
+    def _run(self) -> None:
+        try:
+            self.stats = self.loop.run()
+        except BaseException as exc:
+            self.error = exc
+
+    def send(self, records: list[tuple[bytes, bytes, int]]) -> None:
+        p = self.broker.producer({})
+        for key, value, partition in records:
+            p.produce(IN, value=value, key=key, partition=partition)
+        assert p.flush(1) == 0
+
+    def start(self) -> Rig:
+        self.thread.start()
+        return self
+
+    def finish(self) -> LoopStats:
+        self.stop.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "loop did not stop"
+        assert self.error is None, self.error
+        assert self.stats is not None
+        return self.stats
+
+    def outputs(self) -> Counter[bytes]:
+        return Counter(bytes(m.value() or b"") for m in self.broker.records(OUT))
+
+    def committed(self) -> list[int | None]:
+        return [self.broker.committed_offset("g", IN, p) for p in (0, 1)]
+
+    def ends(self) -> list[int]:
+        return [self.broker.end_offset(IN, p) for p in (0, 1)]
+
+
+def values(n: int, prefix: str = "v") -> list[tuple[bytes, bytes, int]]:
+    return [(b"k", f"{prefix}{i}".encode(), i % 2) for i in range(n)]
+
+
+@pytest.mark.parametrize("guarantee", list(Guarantee))
+def test_every_record_out_once_and_committed(guarantee: Guarantee) -> None:
+    rig = Rig(guarantee=guarantee).start()
+    records = values(20)
+    rig.send(records)
+    wait_until(lambda: rig.committed() == rig.ends(), timeout_s=20, message="committed")
+    stats = rig.finish()
+    assert rig.outputs() == Counter(v for _, v, _ in records)
+    assert stats.consumed == 20 and stats.dead_lettered == 0
+
+
+def test_retry_later_rewinds_every_fetched_partition() -> None:
+    """A batch holds records of both partitions; the handler asks to retry later on the first
+    record of one of them. Both partitions must be rewound, or the unhandled records of the
+    other (fetched, position moved past them) would be lost."""
+    asked: list[bytes] = []
+
+    def flaky(rig: Rig, msg: Message, out: Emitter) -> None:
+        if msg.value() == b"v3" and not asked:
+            asked.append(b"v3")
+            raise RetryLater("lookup not ready", delay_s=0.05)
+        out.produce(OUT, msg.key(), msg.value())
+
+    rig = Rig(flaky)
+    records = values(10)
+    rig.send(records)  # before the start: the first fetch returns records of both partitions
+    rig.start()
+    wait_until(lambda: rig.committed() == rig.ends(), timeout_s=20, message="committed")
+    stats = rig.finish()
+    assert asked == [b"v3"] and stats.aborts == 1
+    assert rig.outputs() == Counter(v for _, v, _ in records)
+
+
+def test_poison_is_dead_lettered_and_the_loop_goes_on() -> None:
+    def strict(rig: Rig, msg: Message, out: Emitter) -> None:
+        if msg.value() == b"bad":
+            raise DeserializationError("garbage", topic=IN, partition=0, offset=0)
+        out.produce(OUT, msg.key(), msg.value())
+
+    rig = Rig(strict).start()
+    rig.send([(b"k", b"a", 0), (b"k", b"bad", 0), (b"k", b"b", 0)])
+    wait_until(lambda: rig.committed()[0] == rig.ends()[0], timeout_s=20, message="committed")
+    stats = rig.finish()
+    assert stats.dead_lettered == 1
+    assert rig.outputs() == Counter([b"a", b"b"])
+    [dead] = rig.broker.records(IN + ".dlq")
+    assert dead.value() == b"bad"
+
+
+def test_a_handler_bug_stops_the_loop_and_commits_nothing_of_its_interval() -> None:
+    def buggy(rig: Rig, msg: Message, out: Emitter) -> None:
+        out.produce(OUT, msg.key(), msg.value())
+        if msg.value() == b"boom":
+            raise KeyError("a bug")
+
+    rig = Rig(buggy, checkpoint_interval_s=60.0).start()
+    rig.send([(b"k", b"a", 0), (b"k", b"boom", 0)])
+    rig.thread.join(20)
+    assert not rig.thread.is_alive()
+    assert isinstance(rig.error, FatalLoopError), rig.error
+    assert f"{IN}[0]@1" in str(rig.error)
+    # the open transaction is aborted on the way out: its outputs are never visible
+    assert rig.outputs() == Counter()
+    assert rig.committed() == [None, None]
+    assert rig.broker.records(IN + ".dlq") == []
+
+
+def test_an_abortable_commit_error_rolls_back_and_replays() -> None:
+    rig = Rig()
+    records = values(6)
+    rig.send(records)
+    rig.start()
+    wait_until(lambda: rig.producers, timeout_s=10)
+    rig.producers[0].fail(
+        "commit_transaction",
+        KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True),
+    )
+    wait_until(lambda: rig.committed() == rig.ends(), timeout_s=20, message="committed")
+    stats = rig.finish()
+    assert stats.aborts >= 1
+    assert rig.outputs() == Counter(v for _, v, _ in records)
+
+
+def test_revoke_checkpoints_before_the_partition_moves() -> None:
+    rig = Rig(checkpoint_interval_s=60.0).start()
+    rig.send(values(6))
+    wait_until(lambda: rig.loop.stats.consumed == 6, timeout_s=20, message="consumed")
+    assert rig.committed() == [None, None]  # no checkpoint yet: the interval is long
+    other = rig.broker.consumer(
+        {"group.id": "g", "enable.auto.commit": False, "auto.offset.reset": "earliest"}
+    )
+    other.subscribe([IN])
+    wait_until(
+        lambda: (other.consume(1, 0.05) or True) and len(other.assignment()) == 1,
+        timeout_s=20,
+        message="a partition moved",
+    )
+    moved = other.assignment()[0].partition
+    assert rig.committed()[moved] == rig.ends()[moved]
+    rig.finish()
+    other.close()
+    assert rig.outputs() == Counter(v for _, v, _ in values(6))
+
+
+def test_a_fenced_producer_stops_the_loop() -> None:
+    rig = Rig(checkpoint_interval_s=60.0).start()
+    rig.send(values(2))
+    wait_until(lambda: rig.loop.stats.consumed == 2, timeout_s=20, message="consumed")
+    zombie_killer = rig.broker.producer({"transactional.id": "g-tx"})
+    zombie_killer.init_transactions()
+    rig.stop.set()
+    rig.thread.join(20)
+    assert isinstance(rig.error, FatalLoopError), rig.error
+    assert rig.outputs() == Counter()

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from libs.serde import (
     ConnectorStatusChanged,
@@ -41,6 +41,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "unit" / "data" / "enricher_golde
 NOW = datetime(2026, 11, 25, 9, 30, 2, 123456, tzinfo=UTC)
 T0 = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
 FALLBACK = "C0FALLBACK"
+V = TypeVar("V")
 
 #: mrkdwn control characters, link syntax, markup, braces (format fields), unicode of every
 #: width (accents, CJK, an astral emoji, combining marks, right-to-left), whitespace
@@ -78,6 +79,48 @@ class Case:
     owner: CsdrAssignment | None
     user: SlackUser | None
     fallback: str | None
+
+
+class DictLookup(Generic[V]):
+    """A lookup table over a dict, as the core sees a table."""
+
+    def __init__(self, items: dict[str, V]) -> None:
+        self._items = items
+
+    def get(self, key: str) -> V | None:
+        return self._items.get(key)
+
+
+class ConsumedRecord:
+    """The parts of a consumed ``confluent_kafka.Message`` the handler reads."""
+
+    def __init__(self, topic: str, value: bytes) -> None:
+        self._topic, self._value = topic, value
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return 0
+
+    def value(self) -> bytes:
+        return self._value
+
+
+class ListEmitter:
+    """Collects what the handler produces."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes | None, bytes | None]] = []
+
+    def produce(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Any = None
+    ) -> None:
+        assert headers is None
+        self.records.append((topic, key, value))
 
 
 def owner(

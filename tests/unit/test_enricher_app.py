@@ -6,7 +6,7 @@ import pytest
 
 from libs.kafka import RetryLater
 from libs.serde import DeserializationError, RegistryError
-from services.enricher.app import _retry_if_registry_down
+from services.enricher.handler import retry_if_registry_down as _retry_if_registry_down
 
 
 class _HttpError(Exception):

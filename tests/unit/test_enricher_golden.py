@@ -8,26 +8,50 @@ here; an intended change of output regenerates the file and shows up in review a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import pytest
 
 from libs.serde import AvroDeserializer, AvroSerializer, InMemorySchemaRegistry, SlackMessage
-from services.enricher.core import Alert, Drop, Miss, route
-from tests.support.enricher_corpus import GOLDEN, NOW, Case, cases, digest
+from services.enricher.core import Alert, Drop, Miss, route, slack_user_key
+from services.enricher.handler import EventHandler
+from tests.support.enricher_corpus import (
+    GOLDEN,
+    NOW,
+    Case,
+    ConsumedRecord,
+    DictLookup,
+    ListEmitter,
+    cases,
+    digest,
+)
 
 OUT_TOPIC = "slack-messages"
 
 
-def _source_topic(case: Case) -> str:
-    return str(case.pipeline.source_topic_setting)
-
-
 def run_case(case: Case, registry: InMemorySchemaRegistry) -> dict[str, Any]:
-    """What the enricher makes of one case, as the golden file records it."""
-    topic = _source_topic(case)
+    """What the enricher makes of one case, as the golden file records it.
+
+    The bytes come from ``EventHandler``, the code the service runs per event; the core's
+    ``route`` is asked too, for what the handler only counts (drop and miss reasons).
+    """
+    topic = str(case.pipeline.source_topic_setting)
     wire = AvroSerializer(registry, case.pipeline.record_type)(topic, case.event)
+    handler = EventHandler(
+        registry,
+        {topic: case.pipeline},
+        DictLookup({case.event.org_id: case.owner} if case.owner else {}),
+        DictLookup(
+            {slack_user_key(case.owner.csdr_email): case.user} if case.owner and case.user else {}
+        ),
+        out_topic=OUT_TOPIC,
+        fallback_channel=case.fallback,
+        clock=lambda: NOW,
+    )
+    out = ListEmitter()
+    handler(ConsumedRecord(topic, wire), out)  # type: ignore[arg-type]
     event = AvroDeserializer(registry, case.pipeline.record_type)(
         wire, topic=topic, partition=0, offset=0
     )
@@ -40,16 +64,23 @@ def run_case(case: Case, registry: InMemorySchemaRegistry) -> dict[str, Any]:
         fallback_channel=case.fallback,
     )
     if isinstance(outcome, Drop):
+        assert out.records == []
         return {"outcome": "drop", "reason": outcome.reason}
     if isinstance(outcome, Miss):
+        assert out.records == []
         return {"outcome": "miss", "reason": outcome.reason, "detail": outcome.detail}
     assert isinstance(outcome, Alert)
-    message = outcome.message
-    value = AvroSerializer(registry, SlackMessage)(OUT_TOPIC, message)
+    [(out_topic, key, value)] = out.records
+    assert out_topic == OUT_TOPIC and key is not None and value is not None
+    message = AvroDeserializer(registry, SlackMessage)(
+        value, topic=OUT_TOPIC, partition=0, offset=0
+    )
+    # created_at goes over the wire in milliseconds
+    assert message == dataclasses.replace(outcome.message, created_at=message.created_at)
     result: dict[str, Any] = {
         "outcome": "alert",
         "miss": outcome.miss,
-        "key": message.channel,
+        "key": key.decode(),
         "avro_sha256": digest(value),
     }
     if not case.name.startswith("random/"):

@@ -144,6 +144,14 @@ class Enricher:
         self._dlq_producer.poll(0)
 
     # -- events ----------------------------------------------------------------------------
+    def _loop_producer_config(self, transactional_id: str) -> dict[str, Any]:
+        conf = self._kafka.producer_config(transactional_id=transactional_id)
+        # The loop's producer only records failed deliveries (and the checkpoint's flush or
+        # transaction commit fails on them anyway): a delivery report, a Message object and a
+        # Python callback per delivered alert were pure cost.
+        conf["delivery.report.only.error"] = True
+        return conf
+
     def _loop_consumer_config(self) -> dict[str, Any]:
         conf = self._kafka.consumer_config(self._settings.group_id)
         conf["session.timeout.ms"] = self._settings.session_timeout_ms
@@ -214,7 +222,7 @@ class Enricher:
                     checkpoint_interval_s=self._settings.checkpoint_interval_s,
                 ),
                 self._loop_consumer_config(),
-                self._kafka.producer_config(transactional_id=txn_id),
+                self._loop_producer_config(txn_id),
                 self.handle,
                 service=SERVICE,
                 stop=self._stop,

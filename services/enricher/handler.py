@@ -109,6 +109,7 @@ class EventHandler:
         self._clock = clock
         self._encode = AvroSerializer(registry, SlackMessage)
         self.outcomes: Tally[tuple[str, str]] = Tally()
+        self._events: dict[tuple[str, str], Any] = {}  # bound EVENTS children
 
     def __call__(self, msg: Message, out: Emitter) -> None:
         """Decode, validate, join and route one event; produce its message, if any."""
@@ -174,8 +175,13 @@ class EventHandler:
             )
 
     def _count(self, pipeline: str, outcome: str) -> None:
-        self.outcomes[(pipeline, outcome)] += 1
-        EVENTS.labels(pipeline, outcome).inc()
+        key = (pipeline, outcome)
+        self.outcomes[key] += 1
+        # labels() locks and builds a tuple per call: bind each child once
+        child = self._events.get(key)
+        if child is None:
+            child = self._events[key] = EVENTS.labels(pipeline, outcome)
+        child.inc()
 
 
 def retry_if_registry_down(exc: DeserializationError) -> None:

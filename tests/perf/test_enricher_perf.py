@@ -591,7 +591,11 @@ def passthrough(argv: Sequence[str]) -> int:
     ProcessingLoop(
         LoopConfig(name="passthrough", topics=inputs.split(","), guarantee=Guarantee.EXACTLY_ONCE),
         kafka.consumer_config(group),
-        kafka.producer_config(transactional_id=f"{group}-{socket.gethostname()}"),
+        # as the enricher's loop producer (services/enricher/app.py)
+        {
+            **kafka.producer_config(transactional_id=f"{group}-{socket.gethostname()}"),
+            "delivery.report.only.error": True,
+        },
         handle,
         service="passthrough",
         stop=stop,

@@ -137,7 +137,8 @@ def write_flat(layout: Sequence[tuple[str, int]], record: object, parts: list[by
         else:
             parts.append(_long(_millis(value)))
             continue
-        parts.append(_long(len(data)))
+        size = len(data)
+        parts.append(_ONE_BYTE[size << 1] if size < 64 else _long(size))
         parts.append(data)
 
 

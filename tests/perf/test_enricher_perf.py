@@ -24,6 +24,7 @@ Figures (medians of ``BENCH_RUNS`` runs, default 3):
   enricher / baseline.
 
 The baseline runs as ``python -m tests.perf.test_enricher_perf passthrough ...``.
+``BENCH_PYSPY=<dir>`` records a py-spy profile of every process run into that directory.
 """
 
 from __future__ import annotations
@@ -174,6 +175,21 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _profile(pid: int, name: str) -> subprocess.Popen[bytes] | None:
+    """With ``BENCH_PYSPY=<dir>``, sample ``pid`` with py-spy (``pip install py-spy``) into
+    ``<dir>/<name>.txt`` (collapsed stacks of every thread, on-CPU samples) for the whole run."""
+    out_dir = os.environ.get("BENCH_PYSPY")
+    if not out_dir:
+        return None
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen(
+        [str(spy), "record", "--pid", str(pid), "--format", "raw", "--threads",
+         "--nonblocking", "--rate", "200", "-o", f"{out_dir}/{name}.txt"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 class Collector(threading.Thread):
     """Reads an output topic (read_committed) and notes when each record became visible.
 
@@ -316,6 +332,7 @@ class Bench:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         collector = Collector(self.bootstrap, output, proc.pid)
         collector.start()
+        spy = _profile(proc.pid, log_path.stem)
         try:
             collector.wait_for(EVENTS, timeout_s=1800)
             cpu_us = collector.cpu_us_per_output(EVENTS)
@@ -340,6 +357,9 @@ class Bench:
             p.flush(30)
             collector.wait_for(EVENTS + len(lat_batch), timeout_s=300)
         finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its profile on Ctrl-C
+                spy.wait(60)
             peak_mb = _peak_rss_mb(proc.pid)
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)

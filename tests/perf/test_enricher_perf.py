@@ -94,6 +94,8 @@ class Run:
     cpu_us: float = float("nan")
     #: resident set after the throughput phase, in MB
     rss_mb: float = float("nan")
+    #: ``cpu_us`` by thread name (the Python main thread, librdkafka's ``rdk:*`` threads)
+    thread_us: dict[str, float] = field(default_factory=dict)
     gate_s: float | None = None
     gate_records: int | None = None
 
@@ -168,6 +170,21 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name (``rdk:broker...`` threads are librdkafka's, summed)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        group = name.split("/")[0].rstrip("0123456789")
+        ticks = int(fields[11]) + int(fields[12])
+        out[group] = out.get(group, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -214,6 +231,9 @@ class Collector(threading.Thread):
         self.pid = pid
         #: (outputs seen, CPU seconds of ``pid``) after each batch
         self.cpu: list[tuple[int, float]] = []
+        #: (outputs seen, CPU seconds per thread name) at the first batch, and at the last
+        #: batch within EVENTS outputs
+        self.threads: list[tuple[int, dict[str, float]]] = []
         self.halt = threading.Event()
 
     def run(self) -> None:
@@ -225,9 +245,22 @@ class Collector(threading.Thread):
             if batch and self.pid is not None:
                 try:
                     self.cpu.append((len(self.seen), _cpu_s(self.pid)))
+                    if not self.threads or len(self.seen) <= EVENTS:
+                        sample = (len(self.seen), _thread_cpu_s(self.pid))
+                        if self.threads:
+                            self.threads[1:] = [sample]
+                        else:
+                            self.threads = [sample]
                 except OSError:  # the process ended
                     self.pid = None
         self.consumer.close()
+
+    def thread_us_per_output(self) -> dict[str, float]:
+        """CPU microseconds per output by thread name, over the throughput phase."""
+        if len(self.threads) < 2 or self.threads[1][0] == self.threads[0][0]:
+            return {}
+        (n0, t0), (n1, t1) = self.threads
+        return {k: (v - t0.get(k, 0.0)) / (n1 - n0) * 1e6 for k, v in t1.items()}
 
     def cpu_us_per_output(self, upto: int) -> float:
         """CPU microseconds per output between the first batch and the one reaching ``upto``."""
@@ -336,6 +369,7 @@ class Bench:
         try:
             collector.wait_for(EVENTS, timeout_s=1800)
             cpu_us = collector.cpu_us_per_output(EVENTS)
+            threads = collector.thread_us_per_output()
             rss_mb = _rss_mb(proc.pid)
             stamps = [m.timestamp()[1] for m, _ in collector.seen[:EVENTS]]
             throughput = (EVENTS - 1) / max(1e-3, (max(stamps) - min(stamps)) / 1000)
@@ -373,7 +407,7 @@ class Bench:
             if produced_at is not None:
                 latency.append(m.timestamp()[1] - produced_at)
                 visible.append(seen_at * 1000 - produced_at)
-        run = Run(throughput, latency, visible, peak_mb, cpu_us, rss_mb)
+        run = Run(throughput, latency, visible, peak_mb, cpu_us, rss_mb, threads)
         for line in log_path.read_text(errors="replace").splitlines():
             if '"table caught up"' in line:
                 rec = json.loads(line)
@@ -567,6 +601,13 @@ def test_enricher_benchmark(
     for size, runs, _, _ in results:
         lines.append(_fmt_row(f"enricher, tables of {size:,} keys", runs, baseline))
     lines.append("")
+    for name, st in [("raw passthrough", baseline)] + [
+        (f"enricher {size:,}", runs) for size, runs, _, _ in results
+    ]:
+        names = sorted({k for r in st.runs for k in r.thread_us})
+        split = {k: statistics.median(r.thread_us.get(k, 0.0) for r in st.runs) for k in names}
+        shown = sorted(split.items(), key=lambda kv: -kv[1])[:6]
+        lines.append(f"cpu µs by thread, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in shown))
     lines.append("cpu µs: process CPU time (user + system, all threads) per output record over the")
     lines.append("throughput phase; its ratio is enricher / passthrough (lower is better).")
     lines.append("latency: input record timestamp -> output record timestamp (ms); vis: -> seen")

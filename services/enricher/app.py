@@ -52,10 +52,11 @@ from libs.tables import GlobalTable, bootstrap_all
 from services.common.settings import CommonSettings, TopicSettings
 from services.enricher.core import Pipeline
 from services.enricher.handler import EventHandler, InvalidEventError
-
-__all__ = ["Enricher", "InvalidEventError", "build_and_run"]
 from services.enricher.pipelines import PIPELINES
 from services.enricher.settings import EnricherSettings
+
+# InvalidEventError: the dead-letter header names it as services.enricher.app.InvalidEventError
+__all__ = ["Enricher", "InvalidEventError", "build_and_run"]
 
 log = logging.getLogger(__name__)
 

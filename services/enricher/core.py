@@ -107,14 +107,7 @@ class Pipeline(Generic[E]):
     def __post_init__(self) -> None:
         used: set[str] = set()
         for link in self.links:
-            try:
-                parsed = list(Formatter().parse(link.template))
-            except ValueError:
-                continue  # the template cannot format anyway: resolve_links leaves it out
-            for _, name, _, _ in parsed:
-                if name:
-                    # "a.b" and "a[0]" look up "a"
-                    used.add(name.split(".", 1)[0].split("[", 1)[0])
+            used |= _template_names(link.template)
         fields = tuple(f for f in self.link_fields if f in used)
         object.__setattr__(self, "used_link_fields", fields)  # frozen: set once, here
 
@@ -125,6 +118,21 @@ class Pipeline(Generic[E]):
             for link in self.links
         )
         return dataclasses.replace(self, links=links)
+
+
+def _template_names(template: str) -> set[str]:
+    """The mapping keys ``template.format_map`` looks up (nested format specs included)."""
+    names: set[str] = set()
+    try:
+        parsed = list(Formatter().parse(template))
+    except ValueError:
+        return names  # it cannot format anyway: resolve_links leaves it out
+    for _, name, spec, _ in parsed:
+        if name:
+            names.add(name.split(".", 1)[0].split("[", 1)[0])  # "a.b" and "a[0]" look up "a"
+        if spec:
+            names |= _template_names(spec)
+    return names
 
 
 def template_problem(template: str, fields: Sequence[str]) -> str | None:

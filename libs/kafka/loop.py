@@ -157,6 +157,9 @@ class ProcessingLoop:
     ) -> None:
         self.config = config
         self.stats = LoopStats()
+        # per-topic counter children, bound once: labels() locks and hashes on every call
+        self._in_counters: dict[str, Any] = {}
+        self._out_counters: dict[str, Any] = {}
         self._handler = handler
         self._stop = stop
         self._on_checkpoint = on_checkpoint
@@ -205,7 +208,10 @@ class ProcessingLoop:
     ) -> None:
         self._client.produce(topic, key, value, headers)
         self.stats.produced += 1
-        RECORDS_OUT.labels(self.config.name, topic).inc()
+        counter = self._out_counters.get(topic)
+        if counter is None:
+            counter = self._out_counters[topic] = RECORDS_OUT.labels(self.config.name, topic)
+        counter.inc()
 
     # -- checkpoints -----------------------------------------------------------------------
     def _offsets(self) -> list[TopicPartition]:
@@ -457,7 +463,10 @@ class ProcessingLoop:
         key = (topic, partition)
         self._base.setdefault(key, offset)
         self.stats.consumed += 1
-        RECORDS_IN.labels(self.config.name, topic).inc()
+        counter = self._in_counters.get(topic)
+        if counter is None:
+            counter = self._in_counters[topic] = RECORDS_IN.labels(self.config.name, topic)
+        counter.inc()
         try:
             self._handler(msg, self._out)
         except (RetryLater, FatalLoopError):

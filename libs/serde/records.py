@@ -39,8 +39,12 @@ class _Record:
     def from_avro(cls, data: dict[str, Any]) -> Self:
         # Unknown fields (written by a newer schema) are dropped; reading with our own schema
         # as reader schema already resolved defaults for fields the writer did not have.
-        names = _field_names(cls)
-        return cls(**{k: v for k, v in data.items() if k in names})
+        try:
+            # the usual case (read with our own schema): exactly our fields, nothing to filter
+            return cls(**data)
+        except TypeError:
+            names = _field_names(cls)
+            return cls(**{k: v for k, v in data.items() if k in names})
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}

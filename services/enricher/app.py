@@ -22,25 +22,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import Counter as Tally
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Message, Producer
-from prometheus_client import Counter
+from confluent_kafka import Producer
 
 from libs.kafka import (
     DeadLetterPublisher,
-    Emitter,
     Guarantee,
-    InvalidRecordError,
     KafkaSettings,
     LoopConfig,
     LoopStats,
     ProcessingLoop,
-    RetryLater,
     TopicSpec,
     dlq_topic,
     plain_produce,
@@ -49,21 +42,20 @@ from libs.runtime import seconds_since
 from libs.serde import (
     AvroDeserializer,
     AvroRecord,
-    AvroSerializer,
     CsdrAssignment,
-    DeserializationError,
-    RegistryError,
     SchemaRegistry,
-    SlackMessage,
     SlackUser,
-    encode_key,
     load_schema_text,
 )
 from libs.tables import GlobalTable, bootstrap_all
 from services.common.settings import CommonSettings, TopicSettings
-from services.enricher.core import Alert, Drop, Miss, Outcome, Pipeline, invalid_reason, process
+from services.enricher.core import Pipeline
+from services.enricher.handler import EventHandler, InvalidEventError
 from services.enricher.pipelines import PIPELINES
 from services.enricher.settings import EnricherSettings
+
+# InvalidEventError: the dead-letter header names it as services.enricher.app.InvalidEventError
+__all__ = ["Enricher", "InvalidEventError"]
 
 log = logging.getLogger(__name__)
 
@@ -72,37 +64,6 @@ SERVICE = "enricher"
 LIVENESS_STALL_S = 60.0
 #: how long the loop may go without polling before /readyz fails
 READINESS_STALL_S = 15.0
-
-EVENTS = Counter(
-    "enricher_events_total",
-    "Events handled, by pipeline and outcome (dm, fallback, dropped, missed)",
-    ["pipeline", "outcome"],
-)
-DROPS = Counter(
-    "enricher_dropped_total",
-    "Events the pipeline's filter dropped, by reason",
-    ["pipeline", "reason"],
-)
-MISSES = Counter(
-    "enricher_join_misses_total",
-    "Join misses by reason; action: the alert went to the fallback channel or was dropped",
-    ["pipeline", "reason", "action"],
-)
-INVALID_EVENTS = Counter(
-    "enricher_invalid_events_total", "Events dead-lettered as invalid", ["pipeline"]
-)
-
-
-class InvalidEventError(InvalidRecordError):
-    """A decodable event that cannot be processed (empty ids); it is dead-lettered."""
-
-
-@dataclass(frozen=True)
-class _Source:
-    """One consumed topic: its pipeline and the decoder of its record type."""
-
-    pipeline: Pipeline[Any]
-    decode: AvroDeserializer[Any]
 
 
 def _format_version(record_type: type[AvroRecord]) -> str:
@@ -127,15 +88,13 @@ class Enricher:
         self._stop = stop
         self._kafka: KafkaSettings = common.kafka(SERVICE)
         self._registry = registry
-        self._encode = AvroSerializer(self._registry, SlackMessage)
         self._out_topic = topics.slack_messages
-        self._sources: dict[str, _Source] = {}
-        for pipeline in PIPELINES:
-            topic = str(getattr(topics, pipeline.source_topic_setting))
-            configured = pipeline.with_link_templates(settings.link_overrides(pipeline.name))
-            self._sources[topic] = _Source(
-                configured, AvroDeserializer(self._registry, pipeline.record_type)
+        self._pipelines: dict[str, Pipeline[Any]] = {
+            str(getattr(topics, p.source_topic_setting)): p.with_link_templates(
+                settings.link_overrides(p.name)
             )
+            for p in PIPELINES
+        }
         self._dlq_producer = Producer(self._kafka.producer_config())
         self._table_dlq = DeadLetterPublisher(plain_produce(self._dlq_producer), SERVICE)
         self.owners: GlobalTable[CsdrAssignment] = self._table(
@@ -145,7 +104,16 @@ class Enricher:
             "slack_users", topics.data_slack_users, SlackUser
         )
         self.tables = (self.owners, self.users)
-        self.outcomes: Tally[tuple[str, str]] = Tally()
+        # the hot path (services/enricher/handler.py); the loop calls it once per event
+        self.handle = EventHandler(
+            self._registry,
+            self._pipelines,
+            self.owners,
+            self.users,
+            out_topic=self._out_topic,
+            fallback_channel=settings.fallback_channel,
+        )
+        self.outcomes = self.handle.outcomes
         self.loop: ProcessingLoop | None = None
         self._stats = LoopStats()
 
@@ -176,72 +144,13 @@ class Enricher:
         self._dlq_producer.poll(0)
 
     # -- events ----------------------------------------------------------------------------
-    def handle(self, msg: Message, out: Emitter) -> None:
-        """Decode, validate, join and route one event; produce its message, if any."""
-        topic = str(msg.topic())
-        source = self._sources[topic]
-        pipeline = source.pipeline
-        try:
-            event = source.decode(
-                msg.value(),
-                topic=topic,
-                partition=int(msg.partition() or 0),
-                offset=int(msg.offset() or 0),
-            )
-        except DeserializationError as exc:
-            _retry_if_registry_down(exc)
-            raise
-        problem = invalid_reason(event)
-        if problem is not None:
-            INVALID_EVENTS.labels(pipeline.name).inc()
-            raise InvalidEventError(f"{pipeline.name}: {problem}")
-        try:
-            outcome = process(
-                event,
-                pipeline=pipeline,
-                owners=self.owners,
-                users=self.users,
-                now=datetime.now(UTC),
-                fallback_channel=self._settings.fallback_channel,
-            )
-        except DeserializationError as exc:
-            # Table records were validated when applied: failing to decode one now means the
-            # registry is unreachable, not that this event is bad.
-            raise RetryLater(f"lookup decode failed: {exc}", delay_s=5.0) from exc
-        self._act(pipeline.name, event, outcome, out)
-
-    def _act(self, pipeline: str, event: Any, outcome: Outcome, out: Emitter) -> None:
-        if isinstance(outcome, Alert):
-            message = outcome.message
-            try:
-                value = self._encode(self._out_topic, message)
-            except RegistryError as exc:
-                raise RetryLater(f"schema registry unavailable: {exc}", delay_s=5.0) from exc
-            out.produce(self._out_topic, encode_key(message.channel), value)
-            if outcome.miss is None:
-                self._count(pipeline, "dm")
-            else:
-                self._count(pipeline, "fallback")
-                MISSES.labels(pipeline, outcome.miss, "fallback").inc()
-        elif isinstance(outcome, Drop):
-            self._count(pipeline, "dropped")
-            DROPS.labels(pipeline, outcome.reason).inc()
-        elif isinstance(outcome, Miss):
-            self._count(pipeline, "missed")
-            MISSES.labels(pipeline, outcome.reason, "dropped").inc()
-            log.info(
-                "join miss, alert dropped (no fallback channel)",
-                extra={
-                    "pipeline": pipeline,
-                    "reason": outcome.reason,
-                    "org_id": event.org_id,
-                    "event_id": event.event_id,
-                },
-            )
-
-    def _count(self, pipeline: str, outcome: str) -> None:
-        self.outcomes[(pipeline, outcome)] += 1
-        EVENTS.labels(pipeline, outcome).inc()
+    def _loop_producer_config(self, transactional_id: str) -> dict[str, Any]:
+        conf = self._kafka.producer_config(transactional_id=transactional_id)
+        # The loop's producer only records failed deliveries (and the checkpoint's flush or
+        # transaction commit fails on them anyway): a delivery report, a Message object and a
+        # Python callback per delivered alert were pure cost.
+        conf["delivery.report.only.error"] = True
+        return conf
 
     def _loop_consumer_config(self) -> dict[str, Any]:
         conf = self._kafka.consumer_config(self._settings.group_id)
@@ -278,7 +187,7 @@ class Enricher:
             "transactional_id": txn_id if guarantee is Guarantee.EXACTLY_ONCE else None,
             "state_dir": str(self._settings.state_dir),
             "fallback_channel": self._settings.fallback_channel,
-            "sources": {t: s.pipeline.name for t, s in self._sources.items()},
+            "sources": {t: p.name for t, p in self._pipelines.items()},
             "tables": {t.name: t.topic for t in self.tables},
             "output": self._out_topic,
             "link_templates": self._settings.link_templates,
@@ -302,14 +211,12 @@ class Enricher:
         self.loop = ProcessingLoop(
             LoopConfig(
                 name=SERVICE,
-                topics=list(self._sources),
+                topics=list(self._pipelines),
                 guarantee=guarantee,
                 checkpoint_interval_s=self._settings.checkpoint_interval_s,
             ),
             self._loop_consumer_config(),
-            self._kafka.producer_config(
-                transactional_id=self._settings.effective_transactional_id()
-            ),
+            self._loop_producer_config(self._settings.effective_transactional_id()),
             self.handle,
             service=SERVICE,
             stop=self._stop,
@@ -338,10 +245,3 @@ class Enricher:
                 for t in self.tables
             },
         }
-
-
-def _retry_if_registry_down(exc: DeserializationError) -> None:
-    # An unreachable registry is not the record's fault: replay it later instead of
-    # dead-lettering a valid event.
-    if exc.registry_unavailable:
-        raise RetryLater(f"schema registry unavailable: {exc}", delay_s=5.0) from exc

@@ -20,7 +20,7 @@ from string import Formatter
 from typing import Final, Generic, Protocol, TypeVar
 
 from libs.serde import CsdrAssignment, SlackMessage, SlackUser
-from services.enricher.render import Link, Mrkdwn, Note, blocks_json, fallback_text, quote_url_value
+from services.enricher.render import Link, Mrkdwn, Note, quote_url_value, render
 
 V_co = TypeVar("V_co", covariant=True)
 
@@ -101,6 +101,15 @@ class Pipeline(Generic[E]):
     links: Sequence[LinkTemplate] = ()
     #: the event fields link templates may use
     link_fields: Sequence[str] = ("org_id",)
+    #: the ``link_fields`` the templates actually use: only those are quoted per event
+    used_link_fields: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        used: set[str] = set()
+        for link in self.links:
+            used |= _template_names(link.template)
+        fields = tuple(f for f in self.link_fields if f in used)
+        object.__setattr__(self, "used_link_fields", fields)  # frozen: set once, here
 
     def with_link_templates(self, overrides: Mapping[str, str]) -> Pipeline[E]:
         """A copy whose links use ``overrides[<link name>]`` as template where given."""
@@ -109,6 +118,21 @@ class Pipeline(Generic[E]):
             for link in self.links
         )
         return dataclasses.replace(self, links=links)
+
+
+def _template_names(template: str) -> set[str]:
+    """The mapping keys ``template.format_map`` looks up (nested format specs included)."""
+    names: set[str] = set()
+    try:
+        parsed = list(Formatter().parse(template))
+    except ValueError:
+        return names  # it cannot format anyway: resolve_links leaves it out
+    for _, name, spec, _ in parsed:
+        if name:
+            names.add(name.split(".", 1)[0].split("[", 1)[0])  # "a.b" and "a[0]" look up "a"
+        if spec:
+            names |= _template_names(spec)
+    return names
 
 
 def template_problem(template: str, fields: Sequence[str]) -> str | None:
@@ -178,7 +202,8 @@ def invalid_reason(event: Event) -> str | None:
 def resolve_links(pipeline: Pipeline[E], event: E) -> list[Link]:
     """The pipeline's links for ``event``; a template that does not format is left out."""
     values = {
-        name: quote_url_value(str(getattr(event, name, "") or "")) for name in pipeline.link_fields
+        name: quote_url_value(str(getattr(event, name, "") or ""))
+        for name in pipeline.used_link_fields
     }
     links = []
     for link in pipeline.links:
@@ -211,14 +236,11 @@ def _miss_warning(reason: str, event: Event, owner: CsdrAssignment | None) -> st
     )
 
 
-def _greeting(note: Note, owner: CsdrAssignment) -> Note:
+def _greeting(summary: Mrkdwn, owner: CsdrAssignment) -> Mrkdwn:
     first = (owner.csdr_name or "").split()
     name = first[0] if first else ""
     greet = Mrkdwn("Hi {greeting_name}, " if name else "Hi, ", {"greeting_name": name})
-    summary = Mrkdwn(
-        greet.template + note.summary.template, {**note.summary.values, **greet.values}
-    )
-    return dataclasses.replace(note, summary=summary)
+    return Mrkdwn(greet.template + summary.template, {**summary.values, **greet.values})
 
 
 def route(
@@ -240,27 +262,35 @@ def route(
     if miss is not None and not fallback_channel:
         return Miss(miss, _miss_warning(miss, event, owner))
     mid = message_id(pipeline.name, event.event_id)
-    note = pipeline.describe(event, Context(owner, user))
-    note = dataclasses.replace(
-        note,
-        steps=tuple(pipeline.steps),
-        links=resolve_links(pipeline, event),
-        footer=f"{pipeline.name} · event {event.event_id} · message {mid}",
-    )
+    described = pipeline.describe(event, Context(owner, user))
+    summary, warning = described.summary, described.warning
     if miss is not None and fallback_channel:
         channel = fallback_channel
-        note = dataclasses.replace(note, warning=_miss_warning(miss, event, owner))
+        warning = _miss_warning(miss, event, owner)
     elif owner is not None and user is not None:
         channel = user.slack_user_id.strip()
-        note = _greeting(note, owner)
+        summary = _greeting(summary, owner)
     else:  # unreachable: _miss returns a reason whenever owner or user is missing
         return Miss(miss or NO_OWNER, _miss_warning(miss or NO_OWNER, event, owner))
+    # one Note with the pipeline's steps, links and footer (dataclasses.replace per event
+    # showed in profiles)
+    note = Note(
+        title=described.title,
+        summary=summary,
+        facts=described.facts,
+        detail=described.detail,
+        steps=pipeline.steps,
+        links=resolve_links(pipeline, event),
+        warning=warning,
+        footer=f"{pipeline.name} · event {event.event_id} · message {mid}",
+    )
+    text, blocks = render(note)
     message = SlackMessage(
         message_id=mid,
         pipeline=pipeline.name,
         channel=channel,
-        text=fallback_text(note),
-        blocks=blocks_json(note),
+        text=text,
+        blocks=blocks,
         org_id=event.org_id,
         source_event_id=event.event_id,
         created_at=now,

@@ -14,8 +14,10 @@ most 50 blocks, section text at most 3000 characters, at most 10 section fields 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from typing import Final
 
 MAX_BLOCKS: Final = 50
@@ -31,23 +33,36 @@ FALLBACK_DETAIL_CHARS: Final = 300
 
 # Characters that survive unencoded in a URL path or query value built from a template.
 _URL_SAFE: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ALL_URL_SAFE: Final = re.compile("[A-Za-z0-9._~-]*")
+#: each UTF-8 byte as it appears in a quoted value
+_QUOTED_BYTE: Final = tuple(chr(b) if chr(b) in _URL_SAFE else f"%{b:02X}" for b in range(256))
+
+#: rendered fragments that depend only on a pipeline's constants (labels, steps, templates),
+#: so each is computed once; bounded in case a caller passes ever-new constants
+_MEMO_MAX: Final = 4096
+_memo: dict[tuple[str, object], str] = {}
+
+
+def _memoized(kind: str, key: object, value: str) -> str:
+    if len(_memo) < _MEMO_MAX:
+        _memo[(kind, key)] = value
+    return value
 
 
 def escape(value: str) -> str:
     """Escape Slack's mrkdwn control characters (``&``, ``<``, ``>``) in untrusted text."""
-    # str.replace runs in C; '&' first so the entities added after are not escaped again
-    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    # Most values have none of the three: three scans in C beat building three copies.
+    if "&" in value or "<" in value or ">" in value:
+        # '&' first so the entities added after are not escaped again
+        return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return value
 
 
 def quote_url_value(value: str) -> str:
     """Percent-encode one value substituted into a URL template (RFC 3986 unreserved kept)."""
-    out: list[str] = []
-    for char in value:
-        if char in _URL_SAFE:
-            out.append(char)
-        else:
-            out.extend(f"%{b:02X}" for b in char.encode("utf-8"))
-    return "".join(out)
+    if _ALL_URL_SAFE.fullmatch(value):  # ids usually are: nothing to encode
+        return value
+    return "".join([_QUOTED_BYTE[b] for b in value.encode("utf-8")])
 
 
 def truncation_marker(total: int) -> str:
@@ -95,8 +110,19 @@ class Mrkdwn:
 
     def plain(self) -> str:
         """The text without markup, for the plain-text fallback (values still escaped)."""
-        bare = self.template.replace("*", "").replace("`", "")
-        return bare.format_map({k: escape(v) for k, v in self.values.items()})
+        return _bare(self.template).format_map({k: escape(v) for k, v in self.values.items()})
+
+    def render_both(self) -> tuple[str, str]:
+        """``(render(), plain())``, escaping each value once."""
+        escaped = {k: escape(v) for k, v in self.values.items()}
+        return self.template.format_map(escaped), _bare(self.template).format_map(escaped)
+
+
+def _bare(template: str) -> str:
+    bare = _memo.get(("bare", template))
+    if bare is None:
+        bare = _memoized("bare", template, template.replace("*", "").replace("`", ""))
+    return bare
 
 
 @dataclass(frozen=True)
@@ -139,14 +165,6 @@ class Note:
     footer: str = ""
 
 
-def _section(text: str, block_id: str) -> dict[str, object]:
-    return {
-        "type": "section",
-        "block_id": block_id,
-        "text": {"type": "mrkdwn", "text": text},
-    }
-
-
 def _header_text(title: str) -> str:
     title = " ".join(title.split()) or "Alert"
     if len(title) <= MAX_HEADER_TEXT:
@@ -170,50 +188,15 @@ def _link_line(links: Sequence[Link]) -> str:
             continue  # a broken or oversized link is worse than none
         # In <url|label> the URL's own & must be escaped and a | or > would end it early.
         url = escape(link.url).replace("|", "%7C")
-        parts.append(f"<{url}|{escape(link.label).replace('|', '¦')}>")
+        parts.append(f"<{url}|{_link_label(link.label)}>")
     return " · ".join(parts)
 
 
-def blocks(note: Note) -> list[dict[str, object]]:
-    """The Block Kit blocks of ``note``, within Slack's limits by construction."""
-    out: list[dict[str, object]] = [
-        {
-            "type": "header",
-            "block_id": "title",
-            "text": {"type": "plain_text", "text": _header_text(note.title), "emoji": True},
-        }
-    ]
-    if note.warning:
-        out.append(_section(fit(":warning: " + note.warning, MAX_SECTION_TEXT), "warning"))
-    out.append(_section(_fit_rendered(note.summary.render()), "summary"))
-    facts = [f for f in note.facts if f.value][:MAX_FIELDS]
-    if facts:
-        fields = []
-        for fact in facts:
-            label = f"*{escape(fact.label)}*\n"
-            budget = MAX_FIELD_TEXT - len(label) - (2 if fact.code else 0)
-            value = fit(fact.value, budget)
-            fields.append(
-                {"type": "mrkdwn", "text": label + (f"`{value}`" if fact.code else value)}
-            )
-        out.append({"type": "section", "block_id": "facts", "fields": fields})
-    if note.detail is not None and note.detail.text:
-        out.append(_section(_code_block(note.detail.label, note.detail.text), "detail"))
-    if note.steps:
-        lines = "\n".join(f"• {escape(step)}" for step in note.steps)
-        out.append(_section(_fit_rendered("*Suggested next steps*\n" + lines), "steps"))
-    link_line = _link_line(note.links)
-    if link_line:
-        out.append(_section(_fit_rendered(link_line), "links"))
-    if note.footer:
-        out.append(
-            {
-                "type": "context",
-                "block_id": "footer",
-                "elements": [{"type": "mrkdwn", "text": fit(note.footer, MAX_FIELD_TEXT)}],
-            }
-        )
-    return out[:MAX_BLOCKS]
+def _link_label(label: str) -> str:
+    done = _memo.get(("link", label))
+    if done is None:
+        done = _memoized("link", label, escape(label).replace("|", "¦"))
+    return done
 
 
 def _fit_rendered(text: str, limit: int = MAX_SECTION_TEXT) -> str:
@@ -231,18 +214,98 @@ def _fit_rendered(text: str, limit: int = MAX_SECTION_TEXT) -> str:
     return head + marker
 
 
+# Block Kit JSON is written directly: the blocks have a fixed shape, and building dicts only to
+# have json.dumps walk them was the largest single cost per alert. Strings go through the same
+# encoder json.dumps(ensure_ascii=False) uses, so the bytes are the same as before.
+_J = encode_basestring
+
+
+def _section_json(text: str, block_id: str) -> str:
+    return (
+        '{"type":"section","block_id":' + _J(block_id) + ',"text":{"type":"mrkdwn","text":'
+        + _J(text) + "}}"
+    )  # fmt: skip
+
+
+def _field_label(label: str) -> str:
+    done = _memo.get(("label", label))
+    if done is None:
+        done = _memoized("label", label, f"*{escape(label)}*\n")
+    return done
+
+
+def _steps_json(steps: Sequence[str]) -> str:
+    key = tuple(steps)
+    done = _memo.get(("steps", key))
+    if done is None:
+        lines = "\n".join(f"• {escape(step)}" for step in steps)
+        text = _fit_rendered("*Suggested next steps*\n" + lines)
+        done = _memoized("steps", key, _section_json(text, "steps"))
+    return done
+
+
+def render(note: Note) -> tuple[str, str]:
+    """``(fallback_text(note), blocks_json(note))``, sharing the work the two have in common."""
+    summary, summary_plain = note.summary.render_both()
+    header = _header_text(note.title)
+    blocks = [
+        '{"type":"header","block_id":"title","text":{"type":"plain_text","text":'
+        + _J(header) + ',"emoji":true}}'
+    ]  # fmt: skip
+    if note.warning:
+        blocks.append(_section_json(fit(":warning: " + note.warning, MAX_SECTION_TEXT), "warning"))
+    blocks.append(_section_json(_fit_rendered(summary), "summary"))
+    fields: list[str] = []
+    for fact in note.facts:
+        if not fact.value:
+            continue
+        if len(fields) == MAX_FIELDS:
+            break
+        label = _field_label(fact.label)
+        budget = MAX_FIELD_TEXT - len(label) - (2 if fact.code else 0)
+        value = escape(fact.value)
+        if len(value) > budget:  # rare: fit() cuts it visibly
+            value = fit(fact.value, budget)
+        text = label + "`" + value + "`" if fact.code else label + value
+        fields.append('{"type":"mrkdwn","text":' + _J(text) + "}")
+    if fields:
+        blocks.append('{"type":"section","block_id":"facts","fields":[' + ",".join(fields) + "]}")
+    detail = note.detail
+    if detail is not None and detail.text:
+        blocks.append(_section_json(_code_block(detail.label, detail.text), "detail"))
+    if note.steps:
+        blocks.append(_steps_json(note.steps))
+    link_line = _link_line(note.links)
+    if link_line:
+        blocks.append(_section_json(_fit_rendered(link_line), "links"))
+    if note.footer:
+        blocks.append(
+            '{"type":"context","block_id":"footer","elements":[{"type":"mrkdwn","text":'
+            + _J(fit(note.footer, MAX_FIELD_TEXT)) + "}]}"
+        )  # fmt: skip
+    blocks_json = "[" + ",".join(blocks[:MAX_BLOCKS]) + "]"
+
+    lines = []
+    if note.warning:
+        lines.append(escape(note.warning))
+    lines.append(f"{escape(header)} — {summary_plain}")
+    if detail is not None and detail.text:
+        lines.append(f"{escape(detail.label)}: {fit(detail.text, FALLBACK_DETAIL_CHARS)}")
+    text = "\n".join(lines).strip() or "Alert"
+    return _fit_rendered(text, MAX_FALLBACK_TEXT), blocks_json
+
+
+def blocks(note: Note) -> list[dict[str, object]]:
+    """The Block Kit blocks of ``note``, within Slack's limits by construction."""
+    parsed: list[dict[str, object]] = json.loads(blocks_json(note))
+    return parsed
+
+
 def blocks_json(note: Note) -> str:
-    """``blocks(note)`` as the compact JSON string ``SlackMessage.blocks`` carries."""
-    return json.dumps(blocks(note), ensure_ascii=False, separators=(",", ":"))
+    """The blocks of ``note`` as the compact JSON string ``SlackMessage.blocks`` carries."""
+    return render(note)[1]
 
 
 def fallback_text(note: Note) -> str:
     """Plain-text fallback (notifications, screen readers): always set, never empty."""
-    lines = []
-    if note.warning:
-        lines.append(escape(note.warning))
-    lines.append(f"{escape(_header_text(note.title))} — {note.summary.plain()}")
-    if note.detail is not None and note.detail.text:
-        lines.append(f"{escape(note.detail.label)}: {fit(note.detail.text, FALLBACK_DETAIL_CHARS)}")
-    text = "\n".join(lines).strip() or "Alert"
-    return _fit_rendered(text, MAX_FALLBACK_TEXT)
+    return render(note)[0]

@@ -12,6 +12,10 @@ Figures (medians of ``BENCH_RUNS`` runs, default 3):
   reader receives it ("visible": includes the exactly-once commit interval);
 * restore rate of a table into RocksDB: cold (empty state dir) and warm (a restart that reads
   only the 1% of records written since);
+* CPU time per output: user + system time of the process (every thread, from
+  ``/proc/<pid>/stat``) over the throughput phase, divided by the outputs in that phase; the
+  ratio to the passthrough's is the cost of decoding, joining, rendering and encoding;
+* resident memory (VmRSS) after the throughput phase;
 * peak memory: VmHWM of the enricher process (its own peak RSS; ``ru_maxrss`` would include
   the test process's, see ``_peak_rss_mb``); the first run of each size includes the cold load
   of both tables;
@@ -20,6 +24,7 @@ Figures (medians of ``BENCH_RUNS`` runs, default 3):
   enricher / baseline.
 
 The baseline runs as ``python -m tests.perf.test_enricher_perf passthrough ...``.
+``BENCH_PYSPY=<dir>`` records a py-spy profile of every process run into that directory.
 """
 
 from __future__ import annotations
@@ -85,6 +90,12 @@ class Run:
     latency_ms: list[float]
     visible_ms: list[float]
     maxrss_mb: float
+    #: process CPU time (user + system, every thread) per output record, in microseconds
+    cpu_us: float = float("nan")
+    #: resident set after the throughput phase, in MB
+    rss_mb: float = float("nan")
+    #: ``cpu_us`` by thread name (the Python main thread, librdkafka's ``rdk:*`` threads)
+    thread_us: dict[str, float] = field(default_factory=dict)
     gate_s: float | None = None
     gate_records: int | None = None
 
@@ -152,10 +163,59 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-class Collector(threading.Thread):
-    """Reads an output topic (read_committed) and notes when each record became visible."""
+def _cpu_s(pid: int) -> float:
+    """CPU time (user + system) of every thread of a running process so far, in seconds."""
+    # /proc/<pid>/stat: the command name may contain spaces, so count fields after its ')'
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+
+def _thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name (``rdk:broker...`` threads are librdkafka's, summed)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        group = name.split("/")[0].rstrip("0123456789")
+        ticks = int(fields[11]) + int(fields[12])
+        out[group] = out.get(group, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _profile(pid: int, name: str) -> subprocess.Popen[bytes] | None:
+    """With ``BENCH_PYSPY=<dir>``, sample ``pid`` with py-spy (``pip install py-spy``) into
+    ``<dir>/<name>.txt`` (collapsed stacks of every thread, on-CPU samples) for the whole run."""
+    out_dir = os.environ.get("BENCH_PYSPY")
+    if not out_dir:
+        return None
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen(
+        [str(spy), "record", "--pid", str(pid), "--format", "raw", "--threads",
+         "--nonblocking", "--rate", "200", "-o", f"{out_dir}/{name}.txt"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+class Collector(threading.Thread):
+    """Reads an output topic (read_committed) and notes when each record became visible.
+
+    With ``pid`` set it also samples that process's CPU time after each batch it receives, so
+    the CPU spent per output is measured over the outputs seen between two samples (the
+    start-up and the table load before the first output are not counted).
+    """
+
+    def __init__(self, bootstrap: str, topic: str, pid: int | None = None) -> None:
         super().__init__(daemon=True)
         self.consumer = Consumer(
             {
@@ -168,14 +228,47 @@ class Collector(threading.Thread):
         )
         self.consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
         self.seen: list[tuple[Message, float]] = []
+        self.pid = pid
+        #: (outputs seen, CPU seconds of ``pid``) after each batch
+        self.cpu: list[tuple[int, float]] = []
+        #: (outputs seen, CPU seconds per thread name) at the first batch, and at the last
+        #: batch within EVENTS outputs
+        self.threads: list[tuple[int, dict[str, float]]] = []
         self.halt = threading.Event()
 
     def run(self) -> None:
         while not self.halt.is_set():
-            for m in self.consumer.consume(1000, 0.05):
+            batch = self.consumer.consume(1000, 0.05)
+            for m in batch:
                 if m.error() is None:
                     self.seen.append((m, time.time()))
+            if batch and self.pid is not None:
+                try:
+                    self.cpu.append((len(self.seen), _cpu_s(self.pid)))
+                    if not self.threads or len(self.seen) <= EVENTS:
+                        sample = (len(self.seen), _thread_cpu_s(self.pid))
+                        if self.threads:
+                            self.threads[1:] = [sample]
+                        else:
+                            self.threads = [sample]
+                except OSError:  # the process ended
+                    self.pid = None
         self.consumer.close()
+
+    def thread_us_per_output(self) -> dict[str, float]:
+        """CPU microseconds per output by thread name, over the throughput phase."""
+        if len(self.threads) < 2 or self.threads[1][0] == self.threads[0][0]:
+            return {}
+        (n0, t0), (n1, t1) = self.threads
+        return {k: (v - t0.get(k, 0.0)) / (n1 - n0) * 1e6 for k, v in t1.items()}
+
+    def cpu_us_per_output(self, upto: int) -> float:
+        """CPU microseconds per output between the first batch and the one reaching ``upto``."""
+        samples = [s for s in self.cpu if s[0] <= upto]
+        if len(samples) < 2 or samples[-1][0] == samples[0][0]:
+            return float("nan")
+        (n0, c0), (n1, c1) = samples[0], samples[-1]
+        return (c1 - c0) / (n1 - n0) * 1e6
 
     def wait_for(self, n: int, timeout_s: float) -> None:
         wait_until(lambda: len(self.seen) >= n, timeout_s=timeout_s, message=f"{n} outputs")
@@ -267,13 +360,17 @@ class Bench:
         batch = self.events(size, EVENTS, inputs)
         _produce_all(p, inputs[0], ((k, v) for t, k, v in batch if t == inputs[0]))
         _produce_all(p, inputs[1], ((k, v) for t, k, v in batch if t == inputs[1]))
-        collector = Collector(self.bootstrap, output)
-        collector.start()
         log_path = self.tmp / f"{unique('run')}.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        collector = Collector(self.bootstrap, output, proc.pid)
+        collector.start()
+        spy = _profile(proc.pid, log_path.stem)
         try:
             collector.wait_for(EVENTS, timeout_s=1800)
+            cpu_us = collector.cpu_us_per_output(EVENTS)
+            threads = collector.thread_us_per_output()
+            rss_mb = _rss_mb(proc.pid)
             stamps = [m.timestamp()[1] for m, _ in collector.seen[:EVENTS]]
             throughput = (EVENTS - 1) / max(1e-3, (max(stamps) - min(stamps)) / 1000)
             # fixed-rate phase: input timestamps from delivery reports
@@ -294,6 +391,9 @@ class Bench:
             p.flush(30)
             collector.wait_for(EVENTS + len(lat_batch), timeout_s=300)
         finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its profile on Ctrl-C
+                spy.wait(60)
             peak_mb = _peak_rss_mb(proc.pid)
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
@@ -307,7 +407,7 @@ class Bench:
             if produced_at is not None:
                 latency.append(m.timestamp()[1] - produced_at)
                 visible.append(seen_at * 1000 - produced_at)
-        run = Run(throughput, latency, visible, peak_mb)
+        run = Run(throughput, latency, visible, peak_mb, cpu_us, rss_mb, threads)
         for line in log_path.read_text(errors="replace").splitlines():
             if '"table caught up"' in line:
                 rec = json.loads(line)
@@ -454,13 +554,16 @@ class Bench:
 
 def _fmt_row(name: str, s: Stats, base: Stats | None) -> str:
     eps = s.median(lambda r: r.events_per_s)
+    cpu = s.median(lambda r: r.cpu_us)
     ratio = f"{eps / base.median(lambda r: r.events_per_s):.2f}" if base else "1.00"
+    cpu_ratio = f"{cpu / base.median(lambda r: r.cpu_us):.1f}" if base else "1.0"
     return (
-        f"{name:<30} {eps:>9.0f} {ratio:>6} "
+        f"{name:<30} {eps:>9.0f} {ratio:>6} {cpu:>7.1f} {cpu_ratio:>6} "
         f"{s.median(lambda r: _pct(r.latency_ms, 0.5)):>7.1f} "
         f"{s.median(lambda r: _pct(r.latency_ms, 0.99)):>7.1f} "
         f"{s.median(lambda r: _pct(r.visible_ms, 0.5)):>8.1f} "
         f"{s.median(lambda r: _pct(r.visible_ms, 0.99)):>8.1f} "
+        f"{s.median(lambda r: r.rss_mb):>7.0f} "
         f"{s.runs[0].maxrss_mb:>8.0f} "
         f"{statistics.median(r.maxrss_mb for r in s.runs[1:] or s.runs):>8.0f}"
     )
@@ -490,18 +593,27 @@ def test_enricher_benchmark(
         f"enricher benchmark: {os.cpu_count()} cores shared with the broker and registry; "
         f"medians of {RUNS} runs; {EVENTS} events/run for events/s; latency at {RATE:.0f}/s "
         f"for {LATENCY_S:.0f}s",
-        f"{'':<30} {'events/s':>9} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'vis p50':>8} {'vis p99':>8} {'rss 1st':>8} {'rss next':>8}",
+        f"{'':<30} {'events/s':>9} {'ratio':>6} {'cpu µs':>7} {'ratio':>6} {'p50 ms':>7} "
+        f"{'p99 ms':>7} {'vis p50':>8} {'vis p99':>8} {'rss MB':>7} {'hwm 1st':>8} "
+        f"{'hwm next':>8}",
         _fmt_row("raw passthrough (baseline)", baseline, None),
     ]
     for size, runs, _, _ in results:
         lines.append(_fmt_row(f"enricher, tables of {size:,} keys", runs, baseline))
     lines.append("")
+    for name, st in [("raw passthrough", baseline)] + [
+        (f"enricher {size:,}", runs) for size, runs, _, _ in results
+    ]:
+        names = sorted({k for r in st.runs for k in r.thread_us})
+        split = {k: statistics.median(r.thread_us.get(k, 0.0) for r in st.runs) for k in names}
+        shown = sorted(split.items(), key=lambda kv: -kv[1])[:6]
+        lines.append(f"cpu µs by thread, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in shown))
+    lines.append("cpu µs: process CPU time (user + system, all threads) per output record over the")
+    lines.append("throughput phase; its ratio is enricher / passthrough (lower is better).")
     lines.append("latency: input record timestamp -> output record timestamp (ms); vis: -> seen")
-    lines.append(
-        "by a read_committed reader. rss: peak RSS (VmHWM) in MB of the first run (for the"
-    )
-    lines.append("enricher: cold start, loading both tables) and the median of the later runs")
+    lines.append("by a read_committed reader. rss MB: resident set after the throughput phase;")
+    lines.append("hwm: peak RSS (VmHWM) in MB of the first run (for the enricher: cold start,")
+    lines.append("loading both tables) and the median of the later runs")
     lines.append("")
     for size, runs, restores, load_s in results:
         cold = statistics.median(r.cold_records / r.cold_s for r in restores)
@@ -540,7 +652,11 @@ def passthrough(argv: Sequence[str]) -> int:
     ProcessingLoop(
         LoopConfig(name="passthrough", topics=inputs.split(","), guarantee=Guarantee.EXACTLY_ONCE),
         kafka.consumer_config(group),
-        kafka.producer_config(transactional_id=f"{group}-{socket.gethostname()}"),
+        # as the enricher's loop producer (services/enricher/app.py)
+        {
+            **kafka.producer_config(transactional_id=f"{group}-{socket.gethostname()}"),
+            "delivery.report.only.error": True,
+        },
         handle,
         service="passthrough",
         stop=stop,

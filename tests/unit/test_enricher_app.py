@@ -6,7 +6,7 @@ import pytest
 
 from libs.kafka import RetryLater
 from libs.serde import DeserializationError, RegistryError
-from services.enricher.app import _retry_if_registry_down
+from services.enricher.handler import retry_if_registry_down as _retry_if_registry_down
 
 
 class _HttpError(Exception):
@@ -51,3 +51,29 @@ def test_registry_unavailable_vs_poison(cause: BaseException | None, unavailable
             _retry_if_registry_down(exc)
     else:
         _retry_if_registry_down(exc)  # returns: the caller re-raises it as poison
+
+
+def test_loop_producer_reports_only_failed_deliveries_and_still_sees_them() -> None:
+    """The enricher's loop producer skips success reports; a failed delivery still counts.
+
+    No broker answers on port 1, so the record times out: its error must reach the
+    ProducerClient (and so fail the checkpoint's flush) although success reports are off.
+    """
+    from types import SimpleNamespace
+    from typing import Any
+
+    from confluent_kafka import Producer
+
+    from libs.kafka import DeliveryError, KafkaSettings
+    from libs.kafka.producer import ProducerClient
+    from services.enricher.app import Enricher
+
+    stand_in: Any = SimpleNamespace(_kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"))
+    conf = Enricher._loop_producer_config(stand_in, "enricher-test")
+    assert conf["delivery.report.only.error"] is True
+    conf = {k: v for k, v in conf.items() if k != "transactional.id"}
+    conf.update({"message.timeout.ms": 300, "log_level": 0})
+    client = ProducerClient(Producer(conf), timeout_s=30, transactional=False)
+    client.produce("slack-messages", b"k", b"v")
+    with pytest.raises(DeliveryError, match="slack-messages"):
+        client.flush()

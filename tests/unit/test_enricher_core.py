@@ -382,3 +382,33 @@ def test_registry_declares_both_pipelines_consistently() -> None:
         for link in p.links:
             assert template_problem(link.template, p.link_fields) is None, link
         assert len({link.name for link in p.links}) == len(p.links)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "https://x/{org_id}",
+        "https://x/{connector_name}?t={connector_type}&c={cluster_id}",
+        "https://x/{org_id:>{connector_id}}",  # a nested field in the format spec
+        "https://x/{org_id[0]}/{org_id.__class__.__name__}",
+        "https://x/{unknown}",
+        "https://x/{0}",
+        "https://x/{}",
+        "https://x/{{literal}}",
+        "https://x/{org_id",
+    ],
+)
+def test_links_quote_only_used_fields_with_the_same_result(template: str) -> None:
+    """Quoting only the fields templates use gives what quoting every link field gave."""
+    from services.enricher.render import quote_url_value
+
+    pipeline = CONNECTOR.with_link_templates({"crm": template})
+    event = connector_event(name="a b/é&", org_id="org 7")
+    every = {n: quote_url_value(str(getattr(event, n, "") or "")) for n in pipeline.link_fields}
+    expected = []
+    for link in pipeline.links:
+        try:
+            expected.append((link.label, link.template.format_map(every)))
+        except (KeyError, IndexError, ValueError, AttributeError):
+            continue
+    assert [(x.label, x.url) for x in resolve_links(pipeline, event)] == expected

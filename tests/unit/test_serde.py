@@ -154,3 +154,65 @@ def test_keys_are_utf8_strings() -> None:
         decode_key(b"\xff\xfe", topic="t", partition=1, offset=2)
     with pytest.raises(DeserializationError, match="no key"):
         decode_key(None, topic="t", partition=1, offset=2)
+
+
+def _fastavro_bytes(record: Any) -> bytes:
+    import io
+
+    import fastavro
+
+    schema = fastavro.parse_schema(json.loads((SCHEMA_DIR / type(record).SCHEMA).read_text()))
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, schema, record.to_avro())
+    return buf.getvalue()
+
+
+def _edge_records() -> list[Any]:
+    """Values where a hand-written Avro writer could go wrong: lengths at varint boundaries,
+    multi-byte UTF-8, empty and absent strings, negative and large longs, timestamps before
+    the epoch, with microseconds, in other zones."""
+    from datetime import timedelta, timezone
+
+    out: list[Any] = list(SAMPLES)
+    stamps = [
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1900, 1, 1, tzinfo=UTC),
+        datetime(2262, 1, 1, 0, 0, 0, 1500, tzinfo=UTC),
+        datetime(2026, 6, 1, 12, 0, 0, 999, tzinfo=timezone(timedelta(hours=-9, minutes=-30))),
+        datetime(1970, 1, 1, tzinfo=UTC),
+    ]
+    texts = ["", "é", "日本🚀", "x" * 63, "x" * 64, "é" * 32, "y" * 8191, "z" * 8192, "q" * 70_000]
+    for n, (stamp, text) in enumerate(zip(stamps * 2, texts, strict=False)):
+        out.append(SlackMessage(text, "p", text, text, text, text, text, stamp))
+        out.append(SlackUser(text, text, stamp, None if n % 2 else text))
+        out.append(SlackDeliveryReceipt(text, text, "DRY_RUN", -(2**31) + n, stamp, text, None))
+        out.append(ProducerCursor(text, stamp, text, stamp, [0, -1, 2**63 - 1, -(2**63)][n % 4]))
+    return out
+
+
+def _flat(record_type: type[Any]) -> bool:
+    from libs.serde.avro import flat_layout, load_schema_text
+
+    return flat_layout(load_schema_text(record_type.SCHEMA)) is not None
+
+
+def test_the_enricher_output_takes_the_direct_writer() -> None:
+    assert _flat(SlackMessage)
+    assert not _flat(ProducerCursor)  # timestamp-micros: fastavro writes it
+
+
+@pytest.mark.parametrize("record", _edge_records(), ids=lambda r: type(r).__name__)
+def test_direct_writer_gives_fastavros_bytes(record: Any) -> None:
+    encoded = AvroSerializer(InMemorySchemaRegistry(), type(record))("t", record)
+    assert encoded[5:] == _fastavro_bytes(record)
+
+
+def test_direct_writer_falls_back_on_values_it_does_not_handle() -> None:
+    from libs.serde import SerializationError
+
+    naive = datetime(2026, 1, 1, 12, 0)  # fastavro's local-time rule decides, as before
+    record = SlackMessage("m", "p", "c", "t", "[]", "o", "e", naive)
+    encode = AvroSerializer(InMemorySchemaRegistry(), SlackMessage)
+    assert encode("t", record)[5:] == _fastavro_bytes(record)
+    with pytest.raises(SerializationError):
+        encode("t", SlackMessage("m", "p", None, "t", "[]", "o", "e", T0))  # type: ignore[arg-type]

@@ -1,0 +1,115 @@
+"""The enricher's per-event hot path in-process: CPU per event without Kafka, and its profile.
+
+``EventHandler`` (decode, validate, look up, route and render, encode, produce, count) runs
+over pre-encoded events against dict lookups and an emitter that only collects, so the figure
+is the service's own Python cost per event, free of broker and scheduling noise; the Kafka
+benchmark (``test_enricher_perf.py``) adds the client, loop and table costs. The event mix is
+that benchmark's: half connector failures with a long error, half onboardings, ~2% of orgs
+unknown (fallback channel). ``BENCH_PROFILE=1`` also prints the top of a cProfile.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import os
+import pstats
+import random
+import statistics
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from libs.serde import (
+    AvroSerializer,
+    ConnectorStatusChanged,
+    CsdrAssignment,
+    InMemorySchemaRegistry,
+    OnboardingStarted,
+    SlackUser,
+)
+from services.enricher.handler import EventHandler
+from services.enricher.pipelines.connector_provisioning_failed import PIPELINE as CONNECTOR
+from services.enricher.pipelines.onboarding_started import PIPELINE as ONBOARDING
+from tests.support.enricher_corpus import ConsumedRecord, DictLookup, ListEmitter
+
+T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+KEYS = 100_000
+EVENTS = int(os.environ.get("BENCH_HOTPATH_EVENTS", "20000"))
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+ERROR = "org.apache.kafka.connect.errors.ConnectException: " + "Access denied to bucket. " * 8
+NOTIF, ONB = "data-notifications-pipeline", "onboarding-events"
+
+
+def _setup() -> tuple[EventHandler, list[ConsumedRecord], ListEmitter]:
+    registry = InMemorySchemaRegistry()
+    owners = {
+        f"org-{i}": CsdrAssignment(
+            f"org-{i}", f"Org {i}", f"Owner-{i}@Example.com", T0, f"Owner {i}"
+        )
+        for i in range(KEYS)
+    }
+    users = {
+        f"owner-{i}@example.com": SlackUser(f"owner-{i}@example.com", f"U{i:07d}", T0)
+        for i in range(KEYS)
+    }
+    handler = EventHandler(
+        registry,
+        {NOTIF: CONNECTOR, ONB: ONBOARDING},
+        DictLookup(owners),
+        DictLookup(users),
+        out_topic="slack-messages",
+        fallback_channel="C0FALLBACK",
+    )
+    enc_failure = AvroSerializer(registry, ConnectorStatusChanged)
+    enc_onboarding = AvroSerializer(registry, OnboardingStarted)
+    rng = random.Random(42)
+    records = []
+    for seq in range(EVENTS):
+        org = f"org-{rng.randrange(int(KEYS * 1.02))}"
+        event: Any
+        if seq % 2:
+            event = ConnectorStatusChanged(
+                f"ev-{seq}", org, "env-1", "lkc-1", f"lcc-{seq}", f"conn-{seq}", "S3Sink",
+                "PROVISIONING", "FAILED", T0, ERROR,
+            )  # fmt: skip
+            records.append(ConsumedRecord(NOTIF, enc_failure(NOTIF, event)))
+        else:
+            event = OnboardingStarted(
+                f"onb-{seq}", org, f"Org {org}", "Standard", T0, "onboarding", "AWS"
+            )
+            records.append(ConsumedRecord(ONB, enc_onboarding(ONB, event)))
+    return handler, records, ListEmitter()
+
+
+def _run(handler: EventHandler, records: list[ConsumedRecord], out: ListEmitter) -> float:
+    """CPU microseconds per event over one pass."""
+    out.records.clear()
+    started = time.process_time()
+    for record in records:
+        handler(record, out)  # type: ignore[arg-type]
+    spent = time.process_time() - started
+    assert len(out.records) == len(records)  # every event of the mix is an alert
+    return spent / len(records) * 1e6
+
+
+@pytest.mark.perf
+def test_enricher_hot_path() -> None:
+    handler, records, out = _setup()
+    _run(handler, records[:1000], out)  # warm caches (schemas, metric children)
+    figures = [_run(handler, records, out) for _ in range(RUNS)]
+    print(
+        f"\nenricher hot path in-process ({EVENTS} events, medians of {RUNS}): "
+        f"{statistics.median(figures):.1f} µs CPU per event "
+        f"(runs: {', '.join(f'{f:.1f}' for f in figures)})"
+    )
+    if os.environ.get("BENCH_PROFILE"):
+        profile = cProfile.Profile()
+        profile.enable()
+        _run(handler, records, out)
+        profile.disable()
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+        print(text.getvalue())

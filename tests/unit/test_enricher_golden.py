@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from libs.serde import AvroDeserializer, AvroSerializer, InMemorySchemaRegistry, SlackMessage
-from services.enricher.core import Alert, Drop, Miss, route, slack_user_key
+from services.enricher.core import Alert, Drop, Miss, process, slack_user_key
 from services.enricher.handler import EventHandler
 from tests.support.enricher_corpus import (
     GOLDEN,
@@ -55,11 +55,16 @@ def run_case(case: Case, registry: InMemorySchemaRegistry) -> dict[str, Any]:
     event = AvroDeserializer(registry, case.pipeline.record_type)(
         wire, topic=topic, partition=0, offset=0
     )
-    outcome = route(
+    # the core's own answer (filter, lookups, route), independent of the handler's shell
+    owners = DictLookup({event.org_id: case.owner} if case.owner else {})
+    users = DictLookup(
+        {slack_user_key(case.owner.csdr_email): case.user} if case.owner and case.user else {}
+    )
+    outcome = process(
         event,
-        case.owner,
-        case.user,
         pipeline=case.pipeline,
+        owners=owners,
+        users=users,
         now=NOW,
         fallback_channel=case.fallback,
     )

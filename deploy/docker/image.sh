@@ -80,8 +80,8 @@ cache_dir() {
 CACHE_DIR=$(cache_dir)
 readonly CACHE_DIR
 
-# Can this process mount a kernel overlay here? (root on a filesystem overlay accepts as
-# upper dir; not inside most unprivileged containers.)
+# Can this process mount a kernel overlay in the cache dir? (Needs root, and a filesystem
+# the kernel accepts as an overlay upper dir: not inside most unprivileged containers.)
 overlay_works() {
   [[ $(id -u) == 0 ]] && grep -qw overlay /proc/filesystems || return 1
   mkdir -p "$CACHE_DIR"
@@ -108,11 +108,15 @@ storage_driver() {
   esac
 }
 
-DRIVER=$(storage_driver)
-readonly DRIVER
-# One storage per driver: containers/storage refuses a root made by another driver.
-BUILDAH=(buildah --root "$CACHE_DIR/storage-$DRIVER" --runroot "$CACHE_DIR/run-$DRIVER"
-  --storage-driver "$DRIVER")
+DRIVER=
+BUILDAH=()
+init_buildah() { # sets DRIVER and BUILDAH (the probe mounts: only when buildah is used)
+  [[ -z $DRIVER ]] || return 0
+  DRIVER=$(storage_driver)
+  # One storage per driver: containers/storage refuses a root made by another driver.
+  BUILDAH=(buildah --root "$CACHE_DIR/storage-$DRIVER" --runroot "$CACHE_DIR/run-$DRIVER"
+    --storage-driver "$DRIVER")
+}
 
 docker_works() { command -v docker >/dev/null && docker info >/dev/null 2>&1; }
 
@@ -165,6 +169,7 @@ base_exists() { "${BUILDAH[@]}" inspect --type image "$BASE_NAME" >/dev/null 2>&
 
 make_base() {
   local refresh=${1:-}
+  init_buildah
   mkdir -p "$CACHE_DIR"
   # One builder at a time per cache dir: two clones running `make image` at once would
   # otherwise both debootstrap.
@@ -223,6 +228,7 @@ build() {
       DOCKER_BUILDKIT=1 docker build -f deploy/docker/Dockerfile "${args[@]}" -t "$IMAGE_NAME" .
       ;;
     buildah)
+      init_buildah
       local base=${IMAGE_PYTHON_BASE:-}
       if [[ -z $base ]]; then
         make_base
@@ -273,6 +279,7 @@ print_env() {
   printf 'export IMAGE_ENGINE=%q\n' "$eng"
   printf 'export IMAGE_NAME=%q\n' "$IMAGE_NAME"
   if [[ $eng == buildah ]]; then
+    init_buildah
     printf 'export IMAGE_BUILDAH_ROOT=%q\n' "$CACHE_DIR/storage-$DRIVER"
     printf 'export IMAGE_BUILDAH_RUNROOT=%q\n' "$CACHE_DIR/run-$DRIVER"
     printf 'export IMAGE_BUILDAH_DRIVER=%q\n' "$DRIVER"

@@ -105,6 +105,10 @@ def test_container_is_non_root_with_a_read_only_root(image: Image, tmp_path: Pat
     assert writable == set(spec.mount_paths), out
 
 
+#: the warehouse file the producer polls, in its /tmp volume
+WAREHOUSE = "warehouse.duckdb"
+
+
 @pytest.fixture
 def stack_env(stack: Stack) -> dict[str, str]:
     return dict(stack.env)
@@ -126,15 +130,16 @@ def test_alert_from_event_to_receipt(
         # The state directories are the manifests' volumes at the image's default paths.
         settings.pop(f"{name.upper()}_STATE_DIR", None)
         if name == "producer":
-            # The DuckDB warehouse stands in for BigQuery: the file the scenario rewrites
-            # lives in the producer's /tmp volume (its directory, so a replaced file shows).
-            warehouse = Path(settings["PRODUCER_WAREHOUSE"].removeprefix("duckdb:///"))
-            vols["/tmp"] = warehouse.parent
-            settings["PRODUCER_WAREHOUSE"] = f"duckdb:////tmp/{warehouse.name}"
+            # The DuckDB warehouse stands in for BigQuery: the scenario (re)writes the file
+            # in the producer's /tmp volume (below), which the producer sees as /tmp.
+            settings["PRODUCER_WAREHOUSE"] = f"duckdb:////tmp/{WAREHOUSE}"
         return image.run_argv(spec, [f"services.{name}"], settings, vols)
 
     (tmp_path / "world").mkdir()
     with World("image", tmp_path / "world", stack_env, launcher=launcher) as w:
+        producer_tmp = volumes(specs["producer"], vol_root)["/tmp"]
+        producer_tmp.mkdir(parents=True)
+        w.warehouse = producer_tmp / WAREHOUSE
         w.start()
         w.stream(StreamSpec(duration_s=8, connectors=10, rows=4), Random(7))
         report = w.finish()

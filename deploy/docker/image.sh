@@ -167,6 +167,16 @@ remove_work() {
 
 base_exists() { "${BUILDAH[@]}" inspect --type image "$BASE_NAME" >/dev/null 2>&1; }
 
+commit_base() { # commit_base CONTAINER ROOTFS: the root filesystem as $BASE_NAME
+  local ctr=$1 rootfs=$2 mnt
+  mnt=$("${BUILDAH[@]}" mount "$ctr") &&
+    tar -C "$rootfs" -cf - . | tar -C "$mnt" -xpf - &&
+    "${BUILDAH[@]}" umount "$ctr" >/dev/null &&
+    "${BUILDAH[@]}" config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+      --env LANG=C.UTF-8 --cmd '["python"]' "$ctr" &&
+    "${BUILDAH[@]}" commit --quiet --rm "$ctr" "$BASE_NAME" >/dev/null
+}
+
 make_base() {
   local refresh=${1:-}
   init_buildah
@@ -191,9 +201,9 @@ make_base() {
     tail -n 30 "$work/debootstrap.log" >&2
     die "debootstrap failed (log: $work/debootstrap.log)"
   fi
-  # What a slim image leaves out: package caches and indexes, documentation. The Dockerfile
-  # calls `python`, as in the python:3.11-slim image.
-  # debootstrap also leaves the host's resolv.conf and hostname: a runtime provides its own.
+  # What a slim image leaves out: package caches and indexes, documentation; and the host's
+  # resolv.conf and hostname that debootstrap copies in (a runtime provides its own). The
+  # Dockerfile calls `python`, as in the python:3.11-slim image.
   rm -rf -- "$rootfs"/var/cache/apt/* "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/log/*.log \
     "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* \
     "$rootfs"/etc/resolv.conf "$rootfs"/etc/hostname
@@ -204,14 +214,12 @@ make_base() {
   if [[ -s /etc/ssl/certs/ca-certificates.crt ]]; then
     cp -- /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
   fi
-  local ctr mnt
+  local ctr
   ctr=$("${BUILDAH[@]}" from scratch)
-  mnt=$("${BUILDAH[@]}" mount "$ctr")
-  tar -C "$rootfs" -cf - . | tar -C "$mnt" -xpf -
-  "${BUILDAH[@]}" umount "$ctr" >/dev/null
-  "${BUILDAH[@]}" config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    --env LANG=C.UTF-8 --cmd '["python"]' "$ctr"
-  "${BUILDAH[@]}" commit --quiet --rm "$ctr" "$BASE_NAME" >/dev/null
+  if ! commit_base "$ctr" "$rootfs"; then
+    "${BUILDAH[@]}" rm "$ctr" >/dev/null 2>&1 || true
+    die "importing the debootstrapped root filesystem into buildah failed"
+  fi
   remove_work "$work"
   say "made $BASE_NAME in $((SECONDS - started)) s"
 }

@@ -34,7 +34,7 @@ Commands:
               buildah, install buildah and debootstrap with apt-get when root; else say
               why the image tests will skip. Never fails.
   engine      print the engine 'build' would use (docker or buildah), or fail saying why
-              neither works
+              neither works (exit 3: none is installed or usable; 1: a bad setting)
   env         print 'export NAME=value' lines: IMAGE_ENGINE, IMAGE_NAME and, for buildah,
               IMAGE_BUILDAH_ROOT, IMAGE_BUILDAH_RUNROOT and IMAGE_BUILDAH_DRIVER (what
               'buildah --root R --runroot RR --storage-driver D run' needs)
@@ -134,9 +134,12 @@ engine() {
   elif command -v buildah >/dev/null; then
     echo buildah
   elif command -v docker >/dev/null; then
-    die "'docker info' fails (is the daemon running, may this user use it?) and buildah is not installed"
+    say "error: 'docker info' fails (is the daemon running, may this user use it?) and" \
+      "buildah is not installed"
+    exit 3
   else
-    die "neither docker nor buildah is installed (Debian/Ubuntu: apt-get install buildah)"
+    say "error: neither docker nor buildah is installed (Debian/Ubuntu: apt-get install buildah)"
+    exit 3
   fi
 }
 

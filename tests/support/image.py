@@ -136,10 +136,10 @@ class Image:
     @classmethod
     def from_env(cls) -> Image:
         proc = run_image_sh("env", timeout_s=60)
-        if proc.returncode != 0:
-            raise ImageUnavailableError(
-                proc.stderr.strip() or f"image.sh env exited {proc.returncode}"
-            )
+        if proc.returncode == 3:  # no engine installed or usable: a reason to skip
+            raise ImageUnavailableError(proc.stderr.strip())
+        # anything else (a bad IMAGE_* setting) is an error, not a skip
+        assert proc.returncode == 0, f"image.sh env exited {proc.returncode}: {proc.stderr}"
         env = parse_exports(proc.stdout)
         image = cls(
             env["IMAGE_ENGINE"],

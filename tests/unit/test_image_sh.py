@@ -58,7 +58,7 @@ def test_a_bad_engine_setting_is_refused() -> None:
 def test_without_any_engine_it_says_what_to_install(tmp_path: Path) -> None:
     env = {"PATH": bare_path(tmp_path), "HOME": str(tmp_path)}
     proc = run("engine", env=env)
-    assert proc.returncode == 1
+    assert proc.returncode == 3  # tests/image skips on 3 only
     assert "neither docker nor buildah is installed" in proc.stderr
     assert "apt-get install buildah" in proc.stderr
 

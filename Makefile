@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-unit test-integration lint typecheck bench stack-up stack-down clean
+.PHONY: image image-test image-tools
 
 install: $(STAMP)
 
@@ -22,7 +23,9 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-test: install lint typecheck
+# tests/image builds the image and runs it (the same as `make image image-test`); image-tools
+# installs buildah for that where it can, or says why those tests will skip.
+test: install lint typecheck image-tools
 	$(PY) -m pytest tests -m "not perf"
 
 # The main job on embedded defaults; Ctrl-C stops everything it started.
@@ -34,6 +37,19 @@ test-unit: install
 
 bench: install
 	$(PY) -m pytest tests/perf -m perf -s --timeout=0
+
+# The container image: Docker where it works, else buildah (a local Debian base when no
+# registry is reachable); deploy/docker/image.sh --help says how to choose.
+image:
+	deploy/docker/image.sh build
+
+# Each service run from the built image (non-root, read-only root filesystem, only the
+# manifests' volumes) against the local stack: an alert from an event to its receipt.
+image-test: install image
+	IMAGE_TEST_BUILT=1 $(PY) -m pytest tests/image -m image $(IMAGE_TEST_ARGS)
+
+image-tools:
+	@deploy/docker/image.sh tools
 
 stack-up:
 	deploy/local/stack.sh up

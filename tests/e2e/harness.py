@@ -189,14 +189,31 @@ class Exit:
         return f"{self.service} {how} at +{self.after_s}s: {self.error[:300]}"
 
 
-class ServiceProcess:
-    """One service (``python -m services.<name>``) across its runs; a log file per run."""
+#: how a run of a service starts: (service name, its settings) -> (argv, process environment)
+Launcher = Callable[[str, Mapping[str, str]], tuple[list[str], dict[str, str]]]
 
-    def __init__(self, name: str, env: Mapping[str, str], log_dir: Path) -> None:
+
+def local_launcher(name: str, env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """``python -m services.<name>`` with this interpreter, from the source tree."""
+    return [sys.executable, "-m", f"services.{name}"], dict(env)
+
+
+class ServiceProcess:
+    """One service (``python -m services.<name>``, or what ``launcher`` makes of it, e.g. a
+    container run) across its runs; a log file per run."""
+
+    def __init__(
+        self,
+        name: str,
+        env: Mapping[str, str],
+        log_dir: Path,
+        launcher: Launcher = local_launcher,
+    ) -> None:
         self.name = name
         self.metrics_port = free_port()
         self.env = {**env, "METRICS_PORT": str(self.metrics_port)}
         self.log_dir = log_dir
+        self.launcher = launcher
         self.log_files: list[Path] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
@@ -210,10 +227,10 @@ class ServiceProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         path = self.log_dir / f"{self.name}-{len(self.log_files) + 1}.log"
         self.log_files.append(path)
-        env = {**self.env, **overrides}
+        argv, env = self.launcher(self.name, {**self.env, **overrides})
         with path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", f"services.{self.name}"],
+                argv,
                 cwd=ROOT,
                 env=env,
                 stdout=log,
@@ -937,6 +954,7 @@ class World:
         extra_env: Mapping[str, str] | None = None,
         secrets: Sequence[str] = (),
         restart_on_exit: bool = True,
+        launcher: Launcher = local_launcher,
     ) -> None:
         self.name = name
         self.tmp = tmp
@@ -966,7 +984,9 @@ class World:
         ]
         self._cleanup = contextlib.ExitStack()
         try:
-            self._setup(stack_env, service_registry_url, kafka_env, extra_env, restart_on_exit)
+            self._setup(
+                stack_env, service_registry_url, kafka_env, extra_env, restart_on_exit, launcher
+            )
         except BaseException:
             self._cleanup.close()
             raise
@@ -978,6 +998,7 @@ class World:
         kafka_env: Mapping[str, str] | None,
         extra_env: Mapping[str, str] | None,
         restart_on_exit: bool,
+        launcher: Launcher,
     ) -> None:
         tmp = self.tmp
         self.slack = FakeSlack(token=self.token).start()
@@ -1051,7 +1072,7 @@ class World:
         env.update(extra_env or {})
         self.env = env
         self.fleet = Fleet(
-            {s: ServiceProcess(s, env, tmp / "logs") for s in SERVICES},
+            {s: ServiceProcess(s, env, tmp / "logs", launcher) for s in SERVICES},
             restart_on_exit=restart_on_exit,
         )
         self._cleanup.callback(self.fleet.kill_all)

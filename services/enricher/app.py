@@ -18,7 +18,6 @@ Invalid events are dead-lettered by the loop inside its transaction.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -41,14 +40,12 @@ from libs.kafka import (
     LoopConfig,
     ProcessingLoop,
     RetryLater,
-    dlq_topic,
     ensure_topics,
     plain_produce,
 )
 from libs.runtime import HealthServer, install_stop_handlers
 from libs.serde import (
     AvroDeserializer,
-    AvroRecord,
     AvroSerializer,
     CsdrAssignment,
     DeserializationError,
@@ -57,10 +54,9 @@ from libs.serde import (
     SlackMessage,
     SlackUser,
     encode_key,
-    load_schema_text,
     wait_for_registry,
 )
-from libs.tables import GlobalTable, bootstrap_all
+from libs.tables import GlobalTable, avro_table, bootstrap_all
 from services.common.settings import CommonSettings, TopicSettings
 from services.enricher.core import Alert, Drop, Miss, Outcome, Pipeline, invalid_reason, process
 from services.enricher.pipelines import PIPELINES
@@ -106,11 +102,6 @@ class _Source:
     decode: AvroDeserializer[Any]
 
 
-def _format_version(record_type: type[AvroRecord]) -> str:
-    # A different reader schema re-validates every stored record: wipe and rebuild the table.
-    return hashlib.sha256(load_schema_text(record_type.SCHEMA).encode()).hexdigest()[:16]
-
-
 class Enricher:
     """The running service; ``run()`` blocks until ``stop`` is set."""
 
@@ -152,20 +143,14 @@ class Enricher:
 
     # -- tables ----------------------------------------------------------------------------
     def _table(self, name: str, topic: str, record_type: type[Any]) -> GlobalTable[Any]:
-        deserializer = AvroDeserializer(self._registry, record_type)
-
-        def decode(value: bytes, topic: str, partition: int, offset: int) -> Any:
-            return deserializer(value, topic=topic, partition=partition, offset=offset)
-
-        return GlobalTable(
+        return avro_table(
+            record_type,
             name=name,
             topic=topic,
             state_dir=Path(self._settings.state_dir),
             consumer_config=self._kafka.consumer_config(None),
-            decode=decode,
-            on_invalid=self._table_dlq.publish_message,
-            dead_letter_topic=dlq_topic(topic),
-            format_version=_format_version(record_type),
+            registry=self._registry,
+            dead_letters=self._table_dlq,
         )
 
     def _follow_tables(self) -> None:

@@ -56,6 +56,7 @@ def avro_table(
         consumer_config=consumer_config,
         decode=decode,
         check=check,
+        header_size=5,  # magic byte + schema id
         on_invalid=None if dead_letters is None else dead_letters.publish_message,
         dead_letter_topic=None if dead_letters is None else dlq_topic(topic),
         format_version=format_version(record_type),

@@ -121,6 +121,9 @@ class GlobalTable(Generic[V]):
 
     ``decode`` turns a stored value into what ``get`` returns. ``check`` validates a record at
     restore; without one, ``decode`` is the check (every record decoded once more at restore).
+    With ``header_size``, ``check`` looks at that many leading bytes only (the Confluent wire
+    header: magic byte and schema id), so a value whose header already passed is not checked
+    again.
     ``avro_table()`` wires both, the format version and dead letters for an Avro record type.
     """
 
@@ -133,10 +136,11 @@ class GlobalTable(Generic[V]):
         consumer_config: dict[str, Any],
         decode: Decoder[V],
         check: Check | None = None,
+        header_size: int = 0,
         on_invalid: Callable[[Message, Exception], None] | None = None,
         format_version: str = "1",
         validate: bool = True,
-        batch_size: int = 10_000,
+        batch_size: int = 2000,
         lagging_threshold: int = 1000,
         retry_s: float = 2.0,
         dead_letter_topic: str | None = None,
@@ -146,9 +150,14 @@ class GlobalTable(Generic[V]):
         self.topic = topic
         self.path = Path(state_dir) / name
         self._consumer_config = {
-            # while loading, the table consumes as fast as it can apply: a deep prefetch queue
-            # adds memory, not speed (librdkafka's default is 64 MB per consumer)
-            "queued.max.messages.kbytes": 16 * 1024,
+            # Prefetch: librdkafka queues up to 100k records (or 64 MB) per partition and, once
+            # past that, waits fetch.queue.backoff.ms (1 s) before fetching again. Lookup records
+            # are small, so the record count rules; 100k per partition costs ~30 MB of
+            # librdkafka's per-record overhead for 3 partitions and the 1 s pauses stalled the
+            # restore. A shallow queue refilled at once keeps the table busy and its memory low.
+            "queued.min.messages": 20_000,
+            "queued.max.messages.kbytes": 8 * 1024,
+            "fetch.queue.backoff.ms": 10,
             **consumer_config,
             # librdkafka insists on a group.id even for assign()-only consumers; this one never
             # subscribes or commits, so the group is never joined.
@@ -158,6 +167,9 @@ class GlobalTable(Generic[V]):
         }
         self._decode = decode
         self._check: Check | None = (check or decode) if validate else None
+        self._header_size = header_size if check is not None else 0
+        # headers (the first ``header_size`` bytes) of values that passed ``check``
+        self._valid_headers: set[bytes] = set()
         self._on_invalid = on_invalid
         self._store: TableStore = store or RocksDictStore(
             self.path, name=name, format_info={"topic": topic, "format": format_version}
@@ -348,6 +360,7 @@ class GlobalTable(Generic[V]):
         # partition -> offset of its first record of this batch that is not applied
         rewind: dict[int, int] = {}
         check, topic = self._check, self.topic
+        header_size, valid_headers = self._header_size, self._valid_headers
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -365,7 +378,11 @@ class GlobalTable(Generic[V]):
             if key is None:
                 self._invalid(msg, TableError("record without key"))
                 continue
-            if value is not None and check is not None:
+            if (
+                value is not None
+                and check is not None
+                and (not header_size or value[:header_size] not in valid_headers)
+            ):
                 try:
                     check(value, topic, partition, offset)
                 except DeserializationError as exc:
@@ -382,6 +399,8 @@ class GlobalTable(Generic[V]):
                 except Exception as exc:  # whatever else a decoder raises: invalid record
                     self._invalid(msg, exc)
                     continue
+                if header_size and len(value) >= header_size:
+                    valid_headers.add(value[:header_size])
             entries.append((key, value))
         self._store.write(entries, touched)
         self._offsets.update(touched)

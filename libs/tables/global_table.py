@@ -145,6 +145,7 @@ class GlobalTable(Generic[V]):
         retry_s: float = 2.0,
         dead_letter_topic: str | None = None,
         store: TableStore | None = None,
+        consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
     ) -> None:
         self.name = name
         self.topic = topic
@@ -166,6 +167,8 @@ class GlobalTable(Generic[V]):
             "enable.partition.eof": False,
         }
         self._decode = decode
+        # injectable so the apply logic runs in unit tests on a fake consumer
+        self._new_consumer = consumer_factory
         self._check: Check | None = (check or decode) if validate else None
         self._header_size = header_size if check is not None else 0
         # headers (the first ``header_size`` bytes) of values that passed ``check``
@@ -217,7 +220,7 @@ class GlobalTable(Generic[V]):
             self.open()
         self._set_state(TableState.LOADING)
         self._dead_lettered = self._read_dead_letters(timeout_s)
-        consumer = Consumer(self._consumer_config)
+        consumer = self._new_consumer(self._consumer_config)
         try:
             meta = consumer.list_topics(self.topic, timeout=timeout_s).topics.get(self.topic)
         except KafkaException as exc:
@@ -440,7 +443,7 @@ class GlobalTable(Generic[V]):
         if self._dead_letter_topic is None:
             return set()
         found: set[tuple[int, int]] = set()
-        consumer = Consumer(self._consumer_config)
+        consumer = self._new_consumer(self._consumer_config)
         try:
             for msg in read_to_end(
                 consumer, self._dead_letter_topic, timeout_s=timeout_s, missing_ok=True

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from confluent_kafka import Message, TopicPartition
 
+from libs.kafka import HEADER_SOURCE_OFFSET, DeadLetterPublisher, dlq_topic
 from libs.serde import (
     AvroDeserializer,
     AvroSerializer,
@@ -19,7 +24,7 @@ from libs.serde import (
     SlackUser,
 )
 from libs.tables import GlobalTable, InMemoryStore, RocksDictStore, TableStore, avro_table
-from libs.tables.global_table import UNDECODABLE
+from libs.tables.global_table import BLOCKED, UNDECODABLE
 
 T0 = datetime(2026, 11, 25, tzinfo=UTC)
 TOPIC = "data-slack-users"
@@ -208,3 +213,126 @@ def test_caught_up_to_compares_positions_with_marks(tmp_path: Path) -> None:
     assert table.caught_up_to({0: 9, 1: 0, 2: 0})  # an empty partition: mark 0
     assert not table.caught_up_to({0: 11, 1: 4})
     assert not table.caught_up_to({2: 1})
+
+
+# -- applying, on a fake consumer ----------------------------------------------------------------
+class FakeConsumer:
+    """The part of ``confluent_kafka.Consumer`` a table uses, over an in-memory log."""
+
+    def __init__(self, log: dict[int, list[Message]]) -> None:
+        self.log = log
+        self.next: dict[int, int] = {}
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        if topic != TOPIC:
+            return SimpleNamespace(topics={})  # no dead-letter topic yet
+        meta = SimpleNamespace(error=None, partitions={p: None for p in self.log})
+        return SimpleNamespace(topics={topic: meta})
+
+    def get_watermark_offsets(
+        self, tp: TopicPartition, timeout: float = 0, cached: bool = False
+    ) -> tuple[int, int]:
+        records = self.log[tp.partition]
+        return 0, (records[-1].offset() + 1 if records else 0)  # type: ignore[operator]
+
+    def assign(self, tps: list[TopicPartition]) -> None:
+        self.next = {tp.partition: max(0, tp.offset) for tp in tps}
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.next[tp.partition] = tp.offset
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        out = []
+        for p, records in self.log.items():
+            for m in records:
+                if m.offset() >= self.next[p] and len(out) < num_messages:  # type: ignore[operator]
+                    out.append(m)
+                    self.next[p] = m.offset() + 1  # type: ignore[operator]
+        return out
+
+    def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, self.next[tp.partition]) for tp in tps]
+
+    def close(self) -> None:
+        pass
+
+
+def _loaded(
+    registry: AnsweringRegistry, log: dict[int, list[Message]], tmp_path: Path, **kw: Any
+) -> tuple[GlobalTable[SlackUser], list[tuple[bytes | None, int]]]:
+    """A table over ``log`` whose dead letters land in the returned list (key, source offset)."""
+    letters: list[tuple[bytes | None, int]] = []
+
+    def produce(topic: str, *, key: bytes | None, value: bytes | None, headers: Any) -> None:
+        assert topic == dlq_topic(TOPIC)
+        letters.append((key, int(dict(headers)[HEADER_SOURCE_OFFSET])))
+
+    table = avro_table(
+        SlackUser,
+        name="users",
+        topic=TOPIC,
+        state_dir=tmp_path,
+        consumer_config={},
+        registry=registry,
+        dead_letters=DeadLetterPublisher(produce, "test"),
+        store=InMemoryStore(),
+        consumer_factory=lambda conf: FakeConsumer(log),
+        **kw,
+    )
+    return table, letters
+
+
+def _msg(offset: int, key: bytes | None, value: bytes | None, partition: int = 0) -> Message:
+    return Message(topic=TOPIC, partition=partition, offset=offset, key=key, value=value)
+
+
+def test_each_schema_id_is_checked_once_and_poison_is_dead_lettered(tmp_path: Path) -> None:
+    registry = AnsweringRegistry()
+    encode = AvroSerializer(registry, SlackUser)
+    good = [encode(TOPIC, SlackUser(f"u{i}@x", f"U{i}", T0)) for i in range(50)]
+    log = {
+        0: [
+            *(_msg(i, f"u{i}@x".encode(), v) for i, v in enumerate(good)),
+            _msg(50, b"bad@x", b"garbage"),
+            _msg(51, b"unknown@x", b"\x00\x7f\xff\xff\xf0" + good[0][5:]),
+            _msg(52, None, good[0]),
+            _msg(53, b"u3@x", None),  # tombstone
+        ]
+    }
+    fetched: list[int] = []
+    lookup = registry.schema_by_id
+
+    def counting(schema_id: int) -> str:
+        fetched.append(schema_id)
+        return lookup(schema_id)
+
+    registry.schema_by_id = counting  # type: ignore[method-assign]
+    table, letters = _loaded(registry, log, tmp_path)
+    table.bootstrap(threading.Event(), timeout_s=10)
+    assert len(fetched) == 2  # the good records' id once, the unknown id once
+    assert letters == [(b"bad@x", 50), (b"unknown@x", 51), (None, 52)]
+    assert table.applied_since_start == 51 and table.positions() == {0: 54}
+    assert table.get("u7@x") == SlackUser("u7@x", "U7", T0) and table.get("u3@x") is None
+
+
+def test_registry_down_pauses_at_the_record_and_dead_letters_nothing(tmp_path: Path) -> None:
+    registry = AnsweringRegistry()
+    encode = AvroSerializer(registry, SlackUser)
+    log = {
+        0: [
+            _msg(i, f"u{i}@x".encode(), encode(TOPIC, SlackUser(f"u{i}@x", "U", T0)))
+            for i in range(5)
+        ]
+    }
+    registry.down = True
+    table, letters = _loaded(registry, log, tmp_path, retry_s=0.0)
+    blocked = BLOCKED.labels("users")._value.get()
+    table.begin_bootstrap()
+    assert not table.step_bootstrap()
+    assert letters == [] and table.positions() == {0: 0}
+    assert BLOCKED.labels("users")._value.get() == blocked + 1
+    assert not table.caught_up_to({0: 5})
+    registry.down = False
+    assert table.step_bootstrap()
+    assert table.ready() and table.positions() == {0: 5} and letters == []
+    assert table.caught_up_to({0: 5})

@@ -156,7 +156,7 @@ class GlobalTable(Generic[V]):
             # are small, so the record count rules; 100k per partition costs ~30 MB of
             # librdkafka's per-record overhead for 3 partitions and the 1 s pauses stalled the
             # restore. A shallow queue refilled at once keeps the table busy and its memory low.
-            "queued.min.messages": 20_000,
+            "queued.min.messages": 10_000,
             "queued.max.messages.kbytes": 8 * 1024,
             "fetch.queue.backoff.ms": 10,
             **consumer_config,

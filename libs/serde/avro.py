@@ -225,6 +225,41 @@ class AvroDeserializer(Generic[R]):
                 self._writers[schema_id] = found
         return found
 
+    def check_header(self, data: bytes | None, *, topic: str, partition: int, offset: int) -> int:
+        """Validate the wire header of ``data`` without decoding its payload; return the id.
+
+        Checks the magic byte and that the registry knows the writer schema id (fetched once and
+        cached, so decoding these bytes later needs no registry call). Raises
+        ``DeserializationError`` as decoding would, ``registry_unavailable`` included.
+        """
+        if data is None or len(data) < 5 or data[0] != MAGIC_BYTE:
+            raise DeserializationError(
+                "not Confluent wire format (missing magic byte 0 and schema id)",
+                topic=topic,
+                partition=partition,
+                offset=offset,
+            )
+        _, schema_id = _HEADER.unpack_from(data)
+        if schema_id in self._writers:
+            return int(schema_id)
+        try:
+            self._writer(schema_id)
+        except RegistryError as exc:
+            raise DeserializationError(
+                f"writer schema {schema_id} unavailable: {exc}",
+                topic=topic,
+                partition=partition,
+                offset=offset,
+            ) from exc
+        except (ValueError, fastavro.schema.SchemaParseException) as exc:
+            raise DeserializationError(
+                f"writer schema {schema_id} is not valid Avro: {exc}",
+                topic=topic,
+                partition=partition,
+                offset=offset,
+            ) from exc
+        return int(schema_id)
+
     def __call__(self, data: bytes | None, *, topic: str, partition: int, offset: int) -> R:
         """Decode one Kafka value; raise ``DeserializationError`` naming where it came from."""
         if data is None:

@@ -3,21 +3,29 @@
 * A group-less consumer is assigned every partition; the table never joins a consumer group
   and never commits offsets to Kafka.
 * Keys are the Kafka keys (UTF-8); a tombstone (null value) deletes.
-* The next offset of each partition is written in the same RocksDB write batch as the data it
-  covers, so the store and its position can never disagree. The batch skips the WAL: data and
-  offsets live in one column family whose memtable is flushed atomically, so a crash loses
-  only a suffix of both together and the restart re-reads exactly that suffix.
+* The next offset of each partition is written in the same write batch as the data it covers
+  (``libs.tables.store``), so the store and its position can never disagree.
 * Bootstrap gate: at start, snapshot every partition's high watermark and apply records until
   each partition's *position* reaches it. Positions, not end-of-partition events: compaction
   leaves holes and transaction markers occupy offsets no record is returned for; librdkafka
-  moves the position past both.
+  moves the position past both. ``high_watermarks()`` and ``caught_up_to()`` offer the same
+  test to a caller with marks of its own (the notifier at a partition assignment).
 * One apply function serves bootstrap and live following.
+* Restore validates the wire header only (``check``: magic byte, a schema id the registry
+  knows) and stores the raw bytes; values are decoded at ``get``, once per lookup instead of
+  once per record restored. A record that passed the header check but does not decode at
+  ``get`` is answered as absent (``None``), counted (``table_undecodable_reads_total``,
+  ``status()["undecodable_reads"]``) and logged once per key: a lookup table's bad record costs
+  the join, never the service. Its coordinates are unknown at that point (the store keeps
+  values, not offsets), so it is not dead-lettered; the log line names the key to fix.
 * Registry down is not the record's fault: a record whose writer schema cannot be fetched
   (the registry unreachable, 5xx) is neither applied nor dead-lettered, and the table's
   position does not move past it. Every partition is sought back to its first record not
   applied, and the table consumes nothing for ``retry_s`` before it tries again; it stays
   loading (or lagging), so readiness stays false. Only records that are really invalid
-  (undecodable bytes, an unknown schema id) go to ``on_invalid``.
+  (no key, not the wire format, a schema id the registry does not know) go to ``on_invalid``.
+  At ``get``, the same condition raises the decoder's ``DeserializationError`` (with
+  ``registry_unavailable`` true) for the caller to retry later.
 * Dead letters are not multiplied: with ``dead_letter_topic`` the table reads that topic at
   each bootstrap and never hands a record to ``on_invalid`` whose source coordinates
   (``dlq.source.topic/partition/offset`` headers) are already there. A rebuild, or a second
@@ -26,28 +34,23 @@
   were deleted, so the copy would silently miss keys), above its high watermark (the topic was
   recreated), a store that does not open, or a changed format version wipes the store and
   rebuilds it from the topic instead of crash-looping.
-
-Values are stored as the raw record bytes read from Kafka (Confluent-framed Avro), which keeps
-the restore path free of decoding; ``get`` decodes, with a small LRU cache in front.
+* Threads: the consumer side (bootstrap, ``poll``, ``caught_up_to``) and ``get`` belong to the
+  service's loop thread; ``status()``, ``ready()`` and ``lag()`` may be read from another (the
+  health server). No lock sits on the lookup path.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import struct
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 from prometheus_client import Counter, Gauge
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from libs.kafka import (
     HEADER_SOURCE_OFFSET,
@@ -58,6 +61,7 @@ from libs.kafka import (
 )
 from libs.serde import DeserializationError
 from libs.tables.errors import TableError
+from libs.tables.store import REBUILDS, Entry, RocksDictStore, TableStore
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +69,22 @@ V = TypeVar("V")
 
 #: (value bytes, topic, partition, offset) -> decoded value; raises on invalid input
 Decoder = Callable[[bytes, str, int, int], V]
+#: (value bytes, topic, partition, offset) -> None; raises ``DeserializationError`` when the
+#: record is not to be stored (the restore-time validation)
+Check = Callable[[bytes, str, int, int], object]
 
-_DATA = b"d"
-_OFFSET = b"o"
-_META = b"m:meta"
-_PARTITION = struct.Struct(">I")
-_NEXT_OFFSET = struct.Struct(">q")
-LAYOUT_VERSION = "1"
+#: keys whose undecodable value was already logged (bounded: the counter carries the rest)
+_UNDECODABLE_LOGGED_MAX = 1000
+
+__all__ = [
+    "REBUILDS",
+    "Check",
+    "Decoder",
+    "GlobalTable",
+    "InMemoryTable",
+    "TableState",
+    "bootstrap_all",
+]
 
 STATE = Gauge("table_state", "1 for the table's current state", ["table", "state"])
 RECORDS = Gauge("table_records", "Keys in the table (RocksDB estimate)", ["table"])
@@ -86,8 +99,11 @@ LAST_UPDATE = Gauge(
 )
 APPLIED = Counter("table_records_applied_total", "Records applied to the table", ["table"])
 INVALID = Counter("table_records_invalid_total", "Records skipped as invalid", ["table"])
-REBUILDS = Counter(
-    "table_rebuilds_total", "Times the store was wiped and rebuilt", ["table", "reason"]
+UNDECODABLE = Counter(
+    "table_undecodable_reads_total",
+    "Lookups answered as absent because the stored value passed the restore check but does "
+    "not decode",
+    ["table"],
 )
 
 
@@ -101,7 +117,15 @@ class TableState(StrEnum):
 
 
 class GlobalTable(Generic[V]):
-    """A full, persistent, self-healing local copy of one compacted topic."""
+    """A full, persistent, self-healing local copy of one compacted topic.
+
+    ``decode`` turns a stored value into what ``get`` returns. ``check`` validates a record at
+    restore; without one, ``decode`` is the check (every record decoded once more at restore).
+    With ``header_size``, ``check`` looks at that many leading bytes only (the Confluent wire
+    header: magic byte and schema id), so a value whose header already passed is not checked
+    again.
+    ``avro_table()`` wires both, the format version and dead letters for an Avro record type.
+    """
 
     def __init__(
         self,
@@ -111,19 +135,30 @@ class GlobalTable(Generic[V]):
         state_dir: Path,
         consumer_config: dict[str, Any],
         decode: Decoder[V],
+        check: Check | None = None,
+        header_size: int = 0,
         on_invalid: Callable[[Message, Exception], None] | None = None,
         format_version: str = "1",
         validate: bool = True,
-        batch_size: int = 5000,
-        cache_size: int = 10_000,
+        batch_size: int = 2000,
         lagging_threshold: int = 1000,
         retry_s: float = 2.0,
         dead_letter_topic: str | None = None,
+        store: TableStore | None = None,
+        consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
     ) -> None:
         self.name = name
         self.topic = topic
         self.path = Path(state_dir) / name
         self._consumer_config = {
+            # Prefetch: librdkafka queues up to 100k records (or 64 MB) per partition and, once
+            # past that, waits fetch.queue.backoff.ms (1 s) before fetching again. Lookup records
+            # are small, so the record count rules; 100k per partition costs ~30 MB of
+            # librdkafka's per-record overhead for 3 partitions and the 1 s pauses stalled the
+            # restore. A shallow queue refilled at once keeps the table busy and its memory low.
+            "queued.min.messages": 10_000,
+            "queued.max.messages.kbytes": 8 * 1024,
+            "fetch.queue.backoff.ms": 10,
             **consumer_config,
             # librdkafka insists on a group.id even for assign()-only consumers; this one never
             # subscribes or commits, so the group is never joined.
@@ -132,12 +167,17 @@ class GlobalTable(Generic[V]):
             "enable.partition.eof": False,
         }
         self._decode = decode
+        # injectable so the apply logic runs in unit tests on a fake consumer
+        self._new_consumer = consumer_factory
+        self._check: Check | None = (check or decode) if validate else None
+        self._header_size = header_size if check is not None else 0
+        # headers (the first ``header_size`` bytes) of values that passed ``check``
+        self._valid_headers: set[bytes] = set()
         self._on_invalid = on_invalid
-        self._format = {"layout": LAYOUT_VERSION, "topic": topic, "format": format_version}
-        self._validate = validate
+        self._store: TableStore = store or RocksDictStore(
+            self.path, name=name, format_info={"topic": topic, "format": format_version}
+        )
         self._batch_size = batch_size
-        self._cache: OrderedDict[str, V | None] = OrderedDict()
-        self._cache_size = cache_size
         self._lagging_threshold = lagging_threshold
         self._retry_s = retry_s
         self._dead_letter_topic = dead_letter_topic
@@ -147,12 +187,8 @@ class GlobalTable(Generic[V]):
         # nothing before this monotonic time
         self._blocked_until: float | None = None
         self.blocked_reason: str | None = None
-        self._db: Rdict | None = None
+        self._opened = False
         self._consumer: Consumer | None = None
-        self._write_opts = WriteOptions()
-        # a property at run time, though rocksdict's stubs declare a method
-        self._write_opts.disable_wal = True  # type: ignore[method-assign,assignment]
-        self._lock = threading.RLock()
         self._offsets: dict[int, int] = {}
         self._targets: dict[int, int] = {}
         self._partitions: list[int] = []
@@ -160,6 +196,8 @@ class GlobalTable(Generic[V]):
         self.applied_total = 0
         self.applied_since_start = 0
         self.invalid_total = 0
+        self.undecodable_reads = 0
+        self._undecodable_logged: set[str] = set()
         self.last_update: float | None = None
         self._lag = 0
         self._set_state(TableState.CREATED)
@@ -167,77 +205,22 @@ class GlobalTable(Generic[V]):
     # -- store -----------------------------------------------------------------------------
     def open(self) -> None:
         """Open (or create) the store; wipe it when it is corrupt or of another format."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            db = self._open_db()
-        except Exception as exc:  # rocksdict raises bare Exception on corruption
-            log.warning(
-                "table store does not open, rebuilding",
-                extra={"table": self.name, "path": str(self.path), "error": str(exc)},
-            )
-            self._wipe("corrupt")
-            db = self._open_db()
-        meta = db.get(_META)
-        if meta is not None and _load_meta(meta) != self._format:
-            log.warning(
-                "table store format changed, rebuilding",
-                extra={"table": self.name, "stored": _load_meta(meta), "expected": self._format},
-            )
-            db.close()
-            self._wipe("format")
-            db = self._open_db()
-            meta = None
-        if meta is None:
-            db.put(_META, json.dumps(self._format).encode())
-        self._db = db
-        self._offsets = self._load_offsets()
-
-    def _open_db(self) -> Rdict:
-        opts = Options(raw_mode=True)
-        opts.create_if_missing(True)
-        opts.set_max_background_jobs(2)
-        opts.set_write_buffer_size(64 * 1024 * 1024)
-        opts.optimize_for_point_lookup(64)
-        return Rdict(str(self.path), opts)
+        self._store.open()
+        self._opened = True
+        self._offsets = self._store.offsets()
 
     def _wipe(self, reason: str) -> None:
-        REBUILDS.labels(self.name, reason).inc()
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-        shutil.rmtree(self.path, ignore_errors=True)
-        with self._lock:
-            self._cache.clear()
-        self._offsets = {}
-
-    def _load_offsets(self) -> dict[int, int]:
-        db = self._require_db()
-        offsets: dict[int, int] = {}
-        it = db.iter()
-        it.seek(_OFFSET)
-        while it.valid():
-            key = it.key()
-            if not key.startswith(_OFFSET) or len(key) != 1 + _PARTITION.size:
-                break
-            (partition,) = _PARTITION.unpack_from(key, 1)
-            (offsets[partition],) = _NEXT_OFFSET.unpack(it.value())
-            it.next()
-        del it
-        return offsets
-
-    def _require_db(self) -> Rdict:
-        if self._db is None:
-            raise TableError(f"table {self.name} is not open")
-        return self._db
+        self._store.wipe(reason)
+        self._offsets = self._store.offsets()
 
     # -- the gate --------------------------------------------------------------------------
     def begin_bootstrap(self, timeout_s: float = 30.0) -> None:
         """Snapshot high watermarks, heal the store if needed, and assign every partition."""
-        if self._db is None:
+        if not self._opened:
             self.open()
         self._set_state(TableState.LOADING)
         self._dead_lettered = self._read_dead_letters(timeout_s)
-        consumer = Consumer(self._consumer_config)
+        consumer = self._new_consumer(self._consumer_config)
         try:
             meta = consumer.list_topics(self.topic, timeout=timeout_s).topics.get(self.topic)
         except KafkaException as exc:
@@ -258,7 +241,6 @@ class GlobalTable(Generic[V]):
                 extra={"table": self.name, "reason": reason},
             )
             self._wipe("offsets")
-            self.open()
         self._targets = {p: high for p, (_, high) in marks.items()}
         starts = [
             TopicPartition(self.topic, p, self._offsets.get(p, OFFSET_BEGINNING))
@@ -301,22 +283,14 @@ class GlobalTable(Generic[V]):
         msgs = consumer.consume(self._batch_size, 0.2)
         if msgs:
             self._apply(msgs)
-        pending = [p for p in self._partitions if self._offsets.get(p, 0) < self._targets[p]]
-        if pending and not self._is_blocked():
-            positions = consumer.position([TopicPartition(self.topic, p) for p in pending])
-            for tp in positions:
-                # the position moves past transaction markers and compaction holes that no
-                # record was returned for; record it so a restart starts there too
-                if tp.offset >= 0 and tp.offset > self._offsets.get(tp.partition, -1):
-                    self._store_offset(tp.partition, tp.offset)
-            pending = [p for p in pending if self._offsets.get(p, 0) < self._targets[p]]
+        pending = self._behind(self._targets)
         self._lag = sum(max(0, self._targets[p] - self._offsets.get(p, 0)) for p in pending)
         LAG.labels(self.name).set(self._lag)
         if pending:
             return False
         # The writes skip the WAL: flush once at the gate so a crash right after a long
         # restore does not throw the memtable's part of it away.
-        self._require_db().flush()
+        self._store.flush()
         self._set_state(TableState.CAUGHT_UP)
         return True
 
@@ -325,23 +299,79 @@ class GlobalTable(Generic[V]):
         bootstrap_all([self], stop, timeout_s=timeout_s)
         return self.applied_since_start
 
+    # -- positions -------------------------------------------------------------------------
+    def positions(self) -> dict[int, int]:
+        """The next offset to apply of every partition (0 for one nothing was read from).
+
+        Positions only move forward, and only past records that were applied, dead-lettered
+        or skipped as invalid: a record the table waits at (registry down) is never passed.
+        """
+        partitions = self._partitions or sorted(self._offsets)
+        return {p: self._offsets.get(p, 0) for p in partitions}
+
+    def high_watermarks(self, timeout_s: float = 10.0) -> dict[int, int]:
+        """Snapshot every partition's high watermark (one broker round trip per partition).
+
+        Blocks at most ``timeout_s`` per partition; raises ``TableError`` when the broker
+        does not answer. Pair it with ``caught_up_to()``.
+        """
+        consumer = self._require_consumer()
+        marks: dict[int, int] = {}
+        try:
+            for p in self._partitions:
+                _, high = consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p), timeout=timeout_s
+                )
+                marks[p] = high
+        except KafkaException as exc:
+            raise TableError(f"cannot read the high watermarks of {self.topic}: {exc}") from exc
+        return marks
+
+    def caught_up_to(self, marks: Mapping[int, int]) -> bool:
+        """True once every partition's position reached its mark in ``marks``; never blocks.
+
+        The caller keeps polling the table (``poll()``) between calls. A partition the table
+        does not follow counts as caught up only for a mark of 0.
+        """
+        return not self._behind(marks)
+
+    def _behind(self, marks: Mapping[int, int]) -> list[int]:
+        """Partitions below their mark, after moving positions past what no record fills."""
+        pending = [p for p, mark in marks.items() if self._offsets.get(p, 0) < mark]
+        if pending and self._consumer is not None and not self._is_blocked():
+            followed = [p for p in pending if p in self._targets]
+            if followed:
+                advanced: dict[int, int] = {}
+                positions = self._consumer.position(
+                    [TopicPartition(self.topic, p) for p in followed]
+                )
+                for tp in positions:
+                    # the position moves past transaction markers and compaction holes that no
+                    # record was returned for; store it so a restart starts there too
+                    if tp.offset >= 0 and tp.offset > self._offsets.get(tp.partition, -1):
+                        advanced[tp.partition] = tp.offset
+                if advanced:
+                    self._store.write((), advanced)
+                    self._offsets.update(advanced)
+            pending = [p for p in pending if self._offsets.get(p, 0) < marks[p]]
+        return pending
+
     # -- applying --------------------------------------------------------------------------
     def _apply(self, msgs: Sequence[Message]) -> int:
-        db = self._require_db()
-        batch = WriteBatch(raw_mode=True)
+        entries: list[Entry] = []
         touched: dict[int, int] = {}
-        applied = 0
-        keys: list[str] = []
         # partition -> offset of its first record of this batch that is not applied
         rewind: dict[int, int] = {}
+        check, topic = self._check, self.topic
+        header_size, valid_headers = self._header_size, self._valid_headers
         for msg in msgs:
             err = msg.error()
             if err is not None:
                 if err.fatal():
                     raise TableError(f"table {self.name} consumer error: {err.str()}")
                 continue
-            partition = int(msg.partition() or 0)
-            offset = int(msg.offset() or 0)
+            partition: int = msg.partition()  # type: ignore[assignment]
+            offset: int = msg.offset()  # type: ignore[assignment]
             if rewind:
                 rewind.setdefault(partition, offset)
                 continue
@@ -351,9 +381,13 @@ class GlobalTable(Generic[V]):
             if key is None:
                 self._invalid(msg, TableError("record without key"))
                 continue
-            if value is not None and self._validate:
+            if (
+                value is not None
+                and check is not None
+                and (not header_size or value[:header_size] not in valid_headers)
+            ):
                 try:
-                    self._decode(value, self.topic, partition, offset)
+                    check(value, topic, partition, offset)
                 except DeserializationError as exc:
                     if exc.registry_unavailable:
                         # not applied, not dead-lettered, and the position stays before it
@@ -365,25 +399,18 @@ class GlobalTable(Generic[V]):
                         continue
                     self._invalid(msg, exc)
                     continue
-                except Exception as exc:  # whatever else the decoder raises: invalid record
+                except Exception as exc:  # whatever else a decoder raises: invalid record
                     self._invalid(msg, exc)
                     continue
-            if value is None:
-                batch.delete(_DATA + key)
-            else:
-                batch.put(_DATA + key, value)
-            keys.append(key.decode("utf-8", "replace"))
-            applied += 1
-        for partition, next_offset in touched.items():
-            batch.put(_OFFSET + _PARTITION.pack(partition), _NEXT_OFFSET.pack(next_offset))
-        with self._lock:
-            db.write(batch, self._write_opts)
-            for k in keys:
-                self._cache.pop(k, None)
+                if header_size and len(value) >= header_size:
+                    valid_headers.add(value[:header_size])
+            entries.append((key, value))
+        self._store.write(entries, touched)
         self._offsets.update(touched)
         for partition, offset in rewind.items():
             # seeking also drops what the consumer had fetched past that point
             self._require_consumer().seek(TopicPartition(self.topic, partition, offset))
+        applied = len(entries)
         if applied:
             self.applied_total += applied
             self.applied_since_start += applied
@@ -412,17 +439,11 @@ class GlobalTable(Generic[V]):
         self.blocked_reason = None
         return False
 
-    def _store_offset(self, partition: int, next_offset: int) -> None:
-        self._require_db().put(
-            _OFFSET + _PARTITION.pack(partition), _NEXT_OFFSET.pack(next_offset), self._write_opts
-        )
-        self._offsets[partition] = next_offset
-
     def _read_dead_letters(self, timeout_s: float) -> set[tuple[int, int]]:
         if self._dead_letter_topic is None:
             return set()
         found: set[tuple[int, int]] = set()
-        consumer = Consumer(self._consumer_config)
+        consumer = self._new_consumer(self._consumer_config)
         try:
             for msg in read_to_end(
                 consumer, self._dead_letter_topic, timeout_s=timeout_s, missing_ok=True
@@ -505,28 +526,42 @@ class GlobalTable(Generic[V]):
 
     # -- reads -----------------------------------------------------------------------------
     def get(self, key: str) -> V | None:
-        """The current value of ``key``, decoded; ``None`` when absent or deleted."""
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-            raw = self._require_db().get(_DATA + key.encode("utf-8"))
-        value = None if raw is None else self._decode(raw, self.topic, -1, -1)
-        with self._lock:
-            self._cache[key] = value
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return value
+        """The current value of ``key``, decoded; ``None`` when absent, deleted or undecodable.
+
+        One store read and one decode, no lock and no cache: the join's keys are spread over
+        the whole table, so a cache in front mostly missed. A value that does not decode is
+        answered as absent and counted (see the module docstring); the decoder's
+        ``DeserializationError`` for a registry that cannot answer propagates, because the
+        value is fine and the caller should retry.
+        """
+        raw = self._store.get(key.encode("utf-8"))
+        if raw is None:
+            return None
+        try:
+            return self._decode(raw, self.topic, -1, -1)
+        except DeserializationError as exc:
+            if exc.registry_unavailable:
+                raise
+            self._undecodable(key, exc)
+            return None
+
+    def _undecodable(self, key: str, exc: DeserializationError) -> None:
+        self.undecodable_reads += 1
+        UNDECODABLE.labels(self.name).inc()
+        if key not in self._undecodable_logged:
+            if len(self._undecodable_logged) < _UNDECODABLE_LOGGED_MAX:
+                self._undecodable_logged.add(key)
+            log.warning(
+                "table value does not decode, answered as absent",
+                extra={"table": self.name, "key": key, "error": exc.reason},
+            )
 
     def put_local(self, key: str, value: bytes | None) -> None:
-        """Write through a record this process produced itself, ahead of reading it back."""
-        db = self._require_db()
-        with self._lock:
-            if value is None:
-                db.delete(_DATA + key.encode("utf-8"), self._write_opts)
-            else:
-                db.put(_DATA + key.encode("utf-8"), value, self._write_opts)
-            self._cache.pop(key, None)
+        """Write through a record this process produced itself, ahead of reading it back.
+
+        The position does not move: the record is applied again when it is read back.
+        """
+        self._store.write([(key.encode("utf-8"), value)], {})
 
     # -- status ----------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -539,21 +574,20 @@ class GlobalTable(Generic[V]):
 
     def record_count(self) -> int:
         """Keys in the store (RocksDB's estimate; exact after a compaction)."""
-        if self._db is None:
-            return 0
-        n = self._db.property_int_value("rocksdb.estimate-num-keys") or 0
-        return max(0, int(n) - 1 - len(self._offsets))  # minus the meta and offset keys
+        return self._store.estimate_keys()
 
     def status(self) -> dict[str, object]:
         """State, counts, lag and age of the last update, for logs and /readyz."""
-        RECORDS.labels(self.name).set(self.record_count())
+        records = self.record_count()
+        RECORDS.labels(self.name).set(records)
         age = None if self.last_update is None else round(time.time() - self.last_update, 3)
         return {
             "state": self.state.value,
-            "records": self.record_count(),
+            "records": records,
             "lag": self._lag,
             "applied_since_start": self.applied_since_start,
             "invalid": self.invalid_total,
+            "undecodable_reads": self.undecodable_reads,
             "blocked": self.blocked_reason,
             "last_update_age_s": age,
         }
@@ -568,10 +602,9 @@ class GlobalTable(Generic[V]):
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
-        if self._db is not None:
-            self._db.flush()
-            self._db.close()
-            self._db = None
+        if self._opened:
+            self._store.close()
+            self._opened = False
 
 
 def bootstrap_all(
@@ -609,14 +642,6 @@ def bootstrap_all(
             "table caught up" if t.ready() else "table bootstrap interrupted",
             extra={"table": t.name, "seconds": round(elapsed, 3), **t.status()},
         )
-
-
-def _load_meta(raw: bytes) -> dict[str, Any]:
-    try:
-        loaded = json.loads(bytes(raw))
-        return loaded if isinstance(loaded, dict) else {}
-    except ValueError:
-        return {}
 
 
 class InMemoryTable(Generic[V]):

@@ -19,7 +19,6 @@ Invalid events are dead-lettered by the loop inside its transaction.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -35,19 +34,15 @@ from libs.kafka import (
     LoopStats,
     ProcessingLoop,
     TopicSpec,
-    dlq_topic,
     plain_produce,
 )
 from libs.runtime import seconds_since
 from libs.serde import (
-    AvroDeserializer,
-    AvroRecord,
     CsdrAssignment,
     SchemaRegistry,
     SlackUser,
-    load_schema_text,
 )
-from libs.tables import GlobalTable, bootstrap_all
+from libs.tables import GlobalTable, avro_table, bootstrap_all
 from services.common.settings import CommonSettings, TopicSettings
 from services.enricher.core import Pipeline
 from services.enricher.handler import EventHandler, InvalidEventError
@@ -64,11 +59,6 @@ SERVICE = "enricher"
 LIVENESS_STALL_S = 60.0
 #: how long the loop may go without polling before /readyz fails
 READINESS_STALL_S = 15.0
-
-
-def _format_version(record_type: type[AvroRecord]) -> str:
-    # A different reader schema re-validates every stored record: wipe and rebuild the table.
-    return hashlib.sha256(load_schema_text(record_type.SCHEMA).encode()).hexdigest()[:16]
 
 
 class Enricher:
@@ -119,20 +109,14 @@ class Enricher:
 
     # -- tables ----------------------------------------------------------------------------
     def _table(self, name: str, topic: str, record_type: type[Any]) -> GlobalTable[Any]:
-        deserializer = AvroDeserializer(self._registry, record_type)
-
-        def decode(value: bytes, topic: str, partition: int, offset: int) -> Any:
-            return deserializer(value, topic=topic, partition=partition, offset=offset)
-
-        return GlobalTable(
+        return avro_table(
+            record_type,
             name=name,
             topic=topic,
             state_dir=Path(self._settings.state_dir),
             consumer_config=self._kafka.consumer_config(None),
-            decode=decode,
-            on_invalid=self._table_dlq.publish_message,
-            dead_letter_topic=dlq_topic(topic),
-            format_version=_format_version(record_type),
+            registry=self._registry,
+            dead_letters=self._table_dlq,
         )
 
     def _follow_tables(self) -> None:

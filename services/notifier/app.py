@@ -20,7 +20,6 @@ rendered to the log and gets a ``DRY_RUN`` receipt, and no local rate limit appl
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from datetime import UTC, datetime, timedelta
@@ -43,9 +42,8 @@ from libs.serde import (
     SchemaRegistry,
     SlackDeliveryReceipt,
     SlackMessage,
-    load_schema_text,
 )
-from libs.tables import GlobalTable, bootstrap_all
+from libs.tables import GlobalTable, avro_table, bootstrap_all
 from services.common.settings import CommonSettings, TopicSettings
 from services.notifier.core import TOKEN_ERRORS, Rejected
 from services.notifier.markers import RocksDictAttemptLog
@@ -60,12 +58,6 @@ SERVICE = "notifier"
 LIVENESS_STALL_S = 60.0
 #: how long the loop may go without a turn before /readyz fails
 READINESS_STALL_S = 15.0
-
-
-def _format_version() -> str:
-    # A different reader schema re-validates every stored receipt: wipe and rebuild the table.
-    schema = load_schema_text(SlackDeliveryReceipt.SCHEMA)
-    return hashlib.sha256(schema.encode()).hexdigest()[:16]
 
 
 class NotifierService:
@@ -88,24 +80,19 @@ class NotifierService:
         self._registry = registry
         self._notifier = notifier or _build_notifier(settings)
         self._decode_message = AvroDeserializer(self._registry, SlackMessage)
-        decode_receipt = AvroDeserializer(self._registry, SlackDeliveryReceipt)
         self._encode_receipt = AvroSerializer(self._registry, SlackDeliveryReceipt)
         self._receipts_topic = topics.slack_message_receipts
         self._table_dlq_producer = Producer(self._kafka.producer_config())
         self._table_dlq = DeadLetterPublisher(plain_produce(self._table_dlq_producer), SERVICE)
 
-        def decode(value: bytes, topic: str, partition: int, offset: int) -> SlackDeliveryReceipt:
-            return decode_receipt(value, topic=topic, partition=partition, offset=offset)
-
-        self.receipts: GlobalTable[SlackDeliveryReceipt] = GlobalTable(
+        self.receipts: GlobalTable[SlackDeliveryReceipt] = avro_table(
+            SlackDeliveryReceipt,
             name="receipts",
             topic=self._receipts_topic,
             state_dir=Path(settings.state_dir),
             consumer_config=self._kafka.consumer_config(None),
-            decode=decode,
-            on_invalid=self._table_dlq.publish_message,
-            dead_letter_topic=dlq_topic(self._receipts_topic),
-            format_version=_format_version(),
+            registry=self._registry,
+            dead_letters=self._table_dlq,
         )
         self.loop: SinkLoop | None = None
         self._markers: RocksDictAttemptLog | None = None

@@ -14,7 +14,7 @@ from confluent_kafka.admin import AdminClient
 
 from libs.kafka import DeadLetterPublisher, KafkaSettings, dlq_topic, plain_produce
 from libs.serde import AvroDeserializer, AvroSerializer, ConfluentSchemaRegistry, SlackUser
-from libs.tables import GlobalTable, TableError, TableState
+from libs.tables import GlobalTable, TableError, TableState, avro_table
 from tests.support.kafka import consume_all, create_topics, produce, unique, wait_until
 
 pytestmark = pytest.mark.integration
@@ -296,3 +296,81 @@ def test_a_rebuild_does_not_dead_letter_the_same_poison_again(
     load(tmp_path / "second-replica")
     letters = consume_all(bootstrap, dlq, idle_s=2)
     assert [m.key() for m in letters] == [b"poison@x"]
+
+
+def test_caught_up_to_marks_taken_after_the_gate(env: Env) -> None:
+    """What the notifier's next owner of a partition needs: snapshot the high watermarks, keep
+    polling, and ask (without blocking) whether the table reached them. The marks here end
+    in transaction markers, which no record fills: positions must still reach them."""
+    produce(env.bootstrap, env.topic, env.records([_user(i) for i in range(10)]))
+    t = env.loaded()
+    try:
+        assert t.positions() == t.high_watermarks()
+        assert t.caught_up_to(t.high_watermarks())
+        p = Producer({"bootstrap.servers": env.bootstrap, "transactional.id": unique("tx")})
+        p.init_transactions()
+        p.begin_transaction()
+        for key, value in env.records([_user(i, "-tx") for i in range(20, 26)]):
+            p.produce(env.topic, key=key.encode(), value=value)
+        p.commit_transaction()
+        marks = t.high_watermarks()
+        assert not t.caught_up_to(marks)
+        wait_until(
+            lambda: (t.poll(timeout_s=0.1), t.caught_up_to(marks))[1],
+            message="caught up to the marks",
+        )
+        assert all(t.positions()[p] >= mark for p, mark in marks.items())
+        assert t.get("user25@example.com") == _user(25, "-tx")
+    finally:
+        t.close()
+    t = env.loaded()  # the positions past the markers were stored: nothing to re-read
+    try:
+        assert t.applied_since_start == 0 and t.caught_up_to(marks)
+    finally:
+        t.close()
+
+
+def test_restore_checks_headers_and_get_survives_an_undecodable_value(
+    bootstrap: str, registry: ConfluentSchemaRegistry, tmp_path: Path
+) -> None:
+    """Restore looks at the wire header only: no magic byte, or a schema id the registry does
+    not know, is poison (dead-lettered once); a valid header on a corrupt body is stored, and
+    ``get`` answers it as absent and counts it instead of failing the lookup's caller."""
+    env = Env(bootstrap, registry, tmp_path)
+    dlq = dlq_topic(env.topic)
+    create_topics(bootstrap, [dlq], partitions=1)
+    [(_, good)] = env.records([_user(1)])
+    unknown_id = b"\x00" + (2**31 - 7).to_bytes(4, "big") + good[5:]
+    produce(
+        bootstrap,
+        env.topic,
+        [
+            *env.records([_user(1), _user(2)]),
+            ("garbage@x", b"garbage"),
+            ("unknown-id@x", unknown_id),
+            ("corrupt@x", good[:5] + b"\xff\xff\xff\xff"),
+        ],
+    )
+    producer = Producer({"bootstrap.servers": bootstrap})
+    table = avro_table(
+        SlackUser,
+        name="users",
+        topic=env.topic,
+        state_dir=tmp_path,
+        consumer_config=KafkaSettings(bootstrap_servers=bootstrap).consumer_config(None),
+        registry=registry,
+        dead_letters=DeadLetterPublisher(plain_produce(producer), "test"),
+    )
+    table.bootstrap(threading.Event(), timeout_s=60)
+    try:
+        assert producer.flush(30) == 0
+        assert table.applied_since_start == 3 and table.invalid_total == 2
+        letters = consume_all(bootstrap, dlq, idle_s=2)
+        assert sorted(m.key() for m in letters) == [b"garbage@x", b"unknown-id@x"]
+        assert table.get("user2@example.com") == _user(2)
+        assert table.get("unknown-id@x") is None and table.undecodable_reads == 0
+        assert table.get("corrupt@x") is None
+        assert table.undecodable_reads == 1
+        assert table.status()["undecodable_reads"] == 1
+    finally:
+        table.close()

@@ -67,7 +67,7 @@ from libs.serde import (
     SlackMessage,
     SlackUser,
 )
-from libs.tables import GlobalTable
+from libs.tables import GlobalTable, avro_table
 from services.common.settings import TopicSettings
 from tests.support.kafka import create_topics, unique, wait_until
 
@@ -494,18 +494,18 @@ class Bench:
 
     # -- restore ---------------------------------------------------------------------------
     def restore_run(self, owners_topic: str, size: int) -> Restore:
-        dec = AvroDeserializer(self.registry, CsdrAssignment)
         state = self.tmp / unique("restore")
 
         def table() -> GlobalTable[CsdrAssignment]:
-            return GlobalTable(
+            return avro_table(
+                CsdrAssignment,
                 name="owners",
                 topic=owners_topic,
                 state_dir=state,
                 consumer_config=KafkaSettings(bootstrap_servers=self.bootstrap).consumer_config(
                     None
                 ),
-                decode=lambda v, t, p, o: dec(v, topic=t, partition=p, offset=o),
+                registry=self.registry,
             )
 
         t = table()

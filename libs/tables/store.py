@@ -1,0 +1,269 @@
+"""Where a table's records and positions live: RocksDB (rocksdict), and an in-memory twin.
+
+The store knows nothing about Kafka consumers or decoding: it holds raw values by key and the
+next offset of every partition, and writes both in one batch so they can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+from prometheus_client import Counter
+from rocksdict import (
+    BlockBasedOptions,
+    Cache,
+    Options,
+    Rdict,
+    WriteBatch,
+    WriteOptions,
+)
+
+from libs.tables.errors import TableError
+
+log = logging.getLogger(__name__)
+
+_DATA = b"d"
+_OFFSET = b"o"
+_META = b"m:meta"
+_PARTITION = struct.Struct(">I")
+_NEXT_OFFSET = struct.Struct(">q")
+#: bumped when the store's key layout changes: an old store is then wiped and rebuilt
+LAYOUT_VERSION = "1"
+
+REBUILDS = Counter(
+    "table_rebuilds_total", "Times the store was wiped and rebuilt", ["table", "reason"]
+)
+
+#: (key, value) to write; a ``None`` value deletes the key (a tombstone)
+Entry = tuple[bytes, bytes | None]
+
+
+class TableStore(Protocol):
+    """A table's persistent state: values by key plus the next offset of each partition."""
+
+    def open(self) -> None:
+        """Open (or create) the store; wipe it when it is corrupt or of another format."""
+        ...
+
+    def wipe(self, reason: str) -> None:
+        """Delete everything (data and offsets); the store stays open and empty."""
+        ...
+
+    def offsets(self) -> dict[int, int]:
+        """The stored next offset of every partition written so far."""
+        ...
+
+    def write(self, entries: Iterable[Entry], offsets: dict[int, int]) -> None:
+        """Apply ``entries`` and set ``offsets`` atomically (one batch)."""
+        ...
+
+    def get(self, key: bytes) -> bytes | None:
+        """The raw value of ``key``, ``None`` when absent."""
+        ...
+
+    def estimate_keys(self) -> int:
+        """Number of data keys (an estimate is acceptable)."""
+        ...
+
+    def flush(self) -> None:
+        """Make everything written so far durable."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release the store."""
+        ...
+
+
+class RocksDictStore:
+    """``TableStore`` in one RocksDB column family (rocksdict, raw mode).
+
+    Keys: ``d<key>`` data, ``o<partition:u32be>`` next offset (i64be), ``m:meta`` the format.
+    Writes skip the WAL: data and offsets share one memtable that is flushed atomically, so a
+    crash loses only a suffix of both together, and the table re-reads exactly that suffix.
+    Memory is bounded by ``write_buffer_mb`` (times two memtables while one flushes) plus
+    ``block_cache_mb``: a lookup that misses the block cache reads the OS page cache, which is
+    not the process's RSS.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        name: str,
+        format_info: dict[str, str],
+        write_buffer_mb: int = 8,
+        block_cache_mb: int = 8,
+    ) -> None:
+        self.path = Path(path)
+        self.name = name
+        self._format = {"layout": LAYOUT_VERSION, **format_info}
+        self._write_buffer_mb = write_buffer_mb
+        self._block_cache_mb = block_cache_mb
+        self._db: Rdict | None = None
+        self._write_opts = WriteOptions()
+        # a property at run time, though rocksdict's stubs declare a method
+        self._write_opts.disable_wal = True  # type: ignore[method-assign,assignment]
+        self._offsets: dict[int, int] = {}
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = self._open_db()
+        except Exception as exc:  # rocksdict raises bare Exception on corruption
+            log.warning(
+                "table store does not open, rebuilding",
+                extra={"table": self.name, "path": str(self.path), "error": str(exc)},
+            )
+            self._remove("corrupt")
+            db = self._open_db()
+        meta = db.get(_META)
+        if meta is not None and _load_meta(meta) != self._format:
+            log.warning(
+                "table store format changed, rebuilding",
+                extra={"table": self.name, "stored": _load_meta(meta), "expected": self._format},
+            )
+            db.close()
+            self._remove("format")
+            db = self._open_db()
+            meta = None
+        if meta is None:
+            db.put(_META, json.dumps(self._format).encode())
+        self._db = db
+        self._offsets = self._load_offsets()
+
+    def _open_db(self) -> Rdict:
+        opts = Options(raw_mode=True)
+        opts.create_if_missing(True)
+        opts.set_max_background_jobs(2)
+        opts.set_write_buffer_size(self._write_buffer_mb * 1024 * 1024)
+        opts.set_max_write_buffer_number(2)
+        table = BlockBasedOptions()
+        table.set_block_cache(Cache(self._block_cache_mb * 1024 * 1024))
+        # A point lookup of a missing key (a join miss) costs no data block read. Index and
+        # filter blocks stay out of the block cache (~2 MB per 1M keys), so lookups never
+        # evict and re-read them.
+        table.set_bloom_filter(10, False)
+        opts.set_block_based_table_factory(table)
+        return Rdict(str(self.path), opts)
+
+    def _remove(self, reason: str) -> None:
+        REBUILDS.labels(self.name, reason).inc()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._offsets = {}
+
+    def wipe(self, reason: str) -> None:
+        self._remove(reason)
+        self.open()
+
+    def _load_offsets(self) -> dict[int, int]:
+        db = self._require_db()
+        offsets: dict[int, int] = {}
+        it = db.iter()
+        it.seek(_OFFSET)
+        while it.valid():
+            key = it.key()
+            if not key.startswith(_OFFSET) or len(key) != 1 + _PARTITION.size:
+                break
+            (partition,) = _PARTITION.unpack_from(key, 1)
+            (offsets[partition],) = _NEXT_OFFSET.unpack(it.value())
+            it.next()
+        del it
+        return offsets
+
+    def _require_db(self) -> Rdict:
+        if self._db is None:
+            raise TableError(f"table {self.name} is not open")
+        return self._db
+
+    def offsets(self) -> dict[int, int]:
+        return dict(self._offsets)
+
+    def write(self, entries: Iterable[Entry], offsets: dict[int, int]) -> None:
+        db = self._require_db()
+        batch = WriteBatch(raw_mode=True)
+        put, delete = batch.put, batch.delete
+        for key, value in entries:
+            if value is None:
+                delete(_DATA + key)
+            else:
+                put(_DATA + key, value)
+        for partition, next_offset in offsets.items():
+            put(_OFFSET + _PARTITION.pack(partition), _NEXT_OFFSET.pack(next_offset))
+        db.write(batch, self._write_opts)
+        self._offsets.update(offsets)
+
+    def get(self, key: bytes) -> bytes | None:
+        raw: bytes | None = self._require_db().get(_DATA + key)
+        return raw
+
+    def estimate_keys(self) -> int:
+        if self._db is None:
+            return 0
+        n = self._db.property_int_value("rocksdb.estimate-num-keys") or 0
+        return max(0, int(n) - 1 - len(self._offsets))  # minus the meta and offset keys
+
+    def flush(self) -> None:
+        self._require_db().flush()
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.flush()
+            self._db.close()
+            self._db = None
+
+
+class InMemoryStore:
+    """``TableStore`` in a dict: the honest twin of ``RocksDictStore`` for unit tests."""
+
+    def __init__(self) -> None:
+        self._data: dict[bytes, bytes] = {}
+        self._offsets: dict[int, int] = {}
+        self.wipes: list[str] = []
+
+    def open(self) -> None:
+        """Nothing to open: the store lives as long as the object."""
+
+    def wipe(self, reason: str) -> None:
+        self.wipes.append(reason)
+        self._data.clear()
+        self._offsets.clear()
+
+    def offsets(self) -> dict[int, int]:
+        return dict(self._offsets)
+
+    def write(self, entries: Iterable[Entry], offsets: dict[int, int]) -> None:
+        for key, value in entries:
+            if value is None:
+                self._data.pop(key, None)
+            else:
+                self._data[key] = value
+        self._offsets.update(offsets)
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._data.get(key)
+
+    def estimate_keys(self) -> int:
+        return len(self._data)
+
+    def flush(self) -> None:
+        """Nothing to flush."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _load_meta(raw: bytes) -> dict[str, Any]:
+    try:
+        loaded = json.loads(bytes(raw))
+        return loaded if isinstance(loaded, dict) else {}
+    except ValueError:
+        return {}

@@ -1,0 +1,338 @@
+"""Tables without a broker: the store contract, header checks, get-time decode failures, marks."""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from confluent_kafka import Message, TopicPartition
+
+from libs.kafka import HEADER_SOURCE_OFFSET, DeadLetterPublisher, dlq_topic
+from libs.serde import (
+    AvroDeserializer,
+    AvroSerializer,
+    CsdrAssignment,
+    DeserializationError,
+    InMemorySchemaRegistry,
+    RegistryError,
+    SlackUser,
+)
+from libs.tables import GlobalTable, InMemoryStore, RocksDictStore, TableStore, avro_table
+from libs.tables.global_table import BLOCKED, UNDECODABLE
+
+T0 = datetime(2026, 11, 25, tzinfo=UTC)
+TOPIC = "data-slack-users"
+
+
+class HttpError(Exception):
+    """What the registry client raises, with the HTTP status the registry answered."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.http_status_code = status
+
+
+class AnsweringRegistry(InMemorySchemaRegistry):
+    """An in-memory registry that answers 404 for unknown ids, or is down (HTTP 503)."""
+
+    down = False
+
+    def schema_by_id(self, schema_id: int) -> str:
+        if self.down:
+            raise RegistryError("registry unavailable") from HttpError(503)
+        try:
+            return super().schema_by_id(schema_id)
+        except RegistryError:
+            raise RegistryError(f"schema id {schema_id} not found") from HttpError(404)
+
+
+@pytest.fixture(params=["memory", "rocksdb"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TableStore]:
+    s: TableStore = (
+        InMemoryStore()
+        if request.param == "memory"
+        else RocksDictStore(tmp_path / "t", name="t", format_info={"format": "1"})
+    )
+    s.open()
+    yield s
+    s.close()
+
+
+# -- the store contract: both implementations ------------------------------------------------
+def test_store_writes_values_and_offsets_together(store: TableStore) -> None:
+    store.write([(b"a", b"1"), (b"b", b"2")], {0: 2})
+    store.write([(b"a", None), (b"c", b"3")], {0: 4, 1: 1})
+    assert [store.get(k) for k in (b"a", b"b", b"c")] == [None, b"2", b"3"]
+    assert store.offsets() == {0: 4, 1: 1}
+    # an estimate: RocksDB may count the deleted key until a compaction drops it
+    assert store.estimate_keys() in (2, 3)
+
+
+def test_store_wipe_forgets_data_and_offsets(store: TableStore) -> None:
+    store.write([(b"a", b"1")], {2: 7})
+    store.wipe("test")
+    assert store.get(b"a") is None and store.offsets() == {}
+    store.write([(b"b", b"2")], {2: 1})
+    assert store.get(b"b") == b"2"
+
+
+def test_rocksdb_store_keeps_offsets_across_a_reopen(tmp_path: Path) -> None:
+    s = RocksDictStore(tmp_path / "t", name="t", format_info={"format": "1"})
+    s.open()
+    s.write([(b"k", b"v")], {0: 11, 2: 5})
+    s.close()
+    s.open()
+    assert s.offsets() == {0: 11, 2: 5} and s.get(b"k") == b"v"
+    s.close()
+    changed = RocksDictStore(tmp_path / "t", name="t", format_info={"format": "2"})
+    changed.open()  # another format: rebuilt from nothing
+    assert changed.offsets() == {} and changed.get(b"k") is None
+    changed.close()
+
+
+# -- the header check ---------------------------------------------------------------------------
+def test_check_header_validates_without_decoding() -> None:
+    registry = AnsweringRegistry()
+    value = AvroSerializer(registry, SlackUser)(TOPIC, SlackUser("a@x", "U1", T0))
+    decoder = AvroDeserializer(registry, SlackUser)
+    schema_id = decoder.check_header(value, topic=TOPIC, partition=0, offset=1)
+    assert schema_id == struct.unpack(">I", value[1:5])[0]
+    # the payload is not looked at: a truncated body passes the header check, not decoding
+    assert decoder.check_header(value[:5], topic=TOPIC, partition=0, offset=1) == schema_id
+    with pytest.raises(DeserializationError):
+        decoder(value[:5], topic=TOPIC, partition=0, offset=1)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"garbage", "not Confluent wire format"),
+        (b"\x00\x00\x00", "not Confluent wire format"),
+        (b"\x00\x00\x01\x86\xa0payload", "writer schema 100000 unavailable"),
+    ],
+)
+def test_check_header_rejects_poison(value: bytes, reason: str) -> None:
+    decoder = AvroDeserializer(AnsweringRegistry(), SlackUser)
+    with pytest.raises(DeserializationError, match=reason) as info:
+        decoder.check_header(value, topic=TOPIC, partition=1, offset=9)
+    # an id the registry answers 404 for is the record's fault: poison, not "retry later"
+    assert not info.value.registry_unavailable
+
+
+def test_check_header_when_the_registry_is_down_is_not_poison() -> None:
+    registry = AnsweringRegistry()
+    value = AvroSerializer(registry, SlackUser)(TOPIC, SlackUser("a@x", "U1", T0))
+    registry.down = True
+    with pytest.raises(DeserializationError) as info:
+        AvroDeserializer(registry, SlackUser).check_header(
+            value, topic=TOPIC, partition=0, offset=0
+        )
+    assert info.value.registry_unavailable
+
+
+# -- get ---------------------------------------------------------------------------------------
+def _table(registry: AnsweringRegistry, tmp_path: Path) -> GlobalTable[SlackUser]:
+    table = avro_table(
+        SlackUser,
+        name="users",
+        topic=TOPIC,
+        state_dir=tmp_path,
+        consumer_config={"bootstrap.servers": "127.0.0.1:1"},
+        registry=registry,
+        store=InMemoryStore(),
+    )
+    table.open()
+    return table
+
+
+def test_get_answers_an_undecodable_value_as_absent_and_counts_it(tmp_path: Path) -> None:
+    registry = AnsweringRegistry()
+    encode = AvroSerializer(registry, SlackUser)
+    table = _table(registry, tmp_path)
+    good = encode(TOPIC, SlackUser("a@x", "U1", T0))
+    table.put_local("a@x", good)
+    table.put_local("bad@x", good[:5] + b"\xff\xff\xff")  # a valid header, a corrupt body
+    before = UNDECODABLE.labels("users")._value.get()
+    assert table.get("a@x") == SlackUser("a@x", "U1", T0)
+    assert table.get("bad@x") is None
+    assert table.get("bad@x") is None
+    assert table.get("nobody@x") is None
+    assert table.undecodable_reads == 2
+    assert table.status()["undecodable_reads"] == 2
+    assert UNDECODABLE.labels("users")._value.get() - before == 2
+
+
+def test_get_raises_when_the_registry_cannot_answer(tmp_path: Path) -> None:
+    """The value is fine and only the registry is missing: the caller retries, nothing is
+    counted as undecodable."""
+    writer = AnsweringRegistry()
+    value = AvroSerializer(writer, SlackUser)(TOPIC, SlackUser("a@x", "U1", T0))
+    reader = AnsweringRegistry()
+    reader.down = True
+    table = _table(reader, tmp_path)
+    table.put_local("a@x", value)
+    with pytest.raises(DeserializationError) as info:
+        table.get("a@x")
+    assert info.value.registry_unavailable and table.undecodable_reads == 0
+
+
+def test_get_after_a_header_check_needs_no_registry(tmp_path: Path) -> None:
+    """Restore fetched the writer schema once; a later lookup decodes while it is down."""
+    registry = AnsweringRegistry()
+    value = AvroSerializer(registry, CsdrAssignment)(
+        TOPIC, CsdrAssignment("org-1", "Org", "a@x", T0)
+    )
+    decoder = AvroDeserializer(registry, CsdrAssignment)
+    decoder.check_header(value, topic=TOPIC, partition=0, offset=0)
+    registry.down = True
+    assert decoder(value, topic=TOPIC, partition=0, offset=0).org_id == "org-1"
+
+
+# -- positions and marks -------------------------------------------------------------------
+def test_caught_up_to_compares_positions_with_marks(tmp_path: Path) -> None:
+    store = InMemoryStore()
+    table = avro_table(
+        SlackUser,
+        name="users",
+        topic=TOPIC,
+        state_dir=tmp_path,
+        consumer_config={"bootstrap.servers": "127.0.0.1:1"},
+        registry=AnsweringRegistry(),
+        store=store,
+    )
+    store.write([(b"k", b"v")], {0: 10, 1: 4})
+    table.open()
+    assert table.positions() == {0: 10, 1: 4}
+    assert table.caught_up_to({0: 10, 1: 4})
+    assert table.caught_up_to({0: 9, 1: 0, 2: 0})  # an empty partition: mark 0
+    assert not table.caught_up_to({0: 11, 1: 4})
+    assert not table.caught_up_to({2: 1})
+
+
+# -- applying, on a fake consumer ----------------------------------------------------------------
+class FakeConsumer:
+    """The part of ``confluent_kafka.Consumer`` a table uses, over an in-memory log."""
+
+    def __init__(self, log: dict[int, list[Message]]) -> None:
+        self.log = log
+        self.next: dict[int, int] = {}
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        if topic != TOPIC:
+            return SimpleNamespace(topics={})  # no dead-letter topic yet
+        meta = SimpleNamespace(error=None, partitions={p: None for p in self.log})
+        return SimpleNamespace(topics={topic: meta})
+
+    def get_watermark_offsets(
+        self, tp: TopicPartition, timeout: float = 0, cached: bool = False
+    ) -> tuple[int, int]:
+        records = self.log[tp.partition]
+        return 0, (records[-1].offset() + 1 if records else 0)  # type: ignore[operator]
+
+    def assign(self, tps: list[TopicPartition]) -> None:
+        self.next = {tp.partition: max(0, tp.offset) for tp in tps}
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.next[tp.partition] = tp.offset
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        out = []
+        for p, records in self.log.items():
+            for m in records:
+                if m.offset() >= self.next[p] and len(out) < num_messages:  # type: ignore[operator]
+                    out.append(m)
+                    self.next[p] = m.offset() + 1  # type: ignore[operator]
+        return out
+
+    def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, self.next[tp.partition]) for tp in tps]
+
+    def close(self) -> None:
+        pass
+
+
+def _loaded(
+    registry: AnsweringRegistry, log: dict[int, list[Message]], tmp_path: Path, **kw: Any
+) -> tuple[GlobalTable[SlackUser], list[tuple[bytes | None, int]]]:
+    """A table over ``log`` whose dead letters land in the returned list (key, source offset)."""
+    letters: list[tuple[bytes | None, int]] = []
+
+    def produce(topic: str, *, key: bytes | None, value: bytes | None, headers: Any) -> None:
+        assert topic == dlq_topic(TOPIC)
+        letters.append((key, int(dict(headers)[HEADER_SOURCE_OFFSET])))
+
+    table = avro_table(
+        SlackUser,
+        name="users",
+        topic=TOPIC,
+        state_dir=tmp_path,
+        consumer_config={},
+        registry=registry,
+        dead_letters=DeadLetterPublisher(produce, "test"),
+        store=InMemoryStore(),
+        consumer_factory=lambda conf: FakeConsumer(log),
+        **kw,
+    )
+    return table, letters
+
+
+def _msg(offset: int, key: bytes | None, value: bytes | None, partition: int = 0) -> Message:
+    return Message(topic=TOPIC, partition=partition, offset=offset, key=key, value=value)
+
+
+def test_each_schema_id_is_checked_once_and_poison_is_dead_lettered(tmp_path: Path) -> None:
+    registry = AnsweringRegistry()
+    encode = AvroSerializer(registry, SlackUser)
+    good = [encode(TOPIC, SlackUser(f"u{i}@x", f"U{i}", T0)) for i in range(50)]
+    log = {
+        0: [
+            *(_msg(i, f"u{i}@x".encode(), v) for i, v in enumerate(good)),
+            _msg(50, b"bad@x", b"garbage"),
+            _msg(51, b"unknown@x", b"\x00\x7f\xff\xff\xf0" + good[0][5:]),
+            _msg(52, None, good[0]),
+            _msg(53, b"u3@x", None),  # tombstone
+        ]
+    }
+    fetched: list[int] = []
+    lookup = registry.schema_by_id
+
+    def counting(schema_id: int) -> str:
+        fetched.append(schema_id)
+        return lookup(schema_id)
+
+    registry.schema_by_id = counting  # type: ignore[method-assign]
+    table, letters = _loaded(registry, log, tmp_path)
+    table.bootstrap(threading.Event(), timeout_s=10)
+    assert len(fetched) == 2  # the good records' id once, the unknown id once
+    assert letters == [(b"bad@x", 50), (b"unknown@x", 51), (None, 52)]
+    assert table.applied_since_start == 51 and table.positions() == {0: 54}
+    assert table.get("u7@x") == SlackUser("u7@x", "U7", T0) and table.get("u3@x") is None
+
+
+def test_registry_down_pauses_at_the_record_and_dead_letters_nothing(tmp_path: Path) -> None:
+    registry = AnsweringRegistry()
+    encode = AvroSerializer(registry, SlackUser)
+    log = {
+        0: [
+            _msg(i, f"u{i}@x".encode(), encode(TOPIC, SlackUser(f"u{i}@x", "U", T0)))
+            for i in range(5)
+        ]
+    }
+    registry.down = True
+    table, letters = _loaded(registry, log, tmp_path, retry_s=0.0)
+    blocked = BLOCKED.labels("users")._value.get()
+    table.begin_bootstrap()
+    assert not table.step_bootstrap()
+    assert letters == [] and table.positions() == {0: 0}
+    assert BLOCKED.labels("users")._value.get() == blocked + 1
+    assert not table.caught_up_to({0: 5})
+    registry.down = False
+    assert table.step_bootstrap()
+    assert table.ready() and table.positions() == {0: 5} and letters == []
+    assert table.caught_up_to({0: 5})

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import Any, Generic
+from typing import Any, Generic, cast
 
 import fastavro
 from fastavro.types import Schema as ParsedSchema
@@ -225,43 +225,10 @@ class AvroDeserializer(Generic[R]):
                 self._writers[schema_id] = found
         return found
 
-    def check_header(self, data: bytes | None, *, topic: str, partition: int, offset: int) -> int:
-        """Validate the wire header of ``data`` without decoding its payload; return the id.
-
-        Checks the magic byte and that the registry knows the writer schema id (fetched once and
-        cached, so decoding these bytes later needs no registry call). Raises
-        ``DeserializationError`` as decoding would, ``registry_unavailable`` included.
-        """
-        if data is None or len(data) < 5 or data[0] != MAGIC_BYTE:
-            raise DeserializationError(
-                "not Confluent wire format (missing magic byte 0 and schema id)",
-                topic=topic,
-                partition=partition,
-                offset=offset,
-            )
-        _, schema_id = _HEADER.unpack_from(data)
-        if schema_id in self._writers:
-            return int(schema_id)
-        try:
-            self._writer(schema_id)
-        except RegistryError as exc:
-            raise DeserializationError(
-                f"writer schema {schema_id} unavailable: {exc}",
-                topic=topic,
-                partition=partition,
-                offset=offset,
-            ) from exc
-        except (ValueError, fastavro.schema.SchemaParseException) as exc:
-            raise DeserializationError(
-                f"writer schema {schema_id} is not valid Avro: {exc}",
-                topic=topic,
-                partition=partition,
-                offset=offset,
-            ) from exc
-        return int(schema_id)
-
-    def __call__(self, data: bytes | None, *, topic: str, partition: int, offset: int) -> R:
-        """Decode one Kafka value; raise ``DeserializationError`` naming where it came from."""
+    def _schemas(
+        self, data: bytes | None, *, topic: str, partition: int, offset: int
+    ) -> tuple[int, ParsedSchema, ParsedSchema | None]:
+        """The schema id in ``data``'s wire header with its (writer, reader) schemas."""
         if data is None:
             raise DeserializationError(
                 "null value where a record was expected",
@@ -293,8 +260,26 @@ class AvroDeserializer(Generic[R]):
                 partition=partition,
                 offset=offset,
             ) from exc
+        return int(schema_id), writer, reader
+
+    def check_header(self, data: bytes | None, *, topic: str, partition: int, offset: int) -> int:
+        """Validate the wire header of ``data`` without decoding its payload; return the id.
+
+        Checks the magic byte and that the registry knows the writer schema id (fetched once and
+        cached, so decoding these bytes later needs no registry call). Raises
+        ``DeserializationError`` as decoding would, ``registry_unavailable`` included.
+        """
+        schema_id, _, _ = self._schemas(data, topic=topic, partition=partition, offset=offset)
+        return schema_id
+
+    def __call__(self, data: bytes | None, *, topic: str, partition: int, offset: int) -> R:
+        """Decode one Kafka value; raise ``DeserializationError`` naming where it came from."""
+        schema_id, writer, reader = self._schemas(
+            data, topic=topic, partition=partition, offset=offset
+        )
         try:
-            stream = io.BytesIO(data)  # shares the bytes; seeking past the header copies none
+            # _schemas refused None; BytesIO shares the bytes, seeking past the header copies none
+            stream = io.BytesIO(cast(bytes, data))
             stream.seek(5)
             payload: Any = fastavro.schemaless_reader(stream, writer, reader)
             return self._record_type.from_avro(payload)

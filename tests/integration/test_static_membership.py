@@ -33,7 +33,11 @@ def _config(bootstrap: str, group: str, instance: str | None) -> dict[str, Any]:
     app: Any = SimpleNamespace(
         _kafka=KafkaSettings(bootstrap_servers=bootstrap, client_id="static"), _settings=settings
     )
-    return Enricher._loop_consumer_config(app)
+    conf = Enricher._loop_consumer_config(app)
+    # the member runs in another process: only the plain settings cross over, not the
+    # Python logger librdkafka's lines go through
+    conf.pop("logger", None)
+    return conf
 
 
 MEMBER = """

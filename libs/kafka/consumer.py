@@ -58,10 +58,18 @@ class ConsumerClient:
             self.wedged = True
             raise
 
-    def commit(self, offsets: Mapping[TP, int] | list[TopicPartition]) -> None:
+    def commit(
+        self, offsets: Mapping[TP, int] | list[TopicPartition], *, in_rebalance: bool = False
+    ) -> None:
         """Commit ``offsets`` (the next offset to consume per partition), synchronously.
 
         Raises ``CommitFailedError``, ``FatalLoopError`` or ``ClientCallTimeoutError``.
+        ``in_rebalance``: called from a rebalance callback (on revoke), where the commit runs
+        on the calling thread, unbounded: a bounded call waits on a helper thread, and a
+        commit issued from another thread while the consumer sits in its revoke callback was
+        seen not to return until the bound ran out (35 s, then the loop stopped and its
+        partitions waited out the session timeout). The rebalance itself bounds this call
+        (``max.poll.interval.ms``).
         """
         parts = (
             [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
@@ -71,9 +79,13 @@ class ConsumerClient:
         if not parts:
             return
         try:
-            self.call(
-                "consumer commit", lambda: self.consumer.commit(offsets=parts, asynchronous=False)
-            )
+            if in_rebalance:
+                self.consumer.commit(offsets=parts, asynchronous=False)
+            else:
+                self.call(
+                    "consumer commit",
+                    lambda: self.consumer.commit(offsets=parts, asynchronous=False),
+                )
         except KafkaException as exc:
             err: KafkaError = exc.args[0]
             if err.fatal():

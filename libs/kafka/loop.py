@@ -217,8 +217,11 @@ class ProcessingLoop:
     def _offsets(self) -> list[TopicPartition]:
         return [TopicPartition(t, p, o) for (t, p), o in self._pending.items()]
 
-    def checkpoint(self) -> None:
-        """Make everything handled so far durable (see the module docstring for the order)."""
+    def checkpoint(self, *, in_rebalance: bool = False) -> None:
+        """Make everything handled so far durable (see the module docstring for the order).
+
+        ``in_rebalance``: called from the revoke callback (``ConsumerClient.commit``).
+        """
         if self._pending or self._client.in_transaction:
             offsets = self._offsets()
             if self._eos:
@@ -231,7 +234,7 @@ class ProcessingLoop:
                     self._replace_producer(str(exc))
                     return
             else:
-                self._flush_and_commit(offsets)
+                self._flush_and_commit(offsets, in_rebalance=in_rebalance)
             self._pending.clear()
             self._base.clear()
             self._uncommitted = 0
@@ -242,7 +245,7 @@ class ProcessingLoop:
             self._on_checkpoint()
         self._last_checkpoint = time.monotonic()
 
-    def _flush_and_commit(self, offsets: list[TopicPartition]) -> None:
+    def _flush_and_commit(self, offsets: list[TopicPartition], *, in_rebalance: bool) -> None:
         try:
             self._client.flush()
         except DeliveryError as exc:
@@ -251,7 +254,7 @@ class ProcessingLoop:
             ) from exc
         # A commit the group refuses (CommitFailedError) stops the loop: the outputs are
         # flushed, so the restart replays the interval (at-least-once).
-        self._consumer_client.commit(offsets)
+        self._consumer_client.commit(offsets, in_rebalance=in_rebalance)
 
     def _rollback(self, reason: str) -> None:
         """Throw away the interval since the last checkpoint and rewind to replay it."""
@@ -347,7 +350,7 @@ class ProcessingLoop:
         if self._failed:
             return  # stopping on an error: the next owner replays from the last checkpoint
         # Commit before the partitions move: their next owner starts from our offsets.
-        self.checkpoint()
+        self.checkpoint(in_rebalance=True)
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.warning(

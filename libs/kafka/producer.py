@@ -181,21 +181,35 @@ class ProducerClient:
             self.begin()
         timeout = self.timeout_s
         if offsets:
-            self._classified(
+            self._retried(
                 "send_offsets_to_transaction",
                 lambda: self.producer.send_offsets_to_transaction(offsets, group_metadata, timeout),
             )
+        self._retried("commit_transaction", lambda: self.producer.commit_transaction(timeout))
+        self.in_transaction = False
+
+    def _retried(self, what: str, fn: Callable[[], Any]) -> None:
+        """``fn`` (a step of committing), retried while librdkafka calls its error retriable.
+
+        A retriable error (the transaction coordinator not answering in time: a broker
+        restart) that outlasts the attempts aborts the transaction instead of stopping the
+        loop: ``TransactionAbortedError``, and the caller replays the interval. Should the
+        commit have gone through after all, the abort fails and that is fatal.
+        """
         for attempt in range(1, self._commit_attempts + 1):
             try:
-                self._call("commit_transaction", lambda: self.producer.commit_transaction(timeout))
-                self.in_transaction = False
+                self._call(what, fn)
                 return
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
-                retry = err.retriable() and not err.txn_requires_abort()
-                if retry and attempt < self._commit_attempts:
+                if err.fatal() or err.txn_requires_abort() or not err.retriable():
+                    self._raise_classified(what, exc)
+                if attempt < self._commit_attempts:
                     continue
-                self._raise_classified("commit_transaction", exc)
+                self.abort()
+                raise TransactionAbortedError(
+                    f"{what} still failing after {attempt} attempts, aborted: {err.str()}"
+                ) from exc
 
     def abort(self) -> None:
         """Abort the open transaction, if any (a failed abort is fatal)."""

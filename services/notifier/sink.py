@@ -694,15 +694,16 @@ class SinkLoop:
                 log.info("partition paused", extra={**extra, "reason": change.reason})
         PAUSED.set(len(self.scheduler.paused))
 
-    def _commit(self, only: list[TP] | None) -> None:
+    def _commit(self, only: list[TP] | None, *, in_rebalance: bool = False) -> None:
         self._last_commit = self._mono()
         self.scheduler.prune(self._last_commit)
         offsets = self.scheduler.committable(only)
         if not offsets:
             return
         try:
-            # bounded: a wedged commit stops the loop (ClientCallTimeoutError)
-            self._consumer_client.commit(offsets)
+            # bounded: a wedged commit stops the loop (ClientCallTimeoutError); in the revoke
+            # callback on the calling thread (ConsumerClient.commit says why)
+            self._consumer_client.commit(offsets, in_rebalance=in_rebalance)
         except CommitFailedError as exc:
             # A rebalance in progress, say: the offsets are committed at the next interval (or
             # the next owner replays a few messages, which the receipts table skips).
@@ -769,7 +770,7 @@ class SinkLoop:
         self.scheduler.forget(revoked)
         self._drain(revoked)
         self._flush()
-        self._commit(list(revoked))
+        self._commit(list(revoked), in_rebalance=True)
         self._release(revoked)
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:

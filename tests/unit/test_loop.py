@@ -192,6 +192,28 @@ def test_an_abortable_commit_error_rolls_back_and_replays() -> None:
     assert rig.outputs() == Counter(v for _, v, _ in records)
 
 
+@pytest.mark.parametrize("call", ["send_offsets_to_transaction", "commit_transaction"])
+def test_a_commit_that_keeps_timing_out_rolls_back_and_replays(call: str) -> None:
+    # What a broker restart looks like to librdkafka: the transaction coordinator does not
+    # answer in time, a retriable error that does not require an abort. Retried, then
+    # aborted and replayed: never a stopped loop (seen: the enricher exited 1 on it).
+    rig = Rig()
+    records = values(6)
+    rig.send(records)
+    rig.start()
+    wait_until(lambda: rig.producers, timeout_s=10)
+    rig.producers[0].fail(
+        call,
+        KafkaError(KafkaError._TIMED_OUT, "coordinator did not answer", retriable=True),
+        times=5,
+    )
+    wait_until(lambda: rig.committed() == rig.ends(), timeout_s=30, message="committed")
+    stats = rig.finish()
+    assert rig.error is None
+    assert stats.aborts >= 1
+    assert rig.outputs() == Counter(v for _, v, _ in records)
+
+
 def test_revoke_checkpoints_before_the_partition_moves() -> None:
     rig = Rig(checkpoint_interval_s=60.0).start()
     rig.send(values(6))

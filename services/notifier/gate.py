@@ -11,10 +11,12 @@ table holds those records. Positions against high watermarks close that by const
 * the partition's messages wait until the table's positions reach the snapshot
   (``caught_up_to``), while the loop keeps polling the consumer and the table.
 
-The snapshot is one bounded broker round trip per table partition, taken in the assignment
-callback (the loop is inside ``consume()`` then anyway). A snapshot that fails (the broker
-does not answer in time) keeps the partition gated and is retried at most every
-``retry_s`` by ``poll()``: the partition waits, it never starts on a guess.
+The snapshot is one bounded broker round trip per table partition, taken by ``poll()`` on the
+loop's next turn rather than in the assignment callback: the callback stays as short as it was
+(a rebalance waits for it). Taken a few milliseconds after the assignment, the snapshot can
+only be higher, which waits for more, never less. A snapshot that fails (the broker does not
+answer in time) keeps the partition gated and is retried at most every ``retry_s``: the
+partition waits, it never starts on a guess.
 """
 
 from __future__ import annotations
@@ -61,13 +63,9 @@ class PartitionGate:
         self._next_retry = 0.0
 
     def close(self, tps: Iterable[TP]) -> None:
-        """``tps`` were assigned: gate them on a snapshot of the table's high watermarks."""
-        tps = list(tps)
-        if not tps:
-            return
-        marks = self._snapshot()
+        """``tps`` were assigned: gate them on the next snapshot of the high watermarks."""
         for tp in tps:
-            self._waiting[tp] = marks
+            self._waiting[tp] = None
 
     def forget(self, tps: Iterable[TP]) -> None:
         """``tps`` are no longer ours."""
@@ -94,7 +92,7 @@ class PartitionGate:
         return bool(self._waiting)
 
     def poll(self) -> None:
-        """Retry failed snapshots (bounded, at most every ``retry_s``)."""
+        """Take the snapshot of newly gated partitions (a failed one: every ``retry_s``)."""
         missing = [tp for tp, marks in self._waiting.items() if marks is None]
         if not missing or self._mono() < self._next_retry:
             return

@@ -35,8 +35,9 @@ the in-flight messages a second time. So markers live in a compacted topic
   lost). Markers are few (one per post in flight, plus tombstones until compaction), so
   following all partitions costs next to nothing, and a marker may land on any partition:
   the key, not the input partition, places it;
-* the gate: ``assign`` snapshots the topic's high watermarks (``services.notifier.gate``) and
-  ``ready(tp)`` stays False until the table's positions reach them. A marker acknowledged
+* the gate: ``assign`` gates the partition on a snapshot of the topic's high watermarks
+  (``services.notifier.gate``) and ``ready(tp)`` stays False until the table's positions
+  reach them. A marker acknowledged
   before the partition moved is below that snapshot, so the new owner sees it before it
   starts any message of the partition;
 * retention: tombstones keep the topic small; markers whose tombstone never came (the process

@@ -50,7 +50,7 @@ Rebalances
     receipts (channels of one partition progress independently), and the next owner skips them
     only if its receipts table has read those receipts. The previous owner flushed them before
     committing, so they are below the receipts topic's high watermarks once the partition is
-    reassigned: the new owner snapshots those high watermarks in the assignment callback and
+    reassigned: the new owner snapshots those high watermarks right after the assignment and
     starts no message of the partition before the table's positions reach them
     (``services.notifier.gate``), polling the table on every turn meanwhile. The in-doubt
     markers (``services.notifier.markers``) gate the partition the same way on their own topic.
@@ -761,7 +761,7 @@ class SinkLoop:
         self.stats.assignments += 1
         tps = [(p.topic, p.partition) for p in partitions]
         self.scheduler.assign(tps)
-        # before anything of these partitions starts: snapshots of the tables' high watermarks
+        # nothing of these partitions starts before the tables reach their high watermarks
         self._receipts_gate.close(tps)
         self._markers.assign(tps)
         self.assigned.update(tps)

@@ -41,7 +41,9 @@ def test_a_partition_opens_once_every_table_partition_reached_its_mark() -> None
     gate = PartitionGate(table, name="receipts")
     assert gate.is_open(TP)  # never gated
     gate.close([TP, OTHER])
-    table.highs = {0: 9, 1: 9}  # written after the assignment: not waited for
+    assert not gate.is_open(TP)  # no snapshot yet
+    gate.poll()
+    table.highs = {0: 9, 1: 9}  # written after the snapshot: not waited for
     assert gate.waiting and not gate.is_open(TP)
     table.positions = {0: 3, 1: 4}
     assert not gate.is_open(TP)
@@ -56,6 +58,7 @@ def test_a_failed_snapshot_keeps_the_partition_gated_and_is_retried() -> None:
     table.down = True
     table.positions = {0: 100, 1: 100}
     gate.close([TP])
+    gate.poll()
     assert not gate.is_open(TP)  # no marks: never opens on a guess
     gate.poll()
     assert table.snapshots == 1  # not before retry_s

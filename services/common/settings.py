@@ -141,6 +141,10 @@ class TopicSettings(BaseSettings):
     data_slack_users: str = "data-slack-users"
     slack_messages: str = "slack-messages"
     slack_message_receipts: str = "slack-message-receipts"
+    slack_message_attempts: str = Field(
+        default="slack-message-attempts",
+        description="compacted in-doubt markers of the notifier (posts started, outcome unknown)",
+    )
     producer_cursors: str = "producer-cursors"
     dlq_redrives: str = Field(
         default="dlq-redrives",

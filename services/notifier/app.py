@@ -3,16 +3,20 @@
 Start order (``libs.runtime.service`` calls these hooks in this order):
 
 1. ``topics()``: ensure the topics it uses exist (``slack-messages``, the compacted receipts
-   topic, their dead-letter topics), unless ``NOTIFIER_CREATE_TOPICS=false``;
+   and in-doubt attempts topics, the dead-letter topics), unless
+   ``NOTIFIER_CREATE_TOPICS=false``;
 2. ``prepare()``: with a token, ``auth.test``: a token Slack rejects stops the service at once
    with exit 1 (every post would fail the same way; see ``core.FATAL_ERRORS``); Slack being
    unreachable only logs a warning, the loop's retries deal with it;
 3. ``bootstrap()``, once the registry answers: load the receipts table
-   (``slack-message-receipts`` as a ``GlobalTable`` in ``NOTIFIER_STATE_DIR/receipts``) up to
-   the high watermarks of the start (the gate), so a message that already has a final receipt
-   is never posted again;
+   (``slack-message-receipts`` as a ``GlobalTable`` in ``NOTIFIER_STATE_DIR/receipts``) and the
+   in-doubt markers (``slack-message-attempts``, ``NOTIFIER_STATE_DIR/in-doubt``; see
+   ``services.notifier.markers``) up to the high watermarks of the start (the gate), so a
+   message that already has a final receipt is never posted again and one whose post is in
+   doubt is checked first;
 4. ``run()``: the sink loop (``services.notifier.sink``) until SIGTERM/SIGINT; it keeps
-   following the receipts table so receipts written by other instances are seen too.
+   following both tables, so what other replicas write is seen too, and gates every
+   partition assigned later on both (``services.notifier.gate``).
 
 Without ``NOTIFIER_SLACK_BOT_TOKEN`` the Slack adapter is the dry-run one: every message is
 rendered to the log and gets a ``DRY_RUN`` receipt, and no local rate limit applies.
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from confluent_kafka import Producer
 from libs.kafka import (
     DeadLetterPublisher,
     KafkaSettings,
+    ProducerClient,
     TopicSpec,
     dlq_topic,
     plain_produce,
@@ -45,8 +49,8 @@ from libs.serde import (
 )
 from libs.tables import GlobalTable, avro_table, bootstrap_all
 from services.common.settings import CommonSettings, TopicSettings
-from services.notifier.core import TOKEN_ERRORS, Rejected
-from services.notifier.markers import RocksDictAttemptLog
+from services.notifier.core import TOKEN_ERRORS, AttemptMarker, Rejected
+from services.notifier.markers import InDoubtStore, KafkaInDoubtStore, decode_marker
 from services.notifier.settings import NotifierSettings
 from services.notifier.sink import SinkConfig, SinkLoop, SinkStats
 from services.notifier.slack import DryRunNotifier, Notifier, SlackWebNotifier
@@ -94,8 +98,24 @@ class NotifierService:
             registry=self._registry,
             dead_letters=self._table_dlq,
         )
+        self.attempts: GlobalTable[AttemptMarker] = GlobalTable(
+            name="in-doubt",
+            topic=topics.slack_message_attempts,
+            state_dir=Path(settings.state_dir),
+            consumer_config=self._kafka.consumer_config(None),
+            decode=decode_marker,
+        )
+        # linger.ms=0: every post waits for its marker's acknowledgement, nothing to batch
+        marker_config = self._kafka.producer_config()
+        marker_config["linger.ms"] = 0
+        marker_producer = Producer(marker_config)
+        self._markers = KafkaInDoubtStore(
+            self.attempts,
+            ProducerClient(
+                marker_producer, timeout_s=settings.slack_timeout_s, transactional=False
+            ),
+        )
         self.loop: SinkLoop | None = None
-        self._markers: RocksDictAttemptLog | None = None
 
     # -- adapters for the loop -------------------------------------------------------------
     def _decode(self, value: bytes | None, topic: str, partition: int, offset: int) -> SlackMessage:
@@ -109,9 +129,18 @@ class NotifierService:
         return [
             t.spec(t.slack_messages),
             t.spec(t.slack_message_receipts, compacted=True),
+            self._attempts_spec(),
             t.spec(dlq_topic(t.slack_messages)),
             t.spec(dlq_topic(t.slack_message_receipts)),
         ]
+
+    def _attempts_spec(self) -> TopicSpec:
+        spec = self._topics.spec(self._topics.slack_message_attempts, compacted=True)
+        retention_ms = int(self._settings.marker_retention_h * 3600 * 1000)
+        # Compacted (a tombstone clears a marker) and time-bounded: a marker whose tombstone
+        # never came (a crash right after the receipt) expires instead of staying forever.
+        spec.config.update({"cleanup.policy": "compact,delete", "retention.ms": str(retention_ms)})
+        return spec
 
     def _sink_config(self) -> SinkConfig:
         s = self._settings
@@ -144,10 +173,14 @@ class NotifierService:
 
     # -- health ----------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, object]]:
-        """Ready once the receipts table passed the gate and while the loop turns."""
+        """Ready once both tables passed the gate and while the loop turns."""
         loop_ok = self.loop is not None and seconds_since(self.loop.last_turn) < READINESS_STALL_S
-        ok = self.receipts.ready() and loop_ok
-        return ok, {"receipts": self.receipts.status(), "loop_running": loop_ok}
+        ok = self.receipts.ready() and self.attempts.ready() and loop_ok
+        return ok, {
+            "receipts": self.receipts.status(),
+            "in_doubt": self.attempts.status(),
+            "loop_running": loop_ok,
+        }
 
     def liveness(self) -> tuple[bool, dict[str, object]]:
         """Alive while loading the table, and while the loop turns."""
@@ -162,6 +195,7 @@ class NotifierService:
         return {
             "input": self._topics.slack_messages,
             "receipts": self._receipts_topic,
+            "in_doubt": self._topics.slack_message_attempts,
             "dead_letters": dlq_topic(self._topics.slack_messages),
             "settings": self._settings.masked(),
         }
@@ -171,8 +205,7 @@ class NotifierService:
         return self._topic_specs() if self._settings.create_topics else []
 
     def prepare(self) -> None:
-        """Refuse a token Slack rejects; open the in-doubt markers, dropping expired ones."""
-        s = self._settings
+        """Refuse a token Slack rejects."""
         auth_error = self._notifier.check_auth()
         if isinstance(auth_error, Rejected) and auth_error.error in TOKEN_ERRORS:
             raise StartRefusedError(
@@ -181,21 +214,17 @@ class NotifierService:
             )
         if auth_error is not None:
             log.warning("Slack auth.test failed, starting anyway", extra={"error": str(auth_error)})
-        self._markers = RocksDictAttemptLog(Path(s.state_dir) / "attempts")
-        pruned = self._markers.prune(datetime.now(UTC) - timedelta(hours=s.marker_retention_h))
-        log.info("in-doubt markers loaded", extra={"markers": len(self._markers), "pruned": pruned})
 
     def bootstrap(self) -> None:
-        """The gate: the receipts table loaded up to the high watermarks of the start."""
-        bootstrap_all([self.receipts], self._stop)
+        """The gate: both tables loaded up to the high watermarks of the start."""
+        bootstrap_all([self.receipts, self.attempts], self._stop)
 
     def run(self) -> None:
         """The sink loop, until stopped."""
-        assert self._markers is not None, "prepare() opens the markers"
         self.loop = self._sink_loop(self._markers)
         self.loop.run()
 
-    def _sink_loop(self, markers: RocksDictAttemptLog) -> SinkLoop:
+    def _sink_loop(self, markers: InDoubtStore) -> SinkLoop:
         return SinkLoop(
             self._sink_config(),
             self._consumer_config(),
@@ -209,10 +238,9 @@ class NotifierService:
         )
 
     def close(self) -> None:
-        """Close the table and the markers, flush the table's dead letters."""
+        """Close the tables and the markers' producer, flush the table's dead letters."""
         self.receipts.close()
-        if self._markers is not None:
-            self._markers.close()
+        self._markers.close()
         self._table_dlq_producer.flush(10)
 
     def counts(self) -> dict[str, object]:

@@ -1,51 +1,68 @@
-"""In-doubt markers: "a post of this message was started", kept on local disk.
+"""In-doubt markers: "a post of this message was started", shared by every replica in Kafka.
 
-How the notifier knows, after a kill -9, that a post is in doubt
------------------------------------------------------------------
-Before every ``chat.postMessage`` the loop writes a marker (channel, attempts so far, time of the
-first attempt) for the message to a small RocksDB in ``NOTIFIER_STATE_DIR``; it deletes the
-marker once the message's receipt is acknowledged by Kafka. A marker found when the message is
-consumed again means the previous run died between starting a post and recording its outcome,
-so the post is *in doubt*: the channel's history is checked for the message id (Slack message
-metadata) before anything is posted again.
+Why markers
+-----------
+Before every ``chat.postMessage`` the loop records a marker for the message (channel, attempts
+so far, time of the first attempt, where the message sits in ``slack-messages``) and makes
+the call only once the marker is durable; it clears the marker once the message's receipt is
+acknowledged by Kafka. A marker found when a message is consumed again means a previous owner
+died (or lost the partition) between starting a post and recording its outcome, so the post
+is *in doubt*: the channel's history is checked for the message id (Slack message metadata)
+before anything is posted again.
 
-Why a marker, and not "check the history of every message without a receipt after a restart":
+Why a marker, and not "check the history of every message without a receipt after a takeover":
 ``conversations.history`` is a Tier 3 method (about 50 calls a minute), far below what posting
 at one message per second per channel needs, so history checks must be the exception. With the
 marker only the few messages whose post was actually started without a recorded outcome pay for
-a check; everything else after a restart is posted straight away.
+a check; everything else is posted straight away.
 
-Durability: markers are written with RocksDB's write-ahead log but without fsync, which survives
-a killed process (kill -9, OOM kill, a container restart: the data is in the OS page cache) but
-not a crash of the machine. When the state directory is lost (a machine crash, a pod moved to
-another node with an ``emptyDir``, a deleted volume), the markers are gone and a post that was in
-flight at that moment may be sent twice: delivery falls back to at-least-once for exactly
-those messages. The receipts table in the same directory is only a cache and is rebuilt from
-Kafka.
+Where markers live: ``KafkaInDoubtStore``
+-----------------------------------------
+A marker on the local disk of the replica that made the post is lost with that replica: the
+replica that takes its partitions over, or the same pod restarted on an empty volume, posted
+the in-flight messages a second time. So markers live in a compacted topic
+(``slack-message-attempts``, ``TOPIC_SLACK_MESSAGE_ATTEMPTS``) keyed by ``message_id``:
 
-The port, and where it goes next
---------------------------------
-``AttemptLog`` is the store; ``InDoubtStore`` is the store as the sink loop uses it, shaped so
-that a store backed by a compacted Kafka topic (in-doubt state shared across replicas, so
-any replica that takes a partition over checks Slack before it re-posts) drops in without a
-change to the loop:
+* ``begin``: the marker (JSON) is produced by an idempotent producer with ``acks=all``, and
+  ``on_durable`` (which makes the Slack call) runs from its delivery report, served on the
+  loop's thread by ``poll()``. One acknowledged produce per post, a few milliseconds against
+  Slack's one post per second per channel: the hot path stays cheap, and no post is made
+  whose marker the next owner could miss;
+* ``delete``: a tombstone, fire-and-forget, only for a marker the table holds (a skipped
+  replay writes nothing). A leftover marker costs one history check, never a duplicate post;
+* reading: every replica follows the whole topic as a ``GlobalTable`` (its local RocksDB is a
+  cache, resumed from its stored offsets and rebuilt from the topic when the volume is
+  lost). Markers are few (one per post in flight, plus tombstones until compaction), so
+  following all partitions costs next to nothing, and a marker may land on any partition:
+  the key, not the input partition, places it;
+* the gate: ``assign`` gates the partition on a snapshot of the topic's high watermarks
+  (``services.notifier.gate``) and ``ready(tp)`` stays False until the table's positions
+  reach them. A marker acknowledged
+  before the partition moved is below that snapshot, so the new owner sees it before it
+  starts any message of the partition;
+* retention: tombstones keep the topic small; markers whose tombstone never came (the process
+  died between the receipt's acknowledgement and the tombstone, and the message was
+  committed) expire with the topic's ``retention.ms`` (``cleanup.policy=compact,delete``,
+  ``NOTIFIER_MARKER_RETENTION_H``).
+
+What it does not cover: a zombie, a replica that lost its partitions without noticing
+(a network partition longer than the session timeout), can still start a post after the new
+owner's snapshot; nothing without fencing the producer covers that, and the window is one
+post per channel at most.
+
+``RocksDictAttemptLog`` (local RocksDB with the write-ahead log, survives kill -9 but not a
+lost volume or a takeover) and ``InMemoryAttemptLog`` (unit tests) implement the same port.
+
+The port
+--------
+``AttemptLog`` is the store; ``InDoubtStore`` is the store as the sink loop uses it:
 
 * markers are scoped by the *input* partition: ``assign``/``revoke`` follow the consumer's
   rebalances, and ``ready(tp)`` is False while the markers of a newly assigned partition are
-  still being restored; the loop starts no message of that partition before;
+  still being read; the loop starts no message of that partition before;
 * a marker must be durable *before* its post: ``begin`` takes ``on_durable`` and the loop
-  makes the Slack call only from it. The local stores call it at once (the write-ahead log
-  has the marker when ``put`` returns); a Kafka store calls it from the marker's delivery
-  report (``acks=all``), served on the loop's thread by ``poll()``;
-* ``delete`` stays fire-and-forget: a leftover marker costs one history check, never a
-  duplicate post.
-
-The Kafka-backed store (not built yet): a compacted topic partitioned like
-``slack-messages`` (marker of input partition p in changelog partition p, keyed by
-``message_id``, a tombstone on delete), written by the sink's idempotent producer;
-``assign`` snapshots each changelog partition's high watermark and reads it from the start
-until the position reaches it (the global table's gate, per partition); ``revoke`` drops the
-partition's markers; retention is by tombstones, replacing ``prune``.
+  makes the Slack call only from it;
+* ``delete`` stays fire-and-forget.
 """
 
 from __future__ import annotations
@@ -54,13 +71,17 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, cast
 
 from rocksdict import Options, Rdict, WriteOptions
 
+from libs.kafka import ProducerClient
+from libs.serde import DeserializationError
+from libs.tables import GlobalTable
 from services.notifier.core import AttemptMarker
+from services.notifier.gate import PartitionGate
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +130,17 @@ class InDoubtStore(AttemptLog, Protocol):
         ...
 
     def begin(
-        self, tp: TP, message_id: str, marker: AttemptMarker, on_durable: Callable[[], None]
+        self,
+        tp: TP,
+        message_id: str,
+        marker: AttemptMarker,
+        on_durable: Callable[[], None],
+        offset: int | None = None,
     ) -> None:
-        """Record a post about to be made; ``on_durable()`` once the marker would survive."""
+        """Record a post of the message at ``tp``/``offset`` about to be made.
+
+        ``on_durable()`` runs once the marker would survive (this process, or this replica).
+        """
         ...
 
     def poll(self) -> None:
@@ -127,6 +156,44 @@ def _encode(marker: AttemptMarker) -> bytes:
             "first_attempt_at": marker.first_attempt_at.isoformat(),
         }
     ).encode()
+
+
+def encode_marker(
+    marker: AttemptMarker,
+    *,
+    message_id: str,
+    tp: TP,
+    offset: int | None,
+    started_at: datetime,
+) -> bytes:
+    """A marker as the attempts topic carries it (JSON; ``decode_marker`` reads it back).
+
+    Besides what the core needs, it names the message (``message_id``, its topic, partition
+    and offset in ``slack-messages``) and when this attempt started, for an operator
+    reading the topic.
+    """
+    return json.dumps(
+        {
+            "message_id": message_id,
+            "channel": marker.channel,
+            "attempts": marker.attempts,
+            "first_attempt_at": marker.first_attempt_at.isoformat(),
+            "started_at": started_at.isoformat(),
+            "topic": tp[0],
+            "partition": tp[1],
+            "offset": offset,
+        }
+    ).encode()
+
+
+def decode_marker(raw: bytes, topic: str, partition: int, offset: int) -> AttemptMarker:
+    """A marker from the attempts topic (a ``GlobalTable`` decoder: ``DeserializationError``)."""
+    try:
+        return _decode(raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DeserializationError(
+            f"not an in-doubt marker: {exc}", topic=topic, partition=partition, offset=offset
+        ) from exc
 
 
 def _decode(raw: bytes) -> AttemptMarker:
@@ -215,7 +282,12 @@ class RocksDictAttemptLog:
         pass
 
     def begin(
-        self, tp: TP, message_id: str, marker: AttemptMarker, on_durable: Callable[[], None]
+        self,
+        tp: TP,
+        message_id: str,
+        marker: AttemptMarker,
+        on_durable: Callable[[], None],
+        offset: int | None = None,
     ) -> None:
         # In the write-ahead log when put returns: survives a killed process (module doc).
         self.put(message_id, marker)
@@ -260,7 +332,12 @@ class InMemoryAttemptLog:
         self._restoring.difference_update(tps)
 
     def begin(
-        self, tp: TP, message_id: str, marker: AttemptMarker, on_durable: Callable[[], None]
+        self,
+        tp: TP,
+        message_id: str,
+        marker: AttemptMarker,
+        on_durable: Callable[[], None],
+        offset: int | None = None,
     ) -> None:
         self.markers[message_id] = marker
         if not self.remote:
@@ -291,3 +368,93 @@ class InMemoryAttemptLog:
 
     def close(self) -> None:
         pass
+
+
+class KafkaInDoubtStore:
+    """Markers in a compacted topic that every replica follows (module docstring).
+
+    ``table`` follows the attempts topic (``decode_marker``), bootstrapped by the caller;
+    ``producer`` is idempotent with ``acks=all``. The store closes both.
+    """
+
+    def __init__(
+        self,
+        table: GlobalTable[AttemptMarker],
+        producer: ProducerClient,
+        *,
+        gate_timeout_s: float = 5.0,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._table = table
+        self._producer = producer
+        self._topic = table.topic
+        self._gate = PartitionGate(table, name=table.name, timeout_s=gate_timeout_s)
+        self._now = wall_clock
+
+    # -- InDoubtStore ------------------------------------------------------------------------
+    def assign(self, tps: Iterable[TP]) -> None:
+        self._gate.close(tps)
+
+    def ready(self, tp: TP) -> bool:
+        return self._gate.is_open(tp)
+
+    def revoke(self, tps: Iterable[TP]) -> None:
+        self._gate.forget(tps)
+
+    def begin(
+        self,
+        tp: TP,
+        message_id: str,
+        marker: AttemptMarker,
+        on_durable: Callable[[], None],
+        offset: int | None = None,
+    ) -> None:
+        value = encode_marker(
+            marker, message_id=message_id, tp=tp, offset=offset, started_at=self._now()
+        )
+
+        def acked() -> None:
+            # Read-your-own-write: a replay of the message on this replica must find it even
+            # before the table has fetched it back.
+            self._table.put_local(message_id, value)
+            on_durable()
+
+        self._producer.produce(self._topic, message_id.encode(), value, on_acked=acked)
+
+    def poll(self) -> None:
+        self._producer.poll()
+        # A marker that cannot be written leaves its post unstarted for good: stop (exit 1)
+        # rather than stall the channel; the restart (or the next owner) posts it.
+        self._producer.check_delivery(
+            "; the posts waiting for them were not made and are replayed after the restart"
+        )
+        self._gate.poll()
+        while self._table.poll(max_records=1000) >= 1000:
+            pass
+
+    # -- AttemptLog --------------------------------------------------------------------------
+    def get(self, message_id: str) -> AttemptMarker | None:
+        return self._table.get(message_id)
+
+    def put(self, message_id: str, marker: AttemptMarker) -> None:
+        """Write a marker without waiting for it (``begin`` is the durable way)."""
+        value = _encode(marker)
+        self._producer.produce(self._topic, message_id.encode(), value)
+        self._table.put_local(message_id, value)
+
+    def delete(self, message_id: str) -> None:
+        if self._table.get(message_id) is None:
+            return  # nothing to clear: no tombstone for every skipped replay
+        self._producer.produce(self._topic, message_id.encode(), None)
+        self._table.put_local(message_id, None)
+
+    def __len__(self) -> int:
+        return self._table.record_count()
+
+    def close(self) -> None:
+        try:
+            # flushes the tombstones (bounded); one lost costs a history check, not a post
+            for problem in self._producer.close(10.0):
+                log.error(problem)
+        finally:
+            self._table.close()

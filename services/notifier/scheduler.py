@@ -17,9 +17,9 @@ Partitions
     A partition is paused when its consumed-but-unfinished messages reach
     ``max_buffered_per_partition`` and resumed at half of that (hysteresis, so it does not
     flap), or while it is on hold (the schema registry was unavailable: its records are
-    consumed again after ``hold``). A newly assigned partition *settles* for
-    ``assign_settle_s`` before its messages start, so the receipts table can read what the
-    previous owner wrote (see the sink's module docstring).
+    consumed again after ``hold``). When a newly assigned partition may start is the sink's
+    business (``services.notifier.gate``: its tables must first reach the high watermarks
+    taken at the assignment).
 
 Offsets
     ``libs.kafka.OffsetTracker`` knows which offsets are finished; only the contiguous prefix
@@ -51,7 +51,6 @@ class SchedulerConfig:
     rate_burst: int = 1
     pace: bool = True
     max_buffered_per_partition: int = 500
-    assign_settle_s: float = 0.5
 
 
 @dataclass(eq=False)
@@ -107,14 +106,12 @@ class ChannelScheduler(Generic[T]):
         self._ready: list[tuple[float, int, Channel[T]]] = []
         self._seq = itertools.count()
         self._hold_until: dict[TP, float] = {}
-        self._settle_until: dict[TP, float] = {}
 
     # -- partitions ----------------------------------------------------------------------------
-    def assign(self, tps: Iterable[TP], now: float) -> None:
-        """Start tracking ``tps``; their messages wait ``assign_settle_s`` before starting."""
+    def assign(self, tps: Iterable[TP]) -> None:
+        """Start tracking ``tps``."""
         for tp in tps:
             self.tracker.assign(tp)
-            self._settle_until[tp] = now + self.config.assign_settle_s
 
     def forget(self, tps: set[TP]) -> None:
         """Drop queued messages of ``tps``; a head in flight stays, marked, until it completes."""
@@ -132,25 +129,8 @@ class ChannelScheduler(Generic[T]):
             self.tracker.drop(tp)
             self.paused.discard(tp)
             self._hold_until.pop(tp, None)
-            self._settle_until.pop(tp, None)
         for name in [n for n, ch in self.channels.items() if not ch.queue and not ch.busy]:
             del self.channels[name]
-
-    def settling(self, tp: TP, now: float) -> float | None:
-        """Until when a new message of ``tp`` must wait for the receipts table, or None."""
-        until = self._settle_until.get(tp)
-        if until is None:
-            return None
-        if now >= until:
-            del self._settle_until[tp]
-            return None
-        return until
-
-    def any_settling(self, now: float) -> bool:
-        """Some partition is still settling (the sink reads the table on every turn then)."""
-        for tp in [tp for tp, until in self._settle_until.items() if now >= until]:
-            del self._settle_until[tp]
-        return bool(self._settle_until)
 
     def hold(self, tp: TP, offset: int, now: float, seconds: float) -> None:
         """Consume ``tp`` again from ``offset`` after ``seconds``; paused until then.
@@ -204,7 +184,7 @@ class ChannelScheduler(Generic[T]):
         return wait
 
     def defer(self, channel: Channel[T], at: float) -> None:
-        """Look at the channel again at ``at`` (a settle or the token bucket)."""
+        """Look at the channel again at ``at`` (a gated partition or the token bucket)."""
         self._schedule(channel, at)
 
     def pop(self, channel: Channel[T]) -> Entry[T]:

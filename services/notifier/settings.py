@@ -24,8 +24,8 @@ class NotifierSettings(BaseSettings):
     state_dir: Path = Field(
         default=Path("./state/notifier"),
         description=(
-            "RocksDB: the receipts table and the in-doubt markers (lost: the table is rebuilt "
-            "from Kafka, posts in flight at the loss fall back to at-least-once)"
+            "RocksDB caches of the receipts and in-doubt markers topics (lost: both are rebuilt "
+            "from Kafka)"
         ),
     )
     slack_bot_token: SecretStr | None = Field(
@@ -86,7 +86,9 @@ class NotifierSettings(BaseSettings):
         default=45_000, ge=1000, description="consumer session.timeout.ms"
     )
     marker_retention_h: float = Field(
-        default=168.0, gt=0, description="in-doubt markers older than this are dropped at start"
+        default=168.0,
+        gt=0,
+        description="retention of the in-doubt markers topic (markers never cleared expire)",
     )
     group_instance_id: str | None = Field(
         default=None,
@@ -96,7 +98,8 @@ class NotifierSettings(BaseSettings):
         ),
     )
     create_topics: bool = Field(
-        default=True, description="create slack-messages, receipts and the DLQ when missing"
+        default=True,
+        description="create slack-messages, receipts, in-doubt markers and the DLQs when missing",
     )
 
     @field_validator("group_instance_id", mode="before")

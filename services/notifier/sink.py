@@ -49,12 +49,11 @@ Rebalances
     The committed offset covers only the contiguous prefix; messages past it may already have
     receipts (channels of one partition progress independently), and the next owner skips them
     only if its receipts table has read those receipts. The previous owner flushed them before
-    committing, so they are on the topic before the partition is reassigned; the new owner
-    polls its table on every turn and starts no message of a newly assigned partition for
-    ``assign_settle_s`` (0.5 s), far longer than the table takes to fetch them. This narrows
-    the window to practically nothing but does not close it by construction: that would need
-    the table to expose its positions, so the loop could wait until they reach the receipts
-    topic's high watermarks snapshotted at assignment (proposed for ``libs.tables``).
+    committing, so they are below the receipts topic's high watermarks once the partition is
+    reassigned: the new owner snapshots those high watermarks right after the assignment and
+    starts no message of the partition before the table's positions reach them
+    (``services.notifier.gate``), polling the table on every turn meanwhile. The in-doubt
+    markers (``services.notifier.markers``) gate the partition the same way on their own topic.
 
 Clients come from ``consumer_factory``/``producer_factory`` (``libs.kafka.ports``), so the
 whole loop runs in unit tests on the in-memory twins of ``libs.kafka.memory``.
@@ -66,7 +65,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -104,6 +103,7 @@ from services.notifier.core import (
     RetryPolicy,
     Step,
 )
+from services.notifier.gate import PartitionGate
 from services.notifier.markers import InDoubtStore
 from services.notifier.scheduler import Channel, ChannelScheduler, Entry, SchedulerConfig
 from services.notifier.slack import Notifier
@@ -150,6 +150,10 @@ class ReceiptTable(Protocol):
 
     def poll(self, max_records: int = 1000, timeout_s: float = 0.0) -> int: ...
 
+    def high_watermarks(self, timeout_s: float = 10.0) -> dict[int, int]: ...
+
+    def caught_up_to(self, marks: Mapping[int, int]) -> bool: ...
+
 
 Decode = Callable[[bytes | None, str, int, int], SlackMessage]
 Encode = Callable[[SlackDeliveryReceipt], bytes]
@@ -174,8 +178,8 @@ class SinkConfig:
     drain_timeout_s: float = 15.0
     table_poll_interval_s: float = 0.1
     decode_retry_s: float = 5.0
-    #: after an assignment, how long the partition's messages wait for the receipts table
-    assign_settle_s: float = 0.5
+    #: how long the high watermarks snapshot of an assignment may take (per table partition)
+    gate_timeout_s: float = 5.0
     #: how long a blocking Kafka call (commit, flush, close) may take before the client
     #: counts as wedged (flush and close are given less, so the bound is theirs plus a margin)
     client_call_bound_s: float = 30.0 + MARGIN_S
@@ -189,7 +193,6 @@ class SinkConfig:
             rate_burst=self.rate_burst,
             pace=self.pace,
             max_buffered_per_partition=self.max_buffered_per_partition,
-            assign_settle_s=self.assign_settle_s,
         )
 
 
@@ -284,6 +287,9 @@ class SinkLoop:
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="slack")
         self._completions: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
         self.scheduler: ChannelScheduler[_Item] = ChannelScheduler(config.scheduling())
+        self._receipts_gate = PartitionGate(
+            table, name="receipts", timeout_s=config.gate_timeout_s, monotonic=monotonic
+        )
         self._fatal: str | None = None
         self._last_commit = self._mono()
         self._last_table_poll = 0.0
@@ -330,8 +336,9 @@ class SinkLoop:
         self._check_delivery()
         self._dispatch()
         self._flow_control(now)
-        settling = self.scheduler.any_settling(now)
-        if settling or now - self._last_table_poll >= self.config.table_poll_interval_s:
+        self._receipts_gate.poll()
+        gated = self._receipts_gate.waiting
+        if gated or now - self._last_table_poll >= self.config.table_poll_interval_s:
             self._last_table_poll = now
             while self._table.poll(max_records=1000) >= 1000:
                 pass
@@ -411,12 +418,9 @@ class SinkLoop:
         while (entry := channel.head) is not None and not channel.busy:
             item = entry.item
             if item.delivery is None:
-                settle = self.scheduler.settling(entry.tp, now)
-                if settle is not None:
-                    self.scheduler.defer(channel, settle)
-                    return
-                if not self._markers.ready(entry.tp):
-                    # the partition's in-doubt markers are still being restored
+                if not (self._receipts_gate.is_open(entry.tp) and self._markers.ready(entry.tp)):
+                    # the receipts table, or the partition's in-doubt markers, have not read
+                    # yet what was written before the partition came to this replica
                     self.scheduler.defer(channel, now + self.config.poll_timeout_s)
                     return
                 existing = self._table.get(item.message.message_id)
@@ -465,7 +469,9 @@ class SinkLoop:
 
             # The marker must be durable before the call: if the process dies before the
             # receipt is acknowledged, the next owner knows this post is in doubt.
-            self._markers.begin(entry.tp, item.message.message_id, marker, on_durable=post)
+            self._markers.begin(
+                entry.tp, item.message.message_id, marker, on_durable=post, offset=entry.offset
+            )
             self.stats.posts += 1
         else:
             item.delivery = action.delivery
@@ -755,7 +761,9 @@ class SinkLoop:
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.stats.assignments += 1
         tps = [(p.topic, p.partition) for p in partitions]
-        self.scheduler.assign(tps, self._mono())
+        self.scheduler.assign(tps)
+        # nothing of these partitions starts before the tables reach their high watermarks
+        self._receipts_gate.close(tps)
         self._markers.assign(tps)
         self.assigned.update(tps)
         log.info("partitions assigned", extra={"partitions": partition_names(partitions)})
@@ -781,6 +789,7 @@ class SinkLoop:
 
     def _release(self, tps: set[TP]) -> None:
         self.scheduler.release(tps)
+        self._receipts_gate.forget(tps)
         self._markers.revoke(tps)
         self.assigned -= tps
 

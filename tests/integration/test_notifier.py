@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,6 +74,19 @@ class NotifierProcess:
     def logged(self, msg: str) -> list[dict[str, object]]:
         return [line for line in self.lines() if line.get("msg") == msg]
 
+    def owned(self) -> set[str]:
+        """The partitions it owns now, from its assignment log lines (cooperative rebalances)."""
+        owned: set[str] = set()
+        for line in self.lines():
+            parts = line.get("partitions")
+            if not isinstance(parts, list):
+                continue
+            if line.get("msg") == "partitions assigned":
+                owned.update(str(p) for p in parts)
+            elif line.get("msg") in ("partitions revoked", "partitions lost"):
+                owned.difference_update(str(p) for p in parts)
+        return owned
+
     def wait_assigned(self, timeout_s: float = 60) -> None:
         wait_until(
             lambda: self.logged("partitions assigned") or self.proc.poll() is not None,
@@ -112,10 +127,18 @@ class Harness:
         self.tmp = tmp_path
         self.messages = unique("slack-messages")
         self.receipts = unique("receipts")
+        self.attempts = unique("attempts")
         self.dlq = self.messages + ".dlq"
         self.group = unique("notifier")
         create_topics(bootstrap, [self.messages, self.dlq], partitions=3)
         create_topics(bootstrap, [self.receipts], partitions=3, compacted=True)
+        # as the notifier creates it (services.notifier.app): compacted, markers expire
+        create_topics(
+            bootstrap,
+            [self.attempts],
+            partitions=3,
+            config={"cleanup.policy": "compact,delete", "retention.ms": str(168 * 3600 * 1000)},
+        )
         # All of the notifier's topics exist before it starts: libs.kafka.ensure_topics can race
         # a topic it has just created (describe_configs answers UNKNOWN_TOPIC_OR_PART).
         create_topics(bootstrap, [self.receipts + ".dlq"], partitions=1)
@@ -126,6 +149,7 @@ class Harness:
             "LOG_FORMAT": "json",
             "TOPIC_SLACK_MESSAGES": self.messages,
             "TOPIC_SLACK_MESSAGE_RECEIPTS": self.receipts,
+            "TOPIC_SLACK_MESSAGE_ATTEMPTS": self.attempts,
             "NOTIFIER_GROUP_ID": self.group,
             "NOTIFIER_STATE_DIR": str(tmp_path / "state"),
             "NOTIFIER_SLACK_BOT_TOKEN": TOKEN,
@@ -291,7 +315,10 @@ def test_100_messages_to_10_channels_then_a_replay_posts_nothing(h: Harness) -> 
     assert len(h.fake.calls("chat.postMessage")) == 100
 
 
-def test_kill_9_after_the_post_before_the_receipt_posts_once(h: Harness) -> None:
+@pytest.mark.parametrize("volume_lost", [False, True], ids=["same-volume", "volume-lost"])
+def test_kill_9_after_the_post_before_the_receipt_posts_once(h: Harness, volume_lost: bool) -> None:
+    """The restart finds the post in doubt and checks the history. With the state volume lost
+    too (issue 11) the marker still comes back: it is in Kafka, not only on the volume."""
     first, second = h.message(1, "D0KILL"), h.message(2, "D0KILL")
     # Slack stores the post at once but holds the answer back: the process is killed while the
     # post exists and its outcome is unknown to it.
@@ -301,6 +328,8 @@ def test_kill_9_after_the_post_before_the_receipt_posts_once(h: Harness) -> None
     [stored] = h.fake.wait_for_posts(1, channel="D0KILL", timeout_s=30)
     assert message_id_of(stored) == first.message_id
     notifier.kill()
+    if volume_lost:
+        shutil.rmtree(h.tmp / "state")
 
     restarted = h.start()
     receipts = h.receipts_read(2)
@@ -351,6 +380,45 @@ def test_a_second_instance_joining_mid_stream_posts_nothing_twice(h: Harness) ->
     [b] = second.logged("notifier stopped")
     assert a["delivered"] and b["delivered"]
     assert any(line["partitions"] for line in second.logged("partitions assigned"))
+
+
+def test_a_replica_killed_with_posts_in_flight_and_its_volume_lost_posts_nothing_twice(
+    h: Harness,
+) -> None:
+    """Issue 11: two replicas in one group, Slack answering slowly, one killed (-9) with posts in
+    flight and its state volume lost. Before the fix the in-doubt markers lived on the dead
+    replica's disk: the survivor took the partitions over and posted those messages again
+    without checking the history (posts per message [1, 2, 2]). Now the markers are in Kafka
+    (``slack-message-attempts``) and gate every newly assigned partition: the survivor finds
+    them, checks the history, and every message is posted once, with a receipt."""
+    channels = [f"C{c:02d}TAKE" for c in range(12)]
+    sent = [h.message(i, channels[i % 12]) for i in range(24)]
+    for channel in channels:
+        # the first post of each channel is stored at once, its answer held back 15 s
+        h.fake.slow(channel, delay_s=15, then_store=True)
+    a_state = h.tmp / "a"
+    a = h.start(NOTIFIER_STATE_DIR=str(a_state), NOTIFIER_SLACK_TIMEOUT_S="60")
+    b = h.start(NOTIFIER_STATE_DIR=str(h.tmp / "b"), NOTIFIER_SLACK_TIMEOUT_S="60")
+    wait_until(
+        lambda: a.owned() and b.owned() and len(a.owned() | b.owned()) == 3,
+        timeout_s=60,
+        message="both replicas own partitions",
+    )
+    h.send(sent)
+    h.fake.wait_for_posts(12, timeout_s=60)  # every channel's first post stored, none answered
+    assert a.owned(), "the replica to kill must own partitions"
+    a.kill()
+    shutil.rmtree(a_state)  # the volume is lost with it
+
+    receipts = h.receipts_read(24, timeout_s=120)
+    assert b.stop() == 0
+    assert {r.status for r in receipts.values()} == {"DELIVERED"}
+    posts = Counter(message_id_of(p) for p in h.fake.posts())
+    assert posts == Counter({m.message_id: 1 for m in sent}), posts
+    # the takeover really met posts in doubt, and resolved them from the history
+    [stopped] = b.logged("notifier stopped")
+    assert stopped["found_in_history"], stopped
+    assert b.logged("post of a previous run is in doubt, checking the history first")
 
 
 # -- rate limits ----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -61,11 +62,17 @@ def decode_receipt(value: bytes) -> SlackDeliveryReceipt:
 
 
 class MemoryReceiptTable:
-    """The receipts topic of the twin broker as a lookup table (``ReceiptTable``)."""
+    """The receipts topic of the twin broker as a lookup table (``ReceiptTable``).
+
+    Like a ``GlobalTable`` it has a position per partition; ``hold()`` stops it reading (a
+    table behind the topic) until ``release()``.
+    """
 
     def __init__(self, broker: InMemoryBroker) -> None:
         self._broker = broker
         self._rows: dict[str, SlackDeliveryReceipt] = {}
+        self._positions: dict[int, int] = {}
+        self._held = False
         self._lock = threading.Lock()
 
     def get(self, key: str) -> SlackDeliveryReceipt | None:
@@ -79,12 +86,36 @@ class MemoryReceiptTable:
             else:
                 self._rows[key] = decode_receipt(value)
 
+    def hold(self) -> None:
+        self._held = True
+
+    def release(self) -> None:
+        self._held = False
+
     def poll(self, max_records: int = 1000, timeout_s: float = 0.0) -> int:
+        if self._held:
+            return 0
+        applied = 0
         records = self._broker.records(RECEIPTS)
         with self._lock:
             for r in records:
+                p, offset = int(r.partition() or 0), int(r.offset() or 0)
+                if offset < self._positions.get(p, 0):
+                    continue
                 self._rows[bytes(r.key() or b"").decode()] = decode_receipt(bytes(r.value() or b""))
-        return 0
+                self._positions[p] = offset + 1
+                applied += 1
+        return 0 if applied < max_records else applied
+
+    def high_watermarks(self, timeout_s: float = 10.0) -> dict[int, int]:
+        return {
+            p: self._broker.end_offset(RECEIPTS, p)
+            for p in range(self._broker.partitions(RECEIPTS))
+        }
+
+    def caught_up_to(self, marks: Mapping[int, int]) -> bool:
+        with self._lock:
+            return all(self._positions.get(p, 0) >= mark for p, mark in marks.items())
 
 
 def message(i: int, channel: str) -> SlackMessage:
@@ -115,7 +146,6 @@ class SinkRig:
             "pace": False,
             "poll_timeout_s": 0.02,
             "commit_interval_s": 0.05,
-            "assign_settle_s": 0.0,
             "policy": RetryPolicy(backoff_base_s=0.01, backoff_max_s=0.05),
         }
         self.config = SinkConfig(TOPIC, RECEIPTS, DLQ, **{**defaults, **config})

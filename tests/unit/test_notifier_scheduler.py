@@ -19,8 +19,7 @@ OTHER = ("slack-messages", 1)
 
 
 def cfg(**knobs: object) -> SchedulerConfig:
-    """A config without the settle delay unless the row asks for one."""
-    return SchedulerConfig(**{"assign_settle_s": 0.0, **knobs})  # type: ignore[arg-type]
+    return SchedulerConfig(**knobs)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ class Row:
 
 def simulate(row: Row, until: float = 60.0) -> tuple[list[tuple[float, int]], dict[TP, int]]:
     s: ChannelScheduler[int] = ChannelScheduler(row.config)
-    s.assign([TP], now=0.0)
+    s.assign([TP])
     for offset, channel in enumerate(row.messages):
         epoch = s.track(TP, offset)
         assert epoch is not None
@@ -59,10 +58,6 @@ def simulate(row: Row, until: float = 60.0) -> tuple[list[tuple[float, int]], di
                 s.proceed(channel, clock)
         while (channel := s.next_due(clock)) is not None:
             entry = channel.queue[0]
-            settle = s.settling(entry.tp, clock)
-            if settle is not None and entry.item not in attempts:
-                s.defer(channel, settle)
-                continue
             wait = s.take_token(channel, clock)
             if wait > 0:
                 s.defer(channel, clock + wait)
@@ -135,12 +130,6 @@ ROWS = [
         config=cfg(pace=False),
         call_s=2.0,
     ),
-    Row(
-        "a new partition settles before its first message starts",
-        ["C1", "C2"],
-        [(0.5, 0), (0.5, 1)],
-        config=cfg(assign_settle_s=0.5),
-    ),
 ]
 
 
@@ -154,7 +143,7 @@ def test_when_calls_start(row: Row) -> None:
 
 def _scheduler(**config: object) -> ChannelScheduler[int]:
     s: ChannelScheduler[int] = ChannelScheduler(SchedulerConfig(**config))  # type: ignore[arg-type]
-    s.assign([TP, OTHER], now=0.0)
+    s.assign([TP, OTHER])
     return s
 
 
@@ -226,8 +215,6 @@ def test_revoke_keeps_an_in_flight_head_marked_and_drops_the_rest() -> None:
     s = _scheduler(pace=False)
     _consume(s, TP, range(2), "C1")
     _consume(s, OTHER, range(2), "C2")
-    s.settling(TP, 1.0)
-    s.settling(OTHER, 1.0)
     channel = s.next_due(1.0)
     assert channel is not None and channel.name == "C1"
     s.call_started(channel)

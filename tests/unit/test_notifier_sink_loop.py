@@ -8,10 +8,11 @@ import pytest
 from confluent_kafka import KafkaError
 
 from libs.kafka import ClientCallTimeoutError, DeliveryError
+from libs.serde import SlackDeliveryReceipt
 from services.notifier.core import PostOutcome, PostRequest, Rejected
 from services.notifier.markers import InMemoryAttemptLog
 from tests.support.kafka import wait_until
-from tests.support.notifier_twins import DLQ, RECEIPTS, SinkRig, message
+from tests.support.notifier_twins import DLQ, RECEIPTS, T0, SinkRig, encode_receipt, message
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -157,6 +158,42 @@ def test_a_partition_starts_only_once_its_markers_are_restored() -> None:
     wait_until(rig.all_committed, timeout_s=20, message="posted once restored")
     rig.finish()
     assert len(rig.slack.posts) == 1
+
+
+def test_a_partition_starts_only_once_the_receipts_table_reached_the_assignment_marks() -> None:
+    """The previous owner delivered m1 and flushed its receipt before the partition moved, but
+    not its offset. Before the fix the new owner started m1 after a fixed settle delay (0.5 s;
+    none in the twins), whatever its receipts table had read, and posted it a second time. Now
+    the partition waits until the table's positions reach the high watermarks of the
+    assignment, however long the table takes."""
+    rig = SinkRig(partitions=1)
+    receipt = SlackDeliveryReceipt(
+        message_id="m1",
+        channel="C1",
+        status="DELIVERED",
+        attempts=1,
+        slack_ts="1.0001",
+        error=None,
+        delivered_at=T0,
+    )
+    p = rig.broker.producer({})
+    p.produce(RECEIPTS, key=b"m1", value=encode_receipt(receipt))
+    assert p.flush(1) == 0
+    rig.send([message(1, "C1")])
+    rig.table.hold()  # the new owner's table has not fetched the receipt yet
+    rig.start()
+    loop = rig.loop
+    assert loop is not None
+    wait_until(lambda: loop.stats.consumed == 1, timeout_s=20)
+    consumed_at = loop.last_turn
+    # well past the old settle delay, and many turns later: still gated
+    wait_until(lambda: loop.last_turn > consumed_at + 0.8, timeout_s=20)
+    assert rig.slack.posts == [] and loop.stats.skipped == 0
+    rig.table.release()
+    wait_until(rig.all_committed, timeout_s=20, message="skipped once the table caught up")
+    stats = rig.finish()
+    assert (stats.skipped, stats.posts) == (1, 0)
+    assert rig.slack.posts == []
 
 
 def test_an_unacknowledged_receipt_stops_the_loop_and_its_offset_stays_uncommitted() -> None:

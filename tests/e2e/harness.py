@@ -11,7 +11,13 @@ What a scenario does (``World``):
    readiness from ``/readyz`` on its ``METRICS_PORT``, ``kill -9``, SIGTERM, restart), kept
    alive by a ``Fleet`` that does what Kubernetes would (restart a service that exits on its
    own; probe ``/healthz`` like the manifests' liveness probe and restart a wedged one) and
-   records each such event: scenarios without an injected fault allow none;
+   records each such event: scenarios without an injected fault allow none. With
+   ``replicas`` each service runs as pods of a Deployment (``enricher-1``, ``enricher-2``...:
+   per-pod state directory, static group instance id and transactional id, as
+   ``deploy/k8s/base`` derives them from the pod name), and the ``Fleet`` also rolls them
+   (start the new pod, wait for its ``/readyz``, SIGTERM the old), replaces a killed pod by a
+   new one, overlaps two pods of a single-writer service, and stalls one (SIGSTOP/SIGCONT);
+   ``RegistryProxy`` puts a schema registry that answers 503 or hangs in front of them;
 4. a stream (``StreamSpec``): connector status changes produced over time, onboarding rows
    whose timestamps spread over the stream (the producer sees each row once the clock passes
    it), poison records on every input topic, plus whatever faults the scenario injects;
@@ -21,8 +27,10 @@ What a scenario does (``World``):
    miss: one post in the fallback channel saying why). The audit waits until every outcome
    is observed, lets the pipeline settle, stops the services gracefully, then counts: inputs,
    delivered, filtered, dead-lettered, missed, duplicate Slack posts (posts per ``message_id``
-   from the Slack message metadata) and lost inputs; it also checks that the enricher and
-   the producer wrote no record twice (their exactly-once promise) and that no secret
+   from the Slack message metadata), duplicate records in the ``read_committed`` view of
+   ``slack-messages`` and ``onboarding-events`` (the enricher's and the producer's
+   exactly-once promise), lost inputs and the longest input-to-post delay of the inputs that
+   entered during the fault window; it also checks that no secret
    (Slack token, registry credentials, SASL password) appears in any captured log.
 
 Every report goes to ``SUMMARY``; ``tests/e2e/conftest.py`` prints the table at the end of

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration lint typecheck bench stack-up stack-down clean
+.PHONY: install demo test test-unit test-integration lint typecheck bench soak stack-up stack-down clean
 .PHONY: image image-test image-tools
 
 install: $(STAMP)
@@ -26,7 +26,7 @@ typecheck: install
 # tests/image builds the image and runs it (the same as `make image image-test`); image-tools
 # installs buildah for that where it can, or says why those tests will skip.
 test: install lint typecheck image-tools
-	$(PY) -m pytest tests -m "not perf"
+	$(PY) -m pytest tests -m "not perf and not soak"
 
 # The main job on embedded defaults; Ctrl-C stops everything it started.
 demo: install
@@ -50,6 +50,11 @@ image-test: install image
 
 image-tools:
 	@deploy/docker/image.sh tools
+
+# The fleet soak (not in `make test`): SOAK_EVENTS (100000), SOAK_KILLS per service (20),
+# SOAK_BROKER_RESTARTS (3), SOAK_RATE events/s (150), SOAK_SEED; prints the e2e summary table.
+soak: install
+	$(PY) -m pytest tests/e2e/test_soak.py -m soak --timeout=0
 
 stack-up:
 	deploy/local/stack.sh up

@@ -11,7 +11,13 @@ What a scenario does (``World``):
    readiness from ``/readyz`` on its ``METRICS_PORT``, ``kill -9``, SIGTERM, restart), kept
    alive by a ``Fleet`` that does what Kubernetes would (restart a service that exits on its
    own; probe ``/healthz`` like the manifests' liveness probe and restart a wedged one) and
-   records each such event: scenarios without an injected fault allow none;
+   records each such event: scenarios without an injected fault allow none. With
+   ``replicas`` each service runs as pods of a Deployment (``enricher-1``, ``enricher-2``...:
+   per-pod state directory, static group instance id and transactional id, as
+   ``deploy/k8s/base`` derives them from the pod name), and the ``Fleet`` also rolls them
+   (start the new pod, wait for its ``/readyz``, SIGTERM the old), replaces a killed pod by a
+   new one, overlaps two pods of a single-writer service, and stalls one (SIGSTOP/SIGCONT);
+   ``RegistryProxy`` puts a schema registry that answers 503 or hangs in front of them;
 4. a stream (``StreamSpec``): connector status changes produced over time, onboarding rows
    whose timestamps spread over the stream (the producer sees each row once the clock passes
    it), poison records on every input topic, plus whatever faults the scenario injects;
@@ -21,8 +27,10 @@ What a scenario does (``World``):
    miss: one post in the fallback channel saying why). The audit waits until every outcome
    is observed, lets the pipeline settle, stops the services gracefully, then counts: inputs,
    delivered, filtered, dead-lettered, missed, duplicate Slack posts (posts per ``message_id``
-   from the Slack message metadata) and lost inputs; it also checks that the enricher and
-   the producer wrote no record twice (their exactly-once promise) and that no secret
+   from the Slack message metadata), duplicate records in the ``read_committed`` view of
+   ``slack-messages`` and ``onboarding-events`` (the enricher's and the producer's
+   exactly-once promise), lost inputs and the longest input-to-post delay of the inputs that
+   entered during the fault window; it also checks that no secret
    (Slack token, registry credentials, SASL password) appears in any captured log.
 
 Every report goes to ``SUMMARY``; ``tests/e2e/conftest.py`` prints the table at the end of
@@ -47,7 +55,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from random import Random
@@ -82,6 +90,8 @@ from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("producer", "enricher", "notifier")
+#: the Kafka nodes of a ``stack.sh up --brokers 3`` cluster
+BROKERS = (1, 2, 3)
 FALLBACK_CHANNEL = "#e2e-fallback"
 #: the Slack user id of an owner whose DM Slack refuses (``channel_not_found``)
 GONE_CHANNEL = "U0E2EGONE"
@@ -199,8 +209,9 @@ def local_launcher(name: str, env: Mapping[str, str]) -> tuple[list[str], dict[s
 
 
 class ServiceProcess:
-    """One service (``python -m services.<name>``, or what ``launcher`` makes of it, e.g. a
-    container run) across its runs; a log file per run."""
+    """One pod of a service (``python -m services.<service>``, or what ``launcher`` makes of
+    it, e.g. a container run) across its runs (container restarts); a log file per run.
+    ``name`` is the pod's name (the service's name when it runs as a single instance)."""
 
     def __init__(
         self,
@@ -208,8 +219,11 @@ class ServiceProcess:
         env: Mapping[str, str],
         log_dir: Path,
         launcher: Launcher = local_launcher,
+        *,
+        service: str | None = None,
     ) -> None:
         self.name = name
+        self.service = service or name
         self.metrics_port = free_port()
         self.env = {**env, "METRICS_PORT": str(self.metrics_port)}
         self.log_dir = log_dir
@@ -219,6 +233,8 @@ class ServiceProcess:
         self.started_at = 0.0
         #: True while the harness wants the process down (killed, stopping, stopped)
         self.held_down = True
+        #: True between ``pause()`` (SIGSTOP) and ``resume()`` (SIGCONT)
+        self.paused = False
 
     # -- running -----------------------------------------------------------------------------
     def start(self, **overrides: str) -> None:
@@ -227,7 +243,7 @@ class ServiceProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         path = self.log_dir / f"{self.name}-{len(self.log_files) + 1}.log"
         self.log_files.append(path)
-        argv, env = self.launcher(self.name, {**self.env, **overrides})
+        argv, env = self.launcher(self.service, {**self.env, **overrides})
         with path.open("ab") as log:
             self.proc = subprocess.Popen(
                 argv,
@@ -253,6 +269,19 @@ class ServiceProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(30)
+        self.paused = False
+
+    def pause(self) -> None:
+        """SIGSTOP: the process stalls as on a frozen node (no heartbeat, no poll)."""
+        assert self.proc is not None and self.proc.poll() is None, f"{self.name} is not running"
+        self.proc.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT: the stalled process runs on, believing it still owns what it owned."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
 
     def terminate(self, timeout_s: float = 60.0, *, signalled: bool = False) -> int:
         """SIGTERM (once: a second one forces the default action) and wait; SIGKILL after
@@ -263,6 +292,8 @@ class ServiceProcess:
         if self.proc.poll() is None:
             if not signalled:
                 self.proc.send_signal(signal.SIGTERM)
+            if self.paused:  # a stopped process handles SIGTERM only once it runs again
+                self.resume()
             try:
                 return self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -349,10 +380,17 @@ LIVENESS_FAILURES = 3
 
 
 class Fleet:
-    """The services of a scenario, supervised the way Kubernetes would: a run that ends by
-    itself is recorded and, with ``restart_on_exit``, restarted after ``restart_delay_s``; a
-    run whose ``/healthz`` answers unhealthy ``LIVENESS_FAILURES`` times in a row (probed every
-    ``LIVENESS_PERIOD_S``) is recorded, killed and restarted."""
+    """The pods of a scenario, supervised the way Kubernetes would: a run that ends by
+    itself is recorded and, with ``restart_on_exit``, restarted after ``restart_delay_s`` (a
+    container restart: same pod, same name and state directory); a run whose ``/healthz``
+    answers unhealthy ``LIVENESS_FAILURES`` times in a row (probed every ``LIVENESS_PERIOD_S``)
+    is recorded, killed and restarted.
+
+    With ``make_pod`` (a new, unstarted pod of a service) it also does what a Deployment does
+    with its pods: a rolling update (``maxSurge: 1``, ``maxUnavailable: 0``), a pod deleted
+    and replaced by a new one (new name, empty state directory), and a surge where the new
+    pod starts while the old one still runs. ``services`` holds the live pods by name;
+    ``retired`` the ones a rollout or a replacement removed (their logs stay readable)."""
 
     def __init__(
         self,
@@ -360,11 +398,16 @@ class Fleet:
         *,
         restart_on_exit: bool = True,
         restart_delay_s: float = 1.0,
+        make_pod: Callable[[str], ServiceProcess] | None = None,
     ) -> None:
         self.services = dict(services)
+        self.retired: list[ServiceProcess] = []
         self.restart_on_exit = restart_on_exit
         self.restart_delay_s = restart_delay_s
+        self.make_pod = make_pod
         self.exits: list[Exit] = []
+        #: exit codes of retired pods' last runs when they were stopped (pod name -> code)
+        self.retired_codes: dict[str, int] = {}
         self._restart_at: dict[str, float] = {}
         self._next_probe: dict[str, float] = {}
         self._probe_failures: dict[str, list[str]] = {}
@@ -372,6 +415,73 @@ class Fleet:
 
     def __getitem__(self, name: str) -> ServiceProcess:
         return self.services[name]
+
+    def pods(self, service: str) -> list[ServiceProcess]:
+        """The live pods of ``service``, oldest first."""
+        return [p for p in self.services.values() if p.service == service]
+
+    def every_pod(self, service: str | None = None) -> list[ServiceProcess]:
+        """Every pod the scenario ran (retired ones included), of ``service`` or of all."""
+        pods = [*self.retired, *self.services.values()]
+        return [p for p in pods if service is None or p.service == service]
+
+    # -- what a Deployment does with its pods ------------------------------------------------
+    def add_pod(self, service: str) -> ServiceProcess:
+        """Schedule and start a new pod of ``service``."""
+        assert self.make_pod is not None, "this fleet cannot create pods"
+        pod = self.make_pod(service)
+        self.services[pod.name] = pod
+        pod.start()
+        return pod
+
+    def retire(self, pod: ServiceProcess, timeout_s: float = 60.0) -> int:
+        """Delete a pod: SIGTERM (SIGKILL after ``timeout_s``); returns its last exit code."""
+        code = pod.terminate(timeout_s)
+        self._forget(pod)
+        self.retired_codes[pod.name] = code
+        return code
+
+    def _forget(self, pod: ServiceProcess) -> None:
+        self.services.pop(pod.name, None)
+        self._restart_at.pop(pod.name, None)
+        self._probe_failures.pop(pod.name, None)
+        self.retired.append(pod)
+
+    def rolling_restart(self, service: str, ready_timeout_s: float = 180.0) -> dict[str, int]:
+        """A rollout as Kubernetes does it with ``maxSurge: 1, maxUnavailable: 0``: for each
+        old pod, start a new one, wait for its ``/readyz``, then SIGTERM the old one. Returns
+        the old pods' exit codes."""
+        codes = {}
+        for old in self.pods(service):
+            new = self.add_pod(service)
+            self.wait_ready(new.name, timeout_s=ready_timeout_s)
+            codes[old.name] = self.retire(old)
+        return codes
+
+    def replace_pod(self, name: str) -> ServiceProcess:
+        """``kill -9`` a pod that does not come back (node lost, ``delete --force``); the
+        Deployment schedules a new pod with a new name and an empty state directory."""
+        old = self.services[name]
+        old.kill9()
+        self._forget(old)
+        self.retired_codes[old.name] = -int(signal.SIGKILL)
+        return self.add_pod(old.service)
+
+    def surge(self, name: str) -> tuple[ServiceProcess, ServiceProcess]:
+        """A second pod of the same service starts while ``name`` still runs (an eviction or
+        a rollout overlapping a single-writer service); the old pod is being deleted, so the
+        supervisor no longer restarts it, but it runs until it exits by itself or the
+        scenario ends it (``terminate``). Returns (old, new)."""
+        old = self.services[name]
+        self._forget(old)
+        new = self.add_pod(old.service)
+        return old, new
+
+    def pause(self, name: str) -> None:
+        self.services[name].pause()
+
+    def resume(self, name: str) -> None:
+        self.services[name].resume()
 
     def start(self, *names: str) -> None:
         for name in names or tuple(self.services):
@@ -384,7 +494,8 @@ class Fleet:
                 continue
             code = svc.proc.poll()
             if code is None:
-                self._probe(name, svc, now)
+                if not svc.paused:  # a stalled node answers no probe; the scenario ends it
+                    self._probe(name, svc, now)
                 continue
             if name not in self._restart_at:
                 self.exits.append(Exit(name, code, round(now - self.t0, 1), svc.error_line()))
@@ -448,7 +559,7 @@ class Fleet:
             svc.start()
 
     def stop_all(self, timeout_s: float = 60.0) -> dict[str, int]:
-        """SIGTERM every running service (in parallel) and wait; exit codes by service."""
+        """SIGTERM every running pod (in parallel) and wait; exit codes by pod."""
         self._restart_at.clear()
         running = [s for s in self.services.values() if s.alive()]
         for svc in running:
@@ -458,7 +569,7 @@ class Fleet:
         return {s.name: s.terminate(timeout_s, signalled=True) for s in running}
 
     def kill_all(self) -> None:
-        for svc in self.services.values():
+        for svc in self.every_pod():
             svc.kill9()
 
 
@@ -537,6 +648,121 @@ class TcpProxy:
                 self._conns.discard(dst)
 
 
+# -- an HTTP proxy in front of the schema registry: healthy, answering 503, or hanging ---------
+
+
+RegistryMode = Literal["pass", "503", "hang"]
+
+
+class RegistryProxy:
+    """Forwards HTTP requests to ``target_url``'s host. ``mode`` "503" answers every request
+    HTTP 503 at once (an overloaded or restarting registry behind a load balancer); "hang"
+    reads the request and answers nothing until the mode changes (a registry that accepts
+    connections and stalls: the client's own timeout must end the call); "pass" forwards."""
+
+    def __init__(self, target_url: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(target_url)
+        assert parts.hostname and parts.port
+        self._target = (parts.hostname, parts.port)
+        self._mode: RegistryMode = "pass"
+        self._changed = threading.Condition()
+        self._closing = False
+        #: requests answered per mode (hung requests count when they are released)
+        self.answered: Counter[str] = Counter()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Quiet."""
+
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                status, headers, payload, mode = proxy._answer(
+                    self.command, self.path, dict(self.headers.items()), body
+                )
+                try:
+                    self.send_response(status)
+                    for k, v in headers:
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:
+                    return  # the client gave up waiting (its timeout against "hang")
+                finally:
+                    with proxy._changed:
+                        proxy.answered[mode] += 1
+
+            def do_GET(self) -> None:
+                self._any()
+
+            def do_POST(self) -> None:
+                self._any()
+
+            def do_PUT(self) -> None:
+                self._any()
+
+            def do_DELETE(self) -> None:
+                self._any()
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        port = self._server.server_address[1]
+        #: the registry URL through the proxy
+        self.url = parts._replace(netloc=f"127.0.0.1:{port}").geturl()
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def set_mode(self, mode: RegistryMode) -> None:
+        with self._changed:
+            self._mode = mode
+            self._changed.notify_all()
+
+    def _answer(
+        self, verb: str, path: str, headers: dict[str, str], body: bytes | None
+    ) -> tuple[int, list[tuple[str, str]], bytes, str]:
+        import http.client
+
+        with self._changed:
+            mode = self._mode
+            while mode == "hang" and not self._closing:
+                self._changed.wait(1.0)
+                mode = self._mode
+        if mode == "503" or self._closing:
+            err = b'{"error_code": 50301, "message": "registry unavailable (e2e fault)"}'
+            return 503, [("Content-Type", "application/json")], err, "503"
+        conn = http.client.HTTPConnection(*self._target, timeout=30)
+        try:
+            fwd = {k: v for k, v in headers.items() if k.lower() not in ("host", "connection")}
+            conn.request(verb, path, body=body, headers=fwd)
+            resp = conn.getresponse()
+            payload = resp.read()
+            keep = [
+                (k, v)
+                for k, v in resp.getheaders()
+                if k.lower() not in ("content-length", "transfer-encoding", "connection")
+            ]
+            return resp.status, keep, payload, "pass"
+        except OSError as exc:
+            return 502, [], str(exc).encode(), "pass"
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        self._server.shutdown()
+        self._server.server_close()
+
+
 # -- reading topics back -----------------------------------------------------------------------
 
 
@@ -613,7 +839,7 @@ class Follower:
 # -- topics ------------------------------------------------------------------------------------
 
 
-def scenario_topics(tag: str) -> TopicSettings:
+def scenario_topics(tag: str, replication_factor: int = 1) -> TopicSettings:
     """Every CONTRACT topic under a fresh name."""
     return TopicSettings(
         data_notifications_pipeline=f"{tag}.data-notifications-pipeline",
@@ -624,7 +850,7 @@ def scenario_topics(tag: str) -> TopicSettings:
         slack_message_receipts=f"{tag}.slack-message-receipts",
         producer_cursors=f"{tag}.producer-cursors",
         partitions=3,
-        replication_factor=1,
+        replication_factor=replication_factor,
     )
 
 
@@ -666,6 +892,9 @@ class Expect:
     #: dead letters: the topic and the key the record has there
     dlq_topic: str | None = None
     dlq_key: bytes | None = None
+    #: when the input entered the pipeline (epoch seconds): produced, or a warehouse row's
+    #: timestamp (the producer may read it from then on)
+    entered_at: float | None = None
 
 
 @dataclass
@@ -678,15 +907,22 @@ class Report:
     filtered: int = 0
     dead_lettered: int = 0
     missed: int = 0
+    #: Slack posts beyond the first per message id
     duplicates: int = 0
+    #: records beyond the first per message id (slack-messages) or event id
+    #: (onboarding-events) in the ``read_committed`` view: the exactly-once promises
+    dup_messages: int = 0
     lost: int = 0
+    #: longest input -> Slack post delay of the inputs that entered during the fault window
+    #: (of every input when the scenario injected no fault); None: nothing was posted
+    max_delay_s: float | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     def assert_ok(self) -> None:
         assert not self.problems, f"{self.scenario}: " + "\n".join(self.problems[:30])
-        assert self.lost == 0 and self.duplicates == 0, self
+        assert self.lost == 0 and self.duplicates == 0 and self.dup_messages == 0, self
 
 
 SUMMARY: list[Report] = []
@@ -698,8 +934,10 @@ COLUMNS = (
     "filtered",
     "dead-lettered",
     "missed",
-    "duplicates",
+    "dup-posts",
+    "dup-rc-msgs",
     "lost",
+    "max-delay-s",
     "seconds",
 )
 
@@ -715,11 +953,14 @@ def format_summary(reports: Sequence[Report]) -> str:
             str(r.dead_lettered),
             str(r.missed),
             str(r.duplicates),
+            str(r.dup_messages),
             str(r.lost),
+            "-" if r.max_delay_s is None else f"{r.max_delay_s:.1f}",
             f"{r.seconds:.0f}",
         ]
         for r in reports
     ]
+    delays = [r.max_delay_s for r in reports if r.max_delay_s is not None]
     totals = [
         "TOTAL",
         *(
@@ -727,7 +968,9 @@ def format_summary(reports: Sequence[Report]) -> str:
             for f in ("inputs", "delivered", "filtered", "dead_lettered", "missed")
         ),
         str(sum(r.duplicates for r in reports)),
+        str(sum(r.dup_messages for r in reports)),
         str(sum(r.lost for r in reports)),
+        f"{max(delays):.1f}" if delays else "-",
         f"{sum(r.seconds for r in reports):.0f}",
     ]
     widths = [max(len(c), *(len(row[i]) for row in [*rows, totals])) for i, c in enumerate(COLUMNS)]
@@ -868,11 +1111,27 @@ class Audit:
             return f"{e.input}: key {e.dlq_key!r} not in {e.dlq_topic}"
         return None
 
+    def max_delay(self, obs: Observed, window: tuple[float, float] | None) -> float | None:
+        """Longest time from an input's entry to its (first) Slack post, over the inputs that
+        entered within ``window`` (all when None)."""
+        delays = []
+        for e in self.expects:
+            if e.entered_at is None or e.message_id is None:
+                continue
+            if window is not None and not window[0] <= e.entered_at <= window[1]:
+                continue
+            posts = obs.posts.get(e.message_id)
+            if posts:
+                delays.append(min(p.posted_at for p in posts) - e.entered_at)
+        return max(delays) if delays else None
+
     def pending(self, obs: Observed) -> list[str]:
         return [p for e in self.expects if (p := self.problem(e, obs)) is not None]
 
     # -- the verdict -------------------------------------------------------------------------
-    def report(self, obs: Observed, name: str) -> Report:
+    def report(self, obs: Observed, name: str, window: tuple[float, float] | None = None) -> Report:
+        """The verdict; ``window`` (epoch seconds) is the fault window whose inputs' delays
+        count for ``max_delay_s`` (every input's when None)."""
         r = Report(name, inputs=len(self.expects))
         for e in self.expects:
             p = self.problem(e, obs)
@@ -882,6 +1141,10 @@ class Audit:
                 r.lost += 1
                 r.problems.append("lost: " + p)
         r.duplicates = obs.duplicates()
+        r.dup_messages = sum(n - 1 for n in obs.messages.values() if n > 1) + sum(
+            n - 1 for n in obs.onboarding_event_ids.values() if n > 1
+        )
+        r.max_delay_s = self.max_delay(obs, window)
         for mid, ps in obs.posts.items():
             if len(ps) > 1:
                 r.problems.append(f"duplicate: message {mid} posted {len(ps)} times")
@@ -926,6 +1189,8 @@ class StreamSpec:
     connectors: int = 36
     rows: int = 24
     poison: bool = True
+    #: share of connector events the pipeline keeps (None: 3 in 5); the rest are filtered
+    kept_share: float | None = None
 
 
 @dataclass(order=True)
@@ -936,6 +1201,31 @@ class Action:
 
 
 Fault = tuple[float, str, Callable[[], None]]
+
+
+class _Feeder(threading.Thread):
+    """Runs input actions at their times (seconds after ``start``) on a thread of its own;
+    an exception ends it and is kept in ``error`` for the caller to raise."""
+
+    def __init__(self, actions: Sequence[Action], start: float, log: Callable[[str], None]) -> None:
+        super().__init__(name="e2e-feeder", daemon=True)
+        self._actions = actions
+        self._start = start
+        self._log = log
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for action in self._actions:
+                wait = self._start + action.at_s - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                self._log(f"t={time.monotonic() - self._start:5.1f}s {action.label}")
+                action.run()
+        except BaseException as exc:
+            self.error = exc
+
+
 #: a warehouse row: org_id, org_name, plan, cloud, started_at
 Row = tuple[str, str, str, str | None, datetime]
 
@@ -955,14 +1245,22 @@ class World:
         secrets: Sequence[str] = (),
         restart_on_exit: bool = True,
         launcher: Launcher = local_launcher,
+        replicas: Mapping[str, int] | None = None,
     ) -> None:
         self.name = name
+        #: pods per service as Deployments run them (None: one process per service, named
+        #: after it, with dynamic group membership, as the single-instance scenarios run)
+        self.replicas = dict(replicas) if replicas is not None else None
+        self._pod_seq: Counter[str] = Counter()
+        #: epoch seconds of the first fault's start and the last fault's end
+        self.fault_window: tuple[float, float] | None = None
         self.tmp = tmp
         self.started = time.monotonic()
+        self.started_wall = time.time()
         self.tag = unique(f"e2e-{name}")
         self.bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
         self.registry_url = stack_env["SCHEMA_REGISTRY_URL"]
-        self.topics = scenario_topics(self.tag)
+        self.topics = scenario_topics(self.tag, int(stack_env.get("TOPIC_REPLICATION_FACTOR", "1")))
         self.dlq_topics = [
             f"{t}.dlq"
             for t in (
@@ -1001,6 +1299,7 @@ class World:
         launcher: Launcher,
     ) -> None:
         tmp = self.tmp
+        self._launcher = launcher
         self.slack = FakeSlack(token=self.token).start()
         self._cleanup.callback(self.slack.stop)
         self.slack.slack_error(GONE_CHANNEL, "channel_not_found", times=None)
@@ -1049,15 +1348,11 @@ class World:
                 "PRODUCER_TRANSACTIONAL_ID": f"{self.tag}-producer",
                 # enricher
                 "ENRICHER_GROUP_ID": f"{self.tag}-enricher",
-                "ENRICHER_TRANSACTIONAL_ID": f"{self.tag}-enricher",
-                "ENRICHER_STATE_DIR": str(tmp / "state" / "enricher"),
                 "ENRICHER_FALLBACK_CHANNEL": FALLBACK_CHANNEL,
                 "ENRICHER_SESSION_TIMEOUT_MS": "6000",
                 # notifier
                 "NOTIFIER_GROUP_ID": f"{self.tag}-notifier",
-                "NOTIFIER_STATE_DIR": str(tmp / "state" / "notifier"),
                 "NOTIFIER_SLACK_BOT_TOKEN": self.token,
-                "NOTIFIER_SLACK_API_URL": self.slack.base_url,
                 "NOTIFIER_SLACK_TIMEOUT_S": "5",
                 "NOTIFIER_RATE_PER_CHANNEL_PER_S": "5",
                 "NOTIFIER_RATE_BURST": "2",
@@ -1070,13 +1365,49 @@ class World:
         )
         env.update(kafka_env or {})
         env.update(extra_env or {})
+        #: what the scenario set explicitly wins over the per-pod defaults
+        self._overridden = {*(kafka_env or {}), *(extra_env or {})}
         self.env = env
+        if self.replicas is None:
+            pods = {s: self._pod(s, s) for s in SERVICES}
+        else:
+            pods = {}
+            for s in SERVICES:
+                for _ in range(self.replicas.get(s, 1)):
+                    pod = self._new_pod(s)
+                    pods[pod.name] = pod
         self.fleet = Fleet(
-            {s: ServiceProcess(s, env, tmp / "logs", launcher) for s in SERVICES},
+            pods,
             restart_on_exit=restart_on_exit,
+            make_pod=self._new_pod if self.replicas is not None else None,
         )
         self._cleanup.callback(self.fleet.kill_all)
         self.seed_lookups()
+
+    def _new_pod(self, service: str) -> ServiceProcess:
+        """A new pod of a Deployment: a fresh name, hence a fresh state directory (an
+        ``emptyDir``), group instance id and transactional id, as the manifests derive them
+        from the pod name."""
+        self._pod_seq[service] += 1
+        return self._pod(service, f"{service}-{self._pod_seq[service]}")
+
+    def _pod(self, service: str, pod: str) -> ServiceProcess:
+        env = {
+            "ENRICHER_STATE_DIR": str(self.tmp / "state" / pod),
+            # the default <group>-<hostname>, with the pod name as the host name
+            "ENRICHER_TRANSACTIONAL_ID": f"{self.tag}-{pod}",
+            "NOTIFIER_STATE_DIR": str(self.tmp / "state" / pod),
+            # the pod's own URL of the fake Slack: a call in flight names its caller
+            "NOTIFIER_SLACK_API_URL": self.slack.client_url(pod),
+        }
+        if self.replicas is not None:
+            # static membership, as deploy/k8s/base sets it (the pod name)
+            env["ENRICHER_GROUP_INSTANCE_ID"] = pod
+            env["NOTIFIER_GROUP_INSTANCE_ID"] = pod
+        env = {k: v for k, v in env.items() if k not in self._overridden}
+        return ServiceProcess(
+            pod, {**self.env, **env}, self.tmp / "logs", self._launcher, service=service
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> World:
@@ -1202,7 +1533,7 @@ class World:
         topic = self.topics.data_notifications_pipeline
         for event, expect in events:
             self._produce(topic, event.org_id.encode(), enc(topic, event))
-            self.audit.add(expect)
+            self.audit.add(replace(expect, entered_at=time.time()))
         self.flush()
 
     def onboarding_rows(
@@ -1217,7 +1548,8 @@ class World:
             rows.append((org_id, ORGS[org_id][0], "ENTERPRISE", rng.choice(["AWS", None]), ts))
             eid = row_event_id(ONBOARDING_STARTED.name, org_id, ts.astimezone(UTC))
             label = f"warehouse row {org_id}@{ts.isoformat()}"
-            self.audit.add(self._expect_kept(label, ONBOARDING_PIPELINE, eid, org_id))
+            expect = self._expect_kept(label, ONBOARDING_PIPELINE, eid, org_id)
+            self.audit.add(replace(expect, entered_at=ts.timestamp()))
         return rows
 
     def bad_row(self, t0: datetime) -> Row:
@@ -1332,13 +1664,18 @@ class World:
         topic = self.topics.slack_messages
         for msg, expect in items:
             self._produce(topic, msg.channel.encode(), enc(topic, msg))
-            self.audit.add(expect)
+            self.audit.add(replace(expect, entered_at=time.time()))
         self.flush()
 
     # -- running a stream --------------------------------------------------------------------
     def stream(self, spec: StreamSpec, rng: Random, faults: Sequence[Fault] = ()) -> None:
         """Feed ``spec`` over ``spec.duration_s`` while running ``faults`` at their times
-        (each ``(seconds from the start, label, callable)``, run on this thread in order)."""
+        (each ``(seconds from the start, label, callable)``, run on this thread in order).
+
+        The input is fed from a thread of its own, so the load stays steady while a fault
+        takes its time (a rolling restart waits for readiness, a broker restart for the ISR);
+        the fault window (``fault_window``) runs from the first fault's start to the last
+        one's end."""
         t0 = datetime.now(UTC)
         rows = self.onboarding_rows(rng, spec.rows, t0, spec.duration_s)
         if spec.poison:
@@ -1347,10 +1684,15 @@ class World:
         actions: list[Action] = []
         kinds = ["kept", "kept", "not_from_provisioning", "kept", "not_failed"]
         batches = max(1, int(spec.duration_s))
-        events = [
-            self.connector_event(rng.choice(ORG_IDS), rng.choice(kinds))
-            for _ in range(spec.connectors)
-        ]
+
+        def kind() -> str:
+            if spec.kept_share is None:
+                return rng.choice(kinds)
+            if rng.random() < spec.kept_share:
+                return "kept"
+            return rng.choice(["not_from_provisioning", "not_failed"])
+
+        events = [self.connector_event(rng.choice(ORG_IDS), kind()) for _ in range(spec.connectors)]
         for b in range(batches):
             chunk = events[b::batches]
             if chunk:
@@ -1370,46 +1712,78 @@ class World:
             actions.append(
                 Action(spec.duration_s * 0.7, "poison", lambda: self.produce_poison(poison[half:]))
             )
-        for at, label, run in faults:
-            actions.append(Action(at, label, run))
         start = time.monotonic()
-        for action in sorted(actions):
+        feeder = _Feeder(sorted(actions), start, self.log)
+        feeder.start()
+        for action in sorted(Action(at, label, run) for at, label, run in faults):
             wait = start + action.at_s - time.monotonic()
             if wait > 0:
                 self.fleet.sleep(wait)
             self.log(f"t={time.monotonic() - start:5.1f}s {action.label}")
+            began = time.time()
             action.run()
+            self.log(f"t={time.monotonic() - start:5.1f}s {action.label}: done")
+            self.widen_fault_window(began, time.time())
         rest = start + spec.duration_s - time.monotonic()
         if rest > 0:
             self.fleet.sleep(rest)
+        while feeder.is_alive():  # keep supervising while the last input is acknowledged
+            self.fleet.sleep(0.2)
+        feeder.join()
+        if feeder.error is not None:
+            raise feeder.error
 
-    def kill_notifier_mid_post(self, wait_s: float = 20.0) -> bool:
-        """Hold Slack's next answer (the post is stored at once) and ``kill -9`` the notifier
-        while it waits for it: the restart finds the post in doubt. True when a post was
-        caught in flight (else the kill happened after ``wait_s`` anyway)."""
-        before = len(self.slack.posts())
+    def widen_fault_window(self, began: float, ended: float) -> None:
+        """Count ``[began, ended]`` (epoch seconds) as time under a fault."""
+        if self.fault_window is not None:
+            began = min(began, self.fault_window[0])
+            ended = max(ended, self.fault_window[1])
+        self.fault_window = (began, ended)
+
+    def kill_notifier_mid_post(
+        self, wait_s: float = 20.0, *, replace_pod: bool = False, delay_s: float = 6.0
+    ) -> bool:
+        """Hold Slack's next answer per channel (the post is stored at once) and ``kill -9``
+        a notifier pod while it waits for one: whoever takes the partition next finds the
+        post in doubt. With ``replace_pod`` the pod does not come back (a new pod with an
+        empty state directory replaces it), else it restarts in place. True when a post was
+        caught in flight (else some notifier is killed after ``wait_s`` anyway)."""
+        pods = {p.name for p in self.fleet.pods("notifier")}
         for channel in DELIVERABLE_CHANNELS:
             # per channel, not for every channel: Slack must keep refusing GONE_CHANNEL
-            self.slack.slow(channel, delay_s=6.0, times=1, then_store=True)
+            self.slack.slow(channel, delay_s=delay_s, times=1, then_store=True)
         deadline = time.monotonic() + wait_s
-        while len(self.slack.posts()) == before and time.monotonic() < deadline:
+        victim = None
+        while victim is None and time.monotonic() < deadline:
             self.fleet.tick()
+            held = [c.client for c in self.slack.held() if c.method == "chat.postMessage"]
+            victim = next((c for c in held if c in pods), None)
             time.sleep(0.02)
-        caught = len(self.slack.posts()) > before
-        self.fleet.kill9("notifier")
-        self.log(f"notifier killed {'mid-post' if caught else 'with no post in flight'}")
+        caught = victim is not None
+        victim = victim or sorted(pods)[0]
+        if replace_pod:
+            new = self.fleet.replace_pod(victim).name
+            how = f"replaced by {new}"
+        else:
+            self.fleet.kill9(victim)
+            how = "restarted in place"
+        self.log(f"{victim} killed {'mid-post' if caught else 'with no post in flight'}, {how}")
         return caught
 
     def count_logs(self, service: str, msg: str) -> int:
-        """Log lines of every run of ``service`` whose message is ``msg``."""
-        svc = self.fleet[service]
+        """Log lines of every run of every pod of ``service`` whose message is ``msg``."""
         return sum(
-            1 for i in range(len(svc.log_files)) for r in svc.log_records(i) if r.get("msg") == msg
+            1
+            for svc in self.fleet.every_pod(service)
+            for i in range(len(svc.log_files))
+            for r in svc.log_records(i)
+            if r.get("msg") == msg
         )
 
     def log(self, text: str) -> None:
+        """A line of the scenario's timeline (``+seconds`` since the world was set up)."""
         with (self.tmp / "timeline.log").open("a") as f:
-            f.write(text + "\n")
+            f.write(f"+{time.time() - self.started_wall:6.1f}s {text}\n")
 
     # -- the verdict -------------------------------------------------------------------------
     def finish(
@@ -1422,10 +1796,17 @@ class World:
     ) -> Report:
         """Wait for every outcome, settle, stop gracefully, audit, grep logs for secrets."""
         last: list[str] = []
+        next_check = 0.0
 
         def done() -> bool:
-            nonlocal last
+            # an observation decodes everything read so far: with a large stream (the soak)
+            # it costs seconds, so it runs at most a third of the time
+            nonlocal last, next_check
+            if time.monotonic() < next_check:
+                return False
+            began = time.monotonic()
             last = self.audit.pending(self.audit.observe(self))
+            next_check = time.monotonic() + 2 * (time.monotonic() - began)
             return not last
 
         # on a timeout the report below names what is missing
@@ -1433,11 +1814,13 @@ class World:
             self.fleet.wait_for(done, timeout_s, "every input to be accounted for")
         self.fleet.sleep(settle_s)
         codes = self.fleet.stop_all()
+        # a pod left running by a surge is being deleted: it gets its SIGTERM now
+        leftovers = {p.name: p.terminate() for p in self.fleet.retired if p.alive()}
         obs = self.audit.observe(self)
-        report = self.audit.report(obs, self.name)
+        report = self.audit.report(obs, self.name, self.fault_window)
         report.seconds = time.monotonic() - self.started
         report.notes.extend(notes)
-        for name, code in codes.items():
+        for name, code in {**codes, **leftovers}.items():
             if code != 0:
                 report.problems.append(f"{name} exited {code} on SIGTERM (expected 0)")
         for ex in self.fleet.exits:
@@ -1446,12 +1829,34 @@ class World:
             else:
                 report.problems.append(ex.describe())
         report.problems.extend(self.secret_leaks())
+        report.notes.extend(self.who_posted_twice(obs))
         SUMMARY.append(report)
         return report
 
+    def who_posted_twice(self, obs: Observed) -> list[str]:
+        """For each message posted more than once: which pod posted it when (the evidence a
+        duplicate needs), from the fake Slack's calls."""
+        out = []
+        calls = [
+            c
+            for c in self.slack.calls(method="chat.postMessage")
+            if c.status == 200 or c.behaviour == "slow"
+        ]
+        for mid, posts in obs.posts.items():
+            if len(posts) < 2:
+                continue
+            by = [
+                f"{c.client} at +{c.at - self.started_wall:.1f}s"
+                + (" (answer held back)" if c.behaviour == "slow" else "")
+                for c in calls
+                if mid in json.dumps(c.params.get("metadata"))
+            ]
+            out.append(f"message {mid} posted by " + ", ".join(by))
+        return out
+
     def secret_leaks(self, extra: Iterable[ServiceProcess] = ()) -> list[str]:
         leaks = []
-        for svc in [*self.fleet.services.values(), *extra]:
+        for svc in [*self.fleet.every_pod(), *extra]:
             for path in svc.log_files:
                 text = path.read_text(errors="replace") if path.exists() else ""
                 for secret in self.secrets:
@@ -1473,6 +1878,25 @@ def proxy(target_url: str) -> Iterator[tuple[TcpProxy, str]]:
         yield p, url
     finally:
         p.down()
+
+
+def out_of_sync(bootstrap: str, topics: Iterable[str]) -> list[str]:
+    """``topic-partition`` of every partition whose ISR is not all of its replicas (or that
+    has no leader); empty when the cluster is healthy for ``topics``."""
+    from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
+
+    admin = AdminClient({**client_config(bootstrap), "log_level": 0})
+    md = admin.list_topics(timeout=15)
+    lagging = []
+    for name in topics:
+        meta = md.topics.get(name)
+        if meta is None or meta.error is not None:
+            lagging.append(f"{name} (no metadata)")
+            continue
+        for p in meta.partitions.values():
+            if p.leader < 0 or sorted(p.isrs) != sorted(p.replicas):
+                lagging.append(f"{name}-{p.id}")
+    return lagging
 
 
 def kafka_reachable(bootstrap: str, timeout_s: float = 5.0) -> bool:

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.e2e
 DLQ = "t.data-slack-users.dlq"
 
 
-def _post(channel: str, mid: str, text: str = "hi") -> StoredMessage:
+def _post(channel: str, mid: str, text: str = "hi", posted_at: float = 0.0) -> StoredMessage:
     meta = {"event_type": "field_alert", "event_payload": {"message_id": mid}}
-    return StoredMessage(channel=channel, ts="1.0", text=text, metadata=meta)
+    return StoredMessage(channel=channel, ts="1.0", text=text, metadata=meta, posted_at=posted_at)
 
 
 def _observed(**overrides: object) -> Observed:
@@ -68,7 +68,30 @@ def _audit() -> Audit:
 def test_a_clean_run_accounts_for_every_input() -> None:
     r = _audit().report(_observed(), "clean")
     assert (r.inputs, r.delivered, r.missed, r.filtered, r.dead_lettered) == (4, 1, 1, 1, 1)
-    assert (r.duplicates, r.lost, r.problems) == (0, 0, [])
+    assert (r.duplicates, r.dup_messages, r.lost, r.problems) == (0, 0, 0, [])
+
+
+def test_duplicates_in_the_read_committed_view_are_counted() -> None:
+    obs = _observed(messages=Counter({"m1": 3, "m2": 1}), onboarding_event_ids=Counter({"e2": 2}))
+    r = _audit().report(obs, "dups")
+    assert r.dup_messages == 3
+    with pytest.raises(AssertionError):
+        r.assert_ok()
+
+
+def test_longest_delay_counts_the_inputs_of_the_fault_window() -> None:
+    audit = Audit(InMemorySchemaRegistry())
+    for mid, entered in (("m1", 100.0), ("m2", 110.0), ("m3", 130.0)):
+        audit.add(Expect(mid, "delivered", "dm", message_id=mid, channel="U1", entered_at=entered))
+    posts = {
+        "m1": [_post("U1", "m1", posted_at=150.0)],  # before the fault: 50 s, not counted
+        "m2": [_post("U1", "m2", posted_at=121.5), _post("U1", "m2", posted_at=125.0)],
+        "m3": [_post("U1", "m3", posted_at=131.0)],
+    }
+    obs = _observed(posts=posts)
+    assert audit.max_delay(obs, (105.0, 135.0)) == pytest.approx(11.5)
+    assert audit.max_delay(obs, None) == pytest.approx(50.0)
+    assert audit.max_delay(obs, (200.0, 300.0)) is None
 
 
 @pytest.mark.parametrize(
@@ -103,7 +126,15 @@ def test_summary_table_has_every_column_and_a_total() -> None:
     table = format_summary(
         [
             Report("a", inputs=3, delivered=1, filtered=1, dead_lettered=1, seconds=2),
-            Report("b", inputs=1, missed=1, duplicates=1, notes=["kill -9 at 3s"]),
+            Report(
+                "b",
+                inputs=1,
+                missed=1,
+                duplicates=1,
+                dup_messages=2,
+                max_delay_s=7.46,
+                notes=["kill -9 at 3s"],
+            ),
         ]
     )
     header, *_ = table.splitlines()
@@ -114,10 +145,13 @@ def test_summary_table_has_every_column_and_a_total() -> None:
         "filtered",
         "dead-lettered",
         "missed",
-        "duplicates",
+        "dup-posts",
+        "dup-rc-msgs",
         "lost",
+        "max-delay-s",
         "seconds",
     ]
     total = next(line for line in table.splitlines() if line.startswith("TOTAL"))
-    assert total.split() == ["TOTAL", "4", "1", "1", "1", "1", "1", "0", "2"]
+    assert total.split() == ["TOTAL", "4", "1", "1", "1", "1", "1", "2", "0", "7.5", "2"]
+    assert table.splitlines()[2].split()[-2:] == ["-", "2"]
     assert "b: kill -9 at 3s" in table

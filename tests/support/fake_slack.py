@@ -15,8 +15,12 @@ In-process use::
         assert fake.posts("C1")[0].metadata == {...}
 
 Records: ``calls(method=None, channel=None)`` (every API call: method, channel, params, HTTP
-status answered, time), ``posts(channel=None)`` (stored messages), ``wait_for_posts(n)`` (a
+status answered, time, client), ``held()`` (the ``slow`` calls whose answer is being held back
+right now: posts in flight), ``posts(channel=None)`` (stored messages), ``wait_for_posts(n)`` (a
 deadline instead of a sleep) and ``reset()``.
+
+Several clients can share one fake and still be told apart: ``client_url(label)`` is a base URL
+(``/client/<label>/api/``) whose calls are recorded with ``client=label``.
 
 Requests
 --------
@@ -193,6 +197,8 @@ class RecordedCall:
     error: str | None
     behaviour: BehaviourKind | None
     at: float
+    #: the label of the ``client_url`` the call came through (None: ``base_url``)
+    client: str | None = None
 
     def to_dict(self) -> JsonObject:
         """Return a JSON-serialisable copy."""
@@ -312,6 +318,7 @@ class FakeSlack:
         self._thread: threading.Thread | None = None
         self._messages: list[StoredMessage] = []
         self._calls: list[RecordedCall] = []
+        self._held: list[RecordedCall] = []
         self._queues: dict[str | None, list[_ScriptEntry]] = {}
         self._persistent: dict[str | None, list[_ScriptEntry]] = {}
         self._rate_per_s: float | None = None
@@ -369,6 +376,12 @@ class FakeSlack:
     def base_url(self) -> str:
         """The Web API base URL for ``WebClient(base_url=...)``, ending with ``/api/``."""
         return f"http://{self._host}:{self.port}/api/"
+
+    def client_url(self, label: str) -> str:
+        """A Web API base URL whose calls are recorded with ``client=label``."""
+        if not label or "/" in label:
+            raise ValueError("a client label is non-empty and has no '/'")
+        return f"http://{self._host}:{self.port}/client/{label}/api/"
 
     @property
     def control_url(self) -> str:
@@ -482,6 +495,11 @@ class FakeSlack:
                 and (channel is None or c.channel == channel)
             ]
 
+    def held(self) -> list[RecordedCall]:
+        """The ``slow`` calls whose answer is being held back now (the client still waits)."""
+        with self._lock:
+            return list(self._held)
+
     def posts(self, channel: str | None = None) -> list[StoredMessage]:
         """Copies of the stored messages in post order, optionally for one channel."""
         with self._lock:
@@ -525,6 +543,7 @@ class FakeSlack:
         content_type: str,
         authorization: str | None,
         body: bytes,
+        client: str | None = None,
     ) -> _Reply:
         at = time.time()
         params: JsonObject = {}
@@ -548,13 +567,20 @@ class FakeSlack:
             error=reply.body.get("error"),
             behaviour=behaviour.kind if behaviour is not None else None,
             at=at,
+            client=client,
         )
         with self._changed:
             self._calls.append(call)
             self._changed.notify_all()
         if behaviour is not None and behaviour.kind == "slow":
-            # Interrupted by stop() so that shutting down never waits for a scripted delay.
-            self._stopping.wait(behaviour.delay_s)
+            with self._lock:
+                self._held.append(call)
+            try:
+                # Interrupted by stop() so that shutting down never waits for a scripted delay.
+                self._stopping.wait(behaviour.delay_s)
+            finally:
+                with self._lock:
+                    self._held.remove(call)
         return reply
 
     def _answer(
@@ -851,14 +877,19 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length > 0 else b""
         url = urlsplit(self.path)
         fake = self.server.fake
-        if url.path.startswith("/api/"):
+        path, client = url.path, None
+        if path.startswith("/client/"):
+            client, _, rest = path[len("/client/") :].partition("/")
+            path = "/" + rest
+        if path.startswith("/api/"):
             reply = fake._handle_api(
                 http_verb,
-                url.path[len("/api/") :],
+                path[len("/api/") :],
                 url.query,
                 self.headers.get("Content-Type", ""),
                 self.headers.get("Authorization"),
                 body,
+                client or None,
             )
         elif url.path.startswith("/_fake/"):
             reply = fake._handle_control(http_verb, url.path[len("/_fake/") :], url.query, body)

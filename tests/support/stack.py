@@ -29,6 +29,28 @@ class Stack:
     def down(self) -> None:
         subprocess.run([str(STACK_SH), "down"], env=_env(self.state_dir), check=False, timeout=120)
 
+    def run(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+        """``stack.sh ARGS`` against this stack (e.g. ``stop-broker 2``); never raises on a
+        non-zero exit."""
+        return subprocess.run(
+            [str(STACK_SH), *args],
+            env=_env(self.state_dir),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+
+    def stop_broker(self, node: int, *, kill: bool = False) -> None:
+        """Stop Kafka node ``node`` (gracefully, or SIGKILL with ``kill``)."""
+        out = self.run("stop-broker", str(node), *(["--kill"] if kill else []))
+        assert out.returncode == 0, out.stderr
+
+    def start_broker(self, node: int) -> None:
+        """Start a stopped node again; returns once it is ready."""
+        out = self.run("start-broker", str(node))
+        assert out.returncode == 0, out.stderr
+
 
 def _env(state_dir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)

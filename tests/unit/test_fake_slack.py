@@ -346,6 +346,26 @@ def test_stop_wakes_a_held_back_answer() -> None:
     assert results[0]["ok"] is True
 
 
+def test_client_urls_label_calls_and_held_answers_are_visible(fake: FakeSlack) -> None:
+    """Two replicas sharing one fake are told apart, and a held answer shows who waits."""
+    a = WebClient(token=TOKEN, base_url=fake.client_url("notifier-1"), timeout=1)
+    b = WebClient(token=TOKEN, base_url=fake.client_url("notifier-2"), timeout=10)
+    assert b.chat_postMessage(channel="C1", text="from b")["ok"] is True
+    fake.slow("C1", delay_s=3, then_store=True)
+    with pytest.raises(TimeoutError):
+        a.chat_postMessage(channel="C1", text="in doubt from a")
+    held = fake.held()
+    assert [(c.client, c.channel) for c in held] == [("notifier-1", "C1")]
+    assert [c.client for c in fake.calls("chat.postMessage")] == ["notifier-2", "notifier-1"]
+    deadline = time.monotonic() + 10
+    while fake.held() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.held() == []
+    assert [p.text for p in fake.posts("C1")] == ["from b", "in doubt from a"]
+    with pytest.raises(ValueError):
+        fake.client_url("a/b")
+
+
 def test_enforced_rate_limit(fake: FakeSlack, client: WebClient) -> None:
     for i in range(5):
         client.chat_postMessage(channel="C1", text=f"unlimited {i}")

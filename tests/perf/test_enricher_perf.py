@@ -6,7 +6,8 @@ Figures (medians of ``BENCH_RUNS`` runs, default 3):
 * events/s of one enricher process with both lookups against tables of 100k and 1M keys
   (``BENCH_TABLE_SIZES``, default ``100000,1000000``), from the output records' timestamps
   over ``BENCH_EVENTS`` pre-produced events (default 20000; orgs drawn at random from the whole
-  key space, so lookups mostly miss the table's LRU cache; ~2% unknown orgs take the fallback);
+  key space, so every lookup reads RocksDB (the tables keep no cache); ~2% unknown orgs take
+  the fallback);
 * p50/p99 event-to-output latency at a fixed ``BENCH_RATE`` (default 200 events/s for 10 s):
   input record timestamp to output record timestamp, and to the moment a ``read_committed``
   reader receives it ("visible": includes the exactly-once commit interval);

@@ -11,7 +11,9 @@ pacing, ``Retry-After`` holds; see its docstring). This module does the calls.
 Offsets
     An offset is *finished* when every record produced for it (its receipt, and a dead letter
     for a permanent failure) is acknowledged by the broker (``acks=all``), or at once when the
-    message is skipped (a final receipt exists). Per partition the contiguous prefix of finished
+    message is skipped (a final receipt exists). A dead letter is produced before its receipt,
+    and the receipt only once the letter is acknowledged: a final receipt makes the message
+    skipped on every replay, so it must never be on the topic without its letter. Per partition the contiguous prefix of finished
     offsets is committed every ``commit_interval_s``, on revoke and on stop. A crash replays
     only unfinished messages, and the receipts table plus the in-doubt markers keep the replay
     from posting twice.
@@ -619,13 +621,21 @@ class SinkLoop:
             entry.tp, entry.offset, entry.epoch, 2 if decision.dead_letter else 1
         )
         message_id = entry.item.message.message_id
-        self._produce(
-            self.config.receipts_topic, receipt.message_id.encode(), value, None, ticket, message_id
-        )
-        # Read-your-own-write: the next copy of this message (a replay right behind it in the
-        # channel queue) must see the receipt before it has gone round the topic.
-        self._table.put_local(receipt.message_id, value)
+
+        def produce_receipt() -> None:
+            self._produce(
+                self.config.receipts_topic,
+                receipt.message_id.encode(),
+                value,
+                None,
+                ticket,
+                message_id,
+            )
+
         if decision.dead_letter:
+            # The dead letter first, the receipt only once the broker has it: a final receipt
+            # makes every later owner skip the message, so it must never exist without its
+            # dead letter (a kill -9 between the two lost the letter for good).
             item = entry.item
             self._publish_dead_letter(
                 ticket,
@@ -634,7 +644,13 @@ class SinkLoop:
                 item.value,
                 item.headers,
                 SlackDeliveryError(decision.dead_letter),
+                then=produce_receipt,
             )
+        else:
+            produce_receipt()
+        # Read-your-own-write: the next copy of this message (a replay right behind it in the
+        # channel queue) must see the receipt before it has gone round the topic.
+        self._table.put_local(receipt.message_id, value)
 
     def _publish_dead_letter(
         self,
@@ -644,9 +660,11 @@ class SinkLoop:
         value: bytes | None,
         headers: Headers,
         error: Exception,
+        *,
+        then: Callable[[], None] | None = None,
     ) -> None:
         def produce(topic: str, *, key: bytes | None, value: bytes | None, headers: Any) -> None:
-            self._produce(topic, key, value, list(headers or ()), ticket, message_id)
+            self._produce(topic, key, value, list(headers or ()), ticket, message_id, then=then)
 
         DeadLetterPublisher(produce, self.config.service).publish(
             source_topic=ticket.tp[0],
@@ -668,11 +686,15 @@ class SinkLoop:
         headers: Headers,
         ticket: AckTicket,
         message_id: str | None,
+        *,
+        then: Callable[[], None] | None = None,
     ) -> None:
         def on_acked() -> None:
             if self.scheduler.tracker.acked(ticket) and message_id is not None:
                 # the receipt is on the topic: the post is no longer in doubt
                 self._markers.delete(message_id)
+            if then is not None:
+                then()
 
         self._client.produce(topic, key, value, headers, on_acked=on_acked)
 

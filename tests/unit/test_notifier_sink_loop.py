@@ -12,7 +12,15 @@ from libs.serde import SlackDeliveryReceipt
 from services.notifier.core import PostOutcome, PostRequest, Rejected
 from services.notifier.markers import InMemoryAttemptLog
 from tests.support.kafka import wait_until
-from tests.support.notifier_twins import DLQ, RECEIPTS, T0, SinkRig, encode_receipt, message
+from tests.support.notifier_twins import (
+    DLQ,
+    RECEIPTS,
+    T0,
+    MemoryReceiptTable,
+    SinkRig,
+    encode_receipt,
+    message,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -228,3 +236,27 @@ def test_a_lost_partition_is_replayed_after_rejoining_without_posting_twice() ->
     assert sorted(ids) == sorted(m.message_id for m in msgs)  # each posted exactly once
     # the replay found the receipts of what was delivered before the loss
     assert stats.skipped >= delivered_before >= 3
+
+
+def test_a_failed_receipt_is_never_written_before_its_dead_letter_is_acknowledged() -> None:
+    # A kill -9 between the two once left the receipt without its letter: the replay skipped
+    # the message (final receipt) and the letter was lost for good (e2e kill9-seed22).
+    rig = SinkRig(partitions=1)
+    rig.slack.script("C404", Rejected("channel_not_found"))
+    rig.start()
+    wait_until(lambda: rig.producers, timeout_s=10)
+    rig.producers[0].fail_delivery(DLQ, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+    rig.send([message(1, "C404")])
+    assert rig.join(20), "the loop did not stop"
+    assert isinstance(rig.error, DeliveryError), rig.error
+    assert rig.receipts() == {}
+    assert rig.committed() == {0: None}
+    # the restart (a new process: its table read from the topic) posts again, Slack refuses
+    # again, and both are written
+    rig.table = MemoryReceiptTable(rig.broker)
+    rig.slack.script("C404", Rejected("channel_not_found"))
+    rig.start()
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    rig.finish()
+    assert rig.receipts()["m1"].status == "FAILED"
+    assert len(rig.broker.records(DLQ)) == 1

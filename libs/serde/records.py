@@ -151,6 +151,8 @@ class SlackMessage(_Record):
     org_id: str
     source_event_id: str
     created_at: datetime
+    #: the ``message_id`` of an earlier message this one updates in place; None: a new post
+    update_of: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -200,6 +200,10 @@ class GlobalTable(Generic[V]):
         self._undecodable_logged: set[str] = set()
         self.last_update: float | None = None
         self._lag = 0
+        #: called on the applying thread with the keys of each applied batch (tombstones
+        #: included); set it after the gate to hear of live changes only (e.g. the enricher's
+        #: parked join misses waiting for a key)
+        self.on_change: Callable[[list[bytes]], None] | None = None
         self._set_state(TableState.CREATED)
 
     # -- store -----------------------------------------------------------------------------
@@ -407,6 +411,8 @@ class GlobalTable(Generic[V]):
             entries.append((key, value))
         self._store.write(entries, touched)
         self._offsets.update(touched)
+        if self.on_change is not None and entries:
+            self.on_change([key for key, _ in entries])
         for partition, offset in rewind.items():
             # seeking also drops what the consumer had fetched past that point
             self._require_consumer().seek(TopicPartition(self.topic, partition, offset))

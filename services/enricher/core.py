@@ -101,6 +101,14 @@ class Pipeline(Generic[E]):
     links: Sequence[LinkTemplate] = ()
     #: the event fields link templates may use
     link_fields: Sequence[str] = ("org_id",)
+    #: the alert lifecycle's grouping key (events of one key within the window update one
+    #: message); ``None``: every event is its own message
+    dedup_key: Callable[[E], str] | None = None
+    #: an event the filter drops that resolves the open alert of its dedup key: returns how
+    #: (shown in the resolution), or ``None`` when the event resolves nothing
+    resolves: Callable[[E], str | None] | None = None
+    #: the event's error, shown as the latest error when a later event updates the alert
+    error: Callable[[E], str | None] | None = None
     #: the ``link_fields`` the templates actually use: only those are quoted per event
     used_link_fields: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -251,17 +259,20 @@ def route(
     pipeline: Pipeline[E],
     now: datetime,
     fallback_channel: str | None,
+    mid: str | None = None,
 ) -> Outcome:
     """Decide what ``event``, which passed the pipeline's filter, becomes given the joins.
 
     Owner and Slack user found: an ``Alert`` DM'd to the owner (the channel is the Slack user
     id). A miss: an ``Alert`` to ``fallback_channel`` whose text says why, or a ``Miss``
-    (nothing produced) when there is no fallback channel. ``process`` filters first.
+    (nothing produced) when there is no fallback channel. ``process`` filters first. ``mid``
+    replaces the message id (a parked event re-routed after its fallback copy was posted).
     """
     miss = _miss(owner, user)
     if miss is not None and not fallback_channel:
         return Miss(miss, _miss_warning(miss, event, owner))
-    mid = message_id(pipeline.name, event.event_id)
+    if mid is None:
+        mid = message_id(pipeline.name, event.event_id)
     described = pipeline.describe(event, Context(owner, user))
     summary, warning = described.summary, described.warning
     if miss is not None and fallback_channel:

@@ -8,15 +8,16 @@ service runs. Every decision is the core's; this module only moves bytes and cou
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter as Tally
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import Message
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from libs.kafka import Emitter, InvalidRecordError, RetryLater
 from libs.serde import (
@@ -30,7 +31,9 @@ from libs.serde import (
     SlackUser,
     encode_key,
 )
+from libs.state import KeyValueState
 from services.enricher.core import (
+    NO_SLACK_USER,
     Alert,
     Drop,
     Lookup,
@@ -39,6 +42,20 @@ from services.enricher.core import (
     Pipeline,
     invalid_reason,
     process,
+    slack_user_key,
+)
+from services.enricher.lifecycle import (
+    OWNER,
+    USER,
+    Action,
+    Decision,
+    EventRef,
+    Group,
+    ParkRequest,
+    decide,
+    epoch_ms,
+    group_key,
+    resolve,
 )
 
 log = logging.getLogger(__name__)
@@ -60,6 +77,30 @@ MISSES = Counter(
 )
 INVALID_EVENTS = Counter(
     "enricher_invalid_events_total", "Events dead-lettered as invalid", ["pipeline"]
+)
+OPEN_GROUPS = Gauge(
+    "enricher_open_groups", "Open alert groups (alerts later events of their key update)"
+)
+PARKED_EVENTS = Gauge(
+    "enricher_parked_events", "Join misses parked until their owner or Slack user arrives"
+)
+UPDATES = Counter(
+    "enricher_alert_updates_total",
+    "Updates of an open alert by a later event of its key (chat.update)",
+    ["pipeline"],
+)
+RESOLUTIONS = Counter(
+    "enricher_alert_resolutions_total", "Open alerts marked resolved", ["pipeline"]
+)
+PARK_HITS = Counter(
+    "enricher_park_hits_total",
+    "Parked events routed to their owner once the missing lookup arrived",
+    ["pipeline"],
+)
+PARK_EXPIRIES = Counter(
+    "enricher_park_expiries_total",
+    "Parked events whose time ran out (the miss is final: fallback copy or dropped)",
+    ["pipeline"],
 )
 
 
@@ -84,6 +125,57 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True)
+class LifecycleConfig:
+    """The alert lifecycle's settings: grouping window per pipeline, park time to live."""
+
+    #: pipeline name -> grouping window in ms (absent or 0: no grouping)
+    windows_ms: Mapping[str, int]
+    #: 0: no parking
+    park_ttl_ms: int
+
+
+class LifecycleCounts:
+    """Open groups and parked events per input partition: the two gauges are their sums.
+
+    The handler and the punctuator add each decision's deltas; the punctuator recounts a
+    partition when it first sees its state (restored, or moved here) and forgets revoked ones.
+    """
+
+    def __init__(self) -> None:
+        self.by_partition: dict[tuple[str, int], list[int]] = {}
+        OPEN_GROUPS.set_function(lambda: sum(c[0] for c in self.by_partition.values()))
+        PARKED_EVENTS.set_function(lambda: sum(c[1] for c in self.by_partition.values()))
+
+    def add(self, tp: tuple[str, int], decision: Decision) -> None:
+        """Count ``decision``'s changes against partition ``tp``."""
+        if decision.groups_delta or decision.parks_delta:
+            counts = self.by_partition.setdefault(tp, [0, 0])
+            counts[0] = max(0, counts[0] + decision.groups_delta)
+            counts[1] = max(0, counts[1] + decision.parks_delta)
+
+    def recount(self, tp: tuple[str, int], groups: int, parks: int) -> None:
+        """The counts of a partition whose state was just read in full."""
+        self.by_partition[tp] = [groups, parks]
+
+    def retain(self, tps: Collection[tuple[str, int]]) -> None:
+        """Forget partitions no longer assigned."""
+        for tp in [tp for tp in self.by_partition if tp not in tps]:
+            del self.by_partition[tp]
+
+
+def state_of(out: Emitter) -> KeyValueState | None:
+    """The state of the record's input partition, when the loop keeps state."""
+    # getattr: the emitters of loops without state stores (and test emitters) have none
+    state: KeyValueState | None = getattr(out, "state", None)
+    return state
+
+
+def _children(metric: Counter, pipelines: Mapping[str, Pipeline[Any]]) -> dict[str, Any]:
+    # labels() locks and builds a tuple per call: bind each child once
+    return {p.name: metric.labels(p.name) for p in pipelines.values()}
+
+
 class EventHandler:
     """Handles one consumed event (the loop's handler); ``outcomes`` tallies what became of them."""
 
@@ -97,6 +189,8 @@ class EventHandler:
         out_topic: str,
         fallback_channel: str | None,
         clock: Callable[[], datetime] = _utc_now,
+        lifecycle: LifecycleConfig | None = None,
+        counts: LifecycleCounts | None = None,
     ) -> None:
         self._sources = {
             topic: _Source(pipeline, AvroDeserializer(registry, pipeline.record_type))
@@ -110,6 +204,10 @@ class EventHandler:
         self._encode = AvroSerializer(registry, SlackMessage)
         self.outcomes: Tally[tuple[str, str]] = Tally()
         self._events: dict[tuple[str, str], Any] = {}  # bound EVENTS children
+        self._lifecycle = lifecycle
+        self.counts = counts or LifecycleCounts()
+        self._updates = _children(UPDATES, pipelines)
+        self._resolutions = _children(RESOLUTIONS, pipelines)
 
     def __call__(self, msg: Message, out: Emitter) -> None:
         """Decode, validate, join and route one event; produce its message, if any."""
@@ -130,29 +228,126 @@ class EventHandler:
         if problem is not None:
             INVALID_EVENTS.labels(pipeline.name).inc()
             raise InvalidEventError(f"{pipeline.name}: {problem}")
+        now = self._clock()
         try:
             outcome = process(
                 event,
                 pipeline=pipeline,
                 owners=self._owners,
                 users=self._users,
-                now=self._clock(),
+                now=now,
                 fallback_channel=self._fallback_channel,
             )
         except DeserializationError as exc:
             # Table records were validated when applied: failing to decode one now means the
             # registry is unreachable, not that this event is bad.
             raise RetryLater(f"lookup decode failed: {exc}", delay_s=5.0) from exc
-        self._act(pipeline.name, event, outcome, out)
+        lifecycle = self._lifecycle
+        state = state_of(out) if lifecycle is not None else None
+        if lifecycle is None or state is None:
+            self._act(pipeline.name, event, outcome, out)
+        else:
+            self._lifecycle_act(msg, pipeline, event, outcome, out, state, lifecycle, now)
+
+    # -- the alert lifecycle (services/enricher/lifecycle.py decides) ------------------------
+    def _lifecycle_act(
+        self,
+        msg: Message,
+        pipeline: Pipeline[Any],
+        event: Any,
+        outcome: Outcome,
+        out: Emitter,
+        state: KeyValueState,
+        lifecycle: LifecycleConfig,
+        now_dt: datetime,
+    ) -> None:
+        name = pipeline.name
+        now = epoch_ms(now_dt)
+        tp = (str(msg.topic()), int(msg.partition() or 0))
+        window = lifecycle.windows_ms.get(name, 0)
+        dedup = pipeline.dedup_key(event) if pipeline.dedup_key and window > 0 else None
+        if isinstance(outcome, Drop):
+            how = pipeline.resolves(event) if pipeline.resolves and dedup is not None else None
+            resolved = None
+            if how is not None and dedup is not None:
+                gkey = group_key(name, dedup)
+                raw = state.get(gkey)
+                resolved = resolve(
+                    Group.decode(raw) if raw else None,
+                    gkey=gkey,
+                    pipeline=name,
+                    event_id=event.event_id,
+                    org_id=event.org_id,
+                    how=how,
+                    now=now,
+                )
+            if resolved is None:  # resolves no open alert: a drop, counted as always
+                self._act(name, event, outcome, out)
+                return
+            self._apply(resolved, tp, out, state)
+            self._count(name, "resolved")
+            self._resolutions[name].inc()
+            return
+        group = None
+        if dedup is not None:
+            raw = state.get(group_key(name, dedup))
+            group = Group.decode(raw) if raw else None
+        miss = outcome.reason if isinstance(outcome, Miss) else outcome.miss
+        park = None
+        if miss is not None and lifecycle.park_ttl_ms > 0:
+            kind, key = self._missing(miss, event.org_id)
+            park = ParkRequest(kind, key, tp[0], bytes(msg.value() or b""), lifecycle.park_ttl_ms)
+        ref = EventRef(
+            name,
+            event.event_id,
+            event.org_id,
+            dedup,
+            pipeline.error(event) if pipeline.error else None,
+        )
+        decision = decide(outcome, event=ref, group=group, window_ms=window, park=park, now=now)
+        if decision.action in (Action.NEW, Action.MISSED):
+            # what it was before the lifecycle: produced and counted the same way
+            self._apply(dataclasses.replace(decision, messages=()), tp, out, state)
+            self._act(name, event, outcome, out)
+            return
+        self._apply(decision, tp, out, state)
+        if decision.action is Action.GROUPED:
+            self._count(name, "grouped")
+            if decision.messages:
+                self._updates[name].inc()
+        else:  # PARKED: the miss is counted when it becomes final (the park expires)
+            self._count(name, "parked")
+
+    def _missing(self, reason: str, org_id: str) -> tuple[str, str]:
+        """(park kind, key) of a join miss: the org's owner, or the owner's Slack user."""
+        if reason == NO_SLACK_USER:
+            owner = self._owners.get(org_id)
+            if owner is not None and owner.csdr_email:
+                return USER, slack_user_key(owner.csdr_email)
+        return OWNER, org_id
+
+    def _apply(
+        self, decision: Decision, tp: tuple[str, int], out: Emitter, state: KeyValueState
+    ) -> None:
+        for message in decision.messages:
+            self._produce(message, out)
+        for key, value in decision.puts:
+            state.put(key, value)
+        for key in decision.deletes:
+            state.delete(key)
+        self.counts.add(tp, decision)
+
+    def _produce(self, message: SlackMessage, out: Emitter) -> None:
+        try:
+            value = self._encode(self._out_topic, message)
+        except RegistryError as exc:
+            raise RetryLater(f"schema registry unavailable: {exc}", delay_s=5.0) from exc
+        # keyed by channel: an update lands in its original's partition, after it
+        out.produce(self._out_topic, encode_key(message.channel), value)
 
     def _act(self, pipeline: str, event: Any, outcome: Outcome, out: Emitter) -> None:
         if isinstance(outcome, Alert):
-            message = outcome.message
-            try:
-                value = self._encode(self._out_topic, message)
-            except RegistryError as exc:
-                raise RetryLater(f"schema registry unavailable: {exc}", delay_s=5.0) from exc
-            out.produce(self._out_topic, encode_key(message.channel), value)
+            self._produce(outcome.message, out)
             if outcome.miss is None:
                 self._count(pipeline, "dm")
             else:

@@ -309,3 +309,72 @@ def blocks_json(note: Note) -> str:
 def fallback_text(note: Note) -> str:
     """Plain-text fallback (notifications, screen readers): always set, never empty."""
     return render(note)[0]
+
+
+@dataclass(frozen=True)
+class Revision:
+    """How an update changes an alert already posted (``render_update``).
+
+    ``status`` is trusted mrkdwn written by the lifecycle (values escaped by the caller);
+    ``detail`` replaces the alert's detail block (the latest error); ``strike_steps`` marks
+    the suggested steps as no longer needed (a resolution).
+    """
+
+    status: str
+    detail: Detail | None = None
+    strike_steps: bool = False
+
+
+def _struck_steps(text: str) -> str:
+    lines = text.split("\n")
+    head = lines[0] + " (no longer needed)" if lines else ""
+    struck = [f"• ~{line[2:]}~" if line.startswith("• ") else line for line in lines[1:]]
+    return _fit_rendered("\n".join([head, *struck]))
+
+
+def render_update(text: str, blocks_json: str, revision: Revision) -> tuple[str, str]:
+    """``(text, blocks)`` of an update of the alert whose original ``text`` and blocks are given.
+
+    Updates are rendered from the original every time (never from an earlier update), so the
+    Slack message always shows the original alert plus the one current status: a status
+    section under the title (and the miss warning, if any), the latest detail, struck steps.
+    Only updates pay for parsing the blocks; a first message never comes here.
+    """
+    parsed: list[dict[str, object]] = json.loads(blocks_json)
+    status_block: dict[str, object] = {
+        "type": "section",
+        "block_id": "status",
+        "text": {"type": "mrkdwn", "text": _fit_rendered(revision.status)},
+    }
+    out: list[dict[str, object]] = []
+    for block in parsed:
+        block_id = block.get("block_id")
+        if block_id == "status":
+            continue
+        if block_id == "detail" and revision.detail is not None:
+            continue  # replaced below, where the original had it
+        if block_id == "summary":
+            out.append(status_block)
+        if block_id == "steps" and revision.strike_steps:
+            inner = block.get("text")
+            steps_text = str(inner.get("text", "")) if isinstance(inner, dict) else ""
+            block = {**block, "text": {"type": "mrkdwn", "text": _struck_steps(steps_text)}}
+        if block_id in ("steps", "links", "footer") and revision.detail is not None:
+            out.append(_detail_block(revision.detail))
+            revision = Revision(revision.status, None, revision.strike_steps)
+        out.append(block)
+    if revision.detail is not None:  # the original had no steps, links or footer
+        out.append(_detail_block(revision.detail))
+    if status_block not in out:
+        out.insert(min(1, len(out)), status_block)
+    status_plain = revision.status.replace("*", "").replace("~", "")
+    new_text = _fit_rendered(status_plain + "\n" + text, MAX_FALLBACK_TEXT)
+    return new_text, json.dumps(out[:MAX_BLOCKS], ensure_ascii=False, separators=(",", ":"))
+
+
+def _detail_block(detail: Detail) -> dict[str, object]:
+    return {
+        "type": "section",
+        "block_id": "detail",
+        "text": {"type": "mrkdwn", "text": _code_block(detail.label, detail.text)},
+    }

@@ -79,6 +79,28 @@ class EnricherSettings(BaseSettings):
         ),
     )
 
+    dedup_window_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description=(
+            "alert grouping: later events of a pipeline's dedup key within this many seconds "
+            "of the first update its message in place; 0 disables grouping"
+        ),
+    )
+    dedup_windows_s: Json[dict[str, float]] = Field(
+        default="{}",
+        validate_default=True,
+        description='JSON {"<pipeline>": seconds} overriding ENRICHER_DEDUP_WINDOW_S per pipeline',
+    )
+    park_ttl_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description=(
+            "a join miss waits this many seconds for its owner or Slack user before the miss is "
+            "final (fallback copy or drop); 0 disables parking"
+        ),
+    )
+
     @field_validator("fallback_channel", "transactional_id", "group_instance_id", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
@@ -98,6 +120,20 @@ class EnricherSettings(BaseSettings):
             if problem:
                 raise ValueError(f"link template {key!r} {problem}")
         return self
+
+    @model_validator(mode="after")
+    def _check_dedup_windows(self) -> EnricherSettings:
+        names = sorted(p.name for p in PIPELINES)
+        for name, seconds in self.dedup_windows_s.items():
+            if name not in names:
+                raise ValueError(f"unknown pipeline {name!r} in dedup windows; known: {names}")
+            if seconds < 0:
+                raise ValueError(f"dedup window of {name!r} must be >= 0, got {seconds}")
+        return self
+
+    def dedup_window(self, pipeline: str) -> float:
+        """The grouping window of ``pipeline`` in seconds (0: no grouping)."""
+        return self.dedup_windows_s.get(pipeline, self.dedup_window_s)
 
     def effective_transactional_id(self) -> str:
         """``ENRICHER_TRANSACTIONAL_ID``, or ``<group>-<hostname>`` (stable per pod name)."""

@@ -336,3 +336,21 @@ def test_registry_down_pauses_at_the_record_and_dead_letters_nothing(tmp_path: P
     assert table.step_bootstrap()
     assert table.ready() and table.positions() == {0: 5} and letters == []
     assert table.caught_up_to({0: 5})
+
+
+def test_on_change_hears_live_keys_only_tombstones_included(tmp_path: Path) -> None:
+    registry = AnsweringRegistry()
+    encode = AvroSerializer(registry, SlackUser)
+    log = {0: [_msg(0, b"a@x", encode(TOPIC, SlackUser("a@x", "UA", T0)))]}
+    table, _ = _loaded(registry, log, tmp_path)
+    table.bootstrap(threading.Event(), timeout_s=10)
+    heard: list[list[bytes]] = []
+    table.on_change = heard.append  # set after the gate: the bootstrap's keys are not heard
+    log[0] += [
+        _msg(1, b"b@x", encode(TOPIC, SlackUser("b@x", "UB", T0))),
+        _msg(2, b"a@x", None),
+        _msg(3, b"bad@x", b"garbage"),  # dead-lettered, not applied: not a change
+    ]
+    assert table.poll() == 2
+    assert heard == [[b"b@x", b"a@x"]]
+    assert table.poll() == 0 and heard == [[b"b@x", b"a@x"]]

@@ -3,6 +3,9 @@
 Source: ``data-notifications-pipeline`` (``ConnectorStatusChanged``). Kept: ``PROVISIONING ->
 FAILED`` only; every other transition is dropped and counted by reason. Customers who hit this
 early often give up quietly, so the account team hears about it while it is fresh.
+
+Lifecycle: one alert per connector (dedup key: ``connector_id``); a later change of that
+connector to ``RUNNING`` or ``DELETED`` resolves it (such events are otherwise dropped).
 """
 
 from __future__ import annotations
@@ -27,6 +30,20 @@ def keep(event: ConnectorStatusChanged) -> str | None:
         return NOT_FROM_PROVISIONING
     if event.new_status != Status.FAILED:
         return NOT_FAILED
+    return None
+
+
+def dedup_key(event: ConnectorStatusChanged) -> str:
+    """One alert per connector: its repeated failures update the first message."""
+    return event.connector_id
+
+
+def resolves(event: ConnectorStatusChanged) -> str | None:
+    """A connector running again, or deleted, resolves its open alert; say how."""
+    if event.new_status == Status.RUNNING:
+        return f"connector {event.connector_name} is RUNNING"
+    if event.new_status == Status.DELETED:
+        return f"connector {event.connector_name} was DELETED"
     return None
 
 
@@ -66,6 +83,9 @@ PIPELINE: Final = Pipeline[ConnectorStatusChanged](
     record_type=ConnectorStatusChanged,
     keep=keep,
     describe=describe,
+    dedup_key=dedup_key,
+    resolves=resolves,
+    error=lambda event: event.error_message,
     steps=(
         "Read the error: most provisioning failures are configuration (credentials, network "
         "access, a missing topic or ACL).",

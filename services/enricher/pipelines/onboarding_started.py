@@ -17,6 +17,11 @@ from services.enricher.render import Fact, Mrkdwn, Note
 NAME: Final = "onboarding-started"
 
 
+def org_id(event: OnboardingStarted) -> str:
+    """One alert per organisation: a repeated start updates the first message."""
+    return event.org_id
+
+
 def describe(event: OnboardingStarted, ctx: Context) -> Note:
     """Who started onboarding, on which plan and cloud."""
     org = event.org_name or ctx.org_name or event.org_id
@@ -45,6 +50,7 @@ PIPELINE: Final = Pipeline[OnboardingStarted](
     source_topic_setting="onboarding_events",
     record_type=OnboardingStarted,
     describe=describe,
+    dedup_key=org_id,
     steps=(
         "Send a short welcome and offer a kickoff call.",
         "Share the getting-started guide and ask what they plan to stream first.",

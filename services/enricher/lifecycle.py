@@ -1,0 +1,535 @@
+"""The alert lifecycle: one Slack message per problem, not per event. Pure: no Kafka, no clock.
+
+Given an event's route outcome (``core.route``), the state records it touches and ``now``
+(epoch milliseconds), each function returns a ``Decision``: the messages to produce and the
+state writes to make. The shell (``handler.py`` per event, ``punctuator.py`` on time and on
+lookup-table changes) reads the records, calls one function and applies the decision; the
+loop commits outputs, state writes and offsets in one transaction.
+
+Decisions (``Action``):
+
+===============  =========================================  ===================================
+action           when                                       what
+===============  =========================================  ===================================
+NEW              first event of a key, routed to a DM (or    post it; open a group of its key
+                 to the fallback channel, parking off)      for the window
+GROUPED          a later event of an open group             update the group's message in
+                                                            place (count, first/latest, error)
+PARKED           first event of a key, join miss, parking    park it under the missing key;
+                 on                                         post the fallback copy (if a
+                                                            fallback channel is set); open the
+                                                            group on that copy (or unposted)
+MISSED           join miss, no fallback, parking off        nothing (counted as today)
+RESOLVED         a resolving event, open group              update the message: resolved, when
+                                                            and how, steps struck; close group
+HIT              the missing lookup arrived                 DM the owner; update the fallback
+                                                            copy to say where it went; the
+                                                            group follows the DM
+REPARKED         owner arrived, Slack user still missing    park under the user's e-mail
+EXPIRED_PARK     the park's time ran out                    the miss is final (fallback copy
+                                                            stays, or nothing): counted then
+EXPIRED_GROUP    the window closed                          forget the group: the next event
+                                                            posts anew
+===============  =========================================  ===================================
+
+State layout (keys are bytes; ``\\x00`` separates free-form parts so no id can forge a prefix):
+
+* ``g/<pipeline>\\x00<dedup key>`` -> ``Group`` (compact JSON);
+* ``p/<kind>/<missing key>\\x00<pipeline>\\x00<event id>`` -> ``Park``; kind ``owner`` (key:
+  org id) or ``user`` (key: lower-cased e-mail), so a table change finds its parks by prefix;
+* ``x/<expiry epoch ms, 13 digits>/<state key>`` -> empty: the time index, read in key order
+  up to ``now`` so expiry touches only what is due.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Final
+
+from libs.serde import SlackMessage
+from services.enricher.core import Alert, Miss, message_id
+from services.enricher.render import Detail, Revision, escape, render_update
+
+GROUP_PREFIX: Final = b"g/"
+PARK_PREFIX: Final = b"p/"
+INDEX_PREFIX: Final = b"x/"
+_INDEX_DIGITS: Final = 13  # epoch ms fit 13 digits until the year 2286
+_INDEX_HEAD: Final = len(INDEX_PREFIX) + _INDEX_DIGITS + 1
+
+#: park kinds: what the parked event waits for
+OWNER: Final = "owner"
+USER: Final = "user"
+
+#: message id suffixes of the messages a parked event causes when it routes (CONTRACT: an
+#: event's distinct messages get distinct, deterministic ids)
+SUFFIX_DM: Final = "dm"
+SUFFIX_REROUTED: Final = "rerouted"
+SUFFIX_CATCHUP: Final = "catchup"
+
+
+class Action(StrEnum):
+    """What a decision does (the metric and audit vocabulary)."""
+
+    NEW = "new"
+    GROUPED = "grouped"
+    PARKED = "parked"
+    MISSED = "missed"
+    RESOLVED = "resolved"
+    HIT = "hit"
+    REPARKED = "reparked"
+    EXPIRED_PARK = "expired_park"
+    EXPIRED_GROUP = "expired_group"
+    NONE = "none"
+
+
+def group_key(pipeline: str, dedup: str) -> bytes:
+    """The state key of the group of ``dedup`` in ``pipeline``."""
+    return GROUP_PREFIX + f"{pipeline}\x00{dedup}".encode()
+
+
+def park_prefix(kind: str, key: str) -> bytes:
+    """The prefix of every park waiting for ``key`` of ``kind`` (owner: org id; user: e-mail)."""
+    return PARK_PREFIX + f"{kind}/{key}\x00".encode()
+
+
+def park_key(kind: str, key: str, pipeline: str, event_id: str) -> bytes:
+    """The state key of one parked event."""
+    return park_prefix(kind, key) + f"{pipeline}\x00{event_id}".encode()
+
+
+def index_key(expires_at: int, state_key: bytes) -> bytes:
+    """The time-index entry of ``state_key`` expiring at ``expires_at`` (epoch ms)."""
+    return INDEX_PREFIX + b"%013d/" % max(0, expires_at) + state_key
+
+
+def parse_index_key(key: bytes) -> tuple[int, bytes]:
+    """``(expires_at, state key)`` of a time-index entry."""
+    return int(key[len(INDEX_PREFIX) : _INDEX_HEAD - 1]), key[_INDEX_HEAD:]
+
+
+def derived_id(pipeline: str, event_id: str, suffix: str) -> str:
+    """The id of a further message ``event_id`` causes (deterministic, distinct per suffix)."""
+    return message_id(pipeline, f"{event_id}#{suffix}")
+
+
+def epoch_ms(when: datetime) -> int:
+    """``when`` as epoch milliseconds (the state's time unit)."""
+    return int(when.timestamp() * 1000)
+
+
+def _when(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+@dataclass(frozen=True)
+class Group:
+    """An open alert: the message later events of its key update."""
+
+    #: the original message (every update points here)
+    message_id: str
+    #: the original's channel; ``""`` while nothing is posted (first event parked, no copy)
+    channel: str
+    count: int
+    first_at: int
+    latest_at: int
+    expires_at: int
+    #: the original's text and blocks: updates are rendered from them
+    text: str
+    blocks: str
+    latest_error: str | None = None
+
+    def encode(self) -> bytes:
+        """Compact JSON."""
+        return json.dumps(dataclasses.astuple(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Group:
+        """The inverse of ``encode``."""
+        return cls(*json.loads(raw))
+
+
+@dataclass(frozen=True)
+class Park:
+    """A join miss waiting for its lookup: enough to route the event again."""
+
+    pipeline: str
+    kind: str
+    key: str
+    #: the source topic and the event's value bytes as consumed (base64): re-decoded to route
+    topic: str
+    value: str
+    event_id: str
+    org_id: str
+    reason: str
+    expires_at: int
+    #: the group this event opened (its dedup key), if any
+    dedup: str | None
+    #: the fallback copy posted at event time, if any: re-routing updates it
+    fallback_id: str | None = None
+    fallback_channel: str | None = None
+    fallback_text: str | None = None
+    fallback_blocks: str | None = None
+
+    def encode(self) -> bytes:
+        """Compact JSON."""
+        return json.dumps(dataclasses.astuple(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Park:
+        """The inverse of ``encode``."""
+        return cls(*json.loads(raw))
+
+    @property
+    def state_key(self) -> bytes:
+        """Where this park is stored."""
+        return park_key(self.kind, self.key, self.pipeline, self.event_id)
+
+    def event_bytes(self) -> bytes:
+        """The parked event's value bytes, as consumed."""
+        return base64.b64decode(self.value)
+
+    def hit_message_id(self) -> str:
+        """The id of the DM this park becomes: the event's own id unless a copy used it."""
+        if self.fallback_id is None:
+            return message_id(self.pipeline, self.event_id)
+        return derived_id(self.pipeline, self.event_id, SUFFIX_DM)
+
+
+@dataclass(frozen=True)
+class EventRef:
+    """What the lifecycle needs of the event being handled."""
+
+    pipeline: str
+    event_id: str
+    org_id: str
+    #: the dedup key; ``None``: the pipeline does not group
+    dedup: str | None = None
+    #: the event's error (shown as the latest error of an update), if it has one
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ParkRequest:
+    """Where a join miss of this event would park, and for how long."""
+
+    kind: str
+    key: str
+    topic: str
+    value: bytes
+    ttl_ms: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Messages to produce and state writes to make (puts, then deletes of other keys)."""
+
+    action: Action
+    messages: tuple[SlackMessage, ...] = ()
+    puts: tuple[tuple[bytes, bytes], ...] = ()
+    deletes: tuple[bytes, ...] = ()
+    #: change of the open-group and parked-event counts (the gauges)
+    groups_delta: int = 0
+    parks_delta: int = 0
+
+
+def is_open(group: Group | None, now: int) -> bool:
+    """An open group: present and its window not closed (expiry may not have run yet)."""
+    return group is not None and group.expires_at > now
+
+
+def _update(
+    group: Group,
+    *,
+    pipeline: str,
+    org_id: str,
+    event_id: str,
+    mid: str,
+    revision: Revision,
+    now: int,
+) -> SlackMessage:
+    text, blocks = render_update(group.text, group.blocks, revision)
+    return SlackMessage(
+        message_id=mid,
+        pipeline=pipeline,
+        channel=group.channel,  # the original's: same partition, after it in the notifier
+        text=text,
+        blocks=blocks,
+        org_id=org_id,
+        source_event_id=event_id,
+        created_at=datetime.fromtimestamp(now / 1000, UTC),
+        update_of=group.message_id,
+    )
+
+
+def _seen(group: Group) -> str:
+    if group.count == 1:
+        return f"Seen once, at {_when(group.first_at)}."
+    return (
+        f"Seen *{group.count} times*: first at {_when(group.first_at)}, latest at "
+        f"{_when(group.latest_at)}."
+    )
+
+
+def status_revision(group: Group) -> Revision:
+    """The revision of an open group: how often, since when, the latest error."""
+    detail = Detail("Latest error", group.latest_error) if group.latest_error else None
+    return Revision(":repeat: " + _seen(group), detail)
+
+
+def decide(
+    outcome: Alert | Miss,
+    *,
+    event: EventRef,
+    group: Group | None,
+    window_ms: int,
+    park: ParkRequest | None,
+    now: int,
+) -> Decision:
+    """What an event that passed its pipeline's filter becomes, given its route ``outcome``.
+
+    ``group`` is the record at the event's group key (``None`` when absent), ``window_ms`` 0
+    disables grouping and ``park`` ``None`` disables parking: with both off this is today's
+    behaviour (a post, or nothing on a miss without fallback).
+    """
+    gkey = group_key(event.pipeline, event.dedup) if event.dedup is not None else None
+    grouping = gkey is not None and window_ms > 0
+    puts: list[tuple[bytes, bytes]] = []
+    deletes: list[bytes] = []
+    groups_delta = 0
+    if grouping and gkey is not None and group is not None:
+        if is_open(group, now):
+            grown = dataclasses.replace(
+                group,
+                count=group.count + 1,
+                latest_at=now,
+                latest_error=event.error or group.latest_error,
+            )
+            messages: tuple[SlackMessage, ...] = ()
+            if grown.channel:  # nothing to update while the first event waits unposted
+                messages = (
+                    _update(
+                        grown,
+                        pipeline=event.pipeline,
+                        org_id=event.org_id,
+                        event_id=event.event_id,
+                        mid=message_id(event.pipeline, event.event_id),
+                        revision=status_revision(grown),
+                        now=now,
+                    ),
+                )
+            return Decision(Action.GROUPED, messages, puts=((gkey, grown.encode()),))
+        # closed but not yet expired by the punctuator: replaced below
+        deletes.append(index_key(group.expires_at, gkey))
+        groups_delta -= 1
+
+    message = outcome.message if isinstance(outcome, Alert) else None
+    missed = message is None or (isinstance(outcome, Alert) and outcome.miss is not None)
+    action = Action.NEW if message is not None else Action.MISSED
+    parks_delta = 0
+    if missed and park is not None:
+        reason = outcome.miss if isinstance(outcome, Alert) else outcome.reason
+        parked = Park(
+            pipeline=event.pipeline,
+            kind=park.kind,
+            key=park.key,
+            topic=park.topic,
+            value=base64.b64encode(park.value).decode(),
+            event_id=event.event_id,
+            org_id=event.org_id,
+            reason=reason or "",
+            expires_at=now + park.ttl_ms,
+            dedup=event.dedup if grouping else None,
+            fallback_id=message.message_id if message else None,
+            fallback_channel=message.channel if message else None,
+            fallback_text=message.text if message else None,
+            fallback_blocks=message.blocks if message else None,
+        )
+        puts += [
+            (parked.state_key, parked.encode()),
+            (index_key(parked.expires_at, parked.state_key), b""),
+        ]
+        action = Action.PARKED
+        parks_delta = 1
+    if grouping and gkey is not None and action is not Action.MISSED:
+        opened = Group(
+            message_id=message.message_id
+            if message
+            else message_id(event.pipeline, event.event_id),
+            channel=message.channel if message else "",
+            count=1,
+            first_at=now,
+            latest_at=now,
+            expires_at=now + window_ms,
+            text=message.text if message else "",
+            blocks=message.blocks if message else "",
+            latest_error=event.error,
+        )
+        puts += [(gkey, opened.encode()), (index_key(opened.expires_at, gkey), b"")]
+        groups_delta += 1
+    elif gkey is not None and deletes:
+        deletes.append(gkey)  # the closed group is not replaced
+    return Decision(
+        action,
+        (message,) if message else (),
+        tuple(puts),
+        tuple(deletes),
+        groups_delta=groups_delta,
+        parks_delta=parks_delta,
+    )
+
+
+def resolve(
+    group: Group | None,
+    *,
+    gkey: bytes,
+    pipeline: str,
+    event_id: str,
+    org_id: str,
+    how: str,
+    now: int,
+) -> Decision | None:
+    """A resolving event: the open group's message says so and the window closes.
+
+    ``None`` when there is no open group: the event is what it was before (dropped, counted).
+    """
+    if group is None or not is_open(group, now):
+        return None
+    messages: tuple[SlackMessage, ...] = ()
+    if group.channel:
+        status = f":white_check_mark: *Resolved* at {_when(now)}: {escape(how)}. {_seen(group)}"
+        revision = Revision(status, None, strike_steps=True)
+        mid = message_id(pipeline, event_id)
+        messages = (
+            _update(
+                group,
+                pipeline=pipeline,
+                org_id=org_id,
+                event_id=event_id,
+                mid=mid,
+                revision=revision,
+                now=now,
+            ),
+        )
+    return Decision(
+        Action.RESOLVED,
+        messages,
+        deletes=(gkey, index_key(group.expires_at, gkey)),
+        groups_delta=-1,
+    )
+
+
+def on_park_hit(
+    park: Park,
+    outcome: Alert | Miss,
+    *,
+    group: Group | None,
+    repark: tuple[str, str] | None,
+    now: int,
+) -> Decision:
+    """A lookup ``park`` waited for arrived and the event was routed again (no fallback).
+
+    ``outcome`` is that routing, its message id ``park.hit_message_id()``. A ``Miss`` means
+    another lookup is still missing: ``repark`` names it (kind, key) and the park moves there,
+    keeping its deadline. An ``Alert`` is DM'd; a fallback copy is updated to say where the
+    alert went, and an open group of the event moves to the DM (with an update right away when
+    more events were grouped meanwhile).
+    """
+    old = park.state_key
+    old_index = index_key(park.expires_at, old)
+    if isinstance(outcome, Miss):
+        if repark is None or repark == (park.kind, park.key):
+            return Decision(Action.NONE)
+        moved = dataclasses.replace(park, kind=repark[0], key=repark[1], reason=outcome.reason)
+        return Decision(
+            Action.REPARKED,
+            puts=(
+                (moved.state_key, moved.encode()),
+                (index_key(moved.expires_at, moved.state_key), b""),
+            ),
+            deletes=(old, old_index),
+        )
+    dm = outcome.message
+    messages: list[SlackMessage] = [dm]
+    puts: list[tuple[bytes, bytes]] = []
+    if park.fallback_id is not None and park.fallback_channel:
+        copy = Group(
+            message_id=park.fallback_id,
+            channel=park.fallback_channel,
+            count=1,
+            first_at=now,
+            latest_at=now,
+            expires_at=now,
+            text=park.fallback_text or "",
+            blocks=park.fallback_blocks or "[]",
+        )
+        where = (
+            f":arrow_right: *Sent to <@{escape(dm.channel)}>* at {_when(now)}: the owner is "
+            "known now, so the alert went to them directly."
+        )
+        messages.append(
+            _update(
+                copy,
+                pipeline=park.pipeline,
+                org_id=park.org_id,
+                event_id=park.event_id,
+                mid=derived_id(park.pipeline, park.event_id, SUFFIX_REROUTED),
+                revision=Revision(where),
+                now=now,
+            )
+        )
+    planned = (park.fallback_id, message_id(park.pipeline, park.event_id))
+    if park.dedup is not None and group is not None and group.message_id in planned:
+        moved_group = dataclasses.replace(
+            group, message_id=dm.message_id, channel=dm.channel, text=dm.text, blocks=dm.blocks
+        )
+        puts.append((group_key(park.pipeline, park.dedup), moved_group.encode()))
+        if moved_group.count > 1:
+            messages.append(
+                _update(
+                    moved_group,
+                    pipeline=park.pipeline,
+                    org_id=park.org_id,
+                    event_id=park.event_id,
+                    mid=derived_id(park.pipeline, park.event_id, SUFFIX_CATCHUP),
+                    revision=status_revision(moved_group),
+                    now=now,
+                )
+            )
+    return Decision(
+        Action.HIT, tuple(messages), tuple(puts), deletes=(old, old_index), parks_delta=-1
+    )
+
+
+def expire_park(park: Park, *, group: Group | None) -> Decision:
+    """The park's time ran out: the miss is final (its fallback copy, if any, stays).
+
+    A group the park opened without posting anything goes too: there is no message to update.
+    """
+    deletes = [park.state_key, index_key(park.expires_at, park.state_key)]
+    groups_delta = 0
+    if (
+        park.dedup is not None
+        and group is not None
+        and not group.channel
+        and group.message_id == message_id(park.pipeline, park.event_id)
+    ):
+        gkey = group_key(park.pipeline, park.dedup)
+        deletes += [gkey, index_key(group.expires_at, gkey)]
+        groups_delta = -1
+    return Decision(
+        Action.EXPIRED_PARK, deletes=tuple(deletes), groups_delta=groups_delta, parks_delta=-1
+    )
+
+
+def expire_group(group: Group, *, gkey: bytes) -> Decision:
+    """The window closed: forget the group (the next event of its key posts anew)."""
+    return Decision(
+        Action.EXPIRED_GROUP,
+        deletes=(gkey, index_key(group.expires_at, gkey)),
+        groups_delta=-1,
+    )

@@ -1,0 +1,754 @@
+"""The alert lifecycle: group, update, resolve, park, expire (pure decisions, injected time).
+
+The decisions of ``services/enricher/lifecycle.py`` are tested table-driven; then the shells
+that apply them (the handler per event, the punctuator on time and lookup changes) on
+``MemoryState``, with the real Avro serde over an in-memory registry.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from libs.serde import (
+    AvroDeserializer,
+    AvroSerializer,
+    CsdrAssignment,
+    InMemorySchemaRegistry,
+    SlackMessage,
+    SlackUser,
+)
+from libs.state import MemoryState
+from services.enricher.core import (
+    NO_OWNER,
+    NO_SLACK_USER,
+    Alert,
+    Miss,
+    message_id,
+    process,
+    slack_user_key,
+)
+from services.enricher.handler import EventHandler, LifecycleConfig, LifecycleCounts
+from services.enricher.lifecycle import (
+    INDEX_PREFIX,
+    OWNER,
+    USER,
+    Action,
+    Decision,
+    EventRef,
+    Group,
+    Park,
+    ParkRequest,
+    decide,
+    derived_id,
+    expire_group,
+    expire_park,
+    group_key,
+    index_key,
+    on_park_hit,
+    park_key,
+    park_prefix,
+    parse_index_key,
+    resolve,
+)
+from services.enricher.pipelines.connector_provisioning_failed import PIPELINE as CONNECTOR
+from services.enricher.pipelines.onboarding_started import PIPELINE as ONBOARDING
+from services.enricher.punctuator import LifecyclePunctuator
+from services.enricher.render import Detail, Revision, render_update
+from tests.support.enricher_corpus import (
+    FALLBACK,
+    ConsumedRecord,
+    DictLookup,
+    ListEmitter,
+    connector,
+    onboarding,
+    owner,
+    user,
+)
+
+P = CONNECTOR.name
+T = 1_800_000_000_000  # "now" of the pure tests, epoch ms
+W = 3_600_000
+TTL = 3_600_000
+OUT = "slack-messages"
+
+
+def alert(event_id: str = "ev-1", channel: str = "U0DANA", miss: str | None = None) -> Alert:
+    """The route outcome of an event (the message as the core renders it)."""
+    event = connector(int(event_id.split("-")[1]))
+    outcome = process(
+        event,
+        pipeline=CONNECTOR,
+        owners=DictLookup({} if miss == NO_OWNER else {"org-1": owner()}),
+        users=DictLookup({} if miss else {"dana.owner@example.com": user(channel)}),
+        now=datetime.fromtimestamp(T / 1000, UTC),
+        fallback_channel=FALLBACK if miss else None,
+    )
+    assert isinstance(outcome, Alert)
+    return outcome
+
+
+def ref(
+    event_id: str = "ev-1", dedup: str | None = "lcc-1", error: str | None = "boom"
+) -> EventRef:
+    return EventRef(P, event_id, "org-1", dedup, error)
+
+
+def group(**changes: Any) -> Group:
+    first = alert().message
+    base = Group(
+        first.message_id,
+        first.channel,
+        1,
+        T - 1000,
+        T - 1000,
+        T + W,
+        first.text,
+        first.blocks,
+        "boom",
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def park_request(kind: str = OWNER, key: str = "org-1") -> ParkRequest:
+    return ParkRequest(kind, key, "data-notifications-pipeline", b"\x00avro", TTL)
+
+
+def keys(decision: Decision) -> list[bytes]:
+    return [k for k, _ in decision.puts]
+
+
+# -- keys -------------------------------------------------------------------------------------
+def test_index_keys_sort_by_time_and_parse_back() -> None:
+    state_key = group_key(P, "lcc/1\x00x")
+    times = [0, 9, 10, 999_999, T, T + 1, 9_999_999_999_999]
+    encoded = [index_key(t, state_key) for t in times]
+    assert sorted(encoded) == encoded
+    assert [parse_index_key(k) for k in encoded] == [(t, state_key) for t in times]
+
+
+def test_park_prefix_matches_only_its_key() -> None:
+    # "org-1" must not find the parks of "org-10" (hence the \x00 separator)
+    assert park_key(OWNER, "org-10", P, "e").startswith(park_prefix(OWNER, "org-1")) is False
+    assert park_key(OWNER, "org-1", P, "e").startswith(park_prefix(OWNER, "org-1"))
+    assert park_key(USER, "org-1", P, "e").startswith(park_prefix(OWNER, "org-1")) is False
+
+
+def test_records_round_trip() -> None:
+    g = group(latest_error=None)
+    assert Group.decode(g.encode()) == g
+    p = Park(
+        P, OWNER, "org-1", "t", "AA==", "ev-1", "org-1", NO_OWNER, T, "lcc-1", "m", "C", "x", "[]"
+    )
+    assert Park.decode(p.encode()) == p
+
+
+# -- decide: the first event of a key, a later one, misses --------------------------------------
+DM, FB = alert(), alert(miss=NO_OWNER)
+
+
+@pytest.mark.parametrize(
+    (
+        "name",
+        "outcome",
+        "event",
+        "grp",
+        "window",
+        "park",
+        "action",
+        "n_msgs",
+        "put_prefixes",
+        "dg",
+        "dp",
+    ),
+    [
+        ("first, dm", DM, ref(), None, W, park_request(), Action.NEW, 1, [b"g/", b"x/"], 1, 0),
+        ("grouping off", DM, ref(), None, 0, park_request(), Action.NEW, 1, [], 0, 0),
+        ("no dedup key", DM, ref(dedup=None), None, W, None, Action.NEW, 1, [], 0, 0),
+        ("open group", DM, ref("ev-2"), group(), W, None, Action.GROUPED, 1, [b"g/"], 0, 0),
+        (
+            "open group of a miss",
+            FB,
+            ref("ev-2"),
+            group(),
+            W,
+            park_request(),
+            Action.GROUPED,
+            1,
+            [b"g/"],
+            0,
+            0,
+        ),
+        (
+            "pending group",
+            DM,
+            ref("ev-2"),
+            group(channel=""),
+            W,
+            None,
+            Action.GROUPED,
+            0,
+            [b"g/"],
+            0,
+            0,
+        ),
+        (
+            "closed group",
+            DM,
+            ref("ev-2"),
+            group(expires_at=T),
+            W,
+            None,
+            Action.NEW,
+            1,
+            [b"g/", b"x/"],
+            0,
+            0,
+        ),
+        ("miss, no park", Miss(NO_OWNER, "d"), ref(), None, W, None, Action.MISSED, 0, [], 0, 0),
+        (
+            "miss, parked",
+            Miss(NO_OWNER, "d"),
+            ref(),
+            None,
+            W,
+            park_request(),
+            Action.PARKED,
+            0,
+            [b"p/", b"x/", b"g/", b"x/"],
+            1,
+            1,
+        ),
+        (
+            "fallback, parked",
+            FB,
+            ref(),
+            None,
+            W,
+            park_request(),
+            Action.PARKED,
+            1,
+            [b"p/", b"x/", b"g/", b"x/"],
+            1,
+            1,
+        ),
+        ("fallback, no park", FB, ref(), None, W, None, Action.NEW, 1, [b"g/", b"x/"], 1, 0),
+        (
+            "miss, grouping off, parked",
+            Miss(NO_OWNER, "d"),
+            ref(),
+            None,
+            0,
+            park_request(),
+            Action.PARKED,
+            0,
+            [b"p/", b"x/"],
+            0,
+            1,
+        ),
+    ],
+)
+def test_decide(
+    name: str,
+    outcome: Alert | Miss,
+    event: EventRef,
+    grp: Group | None,
+    window: int,
+    park: ParkRequest | None,
+    action: Action,
+    n_msgs: int,
+    put_prefixes: list[bytes],
+    dg: int,
+    dp: int,
+) -> None:
+    decision = decide(outcome, event=event, group=grp, window_ms=window, park=park, now=T)
+    assert decision.action is action, name
+    assert len(decision.messages) == n_msgs, name
+    assert [k[:2] for k in keys(decision)] == put_prefixes, name
+    assert (decision.groups_delta, decision.parks_delta) == (dg, dp), name
+    assert not set(keys(decision)) & set(decision.deletes), name
+
+
+def test_first_message_is_the_route_outcome_unchanged() -> None:
+    decision = decide(DM, event=ref(), group=None, window_ms=W, park=None, now=T)
+    assert decision.messages == (DM.message,)
+    opened = Group.decode(dict(decision.puts)[group_key(P, "lcc-1")])
+    assert opened == Group(
+        DM.message.message_id, "U0DANA", 1, T, T, T + W, DM.message.text, DM.message.blocks, "boom"
+    )
+    assert index_key(T + W, group_key(P, "lcc-1")) in dict(decision.puts)
+
+
+def test_update_points_at_the_original_in_its_channel() -> None:
+    g = group(count=3, message_id="orig", channel="U0DANA")
+    decision = decide(
+        alert("ev-9", channel="U0OTHER"),
+        event=ref("ev-9", error="new error"),
+        group=g,
+        window_ms=W,
+        park=None,
+        now=T,
+    )
+    [update] = decision.messages
+    assert update.update_of == "orig"
+    assert update.channel == "U0DANA"  # the original's channel, whatever the route said
+    assert update.message_id == message_id(P, "ev-9")
+    assert update.source_event_id == "ev-9"
+    grown = Group.decode(decision.puts[0][1])
+    assert (grown.count, grown.first_at, grown.latest_at, grown.latest_error) == (
+        4,
+        g.first_at,
+        T,
+        "new error",
+    )
+    assert grown.expires_at == g.expires_at  # the window runs from the first event
+    assert "Seen *4 times*" in update.blocks and "new error" in update.blocks
+    assert "Seen 4 times" in update.text
+
+
+def test_an_event_without_error_keeps_the_latest_error() -> None:
+    decision = decide(
+        DM, event=ref("ev-2", error=None), group=group(), window_ms=W, park=None, now=T
+    )
+    assert Group.decode(decision.puts[0][1]).latest_error == "boom"
+
+
+def test_closed_group_is_replaced_and_its_index_entry_deleted() -> None:
+    old = group(expires_at=T - 5)
+    decision = decide(DM, event=ref("ev-2"), group=old, window_ms=W, park=None, now=T)
+    assert index_key(T - 5, group_key(P, "lcc-1")) in decision.deletes
+    assert Group.decode(dict(decision.puts)[group_key(P, "lcc-1")]).count == 1
+    missed = decide(
+        Miss(NO_OWNER, "d"), event=ref("ev-2"), group=old, window_ms=W, park=None, now=T
+    )
+    assert set(missed.deletes) == {group_key(P, "lcc-1"), index_key(T - 5, group_key(P, "lcc-1"))}
+    assert missed.groups_delta == -1
+
+
+def test_parked_fallback_copy_is_remembered() -> None:
+    decision = decide(FB, event=ref(), group=None, window_ms=W, park=park_request(), now=T)
+    parked = Park.decode(dict(decision.puts)[park_key(OWNER, "org-1", P, "ev-1")])
+    assert parked.fallback_id == FB.message.message_id and parked.fallback_channel == FALLBACK
+    assert parked.expires_at == T + TTL and parked.reason == NO_OWNER
+    assert base64.b64decode(parked.value) == b"\x00avro"
+    opened = Group.decode(dict(decision.puts)[group_key(P, "lcc-1")])
+    assert opened.channel == FALLBACK and opened.message_id == FB.message.message_id
+
+
+def test_five_failures_one_post_four_updates_then_resolved() -> None:
+    state: dict[bytes, bytes] = {}
+    produced: list[SlackMessage] = []
+    gkey = group_key(P, "lcc-1")
+    for i in range(1, 6):
+        raw = state.get(gkey)
+        d = decide(
+            alert(f"ev-{i}"),
+            event=ref(f"ev-{i}", error=f"error {i}"),
+            group=Group.decode(raw) if raw else None,
+            window_ms=W,
+            park=None,
+            now=T + i * 60_000,
+        )
+        state.update(d.puts)
+        produced += d.messages
+    first, *updates = produced
+    assert first.update_of is None and len(updates) == 4
+    assert {u.update_of for u in updates} == {first.message_id}
+    assert len({m.message_id for m in produced}) == 5
+    raw = state[gkey]
+    done = resolve(
+        Group.decode(raw),
+        gkey=gkey,
+        pipeline=P,
+        event_id="ev-run",
+        org_id="org-1",
+        how="connector orders to s3 is RUNNING",
+        now=T + 10 * 60_000,
+    )
+    assert done is not None and done.action is Action.RESOLVED
+    [resolution] = done.messages
+    assert resolution.update_of == first.message_id and resolution.channel == first.channel
+    assert "Resolved" in resolution.blocks and "is RUNNING" in resolution.blocks
+    assert "Seen *5 times*" in resolution.blocks
+    assert set(done.deletes) == {gkey, index_key(Group.decode(raw).expires_at, gkey)}
+
+
+@pytest.mark.parametrize(
+    ("name", "grp", "expected"),
+    [
+        ("no group", None, None),
+        ("closed group", group(expires_at=T), None),
+        ("open group", group(), (Action.RESOLVED, 1)),
+        ("pending group: nothing posted to update", group(channel=""), (Action.RESOLVED, 0)),
+    ],
+)
+def test_resolve(name: str, grp: Group | None, expected: tuple[Action, int] | None) -> None:
+    d = resolve(
+        grp, gkey=group_key(P, "lcc-1"), pipeline=P, event_id="e", org_id="o", how="h", now=T
+    )
+    assert (None if d is None else (d.action, len(d.messages))) == expected, name
+    if d is not None:
+        assert d.groups_delta == -1
+
+
+# -- parks -----------------------------------------------------------------------------------
+def parked(**changes: Any) -> Park:
+    base = Park(P, OWNER, "org-1", "t", "", "ev-1", "org-1", NO_OWNER, T + TTL, "lcc-1")
+    return dataclasses.replace(base, **changes)
+
+
+def with_copy() -> Park:
+    m = FB.message
+    return parked(
+        fallback_id=m.message_id,
+        fallback_channel=FALLBACK,
+        fallback_text=m.text,
+        fallback_blocks=m.blocks,
+    )
+
+
+def hit_alert(park: Park, channel: str = "U0DANA") -> Alert:
+    a = alert(channel=channel)
+    return Alert(dataclasses.replace(a.message, message_id=park.hit_message_id()))
+
+
+def test_park_hit_without_copy_posts_the_events_own_id() -> None:
+    p = parked()
+    pending = group(channel="", text="", blocks="", message_id=message_id(P, "ev-1"))
+    d = on_park_hit(p, hit_alert(p), group=pending, repark=None, now=T)
+    assert d.action is Action.HIT and d.parks_delta == -1
+    [dm] = d.messages
+    assert dm.message_id == message_id(P, "ev-1") and dm.update_of is None
+    moved = Group.decode(dict(d.puts)[group_key(P, "lcc-1")])
+    assert (moved.message_id, moved.channel, moved.blocks) == (dm.message_id, "U0DANA", dm.blocks)
+    assert set(d.deletes) == {p.state_key, index_key(p.expires_at, p.state_key)}
+
+
+def test_park_hit_updates_the_fallback_copy_and_moves_the_group() -> None:
+    p = with_copy()
+    on_copy = group(message_id=p.fallback_id, channel=FALLBACK, count=3)
+    d = on_park_hit(p, hit_alert(p), group=on_copy, repark=None, now=T)
+    dm, rerouted, catchup = d.messages
+    assert dm.message_id == derived_id(P, "ev-1", "dm") != p.fallback_id
+    assert dm.channel == "U0DANA" and dm.update_of is None
+    assert rerouted.update_of == p.fallback_id and rerouted.channel == FALLBACK
+    assert rerouted.message_id == derived_id(P, "ev-1", "rerouted")
+    assert "Sent to &lt;@U0DANA&gt;" not in rerouted.blocks and "<@U0DANA>" in rerouted.blocks
+    # three events were grouped on the copy: the DM is brought up to date right away
+    assert catchup.update_of == dm.message_id and catchup.channel == "U0DANA"
+    assert "Seen *3 times*" in catchup.blocks
+    assert len({m.message_id for m in d.messages}) == 3
+
+
+def test_park_hit_leaves_an_unrelated_group_alone() -> None:
+    p = with_copy()
+    other = group(message_id="someone-else")
+    d = on_park_hit(p, hit_alert(p), group=other, repark=None, now=T)
+    assert d.puts == () and len(d.messages) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "park", "repark", "action"),
+    [
+        (
+            "owner arrived, no Slack user: park under the e-mail",
+            parked(),
+            (USER, "dana@x"),
+            Action.REPARKED,
+        ),
+        ("still the same key", parked(kind=USER, key="dana@x"), (USER, "dana@x"), Action.NONE),
+    ],
+)
+def test_park_still_missing(name: str, park: Park, repark: tuple[str, str], action: Action) -> None:
+    d = on_park_hit(park, Miss(NO_SLACK_USER, "d"), group=None, repark=repark, now=T)
+    assert d.action is action, name
+    if action is Action.REPARKED:
+        moved = Park.decode(dict(d.puts)[park_key(USER, "dana@x", P, "ev-1")])
+        assert moved.expires_at == park.expires_at and moved.reason == NO_SLACK_USER
+        assert set(d.deletes) == {park.state_key, index_key(park.expires_at, park.state_key)}
+
+
+@pytest.mark.parametrize(
+    ("name", "park", "grp", "deletes_group"),
+    [
+        ("pending group goes", parked(), group(channel="", message_id=message_id(P, "ev-1")), True),
+        ("posted copy's group stays", with_copy(), group(message_id="x", channel=FALLBACK), False),
+        ("no group", parked(dedup=None), None, False),
+    ],
+)
+def test_expire_park(name: str, park: Park, grp: Group | None, deletes_group: bool) -> None:
+    d = expire_park(park, group=grp)
+    assert d.action is Action.EXPIRED_PARK and d.parks_delta == -1 and d.messages == ()
+    assert (group_key(P, "lcc-1") in d.deletes) is deletes_group, name
+    assert d.groups_delta == (-1 if deletes_group else 0)
+
+
+def test_expire_group() -> None:
+    g = group()
+    d = expire_group(g, gkey=group_key(P, "lcc-1"))
+    assert set(d.deletes) == {group_key(P, "lcc-1"), index_key(g.expires_at, group_key(P, "lcc-1"))}
+    assert d.messages == () and d.groups_delta == -1
+
+
+# -- rendering of updates ----------------------------------------------------------------------
+def test_update_rendering_keeps_the_original_and_adds_one_status() -> None:
+    original = alert().message
+    text, blocks = render_update(original.text, original.blocks, Revision("*status*"))
+    parsed = json.loads(blocks)
+    ids = [b.get("block_id") for b in parsed]
+    before = [b.get("block_id") for b in json.loads(original.blocks)]
+    assert ids == [before[0], "status", *before[1:]]
+    # an update of an update is rendered from the original again: still one status
+    _, again = render_update(original.text, blocks, Revision("*other*"))
+    assert [b.get("block_id") for b in json.loads(again)].count("status") == 1
+    assert text.startswith("status\n")
+
+
+def test_resolution_strikes_the_steps() -> None:
+    original = alert().message
+    _, blocks = render_update(original.text, original.blocks, Revision("done", strike_steps=True))
+    [steps] = [b for b in json.loads(blocks) if b.get("block_id") == "steps"]
+    lines = steps["text"]["text"].split("\n")
+    assert lines[0].endswith("(no longer needed)")
+    assert all(line.startswith("• ~") and line.endswith("~") for line in lines[1:])
+
+
+def test_latest_error_replaces_the_detail_in_place() -> None:
+    original = alert().message
+    _, blocks = render_update(
+        original.text, original.blocks, Revision("s", Detail("Latest error", "<b>new</b>"))
+    )
+    parsed = json.loads(blocks)
+    ids = [b.get("block_id") for b in parsed]
+    before = [b.get("block_id") for b in json.loads(original.blocks)]
+    assert ids == [before[0], "status", *before[1:]]
+    [detail] = [b for b in parsed if b.get("block_id") == "detail"]
+    assert "Latest error" in detail["text"]["text"] and "&lt;b&gt;new" in detail["text"]["text"]
+
+
+# -- the handler applies decisions (per event, one partition's MemoryState) ---------------------
+class StateEmitter(ListEmitter):
+    """A handler's emitter with the state of the record's partition."""
+
+    def __init__(self, state: MemoryState) -> None:
+        super().__init__()
+        self.state = state
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class World:
+    """A handler and punctuator over shared in-memory tables and one partition's state."""
+
+    def __init__(
+        self, *, window_s: int = 3600, ttl_s: int = 3600, fallback: str | None = FALLBACK
+    ) -> None:
+        self.registry = InMemorySchemaRegistry()
+        self.owners: dict[str, CsdrAssignment] = {}
+        self.users: dict[str, SlackUser] = {}
+        self.state = MemoryState()
+        self.clock = Clock()
+        self.counts = LifecycleCounts()
+        pipelines = {"cn": CONNECTOR, "onb": ONBOARDING}
+        self.handler = EventHandler(
+            self.registry,
+            pipelines,
+            DictLookup(self.owners),
+            DictLookup(self.users),
+            out_topic=OUT,
+            fallback_channel=fallback,
+            clock=self.clock,
+            lifecycle=LifecycleConfig(
+                {CONNECTOR.name: window_s * 1000, ONBOARDING.name: window_s * 1000}, ttl_s * 1000
+            ),
+            counts=self.counts,
+        )
+        self.punctuate = LifecyclePunctuator(
+            self.registry,
+            pipelines,
+            DictLookup(self.owners),
+            DictLookup(self.users),
+            out_topic=OUT,
+            counts=self.counts,
+        )
+        self.out = StateEmitter(self.state)
+        self.read = AvroDeserializer(self.registry, SlackMessage)
+
+    def send(self, topic: str, event: Any) -> list[SlackMessage]:
+        before = len(self.out.records)
+        record_type = CONNECTOR.record_type if topic == "cn" else ONBOARDING.record_type
+        value = AvroSerializer(self.registry, record_type)(topic, event)
+        self.handler(ConsumedRecord(topic, value), self.out)  # type: ignore[arg-type]
+        return self.produced(before)
+
+    def tick(self, advance_s: float = 0.0) -> list[SlackMessage]:
+        self.clock.now += timedelta(seconds=advance_s)
+        before = len(self.out.records)
+        self.punctuate({("cn", 0): self.state}, self.out, self.clock.now.timestamp())
+        return self.produced(before)
+
+    def produced(self, since: int) -> list[SlackMessage]:
+        messages = []
+        for topic, key, value in self.out.records[since:]:
+            assert topic == OUT and value is not None
+            message = self.read(value, topic=OUT, partition=0, offset=0)
+            assert key == message.channel.encode()  # an update lands where its original did
+            messages.append(message)
+        return messages
+
+    def assign(self, org: str = "org-1", slack_id: str | None = "U0DANA") -> None:
+        self.owners[org] = owner(org)
+        if slack_id is not None:
+            self.users["dana.owner@example.com"] = user(slack_id)
+
+
+def failure(i: int, error: str = "boom") -> Any:
+    return dataclasses.replace(connector(i), connector_id="lcc-1", error_message=error)
+
+
+def status(i: int, new: str) -> Any:
+    return dataclasses.replace(
+        connector(i), connector_id="lcc-1", old_status="FAILED", new_status=new, error_message=None
+    )
+
+
+def test_handler_groups_five_failures_and_resolves_on_running() -> None:
+    w = World()
+    w.assign()
+    produced = []
+    for i in range(1, 6):
+        w.clock.now += timedelta(minutes=1)
+        produced += w.send("cn", failure(i, f"error {i}"))
+    first, *updates = produced
+    assert first.update_of is None and [u.update_of for u in updates] == [first.message_id] * 4
+    assert "error 5" in updates[-1].blocks
+    assert w.counts.by_partition[("cn", 0)] == [1, 0]
+    [resolution] = w.send("cn", status(6, "RUNNING"))
+    assert resolution.update_of == first.message_id and "Resolved" in resolution.blocks
+    assert w.handler.outcomes[(P, "dm")] == 1 and w.handler.outcomes[(P, "grouped")] == 4
+    assert w.handler.outcomes[(P, "resolved")] == 1
+    assert w.counts.by_partition[("cn", 0)] == [0, 0]
+    assert list(w.state.prefix(b"")) == []  # nothing left behind
+    # no open group any more: a RUNNING change is what it always was, a counted drop
+    assert w.send("cn", status(7, "RUNNING")) == []
+    assert w.handler.outcomes[(P, "dropped")] == 1
+
+
+def test_handler_with_window_zero_is_todays_behaviour() -> None:
+    w = World(window_s=0, ttl_s=0)
+    w.assign()
+    produced = [m for i in range(1, 4) for m in w.send("cn", failure(i))]
+    assert [m.update_of for m in produced] == [None] * 3
+    assert w.state.data == {}
+    assert w.send("cn", status(9, "RUNNING")) == []
+
+
+def test_window_closes_by_expiry_then_posts_anew() -> None:
+    w = World(window_s=600)
+    w.assign()
+    [first] = w.send("cn", failure(1))
+    w.clock.now += timedelta(seconds=300)
+    [update] = w.send("cn", failure(2))
+    assert update.update_of == first.message_id
+    assert w.tick(301) == []  # the window closed: forgotten, silently
+    assert w.state.data == {} and w.counts.by_partition[("cn", 0)] == [0, 0]
+    [again] = w.send("cn", failure(3))
+    assert again.update_of is None
+
+
+def test_owner_assigned_later_gets_the_alert_and_the_copy_says_so() -> None:
+    w = World()
+    [copy] = w.send("onb", onboarding(1))
+    assert copy.channel == FALLBACK and copy.update_of is None
+    assert w.handler.outcomes[(ONBOARDING.name, "parked")] == 1
+    assert w.tick(1) == []  # nothing arrived yet
+    w.assign()
+    w.punctuate.note_owners([b"org-1"])
+    w.punctuate.note_users([b"dana.owner@example.com"])
+    dm, rerouted = w.tick(1)
+    assert dm.channel == "U0DANA" and dm.update_of is None and dm.message_id != copy.message_id
+    assert rerouted.update_of == copy.message_id and rerouted.channel == FALLBACK
+    assert w.counts.by_partition[("cn", 0)] == [1, 0]
+    # the group follows the DM: a later start updates the DM, not the copy
+    [update] = w.send("onb", onboarding(2))
+    assert update.update_of == dm.message_id and update.channel == "U0DANA"
+
+
+def test_owner_without_slack_user_reparks_under_the_email() -> None:
+    w = World(fallback=None)
+    assert w.send("cn", failure(1)) == []
+    w.assign(slack_id=None)
+    w.punctuate.note_owners([b"org-1"])
+    assert w.tick(1) == []
+    [(key, _)] = [(k, v) for k, v in w.state.prefix(b"p/")]
+    assert key.startswith(park_prefix(USER, slack_user_key("Dana.Owner@Example.com")))
+    w.users["dana.owner@example.com"] = user()
+    w.punctuate.note_users([b"dana.owner@example.com"])
+    [dm] = w.tick(1)
+    assert dm.message_id == message_id(P, "ev-1") and dm.channel == "U0DANA"
+
+
+def test_park_expires_and_the_miss_becomes_final() -> None:
+    w = World(fallback=None, ttl_s=60)
+    assert w.send("cn", failure(1)) == []
+    assert w.counts.by_partition[("cn", 0)] == [1, 1]
+    assert w.tick(59) == [] and w.state.data != {}
+    assert w.tick(2) == []
+    # the park and the group it opened without posting are gone; the window entry too
+    assert [k for k in w.state.data if not k.startswith(INDEX_PREFIX)] == []
+    assert w.counts.by_partition[("cn", 0)] == [0, 0]
+    # an owner arriving afterwards finds nothing to route
+    w.assign()
+    w.punctuate.note_owners([b"org-1"])
+    assert w.tick(1) == []
+
+
+def test_first_sight_routes_parks_whose_lookup_arrived_unseen() -> None:
+    w = World()
+    [copy] = w.send("onb", onboarding(1))
+    w.tick(1)
+    w.assign()  # arrived, but nobody told this punctuator (e.g. another instance had it)
+    fresh = LifecyclePunctuator(
+        w.registry,
+        {"onb": ONBOARDING},
+        DictLookup(w.owners),
+        DictLookup(w.users),
+        out_topic=OUT,
+        counts=LifecycleCounts(),
+    )
+    before = len(w.out.records)
+    fresh({("onb", 0): w.state}, w.out, w.clock.now.timestamp())
+    dm, rerouted = w.produced(before)
+    assert dm.channel == "U0DANA" and rerouted.update_of == copy.message_id
+
+
+def test_expiry_reads_only_what_is_due() -> None:
+    w = World(window_s=60)
+    w.assign()
+    w.send("cn", failure(1))
+    reads: list[bytes] = []
+
+    class Spy(MemoryState):
+        def prefix(self, prefix: bytes) -> Any:
+            for key, value in super().prefix(prefix):
+                reads.append(key)
+                yield key, value
+
+    spy = Spy()
+    spy.data = dict(w.state.data)
+    for n in range(50):  # groups due much later
+        spy.put(index_key(10**12 * 5 + n, group_key(P, f"later-{n}")), b"")
+    w.punctuate({("cn", 0): spy}, w.out, w.clock.now.timestamp() + 61)
+    index_reads = [k for k in reads if k.startswith(INDEX_PREFIX)]
+    assert len(index_reads) <= 3  # the due entry and the first one not due (plus first sight)

@@ -24,7 +24,11 @@ What a scenario does (``World``):
 5. the audit (``Audit``): every input has an expected outcome computed from the directory
    (the oracle): delivered (one post in the owner's DM and a DELIVERED receipt), filtered (no
    message at all), dead-lettered (its record in the right ``.dlq`` topic) or missed (a join
-   miss: one post in the fallback channel saying why). The audit waits until every outcome
+   miss: one post in the fallback channel saying why). An alert grouped by the enricher's
+   alert lifecycle into an open alert of the same key (``update_of`` set) counts as grouped:
+   its update is in the channel expected for it, with a DELIVERED receipt, and the message
+   it updates is a post of its own there (never an update), delivered and saying why on a
+   miss. The audit waits until every outcome
    is observed, lets the pipeline settle, stops the services gracefully, then counts: inputs,
    delivered, filtered, dead-lettered, missed, duplicate Slack posts (posts per ``message_id``
    from the Slack message metadata), duplicate records in the ``read_committed`` view of
@@ -904,6 +908,8 @@ class Report:
     scenario: str
     inputs: int = 0
     delivered: int = 0
+    #: delivered or missed inputs the enricher grouped into an earlier alert (an update of it)
+    grouped: int = 0
     filtered: int = 0
     dead_lettered: int = 0
     missed: int = 0
@@ -931,6 +937,7 @@ COLUMNS = (
     "scenario",
     "inputs",
     "delivered",
+    "grouped",
     "filtered",
     "dead-lettered",
     "missed",
@@ -949,6 +956,7 @@ def format_summary(reports: Sequence[Report]) -> str:
             r.scenario,
             str(r.inputs),
             str(r.delivered),
+            str(r.grouped),
             str(r.filtered),
             str(r.dead_lettered),
             str(r.missed),
@@ -965,7 +973,7 @@ def format_summary(reports: Sequence[Report]) -> str:
         "TOTAL",
         *(
             str(sum(getattr(r, f) for r in reports))
-            for f in ("inputs", "delivered", "filtered", "dead_lettered", "missed")
+            for f in ("inputs", "delivered", "grouped", "filtered", "dead_lettered", "missed")
         ),
         str(sum(r.duplicates for r in reports)),
         str(sum(r.dup_messages for r in reports)),
@@ -1005,6 +1013,8 @@ class Observed:
     dlq_message_ids: Counter[str]
     onboarding_event_ids: Counter[str]
     unparsed_posts: int
+    #: message id -> (the message it updates, its channel), for updates in slack-messages
+    updates: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def duplicates(self) -> int:
         return sum(len(p) - 1 for p in self.posts.values() if len(p) > 1)
@@ -1044,6 +1054,7 @@ class Audit:
             receipts.setdefault(rec.message_id, []).append(rec.status)
         messages: Counter[str] = Counter()
         message_events: dict[str, str] = {}
+        updates: dict[str, tuple[str, str]] = {}
         for r in w.follower.records[t.slack_messages]:
             try:
                 m = self._dec_message(
@@ -1053,6 +1064,8 @@ class Audit:
                 continue  # the poison we put there ourselves
             messages[m.message_id] += 1
             message_events[m.message_id] = m.source_event_id
+            if m.update_of is not None:
+                updates[m.message_id] = (m.update_of, m.channel)
         dlq_keys: dict[str, Counter[bytes | None]] = {}
         dlq_mids: Counter[str] = Counter()
         for topic in w.dlq_topics:
@@ -1075,13 +1088,23 @@ class Audit:
                 continue
             onboarding[ev.event_id] += 1
         return Observed(
-            posts, receipts, messages, message_events, dlq_keys, dlq_mids, onboarding, unparsed
+            posts,
+            receipts,
+            messages,
+            message_events,
+            dlq_keys,
+            dlq_mids,
+            onboarding,
+            unparsed,
+            updates,
         )
 
     def problem(self, e: Expect, obs: Observed) -> str | None:
         """Why ``e`` is not (yet) accounted for, or None."""
         if e.outcome in ("delivered", "missed"):
             assert e.message_id is not None
+            if e.message_id in obs.updates:
+                return self._grouped_problem(e, obs)
             posts = obs.posts.get(e.message_id, [])
             if not posts:
                 return f"{e.input}: no Slack post of message {e.message_id} ({e.reason})"
@@ -1111,6 +1134,28 @@ class Audit:
             return f"{e.input}: key {e.dlq_key!r} not in {e.dlq_topic}"
         return None
 
+    def _grouped_problem(self, e: Expect, obs: Observed) -> str | None:
+        """Why an input grouped into an earlier alert (an update of it) is not accounted for."""
+        assert e.message_id is not None
+        original, channel = obs.updates[e.message_id]
+        if channel != e.channel:
+            return f"{e.input}: update {e.message_id} went to {channel}, expected {e.channel}"
+        if original in obs.updates:
+            return f"{e.input}: update {e.message_id} points at another update {original}"
+        posts = obs.posts.get(original, [])
+        if not posts:
+            return f"{e.input}: grouped into {original}, which is not in Slack"
+        channels = {p.channel for p in posts}
+        if channels != {e.channel}:
+            return f"{e.input}: grouped into {original} posted to {sorted(channels)}"
+        if e.outcome == "missed" and MISS_TEXT[e.reason] not in posts[0].text:
+            return f"{e.input}: fallback post {original} does not say why ({e.reason})"
+        if "DELIVERED" not in obs.receipts.get(original, []):
+            return f"{e.input}: no DELIVERED receipt for {original}"
+        if "DELIVERED" not in obs.receipts.get(e.message_id, []):
+            return f"{e.input}: no DELIVERED receipt for update {e.message_id}"
+        return None
+
     def max_delay(self, obs: Observed, window: tuple[float, float] | None) -> float | None:
         """Longest time from an input's entry to its (first) Slack post, over the inputs that
         entered within ``window`` (all when None)."""
@@ -1135,7 +1180,9 @@ class Audit:
         r = Report(name, inputs=len(self.expects))
         for e in self.expects:
             p = self.problem(e, obs)
-            if p is None:
+            if p is None and e.message_id is not None and e.message_id in obs.updates:
+                r.grouped += 1
+            elif p is None:
                 setattr(r, e.outcome, getattr(r, e.outcome) + 1)
             else:
                 r.lost += 1

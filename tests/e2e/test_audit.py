@@ -142,6 +142,7 @@ def test_summary_table_has_every_column_and_a_total() -> None:
         "scenario",
         "inputs",
         "delivered",
+        "grouped",
         "filtered",
         "dead-lettered",
         "missed",
@@ -152,6 +153,47 @@ def test_summary_table_has_every_column_and_a_total() -> None:
         "seconds",
     ]
     total = next(line for line in table.splitlines() if line.startswith("TOTAL"))
-    assert total.split() == ["TOTAL", "4", "1", "1", "1", "1", "1", "2", "0", "7.5", "2"]
+    assert total.split() == ["TOTAL", "4", "1", "0", "1", "1", "1", "1", "2", "0", "7.5", "2"]
     assert table.splitlines()[2].split()[-2:] == ["-", "2"]
     assert "b: kill -9 at 3s" in table
+
+
+def _grouped(**overrides: object) -> Observed:
+    """e4 (same owner as e1) grouped into m1: its update m4 is in U1."""
+    base: dict[str, object] = {
+        "updates": {"m4": ("m1", "U1")},
+        "receipts": {"m1": ["DELIVERED"], "m2": ["DELIVERED"], "m4": ["DELIVERED"]},
+        "messages": Counter({"m1": 1, "m2": 1, "m4": 1}),
+        "message_events": {"m1": "e1", "m2": "e2", "m4": "e4"},
+    }
+    base.update(overrides)
+    return _observed(**base)
+
+
+def _audit_with_grouped() -> Audit:
+    audit = _audit()
+    audit.add(Expect("e4", "delivered", "dm", event_id="e4", message_id="m4", channel="U1"))
+    return audit
+
+
+def test_an_input_grouped_into_a_delivered_alert_is_accounted_for() -> None:
+    r = _audit_with_grouped().report(_grouped(), "grouped")
+    assert (r.inputs, r.delivered, r.grouped, r.lost, r.problems) == (5, 1, 1, 0, [])
+    assert "grouped" in format_summary([r]).splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"updates": {"m4": ("m1", "U9")}}, "update m4 went to U9"),
+        ({"updates": {"m4": ("m9", "U1")}}, "grouped into m9, which is not in Slack"),
+        ({"updates": {"m4": ("m1", "U1"), "m1": ("m0", "U1")}}, "points at another update"),
+        (
+            {"receipts": {"m1": ["DELIVERED"], "m2": ["DELIVERED"]}},
+            "no DELIVERED receipt for update",
+        ),
+    ],
+)
+def test_the_audit_sees_a_bad_update(overrides: dict[str, object], problem: str) -> None:
+    r = _audit_with_grouped().report(_grouped(**overrides), "bad update")
+    assert r.lost >= 1 and any(problem in p for p in r.problems), r.problems

@@ -752,3 +752,16 @@ def test_expiry_reads_only_what_is_due() -> None:
     w.punctuate({("cn", 0): spy}, w.out, w.clock.now.timestamp() + 61)
     index_reads = [k for k in reads if k.startswith(INDEX_PREFIX)]
     assert len(index_reads) <= 3  # the due entry and the first one not due (plus first sight)
+
+
+def test_a_loop_without_state_means_todays_behaviour() -> None:
+    class Stateless(ListEmitter):
+        @property
+        def state(self) -> MemoryState:
+            raise RuntimeError("this loop keeps no state")
+
+    w = World()
+    w.assign()
+    w.out = Stateless()  # type: ignore[assignment]
+    produced = [m for i in range(1, 3) for m in w.send("cn", failure(i))]
+    assert [m.update_of for m in produced] == [None, None]

@@ -308,8 +308,11 @@ class EventHandler:
             pipeline.error(event) if pipeline.error else None,
         )
         decision = decide(outcome, event=ref, group=group, window_ms=window, park=park, now=now)
-        if decision.action in (Action.NEW, Action.MISSED):
-            # what it was before the lifecycle: produced and counted the same way
+        if decision.action in (Action.NEW, Action.MISSED) or (
+            decision.action is Action.PARKED and decision.messages
+        ):
+            # what it was before the lifecycle, produced and counted the same way (a parked
+            # miss's fallback copy is posted now: that miss is counted now, as before)
             self._apply(dataclasses.replace(decision, messages=()), tp, out, state)
             self._act(name, event, outcome, out)
             return
@@ -318,7 +321,7 @@ class EventHandler:
             self._count(name, "grouped")
             if decision.messages:
                 self._updates[name].inc()
-        else:  # PARKED: the miss is counted when it becomes final (the park expires)
+        else:  # PARKED, nothing posted: counted as missed if its time runs out (punctuator)
             self._count(name, "parked")
 
     def _missing(self, reason: str, org_id: str) -> tuple[str, str]:

@@ -45,6 +45,7 @@ from services.enricher.core import (
     slack_user_key,
 )
 from services.enricher.handler import (
+    EVENTS,
     MISSES,
     PARK_EXPIRIES,
     PARK_HITS,
@@ -222,8 +223,10 @@ class LifecyclePunctuator:
                         extra={"pipeline": park.pipeline, "event_id": park.event_id},
                     )
                     self._expiries[park.pipeline].inc()
-                    action = "fallback" if park.fallback_id else "dropped"
-                    MISSES.labels(park.pipeline, park.reason, action).inc()
+                    if park.fallback_id is None:
+                        # nothing was posted for it: the miss is final now, counted as before
+                        EVENTS.labels(park.pipeline, "missed").inc()
+                        MISSES.labels(park.pipeline, park.reason, "dropped").inc()
                     continue
             # the record is gone or was replaced since: the entry is stale
             state.delete(key)

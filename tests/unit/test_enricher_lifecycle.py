@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from libs.serde import (
     AvroDeserializer,
@@ -671,7 +672,7 @@ def test_owner_assigned_later_gets_the_alert_and_the_copy_says_so() -> None:
     w = World()
     [copy] = w.send("onb", onboarding(1))
     assert copy.channel == FALLBACK and copy.update_of is None
-    assert w.handler.outcomes[(ONBOARDING.name, "parked")] == 1
+    assert w.handler.outcomes[(ONBOARDING.name, "fallback")] == 1  # counted as before
     assert w.tick(1) == []  # nothing arrived yet
     w.assign()
     w.punctuate.note_owners([b"org-1"])
@@ -701,10 +702,17 @@ def test_owner_without_slack_user_reparks_under_the_email() -> None:
 
 def test_park_expires_and_the_miss_becomes_final() -> None:
     w = World(fallback=None, ttl_s=60)
+    labels = {"pipeline": P, "reason": NO_OWNER, "action": "dropped"}
+    dropped = REGISTRY.get_sample_value("enricher_join_misses_total", labels) or 0.0
+    expired = REGISTRY.get_sample_value("enricher_park_expiries_total", {"pipeline": P}) or 0.0
     assert w.send("cn", failure(1)) == []
+    assert w.handler.outcomes[(P, "parked")] == 1
     assert w.counts.by_partition[("cn", 0)] == [1, 1]
     assert w.tick(59) == [] and w.state.data != {}
+    assert (REGISTRY.get_sample_value("enricher_join_misses_total", labels) or 0.0) == dropped
     assert w.tick(2) == []
+    assert REGISTRY.get_sample_value("enricher_join_misses_total", labels) == dropped + 1
+    assert REGISTRY.get_sample_value("enricher_park_expiries_total", {"pipeline": P}) == expired + 1
     # the park and the group it opened without posting are gone; the window entry too
     assert [k for k in w.state.data if not k.startswith(INDEX_PREFIX)] == []
     assert w.counts.by_partition[("cn", 0)] == [0, 0]

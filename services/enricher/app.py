@@ -10,6 +10,13 @@ Start order matters (``libs.runtime.service`` calls these hooks in this order):
    topic, the handler dispatching by topic; before each poll the tables apply what they have
    fetched since (live following), so updates reach the next batch of events.
 
+Alert lifecycle (``lifecycle.py``; on unless ``ENRICHER_DEDUP_WINDOW_S``, every per-pipeline
+window and ``ENRICHER_PARK_TTL_S`` are 0): open groups and parked events are the loop's
+per-input-partition state (``libs.state``: RocksDB under ``<state dir>/lifecycle`` with a
+compacted changelog ``<group>-<input topic>-changelog``, written in the checkpoint's
+transaction); the punctuator expires them and routes parked events when the tables report
+the key they waited for (``GlobalTable.on_change``, set after the gate).
+
 Invalid lookup records are dead-lettered to ``<table topic>.dlq`` by a plain producer (they are
 not part of the loop's transactions: the tables keep their own offsets in RocksDB) and skipped;
 a lookup record whose schema the registry cannot serve right now is not invalid: the table
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +50,19 @@ from libs.serde import (
     SchemaRegistry,
     SlackUser,
 )
+from libs.state.changelog import changelog_specs
+from libs.state.stores import StateStores
 from libs.tables import GlobalTable, avro_table, bootstrap_all
 from services.common.settings import CommonSettings, TopicSettings
 from services.enricher.core import Pipeline
-from services.enricher.handler import EventHandler, InvalidEventError
+from services.enricher.handler import (
+    EventHandler,
+    InvalidEventError,
+    LifecycleConfig,
+    LifecycleCounts,
+)
 from services.enricher.pipelines import PIPELINES
+from services.enricher.punctuator import LifecyclePunctuator
 from services.enricher.settings import EnricherSettings
 
 # InvalidEventError: the dead-letter header names it as services.enricher.app.InvalidEventError
@@ -59,6 +75,21 @@ SERVICE = "enricher"
 LIVENESS_STALL_S = 60.0
 #: how long the loop may go without polling before /readyz fails
 READINESS_STALL_S = 15.0
+
+
+def lifecycle_config(
+    settings: EnricherSettings, pipelines: Iterable[Pipeline[Any]]
+) -> LifecycleConfig | None:
+    """The alert lifecycle's settings, or ``None`` when grouping and parking are both off."""
+    windows = {
+        p.name: int(settings.dedup_window(p.name) * 1000)
+        for p in pipelines
+        if p.dedup_key is not None and settings.dedup_window(p.name) > 0
+    }
+    park_ttl_ms = int(settings.park_ttl_s * 1000)
+    if not windows and park_ttl_ms <= 0:
+        return None  # no state at all: the loop runs as it did before the lifecycle
+    return LifecycleConfig(windows, park_ttl_ms)
 
 
 class Enricher:
@@ -94,6 +125,8 @@ class Enricher:
             "slack_users", topics.data_slack_users, SlackUser
         )
         self.tables = (self.owners, self.users)
+        self.lifecycle = lifecycle_config(settings, self._pipelines.values())
+        counts = LifecycleCounts()
         # the hot path (services/enricher/handler.py); the loop calls it once per event
         self.handle = EventHandler(
             self._registry,
@@ -102,6 +135,16 @@ class Enricher:
             self.users,
             out_topic=self._out_topic,
             fallback_channel=settings.fallback_channel,
+            lifecycle=self.lifecycle,
+            counts=counts,
+        )
+        self.punctuator = LifecyclePunctuator(
+            self._registry,
+            self._pipelines,
+            self.owners,
+            self.users,
+            out_topic=self._out_topic,
+            counts=counts,
         )
         self.outcomes = self.handle.outcomes
         self.loop: ProcessingLoop | None = None
@@ -175,11 +218,26 @@ class Enricher:
             "tables": {t.name: t.topic for t in self.tables},
             "output": self._out_topic,
             "link_templates": self._settings.link_templates,
+            "lifecycle": None
+            if self.lifecycle is None
+            else {
+                "dedup_window_ms": dict(self.lifecycle.windows_ms),
+                "park_ttl_ms": self.lifecycle.park_ttl_ms,
+            },
         }
 
     def topics(self) -> list[TopicSpec]:
-        """Every CONTRACT topic, dead-letter topics included."""
-        return self._topics.all_specs()
+        """Every CONTRACT topic, dead-letter topics included; the lifecycle's changelogs."""
+        specs = self._topics.all_specs()
+        if self.lifecycle is not None:
+            # one changelog partition per input partition: the inputs are the project's topics
+            inputs = dict.fromkeys(self._pipelines, self._topics.partitions)
+            specs += changelog_specs(
+                self._settings.group_id,
+                inputs,
+                replication_factor=self._topics.replication_factor,
+            )
+        return specs
 
     def prepare(self) -> None:
         """Nothing to check before the registry answers."""
@@ -192,6 +250,19 @@ class Enricher:
     def run(self) -> None:
         """Consume every pipeline's source topic until stopped."""
         guarantee = Guarantee(self._settings.processing_guarantee)
+        consumer_config = self._loop_consumer_config()
+        state = None
+        if self.lifecycle is not None:
+            state = StateStores(
+                "lifecycle",
+                Path(self._settings.state_dir),
+                self._settings.group_id,
+                consumer_config,
+            )
+            # after the gate: the punctuator hears of live changes only (parks restored with
+            # their partition are checked against the tables when it first sees them)
+            self.owners.on_change = self.punctuator.note_owners
+            self.users.on_change = self.punctuator.note_users
         self.loop = ProcessingLoop(
             LoopConfig(
                 name=SERVICE,
@@ -199,12 +270,14 @@ class Enricher:
                 guarantee=guarantee,
                 checkpoint_interval_s=self._settings.checkpoint_interval_s,
             ),
-            self._loop_consumer_config(),
+            consumer_config,
             self._loop_producer_config(self._settings.effective_transactional_id()),
             self.handle,
             service=SERVICE,
             stop=self._stop,
             on_idle=self._follow_tables,
+            state=state,
+            punctuate=self.punctuator if state is not None else None,
         )
         self._stats = self.loop.run()
 

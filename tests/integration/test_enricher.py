@@ -517,7 +517,9 @@ def test_poison_event_is_dead_lettered_and_the_next_is_processed(h: Harness) -> 
         [
             failure("ev-ok", "org-1"),
             failure("ev-running", "org-1", old="RUNNING"),  # filtered out
-            failure("ev-nobody", "org-404"),  # no owner, no fallback channel: dropped
+            # no owner, no fallback channel: parked until its owner arrives (or its time runs
+            # out: then it is dropped and counted as a miss)
+            failure("ev-nobody", "org-404"),
         ]
     )
     e = h.start(ENRICHER_PROCESSING_GUARANTEE="at_least_once")
@@ -545,9 +547,9 @@ def test_poison_event_is_dead_lettered_and_the_next_is_processed(h: Harness) -> 
         wait_until(
             lambda: (
                 e.metric("enricher_dropped_total", reason="not_from_provisioning") == 1
-                and e.metric("enricher_join_misses_total", reason="no_owner", action="dropped") == 1
+                and e.metric("enricher_parked_events") == 1
             ),
-            message="drop and miss counted",
+            message="drop and park counted",
         )
     finally:
         logs = e.stop()
@@ -556,7 +558,7 @@ def test_poison_event_is_dead_lettered_and_the_next_is_processed(h: Harness) -> 
     assert stopped["outcomes"] == {
         f"{CONNECTOR}/dm": 1,
         f"{CONNECTOR}/dropped": 1,
-        f"{CONNECTOR}/missed": 1,
+        f"{CONNECTOR}/parked": 1,
     }
     # offsets committed on the way out
     c = Consumer({"bootstrap.servers": h.bootstrap, "group.id": h.group})

@@ -1,0 +1,153 @@
+"""The alert lifecycle against the real broker and registry: the enricher alone, its output read.
+
+Five failures of one connector give one new message and four updates of it, a RUNNING change
+a final (resolution) update, across a kill -9 whose local state is lost (restored from the
+changelog); an onboarding whose owner and Slack user arrive after it goes to the owner, and
+its fallback copy is updated to say so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from libs.serde import ConfluentSchemaRegistry, ConnectorStatusChanged, SlackMessage
+from libs.state.changelog import changelog_topic
+from services.enricher.core import message_id
+from services.enricher.lifecycle import derived_id
+from tests.integration.test_enricher import (
+    CONNECTOR,
+    FALLBACK,
+    ONBOARDING,
+    Harness,
+    failure,
+    onboarding,
+    owner,
+    slack_user,
+)
+from tests.support.kafka import consume_all, unique, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def h(
+    bootstrap: str,
+    registry: ConfluentSchemaRegistry,
+    service_env: dict[str, str],
+    tmp_path: Path,
+) -> Iterator[Harness]:
+    yield Harness(bootstrap, registry, service_env, tmp_path)
+
+
+def connector_failure(n: int, org: str) -> ConnectorStatusChanged:
+    """The n-th failure of one connector (``lcc-A``), each with its own error."""
+    return dataclasses.replace(
+        failure(f"ev-{n}", org), connector_id="lcc-A", error_message=f"attempt {n}: auth failed"
+    )
+
+
+def _by_id(messages: list[SlackMessage]) -> dict[str, SlackMessage]:
+    return {m.message_id: m for m in messages}
+
+
+def test_five_failures_one_post_four_updates_resolved_across_a_lost_state(h: Harness) -> None:
+    h.ensure_topics()
+    h.owners([owner("org-1")])
+    h.users([slack_user("owner-org-1@example.com", "U1")])
+    env = {"ENRICHER_FALLBACK_CHANNEL": FALLBACK, "ENRICHER_TRANSACTIONAL_ID": unique("txn")}
+    e = h.start(**env)
+    e.wait_ready()
+    h.events([connector_failure(1, "org-1"), connector_failure(2, "org-1")])
+    first, second = sorted(h.wait_messages(2), key=lambda m: m.update_of or "")
+    assert first.update_of is None and first.message_id == message_id(CONNECTOR, "ev-1")
+    assert second.update_of == first.message_id and second.channel == "U1"
+    wait_until(lambda: e.metric("enricher_open_groups") == 1, message="one open group")
+    # both are committed (read_committed saw them), and so is the group in the changelog:
+    # kill -9 and lose the local state, the restart restores it from the changelog
+    e.kill()
+    shutil.rmtree(h.tmp / "state" / "lifecycle")
+    e = h.start(**env)
+    try:
+        e.wait_ready()
+        h.events([connector_failure(n, "org-1") for n in (3, 4, 5)])
+        msgs = h.wait_messages(5)
+        originals = [m for m in msgs if m.update_of is None]
+        assert originals == [first]  # one new message; four updates of it, in its channel
+        updates = [m for m in msgs if m.update_of is not None]
+        assert {m.update_of for m in updates} == {first.message_id}
+        assert {m.channel for m in updates} == {"U1"}
+        assert {m.message_id for m in updates} == {
+            message_id(CONNECTOR, f"ev-{n}") for n in (2, 3, 4, 5)
+        }
+        last = _by_id(msgs)[message_id(CONNECTOR, "ev-5")]
+        assert "Seen *5 times*" in last.blocks and "attempt 5: auth failed" in last.blocks
+
+        running = dataclasses.replace(
+            connector_failure(6, "org-1"),
+            old_status="FAILED",
+            new_status="RUNNING",
+            error_message=None,
+        )
+        h.events([running])
+        resolution = _by_id(h.wait_messages(6))[message_id(CONNECTOR, "ev-6")]
+        assert resolution.update_of == first.message_id and resolution.channel == "U1"
+        assert "Resolved" in resolution.blocks and "is RUNNING" in resolution.blocks
+        assert "~" in resolution.blocks  # the suggested steps are struck
+        wait_until(
+            lambda: (
+                e.metric("enricher_alert_updates_total", pipeline=CONNECTOR) == 3
+                and e.metric("enricher_alert_resolutions_total", pipeline=CONNECTOR) == 1
+                and e.metric("enricher_open_groups") == 0
+            ),
+            message="updates and the resolution counted",
+        )
+        # the group's records are in the compacted changelog (and deleted again: tombstones)
+        changelog = changelog_topic(h.group, h.topics.data_notifications_pipeline)
+        records = consume_all(h.bootstrap, changelog, timeout_s=10)
+        assert any(r.key() and r.key().startswith(b"g/") and r.value() is None for r in records)
+    finally:
+        e.stop()
+
+
+def test_owner_assigned_after_the_event_gets_the_alert(h: Harness) -> None:
+    h.ensure_topics()
+    e = h.start(ENRICHER_FALLBACK_CHANNEL=FALLBACK)
+    try:
+        e.wait_ready()
+        h.events([onboarding("onb-1", "org-2")])
+        [copy] = h.wait_messages(1)
+        assert copy.channel == FALLBACK and copy.update_of is None
+        assert copy.message_id == message_id(ONBOARDING, "onb-1")
+        wait_until(lambda: e.metric("enricher_parked_events") == 1, message="parked")
+        # the owner first (the Slack user still missing: the park moves to the e-mail)...
+        h.owners([owner("org-2")])
+        wait_until(
+            lambda: e.metric("table_records_applied_total", table="csdr_assignment") >= 1,
+            message="owner applied",
+        )
+        # ...then the Slack user: the alert goes to the owner, the copy says where it went
+        h.users([slack_user("owner-org-2@example.com", "U2")])
+        msgs = _by_id(h.wait_messages(3))
+        dm = msgs[derived_id(ONBOARDING, "onb-1", "dm")]
+        assert dm.channel == "U2" and dm.update_of is None and "Hi Jane" in dm.blocks
+        rerouted = msgs[derived_id(ONBOARDING, "onb-1", "rerouted")]
+        assert rerouted.update_of == copy.message_id and rerouted.channel == FALLBACK
+        assert "Sent to <@U2>" in rerouted.blocks
+        wait_until(
+            lambda: (
+                e.metric("enricher_park_hits_total", pipeline=ONBOARDING) == 1
+                and e.metric("enricher_parked_events") == 0
+            ),
+            message="park hit counted",
+        )
+        # the group followed the DM: the next start of that org updates the DM
+        h.events([onboarding("onb-2", "org-2")])
+        update = _by_id(h.wait_messages(4))[message_id(ONBOARDING, "onb-2")]
+        assert update.update_of == dm.message_id and update.channel == "U2"
+    finally:
+        e.stop()

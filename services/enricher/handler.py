@@ -8,7 +8,6 @@ service runs. Every decision is the core's; this module only moves bytes and cou
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter as Tally
 from collections.abc import Callable, Collection, Mapping
@@ -313,7 +312,7 @@ class EventHandler:
         ):
             # what it was before the lifecycle, produced and counted the same way (a parked
             # miss's fallback copy is posted now: that miss is counted now, as before)
-            self._apply(dataclasses.replace(decision, messages=()), tp, out, state)
+            self._apply(decision, tp, out, state, produce=False)
             self._act(name, event, outcome, out)
             return
         self._apply(decision, tp, out, state)
@@ -333,10 +332,17 @@ class EventHandler:
         return OWNER, org_id
 
     def _apply(
-        self, decision: Decision, tp: tuple[str, int], out: Emitter, state: KeyValueState
+        self,
+        decision: Decision,
+        tp: tuple[str, int],
+        out: Emitter,
+        state: KeyValueState,
+        *,
+        produce: bool = True,
     ) -> None:
-        for message in decision.messages:
-            self._produce(message, out)
+        if produce:
+            for message in decision.messages:
+                self._produce(message, out)
         for key, value in decision.puts:
             state.put(key, value)
         for key in decision.deletes:

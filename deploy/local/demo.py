@@ -405,7 +405,9 @@ def show_alert(msg: SlackMessage, receipt: SlackDeliveryReceipt, started: float)
             SLACK_USERS[e.lower()][0]: n for e, n in OWNERS.values() if e.lower() in SLACK_USERS
         }
         who = f"DM to {names.get(msg.channel, '?')} ({msg.channel})"
-    emit(f"\n{BOLD}┌─ {msg.pipeline} → {who}{RESET}")
+    # an update (the enricher's alert lifecycle) replaces an earlier message in place
+    update = f" · update of {msg.update_of}" if msg.update_of else ""
+    emit(f"\n{BOLD}┌─ {msg.pipeline} → {who}{update}{RESET}")
     lines = render_text(msg).splitlines()
     # the blocks as Slack shows them; the plain-text fallback before them says the same
     start = next((i for i, line in enumerate(lines) if line.startswith("== ")), 1)

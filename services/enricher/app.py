@@ -148,6 +148,7 @@ class Enricher:
         )
         self.outcomes = self.handle.outcomes
         self.loop: ProcessingLoop | None = None
+        self._aborts_seen = 0
         self._stats = LoopStats()
 
     # -- tables ----------------------------------------------------------------------------
@@ -164,6 +165,11 @@ class Enricher:
 
     def _follow_tables(self) -> None:
         """Apply whatever the tables fetched since the last call (the loop's ``on_idle``)."""
+        loop = self.loop
+        if loop is not None and loop.stats.aborts != self._aborts_seen:
+            # an abort dropped the lifecycle's uncommitted writes (parks routed, counts)
+            self._aborts_seen = loop.stats.aborts
+            self.punctuator.resweep()
         for table in self.tables:
             # drain what is already fetched, so updates reach the next batch of events
             while table.poll(max_records=1000) >= 1000:

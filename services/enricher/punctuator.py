@@ -8,9 +8,10 @@ checkpoint, like the handler's outputs. It does three things, each reading only 
   ``note_users``, called on the same thread before each poll); for each such key the parks
   waiting for it are found by prefix (``p/owner/<org id>`` or ``p/user/<e-mail>``) and routed
   again;
-* a partition seen for the first time (restored at start, or moved here by a rebalance) has
-  every park checked once against the tables: a lookup may have arrived while nobody was
-  watching (before this instance started, or on the instance that had the partition);
+* a partition seen for the first time (restored at start, or moved here by a rebalance; every
+  partition again after an aborted transaction, see ``resweep``) has every park checked once
+  against the tables: a lookup may have arrived while nobody was watching (before this
+  instance started, or on the instance that had the partition);
 * expiry: the time index ``x/<expiry ms>/...`` is read in key order up to ``now``.
 """
 
@@ -118,6 +119,15 @@ class LifecyclePunctuator:
     def note_users(self, keys: Sequence[bytes]) -> None:
         """E-mails whose Slack user changed."""
         self._pending.update((USER, k.decode("utf-8", "replace")) for k in keys)
+
+    def resweep(self) -> None:
+        """Treat every partition as new at the next punctuation: check all parks, recount.
+
+        After an aborted transaction: its state writes are gone, and so may be the routing of
+        parks whose lookup arrived (their keys were consumed from the pending set), and the
+        gauges' deltas no longer match the state.
+        """
+        self._seen.clear()
 
     # -- the punctuation ---------------------------------------------------------------------
     def __call__(

@@ -773,3 +773,19 @@ def test_a_loop_without_state_means_todays_behaviour() -> None:
     w.out = Stateless()  # type: ignore[assignment]
     produced = [m for i in range(1, 3) for m in w.send("cn", failure(i))]
     assert [m.update_of for m in produced] == [None, None]
+
+
+def test_resweep_after_an_abort_routes_a_park_whose_hit_was_rolled_back() -> None:
+    w = World()
+    w.send("onb", onboarding(1))
+    w.tick(1)
+    committed = dict(w.state.data)
+    w.assign()
+    w.punctuate.note_owners([b"org-1"])
+    assert len(w.tick(1)) == 2  # DM and re-route update... in a transaction that aborts:
+    w.state.data = committed  # its writes are gone, and the key it heard of was consumed
+    assert w.tick(1) == []
+    w.punctuate.resweep()  # what the app does when the loop counts an abort
+    dm, rerouted = w.tick(1)
+    assert dm.channel == "U0DANA" and rerouted.channel == FALLBACK
+    assert w.counts.by_partition[("cn", 0)] == [1, 0]

@@ -77,3 +77,32 @@ def test_loop_producer_reports_only_failed_deliveries_and_still_sees_them() -> N
     client.produce("slack-messages", b"k", b"v")
     with pytest.raises(DeliveryError, match="slack-messages"):
         client.flush()
+
+
+def test_topics_include_the_lifecycle_changelogs_only_when_it_runs() -> None:
+    from types import SimpleNamespace
+    from typing import Any
+
+    from services.common.settings import TopicSettings
+    from services.enricher.app import Enricher, lifecycle_config
+    from services.enricher.pipelines import PIPELINES
+    from services.enricher.settings import EnricherSettings
+
+    topics = TopicSettings(partitions=4, replication_factor=1)
+    pipelines = {str(getattr(topics, p.source_topic_setting)): p for p in PIPELINES}
+
+    def specs(settings: EnricherSettings) -> dict[str, Any]:
+        stand_in: Any = SimpleNamespace(
+            _topics=topics,
+            _settings=settings,
+            _pipelines=pipelines,
+            lifecycle=lifecycle_config(settings, PIPELINES),
+        )
+        return {s.name: s for s in Enricher.topics(stand_in)}
+
+    on = specs(EnricherSettings(group_id="g"))
+    changelogs = {n: s for n, s in on.items() if n.endswith("-changelog")}
+    assert set(changelogs) == {f"g-{t}-changelog" for t in pipelines}
+    assert all(s.compacted and s.partitions == 4 for s in changelogs.values())
+    off = specs(EnricherSettings(group_id="g", dedup_window_s=0, park_ttl_s=0))
+    assert set(off) == set(on) - set(changelogs)

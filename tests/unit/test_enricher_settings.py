@@ -87,6 +87,10 @@ def test_blank_optional_settings_mean_unset(monkeypatch: pytest.MonkeyPatch) -> 
             '{"onboarding-started.crm": "crm://x/{org_id}"}',
             "must start with https://",
         ),
+        ("ENRICHER_DEDUP_WINDOW_S", "-1", "ENRICHER_DEDUP_WINDOW_S:"),
+        ("ENRICHER_PARK_TTL_S", "soon", "ENRICHER_PARK_TTL_S:"),
+        ("ENRICHER_DEDUP_WINDOWS_S", '{"nope": 60}', "unknown pipeline 'nope'"),
+        ("ENRICHER_DEDUP_WINDOWS_S", '{"onboarding-started": -5}', "must be >= 0"),
     ],
 )
 def test_bad_values_are_named(
@@ -146,3 +150,25 @@ def test_group_instance_id(monkeypatch: pytest.MonkeyPatch) -> None:
     assert EnricherSettings().group_instance_id is None
     monkeypatch.setenv("ENRICHER_GROUP_INSTANCE_ID", "enricher-7d9f-abcde")
     assert EnricherSettings().group_instance_id == "enricher-7d9f-abcde"
+
+
+def test_lifecycle_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.enricher.app import lifecycle_config
+    from services.enricher.pipelines import PIPELINES
+
+    s = EnricherSettings()
+    assert (s.dedup_window_s, s.park_ttl_s) == (3600.0, 3600.0)
+    assert lifecycle_config(s, PIPELINES) is not None
+    monkeypatch.setenv("ENRICHER_DEDUP_WINDOW_S", "600")
+    monkeypatch.setenv("ENRICHER_DEDUP_WINDOWS_S", '{"onboarding-started": 0}')
+    monkeypatch.setenv("ENRICHER_PARK_TTL_S", "0")
+    s = EnricherSettings()
+    assert s.dedup_window("connector-provisioning-failed") == 600.0
+    assert s.dedup_window("onboarding-started") == 0.0
+    config = lifecycle_config(s, PIPELINES)
+    assert config is not None
+    assert dict(config.windows_ms) == {"connector-provisioning-failed": 600_000}
+    assert config.park_ttl_ms == 0
+    # grouping and parking both off: no state stores at all (the loop runs as before)
+    monkeypatch.setenv("ENRICHER_DEDUP_WINDOW_S", "0")
+    assert lifecycle_config(EnricherSettings(), PIPELINES) is None

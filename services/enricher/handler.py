@@ -51,6 +51,7 @@ from services.enricher.lifecycle import (
     EventRef,
     Group,
     ParkRequest,
+    Schedule,
     decide,
     epoch_ms,
     group_key,
@@ -135,19 +136,24 @@ class LifecycleConfig:
 
 
 class LifecycleCounts:
-    """Open groups and parked events per input partition: the two gauges are their sums.
+    """Open groups and parked events per input partition (the two gauges are their sums), and
+    the expiry ``Schedule``.
 
-    The handler and the punctuator add each decision's deltas; the punctuator recounts a
-    partition when it first sees its state (restored, or moved here) and forgets revoked ones.
+    The handler and the punctuator add each decision's deltas and schedule entries; the
+    punctuator recounts and reschedules a partition when it first sees its state (restored,
+    or moved here) and forgets revoked ones.
     """
 
     def __init__(self) -> None:
         self.by_partition: dict[tuple[str, int], list[int]] = {}
+        self.schedule = Schedule()
         OPEN_GROUPS.set_function(lambda: sum(c[0] for c in self.by_partition.values()))
         PARKED_EVENTS.set_function(lambda: sum(c[1] for c in self.by_partition.values()))
 
     def add(self, tp: tuple[str, int], decision: Decision) -> None:
-        """Count ``decision``'s changes against partition ``tp``."""
+        """Count and schedule ``decision``'s changes against partition ``tp``."""
+        if decision.schedule:
+            self.schedule.add(tp, decision.schedule)
         if decision.groups_delta or decision.parks_delta:
             counts = self.by_partition.setdefault(tp, [0, 0])
             counts[0] = max(0, counts[0] + decision.groups_delta)
@@ -161,6 +167,7 @@ class LifecycleCounts:
         """Forget partitions no longer assigned."""
         for tp in [tp for tp in self.by_partition if tp not in tps]:
             del self.by_partition[tp]
+        self.schedule.retain(tps)
 
 
 def state_of(out: Emitter) -> KeyValueState | None:

@@ -34,18 +34,26 @@ EXPIRED_GROUP    the window closed                          forget the group: th
 
 State layout (keys are bytes; ``\\x00`` separates free-form parts so no id can forge a prefix):
 
-* ``g/<pipeline>\\x00<dedup key>`` -> ``Group`` (compact JSON);
-* ``p/<kind>/<missing key>\\x00<pipeline>\\x00<event id>`` -> ``Park``; kind ``owner`` (key:
-  org id) or ``user`` (key: lower-cased e-mail), so a table change finds its parks by prefix;
-* ``x/<expiry epoch ms, 13 digits>/<state key>`` -> empty: the time index, read in key order
-  up to ``now`` so expiry touches only what is due.
+* ``g/<pipeline>\\x00<dedup key>`` -> ``Group`` (a JSON header line, then the original's text
+  and blocks);
+* ``p/<kind>/<missing key>\\x00<pipeline>\\x00<event id>`` -> ``Park`` (compact JSON); kind
+  ``owner`` (key: org id) or ``user`` (key: lower-cased e-mail), so a table change finds its
+  parks by prefix.
+
+Expiry is not in the store: each record carries its ``expires_at`` and the ``Schedule`` (a
+heap per partition, in memory) says what is due. Decisions name what to schedule; the
+punctuator rebuilds a partition's schedule from its groups and parks when it first sees the
+partition. A persisted time index would cost a second put (and a second changelog record)
+for every new group; the rebuild reads the groups and parks once per assignment.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import heapq
 import json
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -60,9 +68,6 @@ _DUMPS: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).enco
 
 GROUP_PREFIX: Final = b"g/"
 PARK_PREFIX: Final = b"p/"
-INDEX_PREFIX: Final = b"x/"
-_INDEX_DIGITS: Final = 13  # epoch ms fit 13 digits until the year 2286
-_INDEX_HEAD: Final = len(INDEX_PREFIX) + _INDEX_DIGITS + 1
 
 #: park kinds: what the parked event waits for
 OWNER: Final = "owner"
@@ -103,16 +108,6 @@ def park_prefix(kind: str, key: str) -> bytes:
 def park_key(kind: str, key: str, pipeline: str, event_id: str) -> bytes:
     """The state key of one parked event."""
     return park_prefix(kind, key) + f"{pipeline}\x00{event_id}".encode()
-
-
-def index_key(expires_at: int, state_key: bytes) -> bytes:
-    """The time-index entry of ``state_key`` expiring at ``expires_at`` (epoch ms)."""
-    return INDEX_PREFIX + b"%013d/" % max(0, expires_at) + state_key
-
-
-def parse_index_key(key: bytes) -> tuple[int, bytes]:
-    """``(expires_at, state key)`` of a time-index entry."""
-    return int(key[len(INDEX_PREFIX) : _INDEX_HEAD - 1]), key[_INDEX_HEAD:]
 
 
 def derived_id(pipeline: str, event_id: str, suffix: str) -> str:
@@ -265,6 +260,8 @@ class Decision:
     messages: tuple[SlackMessage, ...] = ()
     puts: tuple[tuple[bytes, bytes], ...] = ()
     deletes: tuple[bytes, ...] = ()
+    #: (expires_at, state key) to add to the partition's expiry ``Schedule``
+    schedule: tuple[tuple[int, bytes], ...] = ()
     #: change of the open-group and parked-event counts (the gauges)
     groups_delta: int = 0
     parks_delta: int = 0
@@ -332,7 +329,8 @@ def decide(
     gkey = group_key(event.pipeline, event.dedup) if event.dedup is not None else None
     grouping = gkey is not None and window_ms > 0
     puts: list[tuple[bytes, bytes]] = []
-    deletes: list[bytes] = []
+    schedule: list[tuple[int, bytes]] = []
+    closed = False
     groups_delta = 0
     if grouping and gkey is not None and group is not None:
         if is_open(group, now):
@@ -356,8 +354,8 @@ def decide(
                     ),
                 )
             return Decision(Action.GROUPED, messages, puts=((gkey, grown.encode()),))
-        # closed but not yet expired by the punctuator: replaced below
-        deletes.append(index_key(group.expires_at, gkey))
+        # closed but not yet expired by the punctuator: replaced below (or deleted)
+        closed = True
         groups_delta -= 1
 
     message = outcome.message if isinstance(outcome, Alert) else None
@@ -382,10 +380,8 @@ def decide(
             fallback_text=message.text if message else None,
             fallback_blocks=message.blocks if message else None,
         )
-        puts += [
-            (parked.state_key, parked.encode()),
-            (index_key(parked.expires_at, parked.state_key), b""),
-        ]
+        puts.append((parked.state_key, parked.encode()))
+        schedule.append((parked.expires_at, parked.state_key))
         action = Action.PARKED
         parks_delta = 1
     if grouping and gkey is not None and action is not Action.MISSED:
@@ -402,15 +398,18 @@ def decide(
             blocks=message.blocks if message else "",
             latest_error=event.error,
         )
-        puts += [(gkey, opened.encode()), (index_key(opened.expires_at, gkey), b"")]
+        puts.append((gkey, opened.encode()))
+        schedule.append((opened.expires_at, gkey))
         groups_delta += 1
-    elif gkey is not None and deletes:
-        deletes.append(gkey)  # the closed group is not replaced
+    deletes: tuple[bytes, ...] = ()
+    if gkey is not None and closed and action is Action.MISSED:
+        deletes = (gkey,)  # the closed group is not replaced
     return Decision(
         action,
         (message,) if message else (),
         tuple(puts),
-        tuple(deletes),
+        deletes,
+        tuple(schedule),
         groups_delta=groups_delta,
         parks_delta=parks_delta,
     )
@@ -448,12 +447,7 @@ def resolve(
                 now=now,
             ),
         )
-    return Decision(
-        Action.RESOLVED,
-        messages,
-        deletes=(gkey, index_key(group.expires_at, gkey)),
-        groups_delta=-1,
-    )
+    return Decision(Action.RESOLVED, messages, deletes=(gkey,), groups_delta=-1)
 
 
 def on_park_hit(
@@ -473,18 +467,15 @@ def on_park_hit(
     more events were grouped meanwhile).
     """
     old = park.state_key
-    old_index = index_key(park.expires_at, old)
     if isinstance(outcome, Miss):
         if repark is None or repark == (park.kind, park.key):
             return Decision(Action.NONE)
         moved = dataclasses.replace(park, kind=repark[0], key=repark[1], reason=outcome.reason)
         return Decision(
             Action.REPARKED,
-            puts=(
-                (moved.state_key, moved.encode()),
-                (index_key(moved.expires_at, moved.state_key), b""),
-            ),
-            deletes=(old, old_index),
+            puts=((moved.state_key, moved.encode()),),
+            deletes=(old,),
+            schedule=((moved.expires_at, moved.state_key),),
         )
     dm = outcome.message
     messages: list[SlackMessage] = [dm]
@@ -533,9 +524,7 @@ def on_park_hit(
                     now=now,
                 )
             )
-    return Decision(
-        Action.HIT, tuple(messages), tuple(puts), deletes=(old, old_index), parks_delta=-1
-    )
+    return Decision(Action.HIT, tuple(messages), tuple(puts), deletes=(old,), parks_delta=-1)
 
 
 def expire_park(park: Park, *, group: Group | None) -> Decision:
@@ -543,7 +532,7 @@ def expire_park(park: Park, *, group: Group | None) -> Decision:
 
     A group the park opened without posting anything goes too: there is no message to update.
     """
-    deletes = [park.state_key, index_key(park.expires_at, park.state_key)]
+    deletes = [park.state_key]
     groups_delta = 0
     if (
         park.dedup is not None
@@ -552,7 +541,7 @@ def expire_park(park: Park, *, group: Group | None) -> Decision:
         and group.message_id == message_id(park.pipeline, park.event_id)
     ):
         gkey = group_key(park.pipeline, park.dedup)
-        deletes += [gkey, index_key(group.expires_at, gkey)]
+        deletes.append(gkey)
         groups_delta = -1
     return Decision(
         Action.EXPIRED_PARK, deletes=tuple(deletes), groups_delta=groups_delta, parks_delta=-1
@@ -561,8 +550,51 @@ def expire_park(park: Park, *, group: Group | None) -> Decision:
 
 def expire_group(group: Group, *, gkey: bytes) -> Decision:
     """The window closed: forget the group (the next event of its key posts anew)."""
-    return Decision(
-        Action.EXPIRED_GROUP,
-        deletes=(gkey, index_key(group.expires_at, gkey)),
-        groups_delta=-1,
-    )
+    return Decision(Action.EXPIRED_GROUP, deletes=(gkey,), groups_delta=-1)
+
+
+class Schedule:
+    """What expires when, per input partition: a heap of ``(expires_at, state key)``.
+
+    Entries are hints: the record decides. A record deleted or replaced since (resolved, hit,
+    re-opened with a later expiry) makes its entry stale, and the caller skips an entry whose
+    record's ``expires_at`` differs. ``reset`` rebuilds a partition from its records.
+    """
+
+    def __init__(self) -> None:
+        self._heaps: dict[tuple[str, int], list[tuple[int, bytes]]] = {}
+
+    def add(self, tp: tuple[str, int], entries: Iterable[tuple[int, bytes]]) -> None:
+        """Schedule ``entries`` of partition ``tp``."""
+        heap = self._heaps.setdefault(tp, [])
+        for entry in entries:
+            heapq.heappush(heap, entry)
+
+    def reset(self, tp: tuple[str, int], entries: Iterable[tuple[int, bytes]]) -> None:
+        """Partition ``tp``'s schedule is exactly ``entries`` (read from its state)."""
+        heap = list(entries)
+        heapq.heapify(heap)
+        self._heaps[tp] = heap
+
+    def due(self, tp: tuple[str, int], now: int, limit: int) -> list[tuple[int, bytes]]:
+        """Remove and return up to ``limit`` entries of ``tp`` expiring at or before ``now``."""
+        heap = self._heaps.get(tp)
+        out: list[tuple[int, bytes]] = []
+        while heap and heap[0][0] <= now and len(out) < limit:
+            out.append(heapq.heappop(heap))
+        return out
+
+    def retain(self, tps: Collection[tuple[str, int]]) -> None:
+        """Forget partitions no longer assigned."""
+        for tp in [tp for tp in self._heaps if tp not in tps]:
+            del self._heaps[tp]
+
+    def __len__(self) -> int:
+        return sum(len(h) for h in self._heaps.values())
+
+
+def expires_at_of(key: bytes, raw: bytes) -> int:
+    """The ``expires_at`` of the group or park stored at ``key`` (for the schedule)."""
+    if key.startswith(GROUP_PREFIX):
+        return int(json.loads(raw.partition(b"\n")[0])[5])
+    return Park.decode(raw).expires_at

@@ -12,7 +12,8 @@ checkpoint, like the handler's outputs. It does three things, each reading only 
   partition again after an aborted transaction, see ``resweep``) has every park checked once
   against the tables: a lookup may have arrived while nobody was watching (before this
   instance started, or on the instance that had the partition);
-* expiry: the time index ``x/<expiry ms>/...`` is read in key order up to ``now``.
+* expiry: the in-memory ``Schedule`` (rebuilt from the state at first sight) names what is
+  due; each due record is read and checked (its ``expires_at`` decides, the entry is a hint).
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ from services.enricher.handler import (
 )
 from services.enricher.lifecycle import (
     GROUP_PREFIX,
-    INDEX_PREFIX,
     OWNER,
     PARK_PREFIX,
     USER,
@@ -64,10 +64,10 @@ from services.enricher.lifecycle import (
     Park,
     expire_group,
     expire_park,
+    expires_at_of,
     group_key,
     on_park_hit,
     park_prefix,
-    parse_index_key,
 )
 
 log = logging.getLogger(__name__)
@@ -151,9 +151,12 @@ class LifecyclePunctuator:
             self._expire(tp, state, out, now)
 
     def _first_sight(self, tp: Partition, state: KeyValueState, out: Emitter, now: int) -> None:
-        groups = sum(1 for _ in state.prefix(GROUP_PREFIX))
+        due = [(expires_at_of(k, raw), k) for k, raw in state.prefix(GROUP_PREFIX)]
+        groups = len(due)
         parks = [Park.decode(raw) for _, raw in state.prefix(PARK_PREFIX)]
+        due += [(park.expires_at, park.state_key) for park in parks]
         self._counts.recount(tp, groups, len(parks))
+        self._counts.schedule.reset(tp, due)
         for park in parks:
             if park.expires_at > now:
                 self._route_parked(tp, state, park, out, now)
@@ -208,38 +211,24 @@ class LifecyclePunctuator:
         return Group.decode(raw) if raw else None
 
     def _expire(self, tp: Partition, state: KeyValueState, out: Emitter, now: int) -> None:
-        due: list[tuple[int, bytes, bytes]] = []
-        for key, _ in state.prefix(INDEX_PREFIX):
-            expires_at, state_key = parse_index_key(key)
-            if expires_at > now or len(due) >= MAX_DUE:
-                break  # key order is time order: nothing further is due
-            due.append((expires_at, key, state_key))
-        for expires_at, key, state_key in due:
+        for expires_at, state_key in self._counts.schedule.due(tp, now, MAX_DUE):
             raw = state.get(state_key)
-            record_expiry = None
-            if raw is not None and state_key.startswith(GROUP_PREFIX):
-                group = Group.decode(raw)
-                record_expiry = group.expires_at
-                if record_expiry == expires_at:
-                    self._apply(tp, state, expire_group(group, gkey=state_key), out)
-                    continue
-            elif raw is not None and state_key.startswith(PARK_PREFIX):
-                park = Park.decode(raw)
-                record_expiry = park.expires_at
-                if record_expiry == expires_at:
-                    self._apply(tp, state, expire_park(park, group=self._group(state, park)), out)
-                    log.info(
-                        "parked event expired: the miss is final",
-                        extra={"pipeline": park.pipeline, "event_id": park.event_id},
-                    )
-                    self._expiries[park.pipeline].inc()
-                    if park.fallback_id is None:
-                        # nothing was posted for it: the miss is final now, counted as before
-                        EVENTS.labels(park.pipeline, "missed").inc()
-                        MISSES.labels(park.pipeline, park.reason, "dropped").inc()
-                    continue
-            # the record is gone or was replaced since: the entry is stale
-            state.delete(key)
+            if raw is None or expires_at_of(state_key, raw) != expires_at:
+                continue  # gone or replaced since (resolved, hit, re-opened): a stale entry
+            if state_key.startswith(GROUP_PREFIX):
+                self._apply(tp, state, expire_group(Group.decode(raw), gkey=state_key), out)
+                continue
+            park = Park.decode(raw)
+            self._apply(tp, state, expire_park(park, group=self._group(state, park)), out)
+            log.info(
+                "parked event expired: the miss is final",
+                extra={"pipeline": park.pipeline, "event_id": park.event_id},
+            )
+            self._expiries[park.pipeline].inc()
+            if park.fallback_id is None:
+                # nothing was posted for it: the miss is final now, counted as before
+                EVENTS.labels(park.pipeline, "missed").inc()
+                MISSES.labels(park.pipeline, park.reason, "dropped").inc()
 
     def _apply(self, tp: Partition, state: KeyValueState, decision: Decision, out: Emitter) -> bool:
         """Produce and write ``decision``; ``False`` (nothing done) if the registry is down."""

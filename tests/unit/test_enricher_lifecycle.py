@@ -36,7 +36,6 @@ from services.enricher.core import (
 )
 from services.enricher.handler import EventHandler, LifecycleConfig, LifecycleCounts
 from services.enricher.lifecycle import (
-    INDEX_PREFIX,
     OWNER,
     USER,
     Action,
@@ -45,16 +44,16 @@ from services.enricher.lifecycle import (
     Group,
     Park,
     ParkRequest,
+    Schedule,
     decide,
     derived_id,
     expire_group,
     expire_park,
+    expires_at_of,
     group_key,
-    index_key,
     on_park_hit,
     park_key,
     park_prefix,
-    parse_index_key,
     resolve,
 )
 from services.enricher.pipelines.connector_provisioning_failed import PIPELINE as CONNECTOR
@@ -125,12 +124,25 @@ def keys(decision: Decision) -> list[bytes]:
 
 
 # -- keys -------------------------------------------------------------------------------------
-def test_index_keys_sort_by_time_and_parse_back() -> None:
-    state_key = group_key(P, "lcc/1\x00x")
-    times = [0, 9, 10, 999_999, T, T + 1, 9_999_999_999_999]
-    encoded = [index_key(t, state_key) for t in times]
-    assert sorted(encoded) == encoded
-    assert [parse_index_key(k) for k in encoded] == [(t, state_key) for t in times]
+def test_schedule_pops_what_is_due_in_time_order() -> None:
+    sched = Schedule()
+    tp, other = ("t", 0), ("t", 1)
+    sched.add(tp, [(T + 5, b"g/c"), (T, b"g/a"), (T + 1, b"p/b")])
+    sched.add(other, [(T, b"g/z")])
+    assert sched.due(tp, T - 1, 10) == []
+    assert sched.due(tp, T + 1, 1) == [(T, b"g/a")]  # the limit holds the rest back
+    assert sched.due(tp, T + 1, 10) == [(T + 1, b"p/b")]
+    sched.retain([tp])
+    assert sched.due(other, T + 9, 10) == [] and len(sched) == 1
+    sched.reset(tp, [(T + 2, b"g/d")])
+    assert sched.due(tp, T + 9, 10) == [(T + 2, b"g/d")]
+
+
+def test_expires_at_is_read_from_either_record() -> None:
+    g = group(expires_at=T + 7)
+    p = Park(P, OWNER, "org-1", "t", "", "ev-1", "org-1", NO_OWNER, T + 9, None)
+    assert expires_at_of(group_key(P, "lcc-1"), g.encode()) == T + 7
+    assert expires_at_of(p.state_key, p.encode()) == T + 9
 
 
 def test_park_prefix_matches_only_its_key() -> None:
@@ -168,7 +180,7 @@ DM, FB = alert(), alert(miss=NO_OWNER)
         "dp",
     ),
     [
-        ("first, dm", DM, ref(), None, W, park_request(), Action.NEW, 1, [b"g/", b"x/"], 1, 0),
+        ("first, dm", DM, ref(), None, W, park_request(), Action.NEW, 1, [b"g/"], 1, 0),
         ("grouping off", DM, ref(), None, 0, park_request(), Action.NEW, 1, [], 0, 0),
         ("no dedup key", DM, ref(dedup=None), None, W, None, Action.NEW, 1, [], 0, 0),
         ("open group", DM, ref("ev-2"), group(), W, None, Action.GROUPED, 1, [b"g/"], 0, 0),
@@ -207,7 +219,7 @@ DM, FB = alert(), alert(miss=NO_OWNER)
             None,
             Action.NEW,
             1,
-            [b"g/", b"x/"],
+            [b"g/"],
             0,
             0,
         ),
@@ -221,7 +233,7 @@ DM, FB = alert(), alert(miss=NO_OWNER)
             park_request(),
             Action.PARKED,
             0,
-            [b"p/", b"x/", b"g/", b"x/"],
+            [b"p/", b"g/"],
             1,
             1,
         ),
@@ -234,11 +246,11 @@ DM, FB = alert(), alert(miss=NO_OWNER)
             park_request(),
             Action.PARKED,
             1,
-            [b"p/", b"x/", b"g/", b"x/"],
+            [b"p/", b"g/"],
             1,
             1,
         ),
-        ("fallback, no park", FB, ref(), None, W, None, Action.NEW, 1, [b"g/", b"x/"], 1, 0),
+        ("fallback, no park", FB, ref(), None, W, None, Action.NEW, 1, [b"g/"], 1, 0),
         (
             "miss, grouping off, parked",
             Miss(NO_OWNER, "d"),
@@ -248,7 +260,7 @@ DM, FB = alert(), alert(miss=NO_OWNER)
             park_request(),
             Action.PARKED,
             0,
-            [b"p/", b"x/"],
+            [b"p/"],
             0,
             1,
         ),
@@ -282,7 +294,7 @@ def test_first_message_is_the_route_outcome_unchanged() -> None:
     assert opened == Group(
         DM.message.message_id, "U0DANA", 1, T, T, T + W, DM.message.text, DM.message.blocks, "boom"
     )
-    assert index_key(T + W, group_key(P, "lcc-1")) in dict(decision.puts)
+    assert decision.schedule == ((T + W, group_key(P, "lcc-1")),)
 
 
 def test_update_points_at_the_original_in_its_channel() -> None:
@@ -319,15 +331,16 @@ def test_an_event_without_error_keeps_the_latest_error() -> None:
     assert Group.decode(decision.puts[0][1]).latest_error == "boom"
 
 
-def test_closed_group_is_replaced_and_its_index_entry_deleted() -> None:
+def test_closed_group_is_replaced_or_deleted() -> None:
     old = group(expires_at=T - 5)
     decision = decide(DM, event=ref("ev-2"), group=old, window_ms=W, park=None, now=T)
-    assert index_key(T - 5, group_key(P, "lcc-1")) in decision.deletes
+    assert decision.deletes == () and decision.groups_delta == 0
+    assert decision.schedule == ((T + W, group_key(P, "lcc-1")),)
     assert Group.decode(dict(decision.puts)[group_key(P, "lcc-1")]).count == 1
     missed = decide(
         Miss(NO_OWNER, "d"), event=ref("ev-2"), group=old, window_ms=W, park=None, now=T
     )
-    assert set(missed.deletes) == {group_key(P, "lcc-1"), index_key(T - 5, group_key(P, "lcc-1"))}
+    assert missed.deletes == (group_key(P, "lcc-1"),)
     assert missed.groups_delta == -1
 
 
@@ -376,7 +389,7 @@ def test_five_failures_one_post_four_updates_then_resolved() -> None:
     assert resolution.update_of == first.message_id and resolution.channel == first.channel
     assert "Resolved" in resolution.blocks and "is RUNNING" in resolution.blocks
     assert "Seen *5 times*" in resolution.blocks
-    assert set(done.deletes) == {gkey, index_key(Group.decode(raw).expires_at, gkey)}
+    assert done.deletes == (gkey,)
 
 
 @pytest.mark.parametrize(
@@ -427,7 +440,7 @@ def test_park_hit_without_copy_posts_the_events_own_id() -> None:
     assert dm.message_id == message_id(P, "ev-1") and dm.update_of is None
     moved = Group.decode(dict(d.puts)[group_key(P, "lcc-1")])
     assert (moved.message_id, moved.channel, moved.blocks) == (dm.message_id, "U0DANA", dm.blocks)
-    assert set(d.deletes) == {p.state_key, index_key(p.expires_at, p.state_key)}
+    assert d.deletes == (p.state_key,)
 
 
 def test_park_hit_updates_the_fallback_copy_and_moves_the_group() -> None:
@@ -471,7 +484,8 @@ def test_park_still_missing(name: str, park: Park, repark: tuple[str, str], acti
     if action is Action.REPARKED:
         moved = Park.decode(dict(d.puts)[park_key(USER, "dana@x", P, "ev-1")])
         assert moved.expires_at == park.expires_at and moved.reason == NO_SLACK_USER
-        assert set(d.deletes) == {park.state_key, index_key(park.expires_at, park.state_key)}
+        assert d.deletes == (park.state_key,)
+        assert d.schedule == ((park.expires_at, moved.state_key),)
 
 
 @pytest.mark.parametrize(
@@ -492,7 +506,7 @@ def test_expire_park(name: str, park: Park, grp: Group | None, deletes_group: bo
 def test_expire_group() -> None:
     g = group()
     d = expire_group(g, gkey=group_key(P, "lcc-1"))
-    assert set(d.deletes) == {group_key(P, "lcc-1"), index_key(g.expires_at, group_key(P, "lcc-1"))}
+    assert d.deletes == (group_key(P, "lcc-1"),)
     assert d.messages == () and d.groups_delta == -1
 
 
@@ -714,7 +728,7 @@ def test_park_expires_and_the_miss_becomes_final() -> None:
     assert REGISTRY.get_sample_value("enricher_join_misses_total", labels) == dropped + 1
     assert REGISTRY.get_sample_value("enricher_park_expiries_total", {"pipeline": P}) == expired + 1
     # the park and the group it opened without posting are gone; the window entry too
-    assert [k for k in w.state.data if not k.startswith(INDEX_PREFIX)] == []
+    assert w.state.data == {}
     assert w.counts.by_partition[("cn", 0)] == [0, 0]
     # an owner arriving afterwards finds nothing to route
     w.assign()
@@ -742,24 +756,33 @@ def test_first_sight_routes_parks_whose_lookup_arrived_unseen() -> None:
 
 
 def test_expiry_reads_only_what_is_due() -> None:
-    w = World(window_s=60)
-    w.assign()
-    w.send("cn", failure(1))
     reads: list[bytes] = []
 
     class Spy(MemoryState):
-        def prefix(self, prefix: bytes) -> Any:
-            for key, value in super().prefix(prefix):
-                reads.append(key)
-                yield key, value
+        def get(self, key: bytes) -> bytes | None:
+            reads.append(key)
+            return super().get(key)
 
-    spy = Spy()
-    spy.data = dict(w.state.data)
-    for n in range(50):  # groups due much later
-        spy.put(index_key(10**12 * 5 + n, group_key(P, f"later-{n}")), b"")
-    w.punctuate({("cn", 0): spy}, w.out, w.clock.now.timestamp() + 61)
-    index_reads = [k for k in reads if k.startswith(INDEX_PREFIX)]
-    assert len(index_reads) <= 3  # the due entry and the first one not due (plus first sight)
+        def prefix(self, prefix: bytes) -> Any:
+            reads.append(prefix)
+            yield from super().prefix(prefix)
+
+    w = World(window_s=60)
+    w.assign()
+    w.state = w.out.state = Spy()
+    w.send("cn", failure(1))  # due in 60 s
+    w.clock.now += timedelta(seconds=50)
+    for n in range(2, 52):  # 50 more connectors, due in 110 s
+        w.send("cn", dataclasses.replace(failure(n), connector_id=f"lcc-later-{n}"))
+    reads.clear()  # the handler's one get per event
+    w.tick()  # first sight: the groups and parks are read once, to count and schedule
+    assert reads == [b"g/", b"p/"]
+    reads.clear()
+    w.tick(1)
+    assert reads == []  # nothing due: the store is not touched
+    w.tick(10)
+    assert reads == [group_key(P, "lcc-1")]  # only the due group is read
+    assert w.counts.by_partition[("cn", 0)] == [50, 0]
 
 
 def test_a_loop_without_state_means_todays_behaviour() -> None:

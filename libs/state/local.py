@@ -5,9 +5,12 @@ is opened, closed, wiped and moved on its own. Keys: ``d<key>`` data, ``p`` the 
 position (the next changelog offset to read, i64be), ``m`` the format (layout version and
 changelog partition: a store of another layout or changelog is wiped).
 
-Writes skip the WAL: data and position share one memtable that RocksDB flushes in order, so a
-crash loses at most a suffix of both together and the restore re-reads exactly that suffix
-from the changelog. Nothing uncommitted is ever written here (see ``libs.state.stores``).
+Data and position are written in one batch, so they never disagree. A checkpoint's batch goes
+through the WAL (not synced: a killed process loses nothing, a lost machine at most a suffix),
+so a restart after kill -9 restores only what other owners wrote since. Restore batches skip
+the WAL (bulk speed) and the store is flushed when the restore ends: a crash in between loses
+a suffix of data and position together, and the next restore re-reads exactly that suffix.
+Nothing uncommitted is ever written here (see ``libs.state.stores``).
 """
 
 from __future__ import annotations
@@ -63,9 +66,10 @@ class LocalStore:
         self._write_buffer_mb = write_buffer_mb
         self._block_cache_mb = block_cache_mb
         self._db: Rdict | None = None
-        self._write_opts = WriteOptions()
+        self._logged = WriteOptions()
+        self._bulk = WriteOptions()
         # a property at run time, though rocksdict's stubs declare a method
-        self._write_opts.disable_wal = True  # type: ignore[method-assign,assignment]
+        self._bulk.disable_wal = True  # type: ignore[method-assign,assignment]
         #: the next changelog offset to read; None: nothing restored or written yet
         self.position: int | None = None
 
@@ -145,8 +149,11 @@ class LocalStore:
         return self._db
 
     # -- data ------------------------------------------------------------------------------
-    def write(self, entries: Iterable[Entry], position: int | None) -> int:
-        """Apply ``entries`` and set ``position`` (if given) in one batch; entries written."""
+    def write(self, entries: Iterable[Entry], position: int | None, *, bulk: bool = False) -> int:
+        """Apply ``entries`` and set ``position`` (if given) in one batch; entries written.
+
+        ``bulk``: skip the WAL (restores; ``flush`` at the end makes them durable).
+        """
         db = self._require()
         batch = WriteBatch(raw_mode=True)
         put, delete = batch.put, batch.delete
@@ -159,7 +166,7 @@ class LocalStore:
                 put(_DATA + key, value)
         if position is not None:
             put(_POSITION, _OFFSET.pack(position))
-        db.write(batch, self._write_opts)
+        db.write(batch, self._bulk if bulk else self._logged)
         if position is not None:
             self.position = position
         return n

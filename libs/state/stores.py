@@ -440,7 +440,7 @@ class StateStores:
             if active is None:
                 continue  # unassigned in the meantime
             restore = active[1]
-            n = restore.state.local.write(batches.get(cl, ()), position)
+            n = restore.state.local.write(batches.get(cl, ()), position, bulk=True)
             restore.records += n
             restore.position = position
             restore.progressed = now
@@ -472,7 +472,7 @@ class StateStores:
         local = restore.state.local
         if local.position is None or restore.position > local.position:
             local.write((), restore.position)
-        # the writes skip the WAL: flush once so a crash right after a long restore keeps it
+        # restore writes skip the WAL: flush once so a crash right after a restore keeps it
         local.flush()
         self._ready[tp] = restore.state
         elapsed = time.monotonic() - restore.started

@@ -492,7 +492,7 @@ class ProcessingLoop:
         msgs = (
             [] if first is None else [first, *self._consumer.consume(self.config.batch_size - 1, 0)]
         )
-        if self._state is not None:
+        if self._state is not None and self._state.restoring:  # after the poll: it assigns
             msgs = self._drop_unrestored(msgs)
         # Every partition we received records from now has a rewind target, handled or not: a
         # rollback below must return the unhandled rest of this batch too (see module doc).
@@ -513,8 +513,10 @@ class ProcessingLoop:
             except RetryLater as retry:
                 self._retry_later(retry, discarded=len(msgs) - i)
                 return
-        if self._punctuate is not None and (
-            now - self._last_punctuate >= self.config.punctuate_interval_s
+        if (
+            self._punctuate is not None
+            and self._paused_until is None  # a dependency is down: the punctuator waits too
+            and now - self._last_punctuate >= self.config.punctuate_interval_s
         ):
             self._last_punctuate = now
             self._run_punctuator()

@@ -276,3 +276,27 @@ def test_changelog_positions_come_from_delivery_reports(tmp_path: Path) -> None:
     end = broker.end_offset(CHANGELOG, 1)
     s.close()
     assert local(tmp_path / "t" / f"{IN}-1", partition=1).position == end
+
+
+def test_restore_metrics(tmp_path: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"store": "metrics"}) or 0.0
+
+    broker = broker_with_changelog([(0, b"a", b"1"), (0, b"b", b"2"), (1, b"c", b"3")])
+    s = StateStores(
+        "metrics",
+        tmp_path,
+        GROUP,
+        {"group.id": GROUP, "enable.auto.commit": False},
+        consumer_factory=broker.consumer,
+    )
+    before = sample("state_restore_records_total")
+    s.assigned([(IN, 0), (IN, 1)])
+    assert sample("state_partitions_restoring") == 2
+    restore_all(s)
+    assert sample("state_restore_records_total") - before == 3
+    assert sample("state_partitions_restoring") == 0
+    assert sample("state_restore_seconds") > 0
+    s.close()

@@ -399,7 +399,8 @@ class ProcessingLoop:
         if self._paused_until is not None:
             consumer.pause(partitions)
         if self._state is not None:
-            # no record of these is handled before their state is restored (_poll_once)
+            # no record of these is handled before their state is restored (and the pause
+            # may not hold here: see _drop_unrestored)
             consumer.pause(partitions)
             self._state.assigned([(tp.topic, tp.partition) for tp in partitions])
 
@@ -559,12 +560,16 @@ class ProcessingLoop:
     def _drop_unrestored(self, msgs: list[Message]) -> list[Message]:
         """Never hand a record of a partition whose state is not restored to the handler.
 
-        Partitions are paused when assigned, but a fetch may already have been under way:
-        such records are not consumed; the partition is sought back to its first one and
-        paused, so it is fetched again once restored.
+        The pause in ``_on_assign`` does not hold for a partition the consumer has not known
+        before: librdkafka ignores a pause of a partition it keeps no state for yet, and the
+        assignment made after the callback starts fetching it (seen on the real broker).
+        So every partition still restoring is paused again here, after the poll that
+        assigned it, and records already fetched are not consumed: the partition is sought
+        back to the first of them, to be fetched again once restored.
         """
         assert self._state is not None
         state = self._state
+        self._consumer.pause([TopicPartition(t, p) for t, p in state.restoring_partitions()])
         keep: list[Message] = []
         back: dict[tuple[str, int], int] = {}
         for msg in msgs:
@@ -575,8 +580,11 @@ class ProcessingLoop:
                     continue
             keep.append(msg)
         for (topic, partition), offset in back.items():
+            log.info(
+                "records of a partition still restoring were fetched; sought back",
+                extra={"loop": self.config.name, "partition": f"{topic}[{partition}]"},
+            )
             self._consumer.seek(TopicPartition(topic, partition, offset))
-            self._consumer.pause([TopicPartition(topic, partition)])
         return keep
 
     def _run_punctuator(self) -> None:

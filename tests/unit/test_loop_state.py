@@ -367,3 +367,24 @@ def test_emitter_state_needs_a_loop_with_state(tmp_path: Path) -> None:
     stop.set()
     thread.join(30)
     assert "keeps no state" in errors[0]
+
+
+def test_a_replaced_producer_restores_the_state_again(tmp_path: Path) -> None:
+    """commit_transaction hangs: the loop replaces the producer (fencing the wedged one,
+    whose transaction may or may not have committed) and restores every partition's state
+    from the changelog again before handling more records."""
+    broker = new_broker()
+    rig = StateRig(broker, tmp_path, transaction_timeout_s=0.2)
+    send(broker, [(b"k0", 0)] * 3 + [(b"k1", 1)] * 3)
+    wedged: Any = rig.loop._client.producer
+    release = wedged.hang("commit_transaction")
+    rig.start()
+    try:
+        wait_until(lambda: rig.loop.stats.aborts >= 1, timeout_s=30, message="replaced")
+    finally:
+        release.set()
+    send(broker, [(b"k0", 0)] * 2)
+    wait_until(lambda: committed_all(broker), message="committed")
+    rig.finish()
+    assert_consistent(broker, {b"k0": 5, b"k1": 3})
+    assert changelog_values(broker)[(0, b"count/k0")] == b"5"

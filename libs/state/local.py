@@ -80,6 +80,11 @@ class LocalStore:
         try:
             db = self._open_db()
         except Exception as exc:  # rocksdict raises bare Exception on corruption
+            if "lock" in str(exc).lower():
+                # another process (or loop) has this store open: wiping it would destroy
+                # live state under it; two owners of one partition's store is a deployment
+                # error (a state dir shared by replicas)
+                raise StateError(f"state store {self.path} is in use: {exc}") from exc
             log.warning(
                 "state store does not open, rebuilding it from the changelog",
                 extra={"store": self.store, "path": str(self.path), "error": str(exc)},

@@ -278,8 +278,9 @@ class StateStores:
             if not st.dirty:
                 continue
             topic = changelog_topic(self.group_id, tp[0])
+            delivered = self._on_delivered(tp)
             for key, value in st.entries():
-                produce(topic, tp[1], key, value, self._on_delivered(tp))
+                produce(topic, tp[1], key, value, delivered)
                 n += 1
         return n
 

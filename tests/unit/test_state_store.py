@@ -300,3 +300,34 @@ def test_restore_metrics(tmp_path: Path) -> None:
     assert sample("state_partitions_restoring") == 0
     assert sample("state_restore_seconds") > 0
     s.close()
+
+
+def test_a_store_in_use_is_not_wiped(tmp_path: Path) -> None:
+    """A second opener (a replica sharing the state dir) must not take the lock error for
+    corruption and delete the live store under the first."""
+    path = tmp_path / "s"
+    first = local(path)
+    first.write([(b"a", b"1")], 3)
+    with pytest.raises(StateError, match="in use"):
+        local(path)
+    assert first.get(b"a") == b"1"
+    first.close()
+    assert local(path).get(b"a") == b"1"
+
+
+def test_revoked_mid_restore_resumes_where_it_stopped(tmp_path: Path) -> None:
+    broker = broker_with_changelog([(0, f"k{i}".encode(), b"v") for i in range(20)])
+    s = stores(broker, tmp_path, restore_batch_size=5, restore_slice_s=0.0)
+    s.assigned([(IN, 0)])
+    s.restore()
+    s.restore()
+    assert s.restoring and 0 < s.restored_records < 20
+    s.revoked([(IN, 0)])
+    assert not s.restoring
+    partial = s.restored_records
+    s.assigned([(IN, 0)])
+    restore_all(s)
+    # the partial restore was kept (flushed at close): only the rest is read
+    assert s.restored_records == 20
+    assert partial > 0 and s.state((IN, 0)).get(b"k19") == b"v"
+    s.close()

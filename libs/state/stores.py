@@ -198,7 +198,8 @@ class StateStores:
 
     def restoring_partitions(self) -> list[TP]:
         """Assigned partitions whose state is not restored yet."""
-        return [*self._pending, *(tp for tp, _ in self._active.values())]
+        # copies first: status() calls this from the health server's thread
+        return [*list(self._pending), *(tp for tp, _ in list(self._active.values()))]
 
     def state(self, tp: TP) -> KeyValueState:
         """The state of a restored partition."""
@@ -210,6 +211,17 @@ class StateStores:
     def states(self) -> Mapping[TP, KeyValueState]:
         """Every assigned and restored partition's state."""
         return dict(self._ready)
+
+    def status(self) -> dict[str, object]:
+        """For the health body: partitions restored and restoring, records restored.
+
+        Read from the health server's thread: a snapshot of plain values, no lock needed.
+        """
+        return {
+            "partitions": sorted(f"{t}[{p}]" for t, p in list(self._ready)),
+            "restoring": sorted(f"{t}[{p}]" for t, p in self.restoring_partitions()),
+            "restored_records": self.restored_records,
+        }
 
     @property
     def dirty(self) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -183,3 +184,44 @@ def test_a_partition_moving_to_another_process_brings_its_state(
                 proc.kill()
     assert restored(log_b) > 0
     t.check(12_000)
+
+
+def test_restore_waits_for_an_open_transaction_on_the_changelog(
+    bootstrap: str, tmp_path: Path
+) -> None:
+    """A zombie's open transaction on the changelog: the restore must not end below it (the
+    transaction may still commit), and ends with its records once it commits."""
+    from confluent_kafka import Producer
+
+    from libs.kafka import KafkaSettings
+    from libs.state.stores import StateStores
+
+    t = Topics(bootstrap)
+    changelog = changelog_topic(t.group, t.topic_in)
+    zombie = Producer({"bootstrap.servers": bootstrap, "transactional.id": unique("zombie")})
+    zombie.init_transactions(30)
+    zombie.begin_transaction()
+    zombie.produce(changelog, key=b"count/k0", value=b"7", partition=0)
+    zombie.flush(30)
+    stores = StateStores(
+        "zombie",
+        tmp_path,
+        t.group,
+        KafkaSettings(bootstrap_servers=bootstrap).consumer_config(t.group),
+    )
+    try:
+        stores.assigned([(t.topic_in, 0)])
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            stores.restore()
+        assert stores.restoring, "the restore ended below an open transaction"
+        zombie.commit_transaction(30)
+
+        def done() -> bool:
+            stores.restore()
+            return not stores.restoring
+
+        wait_until(done, timeout_s=60, interval_s=0.0, message="restored after the commit")
+        assert stores.state((t.topic_in, 0)).get(b"count/k0") == b"7"
+    finally:
+        stores.close()

@@ -299,6 +299,7 @@ def test_restore_metrics(tmp_path: Path) -> None:
     assert sample("state_restore_records_total") - before == 3
     assert sample("state_partitions_restoring") == 0
     assert sample("state_restore_seconds") > 0
+    assert s.status() == {"partitions": ["in[0]", "in[1]"], "restoring": [], "restored_records": 3}
     s.close()
 
 

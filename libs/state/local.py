@@ -2,8 +2,9 @@
 
 One RocksDB per input partition (``<state_dir>/<store>/<topic>-<partition>``), so a partition
 is opened, closed, wiped and moved on its own. Keys: ``d<key>`` data, ``p`` the changelog
-position (the next changelog offset to read, i64be), ``m`` the format (layout version and
-changelog partition: a store of another layout or changelog is wiped).
+position (the next changelog offset to read, i64be), ``t`` when the store was last caught up
+with its changelog (epoch seconds, f64be), ``m`` the format (layout version and changelog
+partition: a store of another layout or changelog is wiped).
 
 Data and position are written in one batch, so they never disagree. A checkpoint's batch goes
 through the WAL (not synced: a killed process loses nothing, a lost machine at most a suffix),
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 _DATA = b"d"
 _POSITION = b"p"
+_CAUGHT_UP = b"t"
+_SECONDS = struct.Struct(">d")
 _META = b"m"
 _OFFSET = struct.Struct(">q")
 #: bumped when the key layout changes: an older store is then wiped and rebuilt
@@ -72,6 +75,8 @@ class LocalStore:
         self._bulk.disable_wal = True  # type: ignore[method-assign,assignment]
         #: the next changelog offset to read; None: nothing restored or written yet
         self.position: int | None = None
+        #: epoch seconds when the store last held everything its changelog had (None: never)
+        self.caught_up_at: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def open(self) -> None:
@@ -105,6 +110,8 @@ class LocalStore:
             db.put(_META, json.dumps(self._format, sort_keys=True).encode())
         raw = db.get(_POSITION)
         self.position = None if raw is None else _OFFSET.unpack(raw)[0]
+        raw = db.get(_CAUGHT_UP)
+        self.caught_up_at = None if raw is None else _SECONDS.unpack(raw)[0]
         self._db = db
 
     def _open_db(self) -> Rdict:
@@ -127,6 +134,7 @@ class LocalStore:
             self._db = None
         shutil.rmtree(self.path, ignore_errors=True)
         self.position = None
+        self.caught_up_at = None
 
     def wipe(self, reason: str) -> None:
         """Delete data and position; the store stays open, empty."""
@@ -154,8 +162,16 @@ class LocalStore:
         return self._db
 
     # -- data ------------------------------------------------------------------------------
-    def write(self, entries: Iterable[Entry], position: int | None, *, bulk: bool = False) -> int:
-        """Apply ``entries`` and set ``position`` (if given) in one batch; entries written.
+    def write(
+        self,
+        entries: Iterable[Entry],
+        position: int | None,
+        *,
+        caught_up_at: float | None = None,
+        bulk: bool = False,
+    ) -> int:
+        """Apply ``entries`` and set ``position`` and ``caught_up_at`` (those given) in one
+        batch; returns the entries written.
 
         ``bulk``: skip the WAL (restores; ``flush`` at the end makes them durable).
         """
@@ -171,9 +187,13 @@ class LocalStore:
                 put(_DATA + key, value)
         if position is not None:
             put(_POSITION, _OFFSET.pack(position))
+        if caught_up_at is not None:
+            put(_CAUGHT_UP, _SECONDS.pack(caught_up_at))
         db.write(batch, self._bulk if bulk else self._logged)
         if position is not None:
             self.position = position
+        if caught_up_at is not None:
+            self.caught_up_at = caught_up_at
         return n
 
     def get(self, key: bytes) -> bytes | None:

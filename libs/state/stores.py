@@ -30,8 +30,10 @@ an at-least-once loop must be idempotent for their state too (as for their outpu
 Restore, on the loop thread: partitions are paused when assigned (``assigned``, from the
 rebalance callback, which does no I/O), then ``restore()`` slices read each changelog partition
 under ``read_committed`` from the local position (from the start when there is no local store,
-the position is below the low watermark or above the end, i.e. the topic was recreated, or the
-store is corrupt: wipe and rebuild) up to the log end taken when the restore began. Positions,
+the position is below the low watermark or above the end, i.e. the topic was recreated, the
+store is corrupt, or it was last caught up more than ``max_offline_s`` ago, so compaction may
+have dropped tombstones it never read: wipe and rebuild) up to the log end taken when the
+restore began. Positions,
 not end-of-partition events, decide when a partition is done: transaction markers and
 compaction holes make offsets sparse. The end is the ``read_uncommitted`` high watermark, so an
 open transaction (a fenced zombie's, until the coordinator aborts it) is waited for, not
@@ -112,6 +114,8 @@ class _Restore:
     changelog: TopicPartition
     #: the changelog end (read_uncommitted high watermark) when the restore began
     target: int
+    #: wall-clock time the target was read: the store is caught up as of then once done
+    marked_at: float
     started: float
     #: monotonic time the position last moved
     progressed: float
@@ -140,6 +144,7 @@ class StateStores:
         restore_batch_size: int = 10_000,
         restore_slice_s: float = 0.2,
         restore_stall_timeout_s: float = 120.0,
+        max_offline_s: float = 12 * 3600.0,
         timeout_s: float = 30.0,
         write_buffer_mb: int = 4,
         block_cache_mb: int = 4,
@@ -170,6 +175,7 @@ class StateStores:
         self._batch = restore_batch_size
         self._slice_s = restore_slice_s
         self._stall_s = restore_stall_timeout_s
+        self._max_offline_s = max_offline_s
         self._timeout_s = timeout_s
         self._write_buffer_mb = write_buffer_mb
         self._block_cache_mb = block_cache_mb
@@ -389,6 +395,7 @@ class StateStores:
             block_cache_mb=self._block_cache_mb,
         )
         local.open()
+        marked_at = time.time()
         try:
             low, high = self._marks().get_watermark_offsets(cl, timeout=self._timeout_s)
         except KafkaException as exc:
@@ -408,6 +415,28 @@ class StateStores:
             )
             local.wipe("below low watermark" if stored < low else "beyond the end")
             stored = None
+        elif stored is not None and (
+            local.caught_up_at is None or marked_at - local.caught_up_at > self._max_offline_s
+        ):
+            # Compaction drops a tombstone once it is older than the changelog's
+            # delete.retention.ms (24 h by default): a store that fell behind for longer may
+            # have missed deletes it can no longer read, and would keep the deleted keys.
+            log.warning(
+                "state store too old to catch up safely, rebuilding",
+                extra={
+                    "store": self.name,
+                    "partition": f"{tp[0]}[{tp[1]}]",
+                    "caught_up_at": local.caught_up_at,
+                    "max_offline_s": self._max_offline_s,
+                },
+            )
+            local.wipe("stale")
+            stored = None
+        if stored is None:
+            # A cold restore reads as one consumer from now on: if it is interrupted (a
+            # revoke) and resumed, the resumed part must still fall within the tombstone
+            # retention counted from here.
+            local.write((), None, caught_up_at=marked_at, bulk=True)
         st = PartitionState(local)
         now = time.monotonic()
         start = low if stored is None else stored
@@ -422,12 +451,13 @@ class StateStores:
                 "warm": stored is not None,
             },
         )
+        restore = _Restore(st, cl, high, marked_at, now, now, start)
         if start >= high:
-            self._finish(tp, _Restore(st, cl, high, now, now, start))
+            self._finish(tp, restore)
             return True
         cl.offset = OFFSET_BEGINNING if stored is None else stored
         self._require_consumer().incremental_assign([cl])
-        self._active[(cl.topic, cl.partition)] = (tp, _Restore(st, cl, high, now, now, start))
+        self._active[(cl.topic, cl.partition)] = (tp, restore)
         return False
 
     def _apply(self, msgs: list[Message]) -> None:
@@ -483,8 +513,8 @@ class StateStores:
 
     def _finish(self, tp: TP, restore: _Restore) -> None:
         local = restore.state.local
-        if local.position is None or restore.position > local.position:
-            local.write((), restore.position)
+        # caught up with everything the changelog had when the target was read
+        local.write((), max(restore.position, local.position or 0), caught_up_at=restore.marked_at)
         # restore writes skip the WAL: flush once so a crash right after a restore keeps it
         local.flush()
         self._ready[tp] = restore.state

@@ -332,3 +332,24 @@ def test_revoked_mid_restore_resumes_where_it_stopped(tmp_path: Path) -> None:
     assert s.restored_records == 20
     assert partial > 0 and s.state((IN, 0)).get(b"k19") == b"v"
     s.close()
+
+
+def test_a_store_behind_for_too_long_is_rebuilt(tmp_path: Path) -> None:
+    """Compaction drops tombstones after delete.retention.ms: a store that has not been
+    caught up for longer than ``max_offline_s`` might miss deletes, so it is rebuilt."""
+    broker = broker_with_changelog([(0, b"a", b"1"), (0, b"b", b"2")])
+    s = stores(broker, tmp_path)
+    s.assigned([(IN, 0)])
+    restore_all(s)
+    s.close()
+    warm = stores(broker, tmp_path)
+    warm.assigned([(IN, 0)])
+    restore_all(warm)
+    warm.close()
+    assert warm.restored_records == 0
+    stale = stores(broker, tmp_path, max_offline_s=0.0)
+    stale.assigned([(IN, 0)])
+    restore_all(stale)
+    assert stale.restored_records == 2
+    assert stale.state((IN, 0)).get(b"b") == b"2"
+    stale.close()

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from libs.kafka import ensure_topics
-from libs.state.changelog import changelog_specs, changelog_topic
+from libs.state.changelog import changelog_topic, ensure_changelogs
+from libs.state.errors import ChangelogTopicError
 from tests.support.kafka import consume_all, create_topics, produce, unique, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -39,10 +39,10 @@ class Topics:
         create_topics(
             bootstrap, [self.topic_in, self.topic_out, self.topic_in + ".dlq"], partitions=3
         )
-        ensure_topics(
-            {"bootstrap.servers": bootstrap},
-            changelog_specs(self.group, {self.topic_in: PARTITIONS}, replication_factor=1),
+        created = ensure_changelogs(
+            {"bootstrap.servers": bootstrap}, self.group, [self.topic_in], replication_factor=1
         )
+        assert created == [changelog_topic(self.group, self.topic_in)]
 
     def send(self, n: int, start: int = 0) -> None:
         produce(
@@ -225,3 +225,15 @@ def test_restore_waits_for_an_open_transaction_on_the_changelog(
         assert stores.state((t.topic_in, 0)).get(b"count/k0") == b"7"
     finally:
         stores.close()
+
+
+def test_ensure_changelogs_checks_partition_counts(bootstrap: str) -> None:
+    topic, group = unique("state-in"), unique("state")
+    create_topics(bootstrap, [topic], partitions=3)
+    create_topics(bootstrap, [changelog_topic(group, topic)], partitions=2, compacted=True)
+    with pytest.raises(ChangelogTopicError, match="has 2 partitions, fewer than the 3"):
+        ensure_changelogs({"bootstrap.servers": bootstrap}, group, [topic], replication_factor=1)
+    with pytest.raises(ChangelogTopicError, match="do not exist"):
+        ensure_changelogs(
+            {"bootstrap.servers": bootstrap}, group, [unique("nope")], replication_factor=1
+        )

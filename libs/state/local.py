@@ -24,7 +24,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from prometheus_client import Counter
-from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import (
+    BlockBasedOptions,
+    Cache,
+    Options,
+    Rdict,
+    WriteBatch,
+    WriteBufferManager,
+    WriteOptions,
+)
 
 from libs.state.errors import StateError
 
@@ -48,7 +56,11 @@ Entry = tuple[bytes, bytes | None]
 
 
 class LocalStore:
-    """Committed state of one input partition plus its changelog position."""
+    """Committed state of one input partition plus its changelog position.
+
+    ``cache`` and ``write_buffers`` are shared by every partition's store of a loop (one
+    memory budget however many partitions it owns); without them the store has its own.
+    """
 
     def __init__(
         self,
@@ -56,8 +68,8 @@ class LocalStore:
         *,
         store: str,
         changelog: tuple[str, int],
-        write_buffer_mb: int = 4,
-        block_cache_mb: int = 4,
+        cache: Cache | None = None,
+        write_buffers: WriteBufferManager | None = None,
     ) -> None:
         self.path = Path(path)
         self.store = store
@@ -66,8 +78,8 @@ class LocalStore:
             "changelog": changelog[0],
             "partition": str(changelog[1]),
         }
-        self._write_buffer_mb = write_buffer_mb
-        self._block_cache_mb = block_cache_mb
+        self._cache = cache or Cache(4 * 1024 * 1024)
+        self._write_buffers = write_buffers
         self._db: Rdict | None = None
         self._logged = WriteOptions()
         self._bulk = WriteOptions()
@@ -118,10 +130,12 @@ class LocalStore:
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
         opts.set_max_background_jobs(1)
-        opts.set_write_buffer_size(self._write_buffer_mb * 1024 * 1024)
+        opts.set_write_buffer_size(4 * 1024 * 1024)
         opts.set_max_write_buffer_number(2)
+        if self._write_buffers is not None:
+            opts.set_write_buffer_manager(self._write_buffers)
         table = BlockBasedOptions()
-        table.set_block_cache(Cache(self._block_cache_mb * 1024 * 1024))
+        table.set_block_cache(self._cache)
         # lookups of absent keys (a new alert group) cost no data block read
         table.set_bloom_filter(10, False)
         opts.set_block_based_table_factory(table)

@@ -58,6 +58,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 from prometheus_client import Counter, Gauge
+from rocksdict import Cache, WriteBufferManager
 
 from libs.state import KeyValueState
 from libs.state.changelog import changelog_topic
@@ -131,6 +132,8 @@ class StateStores:
     the loop's consumer group (it names the changelog topics); ``consumer_config`` is the
     loop's consumer config, from which the restore consumers are derived (group-less,
     ``read_committed``). ``consumer_factory`` builds them (the in-memory twin in unit tests).
+    ``write_buffer_mb`` and ``block_cache_mb`` bound the memtables and the block cache of all
+    partitions' stores together.
     """
 
     def __init__(
@@ -146,8 +149,8 @@ class StateStores:
         restore_stall_timeout_s: float = 120.0,
         max_offline_s: float = 12 * 3600.0,
         timeout_s: float = 30.0,
-        write_buffer_mb: int = 4,
-        block_cache_mb: int = 4,
+        write_buffer_mb: int = 16,
+        block_cache_mb: int = 16,
     ) -> None:
         self.name = name
         self.path = Path(state_dir) / name
@@ -177,8 +180,9 @@ class StateStores:
         self._stall_s = restore_stall_timeout_s
         self._max_offline_s = max_offline_s
         self._timeout_s = timeout_s
-        self._write_buffer_mb = write_buffer_mb
-        self._block_cache_mb = block_cache_mb
+        # one memory budget for every partition's store, however many the loop owns
+        self._cache = Cache(block_cache_mb * 1024 * 1024)
+        self._write_buffers = WriteBufferManager(write_buffer_mb * 1024 * 1024, False)
         self._restore_consumer: RestoreConsumer | None = None
         self._marks_consumer: RestoreConsumer | None = None
         #: assigned partitions, waiting for their restore to start
@@ -391,8 +395,8 @@ class StateStores:
             self.path / f"{tp[0]}-{tp[1]}",
             store=self.name,
             changelog=(cl.topic, cl.partition),
-            write_buffer_mb=self._write_buffer_mb,
-            block_cache_mb=self._block_cache_mb,
+            cache=self._cache,
+            write_buffers=self._write_buffers,
         )
         local.open()
         marked_at = time.time()

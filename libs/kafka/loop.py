@@ -263,6 +263,8 @@ class ProcessingLoop:
         if self._pending or self._client.in_transaction or (state is not None and state.dirty):
             offsets = self._offsets()
             if state is not None:
+                if self._eos:
+                    offsets += self._fencing_offsets(state.dirty_partitions())
                 state.write_changelog(self._produce_changelog)
             if self._eos:
                 try:
@@ -286,6 +288,22 @@ class ProcessingLoop:
         if self._on_checkpoint is not None:
             self._on_checkpoint()
         self._last_checkpoint = time.monotonic()
+
+    def _fencing_offsets(self, written: list[tuple[str, int]]) -> list[TopicPartition]:
+        """Positions of partitions whose state changed without a record handled (punctuation).
+
+        Offsets in the transaction are what fences a zombie (KIP-447): the coordinator
+        refuses them from a member of an old generation, and the transaction aborts. A
+        transaction with state writes but no offsets would commit even after the partition
+        moved to another member, whose restored state it would then contradict. Unhandled
+        records have been rolled back, so the position is the next record to handle. A
+        partition that has returned no record since it was assigned has no position yet
+        (librdkafka): its writes go unfenced, as the loop has nothing of its own to commit.
+        """
+        idle = [TopicPartition(t, p) for t, p in written if (t, p) not in self._pending]
+        if not idle:
+            return []
+        return [tp for tp in self._consumer.position(idle) if tp.offset >= 0]
 
     def _produce_changelog(
         self,

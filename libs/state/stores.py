@@ -238,6 +238,10 @@ class StateStores:
         """Some partition has writes the next checkpoint must commit."""
         return any(st.dirty for st in self._ready.values())
 
+    def dirty_partitions(self) -> list[TP]:
+        """The partitions with writes the next checkpoint must commit."""
+        return [tp for tp, st in self._ready.items() if st.dirty]
+
     # -- rebalances (called from the consumer's callbacks: no I/O here) ----------------------
     def assigned(self, partitions: Iterable[TP]) -> None:
         """Partitions to restore before their first record is handled (the loop pauses them)."""

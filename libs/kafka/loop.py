@@ -263,6 +263,8 @@ class ProcessingLoop:
         if self._pending or self._client.in_transaction or (state is not None and state.dirty):
             offsets = self._offsets()
             if state is not None:
+                if self._eos:
+                    offsets += self._fencing_offsets(state.dirty_partitions())
                 state.write_changelog(self._produce_changelog)
             if self._eos:
                 try:
@@ -286,6 +288,22 @@ class ProcessingLoop:
         if self._on_checkpoint is not None:
             self._on_checkpoint()
         self._last_checkpoint = time.monotonic()
+
+    def _fencing_offsets(self, written: list[tuple[str, int]]) -> list[TopicPartition]:
+        """Positions of partitions whose state changed without a record handled (punctuation).
+
+        Offsets in the transaction are what fences a zombie (KIP-447): the coordinator
+        refuses them from a member of an old generation, and the transaction aborts. A
+        transaction with state writes but no offsets would commit even after the partition
+        moved to another member, whose restored state it would then contradict. Unhandled
+        records have been rolled back, so the position is the next record to handle. A
+        partition that has returned no record since it was assigned has no position yet
+        (librdkafka): its writes go unfenced, as the loop has nothing of its own to commit.
+        """
+        idle = [TopicPartition(t, p) for t, p in written if (t, p) not in self._pending]
+        if not idle:
+            return []
+        return [tp for tp in self._consumer.position(idle) if tp.offset >= 0]
 
     def _produce_changelog(
         self,
@@ -399,7 +417,8 @@ class ProcessingLoop:
         if self._paused_until is not None:
             consumer.pause(partitions)
         if self._state is not None:
-            # no record of these is handled before their state is restored (_poll_once)
+            # no record of these is handled before their state is restored (and the pause
+            # may not hold here: see _drop_unrestored)
             consumer.pause(partitions)
             self._state.assigned([(tp.topic, tp.partition) for tp in partitions])
 
@@ -492,7 +511,7 @@ class ProcessingLoop:
         msgs = (
             [] if first is None else [first, *self._consumer.consume(self.config.batch_size - 1, 0)]
         )
-        if self._state is not None:
+        if self._state is not None and self._state.restoring:  # after the poll: it assigns
             msgs = self._drop_unrestored(msgs)
         # Every partition we received records from now has a rewind target, handled or not: a
         # rollback below must return the unhandled rest of this batch too (see module doc).
@@ -513,8 +532,10 @@ class ProcessingLoop:
             except RetryLater as retry:
                 self._retry_later(retry, discarded=len(msgs) - i)
                 return
-        if self._punctuate is not None and (
-            now - self._last_punctuate >= self.config.punctuate_interval_s
+        if (
+            self._punctuate is not None
+            and self._paused_until is None  # a dependency is down: the punctuator waits too
+            and now - self._last_punctuate >= self.config.punctuate_interval_s
         ):
             self._last_punctuate = now
             self._run_punctuator()
@@ -557,12 +578,16 @@ class ProcessingLoop:
     def _drop_unrestored(self, msgs: list[Message]) -> list[Message]:
         """Never hand a record of a partition whose state is not restored to the handler.
 
-        Partitions are paused when assigned, but a fetch may already have been under way:
-        such records are not consumed; the partition is sought back to its first one and
-        paused, so it is fetched again once restored.
+        The pause in ``_on_assign`` does not hold for a partition the consumer has not known
+        before: librdkafka ignores a pause of a partition it keeps no state for yet, and the
+        assignment made after the callback starts fetching it (seen on the real broker).
+        So every partition still restoring is paused again here, after the poll that
+        assigned it, and records already fetched are not consumed: the partition is sought
+        back to the first of them, to be fetched again once restored.
         """
         assert self._state is not None
         state = self._state
+        self._consumer.pause([TopicPartition(t, p) for t, p in state.restoring_partitions()])
         keep: list[Message] = []
         back: dict[tuple[str, int], int] = {}
         for msg in msgs:
@@ -573,8 +598,11 @@ class ProcessingLoop:
                     continue
             keep.append(msg)
         for (topic, partition), offset in back.items():
+            log.info(
+                "records of a partition still restoring were fetched; sought back",
+                extra={"loop": self.config.name, "partition": f"{topic}[{partition}]"},
+            )
             self._consumer.seek(TopicPartition(topic, partition, offset))
-            self._consumer.pause([TopicPartition(topic, partition)])
         return keep
 
     def _run_punctuator(self) -> None:

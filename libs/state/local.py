@@ -2,12 +2,16 @@
 
 One RocksDB per input partition (``<state_dir>/<store>/<topic>-<partition>``), so a partition
 is opened, closed, wiped and moved on its own. Keys: ``d<key>`` data, ``p`` the changelog
-position (the next changelog offset to read, i64be), ``m`` the format (layout version and
-changelog partition: a store of another layout or changelog is wiped).
+position (the next changelog offset to read, i64be), ``t`` when the store was last caught up
+with its changelog (epoch seconds, f64be), ``m`` the format (layout version and changelog
+partition: a store of another layout or changelog is wiped).
 
-Writes skip the WAL: data and position share one memtable that RocksDB flushes in order, so a
-crash loses at most a suffix of both together and the restore re-reads exactly that suffix
-from the changelog. Nothing uncommitted is ever written here (see ``libs.state.stores``).
+Data and position are written in one batch, so they never disagree. A checkpoint's batch goes
+through the WAL (not synced: a killed process loses nothing, a lost machine at most a suffix),
+so a restart after kill -9 restores only what other owners wrote since. Restore batches skip
+the WAL (bulk speed) and the store is flushed when the restore ends: a crash in between loses
+a suffix of data and position together, and the next restore re-reads exactly that suffix.
+Nothing uncommitted is ever written here (see ``libs.state.stores``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from prometheus_client import Counter
-from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import (
+    BlockBasedOptions,
+    Cache,
+    Options,
+    Rdict,
+    WriteBatch,
+    WriteBufferManager,
+    WriteOptions,
+)
 
 from libs.state.errors import StateError
 
@@ -28,6 +40,8 @@ log = logging.getLogger(__name__)
 
 _DATA = b"d"
 _POSITION = b"p"
+_CAUGHT_UP = b"t"
+_SECONDS = struct.Struct(">d")
 _META = b"m"
 _OFFSET = struct.Struct(">q")
 #: bumped when the key layout changes: an older store is then wiped and rebuilt
@@ -42,7 +56,11 @@ Entry = tuple[bytes, bytes | None]
 
 
 class LocalStore:
-    """Committed state of one input partition plus its changelog position."""
+    """Committed state of one input partition plus its changelog position.
+
+    ``cache`` and ``write_buffers`` are shared by every partition's store of a loop (one
+    memory budget however many partitions it owns); without them the store has its own.
+    """
 
     def __init__(
         self,
@@ -50,8 +68,8 @@ class LocalStore:
         *,
         store: str,
         changelog: tuple[str, int],
-        write_buffer_mb: int = 4,
-        block_cache_mb: int = 4,
+        cache: Cache | None = None,
+        write_buffers: WriteBufferManager | None = None,
     ) -> None:
         self.path = Path(path)
         self.store = store
@@ -60,14 +78,17 @@ class LocalStore:
             "changelog": changelog[0],
             "partition": str(changelog[1]),
         }
-        self._write_buffer_mb = write_buffer_mb
-        self._block_cache_mb = block_cache_mb
+        self._cache = cache or Cache(4 * 1024 * 1024)
+        self._write_buffers = write_buffers
         self._db: Rdict | None = None
-        self._write_opts = WriteOptions()
+        self._logged = WriteOptions()
+        self._bulk = WriteOptions()
         # a property at run time, though rocksdict's stubs declare a method
-        self._write_opts.disable_wal = True  # type: ignore[method-assign,assignment]
+        self._bulk.disable_wal = True  # type: ignore[method-assign,assignment]
         #: the next changelog offset to read; None: nothing restored or written yet
         self.position: int | None = None
+        #: epoch seconds when the store last held everything its changelog had (None: never)
+        self.caught_up_at: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def open(self) -> None:
@@ -76,6 +97,11 @@ class LocalStore:
         try:
             db = self._open_db()
         except Exception as exc:  # rocksdict raises bare Exception on corruption
+            if "lock" in str(exc).lower():
+                # another process (or loop) has this store open: wiping it would destroy
+                # live state under it; two owners of one partition's store is a deployment
+                # error (a state dir shared by replicas)
+                raise StateError(f"state store {self.path} is in use: {exc}") from exc
             log.warning(
                 "state store does not open, rebuilding it from the changelog",
                 extra={"store": self.store, "path": str(self.path), "error": str(exc)},
@@ -96,16 +122,20 @@ class LocalStore:
             db.put(_META, json.dumps(self._format, sort_keys=True).encode())
         raw = db.get(_POSITION)
         self.position = None if raw is None else _OFFSET.unpack(raw)[0]
+        raw = db.get(_CAUGHT_UP)
+        self.caught_up_at = None if raw is None else _SECONDS.unpack(raw)[0]
         self._db = db
 
     def _open_db(self) -> Rdict:
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
         opts.set_max_background_jobs(1)
-        opts.set_write_buffer_size(self._write_buffer_mb * 1024 * 1024)
+        opts.set_write_buffer_size(4 * 1024 * 1024)
         opts.set_max_write_buffer_number(2)
+        if self._write_buffers is not None:
+            opts.set_write_buffer_manager(self._write_buffers)
         table = BlockBasedOptions()
-        table.set_block_cache(Cache(self._block_cache_mb * 1024 * 1024))
+        table.set_block_cache(self._cache)
         # lookups of absent keys (a new alert group) cost no data block read
         table.set_bloom_filter(10, False)
         opts.set_block_based_table_factory(table)
@@ -118,6 +148,7 @@ class LocalStore:
             self._db = None
         shutil.rmtree(self.path, ignore_errors=True)
         self.position = None
+        self.caught_up_at = None
 
     def wipe(self, reason: str) -> None:
         """Delete data and position; the store stays open, empty."""
@@ -145,8 +176,19 @@ class LocalStore:
         return self._db
 
     # -- data ------------------------------------------------------------------------------
-    def write(self, entries: Iterable[Entry], position: int | None) -> int:
-        """Apply ``entries`` and set ``position`` (if given) in one batch; entries written."""
+    def write(
+        self,
+        entries: Iterable[Entry],
+        position: int | None,
+        *,
+        caught_up_at: float | None = None,
+        bulk: bool = False,
+    ) -> int:
+        """Apply ``entries`` and set ``position`` and ``caught_up_at`` (those given) in one
+        batch; returns the entries written.
+
+        ``bulk``: skip the WAL (restores; ``flush`` at the end makes them durable).
+        """
         db = self._require()
         batch = WriteBatch(raw_mode=True)
         put, delete = batch.put, batch.delete
@@ -159,9 +201,13 @@ class LocalStore:
                 put(_DATA + key, value)
         if position is not None:
             put(_POSITION, _OFFSET.pack(position))
-        db.write(batch, self._write_opts)
+        if caught_up_at is not None:
+            put(_CAUGHT_UP, _SECONDS.pack(caught_up_at))
+        db.write(batch, self._bulk if bulk else self._logged)
         if position is not None:
             self.position = position
+        if caught_up_at is not None:
+            self.caught_up_at = caught_up_at
         return n
 
     def get(self, key: bytes) -> bytes | None:

@@ -7,6 +7,7 @@ produces to the changelog, and it reaches RocksDB only after the transaction com
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from libs.state.local import Entry, LocalStore
@@ -47,8 +48,11 @@ class PartitionState:
         return list(self.overlay.items())
 
     def commit(self, position: int | None) -> int:
-        """The transaction committed: write the overlay (and ``position``) locally, in one batch."""
-        n = self.local.write(self.overlay.items(), position)
+        """The transaction committed: write the overlay (and ``position``) locally, in one batch.
+
+        The store is caught up now: this partition's changelog has no writer but us.
+        """
+        n = self.local.write(self.overlay.items(), position, caught_up_at=time.time())
         self.overlay = {}
         return n
 

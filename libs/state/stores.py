@@ -30,8 +30,10 @@ an at-least-once loop must be idempotent for their state too (as for their outpu
 Restore, on the loop thread: partitions are paused when assigned (``assigned``, from the
 rebalance callback, which does no I/O), then ``restore()`` slices read each changelog partition
 under ``read_committed`` from the local position (from the start when there is no local store,
-the position is below the low watermark or above the end, i.e. the topic was recreated, or the
-store is corrupt: wipe and rebuild) up to the log end taken when the restore began. Positions,
+the position is below the low watermark or above the end, i.e. the topic was recreated, the
+store is corrupt, or it was last caught up more than ``max_offline_s`` ago, so compaction may
+have dropped tombstones it never read: wipe and rebuild) up to the log end taken when the
+restore began. Positions,
 not end-of-partition events, decide when a partition is done: transaction markers and
 compaction holes make offsets sparse. The end is the ``read_uncommitted`` high watermark, so an
 open transaction (a fenced zombie's, until the coordinator aborts it) is waited for, not
@@ -56,6 +58,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 from prometheus_client import Counter, Gauge
+from rocksdict import Cache, WriteBufferManager
 
 from libs.state import KeyValueState
 from libs.state.changelog import changelog_topic
@@ -112,6 +115,8 @@ class _Restore:
     changelog: TopicPartition
     #: the changelog end (read_uncommitted high watermark) when the restore began
     target: int
+    #: wall-clock time the target was read: the store is caught up as of then once done
+    marked_at: float
     started: float
     #: monotonic time the position last moved
     progressed: float
@@ -127,6 +132,8 @@ class StateStores:
     the loop's consumer group (it names the changelog topics); ``consumer_config`` is the
     loop's consumer config, from which the restore consumers are derived (group-less,
     ``read_committed``). ``consumer_factory`` builds them (the in-memory twin in unit tests).
+    ``write_buffer_mb`` and ``block_cache_mb`` bound the memtables and the block cache of all
+    partitions' stores together.
     """
 
     def __init__(
@@ -140,9 +147,10 @@ class StateStores:
         restore_batch_size: int = 10_000,
         restore_slice_s: float = 0.2,
         restore_stall_timeout_s: float = 120.0,
+        max_offline_s: float = 12 * 3600.0,
         timeout_s: float = 30.0,
-        write_buffer_mb: int = 4,
-        block_cache_mb: int = 4,
+        write_buffer_mb: int = 16,
+        block_cache_mb: int = 16,
     ) -> None:
         self.name = name
         self.path = Path(state_dir) / name
@@ -170,9 +178,11 @@ class StateStores:
         self._batch = restore_batch_size
         self._slice_s = restore_slice_s
         self._stall_s = restore_stall_timeout_s
+        self._max_offline_s = max_offline_s
         self._timeout_s = timeout_s
-        self._write_buffer_mb = write_buffer_mb
-        self._block_cache_mb = block_cache_mb
+        # one memory budget for every partition's store, however many the loop owns
+        self._cache = Cache(block_cache_mb * 1024 * 1024)
+        self._write_buffers = WriteBufferManager(write_buffer_mb * 1024 * 1024, False)
         self._restore_consumer: RestoreConsumer | None = None
         self._marks_consumer: RestoreConsumer | None = None
         #: assigned partitions, waiting for their restore to start
@@ -198,7 +208,8 @@ class StateStores:
 
     def restoring_partitions(self) -> list[TP]:
         """Assigned partitions whose state is not restored yet."""
-        return [*self._pending, *(tp for tp, _ in self._active.values())]
+        # copies first: status() calls this from the health server's thread
+        return [*list(self._pending), *(tp for tp, _ in list(self._active.values()))]
 
     def state(self, tp: TP) -> KeyValueState:
         """The state of a restored partition."""
@@ -211,10 +222,25 @@ class StateStores:
         """Every assigned and restored partition's state."""
         return dict(self._ready)
 
+    def status(self) -> dict[str, object]:
+        """For the health body: partitions restored and restoring, records restored.
+
+        Read from the health server's thread: a snapshot of plain values, no lock needed.
+        """
+        return {
+            "partitions": sorted(f"{t}[{p}]" for t, p in list(self._ready)),
+            "restoring": sorted(f"{t}[{p}]" for t, p in self.restoring_partitions()),
+            "restored_records": self.restored_records,
+        }
+
     @property
     def dirty(self) -> bool:
         """Some partition has writes the next checkpoint must commit."""
         return any(st.dirty for st in self._ready.values())
+
+    def dirty_partitions(self) -> list[TP]:
+        """The partitions with writes the next checkpoint must commit."""
+        return [tp for tp, st in self._ready.items() if st.dirty]
 
     # -- rebalances (called from the consumer's callbacks: no I/O here) ----------------------
     def assigned(self, partitions: Iterable[TP]) -> None:
@@ -278,8 +304,9 @@ class StateStores:
             if not st.dirty:
                 continue
             topic = changelog_topic(self.group_id, tp[0])
+            delivered = self._on_delivered(tp)
             for key, value in st.entries():
-                produce(topic, tp[1], key, value, self._on_delivered(tp))
+                produce(topic, tp[1], key, value, delivered)
                 n += 1
         return n
 
@@ -372,10 +399,11 @@ class StateStores:
             self.path / f"{tp[0]}-{tp[1]}",
             store=self.name,
             changelog=(cl.topic, cl.partition),
-            write_buffer_mb=self._write_buffer_mb,
-            block_cache_mb=self._block_cache_mb,
+            cache=self._cache,
+            write_buffers=self._write_buffers,
         )
         local.open()
+        marked_at = time.time()
         try:
             low, high = self._marks().get_watermark_offsets(cl, timeout=self._timeout_s)
         except KafkaException as exc:
@@ -395,6 +423,28 @@ class StateStores:
             )
             local.wipe("below low watermark" if stored < low else "beyond the end")
             stored = None
+        elif stored is not None and (
+            local.caught_up_at is None or marked_at - local.caught_up_at > self._max_offline_s
+        ):
+            # Compaction drops a tombstone once it is older than the changelog's
+            # delete.retention.ms (24 h by default): a store that fell behind for longer may
+            # have missed deletes it can no longer read, and would keep the deleted keys.
+            log.warning(
+                "state store too old to catch up safely, rebuilding",
+                extra={
+                    "store": self.name,
+                    "partition": f"{tp[0]}[{tp[1]}]",
+                    "caught_up_at": local.caught_up_at,
+                    "max_offline_s": self._max_offline_s,
+                },
+            )
+            local.wipe("stale")
+            stored = None
+        if stored is None:
+            # A cold restore reads as one consumer from now on: if it is interrupted (a
+            # revoke) and resumed, the resumed part must still fall within the tombstone
+            # retention counted from here.
+            local.write((), None, caught_up_at=marked_at, bulk=True)
         st = PartitionState(local)
         now = time.monotonic()
         start = low if stored is None else stored
@@ -409,12 +459,13 @@ class StateStores:
                 "warm": stored is not None,
             },
         )
+        restore = _Restore(st, cl, high, marked_at, now, now, start)
         if start >= high:
-            self._finish(tp, _Restore(st, cl, high, now, now, start))
+            self._finish(tp, restore)
             return True
         cl.offset = OFFSET_BEGINNING if stored is None else stored
         self._require_consumer().incremental_assign([cl])
-        self._active[(cl.topic, cl.partition)] = (tp, _Restore(st, cl, high, now, now, start))
+        self._active[(cl.topic, cl.partition)] = (tp, restore)
         return False
 
     def _apply(self, msgs: list[Message]) -> None:
@@ -440,7 +491,7 @@ class StateStores:
             if active is None:
                 continue  # unassigned in the meantime
             restore = active[1]
-            n = restore.state.local.write(batches.get(cl, ()), position)
+            n = restore.state.local.write(batches.get(cl, ()), position, bulk=True)
             restore.records += n
             restore.position = position
             restore.progressed = now
@@ -470,9 +521,9 @@ class StateStores:
 
     def _finish(self, tp: TP, restore: _Restore) -> None:
         local = restore.state.local
-        if local.position is None or restore.position > local.position:
-            local.write((), restore.position)
-        # the writes skip the WAL: flush once so a crash right after a long restore keeps it
+        # caught up with everything the changelog had when the target was read
+        local.write((), max(restore.position, local.position or 0), caught_up_at=restore.marked_at)
+        # restore writes skip the WAL: flush once so a crash right after a restore keeps it
         local.flush()
         self._ready[tp] = restore.state
         elapsed = time.monotonic() - restore.started

@@ -313,3 +313,81 @@ def test_punctuator_sees_restored_states_and_commits_with_the_checkpoint(tmp_pat
     rig.finish()
     assert {(IN, 0), (IN, 1)} in seen
     assert sorted(m.value() for m in broker.records(OUT)) == [b"tick=0", b"tick=1"]
+    # the transaction carried the partitions' positions although no record was handled:
+    # offsets are what fences a zombie member's transaction (KIP-447)
+    assert [broker.committed_offset(GROUP, IN, p) for p in (0, 1)] == [0, 0]
+
+
+def test_records_fetched_before_the_restore_ends_wait_for_it(tmp_path: Path) -> None:
+    """librdkafka may deliver records of a partition paused in on_assign (a fetch already
+    under way); the loop must not hand them over before the state is restored: it seeks
+    back and hands them over afterwards, with the restored state."""
+    broker = new_broker()
+    first = StateRig(broker, tmp_path / "a").start()
+    send(broker, [(b"k0", 0)] * 5)
+    wait_until(lambda: committed_all(broker), message="first committed")
+    first.finish()
+
+    send(broker, [(b"k0", 0)] * 3)
+    rig = StateRig(broker, tmp_path / "b", restore_batch_size=1)
+    consumer: Any = rig.loop._consumer
+    # pausing does nothing: records flow while the state restores (the rebalance callback
+    # gets the consumer itself, so the method is replaced on it)
+    consumer.pause = lambda partitions: None
+    rig.stores._slice_s = 0.0  # one changelog record per loop turn: the restore takes turns
+    rig.start()
+    wait_until(lambda: committed_all(broker), message="second committed")
+    rig.finish()
+    assert rig.stores.restored_records >= 1
+    assert_consistent(broker, {b"k0": 8})
+
+
+def test_emitter_state_needs_a_loop_with_state(tmp_path: Path) -> None:
+    broker = new_broker()
+    errors: list[str] = []
+
+    def handler(msg: Message, out: Emitter) -> None:
+        try:
+            out.state.get(b"x")
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    stop = threading.Event()
+    loop = ProcessingLoop(
+        LoopConfig(name="test", topics=[IN], poll_timeout_s=0.02),
+        {"group.id": GROUP, "enable.auto.commit": False, "auto.offset.reset": "earliest"},
+        {"transactional.id": "t"},
+        handler,
+        service="test",
+        stop=stop,
+        consumer_factory=broker.consumer,
+        producer_factory=broker.producer,
+    )
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    send(broker, [(b"k0", 0)])
+    wait_until(lambda: errors, message="handler ran")
+    stop.set()
+    thread.join(30)
+    assert "keeps no state" in errors[0]
+
+
+def test_a_replaced_producer_restores_the_state_again(tmp_path: Path) -> None:
+    """commit_transaction hangs: the loop replaces the producer (fencing the wedged one,
+    whose transaction may or may not have committed) and restores every partition's state
+    from the changelog again before handling more records."""
+    broker = new_broker()
+    rig = StateRig(broker, tmp_path, transaction_timeout_s=0.2)
+    send(broker, [(b"k0", 0)] * 3 + [(b"k1", 1)] * 3)
+    wedged: Any = rig.loop._client.producer
+    release = wedged.hang("commit_transaction")
+    rig.start()
+    try:
+        wait_until(lambda: rig.loop.stats.aborts >= 1, timeout_s=30, message="replaced")
+    finally:
+        release.set()
+    send(broker, [(b"k0", 0)] * 2)
+    wait_until(lambda: committed_all(broker), message="committed")
+    rig.finish()
+    assert_consistent(broker, {b"k0": 5, b"k1": 3})
+    assert changelog_values(broker)[(0, b"count/k0")] == b"5"

@@ -44,13 +44,14 @@ from libs.kafka import (
     TopicSpec,
     plain_produce,
 )
-from libs.runtime import seconds_since
+from libs.runtime import StartRefusedError, seconds_since
 from libs.serde import (
     CsdrAssignment,
     SchemaRegistry,
     SlackUser,
 )
-from libs.state.changelog import changelog_specs
+from libs.state.changelog import ensure_changelogs
+from libs.state.errors import ChangelogTopicError
 from libs.state.stores import StateStores
 from libs.tables import GlobalTable, avro_table, bootstrap_all
 from services.common.settings import CommonSettings, TopicSettings
@@ -233,20 +234,28 @@ class Enricher:
         }
 
     def topics(self) -> list[TopicSpec]:
-        """Every CONTRACT topic, dead-letter topics included; the lifecycle's changelogs."""
-        specs = self._topics.all_specs()
-        if self.lifecycle is not None:
-            # one changelog partition per input partition: the inputs are the project's topics
-            inputs = dict.fromkeys(self._pipelines, self._topics.partitions)
-            specs += changelog_specs(
-                self._settings.group_id,
-                inputs,
-                replication_factor=self._topics.replication_factor,
-            )
-        return specs
+        """Every CONTRACT topic, dead-letter topics included."""
+        return self._topics.all_specs()
 
     def prepare(self) -> None:
-        """Nothing to check before the registry answers."""
+        """The lifecycle's changelogs, one partition per partition of each input topic.
+
+        Created here, once the input topics exist: their partition counts are read from the
+        cluster (an input topic created elsewhere keeps its own count).
+        """
+        if self.lifecycle is None:
+            return
+        try:
+            created = ensure_changelogs(
+                self._kafka.client_config(),
+                self._settings.group_id,
+                list(self._pipelines),
+                replication_factor=self._topics.replication_factor,
+            )
+        except ChangelogTopicError as exc:
+            raise StartRefusedError(f"lifecycle state changelog: {exc}") from exc
+        if created:
+            log.info("created changelog topics", extra={"topics": created})
 
     def bootstrap(self) -> None:
         """The gate: both tables loaded up to the high watermarks of the start."""

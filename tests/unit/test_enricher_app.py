@@ -79,30 +79,45 @@ def test_loop_producer_reports_only_failed_deliveries_and_still_sees_them() -> N
         client.flush()
 
 
-def test_topics_include_the_lifecycle_changelogs_only_when_it_runs() -> None:
+def test_prepare_creates_the_lifecycle_changelogs_only_when_it_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from types import SimpleNamespace
     from typing import Any
 
+    from libs.kafka import KafkaSettings
+    from libs.runtime import StartRefusedError
+    from libs.state.errors import ChangelogTopicError
     from services.common.settings import TopicSettings
-    from services.enricher.app import Enricher, lifecycle_config
+    from services.enricher import app
     from services.enricher.pipelines import PIPELINES
     from services.enricher.settings import EnricherSettings
 
     topics = TopicSettings(partitions=4, replication_factor=1)
     pipelines = {str(getattr(topics, p.source_topic_setting)): p for p in PIPELINES}
+    calls: list[tuple[str, list[str], int]] = []
 
-    def specs(settings: EnricherSettings) -> dict[str, Any]:
+    def ensure(conf: Any, group: str, inputs: list[str], *, replication_factor: int) -> list[str]:
+        calls.append((group, inputs, replication_factor))
+        if group == "bad":
+            raise ChangelogTopicError("changelog topic x has 2 partitions, fewer than the 4")
+        return [f"{group}-{t}-changelog" for t in inputs]
+
+    monkeypatch.setattr(app, "ensure_changelogs", ensure)
+
+    def prepare(settings: EnricherSettings) -> None:
         stand_in: Any = SimpleNamespace(
             _topics=topics,
             _settings=settings,
             _pipelines=pipelines,
-            lifecycle=lifecycle_config(settings, PIPELINES),
+            _kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+            lifecycle=app.lifecycle_config(settings, PIPELINES),
         )
-        return {s.name: s for s in Enricher.topics(stand_in)}
+        app.Enricher.prepare(stand_in)
 
-    on = specs(EnricherSettings(group_id="g"))
-    changelogs = {n: s for n, s in on.items() if n.endswith("-changelog")}
-    assert set(changelogs) == {f"g-{t}-changelog" for t in pipelines}
-    assert all(s.compacted and s.partitions == 4 for s in changelogs.values())
-    off = specs(EnricherSettings(group_id="g", dedup_window_s=0, park_ttl_s=0))
-    assert set(off) == set(on) - set(changelogs)
+    prepare(EnricherSettings(group_id="g"))
+    assert calls == [("g", list(pipelines), 1)]
+    prepare(EnricherSettings(group_id="g", dedup_window_s=0, park_ttl_s=0))
+    assert len(calls) == 1  # no lifecycle, no state, no changelogs
+    with pytest.raises(StartRefusedError, match="fewer than the 4"):
+        prepare(EnricherSettings(group_id="bad"))

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 from confluent_kafka import KafkaError
+from prometheus_client import REGISTRY
 
 from libs.kafka import ClientCallTimeoutError, DeliveryError
 from libs.serde import SlackDeliveryReceipt
@@ -284,7 +285,13 @@ def _update_ids(rig: SinkRig, original: str) -> list[str]:
     return ids
 
 
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def test_an_original_and_four_updates_are_one_post_and_four_updates_of_its_ts() -> None:
+    calls_before = _sample("notifier_slack_calls_total", method="chat.update", result="updated")
+    updated_before = _sample("notifier_messages_total", outcome="updated")
     rig = SinkRig().start()
     rig.send([message(1, "C1"), *(update(10 + n, 1, "C1", n) for n in range(1, 5))])
     wait_until(rig.all_committed, timeout_s=20, message="all committed")
@@ -302,6 +309,9 @@ def test_an_original_and_four_updates_are_one_post_and_four_updates_of_its_ts() 
         assert (r.status, r.slack_ts, r.channel, r.attempts) == ("DELIVERED", post.ts, "C1", 1)
     assert (stats.posts, stats.updates, stats.delivered, stats.updated) == (1, 4, 1, 4)
     assert len(rig.markers) == 0
+    calls = _sample("notifier_slack_calls_total", method="chat.update", result="updated")
+    assert calls - calls_before == 4
+    assert _sample("notifier_messages_total", outcome="updated") - updated_before == 4
 
 
 def test_an_update_waits_for_its_originals_receipt_then_updates_it() -> None:

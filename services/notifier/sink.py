@@ -14,10 +14,18 @@ Offsets
     message is skipped (a final receipt exists). A dead letter is produced before its receipt,
     and the receipt only once the letter is acknowledged: a final receipt makes the message
     skipped on every replay, so it must never be on the topic without its letter. Per
-    partition the contiguous prefix of finished
-    offsets is committed every ``commit_interval_s``, on revoke and on stop. A crash replays
+    partition the contiguous prefix of finished offsets is committed every
+    ``commit_interval_s``, on revoke and on stop. A crash replays
     only unfinished messages, and the receipts table plus the in-doubt markers keep the replay
     from posting twice.
+
+Updates
+    An update (``SlackMessage.update_of``) is a ``chat.update`` of the ts its original's
+    receipt records (``core.next_update``), with a marker before the call as for a post. While
+    the original has no receipt the update stays at the head of its channel (later updates of
+    the same original must not overtake it) and the channel is looked at again every
+    ``RetryPolicy.update_recheck_s``; other channels and polling go on. Its offset is not
+    finished meanwhile, so the partition's commits wait for it (at most ``update_wait_s``).
 
 Pausing, never sleeping
     The loop keeps polling the consumer all the time; it only ever waits inside ``consume()``
@@ -462,6 +470,9 @@ class SinkLoop:
                 original=self._original(item.message),
             )
             if isinstance(action, core.Wait):
+                item.delivery = action.delivery
+                if self._original_behind(channel, entry):
+                    continue
                 self._wait(channel, entry, action, first=not waiting)
                 return
             if isinstance(action, Finish):
@@ -482,6 +493,27 @@ class SinkLoop:
     def _original(self, message: SlackMessage) -> SlackDeliveryReceipt | None:
         """The receipt of the message an update applies to (None for a post)."""
         return None if message.update_of is None else self._table.get(message.update_of)
+
+    def _original_behind(self, channel: _Channel, entry: _Entry) -> bool:
+        """Move the update's original to the front when it is queued behind the update.
+
+        Upstream orders an original before its updates; if it ever does not, the update would
+        wait for a receipt that only the message behind it can produce, and fail after
+        ``update_wait_s`` while the original stays stuck behind it.
+        """
+        update_of = entry.item.message.update_of
+        behind = next(
+            (e for e in channel.queue if e is not entry and e.item.message.message_id == update_of),
+            None,
+        )
+        if behind is None:
+            return False
+        log.warning(
+            "the original of the update is queued behind it, posting the original first",
+            extra=_ids(entry, update_of=update_of),
+        )
+        self.scheduler.move_to_front(channel, behind)
+        return True
 
     def _wait(self, channel: _Channel, entry: _Entry, action: core.Wait, *, first: bool) -> None:
         """The update's original has no receipt yet: the channel looks again later."""

@@ -356,6 +356,29 @@ def test_an_update_waits_for_its_originals_receipt_then_updates_it() -> None:
     assert (stats.posts, stats.updated, stats.update_waits) == (1, 1, 1)  # C2's post
 
 
+def test_an_update_queued_before_its_original_lets_the_original_go_first() -> None:
+    """Upstream orders an original before its updates. If it ever did not, the update at the
+    head of the channel would wait for a receipt that only the message behind it can give,
+    fail after the wait bound, and the original would post after its update was lost."""
+    rig = SinkRig(partitions=1)
+    rig.config = replace(
+        rig.config, policy=RetryPolicy(backoff_base_s=0.01, backoff_max_s=0.05, update_wait_s=30)
+    )
+    rig.start()
+    rig.send([update(2, 1, "C1"), message(3, "C1"), message(1, "C1")])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    receipts = rig.receipts()
+    assert {receipts[m].status for m in ("m1", "m1-u1", "m3")} == {"DELIVERED"}
+    assert _update_ids(rig, "m1") == ["m1-u1"]
+    assert [c for c in rig.slack.calls if c[0] != "history"] == [
+        ("post", "C1"),
+        ("update", "C1"),
+        ("post", "C1"),
+    ]
+    assert (stats.posts, stats.updated, stats.update_waits) == (2, 1, 0)
+
+
 def test_an_update_whose_original_never_comes_fails_with_a_dead_letter_and_never_posts() -> None:
     rig = SinkRig(partitions=1)
     rig.config = replace(

@@ -17,6 +17,10 @@ One message goes through these steps (``Delivery`` is its state):
    ``Retry-After`` or capped exponential backoff with jitter), the next step (``Proceed``), or
    ``Fatal`` for errors that condemn every message alike (a revoked token).
 
+Which failures leave a post in doubt follows Slack's own error descriptions: ``internal_error``
+and ``fatal_error`` say "it's possible some aspect of the operation succeeded", HTTP 5xx and a
+read timeout give no answer at all; a 429 or ``service_unavailable`` means Slack did nothing.
+
 Updates (``SlackMessage.update_of`` names the original, always the first post) never become
 posts. ``next_action`` is given the original's receipt from the receipts table:
 
@@ -38,10 +42,6 @@ checked first (``Step.CHECK_UPDATE``, ``after_update_check``): the metadata of t
 the channel's FIFO, so "it names this update" is exactly "this update was applied". A check
 that cannot be made (no access, retries exhausted) applies the update again: an edit to the same
 content is invisible, a lost update is not (counted as unverified).
-
-Which failures leave a post in doubt follows Slack's own error descriptions: ``internal_error``
-and ``fatal_error`` say "it's possible some aspect of the operation succeeded", HTTP 5xx and a
-read timeout give no answer at all; a 429 or ``service_unavailable`` means Slack did nothing.
 """
 
 from __future__ import annotations

@@ -714,6 +714,38 @@ def test_kill_9_mid_update_then_restart_applies_no_update_twice_and_loses_none(
     assert restarted.logged("in-doubt update found applied, not updating again")
 
 
+def test_update_errors_retry_or_fail_as_posts_do_and_never_post(h: Harness) -> None:
+    flaky, gone = h.message(1, "D0FLAKYU"), h.message(2, "D0GONEU")
+    notifier = h.start()
+    h.send([flaky, gone])
+    receipts = h.receipts_read(2)
+    # D0FLAKYU: 429, then a 500 (in doubt: the message is read before the next try), then ok.
+    # D0GONEU: the original was deleted in Slack, the update cannot be applied.
+    h.fake.rate_limit("D0FLAKYU", retry_after_s=1, method="chat.update")
+    h.fake.server_error("D0FLAKYU", status=500, method="chat.update")
+    h.fake.delete("D0GONEU", str(receipts[gone.message_id].slack_ts))
+    h.send([h.update(flaky, 1), h.update(gone, 1)])
+    receipts = h.receipts_read(4)
+    assert notifier.stop() == 0
+
+    ok = receipts[f"{flaky.message_id}-u1"]
+    assert (ok.status, ok.attempts, ok.slack_ts) == (
+        "DELIVERED",
+        3,
+        receipts[flaky.message_id].slack_ts,
+    )
+    assert [c.status for c in h.fake.calls("chat.update", "D0FLAKYU")] == [429, 500, 200]
+    assert len(h.fake.calls("conversations.history", "D0FLAKYU")) == 1
+    failed = receipts[f"{gone.message_id}-u1"]
+    assert (failed.status, failed.error) == ("FAILED", "message_not_found")
+    [dead] = h.dead_letters(1)
+    assert dict(dead.headers() or [])["dlq.error.message"] == b"message_not_found"
+    assert len(h.fake.calls("chat.update", "D0GONEU")) == 1
+    assert h.fake.update_counts() == {f"{flaky.message_id}-u1": 1}
+    assert h.fake.post_counts() == {flaky.message_id: 1, gone.message_id: 1}
+    assert len(h.fake.calls("chat.postMessage")) == 2
+
+
 def test_dry_run_updates_write_dry_run_receipts(h: Harness) -> None:
     notifier = h.start(NOTIFIER_SLACK_BOT_TOKEN="<unset>")
     original = h.message(1, "C1")

@@ -34,6 +34,7 @@ from libs.kafka.loop import (
     LoopConfig,
     LoopStats,
     ProcessingLoop,
+    Punctuator,
     RetryLater,
 )
 from libs.kafka.producer import ProducerClient, TransactionAbortedError
@@ -66,6 +67,7 @@ __all__ = [
     "OffsetTracker",
     "ProcessingLoop",
     "ProducerClient",
+    "Punctuator",
     "RetryLater",
     "SecurityProtocol",
     "TopicError",

@@ -25,6 +25,14 @@ with the record's coordinates, and Kubernetes restarts the process, which replay
 last checkpoint. Every blocking producer and consumer call is bounded (``call_bounded``): a
 client that does not answer in time is wedged. A wedged transactional producer is replaced in
 place (``_replace_producer``); any other wedged client stops the loop rather than hang it.
+
+State (``state``, ``libs.state.stores.StateStores``): handlers read and write the state of the
+partition of the record they handle (``Emitter.state``). The checkpoint produces the
+interval's state writes to the changelog before the offsets (in the same transaction, with
+exactly-once) and writes them to the local stores only once committed; a rollback drops them.
+Assigned partitions stay paused until their state is restored, between polls of the group
+consumer. ``punctuate`` runs every ``punctuate_interval_s`` with the state of every restored
+partition; what it produces and writes is committed with the next checkpoint.
 """
 
 from __future__ import annotations
@@ -32,10 +40,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter, Gauge
@@ -52,6 +60,10 @@ from libs.kafka.ports import ConsumerFactory, ConsumerPort, ProducerFactory
 from libs.kafka.producer import ProducerClient, TransactionAbortedError
 from libs.runtime.heartbeat import beat
 from libs.serde import DeserializationError
+from libs.state import KeyValueState
+
+if TYPE_CHECKING:  # the loop runs without state too: rocksdict is imported only when used
+    from libs.state.stores import StateStores
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +100,15 @@ class Emitter(Protocol):
         self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None
     ) -> None: ...
 
+    @property
+    def state(self) -> KeyValueState:
+        """The state of the partition of the record being handled (RuntimeError without)."""
+        ...
+
 
 Handler = Callable[[Message, Emitter], None]
+#: (state of every assigned and restored partition, an emitter, wall-clock epoch seconds)
+Punctuator = Callable[[Mapping[tuple[str, int], KeyValueState], Emitter, float], None]
 
 
 @dataclass
@@ -112,6 +131,8 @@ class LoopConfig:
     #: wedged transactional producers replaced in place within 10 minutes before the loop
     #: gives up (exits non-zero)
     max_producer_replacements: int = 3
+    #: how often the punctuator runs (wall-clock driven work: windows closing, parks expiring)
+    punctuate_interval_s: float = 1.0
 
 
 @dataclass
@@ -137,6 +158,15 @@ class _Out:
     ) -> None:
         self._loop._produce(topic, key=key, value=value, headers=headers)
 
+    @property
+    def state(self) -> KeyValueState:
+        loop = self._loop
+        if loop._state is None:
+            raise RuntimeError("this loop keeps no state (ProcessingLoop(state=...))")
+        if loop._current is None:
+            raise RuntimeError("no record is being handled: a punctuator gets the states")
+        return loop._state.state(loop._current)
+
 
 class ProcessingLoop:
     """Runs ``handler`` over every record of ``config.topics`` until ``stop`` is set."""
@@ -154,6 +184,8 @@ class ProcessingLoop:
         on_idle: Callable[[], None] | None = None,
         consumer_factory: ConsumerFactory = Consumer,
         producer_factory: ProducerFactory = Producer,
+        state: StateStores | None = None,
+        punctuate: Punctuator | None = None,
     ) -> None:
         self.config = config
         self.stats = LoopStats()
@@ -194,6 +226,11 @@ class ProcessingLoop:
         self._last_checkpoint = time.monotonic()
         self._paused_until: float | None = None
         self.last_poll = time.monotonic()
+        self._state = state
+        self._punctuate = punctuate
+        self._last_punctuate = time.monotonic()
+        #: the partition of the record being handled (``Emitter.state``)
+        self._current: tuple[str, int] | None = None
 
     def _new_client(self) -> ProducerClient:
         return ProducerClient(
@@ -222,8 +259,13 @@ class ProcessingLoop:
 
         ``in_rebalance``: called from the revoke callback (``ConsumerClient.commit``).
         """
-        if self._pending or self._client.in_transaction:
+        state = self._state
+        if self._pending or self._client.in_transaction or (state is not None and state.dirty):
             offsets = self._offsets()
+            if state is not None:
+                if self._eos:
+                    offsets += self._fencing_offsets(state.dirty_partitions())
+                state.write_changelog(self._produce_changelog)
             if self._eos:
                 try:
                     self._client.commit(offsets, self._consumer.consumer_group_metadata())
@@ -235,6 +277,8 @@ class ProcessingLoop:
                     return
             else:
                 self._flush_and_commit(offsets, in_rebalance=in_rebalance)
+            if state is not None:
+                state.commit()  # only now: local state never holds what was not committed
             self._pending.clear()
             self._base.clear()
             self._uncommitted = 0
@@ -244,6 +288,32 @@ class ProcessingLoop:
         if self._on_checkpoint is not None:
             self._on_checkpoint()
         self._last_checkpoint = time.monotonic()
+
+    def _fencing_offsets(self, written: list[tuple[str, int]]) -> list[TopicPartition]:
+        """Positions of partitions whose state changed without a record handled (punctuation).
+
+        Offsets in the transaction are what fences a zombie (KIP-447): the coordinator
+        refuses them from a member of an old generation, and the transaction aborts. A
+        transaction with state writes but no offsets would commit even after the partition
+        moved to another member, whose restored state it would then contradict. Unhandled
+        records have been rolled back, so the position is the next record to handle. A
+        partition that has returned no record since it was assigned has no position yet
+        (librdkafka): its writes go unfenced, as the loop has nothing of its own to commit.
+        """
+        idle = [TopicPartition(t, p) for t, p in written if (t, p) not in self._pending]
+        if not idle:
+            return []
+        return [tp for tp in self._consumer.position(idle) if tp.offset >= 0]
+
+    def _produce_changelog(
+        self,
+        topic: str,
+        partition: int,
+        key: bytes,
+        value: bytes | None,
+        on_delivered: Callable[[Message], None],
+    ) -> None:
+        self._client.produce(topic, key, value, partition=partition, on_delivered=on_delivered)
 
     def _flush_and_commit(self, offsets: list[TopicPartition], *, in_rebalance: bool) -> None:
         try:
@@ -270,6 +340,8 @@ class ProcessingLoop:
                 raise
             self._replace_producer(str(exc))
             return
+        if self._state is not None:
+            self._state.abort()
         self._rewind()
         self._pending.clear()
         self._uncommitted = 0
@@ -322,6 +394,9 @@ class ProcessingLoop:
             # nothing committed yet: back to the first record received since assignment
             offset = tp.offset if tp.offset >= 0 else self._base[(tp.topic, tp.partition)]
             self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        if self._state is not None:
+            # the changelog may hold the abandoned transaction's writes: restore again
+            self._consumer.pause([TopicPartition(t, p) for t, p in self._state.invalidate()])
         self._pending.clear()
         self._base.clear()
         self._uncommitted = 0
@@ -341,16 +416,26 @@ class ProcessingLoop:
         )
         if self._paused_until is not None:
             consumer.pause(partitions)
+        if self._state is not None:
+            # no record of these is handled before their state is restored (and the pause
+            # may not hold here: see _drop_unrestored)
+            consumer.pause(partitions)
+            self._state.assigned([(tp.topic, tp.partition) for tp in partitions])
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.info(
             "partitions revoked",
             extra={"loop": self.config.name, "partitions": partition_names(partitions)},
         )
+        revoked = [(tp.topic, tp.partition) for tp in partitions]
         if self._failed:
+            if self._state is not None:
+                self._state.lost(revoked)
             return  # stopping on an error: the next owner replays from the last checkpoint
         # Commit before the partitions move: their next owner starts from our offsets.
         self.checkpoint(in_rebalance=True)
+        if self._state is not None:
+            self._state.revoked(revoked)
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.warning(
@@ -363,6 +448,8 @@ class ProcessingLoop:
         self._base = {k: v for k, v in self._base.items() if k not in lost}
         if self._client.in_transaction:
             self._rollback("partitions lost")
+        if self._state is not None:
+            self._state.lost(lost)
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> LoopStats:
@@ -410,16 +497,22 @@ class ProcessingLoop:
         self.last_poll = now
         beat(self.config.name)
         if self._paused_until is not None and now >= self._paused_until:
-            self._consumer.resume(self._consumer.assignment())
+            self._consumer.resume(self._resumable(self._consumer.assignment()))
             self._paused_until = None
         if self._on_idle is not None:
             self._on_idle()
+        poll_timeout = self.config.poll_timeout_s
+        if self._state is not None and self._state.restoring:
+            self._restore_step()
+            poll_timeout = 0.0  # restoring is the work: the poll only keeps the member alive
         # Wait for the first record only, then take whatever else is already fetched:
         # consume(n, timeout) would hold a partial batch for the whole timeout at low rates.
-        first = self._consumer.poll(self.config.poll_timeout_s)
+        first = self._consumer.poll(poll_timeout)
         msgs = (
             [] if first is None else [first, *self._consumer.consume(self.config.batch_size - 1, 0)]
         )
+        if self._state is not None and self._state.restoring:  # after the poll: it assigns
+            msgs = self._drop_unrestored(msgs)
         # Every partition we received records from now has a rewind target, handled or not: a
         # rollback below must return the unhandled rest of this batch too (see module doc).
         for msg in msgs:
@@ -437,25 +530,92 @@ class ProcessingLoop:
             try:
                 self._handle(msg)
             except RetryLater as retry:
-                self._rollback(f"retry later: {retry}")
-                self._consumer.pause(self._consumer.assignment())
-                self._paused_until = time.monotonic() + retry.delay_s
-                log.warning(
-                    "pausing",
-                    extra={
-                        "loop": self.config.name,
-                        "reason": str(retry),
-                        "delay_s": retry.delay_s,
-                        "discarded": len(msgs) - i,
-                    },
-                )
+                self._retry_later(retry, discarded=len(msgs) - i)
                 return
+        if (
+            self._punctuate is not None
+            and self._paused_until is None  # a dependency is down: the punctuator waits too
+            and now - self._last_punctuate >= self.config.punctuate_interval_s
+        ):
+            self._last_punctuate = now
+            self._run_punctuator()
         self._client.poll()
         if (
             self._uncommitted >= self.config.max_uncommitted
             or time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
         ):
             self.checkpoint()
+
+    def _retry_later(self, retry: RetryLater, *, discarded: int) -> None:
+        self._rollback(f"retry later: {retry}")
+        self._consumer.pause(self._consumer.assignment())
+        self._paused_until = time.monotonic() + retry.delay_s
+        log.warning(
+            "pausing",
+            extra={
+                "loop": self.config.name,
+                "reason": str(retry),
+                "delay_s": retry.delay_s,
+                "discarded": discarded,
+            },
+        )
+
+    # -- state -----------------------------------------------------------------------------
+    def _resumable(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """``partitions`` without those whose state is still being restored."""
+        if self._state is None:
+            return partitions
+        state = self._state
+        return [tp for tp in partitions if state.is_ready((tp.topic, tp.partition))]
+
+    def _restore_step(self) -> None:
+        assert self._state is not None
+        ready = self._state.restore()
+        if ready and self._paused_until is None:
+            # still paused for a RetryLater: resumed with the rest when the pause ends
+            self._consumer.resume([TopicPartition(t, p) for t, p in ready])
+
+    def _drop_unrestored(self, msgs: list[Message]) -> list[Message]:
+        """Never hand a record of a partition whose state is not restored to the handler.
+
+        The pause in ``_on_assign`` does not hold for a partition the consumer has not known
+        before: librdkafka ignores a pause of a partition it keeps no state for yet, and the
+        assignment made after the callback starts fetching it (seen on the real broker).
+        So every partition still restoring is paused again here, after the poll that
+        assigned it, and records already fetched are not consumed: the partition is sought
+        back to the first of them, to be fetched again once restored.
+        """
+        assert self._state is not None
+        state = self._state
+        self._consumer.pause([TopicPartition(t, p) for t, p in state.restoring_partitions()])
+        keep: list[Message] = []
+        back: dict[tuple[str, int], int] = {}
+        for msg in msgs:
+            if msg.error() is None:
+                tp = (str(msg.topic()), int(msg.partition() or 0))
+                if not state.is_ready(tp):
+                    back.setdefault(tp, int(msg.offset() or 0))
+                    continue
+            keep.append(msg)
+        for (topic, partition), offset in back.items():
+            log.info(
+                "records of a partition still restoring were fetched; sought back",
+                extra={"loop": self.config.name, "partition": f"{topic}[{partition}]"},
+            )
+            self._consumer.seek(TopicPartition(topic, partition, offset))
+        return keep
+
+    def _run_punctuator(self) -> None:
+        assert self._punctuate is not None
+        states = self._state.states() if self._state is not None else {}
+        try:
+            self._punctuate(states, self._out, time.time())
+        except RetryLater as retry:
+            self._retry_later(retry, discarded=0)
+        except FatalLoopError:
+            raise
+        except Exception as exc:
+            raise FatalLoopError(f"punctuator failed: {type(exc).__name__}: {exc}") from exc
 
     def _handle(self, msg: Message) -> None:
         topic, partition, offset = (
@@ -470,6 +630,7 @@ class ProcessingLoop:
         if counter is None:
             counter = self._in_counters[topic] = RECORDS_IN.labels(self.config.name, topic)
         counter.inc()
+        self._current = key
         try:
             self._handler(msg, self._out)
         except (RetryLater, FatalLoopError):
@@ -494,6 +655,8 @@ class ProcessingLoop:
             raise FatalLoopError(
                 f"handler failed on {topic}[{partition}]@{offset}: {type(exc).__name__}: {exc}"
             ) from exc
+        finally:
+            self._current = None
         self._pending[key] = offset + 1
         self._uncommitted += 1
 
@@ -502,10 +665,17 @@ class ProcessingLoop:
         # state after a broker outage, say): log them instead. A wedged client is not called
         # again; each step gets ``close_timeout_s``, so closing never hangs the process.
         bound = self.config.close_timeout_s
-        for problem in self._client.close(bound):
-            log.error(problem, extra={"loop": self.config.name})
-        if self._client.wedged:
-            log.error("a client is wedged; consumer not closed", extra={"loop": self.config.name})
-            return
-        for problem in self._consumer_client.close(bound):
-            log.error(problem, extra={"loop": self.config.name})
+        try:
+            for problem in self._client.close(bound):
+                log.error(problem, extra={"loop": self.config.name})
+            if self._client.wedged:
+                log.error(
+                    "a client is wedged; consumer not closed", extra={"loop": self.config.name}
+                )
+                return
+            for problem in self._consumer_client.close(bound):
+                log.error(problem, extra={"loop": self.config.name})
+        finally:
+            if self._state is not None:
+                # after the consumer: its close revokes, and the revoke's checkpoint commits
+                self._state.close()

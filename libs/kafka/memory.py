@@ -13,7 +13,15 @@ against the real client on a real broker:
 * fetch positions start at the group's committed offset, else at ``auto.offset.reset``;
   ``pause``/``resume``/``seek``/``position`` act on the member's own assignment;
 * ``read_committed`` consumers stop at the first record of an open transaction (the last
-  stable offset) and skip aborted records; ``read_uncommitted`` ones see everything;
+  stable offset) and skip aborted records; ``read_uncommitted`` ones see everything; the
+  high watermark a consumer is told (``get_watermark_offsets``) follows its isolation level
+  too: the last stable offset under ``read_committed``, the log end otherwise, as Kafka's
+  ``ListOffsets`` does;
+* ``delete_records`` raises a partition's low watermark (retention, ``DeleteRecords``); a fetch
+  position below it moves up to it;
+* group-less consumers: ``assign``/``incremental_assign``/``incremental_unassign`` take
+  partitions with explicit offsets (``OFFSET_BEGINNING``/``OFFSET_END`` too), as a restore
+  consumer does; ``list_topics`` answers partition counts;
 * producers deliver on ``poll``/``flush`` (delivery reports run there, as librdkafka's do);
   ``init_transactions`` fences an earlier producer with the same ``transactional.id`` and
   aborts its open transaction; ``send_offsets_to_transaction`` offsets are committed with the
@@ -39,7 +47,19 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    ClusterMetadata,
+    PartitionMetadata,
+    TopicMetadata,
+)
 
 from libs.kafka.ports import DeliveryCallback, HeadersArg, RebalanceCallback
 
@@ -109,6 +129,8 @@ class InMemoryBroker:
         # Reentrant: a delivery report or rebalance callback may call back into the broker.
         self.cond = threading.Condition(threading.RLock())
         self._logs: dict[TP, list[_Record]] = {}
+        #: first offset still in the log per partition (``delete_records`` raises it)
+        self._low: dict[TP, int] = {}
         self._partitions: dict[str, int] = {}
         self._groups: dict[str, _Group] = {}
         self._txn_owner: dict[str, InMemoryProducer] = {}
@@ -135,6 +157,27 @@ class InMemoryBroker:
         """The high watermark: one past the last offset (markers included)."""
         with self.cond:
             return len(self._logs[(topic, partition)])
+
+    def stable_offset(self, topic: str, partition: int) -> int:
+        """The last stable offset: the first record of an open transaction, else the end."""
+        with self.cond:
+            log = self._logs[(topic, partition)]
+            for offset in range(self._low.get((topic, partition), 0), len(log)):
+                txn = log[offset].txn
+                if txn is not None and txn.state == "open":
+                    return offset
+            return len(log)
+
+    def low_offset(self, topic: str, partition: int) -> int:
+        """The low watermark: the first offset still in the log."""
+        with self.cond:
+            return self._low.get((topic, partition), 0)
+
+    def delete_records(self, topic: str, partition: int, before: int) -> None:
+        """Delete every record below ``before`` (the low watermark moves there)."""
+        with self.cond:
+            tp = (topic, partition)
+            self._low[tp] = max(self._low.get(tp, 0), min(before, len(self._logs[tp])))
 
     def records(self, topic: str, *, committed_only: bool = True) -> list[Message]:
         """Every visible record of ``topic``, partition by partition, for assertions."""
@@ -246,6 +289,8 @@ class InMemoryConsumer(_Faults):
         self._lost = False
         self._closed = False
         self._rr = 0
+        #: assigned with ``assign``: never a group member, never rebalanced
+        self._manual = False
         self._on_assign: RebalanceCallback | None = None
         self._on_revoke: RebalanceCallback | None = None
         self._on_lost: RebalanceCallback | None = None
@@ -323,6 +368,67 @@ class InMemoryConsumer(_Faults):
         with self._broker.cond:
             return _tps(self._assigned)
 
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        """Own exactly ``partitions`` outside any group, from their given offsets."""
+        with self._broker.cond:
+            self._assigned.clear()
+            self._positions.clear()
+            self._paused.clear()
+        self.incremental_assign(partitions)
+
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        """Add ``partitions`` (group-less), each from its offset."""
+        self._check_open()
+        with self._broker.cond:
+            if self._topics:
+                raise KafkaException(KafkaError(KafkaError._STATE, "assign after subscribe"))
+            self._manual = True
+            for p in partitions:
+                tp = (p.topic, p.partition)
+                if tp not in self._broker._logs:
+                    raise KafkaException(
+                        KafkaError(KafkaError._UNKNOWN_PARTITION, f"unknown partition {tp}")
+                    )
+                self._assigned.add(tp)
+                if p.offset == OFFSET_BEGINNING:
+                    self._positions[tp] = self._broker._low.get(tp, 0)
+                elif p.offset == OFFSET_END:
+                    self._positions[tp] = len(self._broker._logs[tp])
+                elif p.offset >= 0:
+                    self._positions[tp] = p.offset
+                else:
+                    self._positions.pop(tp, None)
+            self._broker.cond.notify_all()
+
+    def incremental_unassign(self, partitions: list[TopicPartition]) -> None:
+        """Drop ``partitions`` from a group-less assignment."""
+        with self._broker.cond:
+            for p in partitions:
+                tp = (p.topic, p.partition)
+                self._assigned.discard(tp)
+                self._paused.discard(tp)
+                self._positions.pop(tp, None)
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> ClusterMetadata:
+        """Metadata of ``topic`` (or every topic): partition counts only."""
+        self._fault("list_topics")
+        meta = ClusterMetadata()
+        with self._broker.cond:
+            names = [topic] if topic is not None else sorted(self._broker._partitions)
+            for name in names:
+                tmeta = TopicMetadata()
+                tmeta.topic = name
+                count = self._broker._partitions.get(name)
+                if count is None:
+                    tmeta.error = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+                    count = 0
+                for p in range(count):
+                    pmeta = PartitionMetadata()
+                    pmeta.id = p
+                    tmeta.partitions[p] = pmeta
+                meta.topics[name] = tmeta
+        return meta
+
     # -- fetching ------------------------------------------------------------------------------
     def poll(self, timeout: float = -1) -> Message | None:
         msgs = self.consume(1, timeout)
@@ -351,7 +457,8 @@ class InMemoryConsumer(_Faults):
             return out
         self._rr = (self._rr + 1) % len(tps)
         for tp in tps[self._rr :] + tps[: self._rr]:
-            position = self._position(tp)
+            # records below the low watermark are gone: a fetch there resumes at the first kept
+            position = max(self._position(tp), self._broker._low.get(tp, 0))
             log = self._broker._logs[tp]
             while len(out) < limit and position < len(log):
                 rec = log[position]
@@ -373,7 +480,7 @@ class InMemoryConsumer(_Faults):
             if committed is not None:
                 position = committed
             elif self._reset == "earliest":
-                position = 0
+                position = self._broker._low.get(tp, 0)
             else:
                 position = len(self._broker._logs[tp])
             self._positions[tp] = position
@@ -413,8 +520,13 @@ class InMemoryConsumer(_Faults):
     def get_watermark_offsets(
         self, partition: TopicPartition, timeout: float = -1, cached: bool = False
     ) -> tuple[int, int]:
-        # The log keeps every record (no retention), so the low watermark is always 0.
-        return 0, self._broker.end_offset(partition.topic, partition.partition)
+        topic, p = partition.topic, partition.partition
+        high = (
+            self._broker.stable_offset(topic, p)
+            if self._read_committed
+            else self._broker.end_offset(topic, p)
+        )
+        return self._broker.low_offset(topic, p), high
 
     # -- commits -------------------------------------------------------------------------------
     def commit(

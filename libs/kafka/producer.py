@@ -77,11 +77,11 @@ class ProducerClient:
         if err is not None:
             self.delivery_errors.append(f"{msg.topic()}: {err.str()}")
 
-    def _reporter(self, on_acked: Callable[[], None]) -> OnDelivery:
+    def _reporter(self, on_acked: Callable[[Message], None]) -> OnDelivery:
         def report(err: KafkaError | None, msg: Message) -> None:
             self._on_delivery(err, msg)
             if err is None:
-                on_acked()
+                on_acked(msg)
 
         return report
 
@@ -93,12 +93,14 @@ class ProducerClient:
         headers: Headers = None,
         on_acked: Callable[[], None] | None = None,
         partition: int | None = None,
+        on_delivered: Callable[[Message], None] | None = None,
     ) -> None:
         """Produce one record (opening a transaction first when transactional).
 
         ``on_acked`` runs (in ``poll``/``flush``) once the broker acknowledged the record; a
         delivery error is recorded instead (``delivery_errors``, raised by ``flush`` and
-        ``check_delivery``). ``partition`` pins the record to a partition; by default the
+        ``check_delivery``). ``on_delivered`` is the same with the acknowledged record (its
+        partition and offset). ``partition`` pins the record to a partition; by default the
         partitioner picks one.
 
         A full local queue is waited out by serving delivery reports, for at most
@@ -107,7 +109,12 @@ class ProducerClient:
         """
         if self.transactional and not self.in_transaction:
             self.begin()
-        report = self._on_delivery if on_acked is None else self._reporter(on_acked)
+        report: OnDelivery = self._on_delivery
+        if on_acked is not None:
+            acked = on_acked
+            report = self._reporter(lambda _msg: acked())
+        elif on_delivered is not None:
+            report = self._reporter(on_delivered)
         deadline: float | None = None
         while True:
             try:

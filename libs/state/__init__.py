@@ -12,6 +12,15 @@ the in-memory twin below that unit tests use):
   event_id`` finds every parked event of one org without scanning the store.
 
 Keys and values are bytes; the caller chooses the encoding (a compact JSON or Avro record).
+
+The implementation lives in submodules, imported by the composition root only (this module
+stays free of I/O libraries, so pure cores may import the protocol):
+
+* ``libs.state.stores.StateStores``: the stores of one loop (``ProcessingLoop(state=...)``),
+  their restores and their changelog writes; the checkpoint order is documented there;
+* ``libs.state.changelog``: ``changelog_topic(group_id, input_topic)`` and
+  ``changelog_specs(...)``, the compacted topics to create before the loop starts;
+* ``libs.state.local`` / ``libs.state.partition``: one partition's RocksDB and its overlay.
 """
 
 from __future__ import annotations

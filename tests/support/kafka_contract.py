@@ -305,6 +305,45 @@ def check_a_partition_moves_after_its_owner_committed_in_on_revoke(kit: Kit) -> 
     b.close()
 
 
+def check_restore_consumer_reads_to_the_log_end_by_positions(kit: Kit) -> None:
+    """What ``libs.state.stores`` relies on to restore a changelog partition: the high
+    watermark follows the isolation level (the last stable offset under read_committed,
+    the log end otherwise), a group-less consumer reads from an explicit offset, and its
+    position moves past transaction markers no record is returned for."""
+    topic = kit.topic()
+    p = kit.producer(transactional_id=kit.group())
+    p.init_transactions(30)
+    p.begin_transaction()
+    p.produce(topic, value=b"a", key=b"a", partition=0)
+    p.produce(topic, value=b"b", key=b"b", partition=0)
+    p.commit_transaction(30)  # offsets 0, 1, commit marker 2
+    p.begin_transaction()
+    p.produce(topic, value=b"c", key=b"c", partition=0)  # offset 3, open
+    p.flush(30)
+    tp = TopicPartition(topic, 0)
+    committed: Any = kit.consumer(kit.group())
+    uncommitted: Any = kit.consumer(kit.group(), **{"isolation.level": "read_uncommitted"})
+    assert committed.get_watermark_offsets(tp, timeout=30) == (0, 3)
+    assert uncommitted.get_watermark_offsets(tp, timeout=30) == (0, 4)
+    meta = committed.list_topics(topic, timeout=30)
+    assert len(meta.topics[topic].partitions) == 1
+    committed.incremental_assign([TopicPartition(topic, 0, 1)])
+    assert [m.value() for m in _read(committed, 1)] == [b"b"]
+
+    def position() -> int:
+        committed.consume(1, 0.1)
+        return int(committed.position([tp])[0].offset)
+
+    _until(lambda: position() == 3, "position past the commit marker, at the open transaction")
+    p.commit_transaction(30)  # commit marker 4
+    assert [m.value() for m in _read(committed, 1)] == [b"c"]
+    _until(lambda: position() == 5, "position past the second commit marker")
+    committed.incremental_unassign([tp])
+    assert committed.assignment() == []
+    committed.close()
+    uncommitted.close()
+
+
 CHECKS: list[Callable[[Kit], None]] = [
     check_produce_then_consume_in_order,
     check_headers_round_trip,
@@ -317,4 +356,5 @@ CHECKS: list[Callable[[Kit], None]] = [
     check_offsets_sent_to_a_transaction_commit_with_it,
     check_a_new_transactional_producer_fences_the_old_one,
     check_a_partition_moves_after_its_owner_committed_in_on_revoke,
+    check_restore_consumer_reads_to_the_log_end_by_positions,
 ]

@@ -13,10 +13,10 @@ Offsets
     for a permanent failure) is acknowledged by the broker (``acks=all``), or at once when the
     message is skipped (a final receipt exists). A dead letter is produced before its receipt,
     and the receipt only once the letter is acknowledged: a final receipt makes the message
-    skipped on every replay, so it must never be on the topic without its letter. Per partition the contiguous prefix of finished
-    offsets is committed every ``commit_interval_s``, on revoke and on stop. A crash replays
-    only unfinished messages, and the receipts table plus the in-doubt markers keep the replay
-    from posting twice.
+    skipped on every replay, so it must never be on the topic without its letter. Per partition
+    the contiguous prefix of finished offsets is committed every ``commit_interval_s``, on
+    revoke and on stop. A crash replays only unfinished messages, and the receipts table plus
+    the in-doubt markers keep the replay from posting twice.
 
 Pausing, never sleeping
     The loop keeps polling the consumer all the time; it only ever waits inside ``consume()``

@@ -1,6 +1,6 @@
 """Notifier benchmark: messages delivered per second against the fake Slack, and its overhead.
 
-Run with ``make bench`` (``pytest tests/perf -m perf -s -p no:timeout``); it prints a table.
+Run with ``make bench`` (``pytest tests/perf -m perf -s --timeout=0``); it prints a table.
 Figures (medians of ``BENCH_RUNS`` runs, default 3):
 
 * delivered messages/s of one notifier process (``python -m services.notifier``,

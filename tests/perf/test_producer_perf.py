@@ -1,7 +1,7 @@
 """Producer backfill throughput from DuckDB and the BigQuery emulator, against a raw baseline.
 
-Run with ``make bench`` (``pytest tests/perf -m perf -s -p no:timeout``) or only this file:
-``.venv/bin/python -m pytest tests/perf/test_producer_perf.py -m perf -s -p no:timeout``.
+Run with ``make bench`` (``pytest tests/perf -m perf -s --timeout=0``) or only this file:
+``.venv/bin/python -m pytest tests/perf/test_producer_perf.py -m perf -s --timeout=0``.
 
 Each run backfills the same table from a fresh cursor into fresh topics, in-process (query,
 map, Avro, one Kafka transaction per batch with the cursor), and is timed from the loaded

@@ -512,16 +512,16 @@ class SinkLoop:
         acknowledgement, which only a poll of the markers' producer serves: waiting on the
         queue alone held every post back by a whole ``poll_timeout_s`` after its marker was
         durable (one channel made 9 posts a second against a Slack answering in 1.4 ms).
-        While markers are pending, both are watched, in slices of ``MARKER_WAIT_SLICE_S``.
+        While markers are pending, both are watched, in slices of ``MARKER_WAIT_SLICE_S``; an
+        acknowledgement submits its post from within the poll, so the wait goes on (as it
+        did) until a call finishes or the loop is due, rather than a turn per marker.
         """
         deadline = self._mono() + wait_s
-        while (pending := self._markers.awaiting()) and self._completions.empty():
+        while self._markers.awaiting() and self._completions.empty():
             remaining = deadline - self._mono()
             if remaining <= 0:
                 return
             self._markers.wait_durable(min(remaining, MARKER_WAIT_SLICE_S))
-            if self._markers.awaiting() < pending:
-                return  # its post was submitted: back to the loop
         self._take_completions(block_s=max(0.0, deadline - self._mono()))
 
     def _complete(self, c: _Completion) -> None:

@@ -137,9 +137,9 @@ class ProducerClient:
                     ) from None
                 self.producer.poll(0.05)
 
-    def poll(self) -> None:
-        """Serve delivery reports that are ready (never blocks)."""
-        self.producer.poll(0)
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Serve delivery reports that are ready, waiting at most ``timeout_s`` for one."""
+        self.producer.poll(timeout_s)
 
     def flush(self) -> None:
         """Wait (bounded) until every record is acknowledged; ``DeliveryError`` otherwise."""

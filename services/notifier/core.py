@@ -20,6 +20,28 @@ One message goes through these steps (``Delivery`` is its state):
 Which failures leave a post in doubt follows Slack's own error descriptions: ``internal_error``
 and ``fatal_error`` say "it's possible some aspect of the operation succeeded", HTTP 5xx and a
 read timeout give no answer at all; a 429 or ``service_unavailable`` means Slack did nothing.
+
+Updates (``SlackMessage.update_of`` names the original, always the first post) never become
+posts. ``next_action`` is given the original's receipt from the receipts table:
+
+=====================================  ==========================================================
+original's receipt                     the update
+=====================================  ==========================================================
+DELIVERED with ``slack_ts``            ``Step.UPDATE``: ``chat.update`` of that channel and ts
+DRY_RUN                                DRY_RUN receipt, no call (nothing was posted to edit)
+FAILED, or DELIVERED without a ts      FAILED ``original_failed`` + dead letter
+none yet (or not final)                ``Wait`` (the channel waits, polling goes on), up to
+                                       ``RetryPolicy.update_wait_s``; then FAILED
+                                       ``original_not_delivered`` + dead letter
+=====================================  ==========================================================
+
+An update's receipt carries its own ``message_id`` with the original's channel and ``slack_ts``.
+Its Slack call is retried and classified as a post's (``after_update``); an update in doubt is
+checked first (``Step.CHECK_UPDATE``, ``after_update_check``): the metadata of the message at
+``ts`` names the last update applied to it. Updates of one original reach Slack in the order of
+the channel's FIFO, so "it names this update" is exactly "this update was applied". A check
+that cannot be made (no access, retries exhausted) applies the update again: an edit to the same
+content is invisible, a lost update is not (counted as unverified).
 """
 
 from __future__ import annotations
@@ -116,6 +138,14 @@ class Found:
 
 
 @dataclass(frozen=True)
+class Updated:
+    """``chat.update`` succeeded: the message at ``ts`` in ``channel`` shows the update."""
+
+    ts: str
+    channel: str
+
+
+@dataclass(frozen=True)
 class NotFound:
     """The channel's history (within the searched window) has no post of the message."""
 
@@ -147,6 +177,7 @@ class Unavailable:
 
 
 PostOutcome = Posted | Rendered | RateLimited | Rejected | Unavailable
+UpdateOutcome = Updated | Rendered | RateLimited | Rejected | Unavailable
 HistoryOutcome = Found | NotFound | RateLimited | Rejected | Unavailable
 
 
@@ -161,6 +192,10 @@ class RetryPolicy:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
     history_margin_s: float = 300.0
+    #: how long an update waits for its original's receipt before it fails
+    update_wait_s: float = 900.0
+    #: how often a waiting update looks at the receipts table again
+    update_recheck_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -196,6 +231,18 @@ class Delivery:
     #: a history check could not be made (no access to the history): the next post is
     #: at-least-once
     unverified: bool = False
+    #: an update: the original's message in Slack, once its receipt was found
+    target: UpdateTarget | None = None
+    #: an update: when it started waiting for its original's receipt (wall time)
+    waiting_since: datetime | None = None
+
+
+@dataclass(frozen=True)
+class UpdateTarget:
+    """The original of an update as its receipt records it: where ``chat.update`` goes."""
+
+    channel: str
+    ts: str
 
 
 @dataclass(frozen=True)
@@ -208,20 +255,34 @@ class PostRequest:
     metadata: JsonObject
 
 
+@dataclass(frozen=True)
+class UpdateRequest:
+    """A ``chat.update`` call of the original at ``channel``/``ts``; ``update_of`` names it."""
+
+    channel: str
+    ts: str
+    text: str
+    blocks: list[JsonObject]
+    metadata: JsonObject
+    update_of: str
+
+
 class Step(StrEnum):
     """The next Slack call of a delivery."""
 
     CHECK_HISTORY = "check_history"
     POST = "post"
+    CHECK_UPDATE = "check_update"
+    UPDATE = "update"
 
 
 @dataclass(frozen=True)
 class Proceed:
-    """Make the ``step`` call now (``request`` is set for a post)."""
+    """Make the ``step`` call now (``request`` is set for a post or an update)."""
 
     step: Step
     delivery: Delivery
-    request: PostRequest | None = None
+    request: PostRequest | UpdateRequest | None = None
 
 
 @dataclass(frozen=True)
@@ -249,7 +310,19 @@ class Fatal:
     error: str
 
 
-Decision = Proceed | Finish | Retry | Fatal
+@dataclass(frozen=True)
+class Wait:
+    """An update whose original has no receipt yet: look again after ``delay_s``.
+
+    The channel waits with it (a later update of the same original must not overtake it);
+    other channels go on, and so does polling.
+    """
+
+    delivery: Delivery
+    delay_s: float
+
+
+Decision = Proceed | Finish | Retry | Fatal | Wait
 
 
 def already_final(receipt: SlackDeliveryReceipt | None) -> bool:
@@ -270,8 +343,19 @@ def start(message: SlackMessage, marker: AttemptMarker | None) -> Delivery:
     )
 
 
-def next_action(d: Delivery, *, now: datetime, policy: RetryPolicy) -> Proceed | Finish:
-    """Check the history when in doubt, post otherwise; give up once the cap is reached."""
+def next_action(
+    d: Delivery,
+    *,
+    now: datetime,
+    policy: RetryPolicy,
+    original: SlackDeliveryReceipt | None = None,
+) -> Proceed | Finish | Wait:
+    """Check the history when in doubt, post otherwise; give up once the cap is reached.
+
+    An update goes to ``next_update`` (``original``: the receipt of ``update_of``, if any).
+    """
+    if d.message.update_of is not None:
+        return next_update(d, original, now=now, policy=policy)
     if d.in_doubt:
         if d.check_failures >= policy.max_attempts:
             return _give_up(d, now, f"the in-doubt post could not be verified: {d.last_error}")
@@ -302,6 +386,18 @@ def after_post(
         return Finish(receipt(msg, DeliveryStatus.DELIVERED, now, d.attempts, ts=outcome.ts))
     if isinstance(outcome, Rendered):
         return Finish(receipt(msg, DeliveryStatus.DRY_RUN, now, d.attempts))
+    return _after_failure(d, outcome, now=now, policy=policy, jitter=jitter)
+
+
+def _after_failure(
+    d: Delivery,
+    outcome: RateLimited | Rejected | Unavailable,
+    *,
+    now: datetime,
+    policy: RetryPolicy,
+    jitter: float,
+) -> Decision:
+    """A post or an update that failed: retry, give up on this message, or stop the service."""
     if isinstance(outcome, RateLimited):
         return Retry(
             replace(d, last_error="ratelimited"),
@@ -314,7 +410,7 @@ def after_post(
         if kind is ErrorKind.FATAL:
             return Fatal(outcome.error)
         if kind is ErrorKind.PERMANENT:
-            failed = receipt(msg, DeliveryStatus.FAILED, now, d.attempts, error=outcome.error)
+            failed = _receipt_of(d, DeliveryStatus.FAILED, now, error=outcome.error)
             return Finish(failed, outcome.error)
         if outcome.error == "ratelimited":
             return Retry(replace(d, last_error="ratelimited"), 1.0, "ratelimited", True)
@@ -359,7 +455,164 @@ def _retry_check(d: Delivery, error: str, policy: RetryPolicy, jitter: float) ->
 
 def _give_up(d: Delivery, now: datetime, error: str) -> Finish:
     reason = f"gave up after {d.attempts} attempts: {error}"
-    return Finish(receipt(d.message, DeliveryStatus.FAILED, now, d.attempts, error=reason), reason)
+    return Finish(_receipt_of(d, DeliveryStatus.FAILED, now, error=reason), reason)
+
+
+# -- updates -----------------------------------------------------------------------------------
+
+#: receipt errors of updates that cannot be applied
+ORIGINAL_FAILED: Final = "original_failed"
+ORIGINAL_NOT_DELIVERED: Final = "original_not_delivered"
+
+
+def next_update(
+    d: Delivery,
+    original: SlackDeliveryReceipt | None,
+    *,
+    now: datetime,
+    policy: RetryPolicy,
+) -> Proceed | Finish | Wait:
+    """The next step of an update (module docstring's table); never a post.
+
+    ``original`` is the receipt of ``d.message.update_of``; it is only read until the target
+    is known (``d.target``), which is kept for the retries and checks that follow.
+    """
+    msg = d.message
+    assert msg.update_of is not None
+    if msg.update_of == msg.message_id:
+        reason = "invalid_message: update_of names the message itself"
+        return Finish(receipt(msg, DeliveryStatus.FAILED, now, d.attempts, error=reason), reason)
+    if d.target is None:
+        resolved = _resolve_original(d, original, now=now, policy=policy)
+        if not isinstance(resolved, Delivery):
+            return resolved
+        d = resolved
+    if d.in_doubt:
+        return Proceed(Step.CHECK_UPDATE, d)
+    if d.failures >= policy.max_attempts:
+        return _give_up(d, now, str(d.last_error))
+    assert d.target is not None  # resolved above
+    prepared = prepare_update(msg, d.target)
+    if isinstance(prepared, str):
+        return Finish(_receipt_of(d, DeliveryStatus.FAILED, now, error=prepared), prepared)
+    return Proceed(Step.UPDATE, d, prepared)
+
+
+def _resolve_original(
+    d: Delivery, original: SlackDeliveryReceipt | None, *, now: datetime, policy: RetryPolicy
+) -> Delivery | Finish | Wait:
+    msg = d.message
+    status = original.status if original is not None else None
+    if original is not None and status == DeliveryStatus.DELIVERED and original.slack_ts:
+        # The original's channel: where it was posted, whatever this message says.
+        target = UpdateTarget(original.channel, original.slack_ts)
+        return replace(d, target=target, waiting_since=None)
+    if status == DeliveryStatus.DRY_RUN:
+        return Finish(receipt(msg, DeliveryStatus.DRY_RUN, now, d.attempts))
+    if original is not None and status in FINAL_STATUSES:
+        why = original.error or "delivered without a ts"
+        reason = f"{ORIGINAL_FAILED}: the original {msg.update_of} is {status} ({why})"
+        failed = receipt(msg, DeliveryStatus.FAILED, now, d.attempts, error=ORIGINAL_FAILED)
+        return Finish(failed, reason)
+    since = d.waiting_since or now
+    waited = (now - since).total_seconds()
+    if waited >= policy.update_wait_s:
+        reason = (
+            f"{ORIGINAL_NOT_DELIVERED}: no receipt of the original {msg.update_of} "
+            f"after {waited:.0f} s"
+        )
+        failed = receipt(msg, DeliveryStatus.FAILED, now, d.attempts, error=ORIGINAL_NOT_DELIVERED)
+        return Finish(failed, reason)
+    delay = min(policy.update_recheck_s, policy.update_wait_s - waited)
+    return Wait(replace(d, waiting_since=since), max(0.0, delay))
+
+
+def begin_update(d: Delivery, now: datetime) -> tuple[Delivery, AttemptMarker]:
+    """Count the update about to be made and return the marker to persist before making it."""
+    assert d.target is not None
+    first = d.first_attempt_at or now
+    started = replace(d, attempts=d.attempts + 1, first_attempt_at=first)
+    return started, AttemptMarker(d.target.channel, started.attempts, first)
+
+
+def after_update(
+    d: Delivery, outcome: UpdateOutcome, *, now: datetime, policy: RetryPolicy, jitter: float
+) -> Decision:
+    """Decide from the answer to ``chat.update``: errors are classified as for a post.
+
+    ``message_not_found``, ``cant_update_message``, ``edit_window_closed`` are permanent
+    (FAILED receipt + dead letter), as any code not known to be retryable or fatal.
+    """
+    if isinstance(outcome, Updated):
+        return Finish(_receipt_of(d, DeliveryStatus.DELIVERED, now))
+    if isinstance(outcome, Rendered):
+        return Finish(_receipt_of(d, DeliveryStatus.DRY_RUN, now))
+    return _after_failure(d, outcome, now=now, policy=policy, jitter=jitter)
+
+
+def after_update_check(
+    d: Delivery, outcome: HistoryOutcome, *, now: datetime, policy: RetryPolicy, jitter: float
+) -> Decision:
+    """Decide from the check of an update in doubt: applied, or apply it (again)."""
+    if isinstance(outcome, Found):
+        return Finish(_receipt_of(d, DeliveryStatus.DELIVERED, now))
+    if isinstance(outcome, NotFound):
+        return next_update(
+            replace(d, in_doubt=False, check_failures=0), None, now=now, policy=policy
+        )
+    if isinstance(outcome, RateLimited):
+        return Retry(d, max(0.0, outcome.retry_after_s), "history ratelimited", rate_limited=True)
+    if isinstance(outcome, Rejected):
+        if outcome.error in TOKEN_ERRORS:
+            return Fatal(outcome.error)
+        if classify_error(outcome.error) is not ErrorKind.RETRYABLE:
+            return _apply_unverified(d, now, policy)
+    failures = d.check_failures + 1
+    if failures >= policy.max_attempts:
+        # Applying an update twice shows the same message; not applying it loses it.
+        return _apply_unverified(d, now, policy)
+    error = outcome.error
+    return _retry_check(d, error, policy, jitter)
+
+
+def _apply_unverified(d: Delivery, now: datetime, policy: RetryPolicy) -> Proceed | Finish | Wait:
+    unverified = replace(d, in_doubt=False, check_failures=0, unverified=True)
+    return next_update(unverified, None, now=now, policy=policy)
+
+
+def prepare_update(message: SlackMessage, target: UpdateTarget) -> UpdateRequest | str:
+    """The ``chat.update`` call that makes the original at ``target`` show ``message``.
+
+    Empty blocks are sent as ``[]``: Slack keeps the previous blocks when they are left out.
+    """
+    assert message.update_of is not None
+    prepared = prepare_post(message)
+    if isinstance(prepared, str):
+        return prepared
+    meta = metadata(message)
+    payload = meta["event_payload"]
+    assert isinstance(payload, dict)
+    payload["update_of"] = message.update_of
+    return UpdateRequest(
+        target.channel, target.ts, prepared.text, prepared.blocks, meta, message.update_of
+    )
+
+
+def _receipt_of(
+    d: Delivery, status: str, now: datetime, *, error: str | None = None
+) -> SlackDeliveryReceipt:
+    """The receipt of ``d``: an update's names the original's channel and ts."""
+    if d.target is None:
+        return receipt(d.message, status, now, d.attempts, error=error)
+    return receipt(
+        d.message,
+        status,
+        now,
+        d.attempts,
+        ts=d.target.ts,
+        error=error,
+        channel=d.target.channel,
+    )
 
 
 def backoff_delay(failures: int, policy: RetryPolicy, jitter: float) -> float:
@@ -382,13 +635,19 @@ def history_oldest(d: Delivery, policy: RetryPolicy) -> datetime:
 
 
 def find_in_history(messages: Sequence[Mapping[str, object]], message_id: str) -> str | None:
-    """The ``ts`` of the message whose metadata carries ``message_id``, or None."""
+    """The ``ts`` of the message whose metadata carries ``message_id``, or None.
+
+    A post edited since carries its last update's metadata, whose ``update_of`` names it.
+    """
     for m in messages:
         meta = m.get("metadata")
         if not isinstance(meta, Mapping) or meta.get("event_type") != EVENT_TYPE:
             continue
         payload = meta.get("event_payload")
-        if isinstance(payload, Mapping) and payload.get("message_id") == message_id:
+        if isinstance(payload, Mapping) and message_id in (
+            payload.get("message_id"),
+            payload.get("update_of"),
+        ):
             ts = m.get("ts")
             if isinstance(ts, str):
                 return ts
@@ -403,11 +662,12 @@ def receipt(
     *,
     ts: str | None = None,
     error: str | None = None,
+    channel: str | None = None,
 ) -> SlackDeliveryReceipt:
-    """The receipt of ``message``."""
+    """The receipt of ``message`` (``channel``: where it went, by default its own)."""
     return SlackDeliveryReceipt(
         message_id=message.message_id,
-        channel=message.channel,
+        channel=message.channel if channel is None else channel,
         status=status,
         attempts=attempts,
         delivered_at=now,

@@ -147,6 +147,17 @@ class InDoubtStore(AttemptLog, Protocol):
         """Serve restores and acknowledgements (on the loop's thread; never blocks)."""
         ...
 
+    def awaiting(self) -> int:
+        """How many begun markers are not durable yet (their ``on_durable`` has not run)."""
+        ...
+
+    def wait_durable(self, timeout_s: float) -> None:
+        """Wait at most ``timeout_s`` for acknowledgements, running their ``on_durable``.
+
+        On the loop's thread, like ``poll``; returns early once an acknowledgement was served.
+        """
+        ...
+
 
 def _encode(marker: AttemptMarker) -> bytes:
     return json.dumps(
@@ -296,6 +307,12 @@ class RocksDictAttemptLog:
     def poll(self) -> None:
         pass
 
+    def awaiting(self) -> int:
+        return 0
+
+    def wait_durable(self, timeout_s: float) -> None:
+        pass
+
     def close(self) -> None:
         self._db.flush()
         self._db.close()
@@ -349,6 +366,12 @@ class InMemoryAttemptLog:
     def poll(self) -> None:
         if not self.hold_restores:
             self._restoring.clear()
+        self.wait_durable(0.0)
+
+    def awaiting(self) -> int:
+        return len(self._waiting)
+
+    def wait_durable(self, timeout_s: float) -> None:
         waiting, self._waiting = self._waiting, []
         for message_id, on_durable in waiting:
             self.durable.add(message_id)
@@ -390,6 +413,7 @@ class KafkaInDoubtStore:
         self._topic = table.topic
         self._gate = PartitionGate(table, name=table.name, timeout_s=gate_timeout_s)
         self._now = wall_clock
+        self._awaiting = 0
 
     # -- InDoubtStore ------------------------------------------------------------------------
     def assign(self, tps: Iterable[TP]) -> None:
@@ -414,12 +438,14 @@ class KafkaInDoubtStore:
         )
 
         def acked() -> None:
+            self._awaiting -= 1
             # Read-your-own-write: a replay of the message on this replica must find it even
             # before the table has fetched it back.
             self._table.put_local(message_id, value)
             on_durable()
 
         self._producer.produce(self._topic, message_id.encode(), value, on_acked=acked)
+        self._awaiting += 1
 
     def poll(self) -> None:
         self._producer.poll()
@@ -431,6 +457,13 @@ class KafkaInDoubtStore:
         self._gate.poll()
         while self._table.poll(max_records=1000) >= 1000:
             pass
+
+    def awaiting(self) -> int:
+        return self._awaiting
+
+    def wait_durable(self, timeout_s: float) -> None:
+        # librdkafka returns from the poll as soon as it served a delivery report
+        self._producer.poll(timeout_s)
 
     # -- AttemptLog --------------------------------------------------------------------------
     def get(self, message_id: str) -> AttemptMarker | None:

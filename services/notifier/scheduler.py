@@ -191,6 +191,15 @@ class ChannelScheduler(Generic[T]):
         """The head is done with (finished, skipped or dropped)."""
         return channel.queue.popleft()
 
+    def move_to_front(self, channel: Channel[T], entry: Entry[T]) -> None:
+        """Let a queued ``entry`` go before the (idle) head: an update's original behind it.
+
+        Offsets are finished one by one, so the order in the queue is free for commits.
+        """
+        assert not channel.busy
+        channel.queue.remove(entry)
+        channel.queue.appendleft(entry)
+
     def call_started(self, channel: Channel[T]) -> None:
         """The head's Slack call is in flight; the channel starts nothing else meanwhile."""
         channel.busy = True

@@ -72,6 +72,14 @@ class NotifierSettings(BaseSettings):
         ge=0,
         description="the in-doubt check reads history from the first attempt minus this margin",
     )
+    update_wait_s: float = Field(
+        default=900.0,
+        gt=0,
+        description=(
+            "how long an update waits for its original's receipt before it fails "
+            "(FAILED receipt + dead letter; it never becomes a new post)"
+        ),
+    )
     max_buffered_per_partition: int = Field(
         default=500,
         ge=1,
@@ -138,6 +146,7 @@ class NotifierSettings(BaseSettings):
             backoff_base_s=self.backoff_base_s,
             backoff_max_s=self.backoff_max_s,
             history_margin_s=self.history_margin_s,
+            update_wait_s=self.update_wait_s,
         )
 
     def masked(self) -> dict[str, object]:

@@ -13,10 +13,18 @@ Offsets
     for a permanent failure) is acknowledged by the broker (``acks=all``), or at once when the
     message is skipped (a final receipt exists). A dead letter is produced before its receipt,
     and the receipt only once the letter is acknowledged: a final receipt makes the message
-    skipped on every replay, so it must never be on the topic without its letter. Per partition the contiguous prefix of finished
-    offsets is committed every ``commit_interval_s``, on revoke and on stop. A crash replays
-    only unfinished messages, and the receipts table plus the in-doubt markers keep the replay
-    from posting twice.
+    skipped on every replay, so it must never be on the topic without its letter. Per partition
+    the contiguous prefix of finished offsets is committed every ``commit_interval_s``, on
+    revoke and on stop. A crash replays only unfinished messages, and the receipts table plus
+    the in-doubt markers keep the replay from posting twice.
+
+Updates
+    An update (``SlackMessage.update_of``) is a ``chat.update`` of the ts its original's
+    receipt records (``core.next_update``), with a marker before the call as for a post. While
+    the original has no receipt the update stays at the head of its channel (later updates of
+    the same original must not overtake it) and the channel is looked at again every
+    ``RetryPolicy.update_recheck_s``; other channels and polling go on. Its offset is not
+    finished meanwhile, so the partition's commits wait for it (at most ``update_wait_s``).
 
 Pausing, never sleeping
     The loop keeps polling the consumer all the time; it only ever waits inside ``consume()``
@@ -71,6 +79,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from random import Random
 from typing import Any, Protocol
 
@@ -115,9 +124,12 @@ log = logging.getLogger(__name__)
 TP = tuple[str, int]
 Headers = list[tuple[str, str | bytes | None]] | None
 
+#: While markers wait for their acknowledgement, a finished Slack call is noticed within this.
+MARKER_WAIT_SLICE_S = 0.001
+
 MESSAGES = Counter(
     "notifier_messages_total",
-    "Messages finished, by outcome (delivered, failed, dry_run, skipped, undecodable)",
+    "Messages finished, by outcome (delivered, updated, failed, dry_run, skipped, undecodable)",
     ["outcome"],
 )
 SLACK_CALLS = Counter(
@@ -128,6 +140,14 @@ IN_DOUBT = Counter(
     "notifier_in_doubt_checks_total",
     "History checks of in-doubt posts, by result (found, not_found, unverified)",
     ["result"],
+)
+UPDATE_CHECKS = Counter(
+    "notifier_update_checks_total",
+    "Checks of in-doubt updates, by result (applied, not_applied, unverified)",
+    ["result"],
+)
+UPDATE_WAITS = Gauge(
+    "notifier_update_waits", "Updates waiting for the receipt of their original message"
 )
 BUFFERED = Gauge("notifier_buffered_messages", "Consumed messages not finished yet")
 PAUSED = Gauge("notifier_paused_partitions", "Partitions paused (buffer full or on hold)")
@@ -204,13 +224,19 @@ class SinkStats:
 
     consumed: int = 0
     delivered: int = 0
+    #: updates applied with chat.update (DELIVERED receipts of updates; not in ``delivered``)
+    updated: int = 0
     failed: int = 0
     dry_run: int = 0
     skipped: int = 0
     dead_lettered: int = 0
     undecodable: int = 0
     posts: int = 0
+    updates: int = 0
     history_checks: int = 0
+    update_checks: int = 0
+    #: updates that had to wait for their original's receipt
+    update_waits: int = 0
     found_in_history: int = 0
     unverified: int = 0
     retries: int = 0
@@ -351,8 +377,8 @@ class SinkLoop:
         if self.scheduler.in_flight:
             msgs = self._consumer.consume(self.config.batch_size, 0)
             if not msgs:
-                # Wake on the first finished Slack call rather than at the end of the wait.
-                self._take_completions(block_s=wait)
+                # Wake on the first finished Slack call or durable marker, not at the end.
+                self._await_calls(wait)
                 return
         else:
             msgs = self._consumer.consume(self.config.batch_size, wait)
@@ -433,15 +459,32 @@ class SinkLoop:
                 item.delivery = core.start(item.message, marker)
                 if marker is not None:
                     log.info(
-                        "post of a previous run is in doubt, checking the history first",
+                        "update of a previous run is in doubt, checking the message first"
+                        if item.message.update_of is not None
+                        else "post of a previous run is in doubt, checking the history first",
                         extra=_ids(entry, attempts=marker.attempts),
                     )
-            action = core.next_action(item.delivery, now=self._now(), policy=self.config.policy)
+            waiting = item.delivery.waiting_since is not None
+            action = core.next_action(
+                item.delivery,
+                now=self._now(),
+                policy=self.config.policy,
+                original=self._original(item.message),
+            )
+            if isinstance(action, core.Wait):
+                item.delivery = action.delivery
+                if self._original_behind(channel, entry):
+                    continue
+                self._wait(channel, entry, action, first=not waiting)
+                return
             if isinstance(action, Finish):
                 self.scheduler.pop(channel)
                 self._produce_finish(entry, action)
                 continue
-            if action.step is Step.POST:
+            if waiting:
+                log.info("the original has its receipt now, updating it", extra=_ids(entry))
+            item.delivery = action.delivery  # an update keeps its target from here on
+            if action.step in (Step.POST, Step.UPDATE):
                 wait = self.scheduler.take_token(channel, now)
                 if wait > 0:
                     self.scheduler.defer(channel, now + wait)
@@ -449,14 +492,63 @@ class SinkLoop:
             self._submit(channel, entry, action)
             return
 
+    def _original(self, message: SlackMessage) -> SlackDeliveryReceipt | None:
+        """The receipt of the message an update applies to (None for a post)."""
+        return None if message.update_of is None else self._table.get(message.update_of)
+
+    def _original_behind(self, channel: _Channel, entry: _Entry) -> bool:
+        """Move the update's original to the front when it is queued behind the update.
+
+        Upstream orders an original before its updates; if it ever does not, the update would
+        wait for a receipt that only the message behind it can produce, and fail after
+        ``update_wait_s`` while the original stays stuck behind it.
+        """
+        update_of = entry.item.message.update_of
+        behind = next(
+            (e for e in channel.queue if e is not entry and e.item.message.message_id == update_of),
+            None,
+        )
+        if behind is None:
+            return False
+        log.warning(
+            "the original of the update is queued behind it, posting the original first",
+            extra=_ids(entry, update_of=update_of),
+        )
+        self.scheduler.move_to_front(channel, behind)
+        return True
+
+    def _wait(self, channel: _Channel, entry: _Entry, action: core.Wait, *, first: bool) -> None:
+        """The update's original has no receipt yet: the channel looks again later."""
+        entry.item.delivery = action.delivery
+        if first:
+            self.stats.update_waits += 1
+            log.info(
+                "the original of the update has no receipt yet, waiting for it",
+                extra=_ids(
+                    entry,
+                    update_of=entry.item.message.update_of,
+                    wait_s=self.config.policy.update_wait_s,
+                ),
+            )
+        self.scheduler.defer(channel, self._mono() + action.delay_s)
+
     def _submit(self, channel: _Channel, entry: _Entry, action: Proceed) -> None:
         item = entry.item
         self.scheduler.call_started(channel)
         INFLIGHT.set(self.scheduler.in_flight)
-        if action.step is Step.POST:
+        if action.step in (Step.POST, Step.UPDATE):
             request = action.request
             assert request is not None
-            item.delivery, marker = core.begin_post(action.delivery, self._now())
+            call: Callable[[], object]
+            if isinstance(request, core.UpdateRequest):
+                item.delivery, marker = core.begin_update(action.delivery, self._now())
+                call = partial(self._notifier.update, request)
+                self.stats.updates += 1
+            else:
+                item.delivery, marker = core.begin_post(action.delivery, self._now())
+                call = partial(self._notifier.post, request)
+                self.stats.posts += 1
+            step = action.step
 
             def post() -> None:
                 if entry.dropped:
@@ -466,15 +558,23 @@ class SinkLoop:
                     self.scheduler.pop(channel)
                     self.scheduler.proceed(channel, self._mono())
                     return
-                future = self._pool.submit(self._notifier.post, request)
-                self._call(channel, entry, Step.POST, future)
+                future = self._pool.submit(call)
+                self._call(channel, entry, step, future)
 
             # The marker must be durable before the call: if the process dies before the
-            # receipt is acknowledged, the next owner knows this post is in doubt.
+            # receipt is acknowledged, the next owner knows this post (or update) is in doubt.
             self._markers.begin(
                 entry.tp, item.message.message_id, marker, on_durable=post, offset=entry.offset
             )
-            self.stats.posts += 1
+        elif action.step is Step.CHECK_UPDATE:
+            item.delivery = action.delivery
+            target = action.delivery.target
+            assert target is not None
+            future_check: Future[object] = self._pool.submit(
+                self._notifier.find_update, target.channel, target.ts, item.message.message_id
+            )
+            self.stats.update_checks += 1
+            self._call(channel, entry, Step.CHECK_UPDATE, future_check)
         else:
             item.delivery = action.delivery
             oldest = core.history_oldest(action.delivery, self.config.policy)
@@ -502,6 +602,25 @@ class SinkLoop:
             except queue.Empty:
                 return
 
+    def _await_calls(self, wait_s: float) -> None:
+        """Wait at most ``wait_s`` for a finished Slack call or a marker becoming durable.
+
+        Finished calls arrive on the completion queue, but a post starts from its marker's
+        acknowledgement, which only a poll of the markers' producer serves: waiting on the
+        queue alone held every post back by a whole ``poll_timeout_s`` after its marker was
+        durable (one channel made 9 posts a second against a Slack answering in 1.4 ms).
+        While markers are pending, both are watched, in slices of ``MARKER_WAIT_SLICE_S``; an
+        acknowledgement submits its post from within the poll, so the wait goes on (as it
+        did) until a call finishes or the loop is due, rather than a turn per marker.
+        """
+        deadline = self._mono() + wait_s
+        while self._markers.awaiting() and self._completions.empty():
+            remaining = deadline - self._mono()
+            if remaining <= 0:
+                return
+            self._markers.wait_durable(min(remaining, MARKER_WAIT_SLICE_S))
+        self._take_completions(block_s=max(0.0, deadline - self._mono()))
+
     def _complete(self, c: _Completion) -> None:
         channel, entry = c.channel, c.entry
         self.scheduler.call_ended(channel)
@@ -523,6 +642,21 @@ class SinkLoop:
             decision = core.after_post(
                 delivery, outcome, now=now, policy=self.config.policy, jitter=jitter
             )
+        elif c.step is Step.UPDATE:
+            if not isinstance(outcome, core.UpdateOutcome):
+                outcome = core.Unavailable(f"unexpected answer {outcome!r}", in_doubt=True)
+            SLACK_CALLS.labels("chat.update", _result(outcome)).inc()
+            decision = core.after_update(
+                delivery, outcome, now=now, policy=self.config.policy, jitter=jitter
+            )
+        elif c.step is Step.CHECK_UPDATE:
+            if not isinstance(outcome, core.HistoryOutcome):
+                outcome = core.Unavailable(f"unexpected answer {outcome!r}", in_doubt=True)
+            SLACK_CALLS.labels("conversations.history", _result(outcome)).inc()
+            decision = core.after_update_check(
+                delivery, outcome, now=now, policy=self.config.policy, jitter=jitter
+            )
+            self._count_update_check(entry, outcome, decision)
         else:
             if not isinstance(outcome, core.HistoryOutcome):
                 outcome = core.Unavailable(f"unexpected answer {outcome!r}", in_doubt=True)
@@ -556,6 +690,20 @@ class SinkLoop:
                 extra=_ids(entry, error=getattr(outcome, "error", None)),
             )
 
+    def _count_update_check(self, entry: _Entry, outcome: object, decision: Decision) -> None:
+        if isinstance(outcome, core.Found):
+            UPDATE_CHECKS.labels("applied").inc()
+            log.info("in-doubt update found applied, not updating again", extra=_ids(entry))
+        elif isinstance(outcome, core.NotFound):
+            UPDATE_CHECKS.labels("not_applied").inc()
+        elif isinstance(decision, Proceed | Finish) and not isinstance(outcome, core.RateLimited):
+            self.stats.unverified += 1
+            UPDATE_CHECKS.labels("unverified").inc()
+            log.warning(
+                "in-doubt update cannot be verified, applying it again (at-least-once)",
+                extra=_ids(entry, error=getattr(outcome, "error", None)),
+            )
+
     def _decide(self, channel: _Channel, entry: _Entry, decision: Decision) -> None:
         if isinstance(decision, Finish):
             self.scheduler.pop(channel)
@@ -580,6 +728,8 @@ class SinkLoop:
         elif isinstance(decision, Proceed):
             entry.item.delivery = decision.delivery
             self.scheduler.proceed(channel, self._mono())
+        elif isinstance(decision, core.Wait):
+            self._wait(channel, entry, decision, first=False)
         elif isinstance(decision, Fatal):
             self._fatal = decision.error
             log.error(
@@ -605,14 +755,29 @@ class SinkLoop:
     def _produce_finish(self, entry: _Entry, decision: Finish) -> None:
         receipt = decision.receipt
         status = receipt.status
-        if status == "DELIVERED":
+        update_of = entry.item.message.update_of
+        outcome = status.lower()
+        if status == "DELIVERED" and update_of is not None:
+            self.stats.updated += 1
+            outcome = "updated"
+        elif status == "DELIVERED":
             self.stats.delivered += 1
         elif status == "DRY_RUN":
             self.stats.dry_run += 1
+            if update_of is not None and receipt.slack_ts is None:
+                # the original was only rendered (the adapter logs the other case)
+                log.info(
+                    "dry-run, would update %s (only rendered):\n%s",
+                    update_of,
+                    core.render_text(entry.item.message),
+                    extra=_ids(entry, update_of=update_of),
+                )
         else:
             self.stats.failed += 1
-        MESSAGES.labels(status.lower()).inc()
+        MESSAGES.labels(outcome).inc()
         extra = _ids(entry, status=status, attempts=receipt.attempts, slack_ts=receipt.slack_ts)
+        if update_of is not None:
+            extra["update_of"] = update_of
         if receipt.error:
             extra["error"] = receipt.error
         log.log(logging.WARNING if status == "FAILED" else logging.INFO, "receipt", extra=extra)
@@ -753,6 +918,16 @@ class SinkLoop:
                     self.scheduler.tracker.outstanding(tp),
                 )
                 for tp in sorted(self.assigned)
+            )
+        )
+        # Only a channel's head can wait, so this counts the waiting updates.
+        UPDATE_WAITS.set(
+            sum(
+                1
+                for ch in self.scheduler.channels.values()
+                if ch.head is not None
+                and ch.head.item.delivery is not None
+                and ch.head.item.delivery.waiting_since is not None
             )
         )
 

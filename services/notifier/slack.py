@@ -17,7 +17,8 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 from urllib.error import URLError
@@ -29,6 +30,7 @@ from slack_sdk.web import SlackResponse
 from services.notifier.core import (
     Found,
     HistoryOutcome,
+    JsonObject,
     NotFound,
     Posted,
     PostOutcome,
@@ -37,6 +39,9 @@ from services.notifier.core import (
     Rejected,
     Rendered,
     Unavailable,
+    Updated,
+    UpdateOutcome,
+    UpdateRequest,
     find_in_history,
     render_request,
 )
@@ -63,6 +68,14 @@ class Notifier(Protocol):
 
     def find_post(self, channel: str, message_id: str, oldest: datetime) -> HistoryOutcome:
         """Look for a post of ``message_id`` (by its metadata) in ``channel`` since ``oldest``."""
+        ...
+
+    def update(self, request: UpdateRequest) -> UpdateOutcome:
+        """``chat.update`` of the message at ``request.ts``; never raises for a Slack failure."""
+        ...
+
+    def find_update(self, channel: str, ts: str, message_id: str) -> HistoryOutcome:
+        """Whether the message at ``ts`` shows the update ``message_id`` (its metadata)."""
         ...
 
     def check_auth(self) -> Rejected | Unavailable | None:
@@ -96,6 +109,16 @@ def _outcome_of_exception(exc: Exception) -> Unavailable:
         return Unavailable("timeout waiting for the answer", in_doubt=True)
     # The request was sent and the answer was lost (reset, remote closed, a bad response).
     return Unavailable(f"{type(exc).__name__}: {exc}", in_doubt=True)
+
+
+def _shows_update(messages: Sequence[Mapping[str, object]], message_id: str) -> bool:
+    """True when one of ``messages`` carries the metadata of the update ``message_id``."""
+    for m in messages:
+        meta = m.get("metadata")
+        payload = meta.get("event_payload") if isinstance(meta, Mapping) else None
+        if isinstance(payload, Mapping) and payload.get("message_id") == message_id:
+            return True
+    return False
 
 
 def _is_user_id(channel: str) -> bool:
@@ -194,6 +217,47 @@ class SlackWebNotifier:
         # More history since the first attempt than we are willing to read: not "not found".
         return Rejected("history_window_exceeded")
 
+    def update(self, request: UpdateRequest) -> UpdateOutcome:
+        # chat.update takes the conversation id: a DM's D..., not the user id it was posted to.
+        conversation = self._conversation(request.channel)
+        try:
+            response = self._client.chat_update(
+                channel=conversation,
+                ts=request.ts,
+                text=request.text,
+                # [] clears the blocks: left out, Slack would keep the original's
+                blocks=request.blocks,
+                metadata=request.metadata,
+            )
+        except SlackApiError as exc:
+            return _outcome_of_api_error(exc.response)
+        except (OSError, http.client.HTTPException, SlackClientError) as exc:
+            return _outcome_of_exception(exc)
+        return Updated(str(response.get("ts") or request.ts), conversation)
+
+    def find_update(self, channel: str, ts: str, message_id: str) -> HistoryOutcome:
+        # Exactly the message at ts (oldest = latest = ts, inclusive): its metadata is that of
+        # the last update applied to it.
+        conversation = self._conversation(channel)
+        try:
+            response = self._client.conversations_history(
+                channel=conversation,
+                oldest=ts,
+                latest=ts,
+                inclusive=True,
+                limit=1,
+                include_all_metadata=True,
+            )
+        except SlackApiError as exc:
+            return _outcome_of_api_error(exc.response)
+        except (OSError, http.client.HTTPException, SlackClientError) as exc:
+            return _outcome_of_exception(exc)
+        messages = [
+            m for m in response.get("messages") or [] if isinstance(m, dict) and m.get("ts") == ts
+        ]
+        # A message gone (deleted) is not found: applying the update then fails for good.
+        return Found(ts) if _shows_update(messages, message_id) else NotFound()
+
     def check_auth(self) -> Rejected | Unavailable | None:
         try:
             self._client.auth_test()
@@ -227,6 +291,21 @@ class DryRunNotifier:
     def find_post(self, channel: str, message_id: str, oldest: datetime) -> HistoryOutcome:
         return NotFound()
 
+    def update(self, request: UpdateRequest) -> UpdateOutcome:
+        payload = request.metadata.get("event_payload")
+        message_id = payload.get("message_id") if isinstance(payload, dict) else None
+        log.info(
+            "dry-run, would update %s at %s:\n%s",
+            request.update_of,
+            request.ts,
+            render_request(PostRequest(request.channel, request.text, request.blocks, {})),
+            extra={"channel": request.channel, "message_id": message_id},
+        )
+        return Rendered()
+
+    def find_update(self, channel: str, ts: str, message_id: str) -> HistoryOutcome:
+        return NotFound()
+
     def check_auth(self) -> Rejected | Unavailable | None:
         return None
 
@@ -236,15 +315,27 @@ class DryRunNotifier:
 
 @dataclass(frozen=True)
 class FakePost:
-    """A post the fake stored."""
+    """A post the fake stored; ``updates`` are the ``chat.update`` calls applied to it."""
 
     ts: str
     request: PostRequest
+    updates: list[UpdateRequest] = field(default_factory=list)
+
+    @property
+    def metadata(self) -> JsonObject:
+        """Its metadata now: the last update's, else the post's."""
+        return self.updates[-1].metadata if self.updates else self.request.metadata
 
 
-#: A scripted answer: an outcome, or "store_then_timeout" (Slack posts, the answer is lost).
-FakeBehaviour = PostOutcome | HistoryOutcome | str
+#: A scripted answer: an outcome, or "store_then_timeout" (Slack posts or applies the update,
+#: the answer is lost).
+FakeBehaviour = PostOutcome | HistoryOutcome | UpdateOutcome | str
 STORE_THEN_TIMEOUT = "store_then_timeout"
+
+
+def _posted_id(post: FakePost) -> object:
+    payload = post.request.metadata.get("event_payload")
+    return payload.get("message_id") if isinstance(payload, Mapping) else None
 
 
 class FakeNotifier:
@@ -263,7 +354,10 @@ class FakeNotifier:
         return False
 
     def script(self, channel: str, *answers: FakeBehaviour, method: str = "post") -> None:
-        """Answer the next calls of ``method`` (post | history) to ``channel`` with these."""
+        """Answer the next calls of ``method`` (post | history | update) to ``channel``.
+
+        ``history`` scripts the history reads of both in-doubt posts and in-doubt updates.
+        """
         with self._lock:
             self._scripts.setdefault((method, channel), deque()).extend(answers)
 
@@ -296,15 +390,54 @@ class FakeNotifier:
             if isinstance(scripted, Found | NotFound | RateLimited | Rejected | Unavailable):
                 return scripted
             messages = [
-                {"ts": p.ts, "metadata": p.request.metadata}
+                {"ts": p.ts, "metadata": p.metadata}
                 for p in reversed(self.posts)
                 if p.request.channel == channel and float(p.ts) >= oldest.timestamp()
             ]
         ts = find_in_history(messages, message_id)
         return NotFound() if ts is None else Found(ts)
 
+    def update(self, request: UpdateRequest) -> UpdateOutcome:
+        with self._lock:
+            self.calls.append(("update", request.channel))
+            scripted = self._next("update", request.channel)
+            if isinstance(scripted, Updated | Rendered | RateLimited | Rejected | Unavailable):
+                return scripted
+            post = next(
+                (
+                    p
+                    for p in self.posts
+                    if p.request.channel == request.channel and p.ts == request.ts
+                ),
+                None,
+            )
+            if post is None:
+                return Rejected("message_not_found")
+            post.updates.append(request)
+            if scripted == STORE_THEN_TIMEOUT:
+                return Unavailable("timeout waiting for the answer", in_doubt=True)
+            return Updated(request.ts, request.channel)
+
+    def find_update(self, channel: str, ts: str, message_id: str) -> HistoryOutcome:
+        with self._lock:
+            self.calls.append(("history", channel))
+            scripted = self._next("history", channel)
+            if isinstance(scripted, Found | NotFound | RateLimited | Rejected | Unavailable):
+                return scripted
+            messages = [
+                {"ts": p.ts, "metadata": p.metadata}
+                for p in self.posts
+                if p.request.channel == channel and p.ts == ts
+            ]
+        return Found(ts) if _shows_update(messages, message_id) else NotFound()
+
     def check_auth(self) -> Rejected | Unavailable | None:
         return self.auth_error
+
+    def updates_of(self, message_id: str) -> list[UpdateRequest]:
+        """The updates applied to the post of ``message_id``, in order."""
+        with self._lock:
+            return [u for p in self.posts if _posted_id(p) == message_id for u in p.updates]
 
     def posts_to(self, channel: str) -> list[FakePost]:
         """Stored posts of one channel."""

@@ -1040,7 +1040,9 @@ class Audit:
         posts: dict[str, list[StoredMessage]] = {}
         unparsed = 0
         for p in w.slack.posts():
-            payload = (p.metadata or {}).get("event_payload") or {}
+            # the id it was posted with: an update (chat.update) replaces a post's metadata
+            posted = p.posted_metadata if p.posted_metadata is not None else p.metadata
+            payload = (posted or {}).get("event_payload") or {}
             mid = payload.get("message_id") if isinstance(payload, dict) else None
             if not isinstance(mid, str):
                 unparsed += 1

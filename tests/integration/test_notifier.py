@@ -184,6 +184,20 @@ class Harness:
             created_at=datetime.now(UTC),
         )
 
+    def update(self, of: SlackMessage, n: int) -> SlackMessage:
+        """The ``n``-th update of ``of``, as the enricher makes it: same channel, own id."""
+        return SlackMessage(
+            message_id=f"{of.message_id}-u{n}",
+            pipeline=of.pipeline,
+            channel=of.channel,
+            text=f"{of.text}, update {n}",
+            blocks=BLOCKS,
+            org_id=of.org_id,
+            source_event_id=f"{of.source_event_id}-u{n}",
+            created_at=datetime.now(UTC),
+            update_of=of.message_id,
+        )
+
     def send(self, messages: list[SlackMessage]) -> None:
         produce(
             self.bootstrap,
@@ -625,3 +639,126 @@ def test_dry_run_renders_to_the_log_and_writes_dry_run_receipts(h: Harness) -> N
         )
     )
     assert len(rendered) == 1
+
+
+# -- updates -------------------------------------------------------------------------------------
+
+
+def test_an_original_and_four_updates_are_one_post_and_four_updates_of_its_ts(
+    h: Harness,
+) -> None:
+    original = h.message(1, "D0UPD")
+    updates = [h.update(original, n) for n in range(1, 5)]
+    other = h.message(2, "D0OTHER")
+    notifier = h.start()
+    h.send([original, *updates, other])
+    receipts = h.receipts_read(6)
+    assert notifier.stop() == 0
+
+    [post] = h.fake.posts("D0UPD")
+    assert len(h.fake.calls("chat.postMessage", "D0UPD")) == 1
+    assert [c.params["ts"] for c in h.fake.calls("chat.update")] == [post.ts] * 4
+    assert [u.message_id for u in h.fake.updates(ts=post.ts)] == [u.message_id for u in updates]
+    assert h.fake.post_counts() == {original.message_id: 1, other.message_id: 1}
+    assert h.fake.update_counts() == {u.message_id: 1 for u in updates}
+    assert (post.text, post.posted_message_id) == (updates[-1].text, original.message_id)
+    assert post.metadata == {
+        "event_type": "field_alert",
+        "event_payload": {
+            "message_id": updates[-1].message_id,
+            "pipeline": "connector-provisioning-failed",
+            "update_of": original.message_id,
+        },
+    }
+    for m in (original, *updates):
+        r = receipts[m.message_id]
+        assert (r.status, r.slack_ts, r.channel, r.attempts) == ("DELIVERED", post.ts, "D0UPD", 1)
+    [stopped] = notifier.logged("notifier stopped")
+    assert (stopped["delivered"], stopped["updated"], stopped["posts"]) == (2, 4, 2)
+
+
+@pytest.mark.parametrize("volume_lost", [False, True], ids=["same-volume", "volume-lost"])
+def test_kill_9_mid_update_then_restart_applies_no_update_twice_and_loses_none(
+    h: Harness, volume_lost: bool
+) -> None:
+    original = h.message(1, "D0KUPD")
+    updates = [h.update(original, n) for n in range(1, 4)]
+    # Slack applies the first update at once but holds its answer back: the process is killed
+    # while the update is applied and its outcome unknown to it.
+    h.fake.slow("D0KUPD", delay_s=120, then_store=True, method="chat.update")
+    notifier = h.start(NOTIFIER_SLACK_TIMEOUT_S="60")
+    h.send([original, *updates])
+    [applied] = h.fake.wait_for_updates(1, channel="D0KUPD", timeout_s=30)
+    assert applied.message_id == updates[0].message_id
+    notifier.kill()
+    if volume_lost:
+        shutil.rmtree(h.tmp / "state")
+
+    restarted = h.start()
+    receipts = h.receipts_read(4)
+    assert restarted.stop() == 0
+    [post] = h.fake.posts("D0KUPD")
+    for m in (original, *updates):
+        assert (receipts[m.message_id].status, receipts[m.message_id].slack_ts) == (
+            "DELIVERED",
+            post.ts,
+        )
+    assert receipts[updates[0].message_id].attempts == 1
+    assert h.fake.update_counts() == {u.message_id: 1 for u in updates}
+    assert h.fake.post_counts() == {original.message_id: 1}
+    assert len(h.fake.calls("chat.update")) == 3
+    assert post.text == updates[-1].text
+    # the restart read the message at ts once, and found the update applied
+    assert len(h.fake.calls("conversations.history")) == 1
+    assert restarted.logged("update of a previous run is in doubt, checking the message first")
+    assert restarted.logged("in-doubt update found applied, not updating again")
+
+
+def test_update_errors_retry_or_fail_as_posts_do_and_never_post(h: Harness) -> None:
+    flaky, gone = h.message(1, "D0FLAKYU"), h.message(2, "D0GONEU")
+    notifier = h.start()
+    h.send([flaky, gone])
+    receipts = h.receipts_read(2)
+    # D0FLAKYU: 429, then a 500 (in doubt: the message is read before the next try), then ok.
+    # D0GONEU: the original was deleted in Slack, the update cannot be applied.
+    h.fake.rate_limit("D0FLAKYU", retry_after_s=1, method="chat.update")
+    h.fake.server_error("D0FLAKYU", status=500, method="chat.update")
+    h.fake.delete("D0GONEU", str(receipts[gone.message_id].slack_ts))
+    h.send([h.update(flaky, 1), h.update(gone, 1)])
+    receipts = h.receipts_read(4)
+    assert notifier.stop() == 0
+
+    ok = receipts[f"{flaky.message_id}-u1"]
+    assert (ok.status, ok.attempts, ok.slack_ts) == (
+        "DELIVERED",
+        3,
+        receipts[flaky.message_id].slack_ts,
+    )
+    assert [c.status for c in h.fake.calls("chat.update", "D0FLAKYU")] == [429, 500, 200]
+    assert len(h.fake.calls("conversations.history", "D0FLAKYU")) == 1
+    failed = receipts[f"{gone.message_id}-u1"]
+    assert (failed.status, failed.error) == ("FAILED", "message_not_found")
+    [dead] = h.dead_letters(1)
+    assert dict(dead.headers() or [])["dlq.error.message"] == b"message_not_found"
+    assert len(h.fake.calls("chat.update", "D0GONEU")) == 1
+    assert h.fake.update_counts() == {f"{flaky.message_id}-u1": 1}
+    assert h.fake.post_counts() == {flaky.message_id: 1, gone.message_id: 1}
+    assert len(h.fake.calls("chat.postMessage")) == 2
+
+
+def test_dry_run_updates_write_dry_run_receipts(h: Harness) -> None:
+    notifier = h.start(NOTIFIER_SLACK_BOT_TOKEN="<unset>")
+    original = h.message(1, "C1")
+    h.send([original, h.update(original, 1)])
+    receipts = h.receipts_read(2)
+    assert notifier.stop() == 0
+    assert {r.status for r in receipts.values()} == {"DRY_RUN"}
+    assert h.fake.calls() == []
+    [line] = [
+        line
+        for line in notifier.lines()
+        if str(line.get("msg", "")).startswith(
+            f"dry-run, would update {original.message_id} (only rendered):"
+        )
+    ]
+    assert line["message_id"] == f"{original.message_id}-u1"

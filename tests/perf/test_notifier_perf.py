@@ -1,6 +1,6 @@
 """Notifier benchmark: messages delivered per second against the fake Slack, and its overhead.
 
-Run with ``make bench`` (``pytest tests/perf -m perf -s -p no:timeout``); it prints a table.
+Run with ``make bench`` (``pytest tests/perf -m perf -s --timeout=0``); it prints a table.
 Figures (medians of ``BENCH_RUNS`` runs, default 3):
 
 * delivered messages/s of one notifier process (``python -m services.notifier``,
@@ -9,6 +9,7 @@ Figures (medians of ``BENCH_RUNS`` runs, default 3):
   up to 2000) to the last of their receipts read back from ``slack-message-receipts``, so it
   includes Kafka both ways, the receipts table, the markers, the receipt's ack and the commit;
 * the notifier's CPU time per message (user + system of its process, from ``/proc``);
+* the notifier's resident memory (VmRSS) after the runs and its peak (VmHWM);
 * the baseline, in the same run against the same fake Slack: bare
   ``WebClient.chat_postMessage`` calls in a loop (one thread, and 8 threads like the
   notifier's pool), with their client CPU time per call.
@@ -86,6 +87,16 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process, from /proc (clock-tick resolution)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """Resident memory of a process now and its peak (VmRSS, VmHWM), in MB."""
+    fields = dict(
+        line.split(":", 1)
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if ":" in line
+    )
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 @dataclass
@@ -280,6 +291,7 @@ def test_notifier_throughput_and_overhead(
         for channels in CHANNELS:
             n = min(MESSAGES, 400 * channels)
             results[channels] = median([bench.run(channels, n) for _ in range(RUNS)])
+        rss, peak = rss_mb(bench.proc.pid)
     finally:
         bench.close()
     stopped = [
@@ -306,6 +318,7 @@ def test_notifier_throughput_and_overhead(
             f"{fig.cpu_ms_per_msg:11.3f} {fig.msgs_per_s / base_1.msgs_per_s:11.2f}x "
             f"{fig.msgs_per_s / base_8.msgs_per_s:11.2f}x {overhead}"
         )
+    print(f"notifier RSS after the runs {rss:.0f} MB (peak {peak:.0f} MB)")
     if stopped:
         s = stopped[0]
         print(

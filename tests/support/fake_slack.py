@@ -16,8 +16,16 @@ In-process use::
 
 Records: ``calls(method=None, channel=None)`` (every API call: method, channel, params, HTTP
 status answered, time, client), ``held()`` (the ``slow`` calls whose answer is being held back
-right now: posts in flight), ``posts(channel=None)`` (stored messages), ``wait_for_posts(n)`` (a
-deadline instead of a sleep) and ``reset()``.
+right now: posts or updates in flight), ``posts(channel=None)`` (stored messages, as they read
+now), ``wait_for_posts(n)`` (a deadline instead of a sleep) and ``reset()``.
+
+Updates are logged per message: ``updates(channel=None, ts=None)`` lists every ``chat.update``
+applied (``StoredUpdate``: channel, ts, the update's ``message_id`` from its metadata, text,
+metadata, time), ``wait_for_updates(n)`` waits for them. Counting by the notifier's message ids
+(Slack message metadata ``event_payload.message_id``): ``post_counts()`` counts posts by the id
+they were *posted* with (``StoredMessage.posted_metadata``; ``metadata`` is what an update left),
+``update_counts()`` applied updates by the update's id. A message posted or updated twice shows
+as a count of 2.
 
 Several clients can share one fake and still be told apart: ``client_url(label)`` is a base URL
 (``/client/<label>/api/``) whose calls are recorded with ``client=label``.
@@ -46,12 +54,17 @@ Methods
   ``msg_too_long``. ``metadata`` must be ``{"event_type": str, "event_payload": {...}}``
   (``invalid_metadata_format``). Answers ``{"ok", "channel", "ts", "message"}``; ``ts`` values
   are unique and increasing, in Slack's ``"1700000000.000100"`` format.
-- ``chat.update``: ``channel`` + ``ts`` of a stored message (``message_not_found``); replaces
-  the given ``text``/``blocks``/``metadata`` and marks the message edited.
+- ``chat.update``: ``channel`` + ``ts`` of a stored message (``message_not_found``; a message
+  ``delete``d is gone too; one marked with ``lock(channel, ts)``, as one posted by someone
+  else, answers ``cant_update_message``); replaces the given ``text``/``blocks``/``metadata``,
+  marks the message edited and logs the update. Scripted behaviours apply as to posts (pass
+  ``method="chat.update"``): 429, 5xx, Slack errors, and ``slow`` with ``then_store=True``
+  applies the update at once and holds the answer back (the kill-mid-update case).
 - ``conversations.history``: ``channel``, ``limit`` (default 100, at most 999), ``oldest``,
   ``latest``, ``inclusive``, ``cursor``, ``include_all_metadata``; newest first; thread replies
   are left out (unless broadcast), and messages carry ``metadata`` only when
-  ``include_all_metadata`` is true, as in Slack.
+  ``include_all_metadata`` is true, as in Slack. An edited message carries its current text,
+  blocks and metadata (the last update's) and ``edited``.
 - Anything else: ``unknown_method``.
 
 Scripting
@@ -91,6 +104,9 @@ only), JSON in and out:
 - ``GET /_fake/posts[?channel=C1]``: ``{"ok": true, "posts": [StoredMessage.to_dict()...]}``.
 - ``GET /_fake/calls[?method=chat.postMessage][&channel=C1]``:
   ``{"ok": true, "calls": [RecordedCall.to_dict()...]}``.
+- ``GET /_fake/updates[?channel=C1][&ts=...]``: ``{"ok": true, "updates":
+  [StoredUpdate.to_dict()...]}``.
+- ``GET /_fake/counts``: ``{"ok": true, "posts": {message_id: n}, "updates": {message_id: n}}``.
 
 Bad control requests get HTTP 400 ``{"ok": false, "error": ...}``.
 """
@@ -107,6 +123,7 @@ import socketserver
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -115,7 +132,16 @@ from types import FrameType, TracebackType
 from typing import Any, Final, Literal
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["Behaviour", "BehaviourKind", "FakeSlack", "RecordedCall", "StoredMessage", "main"]
+__all__ = [
+    "Behaviour",
+    "BehaviourKind",
+    "FakeSlack",
+    "RecordedCall",
+    "StoredMessage",
+    "StoredUpdate",
+    "main",
+    "message_id_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -218,10 +244,23 @@ class StoredMessage:
     reply_broadcast: bool = False
     edited_ts: str | None = None
     posted_at: float = field(default_factory=time.time)
+    #: the metadata it was posted with (``metadata`` is replaced by updates)
+    posted_metadata: JsonObject | None = None
+    #: how many ``chat.update`` calls were applied to it
+    update_count: int = 0
+    #: deleted (``FakeSlack.delete``): gone from history, updates answer message_not_found
+    deleted: bool = False
+    #: ``FakeSlack.lock``: chat.update answers cant_update_message
+    locked: bool = False
 
     def to_dict(self) -> JsonObject:
         """Return a JSON-serialisable copy."""
         return asdict(self)
+
+    @property
+    def posted_message_id(self) -> str | None:
+        """The notifier's message id it was posted with (None without such metadata)."""
+        return message_id_of(self.posted_metadata)
 
     def to_api(self, *, include_metadata: bool) -> JsonObject:
         """Render the message as Slack's message object."""
@@ -243,6 +282,31 @@ class StoredMessage:
         if include_metadata and self.metadata is not None:
             message["metadata"] = copy.deepcopy(self.metadata)
         return message
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    """One ``chat.update`` applied to a stored message (``metadata`` parsed, if sent)."""
+
+    channel: str
+    ts: str
+    message_id: str | None
+    text: str | None
+    blocks: list[JsonObject] | None
+    metadata: JsonObject | None
+    edited_ts: str
+    at: float
+
+    def to_dict(self) -> JsonObject:
+        """Return a JSON-serialisable copy."""
+        return asdict(self)
+
+
+def message_id_of(metadata: object) -> str | None:
+    """``event_payload.message_id`` of Slack message metadata, if it is a string."""
+    payload = metadata.get("event_payload") if isinstance(metadata, dict) else None
+    mid = payload.get("message_id") if isinstance(payload, dict) else None
+    return mid if isinstance(mid, str) else None
 
 
 @dataclass
@@ -317,6 +381,7 @@ class FakeSlack:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._messages: list[StoredMessage] = []
+        self._updates: list[StoredUpdate] = []
         self._calls: list[RecordedCall] = []
         self._held: list[RecordedCall] = []
         self._queues: dict[str | None, list[_ScriptEntry]] = {}
@@ -501,11 +566,66 @@ class FakeSlack:
             return list(self._held)
 
     def posts(self, channel: str | None = None) -> list[StoredMessage]:
-        """Copies of the stored messages in post order, optionally for one channel."""
+        """Copies of the stored messages in post order, optionally for one channel.
+
+        Deleted messages are included (``deleted``): they were posted.
+        """
         with self._lock:
             return [
                 copy.deepcopy(m) for m in self._messages if channel is None or m.channel == channel
             ]
+
+    def updates(self, channel: str | None = None, ts: str | None = None) -> list[StoredUpdate]:
+        """Every ``chat.update`` applied, in order, optionally for one channel or message."""
+        with self._lock:
+            return [
+                u
+                for u in self._updates
+                if (channel is None or u.channel == channel) and (ts is None or u.ts == ts)
+            ]
+
+    def post_counts(self) -> Counter[str]:
+        """Posts per message id they were posted with; 2 or more is a duplicate post."""
+        with self._lock:
+            ids = [m.posted_message_id for m in self._messages]
+        return Counter(i for i in ids if i is not None)
+
+    def update_counts(self) -> Counter[str]:
+        """Applied updates per update message id; 2 or more is an update applied twice."""
+        with self._lock:
+            return Counter(u.message_id for u in self._updates if u.message_id is not None)
+
+    def wait_for_updates(
+        self, count: int, channel: str | None = None, timeout_s: float = 5.0
+    ) -> list[StoredUpdate]:
+        """Wait until at least ``count`` updates are applied; raise TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                found = [u for u in self._updates if channel is None or u.channel == channel]
+                if len(found) >= count:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{len(found)} of {count} updates after {timeout_s}s")
+                self._changed.wait(remaining)
+
+    def delete(self, channel: str, ts: str) -> None:
+        """Delete a stored message, as a user would: gone from history, not updatable."""
+        with self._lock:
+            self._stored(channel, ts).deleted = True
+
+    def lock(self, channel: str, ts: str) -> None:
+        """Make a stored message not updatable by the bot (``cant_update_message``)."""
+        with self._lock:
+            self._stored(channel, ts).locked = True
+
+    def _stored(self, channel: str, ts: str) -> StoredMessage:
+        """The stored message at ``ts``; the caller holds the lock."""
+        for m in self._messages:
+            if m.channel == channel and m.ts == ts:
+                return m
+        raise KeyError(f"no message {ts} in {channel}")
 
     def wait_for_posts(
         self, count: int, channel: str | None = None, timeout_s: float = 5.0
@@ -526,6 +646,7 @@ class FakeSlack:
         """Forget messages, calls, scripts and the rate limit (tokens and port stay)."""
         with self._lock:
             self._messages.clear()
+            self._updates.clear()
             self._calls.clear()
             self._queues.clear()
             self._persistent.clear()
@@ -709,6 +830,7 @@ class FakeSlack:
                 metadata=metadata,
                 thread_ts=thread_ts,
                 reply_broadcast=_bool(params.get("reply_broadcast")),
+                posted_metadata=copy.deepcopy(metadata),
             )
             self._messages.append(message)
             self._changed.notify_all()
@@ -729,9 +851,18 @@ class FakeSlack:
         if text is not None and len(text) > _MAX_TEXT:
             raise _ApiError("msg_too_long")
         with self._changed:
-            message = next((m for m in self._messages if m.channel == channel and m.ts == ts), None)
+            message = next(
+                (
+                    m
+                    for m in self._messages
+                    if m.channel == channel and m.ts == ts and not m.deleted
+                ),
+                None,
+            )
             if message is None:
                 raise _ApiError("message_not_found")
+            if message.locked:
+                raise _ApiError("cant_update_message")
             if text is not None:
                 message.text = text
             if has_blocks:
@@ -739,6 +870,19 @@ class FakeSlack:
             if has_metadata:
                 message.metadata = metadata
             message.edited_ts = self._next_ts()
+            message.update_count += 1
+            self._updates.append(
+                StoredUpdate(
+                    channel=channel,
+                    ts=message.ts,
+                    message_id=message_id_of(metadata),
+                    text=text,
+                    blocks=copy.deepcopy(blocks) if has_blocks else None,
+                    metadata=copy.deepcopy(metadata),
+                    edited_ts=message.edited_ts,
+                    at=time.time(),
+                )
+            )
             self._changed.notify_all()
             api_message = message.to_api(include_metadata=True)
         return {
@@ -769,7 +913,7 @@ class FakeSlack:
         include_metadata = _bool(params.get("include_all_metadata"))
 
         def wanted(m: StoredMessage) -> bool:
-            if m.channel != channel:
+            if m.channel != channel or m.deleted:
                 return False
             if m.thread_ts is not None and m.thread_ts != m.ts and not m.reply_broadcast:
                 return False
@@ -814,6 +958,11 @@ class FakeSlack:
         if http_verb == "GET" and action == "calls":
             calls = self.calls(method=args.get("method"), channel=args.get("channel"))
             return {"calls": [c.to_dict() for c in calls]}
+        if http_verb == "GET" and action == "updates":
+            updates = self.updates(channel=args.get("channel"), ts=args.get("ts"))
+            return {"updates": [u.to_dict() for u in updates]}
+        if http_verb == "GET" and action == "counts":
+            return {"posts": dict(self.post_counts()), "updates": dict(self.update_counts())}
         if http_verb != "POST":
             raise _ControlError(f"no control endpoint {http_verb} /_fake/{action}")
         request = _json_object(body) if body else {}

@@ -30,6 +30,7 @@ def encode_message(m: SlackMessage) -> bytes:
             "blocks": m.blocks,
             "org_id": m.org_id,
             "source_event_id": m.source_event_id,
+            "update_of": m.update_of,
         }
     ).encode()
 
@@ -128,6 +129,21 @@ def message(i: int, channel: str) -> SlackMessage:
         org_id="org-1",
         source_event_id=f"ev-{i}",
         created_at=T0,
+    )
+
+
+def update(i: int, of: int, channel: str, n: int = 1) -> SlackMessage:
+    """The ``n``-th update ``m<of>-u<n>`` of message ``m<of>`` (``i`` numbers its event)."""
+    return SlackMessage(
+        message_id=f"m{of}-u{n}",
+        pipeline="p1",
+        channel=channel,
+        text=f"alert {of}, update {n}",
+        blocks="[]",
+        org_id="org-1",
+        source_event_id=f"ev-{i}",
+        created_at=T0,
+        update_of=f"m{of}",
     )
 
 

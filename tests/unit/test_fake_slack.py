@@ -416,6 +416,102 @@ def test_update_of_unknown_message(client: WebClient) -> None:
     assert response["error"] == "message_not_found"
 
 
+def test_updates_are_logged_per_message_and_counted_by_message_id(
+    fake: FakeSlack, client: WebClient
+) -> None:
+    ts = client.chat_postMessage(channel="C1", text="v0", metadata=metadata("m1"))["ts"]
+    other = client.chat_postMessage(channel="C1", text="w0", metadata=metadata("m2"))["ts"]
+    for n in (1, 2):
+        client.chat_update(channel="C1", ts=ts, text=f"v{n}", metadata=metadata(f"m1-u{n}"))
+    client.chat_update(channel="C1", ts=ts, text="v2", metadata=metadata("m1-u2"))  # twice
+
+    assert [(u.ts, u.message_id, u.text) for u in fake.updates(ts=ts)] == [
+        (ts, "m1-u1", "v1"),
+        (ts, "m1-u2", "v2"),
+        (ts, "m1-u2", "v2"),
+    ]
+    assert fake.updates(ts=other) == []
+    assert fake.update_counts() == {"m1-u1": 1, "m1-u2": 2}
+    # posts are counted by the id they were posted with, whatever the updates left
+    assert fake.post_counts() == {"m1": 1, "m2": 1}
+    stored = next(p for p in fake.posts() if p.ts == ts)
+    assert (stored.posted_message_id, stored.update_count) == ("m1", 3)
+    assert stored.metadata == metadata("m1-u2")
+    assert len(fake.wait_for_updates(3, channel="C1", timeout_s=1)) == 3
+    with pytest.raises(TimeoutError):
+        fake.wait_for_updates(4, timeout_s=0.1)
+
+
+def test_history_of_an_edited_message_carries_its_current_metadata(client: WebClient) -> None:
+    ts = client.chat_postMessage(channel="C1", text="v0", metadata=metadata("m1"))["ts"]
+    client.chat_postMessage(channel="C1", text="later", metadata=metadata("m2"))
+    client.chat_update(channel="C1", ts=ts, text="v1", metadata=metadata("m1-u1"))
+
+    # exactly the message at ts, as the notifier reads it to check an in-doubt update
+    history = client.conversations_history(
+        channel="C1", oldest=ts, latest=ts, inclusive=True, limit=1, include_all_metadata=True
+    )
+    [message] = history["messages"]
+    assert (message["ts"], message["text"], message["metadata"]) == (ts, "v1", metadata("m1-u1"))
+    assert "edited" in message
+
+
+def test_deleted_and_locked_messages_cannot_be_updated(fake: FakeSlack, client: WebClient) -> None:
+    gone = client.chat_postMessage(channel="C1", text="a", metadata=metadata("m1"))["ts"]
+    locked = client.chat_postMessage(channel="C1", text="b", metadata=metadata("m2"))["ts"]
+    fake.delete("C1", gone)
+    fake.lock("C1", locked)
+    assert api_error(client.chat_update, channel="C1", ts=gone, text="x")["error"] == (
+        "message_not_found"
+    )
+    assert api_error(client.chat_update, channel="C1", ts=locked, text="x")["error"] == (
+        "cant_update_message"
+    )
+    [left] = client.conversations_history(channel="C1")["messages"]
+    assert left["ts"] == locked
+    assert fake.updates() == []
+    assert fake.post_counts() == {"m1": 1, "m2": 1}  # the deleted one was posted
+
+
+def test_update_faults_are_scripted_like_posts(fake: FakeSlack, client: WebClient) -> None:
+    ts = client.chat_postMessage(channel="C1", text="v0", metadata=metadata("m1"))["ts"]
+    fake.rate_limit("C1", retry_after_s=3, method="chat.update")
+    fake.server_error("C1", status=503, method="chat.update")
+    fake.slack_error("C1", "edit_window_closed", method="chat.update")
+    limited = api_error(client.chat_update, channel="C1", ts=ts, text="v1")
+    assert (limited.status_code, limited.headers["Retry-After"]) == (429, "3")
+    assert api_error(client.chat_update, channel="C1", ts=ts, text="v1").status_code == 503
+    assert api_error(client.chat_update, channel="C1", ts=ts, text="v1")["error"] == (
+        "edit_window_closed"
+    )
+    assert fake.updates() == []
+    # posts are not touched by update scripts
+    assert client.chat_postMessage(channel="C1", text="w")["ok"] is True
+
+
+def test_slow_update_is_applied_before_its_answer_is_held_back(
+    fake: FakeSlack, client: WebClient
+) -> None:
+    ts = client.chat_postMessage(channel="C1", text="v0", metadata=metadata("m1"))["ts"]
+    fake.slow("C1", delay_s=5, then_store=True, method="chat.update")
+    quick = WebClient(token="xoxb-test", base_url=fake.base_url, timeout=1)
+    with pytest.raises(TimeoutError):
+        quick.chat_update(channel="C1", ts=ts, text="v1", metadata=metadata("m1-u1"))
+    assert fake.update_counts() == {"m1-u1": 1}
+    assert [c.method for c in fake.held()] == ["chat.update"]
+
+
+def test_update_logs_over_the_control_api(fake: FakeSlack, client: WebClient) -> None:
+    ts = client.chat_postMessage(channel="C1", text="v0", metadata=metadata("m1"))["ts"]
+    client.chat_update(channel="C1", ts=ts, text="v1", metadata=metadata("m1-u1"))
+    with urllib.request.urlopen(fake.control_url + f"updates?channel=C1&ts={ts}") as r:
+        [update] = json.loads(r.read())["updates"]
+    assert (update["ts"], update["message_id"], update["text"]) == (ts, "m1-u1", "v1")
+    with urllib.request.urlopen(fake.control_url + "counts") as r:
+        counts = json.loads(r.read())
+    assert (counts["posts"], counts["updates"]) == ({"m1": 1}, {"m1-u1": 1})
+
+
 # ------------------------------------------------------------------------------ validation
 
 

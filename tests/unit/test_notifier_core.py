@@ -511,3 +511,272 @@ def test_render_text_names_an_invalid_message() -> None:
     assert core.render_text(message(blocks="nope")).startswith(
         "to U123 (p1, m1): invalid_message: blocks is not JSON"
     )
+
+
+# -- updates -----------------------------------------------------------------------------------
+
+ORIGINAL_TS = "1764061200.000100"
+
+
+def update_message(message_id: str = "m1-u1", update_of: str = "m1") -> SlackMessage:
+    return SlackMessage(
+        message_id=message_id,
+        pipeline="p1",
+        channel="U123",
+        text="Connector failed again (2 failures)",
+        blocks=json.dumps(BLOCKS),
+        org_id="org-1",
+        source_event_id="ev-2",
+        created_at=T0,
+        update_of=update_of,
+    )
+
+
+def original_receipt(
+    status: str = "DELIVERED", ts: str | None = ORIGINAL_TS, error: str | None = None
+) -> SlackDeliveryReceipt:
+    return SlackDeliveryReceipt(
+        message_id="m1",
+        channel="D0DM",
+        status=status,
+        attempts=1,
+        slack_ts=ts,
+        error=error,
+        delivered_at=T0,
+    )
+
+
+def test_an_update_of_a_delivered_original_is_a_chat_update_of_its_ts() -> None:
+    action = core.next_action(
+        Delivery(update_message()), now=NOW, policy=POLICY, original=original_receipt()
+    )
+    assert isinstance(action, Proceed) and action.step is Step.UPDATE
+    request = action.request
+    assert isinstance(request, core.UpdateRequest)
+    # the original's channel and ts, the update's own content and message id
+    assert (request.channel, request.ts, request.update_of) == ("D0DM", ORIGINAL_TS, "m1")
+    assert request.text == "Connector failed again (2 failures)"
+    assert request.blocks == BLOCKS
+    assert request.metadata == {
+        "event_type": "field_alert",
+        "event_payload": {"message_id": "m1-u1", "pipeline": "p1", "update_of": "m1"},
+    }
+    assert action.delivery.target == core.UpdateTarget("D0DM", ORIGINAL_TS)
+
+
+@pytest.mark.parametrize(
+    ("original", "status", "error", "dead_letter"),
+    [
+        (original_receipt("DRY_RUN", ts=None), "DRY_RUN", None, False),
+        (
+            original_receipt("FAILED", ts=None, error="channel_not_found"),
+            "FAILED",
+            "original_failed",
+            True,
+        ),
+        (original_receipt("DELIVERED", ts=None), "FAILED", "original_failed", True),
+    ],
+    ids=["dry-run", "failed", "delivered-without-ts"],
+)
+def test_an_update_whose_original_cannot_be_edited_finishes_without_a_call(
+    original: SlackDeliveryReceipt, status: str, error: str | None, dead_letter: bool
+) -> None:
+    action = core.next_action(Delivery(update_message()), now=NOW, policy=POLICY, original=original)
+    assert isinstance(action, Finish)
+    r = action.receipt
+    assert (r.message_id, r.status, r.error, r.attempts) == ("m1-u1", status, error, 0)
+    assert (action.dead_letter is not None) is dead_letter
+    if dead_letter:
+        assert action.dead_letter is not None and "m1" in action.dead_letter
+
+
+def test_an_update_waits_for_its_original_then_applies_it() -> None:
+    """A fake clock: no receipt of the original yet, twice; then it arrives."""
+    policy = replace_policy(update_wait_s=60.0, update_recheck_s=0.5)
+    d = Delivery(update_message())
+    first = core.next_action(d, now=NOW, policy=policy, original=None)
+    assert isinstance(first, core.Wait)
+    assert first.delay_s == 0.5 and first.delivery.waiting_since == NOW
+    later = NOW + timedelta(seconds=30)
+    second = core.next_action(first.delivery, now=later, policy=policy, original=None)
+    assert isinstance(second, core.Wait) and second.delivery.waiting_since == NOW
+    arrived = core.next_action(
+        second.delivery, now=later, policy=policy, original=original_receipt()
+    )
+    assert isinstance(arrived, Proceed) and arrived.step is Step.UPDATE
+    assert arrived.delivery.waiting_since is None
+
+
+@pytest.mark.parametrize(
+    ("waited_s", "kind"),
+    [(0.0, "wait"), (59.9, "wait"), (60.0, "failed"), (600.0, "failed")],
+)
+def test_the_wait_for_the_original_is_bounded_and_never_becomes_a_post(
+    waited_s: float, kind: str
+) -> None:
+    policy = replace_policy(update_wait_s=60.0)
+    d = Delivery(update_message(), waiting_since=NOW)
+    action = core.next_action(d, now=NOW + timedelta(seconds=waited_s), policy=policy)
+    if kind == "wait":
+        assert isinstance(action, core.Wait)
+        assert 0 <= action.delay_s <= policy.update_recheck_s
+    else:
+        assert isinstance(action, Finish)
+        assert (action.receipt.status, action.receipt.error) == (
+            "FAILED",
+            "original_not_delivered",
+        )
+        assert action.dead_letter is not None
+        assert action.dead_letter.startswith("original_not_delivered")
+
+
+def replace_policy(**changes: float) -> RetryPolicy:
+    return RetryPolicy(**{**POLICY.__dict__, **changes})  # type: ignore[arg-type]
+
+
+def started_update(**changes: object) -> Delivery:
+    action = core.next_action(
+        Delivery(update_message()), now=NOW, policy=POLICY, original=original_receipt()
+    )
+    assert isinstance(action, Proceed)
+    d, marker = core.begin_update(action.delivery, NOW)
+    assert (marker.channel, marker.attempts) == ("D0DM", 1)
+    return Delivery(**{**d.__dict__, **changes})  # type: ignore[arg-type]
+
+
+def test_an_applied_update_is_delivered_with_the_original_channel_and_ts() -> None:
+    d = started_update()
+    decision = core.after_update(
+        d, core.Updated(ORIGINAL_TS, "D0DM"), now=NOW, policy=POLICY, jitter=0.5
+    )
+    assert isinstance(decision, Finish) and decision.dead_letter is None
+    r = decision.receipt
+    assert (r.message_id, r.channel, r.slack_ts, r.status, r.attempts) == (
+        "m1-u1",
+        "D0DM",
+        ORIGINAL_TS,
+        "DELIVERED",
+        1,
+    )
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "message_not_found",
+        "cant_update_message",
+        "edit_window_closed",
+        "channel_not_found",
+        "invalid_blocks",
+    ],
+)
+def test_permanent_update_errors_fail_with_a_dead_letter(code: str) -> None:
+    decision = core.after_update(
+        started_update(), Rejected(code), now=NOW, policy=POLICY, jitter=0.5
+    )
+    assert isinstance(decision, Finish)
+    assert (decision.receipt.status, decision.receipt.error) == ("FAILED", code)
+    assert decision.dead_letter == code
+
+
+@pytest.mark.parametrize(
+    ("outcome", "rate_limited", "in_doubt"),
+    [
+        (RateLimited(7.0), True, False),
+        (Unavailable("http 500: internal_error", in_doubt=True), False, True),
+        (Unavailable("connection: refused", in_doubt=False), False, False),
+        (Rejected("service_unavailable"), False, False),
+    ],
+)
+def test_update_failures_retry_as_a_posts_do(
+    outcome: core.UpdateOutcome, rate_limited: bool, in_doubt: bool
+) -> None:
+    decision = core.after_update(started_update(), outcome, now=NOW, policy=POLICY, jitter=0.0)
+    assert isinstance(decision, Retry)
+    assert decision.rate_limited is rate_limited
+    assert decision.delivery.in_doubt is in_doubt
+    if rate_limited:
+        assert decision.delay_s == 7.0
+    # the retry is an update again (after a check when in doubt), never a post
+    again = core.next_action(decision.delivery, now=NOW, policy=POLICY, original=None)
+    assert isinstance(again, Proceed)
+    assert again.step is (Step.CHECK_UPDATE if in_doubt else Step.UPDATE)
+
+
+def test_a_token_error_on_update_is_fatal() -> None:
+    decision = core.after_update(
+        started_update(), Rejected("invalid_auth"), now=NOW, policy=POLICY, jitter=0.0
+    )
+    assert decision == Fatal("invalid_auth")
+
+
+def test_an_update_in_doubt_is_checked_before_it_is_applied_again() -> None:
+    marker = AttemptMarker("D0DM", 1, T0)
+    d = core.start(update_message(), marker)
+    action = core.next_action(d, now=NOW, policy=POLICY, original=original_receipt())
+    assert isinstance(action, Proceed) and action.step is Step.CHECK_UPDATE
+    found = core.after_update_check(
+        action.delivery, Found(ORIGINAL_TS), now=NOW, policy=POLICY, jitter=0.0
+    )
+    assert isinstance(found, Finish)
+    assert (found.receipt.status, found.receipt.slack_ts, found.receipt.attempts) == (
+        "DELIVERED",
+        ORIGINAL_TS,
+        1,
+    )
+    not_found = core.after_update_check(
+        action.delivery, NotFound(), now=NOW, policy=POLICY, jitter=0.0
+    )
+    assert isinstance(not_found, Proceed) and not_found.step is Step.UPDATE
+    assert not not_found.delivery.unverified
+
+
+@pytest.mark.parametrize(
+    ("outcome", "check_failures", "expected"),
+    [
+        (Unavailable("http 503", in_doubt=True), 0, "retry"),
+        (Rejected("internal_error"), 1, "retry"),
+        (Unavailable("http 503", in_doubt=True), POLICY.max_attempts - 1, "apply"),
+        (Rejected("missing_scope"), 0, "apply"),
+        (Rejected("channel_not_found"), 0, "apply"),
+        (RateLimited(3.0), POLICY.max_attempts - 1, "retry"),
+        (Rejected("token_revoked"), 0, "fatal"),
+    ],
+)
+def test_an_update_check_that_cannot_be_made_retries_then_applies_unverified(
+    outcome: core.HistoryOutcome, check_failures: int, expected: str
+) -> None:
+    d = started_update(in_doubt=True, check_failures=check_failures)
+    decision = core.after_update_check(d, outcome, now=NOW, policy=POLICY, jitter=0.0)
+    if expected == "retry":
+        assert isinstance(decision, Retry)
+    elif expected == "fatal":
+        assert isinstance(decision, Fatal)
+    else:
+        # applying twice shows the same message; not applying loses the update
+        assert isinstance(decision, Proceed) and decision.step is Step.UPDATE
+        assert decision.delivery.unverified
+
+
+def test_an_update_naming_itself_fails() -> None:
+    action = core.next_action(
+        Delivery(update_message("m1", update_of="m1")),
+        now=NOW,
+        policy=POLICY,
+        original=original_receipt(),
+    )
+    assert isinstance(action, Finish) and action.receipt.status == "FAILED"
+
+
+def test_an_updated_post_is_still_found_by_its_own_id() -> None:
+    """An in-doubt post edited since carries its update's metadata; ``update_of`` names it."""
+    edited = {
+        "ts": ORIGINAL_TS,
+        "metadata": {
+            "event_type": core.EVENT_TYPE,
+            "event_payload": {"message_id": "m1-u2", "update_of": "m1"},
+        },
+    }
+    assert core.find_in_history([edited], "m1") == ORIGINAL_TS
+    assert core.find_in_history([edited], "m1-u2") == ORIGINAL_TS
+    assert core.find_in_history([edited], "m1-u1") is None

@@ -31,6 +31,16 @@ def test_defaults() -> None:
     assert s.retry_policy() == RetryPolicy(8, 1.0, 60.0, 300.0)
 
 
+def test_update_wait_goes_into_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert NotifierSettings().retry_policy().update_wait_s == 900.0
+    monkeypatch.setenv("NOTIFIER_UPDATE_WAIT_S", "120")
+    assert NotifierSettings().retry_policy().update_wait_s == 120.0
+    monkeypatch.setenv("NOTIFIER_UPDATE_WAIT_S", "0")
+    with pytest.raises(ValidationError) as info:
+        NotifierSettings()
+    assert "NOTIFIER_UPDATE_WAIT_S" in describe_validation_error(info.value, "NOTIFIER_")
+
+
 def test_token_means_live_and_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NOTIFIER_SLACK_BOT_TOKEN", "xoxb-secret-123")
     monkeypatch.setenv("NOTIFIER_SLACK_API_URL", "http://127.0.0.1:9/api/")

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 from confluent_kafka import KafkaError
+from prometheus_client import REGISTRY
 
 from libs.kafka import ClientCallTimeoutError, DeliveryError
 from libs.serde import SlackDeliveryReceipt
-from services.notifier.core import PostOutcome, PostRequest, Rejected
+from services.notifier.core import (
+    Posted,
+    PostOutcome,
+    PostRequest,
+    Rejected,
+    RetryPolicy,
+    Unavailable,
+)
 from services.notifier.markers import InMemoryAttemptLog
+from services.notifier.slack import STORE_THEN_TIMEOUT
 from tests.support.kafka import wait_until
 from tests.support.notifier_twins import (
     DLQ,
@@ -20,6 +30,7 @@ from tests.support.notifier_twins import (
     SinkRig,
     encode_receipt,
     message,
+    update,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -150,6 +161,31 @@ def test_no_post_before_its_marker_is_durable() -> None:
     assert len(rig.markers) == 0  # deleted once the receipts were acknowledged
 
 
+def test_a_post_starts_as_soon_as_its_marker_is_durable() -> None:
+    """A post starts from its marker's acknowledgement, which only a poll of the markers'
+    producer serves. Before the fix the loop, with a call in flight or a marker pending, waited
+    on the queue of finished Slack calls alone: each post of a channel started a whole
+    ``poll_timeout_s`` after its marker was durable (one channel: 9 posts/s against a Slack
+    answering in 1.4 ms). Now the loop watches both, so the posts of one channel follow each
+    other at the pace of the answers, not of the poll timeout (3 s here)."""
+    rig = SinkRig(partitions=1, poll_timeout_s=3.0)
+    rig.markers = InMemoryAttemptLog(remote=True)
+    posted_at: list[float] = []
+    post = rig.slack.post
+
+    def timed(request: PostRequest) -> PostOutcome:
+        posted_at.append(time.monotonic())
+        return post(request)
+
+    rig.slack.post = timed  # type: ignore[method-assign]
+    rig.start()
+    rig.send([message(i, "C1") for i in range(3)])
+    wait_until(lambda: len(posted_at) == 3, timeout_s=60, message="three posts")
+    rig.finish()
+    # before the fix: two waits of poll_timeout_s, at least 6 s
+    assert posted_at[-1] - posted_at[0] < 3.0
+
+
 def test_a_partition_starts_only_once_its_markers_are_restored() -> None:
     rig = SinkRig(partitions=1)
     rig.markers = InMemoryAttemptLog(remote=True, hold_restores=True)
@@ -260,3 +296,217 @@ def test_a_failed_receipt_is_never_written_before_its_dead_letter_is_acknowledge
     rig.finish()
     assert rig.receipts()["m1"].status == "FAILED"
     assert len(rig.broker.records(DLQ)) == 1
+
+
+# -- updates -------------------------------------------------------------------------------------
+
+
+def _update_ids(rig: SinkRig, original: str) -> list[str]:
+    ids = []
+    for u in rig.slack.updates_of(original):
+        payload = u.metadata["event_payload"]
+        assert isinstance(payload, dict)
+        ids.append(str(payload["message_id"]))
+    return ids
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_an_original_and_four_updates_are_one_post_and_four_updates_of_its_ts() -> None:
+    calls_before = _sample("notifier_slack_calls_total", method="chat.update", result="updated")
+    updated_before = _sample("notifier_messages_total", outcome="updated")
+    rig = SinkRig().start()
+    rig.send([message(1, "C1"), *(update(10 + n, 1, "C1", n) for n in range(1, 5))])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    [post] = rig.slack.posts
+    assert [c for c in rig.slack.calls if c[0] != "history"] == [("post", "C1")] + [
+        ("update", "C1")
+    ] * 4
+    assert _update_ids(rig, "m1") == ["m1-u1", "m1-u2", "m1-u3", "m1-u4"]
+    assert all(u.ts == post.ts for u in rig.slack.updates_of("m1"))
+    assert post.updates[-1].text == "alert 1, update 4"
+    receipts = rig.receipts()
+    for mid in ("m1", "m1-u1", "m1-u2", "m1-u3", "m1-u4"):
+        r = receipts[mid]
+        assert (r.status, r.slack_ts, r.channel, r.attempts) == ("DELIVERED", post.ts, "C1", 1)
+    assert (stats.posts, stats.updates, stats.delivered, stats.updated) == (1, 4, 1, 4)
+    assert len(rig.markers) == 0
+    calls = _sample("notifier_slack_calls_total", method="chat.update", result="updated")
+    assert calls - calls_before == 4
+    assert _sample("notifier_messages_total", outcome="updated") - updated_before == 4
+
+
+def test_an_update_waits_for_its_originals_receipt_then_updates_it() -> None:
+    """The original was posted by another replica whose receipt is not on the topic yet: the
+    update waits (its channel only), and applies once the receipt arrives."""
+    rig = SinkRig(partitions=1)
+    ts = rig.slack.post(
+        PostRequest(
+            "C1",
+            "alert 1",
+            [],
+            {"event_type": "field_alert", "event_payload": {"message_id": "m1"}},
+        )
+    )
+    assert isinstance(ts, Posted)
+    rig.start()
+    rig.send([update(2, 1, "C1"), message(3, "C2")])
+    loop = rig.loop
+    assert loop is not None
+    # the other channel is not held up by the waiting update
+    wait_until(lambda: "m3" in rig.receipts(), timeout_s=20, message="C2 delivered")
+    wait_until(lambda: loop.stats.update_waits == 1, timeout_s=20)
+    waited_from = loop.last_turn
+    wait_until(lambda: loop.last_turn > waited_from + 0.3, timeout_s=20)
+    assert rig.slack.updates_of("m1") == [] and "m1-u1" not in rig.receipts()
+    p = rig.broker.producer({})
+    original = SlackDeliveryReceipt(
+        message_id="m1",
+        channel="C1",
+        status="DELIVERED",
+        attempts=1,
+        slack_ts=ts.ts,
+        error=None,
+        delivered_at=T0,
+    )
+    p.produce(RECEIPTS, key=b"m1", value=encode_receipt(original))
+    assert p.flush(1) == 0
+    wait_until(rig.all_committed, timeout_s=20, message="updated once the receipt arrived")
+    stats = rig.finish()
+    assert _update_ids(rig, "m1") == ["m1-u1"]
+    assert rig.receipts()["m1-u1"].slack_ts == ts.ts
+    assert (stats.posts, stats.updated, stats.update_waits) == (1, 1, 1)  # C2's post
+
+
+def test_an_update_queued_before_its_original_lets_the_original_go_first() -> None:
+    """Upstream orders an original before its updates. If it ever did not, the update at the
+    head of the channel would wait for a receipt that only the message behind it can give,
+    fail after the wait bound, and the original would post after its update was lost."""
+    rig = SinkRig(partitions=1)
+    rig.config = replace(
+        rig.config, policy=RetryPolicy(backoff_base_s=0.01, backoff_max_s=0.05, update_wait_s=30)
+    )
+    rig.start()
+    rig.send([update(2, 1, "C1"), message(3, "C1"), message(1, "C1")])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    receipts = rig.receipts()
+    assert {receipts[m].status for m in ("m1", "m1-u1", "m3")} == {"DELIVERED"}
+    assert _update_ids(rig, "m1") == ["m1-u1"]
+    assert [c for c in rig.slack.calls if c[0] != "history"] == [
+        ("post", "C1"),
+        ("update", "C1"),
+        ("post", "C1"),
+    ]
+    assert (stats.posts, stats.updated, stats.update_waits) == (2, 1, 0)
+
+
+def test_an_update_whose_original_never_comes_fails_with_a_dead_letter_and_never_posts() -> None:
+    rig = SinkRig(partitions=1)
+    rig.config = replace(
+        rig.config, policy=RetryPolicy(backoff_base_s=0.01, backoff_max_s=0.05, update_wait_s=0.3)
+    )
+    rig.start()
+    rig.send([update(2, 1, "C1"), message(3, "C1")])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    r = rig.receipts()["m1-u1"]
+    assert (r.status, r.error) == ("FAILED", "original_not_delivered")
+    [dead] = rig.broker.records(DLQ)
+    assert b"original_not_delivered" in dict(dead.headers() or [])["dlq.error.message"]
+    # the message behind it in the channel went on afterwards; no post or update of the update
+    assert [c for c in rig.slack.calls if c[0] != "history"] == [("post", "C1")]
+    assert rig.receipts()["m3"].status == "DELIVERED"
+    assert (stats.failed, stats.updates, stats.dead_lettered) == (1, 0, 1)
+
+
+def test_an_update_of_a_failed_original_fails_with_a_dead_letter_after_the_originals() -> None:
+    rig = SinkRig(partitions=1)
+    rig.slack.script("C404", Rejected("channel_not_found"))
+    rig.start()
+    rig.send([message(1, "C404"), update(2, 1, "C404")])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    rig.finish()
+    receipts = rig.receipts()
+    assert receipts["m1"].status == "FAILED"
+    assert (receipts["m1-u1"].status, receipts["m1-u1"].error) == ("FAILED", "original_failed")
+    assert len(rig.broker.records(DLQ)) == 2
+    assert rig.slack.calls == [("post", "C404")]
+
+
+def test_killed_between_the_update_and_its_receipt_the_replay_finds_it_applied() -> None:
+    """The update reached Slack, the process died before its receipt was written (here: the
+    receipt's delivery fails and the loop stops, its marker and offset left behind). The
+    replay finds the marker, reads the message at the original's ts (its metadata names the
+    update) and writes the receipt without a second chat.update."""
+    rig = SinkRig(partitions=1).start()
+    rig.send([message(1, "C1")])
+    wait_until(lambda: "m1" in rig.receipts() and rig.all_committed(), timeout_s=20)
+    rig.producers[0].fail_delivery(RECEIPTS, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+    rig.send([update(2, 1, "C1")])
+    assert rig.join(20), "the loop did not stop"
+    assert isinstance(rig.error, DeliveryError), rig.error
+    assert _update_ids(rig, "m1") == ["m1-u1"]  # applied in Slack
+    assert "m1-u1" not in rig.receipts() and len(rig.markers) == 1
+    # the restart: a new process, its receipts table read from the topic
+    rig.table = MemoryReceiptTable(rig.broker)
+    rig.start()
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    r = rig.receipts()["m1-u1"]
+    assert (r.status, r.slack_ts, r.attempts) == ("DELIVERED", rig.slack.posts[0].ts, 1)
+    assert _update_ids(rig, "m1") == ["m1-u1"]  # not applied twice
+    assert (stats.update_checks, stats.updates, stats.updated) == (1, 0, 1)
+    assert len(rig.markers) == 0
+
+
+def test_an_update_in_doubt_that_did_not_reach_slack_is_applied_once() -> None:
+    rig = SinkRig(partitions=1)
+    rig.slack.script("C1", Unavailable("connection reset", in_doubt=True), method="update")
+    rig.start()
+    rig.send([message(1, "C1"), update(2, 1, "C1")])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    assert _update_ids(rig, "m1") == ["m1-u1"]
+    assert rig.receipts()["m1-u1"].attempts == 2
+    assert (stats.update_checks, stats.updates) == (1, 2)
+
+
+def test_a_timed_out_update_that_was_applied_is_not_applied_again() -> None:
+    rig = SinkRig(partitions=1)
+    rig.slack.script("C1", STORE_THEN_TIMEOUT, method="update")
+    rig.start()
+    rig.send([message(1, "C1"), update(2, 1, "C1"), update(3, 1, "C1", 2)])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    assert _update_ids(rig, "m1") == ["m1-u1", "m1-u2"]
+    assert (stats.update_checks, stats.updates, stats.updated) == (1, 2, 2)
+
+
+def test_a_replay_skips_finished_updates() -> None:
+    rig = SinkRig().start()
+    rig.send([message(1, "C1"), update(2, 1, "C1"), update(3, 1, "C1", 2)])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    rig.finish()
+    rig.start(group="replay")
+    wait_until(lambda: rig.all_committed("replay"), timeout_s=20, message="replay committed")
+    stats = rig.finish()
+    assert (stats.skipped, stats.posts, stats.updates) == (3, 0, 0)
+    assert _update_ids(rig, "m1") == ["m1-u1", "m1-u2"]
+
+
+def test_a_permanent_update_error_fails_that_update_only() -> None:
+    rig = SinkRig(partitions=1)
+    rig.slack.script("C1", Rejected("cant_update_message"), method="update")
+    rig.start()
+    rig.send([message(1, "C1"), update(2, 1, "C1"), update(3, 1, "C1", 2)])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    rig.finish()
+    receipts = rig.receipts()
+    assert (receipts["m1-u1"].status, receipts["m1-u1"].error) == ("FAILED", "cant_update_message")
+    assert receipts["m1-u2"].status == "DELIVERED"
+    assert len(rig.broker.records(DLQ)) == 1
+    assert _update_ids(rig, "m1") == ["m1-u2"]

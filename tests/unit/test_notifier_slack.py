@@ -20,6 +20,8 @@ from services.notifier.core import (
     Rejected,
     Rendered,
     Unavailable,
+    Updated,
+    UpdateRequest,
 )
 from services.notifier.slack import (
     STORE_THEN_TIMEOUT,
@@ -52,6 +54,10 @@ class Script(Protocol):
     def server_error(self, channel: str, status: int) -> None: ...
     def store_then_timeout(self, channel: str) -> None: ...
     def history_unavailable(self, channel: str) -> None: ...
+    def update_rate_limit(self, channel: str, seconds: int) -> None: ...
+    def update_error(self, channel: str, code: str) -> None: ...
+    def update_server_error(self, channel: str, status: int) -> None: ...
+    def update_store_then_timeout(self, channel: str) -> None: ...
 
 
 @dataclass
@@ -79,6 +85,18 @@ class WebScript:
     def history_unavailable(self, channel: str) -> None:
         self.fake.server_error(channel, status=503, method="conversations.history")
 
+    def update_rate_limit(self, channel: str, seconds: int) -> None:
+        self.fake.rate_limit(channel, retry_after_s=seconds, method="chat.update")
+
+    def update_error(self, channel: str, code: str) -> None:
+        self.fake.slack_error(channel, code, method="chat.update")
+
+    def update_server_error(self, channel: str, status: int) -> None:
+        self.fake.server_error(channel, status=status, method="chat.update")
+
+    def update_store_then_timeout(self, channel: str) -> None:
+        self.fake.slow(channel, delay_s=5, then_store=True, method="chat.update")
+
 
 class TwinScript:
     def __init__(self, twin: FakeNotifier) -> None:
@@ -98,6 +116,19 @@ class TwinScript:
 
     def history_unavailable(self, channel: str) -> None:
         self.twin.script(channel, Unavailable("http 503", in_doubt=True), method="history")
+
+    def update_rate_limit(self, channel: str, seconds: int) -> None:
+        self.twin.script(channel, RateLimited(seconds), method="update")
+
+    def update_error(self, channel: str, code: str) -> None:
+        self.twin.script(channel, Rejected(code), method="update")
+
+    def update_server_error(self, channel: str, status: int) -> None:
+        outcome = Unavailable(f"http {status}: internal_error", in_doubt=True)
+        self.twin.script(channel, outcome, method="update")
+
+    def update_store_then_timeout(self, channel: str) -> None:
+        self.twin.script(channel, STORE_THEN_TIMEOUT, method="update")
 
 
 @pytest.fixture
@@ -167,6 +198,93 @@ def test_history_unavailable(subject: Subject) -> None:
     subject.script.history_unavailable("C1")
     outcome = subject.notifier.find_post("C1", "m1", LONG_AGO)
     assert isinstance(outcome, Unavailable)
+
+
+# -- updates -----------------------------------------------------------------------------------
+
+
+def update_request(message_id: str, ts: str, n: int = 1, channel: str = "C1") -> UpdateRequest:
+    return UpdateRequest(
+        channel=channel,
+        ts=ts,
+        text=f"alert {message_id}, update {n}",
+        blocks=[],
+        metadata={
+            "event_type": "field_alert",
+            "event_payload": {"message_id": f"{message_id}-u{n}", "update_of": message_id},
+        },
+        update_of=message_id,
+    )
+
+
+def posted(subject: Subject, message_id: str = "m1") -> str:
+    outcome = subject.notifier.post(request(message_id))
+    assert isinstance(outcome, Posted)
+    return outcome.ts
+
+
+def test_update_then_check_by_metadata(subject: Subject) -> None:
+    n = subject.notifier
+    ts, other = posted(subject, "m1"), posted(subject, "m2")
+    assert n.find_update("C1", ts, "m1-u1") == NotFound()
+    assert n.update(update_request("m1", ts)) == Updated(ts, "C1")
+    assert n.find_update("C1", ts, "m1-u1") == Found(ts)
+    assert n.find_update("C1", ts, "m1-u2") == NotFound()  # a later update, not applied yet
+    assert n.find_update("C1", other, "m1-u1") == NotFound()
+    assert n.update(update_request("m1", ts, 2)) == Updated(ts, "C1")
+    assert n.find_update("C1", ts, "m1-u2") == Found(ts)
+    # the post is still found by its own id, through the update's update_of
+    assert n.find_post("C1", "m1", LONG_AGO) == Found(ts)
+
+
+def test_update_of_a_message_that_is_not_there(subject: Subject) -> None:
+    posted(subject)
+    assert subject.notifier.update(update_request("m1", "1.000001")) == Rejected(
+        "message_not_found"
+    )
+
+
+def test_update_failures(subject: Subject) -> None:
+    ts = posted(subject)
+    subject.script.update_rate_limit("C1", 4)
+    subject.script.update_error("C1", "cant_update_message")
+    subject.script.update_server_error("C1", 502)
+    n = subject.notifier
+    assert n.update(update_request("m1", ts)) == RateLimited(4)
+    assert n.update(update_request("m1", ts)) == Rejected("cant_update_message")
+    outcome = n.update(update_request("m1", ts))
+    assert isinstance(outcome, Unavailable) and outcome.in_doubt is True
+    assert n.find_update("C1", ts, "m1-u1") == NotFound()
+
+
+def test_timeout_after_the_update_is_in_doubt_and_found_applied(subject: Subject) -> None:
+    ts = posted(subject)
+    subject.script.update_store_then_timeout("C1")
+    outcome = subject.notifier.update(update_request("m1", ts))
+    assert isinstance(outcome, Unavailable) and outcome.in_doubt is True
+    assert subject.notifier.find_update("C1", ts, "m1-u1") == Found(ts)
+
+
+def test_update_replaces_text_blocks_and_metadata(fake: FakeSlack) -> None:
+    web = SlackWebNotifier(TOKEN, base_url=fake.base_url)
+    first = web.post(request("m1"))
+    assert isinstance(first, Posted)
+    assert web.update(update_request("m1", first.ts)) == Updated(first.ts, "C1")
+    [stored] = fake.posts()
+    # blocks=[] clears the original's blocks (left out, Slack would keep them)
+    assert (stored.text, stored.blocks) == ("alert m1, update 1", None)
+    assert stored.metadata == update_request("m1", first.ts).metadata
+    assert stored.posted_message_id == "m1"
+    assert fake.update_counts() == {"m1-u1": 1}
+
+
+def test_dry_run_update_logs_what_it_would_update(caplog: pytest.LogCaptureFixture) -> None:
+    dry = DryRunNotifier()
+    with caplog.at_level(logging.INFO, logger="services.notifier.slack"):
+        assert dry.update(update_request("m1", "1.000100")) == Rendered()
+    [record] = caplog.records
+    assert record.getMessage().startswith("dry-run, would update m1 at 1.000100:\nto C1")
+    assert dry.find_update("C1", "1.000100", "m1-u1") == NotFound()
 
 
 # -- slack-sdk specifics -----------------------------------------------------------------------

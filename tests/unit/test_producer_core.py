@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -13,6 +13,7 @@ import pytest
 from libs.serde import OnboardingStarted, ProducerCursor
 from services.producer.core import (
     BEGINNING,
+    EVENT_ID_NAMESPACE,
     BatchPlan,
     CursorOrderError,
     Position,
@@ -29,6 +30,7 @@ from services.producer.core import (
     window_end,
 )
 from services.producer.queries import ONBOARDING_STARTED, QUERIES, map_onboarding_started
+from services.producer.sources.base import WarehouseDataError, to_row, to_rows
 
 T0 = datetime(2026, 11, 25, 9, 0, 0, 123456, tzinfo=UTC)
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
@@ -126,6 +128,27 @@ def test_event_id_is_deterministic_and_microsecond_sensitive() -> None:
         event_id("onboarding-started", "org-1", T0 + timedelta(microseconds=1)),
     }
     assert a not in others and len(others) == 3
+
+
+@pytest.mark.parametrize(
+    ("query", "key", "ts"),
+    [
+        ("onboarding-started", "org-1", T0),
+        ("onboarding-started", "org-ü-日本-\U0001f600", T0 + timedelta(days=400)),
+        ("q", "k\x1fwith separator", datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+        ("q", "k", BEGINNING),
+        ("q", "k", datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+        ("q", "k", T0.astimezone(timezone(timedelta(hours=-7)))),
+        ("", " ", datetime(1970, 1, 1, tzinfo=UTC)),
+    ],
+)
+def test_event_id_is_uuid5_of_query_key_and_microseconds(
+    query: str, key: str, ts: datetime
+) -> None:
+    # the contract the ids were first written with (uuid.uuid5); event_id hashes on its own
+    micros = (ts - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    expected = str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{query}\x1f{key}\x1f{micros}"))
+    assert event_id(query, key, ts) == expected
 
 
 def test_plan_batch_of_nothing_is_none() -> None:
@@ -267,3 +290,29 @@ def test_map_onboarding_started(
     values: Mapping[str, object], expected: OnboardingStarted | Unmappable
 ) -> None:
     assert map_onboarding_started(values, RowContext(event_id="id", source=SOURCE)) == expected
+
+
+def test_to_rows_builds_what_to_row_builds_and_refuses_what_it_refuses() -> None:
+    names = ("org_id", "org_name", "plan", "cloud", "started_at")
+    naive = T0.replace(tzinfo=None)
+    plus_two = T0.astimezone(timezone(timedelta(hours=2)))
+    tuples = [
+        ("org-1", "A", "p", None, naive),  # the usual DuckDB row: naive UTC timestamp
+        (None, "B", "p", "aws", naive),  # a NULL key
+        ("org-3", "C", "p", None, plus_two),  # TIMESTAMPTZ: converted to UTC
+    ]
+    rows = to_rows(ONBOARDING_STARTED, names, tuples)
+    expected = [one_row(names, t) for t in tuples]
+    assert rows == expected
+    assert [r.timestamp.tzinfo for r in rows] == [UTC, UTC, UTC]
+    assert rows[2].timestamp == T0 and rows[2].values["started_at"] == T0
+    with pytest.raises(WarehouseDataError, match="org_id must be a STRING"):
+        to_rows(ONBOARDING_STARTED, names, [(42, "A", "p", None, naive)])
+    with pytest.raises(WarehouseDataError, match="started_at must be a TIMESTAMP"):
+        to_rows(ONBOARDING_STARTED, names, [("org-1", "A", "p", None, "2026-11-25")])
+    with pytest.raises(WarehouseDataError, match="started_at must be a TIMESTAMP"):
+        to_rows(ONBOARDING_STARTED, names[:-1], [("org-1", "A", "p", None)])
+
+
+def one_row(names: tuple[str, ...], values: tuple[object, ...]) -> WarehouseRow:
+    return to_row(ONBOARDING_STARTED, dict(zip(names, values, strict=True)))

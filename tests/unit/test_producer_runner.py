@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -11,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from libs.serde import OnboardingStarted, ProducerCursor
-from services.producer.core import Position, QueryDefinition, WarehouseRow
+from services.producer.core import BatchPlan, Position, QueryDefinition, WarehouseRow
 from services.producer.queries import ONBOARDING_STARTED
 from services.producer.runner import PollLoop, QueryRunner
 from services.producer.sink import BatchAbortedError, CursorLoadError, InMemoryBatchSink
@@ -142,6 +143,38 @@ def test_errors_leave_the_cursor_where_it_was() -> None:
         runner.poll_once(NOW)
     assert runner.poll_once(NOW).rows == 1
     assert runner.poll_once(NOW).rows == 1
+    assert keys(sink) == ["a", "b"]
+
+
+class GcObservingSink(InMemoryBatchSink):
+    """Records whether the cycle collector was enabled while a batch was written."""
+
+    collector_on_at_write: list[bool]
+
+    def write(self, plan: BatchPlan) -> None:
+        self.collector_on_at_write.append(gc.isenabled())
+        super().write(plan)
+
+
+def test_the_cycle_collector_is_off_during_a_batch_and_back_after_it_even_on_errors() -> None:
+    source = InMemorySource({"onboarding": [row("a"), row("b")]})
+    sink = GcObservingSink(failures=[BatchAbortedError("broker gone")])
+    sink.collector_on_at_write = []
+    runner = make_runner(source, sink, batch_size=1)
+    runner.load()
+    assert gc.isenabled()
+    with pytest.raises(BatchAbortedError):
+        runner.poll_once(NOW)
+    assert gc.isenabled()
+    assert runner.poll_once(NOW).rows == 1
+    assert gc.isenabled()
+    assert sink.collector_on_at_write == [False, False]
+    gc.disable()  # whoever turned it off (a test harness, an embedding app) keeps it off
+    try:
+        assert runner.poll_once(NOW).rows == 1
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
     assert keys(sink) == ["a", "b"]
 
 

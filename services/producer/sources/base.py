@@ -15,6 +15,7 @@ Formats (validated at start, so a typo is one clear line rather than a failing q
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -161,3 +162,30 @@ def to_row(query: QueryDefinition, values: dict[str, object]) -> WarehouseRow:
     if key is not None and not isinstance(key, str):
         raise WarehouseDataError(f"{query.key_column} must be a STRING, got {type(key).__name__}")
     return WarehouseRow(timestamp=ts, key=key, values=values)
+
+
+def to_rows(
+    query: QueryDefinition, names: Sequence[str], tuples: Iterable[Sequence[object]]
+) -> list[WarehouseRow]:
+    """``to_row`` over result tuples whose columns are ``names``, a whole batch at once.
+
+    The usual row (a naive TIMESTAMP, a string or NULL key) is built inline: a call and the
+    checks per row were a tenth of a backfill's CPU. Anything else goes through ``to_row``.
+    """
+    ts_column, key_column = query.timestamp_column, query.key_column
+    columns = list(names)
+    if ts_column not in columns or key_column not in columns:
+        return [to_row(query, dict(zip(columns, t, strict=True))) for t in tuples]
+    ts_at, key_at = columns.index(ts_column), columns.index(key_column)
+    rows: list[WarehouseRow] = []
+    append = rows.append
+    for t in tuples:
+        ts, key = t[ts_at], t[key_at]
+        if type(ts) is datetime and ts.tzinfo is None and (key is None or type(key) is str):
+            ts = ts.replace(tzinfo=UTC)
+            values = dict(zip(columns, t, strict=True))
+            values[ts_column] = ts
+            append(WarehouseRow(timestamp=ts, key=key, values=values))
+        else:
+            append(to_row(query, dict(zip(columns, t, strict=True))))
+    return rows

@@ -37,7 +37,7 @@ from services.producer.sources.base import (
     WarehouseError,
     WarehouseSource,
     WarehouseTimeoutError,
-    to_row,
+    to_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class DuckDBSource:
             raise WarehouseError(f"DuckDB query {query.name} failed: {exc}") from exc
         finally:
             timer.cancel()
-        rows = [to_row(query, dict(zip(names, r, strict=True))) for r in raw]
+        rows = to_rows(query, names, raw)
         if len(rows) < limit:
             # caught up: let writers have the file until the next poll
             self.close()

@@ -11,9 +11,18 @@ What it does, in order (each step prints one progress line):
 4. starts the producer, the enricher and the notifier as separate processes (dry-run Slack
    unless ``NOTIFIER_SLACK_BOT_TOKEN`` is set), logs in the state folder;
 5. feeds a short, realistic stream of connector status changes, and a second wave of
-   onboarding rows while running;
-6. shows every alert as its receipt arrives — who gets it, what it says, the receipt — with
-   a live count of events in, filtered, delivered and missed.
+   onboarding rows while running. It tells the alert lifecycle's two stories: Northwind's
+   ``orders-cdc`` fails to provision three times and then runs (one alert, updated in place
+   twice, then resolved); Cyberdyne starts onboarding with no owner (its alert waits, with a
+   copy in the fallback channel) and, 10 s after that copy is shown, the demo assigns the
+   owner and publishes her Slack user (the alert goes to her as a DM, the copy says so);
+6. shows every Slack message as its receipt arrives: a new alert in full (who gets it, what
+   it says, the receipt), an update as what it is (``↻ update of alert #3 · 3rd failure``,
+   ``✓ resolved``, ``→ re-routed to DM of ...``) with only the lines it changes; a live count
+   of events in, filtered, alerts, updates, resolutions, re-routes and parked join misses.
+
+``--exit-after-alerts N`` counts Slack messages shown, updates included (each is one Slack
+call with its own receipt); ``SCRIPT_MESSAGES`` (14) is the whole script.
 
 Ctrl-C (or ``--exit-after-alerts N`` / ``--timeout S``, SIGTERM, SIGHUP) stops everything it
 started, also when its output is gone (``make demo | tee demo.log`` and Ctrl-C kills ``tee``
@@ -25,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,6 +64,8 @@ from libs.serde import (
     SlackUser,
 )
 from services.common.settings import TopicSettings
+from services.enricher.core import message_id
+from services.enricher.lifecycle import SUFFIX_CATCHUP, SUFFIX_DM, SUFFIX_REROUTED, derived_id
 from services.notifier.core import render_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,8 +89,9 @@ ORGS = {
     "org-9b44": "Umbrella Health",
     "org-2e80": "Stark Logistics",
     "org-0aa1": "Wayne Analytics",
+    "org-6c02": "Cyberdyne Systems",
 }
-OWNERS = {  # org -> (email, name); org-0aa1 has no owner on purpose
+OWNERS = {  # org -> (email, name); org-0aa1 has no owner on purpose, org-6c02 gets one late
     "org-7f3a": ("ana.silva@example.com", "Ana Silva"),
     "org-1c9e": ("bo.chen@example.com", "Bo Chen"),
     "org-5d21": ("ana.silva@example.com", "Ana Silva"),
@@ -89,18 +103,21 @@ SLACK_USERS = {
     "bo.chen@example.com": ("U02BOCHEN", "bo"),
     "dana.kim@example.com": ("U02DANAKIM", "dana"),
 }
-# (org, connector, type, old, new, error)
+# The lifecycle's cast: Northwind's orders-cdc fails to provision three times (retried in
+# between, each retry another status change) and then runs; the one alert it gets is updated
+# for the 2nd and 3rd failure and resolved when it runs. Cyberdyne starts onboarding before
+# it has an account-team owner: its alert waits (parked, a copy in the fallback channel) until
+# the demo assigns Mei Tanaka, then goes to her and the fallback copy says so.
+_PG_PASSWORD = 'FATAL: password authentication failed for user "cdc_reader" (host db-prod-1:5432)'
+_PG_HBA = (
+    'FATAL: no pg_hba.conf entry for host "10.4.0.17", user "cdc_reader", database "orders", '
+    "SSL off"
+)
+# (org, connector, type, old, new, error); one connector id per (org, connector)
 CONNECTOR_STREAM = [
-    (
-        "org-7f3a",
-        "orders-cdc",
-        "PostgresCdcSource",
-        "PROVISIONING",
-        "FAILED",
-        'FATAL: password authentication failed for user "cdc_reader" (host db-prod-1:5432)',
-    ),
+    ("org-7f3a", "orders-cdc", "PostgresCdcSource", "PROVISIONING", "FAILED", _PG_PASSWORD),
     ("org-1c9e", "clickstream-s3", "S3_SINK", "PROVISIONING", "RUNNING", None),
-    ("org-5d21", "tps-reports", "MySqlCdcSource", "RUNNING", "PAUSED", None),
+    ("org-7f3a", "orders-cdc", "PostgresCdcSource", "FAILED", "PROVISIONING", None),
     (
         "org-1c9e",
         "s3-archive",
@@ -118,6 +135,7 @@ CONNECTOR_STREAM = [
         "FAILED",
         "Connection reset by peer",
     ),
+    ("org-7f3a", "orders-cdc", "PostgresCdcSource", "PROVISIONING", "FAILED", _PG_PASSWORD),
     (
         "org-2e80",
         "sf-leads",
@@ -126,6 +144,7 @@ CONNECTOR_STREAM = [
         "FAILED",
         "INVALID_LOGIN: Invalid username, password, security token; or user locked out.",
     ),
+    ("org-7f3a", "orders-cdc", "PostgresCdcSource", "FAILED", "PROVISIONING", None),
     ("org-9b44", "claims-mongo", "MongoDbAtlasSource", "FAILED", "RUNNING", None),
     (
         "org-0aa1",
@@ -136,7 +155,8 @@ CONNECTOR_STREAM = [
         "Topic 'page_views' schema is incompatible with table analytics.page_views: field "
         "'user_agent' has type RECORD in the table and STRING in the topic",
     ),
-    ("org-5d21", "tps-reports", "MySqlCdcSource", "PAUSED", "RUNNING", None),
+    ("org-7f3a", "orders-cdc", "PostgresCdcSource", "PROVISIONING", "FAILED", _PG_HBA),
+    ("org-5d21", "tps-reports", "MySqlCdcSource", "RUNNING", "PAUSED", None),
     (
         "org-9b44",
         "eligibility-sftp",
@@ -145,12 +165,32 @@ CONNECTOR_STREAM = [
         "FAILED",
         "Could not resolve host sftp.umbrella-health.example: Name or service not known",
     ),
+    ("org-7f3a", "orders-cdc", "PostgresCdcSource", "FAILED", "PROVISIONING", None),
+    ("org-5d21", "tps-reports", "MySqlCdcSource", "PAUSED", "RUNNING", None),
+    ("org-7f3a", "orders-cdc", "PostgresCdcSource", "PROVISIONING", "RUNNING", None),
 ]
+CONNECTOR_IDS = {
+    key: f"lcc-{n:04d}"
+    for n, key in enumerate(dict.fromkeys((org, name) for org, name, *_ in CONNECTOR_STREAM))
+}
+RESOLVING = ("RUNNING", "DELETED")  # the provisioning pipeline's resolving statuses
 ONBOARDING_FIRST = [
     ("org-5d21", "Initech", "STANDARD", "AWS"),
     ("org-9b44", "Umbrella Health", "ENTERPRISE", "AZURE"),
 ]
-ONBOARDING_LATER = [("org-1c9e", "Globex Corporation", "ENTERPRISE", "GCP")]
+ONBOARDING_LATER = [
+    ("org-1c9e", "Globex Corporation", "ENTERPRISE", "GCP"),
+    ("org-6c02", "Cyberdyne Systems", "ENTERPRISE", "AWS"),  # no owner yet: assigned late
+]
+LATE_ORG = "org-6c02"
+LATE_OWNER = ("mei.tanaka@example.com", "Mei Tanaka")
+LATE_SLACK_USER = ("U02MEITANAKA", "mei")
+#: how long the late org's alert visibly waits in the fallback channel before its owner comes
+LATE_OWNER_AFTER_S = 10.0
+#: the Slack messages the whole script makes: 9 alerts (5 failures, 4 onboardings: 3 of them
+#: in the fallback channel, as no owner or Slack user is known), orders-cdc's 2 updates and its
+#: resolution, Cyberdyne's DM to its late owner and the update of its fallback copy
+SCRIPT_MESSAGES = 14
 
 
 _emit_lock = threading.Lock()
@@ -330,6 +370,30 @@ def seed_lookups(
     p.flush(30)
 
 
+def assign_late_owner(
+    bootstrap: str, registry: ConfluentSchemaRegistry, topics: TopicSettings
+) -> None:
+    """The late org gets its owner and the owner's Slack user: the enricher's parked alert
+    for it can go to them now."""
+    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "log_level": 3})
+    now = datetime.now(UTC)
+    email, name = LATE_OWNER
+    uid, display = LATE_SLACK_USER
+    owner = CsdrAssignment(LATE_ORG, ORGS[LATE_ORG], email, now, name)
+    p.produce(
+        topics.data_csdr_assignment,
+        key=LATE_ORG.encode(),
+        value=AvroSerializer(registry, CsdrAssignment)(topics.data_csdr_assignment, owner),
+    )
+    user = SlackUser(email, uid, now, display)
+    p.produce(
+        topics.data_slack_users,
+        key=email.encode(),
+        value=AvroSerializer(registry, SlackUser)(topics.data_slack_users, user),
+    )
+    p.flush(30)
+
+
 def write_warehouse(
     path: Path, rows: list[tuple[str, str, str, str]], started_at: datetime, *, create: bool
 ) -> None:
@@ -360,12 +424,18 @@ def write_warehouse(
         con.close()
 
 
+def event_id(run: str, i: int) -> str:
+    """The id of the stream's ``i``-th event in this run (unique per run: the state is kept)."""
+    return f"demo-{run}-{i}"
+
+
 def feed_connectors(
     bootstrap: str,
     registry: ConfluentSchemaRegistry,
     topic: str,
     stop: threading.Event,
     gap_s: float,
+    run: str,
 ) -> int:
     p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "log_level": 3})
     encode = AvroSerializer(registry, ConnectorStatusChanged)
@@ -374,11 +444,11 @@ def feed_connectors(
         if stop.wait(gap_s):
             break
         event = ConnectorStatusChanged(
-            event_id=f"demo-{int(time.time())}-{i}",
+            event_id=event_id(run, i),
             org_id=org,
             environment_id="env-" + org[4:],
             cluster_id="lkc-" + org[4:],
-            connector_id=f"lcc-{i:04d}",
+            connector_id=CONNECTOR_IDS[org, name],  # the lifecycle's dedup key
             connector_name=name,
             connector_type=kind,
             old_status=old,
@@ -395,29 +465,140 @@ def feed_connectors(
 # -- the viewer ------------------------------------------------------------------------------
 
 
-def show_alert(msg: SlackMessage, receipt: SlackDeliveryReceipt, started: float) -> None:
-    colour = {"DELIVERED": GREEN, "DRY_RUN": CYAN}.get(receipt.status, RED)
-    who = msg.channel
-    if msg.channel == FALLBACK_CHANNEL:
-        who = f"{FALLBACK_CHANNEL} (fallback: owner or Slack user unknown)"
-    else:
-        names = {
-            SLACK_USERS[e.lower()][0]: n for e, n in OWNERS.values() if e.lower() in SLACK_USERS
-        }
-        who = f"DM to {names.get(msg.channel, '?')} ({msg.channel})"
-    # an update (the enricher's alert lifecycle) replaces an earlier message in place
-    update = f" · update of {msg.update_of}" if msg.update_of else ""
-    emit(f"\n{BOLD}┌─ {msg.pipeline} → {who}{update}{RESET}")
-    lines = render_text(msg).splitlines()
-    # the blocks as Slack shows them; the plain-text fallback before them says the same
-    start = next((i for i, line in enumerate(lines) if line.startswith("== ")), 1)
-    for line in lines[start:]:
-        emit(f"│ {line}")
-    detail = f"ts={receipt.slack_ts}" if receipt.slack_ts else (receipt.error or "")
-    emit(
-        f"└─ receipt: {colour}{receipt.status}{RESET} attempts={receipt.attempts} {detail} "
-        f"{DIM}(+{time.monotonic() - started:.1f}s){RESET}"
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _changed(before: list[str], after: list[str]) -> list[str]:
+    """The lines of ``after`` that an update inserted or rewrote, in order.
+
+    A detail's heading (``*Latest error*``) keeps the line under it, even when that line is
+    unchanged: the same error again is still the latest one.
+    """
+    ops = difflib.SequenceMatcher(a=before, b=after, autojunk=False).get_opcodes()
+    picked: set[int] = set()
+    for op, _, _, j1, j2 in ops:
+        if op in ("insert", "replace"):
+            picked.update(range(j1, j2))
+            last = after[j2 - 1]
+            if j2 < len(after) and last.startswith("*") and last.endswith("*"):
+                picked.add(j2)
+    return [after[j] for j in sorted(picked)]
+
+
+#: how long a re-route's update waits for its DM to be shown first
+REROUTE_WAIT_S = 5.0
+
+
+@dataclass
+class Viewer:
+    """Shows each Slack message once its receipt is in: new alerts in full, updates as what
+    they are (a further failure, a resolution, a re-route), with only the lines they change.
+
+    What an update is follows from the lifecycle's contract, not from its text: a re-route and
+    a catch-up carry ids derived from the parked event's id (``lifecycle.derived_id``), the DM
+    of a parked event too; a resolution's source is a resolving status change the demo fed.
+    """
+
+    started: float
+    resolving_events: set[str]
+    messages: dict[str, SlackMessage] = field(default_factory=dict)
+    receipts: dict[str, SlackDeliveryReceipt] = field(default_factory=dict)
+    shown: list[str] = field(default_factory=list)  # message ids in the order shown
+    number: dict[str, int] = field(default_factory=dict)  # new alert -> its #n
+    lines: dict[str, list[str]] = field(default_factory=dict)  # alert -> what Slack shows now
+    events: dict[str, int] = field(default_factory=dict)  # alert -> events it stands for
+    held: dict[str, float] = field(default_factory=dict)  # re-route update -> held since
+    counts: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(("alerts", "updates", "resolved", "rerouted"), 0)
     )
+
+    def names(self) -> dict[str, str]:
+        users = {**SLACK_USERS, LATE_OWNER[0]: LATE_SLACK_USER}
+        owners = [*OWNERS.values(), LATE_OWNER]
+        return {users[e.lower()][0]: n for e, n in owners if e.lower() in users}
+
+    def who(self, channel: str) -> str:
+        if channel == FALLBACK_CHANNEL:
+            return f"{FALLBACK_CHANNEL} (fallback: owner or Slack user unknown)"
+        return f"DM to {self.names().get(channel, '?')} ({channel})"
+
+    def ready(self) -> list[str]:
+        """Messages with their receipt, not shown yet, in the order their receipts came.
+
+        A re-route's update of the fallback copy comes with the DM (one decision, one
+        transaction) but may be delivered first: it waits for the DM to be shown, up to
+        ``REROUTE_WAIT_S``, so that the story reads in order.
+        """
+        now = time.monotonic()
+        out = []
+        for mid in self.receipts:
+            if mid not in self.messages or mid in self.shown:
+                continue
+            msg = self.messages[mid]
+            src = msg.source_event_id
+            if msg.update_of is not None and mid == derived_id(msg.pipeline, src, SUFFIX_REROUTED):
+                dm = derived_id(msg.pipeline, src, SUFFIX_DM)
+                since = self.held.setdefault(mid, now)
+                if dm not in self.shown and dm not in out and now - since < REROUTE_WAIT_S:
+                    continue
+            out.append(mid)
+        return out
+
+    def show(self, mid: str) -> str:
+        """Show one message; what it was: alert, update, resolved or rerouted."""
+        msg, receipt = self.messages[mid], self.receipts[mid]
+        self.shown.append(mid)
+        body = render_text(msg).splitlines()
+        # the blocks as Slack shows them; the plain-text fallback before them says the same
+        body = body[next((i for i, line in enumerate(body) if line.startswith("== ")), 1) :]
+        source = msg.source_event_id
+        if msg.update_of is None:
+            kind = "alerts"
+            self.number[mid] = len(self.number) + 1
+            self.events[mid] = 1
+            head = f"#{self.number[mid]} {msg.pipeline} → {self.who(msg.channel)}"
+            if mid == derived_id(msg.pipeline, source, SUFFIX_DM):
+                fallback = self._number_of(message_id(msg.pipeline, source))
+                head += f"{GREEN} · owner known now: re-routed from {fallback}{RESET}"
+            changed = body
+        else:
+            original = msg.update_of
+            changed = _changed(self.lines.get(original, []), body)
+            where = msg.channel if msg.channel == FALLBACK_CHANNEL else self.who(msg.channel)
+            label = f"{self._number_of(original)} · {where}"
+            if mid == derived_id(msg.pipeline, source, SUFFIX_REROUTED):
+                kind = "rerouted"
+                dm = self.messages.get(derived_id(msg.pipeline, source, SUFFIX_DM))
+                target = self.names().get(dm.channel, dm.channel) if dm else "the owner"
+                head = f"→ {label} · re-routed to DM of {target}"
+            elif source in self.resolving_events:
+                kind = "resolved"
+                head = f"✓ {label} · resolved"
+            else:
+                kind = "updates"
+                if mid != derived_id(msg.pipeline, source, SUFFIX_CATCHUP):
+                    self.events[original] = self.events.get(original, 1) + 1
+                what = "failure" if "failed" in msg.pipeline else "event"
+                head = f"↻ update of {label} · {_ordinal(self.events[original])} {what}"
+            if kind != "rerouted":  # the alert lives on in the DM, as is
+                self.lines[original] = body
+        self.lines.setdefault(mid, body)
+        self.counts[kind] += 1
+        colour = {"DELIVERED": GREEN, "DRY_RUN": CYAN}.get(receipt.status, RED)
+        emit(f"\n{BOLD}┌─ {head}{RESET}")
+        for line in changed:
+            emit(f"│ {line}")
+        detail = f"ts={receipt.slack_ts}" if receipt.slack_ts else (receipt.error or "")
+        emit(
+            f"└─ receipt: {colour}{receipt.status}{RESET} attempts={receipt.attempts} {detail} "
+            f"{DIM}(+{time.monotonic() - self.started:.1f}s){RESET}"
+        )
+        return kind
+
+    def _number_of(self, mid: str) -> str:
+        return f"alert #{self.number[mid]}" if mid in self.number else f"message {mid[:12]}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -430,6 +611,11 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     stack(state, "down", "--purge")  # a previous demo killed hard leaves its stack behind
+    # the services' local state (the enricher's open alerts and parks, the notifier's receipts)
+    # belongs to the Kafka just purged: kept, a rerun would update messages this run never
+    # posted (the notifier then waits for their originals) instead of posting them
+    for service in ("enricher", "notifier"):
+        shutil.rmtree(state / service, ignore_errors=True)
     (state / "logs").mkdir(parents=True, exist_ok=True)
     services = Services(state, env={})
     try:
@@ -481,13 +667,22 @@ def run(args: argparse.Namespace) -> int:
         mode = "posting to Slack" if token else "dry-run Slack"
         log(f"started producer, enricher, notifier ({mode}); logs in {shown(state / 'logs')}/")
 
+        run_id = str(int(time.time()))
+        viewer = Viewer(
+            started,
+            resolving_events={
+                event_id(run_id, i)
+                for i, (*_, new, _error) in enumerate(CONNECTOR_STREAM)
+                if new in RESOLVING
+            },
+        )
         feeder = threading.Thread(
             target=feed_connectors,
-            args=(bootstrap, registry, topics.data_notifications_pipeline, stop, args.gap),
+            args=(bootstrap, registry, topics.data_notifications_pipeline, stop, args.gap, run_id),
             daemon=True,
         )
         feeder.start()
-        return watch(args, services, bootstrap, registry, topics, warehouse, stop, started)
+        return watch(args, services, bootstrap, registry, topics, warehouse, stop, viewer)
     finally:
         # whatever happened above, and even with stdout gone: stop all that was started
         stop.set()
@@ -510,8 +705,9 @@ def watch(
     topics: TopicSettings,
     warehouse: Path,
     stop: threading.Event,
-    started: float,
+    viewer: Viewer,
 ) -> int:
+    started = viewer.started
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -524,11 +720,10 @@ def watch(
     consumer.subscribe([topics.slack_messages, topics.slack_message_receipts])
     dec_msg = AvroDeserializer(registry, SlackMessage)
     dec_receipt = AvroDeserializer(registry, SlackDeliveryReceipt)
-    messages: dict[str, SlackMessage] = {}
-    receipts: dict[str, SlackDeliveryReceipt] = {}
-    shown: set[str] = set()
     first_alert: float | None = None
     later_rows_written = False
+    late_fallback_seen: float | None = None  # when the late org's fallback copy was shown
+    late_owner_assigned = False
     last_status = 0.0
     services_started = time.monotonic()
     try:
@@ -544,49 +739,78 @@ def watch(
                 }
                 if m.topic() == topics.slack_messages:
                     sm = dec_msg(m.value(), **where)
-                    messages[sm.message_id] = sm
+                    viewer.messages[sm.message_id] = sm
                 else:
                     r = dec_receipt(m.value(), **where)
-                    receipts[r.message_id] = r
-            for mid in sorted(set(messages) & set(receipts) - shown):
-                shown.add(mid)
+                    viewer.receipts[r.message_id] = r
+            for mid in viewer.ready():
                 if first_alert is None:
                     first_alert = time.monotonic() - started
                     log(
                         f"{BOLD}first alert delivered {first_alert:.1f}s after `make demo` "
                         f"started{RESET}"
                     )
-                show_alert(messages[mid], receipts[mid], started)
+                viewer.show(mid)
+                msg = viewer.messages[mid]
+                if (
+                    late_fallback_seen is None
+                    and msg.org_id == LATE_ORG
+                    and msg.channel == FALLBACK_CHANNEL
+                    and msg.update_of is None
+                ):
+                    late_fallback_seen = time.monotonic()
+                    log(
+                        f"{ORGS[LATE_ORG]} has no owner yet: its alert waits (parked); the "
+                        f"demo assigns one in {LATE_OWNER_AFTER_S:.0f}s"
+                    )
             if not later_rows_written and time.monotonic() - services_started > 15:
                 write_warehouse(warehouse, ONBOARDING_LATER, datetime.now(UTC), create=False)
                 later_rows_written = True
-                log(f"new onboarding row committed to the warehouse ({ONBOARDING_LATER[0][1]})")
+                names = ", ".join(name for _, name, _, _ in ONBOARDING_LATER)
+                log(f"new onboarding rows committed to the warehouse ({names})")
+            if (
+                not late_owner_assigned
+                and late_fallback_seen is not None
+                and time.monotonic() - late_fallback_seen >= LATE_OWNER_AFTER_S
+            ):
+                assign_late_owner(bootstrap, registry, topics)
+                late_owner_assigned = True
+                log(
+                    f"{ORGS[LATE_ORG]} assigned to {LATE_OWNER[1]} ({LATE_OWNER[0]}), "
+                    f"Slack user {LATE_SLACK_USER[0]} published"
+                )
             now = time.monotonic()
             if now - last_status > 5:
                 last_status = now
-                status_line(services, receipts)
-            if args.exit_after_alerts and len(shown) >= args.exit_after_alerts:
-                status_line(services, receipts)
-                log(f"{len(shown)} alerts shown; exiting as asked (--exit-after-alerts)")
+                status_line(services, viewer)
+            if args.exit_after_alerts and len(viewer.shown) >= args.exit_after_alerts:
+                status_line(services, viewer)
+                log(
+                    f"{len(viewer.shown)} Slack messages shown; exiting as asked "
+                    "(--exit-after-alerts)"
+                )
                 return 0
             if args.timeout and now - started > args.timeout:
-                log(f"{RED}timeout after {args.timeout}s with {len(shown)} alerts{RESET}")
+                status_line(services, viewer)
+                log(f"{RED}timeout after {args.timeout}s with {len(viewer.shown)} messages{RESET}")
                 return 1 if args.exit_after_alerts else 0
         return 0
     finally:
         consumer.close()
 
 
-def status_line(services: Services, receipts: dict[str, SlackDeliveryReceipt]) -> None:
+def status_line(services: Services, viewer: Viewer) -> None:
     events_in = services.metric("enricher", "enricher_events_total")
     filtered = services.metric("enricher", "enricher_dropped_total")
+    parked = services.metric("enricher", "enricher_parked_events")
     missed = services.metric("enricher", "enricher_join_misses_total")
-    delivered = sum(1 for r in receipts.values() if r.status in ("DELIVERED", "DRY_RUN"))
-    failed = sum(1 for r in receipts.values() if r.status == "FAILED")
+    failed = sum(1 for r in viewer.receipts.values() if r.status == "FAILED")
+    c = viewer.counts
     emit(
-        f"{YELLOW}── events in {events_in:.0f} · filtered {filtered:.0f} · delivered "
-        f"{delivered} · failed {failed} · missed (owner/Slack user unknown) "
-        f"{missed:.0f}{RESET}"
+        f"{YELLOW}── events in {events_in:.0f} · filtered {filtered:.0f} · alerts "
+        f"{c['alerts']} · updates {c['updates']} · resolved {c['resolved']} · re-routed "
+        f"{c['rerouted']} · failed {failed} · waiting for owner/Slack user {parked:.0f} · "
+        f"join misses {missed:.0f}{RESET}"
     )
 
 
@@ -598,7 +822,9 @@ def main() -> int:
         "--exit-after-alerts",
         type=int,
         default=0,
-        help="stop once this many alerts were shown (0: run until Ctrl-C)",
+        help="stop once this many Slack messages were shown: new alerts and updates (a "
+        f"further failure, a resolution, a re-route) count one each; {SCRIPT_MESSAGES} is "
+        "the whole script (0: run until Ctrl-C)",
     )
     parser.add_argument("--timeout", type=float, default=0, help="stop after this many seconds")
     parser.add_argument(

@@ -198,15 +198,15 @@ def test_lifecycle_survives_kills_and_rebalances(
                     )
                 )
 
-        def late_owner(lc: Lifecycle, name: str, email: str, owner: str, user: str) -> None:
-            wait_until(
-                f"{lc.connector_id}: the fallback copy and its {lc.planned - 1} updates",
-                lambda: (
-                    len(lc.failures) == lc.planned
-                    and slack.post_counts()[lc.original] >= 1
-                    and all(slack.update_counts()[lc.mid(e)] >= 1 for e in lc.failures[1:])
-                ),
+        def copy_ready(lc: Lifecycle) -> bool:
+            """The fallback copy and every grouped update of it are in Slack."""
+            return (
+                len(lc.failures) == lc.planned
+                and slack.post_counts()[lc.original] >= 1
+                and all(slack.update_counts()[lc.mid(e)] >= 1 for e in lc.failures[1:])
             )
+
+        def assign(lc: Lifecycle, name: str, email: str, owner: str, user: str) -> None:
             w.log(f"{lc.org_id}: owner {email} assigned")
             w.assign_owner(lc.org_id, name, email, owner)
             w.add_slack_user(email, user, owner.split()[0].lower())
@@ -227,6 +227,8 @@ def test_lifecycle_survives_kills_and_rebalances(
                         entered_at=now,
                     )
                 )
+
+        def resolve_late(lc: Lifecycle, user: str) -> None:
             wait_until(
                 f"{lc.connector_id}: the DM",
                 lambda: slack.post_counts()[lc.derived(SUFFIX_DM)] >= 1,
@@ -234,9 +236,30 @@ def test_lifecycle_survives_kills_and_rebalances(
             w.log(f"{lc.org_id}: DM posted, {lc.connector_id} RUNNING")
             w.produce_connectors([running(w, lc, user)])
 
-        steps: list[Callable[[], None]] = []
-        for lc, (_, name, email, owner, user) in zip(late, LATE, strict=True):
-            steps.append(lambda lc=lc, a=(name, email, owner, user): late_owner(lc, *a))
+        (late1, late2), (lead1, lead2) = late, LATE
+        assigned2 = threading.Event()
+
+        def first_late() -> None:
+            """Owner assigned whenever the copy is in, amid the seeded faults."""
+            wait_until(f"{late1.connector_id}: the fallback copy", lambda: copy_ready(late1))
+            assign(late1, *lead1[1:])
+            resolve_late(late1, lead1[4])
+
+        def second_late() -> None:
+            assert assigned2.wait(180), "the second late owner was never assigned"
+            resolve_late(late2, lead2[4])
+
+        def assign_then_kill_enrichers() -> None:
+            """The second late owner is assigned, and every enricher pod is killed right after:
+            the park's hit is likely uncommitted, so whoever owns the partition next must route
+            it from the restored park and the table it already has."""
+            w.fleet.wait_for(lambda: copy_ready(late2), 120, f"{late2.connector_id}'s copy")
+            assign(late2, *lead2[1:])
+            assigned2.set()
+            for pod in w.fleet.pods("enricher"):
+                w.fleet.kill9(pod.name)
+
+        steps: list[Callable[[], None]] = [first_late, second_late]
 
         caught: list[bool] = []
         # faults at seeded points while the groups are open (the last RUNNING comes at ~28 s)
@@ -257,6 +280,11 @@ def test_lifecycle_survives_kills_and_rebalances(
                 rng.uniform(5, 16),
                 "kill -9 a notifier mid-update",
                 lambda: caught.append(kill_notifier_mid_update(w)),
+            ),
+            (
+                rng.uniform(22, 27),
+                f"{late2.org_id}'s owner assigned, then kill -9 of every enricher",
+                assign_then_kill_enrichers,
             ),
             (
                 rng.uniform(18, 26),

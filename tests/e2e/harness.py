@@ -1497,6 +1497,23 @@ class World:
             )
         self.flush()
 
+    def assign_owner(self, org_id: str, org_name: str, email: str, name: str) -> None:
+        """Publish ``email`` as the account-team owner of ``org_id`` (a late assignment: the
+        org's events may already be parked for it)."""
+        enc = AvroSerializer(self.test_registry, CsdrAssignment)
+        topic = self.topics.data_csdr_assignment
+        rec = CsdrAssignment(org_id, org_name, email, datetime.now(UTC), name)
+        self._produce(topic, org_id.encode(), enc(topic, rec))
+        self.flush()
+
+    def add_slack_user(self, email: str, user: str, handle: str) -> None:
+        """Publish the Slack user of ``email`` (its DM channel is ``user``)."""
+        enc = AvroSerializer(self.test_registry, SlackUser)
+        topic = self.topics.data_slack_users
+        rec = SlackUser(email.lower(), user, datetime.now(UTC), handle)
+        self._produce(topic, email.lower().encode(), enc(topic, rec))
+        self.flush()
+
     def _produce(self, topic: str, key: bytes | None, value: bytes | None) -> None:
         while True:
             try:

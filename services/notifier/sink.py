@@ -611,7 +611,8 @@ class SinkLoop:
         durable (one channel made 9 posts a second against a Slack answering in 1.4 ms).
         While markers are pending, both are watched, in slices of ``MARKER_WAIT_SLICE_S``; an
         acknowledgement submits its post from within the poll, so the wait goes on (as it
-        did) until a call finishes or the loop is due, rather than a turn per marker.
+        did) until a call finishes or the loop is due, rather than a turn per marker. What
+        the finished calls made due is dispatched before returning.
         """
         deadline = self._mono() + wait_s
         while self._markers.awaiting() and self._completions.empty():
@@ -620,6 +621,9 @@ class SinkLoop:
                 return
             self._markers.wait_durable(min(remaining, MARKER_WAIT_SLICE_S))
         self._take_completions(block_s=max(0.0, deadline - self._mono()))
+        # A finished call frees its channel's next message: start it now rather than after
+        # the next turn's polls (a channel's posts follow each other at the pace of answers).
+        self._dispatch()
 
     def _complete(self, c: _Completion) -> None:
         channel, entry = c.channel, c.entry

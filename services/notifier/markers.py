@@ -422,8 +422,9 @@ class KafkaInDoubtStore:
         self._table_poll_interval_s = table_poll_interval_s
         self._last_table_poll = -table_poll_interval_s
         self._awaiting = 0
-        # markers this process began and has not deleted: their tombstone needs no lookup
-        self._mine: set[str] = set()
+        # markers this process began and has not deleted (the latest begin of each): their
+        # tombstone needs no lookup
+        self._mine: dict[str, object] = {}
 
     # -- InDoubtStore ------------------------------------------------------------------------
     def assign(self, tps: Iterable[TP]) -> None:
@@ -447,15 +448,19 @@ class KafkaInDoubtStore:
             marker, message_id=message_id, tp=tp, offset=offset, started_at=self._now()
         )
 
+        token = object()
+
         def acked() -> None:
             self._awaiting -= 1
-            # Read-your-own-write: a replay of the message on this replica must find it even
-            # before the table has fetched it back.
-            self._table.put_local(message_id, value)
+            if self._mine.get(message_id) is token:
+                # Read-your-own-write: a replay of the message on this replica must find it
+                # even before the table has fetched it back. (Not when it was deleted while
+                # being written: its tombstone follows it on the topic.)
+                self._table.put_local(message_id, value)
             on_durable()
 
         self._producer.produce(self._topic, message_id.encode(), value, on_acked=acked)
-        self._mine.add(message_id)
+        self._mine[message_id] = token
         self._awaiting += 1
 
     def poll(self) -> None:
@@ -496,9 +501,7 @@ class KafkaInDoubtStore:
     def delete(self, message_id: str) -> None:
         # Its own markers are known without a lookup (a store read and a JSON decode per
         # message); the table is asked only about markers of earlier runs or other replicas.
-        if message_id in self._mine:
-            self._mine.discard(message_id)
-        elif self._table.get(message_id) is None:
+        if self._mine.pop(message_id, None) is None and self._table.get(message_id) is None:
             return  # nothing to clear: no tombstone for every skipped replay
         self._producer.produce(self._topic, message_id.encode(), None)
         self._table.put_local(message_id, None)

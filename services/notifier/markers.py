@@ -70,6 +70,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -406,14 +407,24 @@ class KafkaInDoubtStore:
         producer: ProducerClient,
         *,
         gate_timeout_s: float = 5.0,
+        table_poll_interval_s: float = 0.1,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._table = table
         self._producer = producer
         self._topic = table.topic
-        self._gate = PartitionGate(table, name=table.name, timeout_s=gate_timeout_s)
+        self._gate = PartitionGate(
+            table, name=table.name, timeout_s=gate_timeout_s, monotonic=monotonic
+        )
         self._now = wall_clock
+        self._mono = monotonic
+        self._table_poll_interval_s = table_poll_interval_s
+        self._last_table_poll = -table_poll_interval_s
         self._awaiting = 0
+        # markers this process began and has not deleted (the latest begin of each): their
+        # tombstone needs no lookup
+        self._mine: dict[str, object] = {}
 
     # -- InDoubtStore ------------------------------------------------------------------------
     def assign(self, tps: Iterable[TP]) -> None:
@@ -437,14 +448,19 @@ class KafkaInDoubtStore:
             marker, message_id=message_id, tp=tp, offset=offset, started_at=self._now()
         )
 
+        token = object()
+
         def acked() -> None:
             self._awaiting -= 1
-            # Read-your-own-write: a replay of the message on this replica must find it even
-            # before the table has fetched it back.
-            self._table.put_local(message_id, value)
+            if self._mine.get(message_id) is token:
+                # Read-your-own-write: a replay of the message on this replica must find it
+                # even before the table has fetched it back. (Not when it was deleted while
+                # being written: its tombstone follows it on the topic.)
+                self._table.put_local(message_id, value)
             on_durable()
 
         self._producer.produce(self._topic, message_id.encode(), value, on_acked=acked)
+        self._mine[message_id] = token
         self._awaiting += 1
 
     def poll(self) -> None:
@@ -455,8 +471,15 @@ class KafkaInDoubtStore:
             "; the posts waiting for them were not made and are replayed after the restart"
         )
         self._gate.poll()
-        while self._table.poll(max_records=1000) >= 1000:
-            pass
+        # The table only matters for what other replicas wrote, i.e. at an assignment (the
+        # gate): this process's own markers and tombstones are already in it (put_local).
+        # Read on every turn, it applied one record per poll with a store write and a lag
+        # update each; on an interval, a batch per write.
+        now = self._mono()
+        if self._gate.waiting or now - self._last_table_poll >= self._table_poll_interval_s:
+            self._last_table_poll = now
+            while self._table.poll(max_records=1000) >= 1000:
+                pass
 
     def awaiting(self) -> int:
         return self._awaiting
@@ -476,7 +499,9 @@ class KafkaInDoubtStore:
         self._table.put_local(message_id, value)
 
     def delete(self, message_id: str) -> None:
-        if self._table.get(message_id) is None:
+        # Its own markers are known without a lookup (a store read and a JSON decode per
+        # message); the table is asked only about markers of earlier runs or other replicas.
+        if self._mine.pop(message_id, None) is None and self._table.get(message_id) is None:
             return  # nothing to clear: no tombstone for every skipped replay
         self._producer.produce(self._topic, message_id.encode(), None)
         self._table.put_local(message_id, None)

@@ -183,6 +183,15 @@ class ChannelScheduler(Generic[T]):
         )
         return wait
 
+    def has_token(self, channel: Channel[T], now: float) -> bool:
+        """Whether a post of the channel could go at ``now``; the bucket is left as it is."""
+        if not self.config.pace:
+            return True
+        _, wait = take_token(
+            channel.bucket, now, self.config.rate_per_channel_per_s, self.config.rate_burst
+        )
+        return wait == 0.0
+
     def defer(self, channel: Channel[T], at: float) -> None:
         """Look at the channel again at ``at`` (a gated partition or the token bucket)."""
         self._schedule(channel, at)

@@ -248,6 +248,25 @@ class SinkStats:
 
 
 @dataclass(eq=False)
+class _Ahead:
+    """The marker of a queued post, begun while the post before it in the channel is in flight.
+
+    ``delivery`` is the post as ``core.begin_post`` counted it; ``then`` is the post waiting
+    for the marker to be durable (set once the message is the channel's head).
+    """
+
+    delivery: Delivery
+    durable: bool = False
+    then: Callable[[], None] | None = None
+
+    def acked(self) -> None:
+        self.durable = True
+        if self.then is not None:
+            then, self.then = self.then, None
+            then()
+
+
+@dataclass(eq=False)
 class _Item:
     """What the loop keeps of a consumed record (the scheduler's ``Entry.item``)."""
 
@@ -256,6 +275,8 @@ class _Item:
     headers: Headers
     message: SlackMessage
     delivery: Delivery | None = None
+    #: its marker, begun early (``SinkLoop._mark_ahead``) and not used by a post yet
+    ahead: _Ahead | None = None
 
 
 _Entry = Entry[_Item]
@@ -436,6 +457,8 @@ class SinkLoop:
 
     # -- starting Slack calls --------------------------------------------------------------
     def _dispatch(self) -> None:
+        if self._stop.is_set():
+            return  # stopping: the calls in flight are drained, nothing new starts
         now = self._mono()
         while (channel := self.scheduler.next_due(now)) is not None:
             self._start_head(channel, now)
@@ -455,7 +478,8 @@ class SinkLoop:
                 if core.already_final(existing):
                     self._skip(channel, entry, existing)
                     continue
-                marker = self._markers.get(item.message.message_id)
+                # a marker begun ahead is this process's own (_mark_ahead saw none before it)
+                marker = None if item.ahead else self._markers.get(item.message.message_id)
                 item.delivery = core.start(item.message, marker)
                 if marker is not None:
                     log.info(
@@ -540,12 +564,18 @@ class SinkLoop:
             request = action.request
             assert request is not None
             call: Callable[[], object]
+            ahead: _Ahead | None = None
             if isinstance(request, core.UpdateRequest):
                 item.delivery, marker = core.begin_update(action.delivery, self._now())
                 call = partial(self._notifier.update, request)
                 self.stats.updates += 1
             else:
-                item.delivery, marker = core.begin_post(action.delivery, self._now())
+                ahead, item.ahead = item.ahead, None
+                if ahead is None or action.delivery.attempts or action.delivery.in_doubt:
+                    ahead = None
+                    item.delivery, marker = core.begin_post(action.delivery, self._now())
+                else:
+                    item.delivery = ahead.delivery  # its marker is begun already
                 call = partial(self._notifier.post, request)
                 self.stats.posts += 1
             step = action.step
@@ -563,9 +593,16 @@ class SinkLoop:
 
             # The marker must be durable before the call: if the process dies before the
             # receipt is acknowledged, the next owner knows this post (or update) is in doubt.
-            self._markers.begin(
-                entry.tp, item.message.message_id, marker, on_durable=post, offset=entry.offset
-            )
+            if ahead is None:
+                self._markers.begin(
+                    entry.tp, item.message.message_id, marker, on_durable=post, offset=entry.offset
+                )
+            elif ahead.durable:
+                post()
+            else:
+                ahead.then = post
+            if step is Step.POST:
+                self._mark_ahead(channel)
         elif action.step is Step.CHECK_UPDATE:
             item.delivery = action.delivery
             target = action.delivery.target
@@ -583,6 +620,50 @@ class SinkLoop:
             )
             self.stats.history_checks += 1
             self._call(channel, entry, Step.CHECK_HISTORY, future)
+
+    def _mark_ahead(self, channel: _Channel) -> None:
+        """Begin the marker of the post behind the head while the head's post is in flight.
+
+        A post waits for its marker's acknowledgement (a broker round trip, ``acks=all``);
+        begun here, it overlaps the post before it, and the next post starts as soon as that
+        one is answered. A marker only says "a post may have been made": one whose post never
+        comes costs a history check on a takeover, never a duplicate post, and is tombstoned
+        on revoke and stop (``_cancel_ahead``) or by the message's receipt. So it is begun only
+        when the post could follow at once (the channel's bucket holds a token: with Slack's
+        pacing of one post per second and a burst of 1, never), for a plain post that is
+        neither final nor in doubt already (an update's target is only known at its turn).
+        The message is checked again at its turn (``_start_head``): its receipt may come in
+        the meantime (a replay of the message behind its first copy).
+        """
+        if len(channel.queue) < 2:
+            return
+        head, entry = channel.queue[0], channel.queue[1]
+        item, message = entry.item, entry.item.message
+        if (
+            item.delivery is not None
+            or item.ahead is not None
+            or entry.dropped
+            or message.update_of is not None
+            or message.message_id == head.item.message.message_id
+            or not self.scheduler.has_token(channel, self._mono())
+            or not (self._receipts_gate.is_open(entry.tp) and self._markers.ready(entry.tp))
+            or core.already_final(self._table.get(message.message_id))
+            or self._markers.get(message.message_id) is not None
+        ):
+            return
+        started, marker = core.begin_post(Delivery(message), self._now())
+        ahead = item.ahead = _Ahead(started)
+        self._markers.begin(
+            entry.tp, message.message_id, marker, on_durable=ahead.acked, offset=entry.offset
+        )
+
+    def _cancel_ahead(self, tps: set[TP]) -> None:
+        """Tombstone the early markers of ``tps`` whose post was never started."""
+        for channel in self.scheduler.channels.values():
+            for entry in channel.queue:
+                if entry.tp in tps and entry.item.ahead is not None:
+                    entry.item.ahead = None
+                    self._markers.delete(entry.item.message.message_id)
 
     def _call(self, channel: _Channel, entry: _Entry, step: Step, future: Future[Any]) -> None:
         completion = _Completion(channel, entry, step, future)
@@ -611,7 +692,8 @@ class SinkLoop:
         durable (one channel made 9 posts a second against a Slack answering in 1.4 ms).
         While markers are pending, both are watched, in slices of ``MARKER_WAIT_SLICE_S``; an
         acknowledgement submits its post from within the poll, so the wait goes on (as it
-        did) until a call finishes or the loop is due, rather than a turn per marker.
+        did) until a call finishes or the loop is due, rather than a turn per marker. What
+        the finished calls made due is dispatched before returning.
         """
         deadline = self._mono() + wait_s
         while self._markers.awaiting() and self._completions.empty():
@@ -620,6 +702,9 @@ class SinkLoop:
                 return
             self._markers.wait_durable(min(remaining, MARKER_WAIT_SLICE_S))
         self._take_completions(block_s=max(0.0, deadline - self._mono()))
+        # A finished call frees its channel's next message: start it now rather than after
+        # the next turn's polls (a channel's posts follow each other at the pace of answers).
+        self._dispatch()
 
     def _complete(self, c: _Completion) -> None:
         channel, entry = c.channel, c.entry
@@ -969,6 +1054,7 @@ class SinkLoop:
         self.stats.revocations += 1
         revoked = {(p.topic, p.partition) for p in partitions}
         log.info("partitions revoked", extra={"partitions": partition_names(partitions)})
+        self._cancel_ahead(revoked)
         if self._closing:
             self._release(revoked)
             return
@@ -981,6 +1067,7 @@ class SinkLoop:
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         lost = {(p.topic, p.partition) for p in partitions}
         log.warning("partitions lost", extra={"partitions": partition_names(partitions)})
+        self._cancel_ahead(lost)
         self.scheduler.forget(lost)
         self._release(lost)
 

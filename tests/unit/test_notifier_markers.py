@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from libs.kafka import ProducerClient
+from libs.kafka.memory import InMemoryBroker
+from libs.tables import GlobalTable
+from libs.tables.store import InMemoryStore
 from services.notifier.core import AttemptMarker
 from services.notifier.markers import (
     AttemptLog,
     InDoubtStore,
     InMemoryAttemptLog,
+    KafkaInDoubtStore,
     RocksDictAttemptLog,
+    decode_marker,
+    encode_marker,
 )
 
 T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
@@ -114,3 +122,104 @@ def test_a_remote_store_is_durable_and_restored_only_at_poll() -> None:
     assert durable == []
     store.poll()
     assert durable == ["m1"] and store.ready(tp)
+
+
+# -- KafkaInDoubtStore on the in-memory broker ----------------------------------------------------
+
+
+class _Rig:
+    """A ``KafkaInDoubtStore`` over the in-memory broker, with a fake monotonic clock."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.broker = InMemoryBroker()
+        self.broker.create_topic(ATTEMPTS, 2)
+        self.table: GlobalTable[AttemptMarker] = GlobalTable(
+            name="in-doubt",
+            topic=ATTEMPTS,
+            state_dir=tmp_path,
+            consumer_config={},
+            decode=decode_marker,
+            store=InMemoryStore(),
+            consumer_factory=self.broker.consumer,
+        )
+        self.table.bootstrap(threading.Event())
+        self.now = 100.0
+        self.lookups: list[str] = []
+        table_get = self.table.get
+
+        def counted(key: str) -> AttemptMarker | None:
+            self.lookups.append(key)
+            return table_get(key)
+
+        self.table.get = counted  # type: ignore[method-assign]
+        self.store = KafkaInDoubtStore(
+            self.table,
+            ProducerClient(self.broker.producer({}), timeout_s=5, transactional=False),
+            table_poll_interval_s=0.1,
+            monotonic=lambda: self.now,
+        )
+
+    def topic(self) -> list[tuple[str, bytes | None]]:
+        return [(bytes(r.key() or b"").decode(), r.value()) for r in self.broker.records(ATTEMPTS)]
+
+    def elsewhere(self, message_id: str) -> None:
+        """A marker written by another replica (or an earlier run)."""
+        p = self.broker.producer({})
+        value = encode_marker(
+            AttemptMarker("C1", 1, T0), message_id=message_id, tp=TP0, offset=7, started_at=T0
+        )
+        p.produce(ATTEMPTS, key=message_id.encode(), value=value)
+        assert p.flush(1) == 0
+
+
+ATTEMPTS = "slack-message-attempts"
+TP0 = ("slack-messages", 0)
+
+
+def test_kafka_store_tombstones_its_own_markers_without_a_lookup(tmp_path: Path) -> None:
+    rig = _Rig(tmp_path)
+    durable: list[str] = []
+    rig.store.begin(TP0, "m1", AttemptMarker("C1", 1, T0), lambda: durable.append("m1"), 3)
+    rig.store.poll()
+    assert durable == ["m1"] and rig.store.get("m1") == AttemptMarker("C1", 1, T0)
+    rig.lookups.clear()
+    rig.store.delete("m1")
+    assert rig.lookups == []  # known as its own: no store read, no JSON decode
+    assert rig.store.get("m1") is None
+    rig.store.delete("m1")  # a second delete (a skipped replay) looks it up and writes nothing
+    rig.store.poll()
+    assert [k for k, v in rig.topic() if v is None] == ["m1"]
+
+
+def test_kafka_store_clears_markers_of_earlier_runs_and_ignores_unknown_ids(
+    tmp_path: Path,
+) -> None:
+    rig = _Rig(tmp_path)
+    rig.elsewhere("m2")
+    rig.now += 1.0
+    rig.store.poll()
+    assert rig.store.get("m2") == AttemptMarker("C1", 1, T0)
+    rig.store.delete("m2")
+    rig.store.delete("never")
+    rig.store.poll()
+    assert [k for k, v in rig.topic() if v is None] == ["m2"]
+    assert rig.store.get("m2") is None
+
+
+def test_kafka_store_reads_its_table_on_an_interval_and_on_every_poll_while_gated(
+    tmp_path: Path,
+) -> None:
+    rig = _Rig(tmp_path)
+    rig.store.poll()  # the first poll reads
+    rig.elsewhere("m3")
+    rig.store.poll()
+    assert rig.store.get("m3") is None  # within the interval: not read yet
+    rig.now += 0.2
+    rig.store.poll()
+    assert rig.store.get("m3") is not None
+    # an assignment gates the partition: the table is read on every poll until it opens
+    rig.store.assign([TP0])
+    rig.store.poll()  # takes the snapshot of the high watermarks
+    rig.elsewhere("m4")
+    rig.store.poll()
+    assert rig.store.get("m4") is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -510,3 +511,110 @@ def test_a_permanent_update_error_fails_that_update_only() -> None:
     assert receipts["m1-u2"].status == "DELIVERED"
     assert len(rig.broker.records(DLQ)) == 1
     assert _update_ids(rig, "m1") == ["m1-u2"]
+
+
+# -- markers written ahead ---------------------------------------------------------------------
+
+
+def _blocking_first_post(rig: SinkRig, until: Callable[[], bool]) -> list[bool]:
+    """Hold the first post until ``until()`` (bounded); record whether each post's marker was
+    durable when the post was made."""
+    assert isinstance(rig.markers, InMemoryAttemptLog)
+    markers = rig.markers
+    durable_at_post: list[bool] = []
+    post = rig.slack.post
+
+    def held(request: PostRequest) -> PostOutcome:
+        payload = request.metadata["event_payload"]
+        assert isinstance(payload, dict)
+        durable_at_post.append(payload["message_id"] in markers.durable)
+        if len(durable_at_post) == 1:
+            wait_until(until, timeout_s=20, message="the condition while the first post is held")
+        return post(request)
+
+    rig.slack.post = held  # type: ignore[method-assign]
+    return durable_at_post
+
+
+def test_the_next_posts_marker_is_written_while_the_post_before_it_is_in_flight() -> None:
+    """The marker of the message behind the head is begun while the head's post is in flight
+    (it overlaps that post instead of following it), and is still durable before its own
+    post; every post is made once and every marker cleared."""
+    rig = SinkRig(partitions=1)
+    rig.markers = InMemoryAttemptLog(remote=True)
+    markers = rig.markers
+    durable_at_post = _blocking_first_post(rig, lambda: "m2" in markers.durable)
+    rig.start()
+    rig.send([message(i, "C1") for i in range(1, 5)])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    assert durable_at_post == [True] * 4
+    ids = [p.request.metadata["event_payload"]["message_id"] for p in rig.slack.posts]  # type: ignore[index]
+    assert ids == ["m1", "m2", "m3", "m4"]
+    assert (stats.posts, stats.delivered, stats.history_checks) == (4, 4, 0)
+    assert len(rig.markers) == 0
+
+
+def test_no_marker_is_written_ahead_when_pacing_holds_the_next_post_back() -> None:
+    """With Slack's pacing (one post per second, a burst of 1) the next post could not follow
+    at once: no early marker, so a takeover has no extra history check to make."""
+    rig = SinkRig(partitions=1, pace=True, rate_per_channel_per_s=1.0, rate_burst=1)
+    rig.markers = InMemoryAttemptLog(remote=True)
+    markers = rig.markers
+    seen: list[set[str]] = []
+    durable_at_post = _blocking_first_post(rig, lambda: seen.append(set(markers.markers)) or True)
+    rig.start()
+    rig.send([message(1, "C1"), message(2, "C1")])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    rig.finish()
+    assert durable_at_post == [True, True]
+    assert seen[0] == {"m1"}
+
+
+def test_a_takeover_after_an_early_marker_checks_the_history_and_posts_once() -> None:
+    """The process dies with m2's marker written ahead and m2 never posted (here: m1's
+    receipt cannot be written, the loop stops). The restart finds both markers: m1 is found in
+    the history (not posted again), m2 is not found and is posted once."""
+    rig = SinkRig(partitions=1)
+    rig.markers = InMemoryAttemptLog(remote=True)
+    markers = rig.markers
+    _blocking_first_post(rig, lambda: "m2" in markers.durable)
+    rig.start()
+    wait_until(lambda: rig.producers, timeout_s=10)
+    rig.producers[0].fail_delivery(RECEIPTS, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+    rig.send([message(1, "C1"), message(2, "C1")])
+    assert rig.join(20), "the loop did not stop"
+    assert isinstance(rig.error, DeliveryError), rig.error
+    assert set(markers.markers) == {"m1", "m2"}
+    ids = [p.request.metadata["event_payload"]["message_id"] for p in rig.slack.posts]  # type: ignore[index]
+    assert ids[0] == "m1" and ids.count("m1") == 1
+    # the restart: a new process (its receipts table read from the topic), the same markers
+    rig.table = MemoryReceiptTable(rig.broker)
+    rig.slack.post = type(rig.slack).post.__get__(rig.slack)  # type: ignore[method-assign]
+    rig.start()
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    ids = [p.request.metadata["event_payload"]["message_id"] for p in rig.slack.posts]  # type: ignore[index]
+    assert sorted(ids) == ["m1", "m2"]  # each posted exactly once
+    assert stats.history_checks == 2 and stats.found_in_history == 1
+    assert {r.status for r in rig.receipts().values()} == {"DELIVERED"}
+    assert len(rig.markers) == 0
+
+
+def test_an_early_marker_whose_post_never_started_is_cleared_at_stop() -> None:
+    """Stopped while m2's marker was written ahead and m1's post in flight: the drain finishes
+    m1; m2 is not posted, and its marker is tombstoned (no history check for the next owner)."""
+    rig = SinkRig(partitions=1)
+    rig.markers = InMemoryAttemptLog(remote=True)
+    markers = rig.markers
+    _blocking_first_post(rig, lambda: rig.stop.is_set())
+    rig.start()
+    rig.send([message(1, "C1"), message(2, "C1")])
+    wait_until(lambda: "m2" in markers.durable, timeout_s=20, message="m2's marker ahead")
+    rig.stop.set()
+    assert rig.join(20), "the loop did not stop"
+    assert rig.error is None, rig.error
+    ids = [p.request.metadata["event_payload"]["message_id"] for p in rig.slack.posts]  # type: ignore[index]
+    assert ids == ["m1"]
+    assert "m1" in rig.receipts() and "m2" not in rig.receipts()
+    assert len(rig.markers) == 0

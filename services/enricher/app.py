@@ -186,7 +186,7 @@ class Enricher:
             # report, a Message object and a Python callback per delivered alert were pure
             # cost. With the lifecycle's state the changelog position stored with the local
             # state comes from a success report (libs.state.stores): with failures only, it
-            # would never move and every restart would re-read the changelog from the start.
+            # would never move and every restart would re-read all written since the last restore.
             conf["delivery.report.only.error"] = True
         return conf
 

@@ -157,7 +157,7 @@ def test_stored_changelog_position_is_right_after_the_last_commit(h: Harness) ->
     """The position stored with the local state is the offset after the last changelog record.
 
     Failed before: the enricher's loop producer reported failed deliveries only, so the
-    position never left the restore's end (every restart re-read the whole changelog).
+    position never left the restore's end (every restart re-read all written since).
     """
     from confluent_kafka import Consumer, TopicPartition
 

@@ -129,7 +129,7 @@ def test_loop_producer_reports_successes_when_the_lifecycle_keeps_state() -> Non
     """With state, the changelog position after a commit comes from a success report.
 
     With failure reports only, the position stored with the local state never moved past the
-    restore's end: every restart re-read the whole changelog (libs.state.stores).
+    restore's end: every restart re-read all written since (libs.state.stores).
     """
     from types import SimpleNamespace
     from typing import Any

@@ -311,7 +311,7 @@ class ProcessingLoop:
         partition: int,
         key: bytes,
         value: bytes | None,
-        on_delivered: Callable[[Message], None],
+        on_delivered: Callable[[Message], None] | None,
     ) -> None:
         self._client.produce(topic, key, value, partition=partition, on_delivered=on_delivered)
 

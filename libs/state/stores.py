@@ -15,7 +15,9 @@ Checkpoint order, and why a kill -9 never leaves uncommitted state on disk:
    flush and the offset commit (at-least-once);
 3. only after the commit succeeded is the overlay written to the local RocksDB, in one write
    batch with the partition's changelog position (the next changelog offset to read, taken
-   from the delivery reports). An aborted transaction drops the overlay.
+   from the delivery report of the partition's last changelog record of the checkpoint: the
+   loop's producer must report successes, i.e. not ``delivery.report.only.error``). An
+   aborted transaction drops the overlay.
 
 So the local store only ever holds committed state plus the changelog position that state
 corresponds to: after a crash it is at most behind (the WAL is off; RocksDB loses a suffix of
@@ -80,8 +82,10 @@ RESTORING = Gauge(
     "state_partitions_restoring", "Assigned partitions whose state is being restored", ["store"]
 )
 
-#: how a changelog record is produced: (topic, partition, key, value, on_delivered)
-ChangelogProduce = Callable[[str, int, bytes, bytes | None, Callable[[Message], None]], None]
+#: how a changelog record is produced: (topic, partition, key, value, on_delivered); the
+#: producer must report successful deliveries to ``on_delivered`` when it is not ``None``
+#: (no ``delivery.report.only.error``: that would leave every position where it was)
+ChangelogProduce = Callable[[str, int, bytes, bytes | None, Callable[[Message], None] | None], None]
 
 
 class RestoreConsumer(Protocol):
@@ -304,10 +308,15 @@ class StateStores:
             if not st.dirty:
                 continue
             topic = changelog_topic(self.group_id, tp[0])
-            delivered = self._on_delivered(tp)
-            for key, value in st.entries():
-                produce(topic, tp[1], key, value, delivered)
-                n += 1
+            entries = st.entries()
+            last = len(entries) - 1
+            # Only the partition's last record reports its offset: the producer keeps a
+            # partition's records in order (idempotent, as transactions require), so its
+            # offset + 1 is the position after all of them. One Python callback per partition
+            # per checkpoint instead of one per record.
+            for i, (key, value) in enumerate(entries):
+                produce(topic, tp[1], key, value, self._on_delivered(tp) if i == last else None)
+            n += len(entries)
         return n
 
     def _on_delivered(self, tp: TP) -> Callable[[Message], None]:

@@ -180,10 +180,14 @@ class Enricher:
     # -- events ----------------------------------------------------------------------------
     def _loop_producer_config(self, transactional_id: str) -> dict[str, Any]:
         conf = self._kafka.producer_config(transactional_id=transactional_id)
-        # The loop's producer only records failed deliveries (and the checkpoint's flush or
-        # transaction commit fails on them anyway): a delivery report, a Message object and a
-        # Python callback per delivered alert were pure cost.
-        conf["delivery.report.only.error"] = True
+        if self.lifecycle is None:
+            # Without state the loop's producer only records failed deliveries (and the
+            # checkpoint's flush or transaction commit fails on them anyway): a delivery
+            # report, a Message object and a Python callback per delivered alert were pure
+            # cost. With the lifecycle's state the changelog position stored with the local
+            # state comes from a success report (libs.state.stores): with failures only, it
+            # would never move and every restart would re-read all written since the last restore.
+            conf["delivery.report.only.error"] = True
         return conf
 
     def _loop_consumer_config(self) -> dict[str, Any]:

@@ -151,3 +151,48 @@ def test_owner_assigned_after_the_event_gets_the_alert(h: Harness) -> None:
         assert update.update_of == dm.message_id and update.channel == "U2"
     finally:
         e.stop()
+
+
+def test_stored_changelog_position_is_right_after_the_last_commit(h: Harness) -> None:
+    """The position stored with the local state is the offset after the last changelog record.
+
+    Failed before: the enricher's loop producer reported failed deliveries only, so the
+    position never left the restore's end (every restart re-read all written since).
+    """
+    from confluent_kafka import Consumer, TopicPartition
+
+    from libs.state.local import LocalStore
+
+    h.ensure_topics()
+    h.owners([owner("org-1")])
+    h.users([slack_user("owner-org-1@example.com", "U1")])
+    e = h.start(**{"ENRICHER_FALLBACK_CHANNEL": FALLBACK})
+    try:
+        e.wait_ready()
+        h.events([connector_failure(n, "org-1") for n in (1, 2, 3)])
+        h.wait_messages(3)
+        wait_until(lambda: e.metric("enricher_open_groups") == 1, message="one open group")
+    finally:
+        e.stop()  # graceful: the last checkpoint commits, the stores close
+    topic = h.topics.data_notifications_pipeline
+    changelog = changelog_topic(h.group, topic)
+    reader = Consumer({"bootstrap.servers": h.bootstrap, "group.id": unique("check")})
+    try:
+        ends = {
+            p: reader.get_watermark_offsets(TopicPartition(changelog, p), timeout=10)[1]
+            for p in range(3)
+        }
+    finally:
+        reader.close()
+    written = [p for p, end in ends.items() if end > 0]
+    assert written, ends
+    for p in written:
+        store = LocalStore(
+            h.tmp / "state" / "lifecycle" / f"{topic}-{p}", store="t", changelog=(changelog, p)
+        )
+        store.open()
+        try:
+            # the last record of the last transaction that wrote here, then its commit marker
+            assert store.position == ends[p] - 1, (p, store.position, ends)
+        finally:
+            store.close()

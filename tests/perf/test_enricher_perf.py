@@ -79,6 +79,8 @@ RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 EVENTS = int(os.environ.get("BENCH_EVENTS", "20000"))
 RATE = float(os.environ.get("BENCH_RATE", "200"))
 LATENCY_S = float(os.environ.get("BENCH_LATENCY_S", "10"))
+#: BENCH_LIFECYCLE=0 runs the enricher with grouping and parking off (as before the lifecycle)
+LIFECYCLE = os.environ.get("BENCH_LIFECYCLE", "1") != "0"
 PARTITIONS = 3
 ERROR = "org.apache.kafka.connect.errors.ConnectException: " + "Access denied to bucket. " * 8
 
@@ -441,6 +443,8 @@ class Bench:
                 "METRICS_PORT": "0",
             }
         )
+        if not LIFECYCLE:
+            env.update({"ENRICHER_DEDUP_WINDOW_S": "0", "ENRICHER_PARK_TTL_S": "0"})
         conf = KafkaSettings(bootstrap_servers=self.bootstrap).client_config()
 
         def created() -> bool:

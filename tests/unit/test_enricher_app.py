@@ -68,7 +68,9 @@ def test_loop_producer_reports_only_failed_deliveries_and_still_sees_them() -> N
     from libs.kafka.producer import ProducerClient
     from services.enricher.app import Enricher
 
-    stand_in: Any = SimpleNamespace(_kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"))
+    stand_in: Any = SimpleNamespace(
+        _kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"), lifecycle=None
+    )
     conf = Enricher._loop_producer_config(stand_in, "enricher-test")
     assert conf["delivery.report.only.error"] is True
     conf = {k: v for k, v in conf.items() if k != "transactional.id"}
@@ -121,3 +123,24 @@ def test_prepare_creates_the_lifecycle_changelogs_only_when_it_runs(
     assert len(calls) == 1  # no lifecycle, no state, no changelogs
     with pytest.raises(StartRefusedError, match="fewer than the 4"):
         prepare(EnricherSettings(group_id="bad"))
+
+
+def test_loop_producer_reports_successes_when_the_lifecycle_keeps_state() -> None:
+    """With state, the changelog position after a commit comes from a success report.
+
+    With failure reports only, the position stored with the local state never moved past the
+    restore's end: every restart re-read all written since (libs.state.stores).
+    """
+    from types import SimpleNamespace
+    from typing import Any
+
+    from libs.kafka import KafkaSettings
+    from services.enricher.app import Enricher
+    from services.enricher.handler import LifecycleConfig
+
+    stand_in: Any = SimpleNamespace(
+        _kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+        lifecycle=LifecycleConfig({"connector": 60_000}, 0),
+    )
+    conf = Enricher._loop_producer_config(stand_in, "enricher-test")
+    assert not conf.get("delivery.report.only.error")

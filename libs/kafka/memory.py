@@ -21,7 +21,8 @@ against the real client on a real broker:
   position below it moves up to it;
 * group-less consumers: ``assign``/``incremental_assign``/``incremental_unassign`` take
   partitions with explicit offsets (``OFFSET_BEGINNING``/``OFFSET_END`` too), as a restore
-  consumer does; ``list_topics`` answers partition counts;
+  consumer does; ``list_topics`` answers partition counts and the broker's ``cluster_id``
+  (a new ``InMemoryBroker`` is a new cluster, as a purged one is);
 * producers deliver on ``poll``/``flush`` (delivery reports run there, as librdkafka's do);
   ``init_transactions`` fences an earlier producer with the same ``transactional.id`` and
   aborts its open transaction; ``send_offsets_to_transaction`` offsets are committed with the
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -134,6 +136,8 @@ class InMemoryBroker:
         self._partitions: dict[str, int] = {}
         self._groups: dict[str, _Group] = {}
         self._txn_owner: dict[str, InMemoryProducer] = {}
+        #: what a real cluster's metadata carries: unique per cluster
+        self.cluster_id = uuid.uuid4().hex
 
     # -- administration and inspection ---------------------------------------------------------
     def create_topic(self, name: str, partitions: int = 1) -> None:
@@ -410,9 +414,10 @@ class InMemoryConsumer(_Faults):
                 self._positions.pop(tp, None)
 
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> ClusterMetadata:
-        """Metadata of ``topic`` (or every topic): partition counts only."""
+        """Metadata of ``topic`` (or every topic): partition counts and the cluster id."""
         self._fault("list_topics")
         meta = ClusterMetadata()
+        meta.cluster_id = self._broker.cluster_id  # type: ignore[assignment]
         with self._broker.cond:
             names = [topic] if topic is not None else sorted(self._broker._partitions)
             for name in names:

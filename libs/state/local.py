@@ -68,6 +68,7 @@ class LocalStore:
         *,
         store: str,
         changelog: tuple[str, int],
+        cluster_id: str | None = None,
         cache: Cache | None = None,
         write_buffers: WriteBufferManager | None = None,
     ) -> None:
@@ -78,6 +79,11 @@ class LocalStore:
             "changelog": changelog[0],
             "partition": str(changelog[1]),
         }
+        if cluster_id is not None:
+            # The changelog's name and the stored position cannot tell a purged and recreated
+            # cluster's changelog from the one this state came from (the new log may well
+            # have reached the position): the cluster id can, as every new cluster has one.
+            self._format["cluster"] = cluster_id
         self._cache = cache or Cache(4 * 1024 * 1024)
         self._write_buffers = write_buffers
         self._db: Rdict | None = None
@@ -109,13 +115,21 @@ class LocalStore:
             self._remove("corrupt")
             db = self._open_db()
         meta = db.get(_META)
-        if meta is not None and _load_meta(meta) != self._format:
+        stored = None if meta is None else _load_meta(meta)
+        if stored is not None and "cluster" not in self._format:
+            # the cluster is not known (a tool reading the store): nothing to compare it with
+            stored.pop("cluster", None)
+        if stored is not None and stored != self._format:
+            # a store of before the cluster was recorded is rebuilt too: it cannot be trusted
+            other_cluster = {**stored, "cluster": None} == {**self._format, "cluster": None}
             log.warning(
-                "state store format changed, rebuilding it from the changelog",
-                extra={"store": self.store, "stored": _load_meta(meta), "expected": self._format},
+                "state store of another cluster, rebuilding it from the changelog"
+                if other_cluster
+                else "state store format changed, rebuilding it from the changelog",
+                extra={"store": self.store, "stored": stored, "expected": self._format},
             )
             db.close()
-            self._remove("format")
+            self._remove("cluster" if other_cluster else "format")
             db = self._open_db()
             meta = None
         if meta is None:

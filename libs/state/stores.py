@@ -33,6 +33,8 @@ Restore, on the loop thread: partitions are paused when assigned (``assigned``, 
 rebalance callback, which does no I/O), then ``restore()`` slices read each changelog partition
 under ``read_committed`` from the local position (from the start when there is no local store,
 the position is below the low watermark or above the end, i.e. the topic was recreated, the
+store was written against another cluster (its metadata's cluster id differs: a purged and
+recreated cluster, whose new changelog may well have reached the stored position), the
 store is corrupt, or it was last caught up more than ``max_offline_s`` ago, so compaction may
 have dropped tombstones it never read: wipe and rebuild) up to the log end taken when the
 restore began. Positions,
@@ -198,6 +200,8 @@ class StateStores:
         self._delivered: dict[TP, int] = {}
         #: input topic -> its partition count, once checked against its changelog
         self._checked: dict[str, int] = {}
+        #: the cluster's id, from the changelog metadata (None until read, or not given)
+        self._cluster_id: str | None = None
         self.restored_records = 0
 
     # -- what the loop asks ----------------------------------------------------------------
@@ -386,12 +390,13 @@ class StateStores:
         cl = changelog_topic(self.group_id, topic)
         consumer = self._marks()
         try:
-            counts = {
-                name: _partition_count(consumer.list_topics(name, timeout=self._timeout_s), name)
-                for name in (topic, cl)
+            metas = {
+                name: consumer.list_topics(name, timeout=self._timeout_s) for name in (topic, cl)
             }
         except KafkaException as exc:
             raise ChangelogTopicError(f"cannot read the metadata of {topic}, {cl}: {exc}") from exc
+        counts = {name: _partition_count(meta, name) for name, meta in metas.items()}
+        self._cluster_id = getattr(metas[cl], "cluster_id", None) or self._cluster_id
         if counts[cl] < counts[topic]:
             raise ChangelogTopicError(
                 f"changelog topic {cl} has {counts[cl]} partitions, fewer than the "
@@ -408,6 +413,7 @@ class StateStores:
             self.path / f"{tp[0]}-{tp[1]}",
             store=self.name,
             changelog=(cl.topic, cl.partition),
+            cluster_id=self._cluster_id,
             cache=self._cache,
             write_buffers=self._write_buffers,
         )

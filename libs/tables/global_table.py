@@ -32,8 +32,10 @@
   replica loading the same topic, finds the poison already dead-lettered and skips it.
 * Self-healing: a stored offset below the partition's low watermark (the records in between
   were deleted, so the copy would silently miss keys), above its high watermark (the topic was
-  recreated), a store that does not open, or a changed format version wipes the store and
-  rebuilds it from the topic instead of crash-looping.
+  recreated), offsets read from another cluster (the metadata's cluster id differs: a purged
+  and recreated cluster, whose topic may well have reached the stored offsets), a store that
+  does not open, or a changed format version wipes the store and rebuilds it from the topic
+  instead of crash-looping.
 * Threads: the consumer side (bootstrap, ``poll``, ``caught_up_to``) and ``get`` belong to the
   service's loop thread; ``status()``, ``ready()`` and ``lag()`` may be read from another (the
   health server). No lock sits on the lookup path.
@@ -226,7 +228,8 @@ class GlobalTable(Generic[V]):
         self._dead_lettered = self._read_dead_letters(timeout_s)
         consumer = self._new_consumer(self._consumer_config)
         try:
-            meta = consumer.list_topics(self.topic, timeout=timeout_s).topics.get(self.topic)
+            cluster = consumer.list_topics(self.topic, timeout=timeout_s)
+            meta = cluster.topics.get(self.topic)
         except KafkaException as exc:
             consumer.close()
             raise TableError(f"cannot read metadata of {self.topic}: {exc}") from exc
@@ -238,6 +241,16 @@ class GlobalTable(Generic[V]):
             p: consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s)
             for p in self._partitions
         }
+        cluster_id: str | None = getattr(cluster, "cluster_id", None)
+        stored_cluster = self._store.cluster_id()
+        if cluster_id and self._offsets and stored_cluster != cluster_id:
+            # Offsets of another cluster (or of before the cluster was recorded) say nothing
+            # about this one's topic, even when they fall within its watermarks.
+            log.warning(
+                "table store of another cluster, rebuilding",
+                extra={"table": self.name, "stored": stored_cluster, "cluster": cluster_id},
+            )
+            self._wipe("cluster")
         reason = self._heal_reason(marks)
         if reason:
             log.warning(
@@ -245,6 +258,8 @@ class GlobalTable(Generic[V]):
                 extra={"table": self.name, "reason": reason},
             )
             self._wipe("offsets")
+        if cluster_id and self._store.cluster_id() != cluster_id:
+            self._store.set_cluster_id(cluster_id)
         self._targets = {p: high for p, (_, high) in marks.items()}
         starts = [
             TopicPartition(self.topic, p, self._offsets.get(p, OFFSET_BEGINNING))

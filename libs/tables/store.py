@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 _DATA = b"d"
 _OFFSET = b"o"
 _META = b"m:meta"
+#: the id of the cluster the offsets were read from
+_CLUSTER = b"m:cluster"
 _PARTITION = struct.Struct(">I")
 _NEXT_OFFSET = struct.Struct(">q")
 #: bumped when the store's key layout changes: an old store is then wiped and rebuilt
@@ -53,6 +55,14 @@ class TableStore(Protocol):
 
     def wipe(self, reason: str) -> None:
         """Delete everything (data and offsets); the store stays open and empty."""
+        ...
+
+    def cluster_id(self) -> str | None:
+        """The cluster the stored offsets belong to (None: not recorded)."""
+        ...
+
+    def set_cluster_id(self, cluster_id: str) -> None:
+        """Record the cluster the offsets belong to (``wipe`` forgets it)."""
         ...
 
     def offsets(self) -> dict[int, int]:
@@ -184,6 +194,13 @@ class RocksDictStore:
             raise TableError(f"table {self.name} is not open")
         return self._db
 
+    def cluster_id(self) -> str | None:
+        raw = self._require_db().get(_CLUSTER)
+        return None if raw is None else bytes(raw).decode()
+
+    def set_cluster_id(self, cluster_id: str) -> None:
+        self._require_db().put(_CLUSTER, cluster_id.encode(), self._write_opts)
+
     def offsets(self) -> dict[int, int]:
         return dict(self._offsets)
 
@@ -209,7 +226,9 @@ class RocksDictStore:
         if self._db is None:
             return 0
         n = self._db.property_int_value("rocksdb.estimate-num-keys") or 0
-        return max(0, int(n) - 1 - len(self._offsets))  # minus the meta and offset keys
+        # minus the meta, cluster and offset keys
+        meta_keys = 1 + (self._db.get(_CLUSTER) is not None)
+        return max(0, int(n) - meta_keys - len(self._offsets))
 
     def flush(self) -> None:
         self._require_db().flush()
@@ -227,6 +246,7 @@ class InMemoryStore:
     def __init__(self) -> None:
         self._data: dict[bytes, bytes] = {}
         self._offsets: dict[int, int] = {}
+        self._cluster_id: str | None = None
         self.wipes: list[str] = []
 
     def open(self) -> None:
@@ -236,6 +256,13 @@ class InMemoryStore:
         self.wipes.append(reason)
         self._data.clear()
         self._offsets.clear()
+        self._cluster_id = None
+
+    def cluster_id(self) -> str | None:
+        return self._cluster_id
+
+    def set_cluster_id(self, cluster_id: str) -> None:
+        self._cluster_id = cluster_id
 
     def offsets(self) -> dict[int, int]:
         return dict(self._offsets)

@@ -237,3 +237,50 @@ def test_ensure_changelogs_checks_partition_counts(bootstrap: str) -> None:
         ensure_changelogs(
             {"bootstrap.servers": bootstrap}, group, [unique("nope")], replication_factor=1
         )
+
+
+def test_a_store_written_against_another_cluster_is_rebuilt(bootstrap: str, tmp_path: Path) -> None:
+    """A state dir that outlived a purged cluster: its position lies within the new
+    changelog, so only the cluster id the real metadata carries tells the logs apart."""
+    from libs.kafka import KafkaSettings
+    from libs.state.local import LocalStore
+    from libs.state.stores import StateStores
+
+    t = Topics(bootstrap)
+    changelog = changelog_topic(t.group, t.topic_in)
+    from confluent_kafka import Producer
+
+    writer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    for i in range(3):
+        writer.produce(changelog, key=f"count/k{i}".encode(), value=b"1", partition=0)
+    assert writer.flush(30) == 0
+    # what the purged cluster's run left: an open group and a position the new log has passed
+    old = LocalStore(
+        tmp_path / "lifecycle" / f"{t.topic_in}-0",
+        store="lifecycle",
+        changelog=(changelog, 0),
+        cluster_id="a-purged-cluster",
+    )
+    old.open()
+    old.write([(b"count/stale", b"9")], 2, caught_up_at=time.time())
+    old.close()
+    stores = StateStores(
+        "lifecycle",
+        tmp_path,
+        t.group,
+        KafkaSettings(bootstrap_servers=bootstrap).consumer_config(t.group),
+    )
+    try:
+        stores.assigned([(t.topic_in, 0)])
+
+        def done() -> bool:
+            stores.restore()
+            return not stores.restoring
+
+        wait_until(done, timeout_s=60, interval_s=0.0, message="restored")
+        st = stores.state((t.topic_in, 0))
+        assert st.get(b"count/stale") is None
+        assert [st.get(f"count/k{i}".encode()) for i in range(3)] == [b"1"] * 3
+        assert stores.restored_records == 3
+    finally:
+        stores.close()

@@ -359,3 +359,23 @@ def test_a_store_behind_for_too_long_is_rebuilt(tmp_path: Path) -> None:
     assert stale.restored_records == 2
     assert stale.state((IN, 0)).get(b"b") == b"2"
     stale.close()
+
+
+def test_a_store_of_a_vanished_cluster_is_rebuilt(tmp_path: Path) -> None:
+    # The state dir outlives a purged cluster: the new cluster's changelog has as many records
+    # as the stored position, so the position check alone cannot tell the logs apart.
+    old = broker_with_changelog([(0, b"open-group", b"old"), (0, b"other", b"old")])
+    s = stores(old, tmp_path)
+    s.assigned([(IN, 0)])
+    restore_all(s)
+    assert s.state((IN, 0)).get(b"open-group") == b"old"
+    s.close()
+    new = broker_with_changelog([(0, b"k1", b"new"), (0, b"k2", b"new"), (0, b"k3", b"new")])
+    assert new.end_offset(CHANGELOG, 0) >= old.end_offset(CHANGELOG, 0)
+    s2 = stores(new, tmp_path)
+    s2.assigned([(IN, 0)])
+    restore_all(s2)
+    st = s2.state((IN, 0))
+    assert (st.get(b"open-group"), st.get(b"other"), st.get(b"k1")) == (None, None, b"new")
+    assert s2.restored_records == 3  # rebuilt from the new changelog's start
+    s2.close()

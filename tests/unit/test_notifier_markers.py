@@ -1,10 +1,12 @@
-"""In-doubt markers: RocksDB and the in-memory twin behave alike; RocksDB survives a reopen."""
+"""In-doubt markers: the in-memory twin, local (durable at once) and remote (durable at poll).
+
+``KafkaInDoubtStore``, the production store, runs against a broker in
+``tests/integration/test_notifier.py``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import UTC, datetime
 
 import pytest
 
@@ -13,19 +15,14 @@ from services.notifier.markers import (
     AttemptLog,
     InDoubtStore,
     InMemoryAttemptLog,
-    RocksDictAttemptLog,
 )
 
 T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 
 
-@pytest.fixture(params=["rocksdict", "in_memory"])
-def markers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AttemptLog]:
-    log: AttemptLog = (
-        RocksDictAttemptLog(tmp_path / "attempts")
-        if request.param == "rocksdict"
-        else InMemoryAttemptLog()
-    )
+@pytest.fixture
+def markers() -> Iterator[AttemptLog]:
+    log: AttemptLog = InMemoryAttemptLog()
     yield log
     log.close()
 
@@ -44,51 +41,9 @@ def test_put_get_delete(markers: AttemptLog) -> None:
     assert len(markers) == 1
 
 
-def test_markers_survive_a_reopen(tmp_path: Path) -> None:
-    first = RocksDictAttemptLog(tmp_path / "attempts")
-    first.put("m1", AttemptMarker("C1", 3, T0))
-    first.close()
-    again = RocksDictAttemptLog(tmp_path / "attempts")
-    try:
-        assert again.get("m1") == AttemptMarker("C1", 3, T0)
-        assert len(again) == 1
-    finally:
-        again.close()
-
-
-def test_prune_drops_old_markers(tmp_path: Path) -> None:
-    log = RocksDictAttemptLog(tmp_path / "attempts")
-    try:
-        log.put("old", AttemptMarker("C1", 1, T0 - timedelta(days=8)))
-        log.put("new", AttemptMarker("C1", 1, T0))
-        assert log.prune(T0 - timedelta(days=7)) == 1
-        assert log.get("old") is None
-        assert log.get("new") is not None
-        assert len(log) == 1
-    finally:
-        log.close()
-
-
-def test_a_corrupt_store_starts_empty(tmp_path: Path) -> None:
-    path = tmp_path / "attempts"
-    path.mkdir()
-    (path / "CURRENT").write_text("garbage\n")
-    log = RocksDictAttemptLog(path)
-    try:
-        assert len(log) == 0
-        log.put("m1", AttemptMarker("C1", 1, T0))
-        assert log.get("m1") is not None
-    finally:
-        log.close()
-
-
-@pytest.fixture(params=["rocksdict", "in_memory"])
-def local_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[InDoubtStore]:
-    store: InDoubtStore = (
-        RocksDictAttemptLog(tmp_path / "attempts")
-        if request.param == "rocksdict"
-        else InMemoryAttemptLog()
-    )
+@pytest.fixture
+def local_store() -> Iterator[InDoubtStore]:
+    store: InDoubtStore = InMemoryAttemptLog()
     yield store
     store.close()
 

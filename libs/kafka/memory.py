@@ -9,7 +9,8 @@ against the real client on a real broker:
 * consumer groups: members subscribe, partitions are spread over the members round-robin,
   and membership changes are applied incrementally (cooperative-sticky style) inside the
   member's next ``poll``/``consume``, where ``on_revoke``/``on_assign`` run; ``lose()`` makes
-  a member's partitions lost (``on_lost``) as a session timeout would;
+  a member's partitions lost (``on_lost``) as a session timeout would; ``assign`` takes
+  partitions outside any group (a table's reader), ``list_topics`` answers metadata;
 * fetch positions start at the group's committed offset, else at ``auto.offset.reset``;
   ``pause``/``resume``/``seek``/``position`` act on the member's own assignment;
 * ``read_committed`` consumers stop at the first record of an open transaction (the last
@@ -39,7 +40,19 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    ClusterMetadata,
+    PartitionMetadata,
+    TopicMetadata,
+)
 
 from libs.kafka.ports import DeliveryCallback, HeadersArg, RebalanceCallback
 
@@ -323,6 +336,45 @@ class InMemoryConsumer(_Faults):
         with self._broker.cond:
             return _tps(self._assigned)
 
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        """Take ``partitions`` outside the group, as a group-less reader does."""
+        self._fault("assign")
+        self._check_open()
+        with self._broker.cond:
+            self._assigned = {(p.topic, p.partition) for p in partitions}
+            self._paused &= self._assigned
+            self._positions = {}
+            for p in partitions:
+                tp = (p.topic, p.partition)
+                if p.offset == OFFSET_BEGINNING:
+                    self._positions[tp] = 0
+                elif p.offset == OFFSET_END:
+                    self._positions[tp] = len(self._broker._logs[tp])
+                elif p.offset >= 0:
+                    self._positions[tp] = p.offset
+                # else: the committed offset, or auto.offset.reset (``_position``)
+            self._broker.cond.notify_all()
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> ClusterMetadata:
+        """Metadata of ``topic`` (or of every topic); a missing one carries the error
+        ``UNKNOWN_TOPIC_OR_PART``, as a broker that does not auto-create topics answers."""
+        self._fault("list_topics")
+        md = ClusterMetadata()
+        with self._broker.cond:
+            names = [topic] if topic is not None else sorted(self._broker._partitions)
+            for name in names:
+                meta = TopicMetadata()
+                meta.topic = name
+                count = self._broker._partitions.get(name)
+                if count is None:
+                    meta.error = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+                for p in range(count or 0):
+                    part = PartitionMetadata()
+                    part.id, part.leader, part.replicas, part.isrs = p, 0, [0], [0]
+                    meta.partitions[p] = part
+                md.topics[name] = meta
+        return md
+
     # -- fetching ------------------------------------------------------------------------------
     def poll(self, timeout: float = -1) -> Message | None:
         msgs = self.consume(1, timeout)
@@ -413,6 +465,8 @@ class InMemoryConsumer(_Faults):
     def get_watermark_offsets(
         self, partition: TopicPartition, timeout: float = -1, cached: bool = False
     ) -> tuple[int, int]:
+        if not cached:  # a cached answer involves no broker, so nothing to fail
+            self._fault("get_watermark_offsets")
         # The log keeps every record (no retention), so the low watermark is always 0.
         return 0, self._broker.end_offset(partition.topic, partition.partition)
 

@@ -40,41 +40,42 @@ class InvalidRecordError(KafkaLibError):
     """
 
 
-#: Errors a broker restart, a leader election or a slow cluster produces, which the same request
-#: made again a little later cures: no leader yet, a new leader that does not know its high
-#: watermark yet (``OFFSET_NOT_AVAILABLE``, KIP-207), a connection refused or reset, a timeout.
-#: librdkafka flags few of them ``retriable()`` (a watermark query's never), hence the list.
-_TRANSIENT_CODES = frozenset(
+#: Errors that asking again does not cure: rejected credentials or authorization, a request
+#: the cluster refuses as invalid, a client in a state it cannot leave. Everything else is
+#: transient for a caller that can wait: a broker restart, a leader election or a slow
+#: cluster produces many codes (no leader yet, ``OFFSET_NOT_AVAILABLE`` from a new leader
+#: that does not know its high watermark yet, a refused connection, a timeout, and
+#: ``_DESTROY_BROKER`` when the stopped broker leaves the metadata), and an error a restart
+#: gives that a list of transient codes forgot must not stop a service.
+_PERMANENT_CODES = frozenset(
     {
-        KafkaError._TRANSPORT,
-        KafkaError._ALL_BROKERS_DOWN,
-        KafkaError._TIMED_OUT,
-        KafkaError._TIMED_OUT_QUEUE,
-        KafkaError._RESOLVE,
-        KafkaError._WAIT_COORD,
-        KafkaError._NODE_UPDATE,
-        KafkaError._UNKNOWN_PARTITION,
-        KafkaError._RETRY,
-        KafkaError._IN_PROGRESS,
-        KafkaError._PREV_IN_PROGRESS,
-        KafkaError._WAIT_CACHE,
-        KafkaError.LEADER_NOT_AVAILABLE,
-        KafkaError.NOT_LEADER_FOR_PARTITION,
-        KafkaError.OFFSET_NOT_AVAILABLE,
-        KafkaError.REQUEST_TIMED_OUT,
-        KafkaError.NETWORK_EXCEPTION,
-        KafkaError.BROKER_NOT_AVAILABLE,
-        KafkaError.REPLICA_NOT_AVAILABLE,
-        KafkaError.NOT_ENOUGH_REPLICAS,
-        KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
-        KafkaError.NOT_CONTROLLER,
-        KafkaError.COORDINATOR_NOT_AVAILABLE,
-        KafkaError.NOT_COORDINATOR,
-        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-        KafkaError.FENCED_LEADER_EPOCH,
-        KafkaError.UNKNOWN_LEADER_EPOCH,
-        KafkaError.KAFKA_STORAGE_ERROR,
-        KafkaError.THROTTLING_QUOTA_EXCEEDED,
+        KafkaError._AUTHENTICATION,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        KafkaError.ILLEGAL_SASL_STATE,
+        KafkaError.UNSUPPORTED_SASL_MECHANISM,
+        KafkaError.SECURITY_DISABLED,
+        KafkaError._SSL,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError.DELEGATION_TOKEN_AUTHORIZATION_FAILED,
+        KafkaError._INVALID_ARG,
+        KafkaError._INVALID_TYPE,
+        KafkaError._UNSUPPORTED_FEATURE,
+        KafkaError._NOT_IMPLEMENTED,
+        KafkaError.UNSUPPORTED_VERSION,
+        KafkaError.INVALID_REQUEST,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.INVALID_CONFIG,
+        KafkaError.INVALID_PARTITIONS,
+        KafkaError.POLICY_VIOLATION,
+        KafkaError._STATE,
+        KafkaError._DESTROY,
+        KafkaError._FATAL,
+        KafkaError._FENCED,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
     }
 )
 
@@ -84,14 +85,11 @@ MISSING_TOPIC_CODES = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._U
 
 
 def is_transient(err: KafkaError) -> bool:
-    """True for an error that asking again later cures (see ``_TRANSIENT_CODES``).
+    """True for an error that asking again later may cure (see ``_PERMANENT_CODES``).
 
-    Everything else is permanent for the caller: rejected credentials or authorization, an
-    invalid request, a fatal client error. A missing topic is neither (``MISSING_TOPIC_CODES``):
-    the caller decides how long "not yet" may last.
+    False for a fatal client error and the permanent codes. A missing topic is neither
+    (``MISSING_TOPIC_CODES``): the caller decides how long "not yet" may last.
     """
     if err.fatal():
         return False
-    return err.code() in _TRANSIENT_CODES or (
-        err.retriable() and err.code() not in MISSING_TOPIC_CODES
-    )
+    return err.code() not in _PERMANENT_CODES and err.code() not in MISSING_TOPIC_CODES

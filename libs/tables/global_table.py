@@ -164,7 +164,7 @@ class GlobalTable(Generic[V]):
         lagging_threshold: int = 1000,
         retry_s: float = 2.0,
         dead_letter_topic: str | None = None,
-        missing_topic_grace_s: float = 10.0,
+        missing_topic_grace_s: float = 5.0,
         store: TableStore | None = None,
         consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
     ) -> None:
@@ -752,9 +752,11 @@ def bootstrap_all(
             for t in pending:
                 log.info("table loading", extra={"table": t.name, **t.status()})
         if timeout_s is not None and now - started > timeout_s and pending:
+            waiting = {t.name: t.waiting_reason for t in pending if t.waiting_reason}
             raise TableError(
                 f"tables {[t.name for t in pending]} not caught up after {timeout_s:.0f}s "
-                f"(lag {[t.lag() for t in pending]})"
+                f"(lag {[t.lag() for t in pending]}"
+                + (f"; waiting for the cluster: {waiting})" if waiting else ")")
             )
     elapsed = time.monotonic() - started
     for t in tables:

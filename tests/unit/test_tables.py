@@ -471,3 +471,15 @@ def test_a_missing_topic_is_waited_for_within_the_grace_only(tmp_path: Path) -> 
         never.bootstrap(threading.Event(), timeout_s=30)
     assert time.monotonic() - started < 10
     never.close()
+
+
+@pytest.mark.usefixtures("fast_backoff")
+def test_a_gate_timeout_says_what_the_table_waits_for(tmp_path: Path) -> None:
+    broker = InMemoryBroker()
+    _users_on(broker, 2)
+    table = _twin_table(
+        tmp_path, broker, [("list_topics", KafkaError(KafkaError._ALL_BROKERS_DOWN), 10_000)]
+    )
+    with pytest.raises(TableError, match=r"waiting for the cluster.*_ALL_BROKERS_DOWN"):
+        table.bootstrap(threading.Event(), timeout_s=0.3)
+    table.close()

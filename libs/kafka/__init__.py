@@ -19,6 +19,7 @@ from libs.kafka.dlq import (
     plain_produce,
 )
 from libs.kafka.errors import (
+    MISSING_TOPIC_CODES,
     ClientCallTimeoutError,
     DeliveryError,
     FatalLoopError,
@@ -26,6 +27,7 @@ from libs.kafka.errors import (
     KafkaConnectionError,
     KafkaLibError,
     TopicError,
+    is_transient,
 )
 from libs.kafka.loop import (
     Emitter,
@@ -48,6 +50,7 @@ __all__ = [
     "HEADER_SOURCE_OFFSET",
     "HEADER_SOURCE_PARTITION",
     "HEADER_SOURCE_TOPIC",
+    "MISSING_TOPIC_CODES",
     "AckTicket",
     "ClientCallTimeoutError",
     "CommitFailedError",
@@ -79,6 +82,7 @@ __all__ = [
     "dlq_headers",
     "dlq_topic",
     "ensure_topics",
+    "is_transient",
     "plain_produce",
     "read_to_end",
 ]

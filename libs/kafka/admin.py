@@ -11,9 +11,12 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic  # type: ignore[attr-defined]
 
-from libs.kafka.errors import KafkaConnectionError, TopicError
+from libs.kafka.errors import KafkaConnectionError, TopicError, is_transient
 
 log = logging.getLogger(__name__)
+
+#: pause before asking again after a transient error
+_RETRY_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -104,22 +107,48 @@ def ensure_topics(
         )
         for s in specs
     ]
+    created = _create_with_retry(admin, new, timeout_s) if new else []
+    _check_cleanup_policies(admin, specs, timeout_s)
+    admin.poll(0)  # the admin client's log lines are delivered only when it is polled
+    if created:
+        log.info("created topics", extra={"topics": created})
+    return created
+
+
+def _create_with_retry(admin: AdminClient, new: list[NewTopic], timeout_s: float) -> list[str]:
+    """Create ``new`` (an existing topic is fine); the names created.
+
+    A broker restarting answers transient errors (``NOT_CONTROLLER``, a timeout, no leader):
+    the topics they concern are asked for again until ``timeout_s`` has passed. A topic whose
+    first request timed out but was created meanwhile answers ``TOPIC_ALREADY_EXISTS``.
+    """
+    deadline = time.monotonic() + timeout_s
     created: list[str] = []
-    if new:
-        futures = admin.create_topics(new, request_timeout=timeout_s, operation_timeout=timeout_s)
+    pending = new
+    while True:
+        futures = admin.create_topics(
+            pending, request_timeout=timeout_s, operation_timeout=timeout_s
+        )
+        again: set[str] = set()
         for name, fut in futures.items():
             try:
                 fut.result(timeout=timeout_s)
                 created.append(name)
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
-                if err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                if err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                    continue
+                if not is_transient(err) or time.monotonic() > deadline:
                     raise TopicError(f"cannot create topic {name}: {err.str()}") from exc
-    _check_cleanup_policies(admin, specs, timeout_s)
-    admin.poll(0)  # the admin client's log lines are delivered only when it is polled
-    if created:
-        log.info("created topics", extra={"topics": created})
-    return created
+                again.add(name)
+                log.info(
+                    "topic not created yet, retrying",
+                    extra={"topic": name, "error": f"{err.name()}: {err.str()}"},
+                )
+        pending = [t for t in pending if t.topic in again]
+        if not pending:
+            return created
+        time.sleep(_RETRY_S)
 
 
 def _check_cleanup_policies(admin: AdminClient, specs: list[TopicSpec], timeout_s: float) -> None:
@@ -141,7 +170,8 @@ def _describe_with_retry(
     admin: AdminClient, resource: ConfigResource, timeout_s: float
 ) -> dict[str, Any]:
     # A topic created a moment ago may not have reached every broker's metadata yet:
-    # UNKNOWN_TOPIC_OR_PART then only means "not yet", until the deadline.
+    # UNKNOWN_TOPIC_OR_PART then only means "not yet", until the deadline; so do the transient
+    # errors of a broker restarting.
     deadline = time.monotonic() + timeout_s
     while True:
         fut = admin.describe_configs([resource], request_timeout=timeout_s)[resource]
@@ -149,9 +179,10 @@ def _describe_with_retry(
             return dict(fut.result(timeout=timeout_s))
         except KafkaException as exc:
             err: KafkaError = exc.args[0]
-            if err.code() != KafkaError.UNKNOWN_TOPIC_OR_PART or time.monotonic() > deadline:
+            retry = err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART or is_transient(err)
+            if not retry or time.monotonic() > deadline:
                 raise TopicError(f"cannot describe topic {resource.name}: {err.str()}") from exc
-            time.sleep(0.2)
+            time.sleep(_RETRY_S)
 
 
 def describe_cleanup_policy(client_config: dict[str, Any], topic: str) -> str:

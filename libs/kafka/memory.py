@@ -9,7 +9,8 @@ against the real client on a real broker:
 * consumer groups: members subscribe, partitions are spread over the members round-robin,
   and membership changes are applied incrementally (cooperative-sticky style) inside the
   member's next ``poll``/``consume``, where ``on_revoke``/``on_assign`` run; ``lose()`` makes
-  a member's partitions lost (``on_lost``) as a session timeout would;
+  a member's partitions lost (``on_lost``) as a session timeout would; ``assign`` takes
+  partitions outside any group (a table's reader), ``list_topics`` answers metadata;
 * fetch positions start at the group's committed offset, else at ``auto.offset.reset``;
   ``pause``/``resume``/``seek``/``position`` act on the member's own assignment;
 * ``read_committed`` consumers stop at the first record of an open transaction (the last
@@ -374,6 +375,7 @@ class InMemoryConsumer(_Faults):
 
     def assign(self, partitions: list[TopicPartition]) -> None:
         """Own exactly ``partitions`` outside any group, from their given offsets."""
+        self._fault("assign")
         with self._broker.cond:
             self._assigned.clear()
             self._positions.clear()
@@ -414,7 +416,9 @@ class InMemoryConsumer(_Faults):
                 self._positions.pop(tp, None)
 
     def list_topics(self, topic: str | None = None, timeout: float = -1) -> ClusterMetadata:
-        """Metadata of ``topic`` (or every topic): partition counts and the cluster id."""
+        """Metadata of ``topic`` (or every topic): partition counts and the cluster id; a
+        missing topic carries ``UNKNOWN_TOPIC_OR_PART``, as a broker that does not auto-create
+        topics answers."""
         self._fault("list_topics")
         meta = ClusterMetadata()
         meta.cluster_id = self._broker.cluster_id  # type: ignore[assignment]
@@ -429,7 +433,7 @@ class InMemoryConsumer(_Faults):
                     count = 0
                 for p in range(count):
                     pmeta = PartitionMetadata()
-                    pmeta.id = p
+                    pmeta.id, pmeta.leader, pmeta.replicas, pmeta.isrs = p, 0, [0], [0]
                     tmeta.partitions[p] = pmeta
                 meta.topics[name] = tmeta
         return meta
@@ -525,6 +529,8 @@ class InMemoryConsumer(_Faults):
     def get_watermark_offsets(
         self, partition: TopicPartition, timeout: float = -1, cached: bool = False
     ) -> tuple[int, int]:
+        if not cached:  # a cached answer involves no broker, so nothing to fail
+            self._fault("get_watermark_offsets")
         topic, p = partition.topic, partition.partition
         high = (
             self._broker.stable_offset(topic, p)

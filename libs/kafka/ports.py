@@ -53,6 +53,18 @@ class ConsumerPort(Protocol):
         """The partitions this member owns now."""
         ...
 
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        """Take ``partitions`` without joining the group (a group-less reader, a table).
+
+        Each starts at its offset, ``OFFSET_BEGINNING`` or ``OFFSET_END``.
+        """
+        ...
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        """Cluster metadata (``.topics[name].partitions``/``.error``); a missing topic has
+        the error ``UNKNOWN_TOPIC_OR_PART`` and no partitions."""
+        ...
+
     def pause(self, partitions: list[TopicPartition]) -> None:
         """Stop fetching ``partitions`` (positions are kept, membership too)."""
         ...

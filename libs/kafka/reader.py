@@ -4,16 +4,37 @@ Shared by everything that reads a (usually compacted) topic back as state: the p
 cursor, the tables' dead letters. The end is reached by *position*, not by end-of-partition
 events: transaction markers and compaction holes occupy offsets no record is returned for,
 and the consumer's position moves past them.
+
+A broker restarting while the topic is read is waited out within the deadline: metadata and
+watermark requests that fail with a transient error (``libs.kafka.errors.is_transient``: no
+leader yet, a connection refused, a timeout) are asked again, and the consumer's transient
+error events are skipped (librdkafka reconnects and fetches again by itself).
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
-from libs.kafka.errors import TopicError
+from libs.kafka.errors import MISSING_TOPIC_CODES, TopicError, is_transient
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: pause between two attempts of a request that failed with a transient error
+_RETRY_S = 0.2
 
 
 def read_to_end(
@@ -32,19 +53,37 @@ def read_to_end(
     ``timeout_s``. Records appended meanwhile may be yielded too.
     """
     deadline = time.monotonic() + timeout_s
+
+    def remaining() -> float:
+        # every request gets what is left of the deadline (at least a second to answer)
+        return max(1.0, deadline - time.monotonic())
+
     while True:
-        meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
-        if meta is not None and meta.error is None and meta.partitions:
+        meta = _retrying(
+            lambda: consumer.list_topics(topic, timeout=remaining()).topics.get(topic),
+            deadline,
+            topic,
+        )
+        error: KafkaError | None = None if meta is None else meta.error
+        if meta is not None and error is None and meta.partitions:
             break
-        if missing_ok:
+        if error is not None and error.code() not in MISSING_TOPIC_CODES:
+            if not is_transient(error):
+                raise TopicError(f"cannot read the metadata of {topic}: {error.str()}")
+        elif missing_ok:
             return
         if time.monotonic() > deadline:
             raise TopicError(f"topic {topic} is not available")
         # a topic created a moment ago may not be in every broker's metadata yet
-        time.sleep(0.2)
+        time.sleep(_RETRY_S)
+
+    def watermarks(partition: int) -> Callable[[], tuple[int, int]]:
+        tp = TopicPartition(topic, partition)
+        return lambda: consumer.get_watermark_offsets(tp, timeout=remaining())
+
     ends: dict[int, int] = {}
     for p in meta.partitions:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+        low, high = _retrying(watermarks(p), deadline, topic)
         if high > low:
             ends[p] = high
     if not ends:
@@ -61,8 +100,24 @@ def read_to_end(
             err = msg.error()
             if err is None:
                 yield msg
-            elif err.code() != KafkaError._PARTITION_EOF:
+            elif err.code() != KafkaError._PARTITION_EOF and not is_transient(err):
                 raise TopicError(f"reading {topic}: {err.str()}")
         for tp in consumer.position([TopicPartition(topic, p) for p in sorted(pending)]):
             if tp.offset >= ends[tp.partition]:
                 pending.discard(tp.partition)
+
+
+def _retrying(request: Callable[[], T], deadline: float, topic: str) -> T:
+    """``request()``, made again while it fails with a transient error and time is left."""
+    while True:
+        try:
+            return request()
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if not is_transient(err) or time.monotonic() > deadline:
+                raise
+            log.info(
+                "reading a topic to its end: the cluster cannot answer yet, retrying",
+                extra={"topic": topic, "error": f"{err.name()}: {err.str()}"},
+            )
+            time.sleep(_RETRY_S)

@@ -10,6 +10,11 @@
   leaves holes and transaction markers occupy offsets no record is returned for; librdkafka
   moves the position past both. ``high_watermarks()`` and ``caught_up_to()`` offer the same
   test to a caller with marks of its own (the notifier at a partition assignment).
+* A cluster that cannot answer is not a reason to exit: while the watermark snapshot fails with
+  a transient error (a broker restarting: ``NOT_LEADER_FOR_PARTITION``, ``LEADER_NOT_AVAILABLE``,
+  ``OFFSET_NOT_AVAILABLE`` from a new leader, ``_TRANSPORT``, timeouts) the table is
+  ``waiting``, logs why and asks again with backoff. Only what no retry cures (rejected
+  credentials or authorization, a topic missing past a grace period) raises ``TableError``.
 * One apply function serves bootstrap and live following.
 * Restore validates the wire header only (``check``: magic byte, a schema id the registry
   knows) and stores the raw bytes; values are decoded at ``get``, once per lookup instead of
@@ -51,14 +56,23 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 from prometheus_client import Counter, Gauge
 
 from libs.kafka import (
     HEADER_SOURCE_OFFSET,
     HEADER_SOURCE_PARTITION,
     HEADER_SOURCE_TOPIC,
+    MISSING_TOPIC_CODES,
     TopicError,
+    is_transient,
     read_to_end,
 )
 from libs.serde import DeserializationError
@@ -74,6 +88,10 @@ Decoder = Callable[[bytes, str, int, int], V]
 #: (value bytes, topic, partition, offset) -> None; raises ``DeserializationError`` when the
 #: record is not to be stored (the restore-time validation)
 Check = Callable[[bytes, str, int, int], object]
+
+#: backoff of the bootstrap's snapshot while the cluster cannot answer: first and longest wait
+_WAIT_FIRST_S = 0.25
+_WAIT_MAX_S = 5.0
 
 #: keys whose undecodable value was already logged (bounded: the counter carries the rest)
 _UNDECODABLE_LOGGED_MAX = 1000
@@ -113,6 +131,8 @@ class TableState(StrEnum):
     """Lifecycle of a table."""
 
     CREATED = "created"
+    #: the cluster cannot answer the bootstrap's first requests yet; retried with backoff
+    WAITING = "waiting"
     LOADING = "loading"
     CAUGHT_UP = "caught_up"
     LAGGING = "lagging"
@@ -146,6 +166,7 @@ class GlobalTable(Generic[V]):
         lagging_threshold: int = 1000,
         retry_s: float = 2.0,
         dead_letter_topic: str | None = None,
+        missing_topic_grace_s: float = 5.0,
         store: TableStore | None = None,
         consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
     ) -> None:
@@ -183,6 +204,8 @@ class GlobalTable(Generic[V]):
         self._lagging_threshold = lagging_threshold
         self._retry_s = retry_s
         self._dead_letter_topic = dead_letter_topic
+        # a topic created a moment ago may not be in every broker's metadata yet
+        self._missing_topic_grace_s = missing_topic_grace_s
         # (partition, offset) of this topic's records already in the dead-letter topic
         self._dead_lettered: set[tuple[int, int]] = set()
         # while set: applying stopped at a record the registry could not resolve; consume
@@ -191,6 +214,13 @@ class GlobalTable(Generic[V]):
         self.blocked_reason: str | None = None
         self._opened = False
         self._consumer: Consumer | None = None
+        # the bootstrap's snapshot: taken (partitions assigned), or when to ask again
+        self._assigned = False
+        self._request_timeout_s = 30.0
+        self._waiting_since = 0.0
+        self._retries = 0
+        self._retry_at = 0.0
+        self.waiting_reason: str | None = None
         self._offsets: dict[int, int] = {}
         self._targets: dict[int, int] = {}
         self._partitions: list[int] = []
@@ -221,27 +251,36 @@ class GlobalTable(Generic[V]):
 
     # -- the gate --------------------------------------------------------------------------
     def begin_bootstrap(self, timeout_s: float = 30.0) -> None:
-        """Snapshot high watermarks, heal the store if needed, and assign every partition."""
+        """Start the gate: read the dead letters, snapshot the high watermarks, heal, assign.
+
+        When the cluster cannot answer yet (a broker restarting: no leader, a new leader that
+        does not know its high watermark yet, a refused connection, a timeout) the table waits
+        (state ``waiting``, the reason in ``status()``) and ``step_bootstrap`` asks again with
+        backoff. Only what no retry cures raises ``TableError``: rejected credentials or
+        authorization, a fatal client error, a topic still missing after
+        ``missing_topic_grace_s``. ``timeout_s`` bounds each broker request.
+        """
         if not self._opened:
             self.open()
         self._set_state(TableState.LOADING)
         self._dead_lettered = self._read_dead_letters(timeout_s)
-        consumer = self._new_consumer(self._consumer_config)
+        self._request_timeout_s = timeout_s
+        self._targets = {}
+        self._waiting_since = time.monotonic()
+        self._retries = 0
+        self._retry_at = 0.0
+        self._consumer = self._new_consumer(self._consumer_config)
+        self._assigned = False
+        self._try_snapshot()
+
+    def _try_snapshot(self) -> bool:
+        """Take the start snapshot and assign; False while the cluster cannot answer."""
+        consumer = self._require_consumer()
         try:
-            cluster = consumer.list_topics(self.topic, timeout=timeout_s)
-            meta = cluster.topics.get(self.topic)
+            marks, cluster_id = self._watermarks(consumer, self._request_timeout_s)
         except KafkaException as exc:
-            consumer.close()
-            raise TableError(f"cannot read metadata of {self.topic}: {exc}") from exc
-        if meta is None or meta.error is not None or not meta.partitions:
-            consumer.close()
-            raise TableError(f"topic {self.topic} of table {self.name} does not exist")
-        self._partitions = sorted(meta.partitions)
-        marks = {
-            p: consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s)
-            for p in self._partitions
-        }
-        cluster_id: str | None = getattr(cluster, "cluster_id", None)
+            self._wait_or_raise(exc.args[0])
+            return False
         stored_cluster = self._store.cluster_id()
         if cluster_id and self._offsets and stored_cluster != cluster_id:
             # Offsets of another cluster (or of before the cluster was recorded) say nothing
@@ -260,13 +299,24 @@ class GlobalTable(Generic[V]):
             self._wipe("offsets")
         if cluster_id and self._store.cluster_id() != cluster_id:
             self._store.set_cluster_id(cluster_id)
+        self._partitions = sorted(marks)
         self._targets = {p: high for p, (_, high) in marks.items()}
         starts = [
             TopicPartition(self.topic, p, self._offsets.get(p, OFFSET_BEGINNING))
             for p in self._partitions
         ]
         consumer.assign(starts)
-        self._consumer = consumer
+        self._assigned = True
+        if self.waiting_reason is not None:
+            log.info(
+                "table bootstrap resumes: the cluster answers again",
+                extra={
+                    "table": self.name,
+                    "waited_s": round(time.monotonic() - self._waiting_since, 1),
+                },
+            )
+            self.waiting_reason = None
+            self._set_state(TableState.LOADING)
         self._lag = sum(
             max(0, high - self._offsets.get(p, low)) for p, (low, high) in marks.items()
         )
@@ -279,6 +329,70 @@ class GlobalTable(Generic[V]):
                 "partitions": len(self._partitions),
                 "records_behind": self._lag,
                 "resumed": bool(self._offsets),
+            },
+        )
+        return True
+
+    def _watermarks(
+        self, consumer: Consumer, timeout_s: float
+    ) -> tuple[dict[int, tuple[int, int]], str | None]:
+        """Every partition's (low, high) watermarks and the cluster id; raises
+        ``KafkaException`` as the client does.
+
+        A missing topic is reported as ``UNKNOWN_TOPIC_OR_PART``; an answer without an offset
+        (a leader that does not know it yet) as ``OFFSET_NOT_AVAILABLE``.
+        """
+        cluster = consumer.list_topics(self.topic, timeout=timeout_s)
+        cluster_id: str | None = getattr(cluster, "cluster_id", None)
+        meta = cluster.topics.get(self.topic)
+        if meta is not None and meta.error is not None:
+            raise KafkaException(meta.error)
+        if meta is None or not meta.partitions:
+            raise KafkaException(
+                KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, f"no partitions of {self.topic}")
+            )
+        marks: dict[int, tuple[int, int]] = {}
+        for p in sorted(meta.partitions):
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(self.topic, p), timeout=timeout_s
+            )
+            if low < 0 or high < 0:
+                raise KafkaException(
+                    KafkaError(
+                        KafkaError.OFFSET_NOT_AVAILABLE,
+                        f"no watermarks for partition {p} of {self.topic} yet",
+                    )
+                )
+            marks[p] = (low, high)
+        return marks, cluster_id
+
+    def _wait_or_raise(self, err: KafkaError) -> None:
+        """Schedule the next snapshot attempt for a transient ``err``; raise for another."""
+        waited = time.monotonic() - self._waiting_since
+        fatal: str | None = None
+        if err.code() in MISSING_TOPIC_CODES:
+            if waited >= self._missing_topic_grace_s:
+                fatal = f"topic {self.topic} of table {self.name} does not exist"
+        elif not is_transient(err):
+            fatal = f"cannot read the partitions of {self.topic} (table {self.name}): {err.str()}"
+        if fatal is not None:
+            self._require_consumer().close()
+            self._consumer = None
+            raise TableError(fatal)
+        delay = min(_WAIT_MAX_S, _WAIT_FIRST_S * 2**self._retries)
+        self._retries += 1
+        self._retry_at = time.monotonic() + delay
+        self.waiting_reason = f"{err.name()}: {err.str()}"
+        self._set_state(TableState.WAITING)
+        log.warning(
+            "the cluster cannot answer the table bootstrap yet, retrying",
+            extra={
+                "table": self.name,
+                "topic": self.topic,
+                "error": self.waiting_reason,
+                "attempt": self._retries,
+                "retry_in_s": round(delay, 2),
+                "waited_s": round(waited, 1),
             },
         )
 
@@ -296,6 +410,14 @@ class GlobalTable(Generic[V]):
     def step_bootstrap(self) -> bool:
         """Apply one batch; return True once every partition reached its snapshot."""
         consumer = self._require_consumer()
+        if not self._assigned:
+            wait = self._retry_at - time.monotonic()
+            if wait > 0:
+                # the gate has nothing else to do; short naps so a stop is seen soon
+                time.sleep(min(wait, 0.1))
+                return False
+            if not self._try_snapshot():
+                return False
         if self._is_blocked():
             time.sleep(0.05)  # the gate has nothing else to do; the loop has not started
             return False
@@ -610,6 +732,7 @@ class GlobalTable(Generic[V]):
             "invalid": self.invalid_total,
             "undecodable_reads": self.undecodable_reads,
             "blocked": self.blocked_reason,
+            "waiting": self.waiting_reason,
             "last_update_age_s": age,
         }
 
@@ -653,9 +776,11 @@ def bootstrap_all(
             for t in pending:
                 log.info("table loading", extra={"table": t.name, **t.status()})
         if timeout_s is not None and now - started > timeout_s and pending:
+            waiting = {t.name: t.waiting_reason for t in pending if t.waiting_reason}
             raise TableError(
                 f"tables {[t.name for t in pending]} not caught up after {timeout_s:.0f}s "
-                f"(lag {[t.lag() for t in pending]})"
+                f"(lag {[t.lag() for t in pending]}"
+                + (f"; waiting for the cluster: {waiting})" if waiting else ")")
             )
     elapsed = time.monotonic() - started
     for t in tables:

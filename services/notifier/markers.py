@@ -50,8 +50,7 @@ What it does not cover: a zombie, a replica that lost its partitions without not
 owner's snapshot; nothing without fencing the producer covers that, and the window is one
 post per channel at most.
 
-``RocksDictAttemptLog`` (local RocksDB with the write-ahead log, survives kill -9 but not a
-lost volume or a takeover) and ``InMemoryAttemptLog`` (unit tests) implement the same port.
+``InMemoryAttemptLog`` (unit tests) implements the same port.
 
 The port
 --------
@@ -69,14 +68,10 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Protocol, cast
-
-from rocksdict import Options, Rdict, WriteOptions
+from typing import Protocol
 
 from libs.kafka import ProducerClient
 from libs.serde import DeserializationError
@@ -215,108 +210,6 @@ def _decode(raw: bytes) -> AttemptMarker:
         attempts=int(data["attempts"]),
         first_attempt_at=datetime.fromisoformat(str(data["first_attempt_at"])),
     )
-
-
-class RocksDictAttemptLog:
-    """Markers in RocksDB (rocksdict), with the write-ahead log on."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        opts = Options(raw_mode=True)
-        opts.create_if_missing(True)
-        try:
-            self._db = Rdict(str(path), opts)
-        except Exception as exc:  # rocksdict raises bare Exception on corruption
-            # A corrupt marker store must not crash-loop the service: losing it only weakens
-            # the in-flight posts of the previous run to at-least-once (see the module doc).
-            log.warning(
-                "marker store does not open, starting empty",
-                extra={"path": str(path), "error": str(exc)},
-            )
-            shutil.rmtree(path, ignore_errors=True)
-            self._db = Rdict(str(path), opts)
-        self._write = WriteOptions()
-        self._write.sync = False
-        self._count = sum(1 for _ in self._db.keys())  # noqa: SIM118 - Rdict iterates keys
-
-    def get(self, message_id: str) -> AttemptMarker | None:
-        raw = self._db.get(message_id.encode())
-        if raw is None:
-            return None
-        try:
-            return _decode(bytes(raw))
-        except (ValueError, KeyError, TypeError):
-            log.warning("unreadable marker ignored", extra={"message_id": message_id})
-            return None
-
-    def put(self, message_id: str, marker: AttemptMarker) -> None:
-        key = message_id.encode()
-        if self._db.get(key) is None:
-            self._count += 1
-        self._db.put(key, _encode(marker), self._write)
-
-    def delete(self, message_id: str) -> None:
-        key = message_id.encode()
-        if self._db.get(key) is not None:
-            self._count -= 1
-            self._db.delete(key, self._write)
-
-    def prune(self, older_than: datetime) -> int:
-        """Drop markers whose first attempt is older than ``older_than``; return how many.
-
-        A marker whose message never comes back (its partition moved to another instance
-        that delivered it) would otherwise stay forever.
-        """
-        stale: list[bytes] = []
-        for key, raw in self._db.items():
-            k, v = cast(bytes, key), cast(bytes, raw)
-            try:
-                if _decode(v).first_attempt_at < older_than:
-                    stale.append(k)
-            except (ValueError, KeyError, TypeError):
-                stale.append(k)
-        for key in stale:
-            self._db.delete(key, self._write)
-        self._count -= len(stale)
-        return len(stale)
-
-    def __len__(self) -> int:
-        return self._count
-
-    # -- InDoubtStore: one local copy, so every marker is readable and durable at once --------
-    def assign(self, tps: Iterable[TP]) -> None:
-        pass
-
-    def ready(self, tp: TP) -> bool:
-        return True
-
-    def revoke(self, tps: Iterable[TP]) -> None:
-        pass
-
-    def begin(
-        self,
-        tp: TP,
-        message_id: str,
-        marker: AttemptMarker,
-        on_durable: Callable[[], None],
-        offset: int | None = None,
-    ) -> None:
-        # In the write-ahead log when put returns: survives a killed process (module doc).
-        self.put(message_id, marker)
-        on_durable()
-
-    def poll(self) -> None:
-        pass
-
-    def awaiting(self) -> int:
-        return 0
-
-    def wait_durable(self, timeout_s: float) -> None:
-        pass
-
-    def close(self) -> None:
-        self._db.flush()
-        self._db.close()
 
 
 class InMemoryAttemptLog:

@@ -2,7 +2,8 @@
 
 What the fleet tests build on: topics the project creates get three replicas and
 ``min.insync.replicas=2``, a transactional producer keeps committing while one node is
-stopped (gracefully or with SIGKILL), and `start-broker` brings the node back into every ISR.
+stopped (gracefully or with SIGKILL), `start-broker` brings the node back into every ISR, and
+a table's bootstrap waits out a partition leader going down.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
 
 from libs.kafka.admin import TopicSpec, ensure_topics
+from libs.tables import GlobalTable, TableState
 from tests.support.stack import STACK_SH, Stack, _env, start_stack
 
 pytestmark = pytest.mark.integration
@@ -170,3 +172,46 @@ def test_up_refuses_a_cluster_size_it_cannot_run(tmp_path: Path) -> None:
         )
         assert out.returncode == 2
         assert message in out.stderr
+
+
+def test_a_table_bootstrap_waits_out_a_broker_going_down(cluster: Stack, tmp_path: Path) -> None:
+    """The leader of a table's partition is killed as the bootstrap starts: its watermarks
+    cannot be read until another replica takes over. The table waits, says why, and loads
+    every record once the cluster answers; it raised (and the service exited 1) before."""
+    topic = f"table-{uuid.uuid4().hex[:8]}"
+    conf = {"bootstrap.servers": cluster.bootstrap}
+    ensure_topics(conf, [TopicSpec(topic, PARTITIONS, 3, compacted=True)])
+    admin = AdminClient(conf)
+    _wait_for("all replicas in sync", lambda: _isr_sizes(admin, topic) == [3] * PARTITIONS)
+    producer = Producer({**conf, "enable.idempotence": True, "acks": "all"})
+    for i in range(300):
+        producer.produce(topic, key=f"k{i}".encode(), value=f"v{i}".encode())
+    assert producer.flush(60) == 0
+    leader = admin.list_topics(topic, timeout=15).topics[topic].partitions[0].leader
+
+    table: GlobalTable[bytes] = GlobalTable(
+        name="multi",
+        topic=topic,
+        state_dir=tmp_path,
+        consumer_config=conf,
+        decode=lambda value, *_: value,
+        validate=False,
+    )
+    _stack_sh(cluster, "stop-broker", str(leader), "--kill")
+    try:
+        # short requests: the dead leader's watermark query times out within the outage
+        table.begin_bootstrap(timeout_s=2.0)
+        states = {table.state}
+        deadline = time.monotonic() + 180
+        while not table.step_bootstrap():
+            states.add(table.state)
+            assert time.monotonic() < deadline, table.status()
+        assert TableState.WAITING in states, "the bootstrap never had to wait"
+        assert table.ready() and table.status()["waiting"] is None
+        assert sum(table.positions().values()) == 300
+        assert table.get("k7") == b"v7" and table.get("k299") == b"v299"
+    finally:
+        table.close()
+        started = _stack_sh(cluster, "start-broker", str(leader))
+        assert started.returncode == 0, started.stderr
+    _wait_for(f"node {leader} back in every ISR", lambda: _isr_sizes(admin, topic) == [3] * 3)

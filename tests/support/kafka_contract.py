@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import pytest
-from confluent_kafka import KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
 from libs.kafka.ports import ConsumerPort, ProducerPort
 
@@ -344,6 +344,24 @@ def check_restore_consumer_reads_to_the_log_end_by_positions(kit: Kit) -> None:
     uncommitted.close()
 
 
+def check_assign_reads_without_joining_a_group(kit: Kit) -> None:
+    topic = kit.topic(partitions=2)
+    _produce(kit.producer(), topic, [b"a", b"b", b"c"])
+    c = kit.consumer(kit.group())
+    meta = c.list_topics(topic, timeout=30).topics[topic]
+    assert meta.error is None and sorted(meta.partitions) == [0, 1]
+    missing = f"{topic}-missing"
+    gone = c.list_topics(missing, timeout=30).topics[missing]
+    assert gone.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART and not gone.partitions
+    assert c.get_watermark_offsets(TopicPartition(topic, 0), timeout=30) == (0, 3)
+    c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    assert [m.value() for m in _read(c, 3)] == [b"a", b"b", b"c"]
+    assert [(p.topic, p.partition) for p in c.assignment()] == [(topic, 0)]
+    c.assign([TopicPartition(topic, 0, 1)])
+    assert [m.value() for m in _read(c, 2)] == [b"b", b"c"]
+    c.close()
+
+
 CHECKS: list[Callable[[Kit], None]] = [
     check_produce_then_consume_in_order,
     check_headers_round_trip,
@@ -357,4 +375,5 @@ CHECKS: list[Callable[[Kit], None]] = [
     check_a_new_transactional_producer_fences_the_old_one,
     check_a_partition_moves_after_its_owner_committed_in_on_revoke,
     check_restore_consumer_reads_to_the_log_end_by_positions,
+    check_assign_reads_without_joining_a_group,
 ]

@@ -1,4 +1,5 @@
-"""ensure_topics' describe step tolerates a topic that is not in the metadata yet."""
+"""ensure_topics' create and describe steps ride out a topic not in the metadata yet and a
+broker restarting; they stop at once on what no retry cures."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import ConfigResource  # type: ignore[attr-defined]
+from confluent_kafka.admin import ConfigResource, NewTopic  # type: ignore[attr-defined]
 
-from libs.kafka.admin import TopicSpec, _describe_with_retry
+from libs.kafka.admin import TopicSpec, _create_with_retry, _describe_with_retry
 from libs.kafka.errors import TopicError
 
 
@@ -59,3 +60,59 @@ def test_replicated_topics_need_two_in_sync_replicas(replicas: int, expected: st
 def test_an_explicit_min_insync_replicas_wins() -> None:
     spec = TopicSpec("t", 3, 3, compacted=True, config={"min.insync.replicas": "3"})
     assert spec.topic_config() == {"cleanup.policy": "compact", "min.insync.replicas": "3"}
+
+
+def test_describe_retries_the_errors_of_a_broker_restart() -> None:
+    admin = FlakyAdmin(failures=2, code=KafkaError.REQUEST_TIMED_OUT)
+    resource = ConfigResource(ConfigResource.Type.TOPIC, "t")
+    assert _describe_with_retry(admin, resource, 5.0) == {"cleanup.policy": "compact"}  # type: ignore[arg-type]
+    assert admin.calls == 3
+
+
+class RestartingController:
+    """``create_topics`` answers as a cluster whose controller restarts: each topic's first
+    ``errors`` answers, then the topic is created (or exists)."""
+
+    def __init__(self, errors: list[int], exists: frozenset[str] = frozenset()) -> None:
+        self.errors = errors
+        self.exists = exists
+        self.requests: list[list[str]] = []
+        self._answered: dict[str, int] = {}
+
+    def create_topics(
+        self, topics: list[NewTopic], request_timeout: float, operation_timeout: float
+    ) -> dict[str, Future[None]]:
+        self.requests.append([t.topic for t in topics])
+        out: dict[str, Future[None]] = {}
+        for t in topics:
+            fut: Future[None] = Future()
+            n = self._answered[t.topic] = self._answered.get(t.topic, 0) + 1
+            if t.topic in self.exists:
+                fut.set_exception(KafkaException(KafkaError(KafkaError.TOPIC_ALREADY_EXISTS)))
+            elif n <= len(self.errors):
+                fut.set_exception(KafkaException(KafkaError(self.errors[n - 1])))
+            else:
+                fut.set_result(None)
+            out[t.topic] = fut
+        return out
+
+
+def _new(*names: str) -> list[NewTopic]:
+    return [NewTopic(n, num_partitions=1, replication_factor=3) for n in names]
+
+
+def test_topic_creation_retries_the_errors_of_a_broker_restart() -> None:
+    admin = RestartingController(
+        [KafkaError.NOT_CONTROLLER, KafkaError.REQUEST_TIMED_OUT], exists=frozenset({"old"})
+    )
+    created = _create_with_retry(admin, _new("old", "a", "b"), 5.0)  # type: ignore[arg-type]
+    assert sorted(created) == ["a", "b"]
+    # the existing topic is asked for once, the others until they are created
+    assert admin.requests == [["old", "a", "b"], ["a", "b"], ["a", "b"]]
+
+
+def test_topic_creation_does_not_retry_what_no_retry_cures() -> None:
+    admin = RestartingController([KafkaError.TOPIC_AUTHORIZATION_FAILED])
+    with pytest.raises(TopicError, match="cannot create topic a"):
+        _create_with_retry(admin, _new("a"), 5.0)  # type: ignore[arg-type]
+    assert len(admin.requests) == 1

@@ -1,10 +1,13 @@
-"""In-doubt markers: RocksDB and the in-memory twin behave alike; RocksDB survives a reopen."""
+"""In-doubt markers: the in-memory twin, local (durable at once) and remote (durable at poll).
+
+``KafkaInDoubtStore``, the production store, runs against a broker in
+``tests/integration/test_notifier.py``."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,6 @@ from services.notifier.markers import (
     InDoubtStore,
     InMemoryAttemptLog,
     KafkaInDoubtStore,
-    RocksDictAttemptLog,
     decode_marker,
     encode_marker,
 )
@@ -27,13 +29,9 @@ from services.notifier.markers import (
 T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 
 
-@pytest.fixture(params=["rocksdict", "in_memory"])
-def markers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AttemptLog]:
-    log: AttemptLog = (
-        RocksDictAttemptLog(tmp_path / "attempts")
-        if request.param == "rocksdict"
-        else InMemoryAttemptLog()
-    )
+@pytest.fixture
+def markers() -> Iterator[AttemptLog]:
+    log: AttemptLog = InMemoryAttemptLog()
     yield log
     log.close()
 
@@ -52,51 +50,9 @@ def test_put_get_delete(markers: AttemptLog) -> None:
     assert len(markers) == 1
 
 
-def test_markers_survive_a_reopen(tmp_path: Path) -> None:
-    first = RocksDictAttemptLog(tmp_path / "attempts")
-    first.put("m1", AttemptMarker("C1", 3, T0))
-    first.close()
-    again = RocksDictAttemptLog(tmp_path / "attempts")
-    try:
-        assert again.get("m1") == AttemptMarker("C1", 3, T0)
-        assert len(again) == 1
-    finally:
-        again.close()
-
-
-def test_prune_drops_old_markers(tmp_path: Path) -> None:
-    log = RocksDictAttemptLog(tmp_path / "attempts")
-    try:
-        log.put("old", AttemptMarker("C1", 1, T0 - timedelta(days=8)))
-        log.put("new", AttemptMarker("C1", 1, T0))
-        assert log.prune(T0 - timedelta(days=7)) == 1
-        assert log.get("old") is None
-        assert log.get("new") is not None
-        assert len(log) == 1
-    finally:
-        log.close()
-
-
-def test_a_corrupt_store_starts_empty(tmp_path: Path) -> None:
-    path = tmp_path / "attempts"
-    path.mkdir()
-    (path / "CURRENT").write_text("garbage\n")
-    log = RocksDictAttemptLog(path)
-    try:
-        assert len(log) == 0
-        log.put("m1", AttemptMarker("C1", 1, T0))
-        assert log.get("m1") is not None
-    finally:
-        log.close()
-
-
-@pytest.fixture(params=["rocksdict", "in_memory"])
-def local_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[InDoubtStore]:
-    store: InDoubtStore = (
-        RocksDictAttemptLog(tmp_path / "attempts")
-        if request.param == "rocksdict"
-        else InMemoryAttemptLog()
-    )
+@pytest.fixture
+def local_store() -> Iterator[InDoubtStore]:
+    store: InDoubtStore = InMemoryAttemptLog()
     yield store
     store.close()
 

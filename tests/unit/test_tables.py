@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,9 +12,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import KafkaError, Message, TopicPartition
 
 from libs.kafka import HEADER_SOURCE_OFFSET, DeadLetterPublisher, dlq_topic
+from libs.kafka.memory import InMemoryBroker
 from libs.serde import (
     AvroDeserializer,
     AvroSerializer,
@@ -23,7 +25,16 @@ from libs.serde import (
     RegistryError,
     SlackUser,
 )
-from libs.tables import GlobalTable, InMemoryStore, RocksDictStore, TableStore, avro_table
+from libs.tables import (
+    GlobalTable,
+    InMemoryStore,
+    RocksDictStore,
+    TableError,
+    TableState,
+    TableStore,
+    avro_table,
+    global_table,
+)
 from libs.tables.global_table import BLOCKED, UNDECODABLE
 
 T0 = datetime(2026, 11, 25, tzinfo=UTC)
@@ -397,3 +408,139 @@ def test_a_store_of_a_vanished_cluster_is_rebuilt(kind: str, tmp_path: Path) -> 
     assert new.get("gone@x") is None and new.get("left@x") is None
     assert [new.get(f"{n}@x") is not None for n in "abc"] == [True, True, True]
     new.close()
+
+
+# -- the bootstrap while the cluster cannot answer, on the in-memory twin ----------------------
+@pytest.fixture
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(global_table, "_WAIT_FIRST_S", 0.01)
+    monkeypatch.setattr(global_table, "_WAIT_MAX_S", 0.05)
+
+
+def _twin_table(
+    tmp_path: Path,
+    broker: InMemoryBroker,
+    faults: list[tuple[str, KafkaError, int]],
+    **kw: Any,
+) -> GlobalTable[SlackUser]:
+    """A table on ``broker`` whose consumer fails as ``faults`` say (method, error, times)."""
+
+    def consumer(conf: dict[str, Any]) -> Any:
+        c = broker.consumer(conf)
+        for method, error, times in faults:
+            c.fail(method, error, times)
+        return c
+
+    return avro_table(
+        SlackUser,
+        name="users",
+        topic=TOPIC,
+        state_dir=tmp_path,
+        consumer_config={},
+        registry=REGISTRY,
+        store=InMemoryStore(),
+        consumer_factory=consumer,
+        **kw,
+    )
+
+
+REGISTRY = AnsweringRegistry()
+
+
+def _users_on(broker: InMemoryBroker, n: int) -> None:
+    broker.create_topic(TOPIC, 2)
+    encode = AvroSerializer(REGISTRY, SlackUser)
+    producer = broker.producer({})
+    for i in range(n):
+        user = SlackUser(f"u{i}@x", f"U{i}", T0)
+        producer.produce(TOPIC, key=user.email, value=encode(TOPIC, user), partition=i % 2)
+    assert producer.flush(1) == 0
+
+
+@pytest.mark.usefixtures("fast_backoff")
+def test_a_broker_restart_during_the_bootstrap_is_waited_out(tmp_path: Path) -> None:
+    """The errors a broker restart gives the watermark snapshot: the table waits, says why,
+    asks again, and loads everything; it did exit the service before."""
+    broker = InMemoryBroker()
+    _users_on(broker, 10)
+    table = _twin_table(
+        tmp_path,
+        broker,
+        [
+            ("list_topics", KafkaError(KafkaError._TRANSPORT, "connection refused"), 1),
+            ("get_watermark_offsets", KafkaError(KafkaError.NOT_LEADER_FOR_PARTITION), 1),
+            ("get_watermark_offsets", KafkaError(KafkaError.LEADER_NOT_AVAILABLE), 1),
+            ("get_watermark_offsets", KafkaError(KafkaError.OFFSET_NOT_AVAILABLE), 1),
+            ("get_watermark_offsets", KafkaError(KafkaError._TIMED_OUT), 1),
+            # the stopped broker removed from the metadata (seen on the 3-node stack)
+            ("get_watermark_offsets", KafkaError(KafkaError._DESTROY_BROKER), 1),
+        ],
+    )
+    table.begin_bootstrap()
+    assert table.state is TableState.WAITING and not table.ready()
+    assert "_TRANSPORT" in str(table.status()["waiting"])
+    seen = set()
+    deadline = time.monotonic() + 30
+    while not table.step_bootstrap():
+        assert time.monotonic() < deadline, table.status()
+        seen.add(str(table.status()["waiting"]).split(":")[0])
+    assert seen >= {"NOT_LEADER_FOR_PARTITION", "LEADER_NOT_AVAILABLE", "OFFSET_NOT_AVAILABLE"}
+    assert table.ready() and table.status()["waiting"] is None
+    assert table.positions() == {0: 5, 1: 5} and table.get("u7@x") == SlackUser("u7@x", "U7", T0)
+    table.close()
+
+
+@pytest.mark.usefixtures("fast_backoff")
+def test_the_gate_can_be_stopped_while_the_cluster_cannot_answer(tmp_path: Path) -> None:
+    broker = InMemoryBroker()
+    _users_on(broker, 2)
+    table = _twin_table(
+        tmp_path, broker, [("list_topics", KafkaError(KafkaError._ALL_BROKERS_DOWN), 10_000)]
+    )
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    table.bootstrap(stop, timeout_s=30)
+    assert stop.is_set() and table.state is TableState.WAITING
+    table.close()
+
+
+@pytest.mark.parametrize(
+    "code", [KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.SASL_AUTHENTICATION_FAILED]
+)
+def test_what_no_retry_cures_stops_the_bootstrap(tmp_path: Path, code: int) -> None:
+    broker = InMemoryBroker()
+    _users_on(broker, 2)
+    table = _twin_table(tmp_path, broker, [("get_watermark_offsets", KafkaError(code), 1)])
+    with pytest.raises(TableError, match="cannot read the partitions"):
+        table.begin_bootstrap()
+    table.close()
+
+
+@pytest.mark.usefixtures("fast_backoff")
+def test_a_missing_topic_is_waited_for_within_the_grace_only(tmp_path: Path) -> None:
+    broker = InMemoryBroker()
+    late = _twin_table(tmp_path / "late", broker, [], missing_topic_grace_s=30)
+    late.begin_bootstrap()
+    assert late.state is TableState.WAITING
+    _users_on(broker, 4)  # created a moment later: loaded
+    late.bootstrap(threading.Event(), timeout_s=30)
+    assert late.ready() and late.positions() == {0: 2, 1: 2}
+    late.close()
+    never = _twin_table(tmp_path / "never", InMemoryBroker(), [], missing_topic_grace_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(TableError, match="does not exist"):
+        never.bootstrap(threading.Event(), timeout_s=30)
+    assert time.monotonic() - started < 10
+    never.close()
+
+
+@pytest.mark.usefixtures("fast_backoff")
+def test_a_gate_timeout_says_what_the_table_waits_for(tmp_path: Path) -> None:
+    broker = InMemoryBroker()
+    _users_on(broker, 2)
+    table = _twin_table(
+        tmp_path, broker, [("list_topics", KafkaError(KafkaError._ALL_BROKERS_DOWN), 10_000)]
+    )
+    with pytest.raises(TableError, match=r"waiting for the cluster.*_ALL_BROKERS_DOWN"):
+        table.bootstrap(threading.Event(), timeout_s=0.3)
+    table.close()

@@ -27,6 +27,7 @@ from libs.kafka.errors import (
     KafkaConnectionError,
     KafkaLibError,
     TopicError,
+    is_fatal,
     is_transient,
 )
 from libs.kafka.loop import (
@@ -82,6 +83,7 @@ __all__ = [
     "dlq_headers",
     "dlq_topic",
     "ensure_topics",
+    "is_fatal",
     "is_transient",
     "plain_produce",
     "read_to_end",

@@ -84,12 +84,24 @@ _PERMANENT_CODES = frozenset(
 MISSING_TOPIC_CODES = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
 
 
+def is_fatal(err: KafkaError) -> bool:
+    """True when the client is unusable: a fatal error, as the client flags it or as a consumer
+    reports it.
+
+    A fatal *consumer* error (a static member fenced by an instance with its
+    ``group.instance.id``) arrives as an error event with the code ``_FATAL`` whose
+    ``fatal()`` is False: the client has stopped consuming for good, so a loop that only asked
+    ``fatal()`` went on polling a dead consumer forever (seen in a broker-restart e2e run).
+    """
+    return bool(err.fatal()) or err.code() == KafkaError._FATAL
+
+
 def is_transient(err: KafkaError) -> bool:
     """True for an error that asking again later may cure (see ``_PERMANENT_CODES``).
 
     False for a fatal client error and the permanent codes. A missing topic is neither
     (``MISSING_TOPIC_CODES``): the caller decides how long "not yet" may last.
     """
-    if err.fatal():
+    if is_fatal(err):
         return False
     return err.code() not in _PERMANENT_CODES and err.code() not in MISSING_TOPIC_CODES

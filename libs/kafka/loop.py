@@ -55,6 +55,7 @@ from libs.kafka.errors import (
     DeliveryError,
     FatalLoopError,
     InvalidRecordError,
+    is_fatal,
 )
 from libs.kafka.ports import ConsumerFactory, ConsumerPort, ProducerFactory
 from libs.kafka.producer import ProducerClient, TransactionAbortedError
@@ -523,7 +524,7 @@ class ProcessingLoop:
         for i, msg in enumerate(msgs):
             err = msg.error()
             if err is not None:
-                if err.fatal():
+                if is_fatal(err):
                     raise FatalLoopError(f"consumer error: {err.str()}")
                 log.warning("consumer error", extra={"loop": self.config.name, "error": err.str()})
                 continue

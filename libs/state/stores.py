@@ -64,6 +64,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message,
 from prometheus_client import Counter, Gauge
 from rocksdict import Cache, WriteBufferManager
 
+from libs.kafka.errors import is_fatal
 from libs.state import KeyValueState
 from libs.state.changelog import changelog_topic
 from libs.state.errors import ChangelogTopicError, RestoreStalledError, StateError
@@ -489,7 +490,7 @@ class StateStores:
         for msg in msgs:
             err = msg.error()
             if err is not None:
-                if err.fatal():
+                if is_fatal(err):
                     raise StateError(f"restore consumer error: {err.str()}")
                 log.warning(
                     "restore consumer error", extra={"store": self.name, "error": err.str()}

@@ -72,6 +72,7 @@ from libs.kafka import (
     HEADER_SOURCE_TOPIC,
     MISSING_TOPIC_CODES,
     TopicError,
+    is_fatal,
     is_transient,
     read_to_end,
 )
@@ -508,7 +509,7 @@ class GlobalTable(Generic[V]):
         for msg in msgs:
             err = msg.error()
             if err is not None:
-                if err.fatal():
+                if is_fatal(err):
                     raise TableError(f"table {self.name} consumer error: {err.str()}")
                 continue
             partition: int = msg.partition()  # type: ignore[assignment]

@@ -93,6 +93,7 @@ from libs.kafka import (
     DeadLetterPublisher,
     FatalLoopError,
     ProducerClient,
+    is_fatal,
 )
 from libs.kafka.bounded import MARGIN_S
 from libs.kafka.consumer import partition_names
@@ -411,7 +412,7 @@ class SinkLoop:
         for msg in msgs:
             err = msg.error()
             if err is not None:
-                if err.fatal():
+                if is_fatal(err):
                     raise FatalLoopError(f"consumer error: {err.str()}")
                 log.warning("consumer error", extra={"error": err.str()})
                 continue

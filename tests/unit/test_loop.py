@@ -245,3 +245,30 @@ def test_a_fenced_producer_stops_the_loop() -> None:
     rig.thread.join(20)
     assert isinstance(rig.error, FatalLoopError), rig.error
     assert rig.outputs() == Counter()
+
+
+def test_a_fatal_consumer_error_event_stops_the_loop() -> None:
+    """A static member fenced by an instance with its group.instance.id gets an error event
+    with the code _FATAL whose fatal() is False; the consumer is dead for good. The loop went
+    on polling it (a live process consuming nothing: alerts lost in a broker-restart e2e run)."""
+    rig = Rig().start()
+    wait_until(lambda: rig.consumers, timeout_s=10, message="consumer created")
+    consumer = rig.consumers[0]
+    real_poll = consumer.poll
+    fenced = KafkaError(
+        KafkaError._FATAL, "Fatal error: Broker: Static consumer fenced by other consumer"
+    )
+    assert not fenced.fatal()  # the reason is_fatal exists
+    sent: list[bool] = []
+
+    def poll(timeout: float = -1) -> Message | None:
+        if not sent:
+            sent.append(True)
+            return Message(topic=IN, error=fenced)
+        return real_poll(timeout)
+
+    consumer.poll = poll  # type: ignore[method-assign]
+    rig.thread.join(20)
+    assert not rig.thread.is_alive(), "the loop kept polling a fenced consumer"
+    assert isinstance(rig.error, FatalLoopError), rig.error
+    assert "Static consumer fenced" in str(rig.error)

@@ -64,7 +64,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message,
 from prometheus_client import Counter, Gauge
 from rocksdict import Cache, WriteBufferManager
 
-from libs.kafka.errors import is_fatal
+from libs.kafka.errors import is_fatal, is_transient
 from libs.state import KeyValueState
 from libs.state.changelog import changelog_topic
 from libs.state.errors import ChangelogTopicError, RestoreStalledError, StateError
@@ -132,6 +132,10 @@ class _Restore:
     logged: float = 0.0
 
 
+class _NotYet(Exception):  # noqa: N818 - a signal, not a failure
+    """A partition's restore cannot start yet for a reason a later turn may cure."""
+
+
 class StateStores:
     """The local stores of one loop's partitions, their restores and their changelog writes.
 
@@ -194,6 +198,8 @@ class StateStores:
         self._marks_consumer: RestoreConsumer | None = None
         #: assigned partitions, waiting for their restore to start
         self._pending: list[TP] = []
+        # partitions whose restore could not start yet (a broker restart), since when
+        self._not_yet_since: dict[TP, float] = {}
         #: restores in progress, by changelog partition
         self._active: dict[TP, tuple[TP, _Restore]] = {}
         self._ready: dict[TP, PartitionState] = {}
@@ -351,9 +357,28 @@ class StateStores:
     def restore(self) -> list[TP]:
         """One slice of restore work (at most ``restore_slice_s``); the partitions now ready."""
         done: list[TP] = []
+        if self._not_yet_since:  # forget partitions revoked meanwhile
+            self._not_yet_since = {
+                tp: t for tp, t in self._not_yet_since.items() if tp in self._pending
+            }
         while self._pending:
-            tp = self._pending.pop(0)
-            if self._start(tp):
+            tp = self._pending[0]
+            try:
+                ready = self._start(tp)
+            except _NotYet as exc:
+                # A broker restart (leader moving, offsets not available yet): ask again on the
+                # next turn, the partition staying paused, up to the stall timeout.
+                since = self._not_yet_since.setdefault(tp, time.monotonic())
+                if time.monotonic() - since > self._stall_s:
+                    raise StateError(str(exc)) from exc
+                log.warning(
+                    "changelog not readable yet, retrying",
+                    extra={"store": self.name, "partition": f"{tp[0]}[{tp[1]}]", "error": str(exc)},
+                )
+                break
+            self._pending.pop(0)
+            self._not_yet_since.pop(tp, None)
+            if ready:
                 done.append(tp)
         deadline = time.monotonic() + self._slice_s
         while self._active:
@@ -424,7 +449,10 @@ class StateStores:
             low, high = self._marks().get_watermark_offsets(cl, timeout=self._timeout_s)
         except KafkaException as exc:
             local.close()
-            raise StateError(f"cannot read the watermarks of {cl.topic}[{cl.partition}]") from exc
+            what = f"cannot read the watermarks of {cl.topic}[{cl.partition}]: {exc.args[0].str()}"
+            if is_transient(exc.args[0]):
+                raise _NotYet(what) from exc
+            raise StateError(what) from exc
         stored = local.position
         if stored is not None and not low <= stored <= high:
             log.warning(

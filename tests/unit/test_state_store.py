@@ -5,9 +5,10 @@ topics, open transactions)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
-from confluent_kafka import Message
+from confluent_kafka import KafkaError, Message
 
 from libs.kafka.memory import InMemoryBroker
 from libs.state import KeyValueState, MemoryState
@@ -379,3 +380,57 @@ def test_a_store_of_a_vanished_cluster_is_rebuilt(tmp_path: Path) -> None:
     assert (st.get(b"open-group"), st.get(b"other"), st.get(b"k1")) == (None, None, b"new")
     assert s2.restored_records == 3  # rebuilt from the new changelog's start
     s2.close()
+
+
+def test_a_restore_rides_out_a_broker_restart(tmp_path: Path) -> None:
+    """The changelog's watermarks cannot be read while its leader moves (a rolling broker
+    restart): the restore waits and starts on a later turn instead of stopping the service
+    (an enricher exited 1 in the fleet broker-restart e2e)."""
+    broker = broker_with_changelog([(0, b"a", b"1")])
+    made: list[Any] = []
+
+    def factory(config: dict[str, Any]) -> Any:
+        consumer = broker.consumer(config)
+        if config.get("isolation.level") == "read_uncommitted":
+            consumer.fail(
+                "get_watermark_offsets", KafkaError(KafkaError.NOT_LEADER_FOR_PARTITION), times=2
+            )
+        made.append(consumer)
+        return consumer
+
+    s = StateStores(
+        "t",
+        tmp_path,
+        GROUP,
+        {"group.id": GROUP, "enable.auto.commit": False},
+        consumer_factory=factory,
+    )
+    s.assigned([(IN, 0)])
+    s.restore()
+    assert s.restoring  # not started yet, not failed
+    restore_all(s)
+    assert s.state((IN, 0)).get(b"a") == b"1"
+    s.close()
+
+
+def test_a_restore_that_cannot_start_for_good_stops(tmp_path: Path) -> None:
+    broker = broker_with_changelog([(0, b"a", b"1")])
+
+    def factory(config: dict[str, Any]) -> Any:
+        consumer = broker.consumer(config)
+        consumer.fail(
+            "get_watermark_offsets", KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED), times=9
+        )
+        return consumer
+
+    s = StateStores(
+        "t",
+        tmp_path,
+        GROUP,
+        {"group.id": GROUP, "enable.auto.commit": False},
+        consumer_factory=factory,
+    )
+    s.assigned([(IN, 0)])
+    with pytest.raises(StateError, match="cannot read the watermarks"):
+        s.restore()
+    s.close()

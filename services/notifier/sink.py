@@ -720,36 +720,16 @@ class SinkLoop:
             outcome = core.Unavailable(f"{type(exc).__name__}: {exc}", in_doubt=True)
         now = self._now()
         jitter = self._rng.random()
-        decision: Decision
-        if c.step is Step.POST:
-            if not isinstance(outcome, core.PostOutcome):
-                outcome = core.Unavailable(f"unexpected answer {outcome!r}", in_doubt=True)
-            SLACK_CALLS.labels("chat.postMessage", _result(outcome)).inc()
-            decision = core.after_post(
-                delivery, outcome, now=now, policy=self.config.policy, jitter=jitter
-            )
-        elif c.step is Step.UPDATE:
-            if not isinstance(outcome, core.UpdateOutcome):
-                outcome = core.Unavailable(f"unexpected answer {outcome!r}", in_doubt=True)
-            SLACK_CALLS.labels("chat.update", _result(outcome)).inc()
-            decision = core.after_update(
-                delivery, outcome, now=now, policy=self.config.policy, jitter=jitter
-            )
-        elif c.step is Step.CHECK_UPDATE:
-            if not isinstance(outcome, core.HistoryOutcome):
-                outcome = core.Unavailable(f"unexpected answer {outcome!r}", in_doubt=True)
-            SLACK_CALLS.labels("conversations.history", _result(outcome)).inc()
-            decision = core.after_update_check(
-                delivery, outcome, now=now, policy=self.config.policy, jitter=jitter
-            )
+        expected, method, decide = _ANSWERS[c.step]
+        if not isinstance(outcome, expected):
+            outcome = core.Unavailable(f"unexpected answer {outcome!r}", in_doubt=True)
+        SLACK_CALLS.labels(method, _result(outcome)).inc()
+        decision: Decision = decide(
+            delivery, outcome, now=now, policy=self.config.policy, jitter=jitter
+        )
+        if c.step is Step.CHECK_UPDATE:
             self._count_update_check(entry, outcome, decision)
-        else:
-            if not isinstance(outcome, core.HistoryOutcome):
-                outcome = core.Unavailable(f"unexpected answer {outcome!r}", in_doubt=True)
-            SLACK_CALLS.labels("conversations.history", _result(outcome)).inc()
-            decision = core.after_history(
-                delivery, outcome, now=now, policy=self.config.policy, jitter=jitter
-            )
+        elif c.step is Step.CHECK_HISTORY:
             self._count_check(entry, outcome, decision)
         if entry.dropped:
             # Its partition was revoked or lost while the call was in flight: still record a
@@ -1077,6 +1057,15 @@ class SinkLoop:
         self._receipts_gate.forget(tps)
         self._markers.revoke(tps)
         self.assigned -= tps
+
+
+#: per Slack call: the answers it may give, the API method it counts under, the core's decision
+_ANSWERS: dict[Step, tuple[Any, str, Callable[..., Decision]]] = {
+    Step.POST: (core.PostOutcome, "chat.postMessage", core.after_post),
+    Step.UPDATE: (core.UpdateOutcome, "chat.update", core.after_update),
+    Step.CHECK_UPDATE: (core.HistoryOutcome, "conversations.history", core.after_update_check),
+    Step.CHECK_HISTORY: (core.HistoryOutcome, "conversations.history", core.after_history),
+}
 
 
 def _headers(msg: Message) -> Headers:

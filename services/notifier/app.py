@@ -156,8 +156,9 @@ class NotifierService:
             max_buffered_per_partition=s.max_buffered_per_partition,
             poll_timeout_s=s.poll_timeout_s,
             commit_interval_s=s.commit_interval_s,
-            # a stop or revoke waits for the calls in flight, which end by their timeout
-            drain_timeout_s=s.slack_timeout_s * s.history_max_pages + 5.0,
+            # a stop or revoke waits for the calls in flight, which end by their timeout; an
+            # in-doubt check stops paging after twice the timeout, plus its page in flight
+            drain_timeout_s=s.slack_timeout_s * 3 + 5.0,
             policy=s.retry_policy(),
         )
 

@@ -11,7 +11,10 @@ One message goes through these steps (``Delivery`` is its state):
    group, a replay upstream) free of duplicate posts.
 2. ``next_action``: a message in doubt (a post may have reached Slack without the notifier seeing
    the answer) is first looked up in the channel's history by the ``message_id`` carried in its
-   Slack message metadata; otherwise it is posted, unless the retry cap is reached.
+   Slack message metadata; otherwise it is posted, unless the retry cap is reached. The check
+   reads a window bounded on both sides (``history_oldest``, ``history_latest``), trusts "not
+   found" only once Slack has had time to store a late post (``settle_wait``), and a check that
+   cannot be completed ends in a FAILED receipt and a dead letter, never in a second post.
 3. ``after_post`` / ``after_history``: what Slack answered decides: a receipt (``Finish``,
    with a dead letter for permanent failures), a retry after a delay (``Retry``; a 429's
    ``Retry-After`` or capped exponential backoff with jitter), the next step (``Proceed``), or
@@ -60,6 +63,13 @@ JsonObject = dict[str, object]
 
 #: ``event_type`` of the Slack message metadata every post carries.
 EVENT_TYPE: Final = "field_alert"
+
+#: ``Rejected`` code of a history check that read its page or time budget before reaching the
+#: start of its window: it proves neither that the post is there nor that it is not.
+HISTORY_WINDOW_EXCEEDED: Final = "history_window_exceeded"
+
+#: receipt error and dead letter reason prefix of an in-doubt post given up without a repost
+IN_DOUBT_UNVERIFIED: Final = "in_doubt_unverified"
 
 FINAL_STATUSES: Final = frozenset(
     {DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.DRY_RUN}
@@ -191,7 +201,11 @@ class RetryPolicy:
     max_attempts: int = 8
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
-    history_margin_s: float = 300.0
+    #: clock skew allowed between this host and Slack, on both sides of the history window
+    history_margin_s: float = 60.0
+    #: how long after the last attempt ended Slack may still store the post (``NotFound`` is
+    #: trusted only once this much time has passed)
+    history_settle_s: float = 20.0
     #: how long an update waits for its original's receipt before it fails
     update_wait_s: float = 900.0
     #: how often a waiting update looks at the receipts table again
@@ -227,6 +241,10 @@ class Delivery:
     check_failures: int = 0
     in_doubt: bool = False
     first_attempt_at: datetime | None = None
+    #: when the last post attempt ended as far as this process can tell: its answer (or its
+    #: timeout), or, for a marker read back, when this process took the message over (whoever
+    #: made that post had stopped by then). Slack may still store a post after that moment.
+    last_attempt_ended_at: datetime | None = None
     last_error: str | None = None
     #: a history check could not be made (no access to the history): the next post is
     #: at-least-once
@@ -330,8 +348,15 @@ def already_final(receipt: SlackDeliveryReceipt | None) -> bool:
     return receipt is not None and receipt.status in FINAL_STATUSES
 
 
-def start(message: SlackMessage, marker: AttemptMarker | None) -> Delivery:
-    """The initial state; a leftover marker means a post of a previous run is in doubt."""
+def start(message: SlackMessage, marker: AttemptMarker | None, *, now: datetime) -> Delivery:
+    """The initial state; a leftover marker means a post of a previous run is in doubt.
+
+    The marker's post was made by a process that has stopped (or lost the partition) by
+    ``now``, when this one takes the message over: ``now`` bounds when that attempt ended,
+    which is what the history window and the settle delay count from. The time the marker
+    was written does not: a post waits for its marker to be durable (seconds during a broker
+    restart), and a marker begun ahead of its post waits for the post before it.
+    """
     if marker is None:
         return Delivery(message)
     return Delivery(
@@ -339,6 +364,7 @@ def start(message: SlackMessage, marker: AttemptMarker | None) -> Delivery:
         attempts=marker.attempts,
         in_doubt=True,
         first_attempt_at=marker.first_attempt_at,
+        last_attempt_ended_at=now,
         last_error="process stopped with the post's outcome unknown",
     )
 
@@ -358,7 +384,15 @@ def next_action(
         return next_update(d, original, now=now, policy=policy)
     if d.in_doubt:
         if d.check_failures >= policy.max_attempts:
-            return _give_up(d, now, f"the in-doubt post could not be verified: {d.last_error}")
+            # Not posted again: the post may well be in the channel (an unverifiable check
+            # is not evidence of absence). The dead letter keeps the message for an operator,
+            # who can look at the channel and re-drive it.
+            return _give_up(
+                d,
+                now,
+                f"{IN_DOUBT_UNVERIFIED}: the in-doubt post could not be verified "
+                f"({d.last_error}), not posted again",
+            )
         return Proceed(Step.CHECK_HISTORY, d)
     if d.failures >= policy.max_attempts:
         return _give_up(d, now, str(d.last_error))
@@ -414,21 +448,36 @@ def _after_failure(
             return Finish(failed, outcome.error)
         if outcome.error == "ratelimited":
             return Retry(replace(d, last_error="ratelimited"), 1.0, "ratelimited", True)
-        return _retry(d, outcome.error, RETRYABLE_ERRORS[outcome.error], policy, jitter)
-    return _retry(d, outcome.error, outcome.in_doubt, policy, jitter)
+        return _retry(d, outcome.error, RETRYABLE_ERRORS[outcome.error], policy, jitter, now)
+    return _retry(d, outcome.error, outcome.in_doubt, policy, jitter, now)
 
 
 def after_history(
     d: Delivery, outcome: HistoryOutcome, *, now: datetime, policy: RetryPolicy, jitter: float
 ) -> Decision:
-    """Decide from the in-doubt check: found is delivered, not found goes on to post."""
+    """Decide from the in-doubt check.
+
+    Found is delivered. Not found goes on to post, but only once the settle delay has passed
+    since the last attempt ended (``settle_wait``): a post Slack is still storing would
+    otherwise be posted twice; before that the check is made again after the remaining
+    delay. A check that read its whole budget without reaching the window's start
+    (``HISTORY_WINDOW_EXCEEDED``) proves nothing either way: it is retried as a failed check,
+    and after ``max_attempts`` the message gets a FAILED receipt and a dead letter, never a
+    repost.
+    """
     if isinstance(outcome, Found):
         return Finish(receipt(d.message, DeliveryStatus.DELIVERED, now, d.attempts, ts=outcome.ts))
     if isinstance(outcome, NotFound):
+        wait = settle_wait(d, now, policy)
+        if wait > 0:
+            reason = "history check: not found yet, Slack may still be storing the post"
+            return Retry(replace(d, last_error=reason), wait, reason)
         return next_action(replace(d, in_doubt=False, check_failures=0), now=now, policy=policy)
     if isinstance(outcome, RateLimited):
         return Retry(d, max(0.0, outcome.retry_after_s), "history ratelimited", rate_limited=True)
     if isinstance(outcome, Rejected):
+        if outcome.error == HISTORY_WINDOW_EXCEEDED:
+            return _retry_check(d, outcome.error, policy, jitter)
         kind = classify_error(outcome.error)
         if kind is ErrorKind.RETRYABLE:
             return _retry_check(d, outcome.error, policy, jitter)
@@ -441,9 +490,28 @@ def after_history(
     return _retry_check(d, outcome.error, policy, jitter)
 
 
-def _retry(d: Delivery, error: str, in_doubt: bool, policy: RetryPolicy, jitter: float) -> Retry:
+def settle_wait(d: Delivery, now: datetime, policy: RetryPolicy) -> float:
+    """Seconds until a ``NotFound`` of ``d``'s check may be trusted (0: now).
+
+    Slack may store a post after the call that made it has ended on our side: a read timeout
+    leaves the request with Slack, and a process killed mid-call leaves one in flight. The
+    run that posted twice (issue 11) checked 0.2 s after a timeout, before an overloaded
+    Slack had stored the post. Counting from when the last attempt ended (``start`` and
+    ``_retry`` record it; unknown: the first attempt, the earliest it can have been) keeps
+    the delay to the cases that need it: a check long after the attempt posts at once.
+    """
+    ended = d.last_attempt_ended_at or d.first_attempt_at or d.message.created_at
+    settled_at = ended + timedelta(seconds=policy.history_settle_s)
+    return max(0.0, (settled_at - now).total_seconds())
+
+
+def _retry(
+    d: Delivery, error: str, in_doubt: bool, policy: RetryPolicy, jitter: float, now: datetime
+) -> Retry:
     failures = d.failures + 1
-    nd = replace(d, failures=failures, in_doubt=in_doubt, last_error=error)
+    nd = replace(
+        d, failures=failures, in_doubt=in_doubt, last_error=error, last_attempt_ended_at=now
+    )
     return Retry(nd, backoff_delay(failures, policy, jitter), error)
 
 
@@ -628,10 +696,30 @@ def backoff_delay(failures: int, policy: RetryPolicy, jitter: float) -> float:
 def history_oldest(d: Delivery, policy: RetryPolicy) -> datetime:
     """Where an in-doubt check starts reading: the first attempt (or creation) minus a margin.
 
-    The margin absorbs clock skew between this host, the enricher's and Slack's.
+    The first attempt's time is taken before its marker is written, so before any post of
+    the message; the margin absorbs clock skew between this host and Slack (whose clock sets
+    the ``ts``).
     """
     since = d.first_attempt_at or d.message.created_at
     return since - timedelta(seconds=policy.history_margin_s)
+
+
+def history_latest(d: Delivery, policy: RetryPolicy) -> datetime | None:
+    """Where an in-doubt check stops reading (None: unbounded, up to now).
+
+    A post of the message is stored by the time the settle delay after the last attempt's
+    end has passed (``settle_wait``), plus the clock skew margin. Bounding the window on
+    this side too is what keeps the check's reading finite on a busy channel: Slack pages
+    newest first, and without ``latest`` every message posted to the channel since (other
+    partitions, other replicas, other apps) came before the one looked for. That is how the
+    soak's second run read 3 pages of a busy channel without reaching the post, and posted it
+    again (issue 11).
+    """
+    if d.last_attempt_ended_at is None:
+        return None
+    return d.last_attempt_ended_at + timedelta(
+        seconds=policy.history_settle_s + policy.history_margin_s
+    )
 
 
 def find_in_history(messages: Sequence[Mapping[str, object]], message_id: str) -> str | None:

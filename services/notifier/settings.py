@@ -65,12 +65,30 @@ class NotifierSettings(BaseSettings):
         default=200, ge=1, le=999, description="messages per conversations.history page"
     )
     history_max_pages: int = Field(
-        default=3, ge=1, description="pages an in-doubt check reads at most"
+        default=20,
+        ge=1,
+        description=(
+            "pages an in-doubt check reads at most (and for at most twice "
+            "NOTIFIER_SLACK_TIMEOUT_S); a window it cannot read to its start is retried, then "
+            "FAILED + dead letter, never posted again"
+        ),
     )
     history_margin_s: float = Field(
-        default=300.0,
+        default=60.0,
         ge=0,
-        description="the in-doubt check reads history from the first attempt minus this margin",
+        description=(
+            "clock skew allowed between this host and Slack: the in-doubt check reads history "
+            "from the first attempt minus this margin to the last attempt's end plus "
+            "NOTIFIER_HISTORY_SETTLE_S plus this margin"
+        ),
+    )
+    history_settle_s: float = Field(
+        default=20.0,
+        ge=0,
+        description=(
+            "how long after the last attempt ended Slack may still store an in-doubt post: a "
+            "post not found earlier is looked for again then, not posted again"
+        ),
     )
     update_wait_s: float = Field(
         default=900.0,
@@ -146,6 +164,7 @@ class NotifierSettings(BaseSettings):
             backoff_base_s=self.backoff_base_s,
             backoff_max_s=self.backoff_max_s,
             history_margin_s=self.history_margin_s,
+            history_settle_s=self.history_settle_s,
             update_wait_s=self.update_wait_s,
         )
 

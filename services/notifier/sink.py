@@ -481,7 +481,7 @@ class SinkLoop:
                     continue
                 # a marker begun ahead is this process's own (_mark_ahead saw none before it)
                 marker = None if item.ahead else self._markers.get(item.message.message_id)
-                item.delivery = core.start(item.message, marker)
+                item.delivery = core.start(item.message, marker, now=self._now())
                 if marker is not None:
                     log.info(
                         "update of a previous run is in doubt, checking the message first"
@@ -615,9 +615,13 @@ class SinkLoop:
             self._call(channel, entry, Step.CHECK_UPDATE, future_check)
         else:
             item.delivery = action.delivery
-            oldest = core.history_oldest(action.delivery, self.config.policy)
+            policy = self.config.policy
             future: Future[object] = self._pool.submit(
-                self._notifier.find_post, item.message.channel, item.message.message_id, oldest
+                self._notifier.find_post,
+                item.message.channel,
+                item.message.message_id,
+                core.history_oldest(action.delivery, policy),
+                core.history_latest(action.delivery, policy),
             )
             self.stats.history_checks += 1
             self._call(channel, entry, Step.CHECK_HISTORY, future)

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -28,6 +28,7 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web import SlackResponse
 
 from services.notifier.core import (
+    HISTORY_WINDOW_EXCEEDED,
     Found,
     HistoryOutcome,
     JsonObject,
@@ -66,8 +67,15 @@ class Notifier(Protocol):
         """``chat.postMessage``; never raises for a Slack or network failure."""
         ...
 
-    def find_post(self, channel: str, message_id: str, oldest: datetime) -> HistoryOutcome:
-        """Look for a post of ``message_id`` (by its metadata) in ``channel`` since ``oldest``."""
+    def find_post(
+        self, channel: str, message_id: str, oldest: datetime, latest: datetime | None = None
+    ) -> HistoryOutcome:
+        """Look for a post of ``message_id`` (by its metadata) in ``channel``.
+
+        Reads the messages from ``oldest`` to ``latest`` (both inclusive; None: up to now).
+        ``Rejected(HISTORY_WINDOW_EXCEEDED)`` when the window holds more than the adapter is
+        willing to read: neither found nor not found.
+        """
         ...
 
     def update(self, request: UpdateRequest) -> UpdateOutcome:
@@ -121,6 +129,11 @@ def _shows_update(messages: Sequence[Mapping[str, object]], message_id: str) -> 
     return False
 
 
+def _slack_ts(at: datetime) -> str:
+    """A time as Slack's ``ts`` (seconds with microseconds; never negative)."""
+    return f"{max(0.0, at.timestamp()):.6f}"
+
+
 def _is_user_id(channel: str) -> bool:
     return channel[:1] in ("U", "W")
 
@@ -135,7 +148,9 @@ class SlackWebNotifier:
         base_url: str = "https://slack.com/api/",
         timeout_s: float = 10.0,
         history_limit: int = 200,
-        history_max_pages: int = 3,
+        history_max_pages: int = 20,
+        history_budget_s: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = WebClient(
             token=token,
@@ -147,6 +162,10 @@ class SlackWebNotifier:
         # WebClient's timeout is an int of seconds; sub-second timeouts are rounded up to 1.
         self._history_limit = history_limit
         self._history_max_pages = history_max_pages
+        # An in-doubt check is bounded in time, not only in pages: a stop waits for it
+        # (``drain_timeout_s``), and so does its channel. Default: two call timeouts.
+        self._history_budget_s = 2.0 * timeout_s if history_budget_s is None else history_budget_s
+        self._mono = monotonic
         # A message to a user id is posted into the bot's DM with that user, whose channel id
         # (D...) is what conversations.history needs: learnt from post answers.
         self._conversations: dict[str, str] = {}
@@ -190,14 +209,24 @@ class SlackWebNotifier:
                 )
         return channel
 
-    def find_post(self, channel: str, message_id: str, oldest: datetime) -> HistoryOutcome:
+    def find_post(
+        self, channel: str, message_id: str, oldest: datetime, latest: datetime | None = None
+    ) -> HistoryOutcome:
         conversation = self._conversation(channel)
+        # Newest first, from ``latest`` down to ``oldest`` (both inclusive): pages go on while
+        # Slack has more of the window, up to the page cap and the time budget.
+        upper = None if latest is None else _slack_ts(max(latest, oldest))
+        deadline = self._mono() + self._history_budget_s
         cursor: str | None = None
         try:
-            for _ in range(self._history_max_pages):
+            for page in range(self._history_max_pages):
+                if page and self._mono() > deadline:
+                    break
                 response = self._client.conversations_history(
                     channel=conversation,
-                    oldest=f"{max(0.0, oldest.timestamp()):.6f}",
+                    oldest=_slack_ts(oldest),
+                    latest=upper,
+                    inclusive=True,
                     limit=self._history_limit,
                     include_all_metadata=True,
                     cursor=cursor,
@@ -214,8 +243,8 @@ class SlackWebNotifier:
             return _outcome_of_api_error(exc.response)
         except (OSError, http.client.HTTPException, SlackClientError) as exc:
             return _outcome_of_exception(exc)
-        # More history since the first attempt than we are willing to read: not "not found".
-        return Rejected("history_window_exceeded")
+        # More history in the window than we are willing to read: not "not found".
+        return Rejected(HISTORY_WINDOW_EXCEEDED)
 
     def update(self, request: UpdateRequest) -> UpdateOutcome:
         # chat.update takes the conversation id: a DM's D..., not the user id it was posted to.
@@ -288,7 +317,9 @@ class DryRunNotifier:
         )
         return Rendered()
 
-    def find_post(self, channel: str, message_id: str, oldest: datetime) -> HistoryOutcome:
+    def find_post(
+        self, channel: str, message_id: str, oldest: datetime, latest: datetime | None = None
+    ) -> HistoryOutcome:
         return NotFound()
 
     def update(self, request: UpdateRequest) -> UpdateOutcome:
@@ -328,9 +359,11 @@ class FakePost:
 
 
 #: A scripted answer: an outcome, or "store_then_timeout" (Slack posts or applies the update,
-#: the answer is lost).
+#: the answer is lost), or "store_late" (a post only: the answer is lost and an overloaded
+#: Slack stores the post only after the channel's next history read has answered without it).
 FakeBehaviour = PostOutcome | HistoryOutcome | UpdateOutcome | str
 STORE_THEN_TIMEOUT = "store_then_timeout"
+STORE_LATE = "store_late"
 
 
 def _posted_id(post: FakePost) -> object:
@@ -346,6 +379,8 @@ class FakeNotifier:
         self.posts: list[FakePost] = []
         self.calls: list[tuple[str, str]] = []
         self._scripts: dict[tuple[str, str], deque[FakeBehaviour]] = {}
+        #: ``STORE_LATE`` posts not stored yet
+        self._late: list[PostRequest] = []
         self._ts = 0
         self.auth_error: Rejected | None = None
 
@@ -379,21 +414,33 @@ class FakeNotifier:
             if scripted == STORE_THEN_TIMEOUT:
                 self._store(request)
                 return Unavailable("timeout waiting for the answer", in_doubt=True)
+            if scripted == STORE_LATE:
+                self._late.append(request)
+                return Unavailable("timeout waiting for the answer", in_doubt=True)
             if isinstance(scripted, Posted | Rendered | RateLimited | Rejected | Unavailable):
                 return scripted
             return Posted(self._store(request), request.channel)
 
-    def find_post(self, channel: str, message_id: str, oldest: datetime) -> HistoryOutcome:
+    def find_post(
+        self, channel: str, message_id: str, oldest: datetime, latest: datetime | None = None
+    ) -> HistoryOutcome:
         with self._lock:
             self.calls.append(("history", channel))
             scripted = self._next("history", channel)
             if isinstance(scripted, Found | NotFound | RateLimited | Rejected | Unavailable):
                 return scripted
+            upper = None if latest is None else latest.timestamp()
             messages = [
                 {"ts": p.ts, "metadata": p.metadata}
                 for p in reversed(self.posts)
-                if p.request.channel == channel and float(p.ts) >= oldest.timestamp()
+                if p.request.channel == channel
+                and float(p.ts) >= oldest.timestamp()
+                and (upper is None or float(p.ts) <= upper)
             ]
+            # the late posts of the channel are stored now, after this read missed them
+            for request in [r for r in self._late if r.channel == channel]:
+                self._late.remove(request)
+                self._store(request)
         ts = find_in_history(messages, message_id)
         return NotFound() if ts is None else Found(ts)
 

@@ -80,7 +80,11 @@ channel's own queue). ``method`` restricts a behaviour to one API method (defaul
 - ``slow``: with ``then_store=True`` the request is processed at once (the message is stored
   and visible in history) but the answer is held back ``delay_s``: the client times out after
   Slack acted, the in-doubt case. With ``then_store=False`` nothing is processed and, after
-  ``delay_s``, HTTP 503 ``service_unavailable`` is answered.
+  ``delay_s``, HTTP 503 ``service_unavailable`` is answered. ``store_after_s`` (with
+  ``then_store=True``) processes the request only after that long, then holds the answer
+  ``delay_s`` more: an overloaded Slack that stores a post after the client gave up on it,
+  so that a history read right after the client's timeout does not show it yet. The post's
+  ``ts`` is the time it is stored, as Slack's is the time it processes the post.
 - ``slack_error``: HTTP 200 ``{"ok": false, "error": <code>}`` (``channel_not_found``,
   ``invalid_blocks``, ``not_in_channel``, ``invalid_auth``, ``msg_too_long``...).
 
@@ -97,7 +101,8 @@ only), JSON in and out:
 
 - ``POST /_fake/script``: ``{"kind": "rate_limit"|"server_error"|"slow"|"slack_error",
   "channel": "C1"|null, "times": 1|null, "method": "chat.postMessage"|null, ...}`` with the
-  kind's fields: ``retry_after_s``; ``status``, ``error``; ``delay_s``, ``then_store``;
+  kind's fields: ``retry_after_s``; ``status``, ``error``; ``delay_s``, ``then_store``,
+  ``store_after_s``;
   ``error`` (the Slack code). ``times`` defaults to 1, ``null`` makes it persistent.
 - ``POST /_fake/rate_limit``: ``{"per_channel_per_s": 1.0|null, "burst": 1}`` (null: off).
 - ``POST /_fake/reset``: forget messages, calls, scripts and the rate limit.
@@ -190,6 +195,8 @@ class Behaviour:
     error: str = "internal_error"
     delay_s: float = 0.0
     then_store: bool = True
+    #: ``slow`` with ``then_store``: process the request only after this long
+    store_after_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in _BEHAVIOUR_KINDS:
@@ -198,8 +205,8 @@ class Behaviour:
             raise ValueError("retry_after_s must be >= 0")
         if self.kind == "server_error" and not 500 <= self.status <= 599:
             raise ValueError("server_error status must be 5xx")
-        if self.delay_s < 0:
-            raise ValueError("delay_s must be >= 0")
+        if self.delay_s < 0 or self.store_after_s < 0:
+            raise ValueError("delay_s and store_after_s must be >= 0")
         if not self.error:
             raise ValueError("error must not be empty")
 
@@ -515,9 +522,13 @@ class FakeSlack:
         times: int | None = 1,
         then_store: bool = True,
         method: str | None = "chat.postMessage",
+        store_after_s: float = 0.0,
     ) -> None:
-        """Hold the answer back ``delay_s``; ``then_store`` processes the request at once."""
-        behaviour = Behaviour("slow", delay_s=delay_s, then_store=then_store)
+        """Hold the answer back ``delay_s``; ``then_store`` processes the request at once, or
+        after ``store_after_s`` (the answer then comes ``delay_s`` after that)."""
+        behaviour = Behaviour(
+            "slow", delay_s=delay_s, then_store=then_store, store_after_s=store_after_s
+        )
         self.script(channel, behaviour, times=times, method=method)
 
     def slack_error(
@@ -721,6 +732,9 @@ class FakeSlack:
             ), None
         self._check_auth(params, authorization)
         behaviour = self._take_behaviour(method, channel)
+        if behaviour is not None and behaviour.kind == "slow" and behaviour.then_store:
+            # Interrupted by stop(), as the held-back answer is.
+            self._stopping.wait(behaviour.store_after_s)
         try:
             return self._behave(method, channel, params, behaviour), behaviour
         except _ApiError as error:
@@ -997,7 +1011,7 @@ class FakeSlack:
         if times is not None and not isinstance(times, int):
             raise _ControlError("times must be an integer or null")
         fields: JsonObject = {}
-        for name in ("retry_after_s", "status", "error", "delay_s", "then_store"):
+        for name in ("retry_after_s", "status", "error", "delay_s", "then_store", "store_after_s"):
             if name in request:
                 fields[name] = request[name]
         behaviour = Behaviour(kind=kind, **fields)

@@ -162,7 +162,8 @@ class SinkRig:
             "pace": False,
             "poll_timeout_s": 0.02,
             "commit_interval_s": 0.05,
-            "policy": RetryPolicy(backoff_base_s=0.01, backoff_max_s=0.05),
+            # the settle delay of in-doubt checks is the subject of its own tests
+            "policy": RetryPolicy(backoff_base_s=0.01, backoff_max_s=0.05, history_settle_s=0.05),
         }
         self.config = SinkConfig(TOPIC, RECEIPTS, DLQ, **{**defaults, **config})
         self.consumers: list[Any] = []

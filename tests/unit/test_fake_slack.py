@@ -320,6 +320,20 @@ def test_slow_then_store_times_out_but_the_message_exists(
     assert len(fake.calls("chat.postMessage")) == 1
 
 
+def test_slow_store_after_stores_the_post_after_the_client_gave_up(
+    fake: FakeSlack, client: WebClient
+) -> None:
+    impatient = WebClient(token=TOKEN, base_url=fake.base_url, timeout=1)
+    fake.slow("D1", delay_s=0, then_store=True, store_after_s=2.0)
+    asked = time.time()
+    with pytest.raises(TimeoutError):
+        impatient.chat_postMessage(channel="D1", text="late", metadata=metadata("m-late"))
+    # right after the timeout the post is not there yet: Slack is still "storing" it
+    assert client.conversations_history(channel="D1")["messages"] == []
+    [stored] = fake.wait_for_posts(1, timeout_s=10)
+    assert float(stored.ts) >= asked + 2.0  # its ts is when it was stored
+
+
 def test_slow_without_store_answers_503_after_the_delay(fake: FakeSlack, client: WebClient) -> None:
     fake.slow("C1", delay_s=0.2, then_store=False)
     response = api_error(client.chat_postMessage, channel="C1", text="lost")
@@ -602,6 +616,31 @@ def test_history_order_limit_bounds_and_cursor(client: WebClient) -> None:
         channel="C1", oldest=stamps[1], latest=stamps[4], inclusive=True
     )
     assert [m["text"] for m in inclusive["messages"]] == ["4", "3", "2", "1"]
+
+
+def test_history_cursor_pages_stay_inside_the_window(client: WebClient) -> None:
+    """What the in-doubt check relies on: newest first from ``latest`` down to ``oldest``
+    (both inclusive), the cursor going on with older messages of the same window, and
+    ``has_more`` false on the window's last page."""
+    stamps = [client.chat_postMessage(channel="C1", text=str(i))["ts"] for i in range(10)]
+    window = {"oldest": stamps[2], "latest": stamps[7], "inclusive": True, "limit": 2}
+    pages: list[list[str]] = []
+    cursor: str | None = None
+    while True:
+        page = client.conversations_history(channel="C1", cursor=cursor, **window)
+        pages.append([m["text"] for m in page["messages"]])
+        if not page["has_more"]:
+            assert not (page.get("response_metadata") or {}).get("next_cursor")
+            break
+        cursor = page["response_metadata"]["next_cursor"]
+    assert pages == [["7", "6"], ["5", "4"], ["3", "2"]]
+    exclusive = client.conversations_history(
+        channel="C1", oldest=stamps[2], latest=stamps[7], limit=2
+    )
+    assert [m["text"] for m in exclusive["messages"]] == ["6", "5"]
+    # a window with nothing in it
+    empty = client.conversations_history(channel="C1", oldest=stamps[9], latest=stamps[9])
+    assert (empty["messages"], empty["has_more"]) == ([], False)
 
 
 def test_history_leaves_out_thread_replies(client: WebClient) -> None:

@@ -134,7 +134,7 @@ def test_already_final(status: str | None, final: bool) -> None:
 
 
 def test_fresh_message_is_posted_with_blocks_text_and_metadata() -> None:
-    action = core.next_action(core.start(message(), None), now=NOW, policy=POLICY)
+    action = core.next_action(core.start(message(), None, now=NOW), now=NOW, policy=POLICY)
     assert isinstance(action, Proceed) and action.step is Step.POST
     assert action.request == core.PostRequest(
         channel="U123",
@@ -149,8 +149,10 @@ def test_fresh_message_is_posted_with_blocks_text_and_metadata() -> None:
 
 def test_marker_puts_the_message_in_doubt_with_its_attempts() -> None:
     marker = AttemptMarker("U123", attempts=2, first_attempt_at=T0)
-    d = core.start(message(), marker)
+    d = core.start(message(), marker, now=NOW)
     assert (d.in_doubt, d.attempts, d.first_attempt_at) == (True, 2, T0)
+    # whoever made that post had stopped by the takeover: the attempt ended by then
+    assert d.last_attempt_ended_at == NOW
     action = core.next_action(d, now=NOW, policy=POLICY)
     assert isinstance(action, Proceed) and action.step is Step.CHECK_HISTORY
 
@@ -325,7 +327,7 @@ def test_not_found_after_the_last_allowed_failure_gives_up() -> None:
     assert isinstance(decision, Finish) and decision.receipt.status == "FAILED"
 
 
-@pytest.mark.parametrize("code", ["channel_not_found", "missing_scope", "history_window_exceeded"])
+@pytest.mark.parametrize("code", ["channel_not_found", "not_in_channel"])
 def test_history_without_access_posts_unverified(code: str) -> None:
     decision = _check(Rejected(code))
     assert isinstance(decision, Proceed) and decision.step is Step.POST
@@ -363,18 +365,145 @@ def test_history_window_starts_at_the_first_attempt_minus_the_margin() -> None:
 
 
 def test_500_then_success_is_one_post_with_two_attempts() -> None:
-    d, _ = core.begin_post(core.start(message(), None), T0)
+    d, _ = core.begin_post(core.start(message(), None, now=T0), T0)
     first = core.after_post(d, Unavailable("http 500", True), now=NOW, policy=POLICY, jitter=0.3)
     assert isinstance(first, Retry) and first.delivery.in_doubt
+    assert first.delivery.last_attempt_ended_at == NOW
     check = core.next_action(first.delivery, now=NOW, policy=POLICY)
     assert isinstance(check, Proceed) and check.step is Step.CHECK_HISTORY
-    proceed = core.after_history(check.delivery, NotFound(), now=NOW, policy=POLICY, jitter=0.3)
+    # right after the failed post, "not found" proves nothing yet: Slack may still store it
+    early = core.after_history(check.delivery, NotFound(), now=NOW, policy=POLICY, jitter=0.3)
+    assert isinstance(early, Retry) and early.delivery.in_doubt
+    assert early.delay_s == pytest.approx(POLICY.history_settle_s)
+    settled = NOW + timedelta(seconds=POLICY.history_settle_s)
+    again = core.next_action(early.delivery, now=settled, policy=POLICY)
+    assert isinstance(again, Proceed) and again.step is Step.CHECK_HISTORY
+    proceed = core.after_history(again.delivery, NotFound(), now=settled, policy=POLICY, jitter=0.3)
     assert isinstance(proceed, Proceed) and proceed.step is Step.POST
-    d2, marker = core.begin_post(proceed.delivery, NOW)
+    d2, marker = core.begin_post(proceed.delivery, settled)
     assert marker.attempts == 2
-    done = core.after_post(d2, Posted("2.0", "U123"), now=NOW, policy=POLICY, jitter=0.3)
+    done = core.after_post(d2, Posted("2.0", "U123"), now=settled, policy=POLICY, jitter=0.3)
     assert isinstance(done, Finish)
     assert (done.receipt.status, done.receipt.attempts) == ("DELIVERED", 2)
+
+
+# -- the in-doubt check: window, settle delay, unverifiable checks (issue 11) -----------------
+
+SETTLE = POLICY.history_settle_s  # 20 s (the default); margin 60 s
+
+
+@pytest.mark.parametrize(
+    ("case", "changes", "outcome", "expected"),
+    [
+        # "not found" is trusted only once the settle delay since the attempt's end has passed
+        ("not found 1 s after the timeout", {"ended": 1}, NotFound(), ("retry", 19.0, 0)),
+        ("not found as the delay ends", {"ended": 20}, NotFound(), ("post", None, 0)),
+        ("not found long after", {"ended": 600}, NotFound(), ("post", None, 0)),
+        # the attempt's end unknown: counted from the first attempt, the earliest it can be
+        ("not found, end unknown", {"ended": None, "first": 5}, NotFound(), ("retry", 15.0, 0)),
+        # a check that could not read its whole window proves nothing: check again, counted
+        (
+            "window exceeded",
+            {"ended": 600},
+            Rejected(core.HISTORY_WINDOW_EXCEEDED),
+            ("retry", 0.5, 1),
+        ),
+        (
+            "window exceeded again",
+            {"ended": 600, "check_failures": 1},
+            Rejected(core.HISTORY_WINDOW_EXCEEDED),
+            ("retry", 1.0, 2),
+        ),
+        ("found early", {"ended": 0}, Found("9.000001"), ("delivered", None, 0)),
+    ],
+)
+def test_in_doubt_check_decisions(
+    case: str,
+    changes: dict[str, object],
+    outcome: core.HistoryOutcome,
+    expected: tuple[object, ...],
+) -> None:
+    ended, first = changes.pop("ended"), changes.pop("first", 600)
+    d = delivery(
+        attempts=1,
+        in_doubt=True,
+        first_attempt_at=NOW - timedelta(seconds=first),  # type: ignore[arg-type]
+        last_attempt_ended_at=None if ended is None else NOW - timedelta(seconds=ended),  # type: ignore[arg-type]
+        **changes,
+    )
+    decision = core.after_history(d, outcome, now=NOW, policy=POLICY, jitter=0.0)
+    kind, delay, check_failures = expected
+    if kind == "retry":
+        assert isinstance(decision, Retry), case
+        assert decision.delay_s == pytest.approx(delay), case
+        assert decision.delivery.in_doubt, case  # checked again, never posted from here
+        assert decision.delivery.check_failures == check_failures, case
+        assert not decision.rate_limited, case
+    elif kind == "post":
+        assert isinstance(decision, Proceed) and decision.step is Step.POST, case
+        assert not decision.delivery.unverified, case
+    else:
+        assert isinstance(decision, Finish) and decision.receipt.status == "DELIVERED", case
+
+
+def test_a_window_that_can_never_be_read_ends_failed_with_a_dead_letter_never_a_repost() -> None:
+    """The soak's duplicate (issue 11): "window exceeded" was taken for "no access to the
+    history" and posted again. Now every check is retried until the cap, then FAILED."""
+    d = delivery(attempts=1, in_doubt=True, first_attempt_at=T0, last_attempt_ended_at=T0)
+    now = NOW
+    for _ in range(POLICY.max_attempts):
+        action = core.next_action(d, now=now, policy=POLICY)
+        assert isinstance(action, Proceed) and action.step is Step.CHECK_HISTORY
+        decision = core.after_history(
+            action.delivery,
+            Rejected(core.HISTORY_WINDOW_EXCEEDED),
+            now=now,
+            policy=POLICY,
+            jitter=0.5,
+        )
+        assert isinstance(decision, Retry)
+        d, now = decision.delivery, now + timedelta(seconds=decision.delay_s)
+    final = core.next_action(d, now=now, policy=POLICY)
+    assert isinstance(final, Finish)
+    assert final.receipt.status == "FAILED" and final.receipt.attempts == 1
+    assert core.IN_DOUBT_UNVERIFIED in str(final.receipt.error)
+    assert core.HISTORY_WINDOW_EXCEEDED in str(final.receipt.error)
+    assert final.dead_letter == final.receipt.error
+
+
+@pytest.mark.parametrize(
+    ("first", "ended", "oldest", "latest"),
+    [
+        # [first attempt - margin, last attempt's end + settle + margin]
+        (T0, NOW, T0 - timedelta(seconds=60), NOW + timedelta(seconds=80)),
+        (T0, T0, T0 - timedelta(seconds=60), T0 + timedelta(seconds=80)),
+        # no attempt recorded (not in doubt): from creation, unbounded above
+        (None, None, T0 - timedelta(seconds=60), None),
+    ],
+)
+def test_history_window_is_bounded_on_both_sides(
+    first: datetime | None, ended: datetime | None, oldest: datetime, latest: datetime | None
+) -> None:
+    d = delivery(first_attempt_at=first, last_attempt_ended_at=ended)
+    assert core.history_oldest(d, POLICY) == oldest
+    assert core.history_latest(d, POLICY) == latest
+
+
+def test_a_takeover_checks_a_window_that_ends_after_the_takeover() -> None:
+    """The marker's post was made by a process that stopped before this one took over, so
+    its ts is before the takeover (plus the settle delay and the skew margin); a post the old
+    process started long after writing its marker (waiting for the marker's acknowledgement
+    during a broker restart) is still inside."""
+    takeover = T0 + timedelta(minutes=5)
+    d = core.start(message(), AttemptMarker("U123", 3, T0), now=takeover)
+    assert core.history_oldest(d, POLICY) == T0 - timedelta(seconds=60)
+    assert core.history_latest(d, POLICY) == takeover + timedelta(seconds=80)
+    # a check right at the takeover that does not find the post waits for it to settle
+    early = core.after_history(d, NotFound(), now=takeover, policy=POLICY, jitter=0.0)
+    assert isinstance(early, Retry) and early.delay_s == pytest.approx(SETTLE)
+    late = takeover + timedelta(seconds=SETTLE)
+    posted = core.after_history(early.delivery, NotFound(), now=late, policy=POLICY, jitter=0.0)
+    assert isinstance(posted, Proceed) and posted.step is Step.POST
 
 
 # -- backoff and pacing -----------------------------------------------------------------------
@@ -712,7 +841,7 @@ def test_a_token_error_on_update_is_fatal() -> None:
 
 def test_an_update_in_doubt_is_checked_before_it_is_applied_again() -> None:
     marker = AttemptMarker("D0DM", 1, T0)
-    d = core.start(update_message(), marker)
+    d = core.start(update_message(), marker, now=NOW)
     action = core.next_action(d, now=NOW, policy=POLICY, original=original_receipt())
     assert isinstance(action, Proceed) and action.step is Step.CHECK_UPDATE
     found = core.after_update_check(

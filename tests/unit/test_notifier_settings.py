@@ -28,7 +28,18 @@ def test_defaults() -> None:
     assert s.slack_api_url == "https://slack.com/api/"
     assert s.rate_per_channel_per_s == 1.0
     assert s.dry_run is True
-    assert s.retry_policy() == RetryPolicy(8, 1.0, 60.0, 300.0)
+    assert s.retry_policy() == RetryPolicy(8, 1.0, 60.0, 60.0, 20.0)
+
+
+def test_history_check_settings_go_into_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFIER_HISTORY_MARGIN_S", "5")
+    monkeypatch.setenv("NOTIFIER_HISTORY_SETTLE_S", "7.5")
+    policy = NotifierSettings().retry_policy()
+    assert (policy.history_margin_s, policy.history_settle_s) == (5.0, 7.5)
+    monkeypatch.setenv("NOTIFIER_HISTORY_SETTLE_S", "-1")
+    with pytest.raises(ValidationError) as info:
+        NotifierSettings()
+    assert "NOTIFIER_HISTORY_SETTLE_S" in describe_validation_error(info.value, "NOTIFIER_")
 
 
 def test_update_wait_goes_into_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from confluent_kafka import KafkaError
@@ -12,7 +13,9 @@ from prometheus_client import REGISTRY
 
 from libs.kafka import ClientCallTimeoutError, DeliveryError
 from libs.serde import SlackDeliveryReceipt
+from services.notifier import core
 from services.notifier.core import (
+    AttemptMarker,
     Posted,
     PostOutcome,
     PostRequest,
@@ -21,7 +24,8 @@ from services.notifier.core import (
     Unavailable,
 )
 from services.notifier.markers import InMemoryAttemptLog
-from services.notifier.slack import STORE_THEN_TIMEOUT
+from services.notifier.slack import STORE_LATE, STORE_THEN_TIMEOUT, SlackWebNotifier
+from tests.support.fake_slack import FakeSlack
 from tests.support.kafka import wait_until
 from tests.support.notifier_twins import (
     DLQ,
@@ -596,7 +600,8 @@ def test_a_takeover_after_an_early_marker_checks_the_history_and_posts_once() ->
     stats = rig.finish()
     ids = [p.request.metadata["event_payload"]["message_id"] for p in rig.slack.posts]  # type: ignore[index]
     assert sorted(ids) == ["m1", "m2"]  # each posted exactly once
-    assert stats.history_checks == 2 and stats.found_in_history == 1
+    # m2, not found right at the takeover, is checked again after the settle delay
+    assert stats.history_checks == 3 and stats.found_in_history == 1
     assert {r.status for r in rig.receipts().values()} == {"DELIVERED"}
     assert len(rig.markers) == 0
 
@@ -618,3 +623,89 @@ def test_an_early_marker_whose_post_never_started_is_cleared_at_stop() -> None:
     assert ids == ["m1"]
     assert "m1" in rig.receipts() and "m2" not in rig.receipts()
     assert len(rig.markers) == 0
+
+
+# -- in-doubt posts that Slack stores late (issue 11) ------------------------------------------
+
+SETTLING = RetryPolicy(backoff_base_s=0.01, backoff_max_s=0.05, history_settle_s=0.5)
+
+
+def _posted_ids(rig: SinkRig) -> list[str]:
+    return [p.request.metadata["event_payload"]["message_id"] for p in rig.slack.posts]  # type: ignore[index]
+
+
+def test_a_timed_out_post_stored_late_is_found_by_a_check_after_the_settle_delay() -> None:
+    """The post times out and Slack stores it only after the first history check has read
+    the channel (the soak's overloaded fake Slack). That check's "not found" comes before the
+    settle delay, so the channel checks again instead of posting: one post, DELIVERED."""
+    rig = SinkRig(partitions=1, policy=SETTLING)
+    rig.slack.script("C1", STORE_LATE)
+    rig.start()
+    rig.send([message(1, "C1"), message(2, "C1")])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    assert _posted_ids(rig) == ["m1", "m2"]  # m1 once, m2 after it
+    assert stats.history_checks == 2 and stats.found_in_history == 1
+    assert stats.unverified == 0
+    assert {r.status for r in rig.receipts().values()} == {"DELIVERED"}
+    assert rig.receipts()["m1"].attempts == 1
+
+
+def test_a_takeover_of_a_post_slack_is_still_storing_does_not_post_it_again() -> None:
+    """A replica died mid-post; its marker is read back by the next owner, whose first check
+    comes before Slack stored the post. The settle delay counts from the takeover (when the
+    dead replica's attempt had surely ended), not from the marker's time, which may be long
+    before the post was made."""
+    rig = SinkRig(partitions=1, policy=SETTLING)
+    m1 = message(1, "C1")
+    request = core.prepare_post(m1)
+    assert isinstance(request, PostRequest)
+    rig.slack.script("C1", STORE_LATE)
+    assert isinstance(rig.slack.post(request), Unavailable)  # the dead replica's post
+    # its marker, written long before (the post waited for its acknowledgement)
+    rig.markers.markers["m1"] = AttemptMarker("C1", 1, datetime.now(UTC) - timedelta(minutes=5))
+    rig.start()
+    rig.send([m1])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    assert _posted_ids(rig) == ["m1"]
+    assert stats.posts == 0 and stats.history_checks == 2 and stats.found_in_history == 1
+    assert rig.receipts()["m1"].status == "DELIVERED"
+
+
+def test_an_in_doubt_post_whose_window_cannot_be_read_fails_with_a_dead_letter() -> None:
+    """Every check answers "window exceeded": the message is FAILED and dead-lettered after
+    the check cap, and never posted a second time."""
+    rig = SinkRig(partitions=1, policy=replace(SETTLING, max_attempts=3))
+    rig.slack.script("C1", STORE_THEN_TIMEOUT)
+    rig.slack.script("C1", *[Rejected(core.HISTORY_WINDOW_EXCEEDED)] * 3, method="history")
+    rig.start()
+    rig.send([message(1, "C1")])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    assert _posted_ids(rig) == ["m1"]
+    assert stats.history_checks == 3 and stats.unverified == 0
+    receipt = rig.receipts()["m1"]
+    assert receipt.status == "FAILED" and core.IN_DOUBT_UNVERIFIED in str(receipt.error)
+    assert len(rig.broker.records(DLQ)) == 1
+
+
+def test_over_http_a_post_slack_stores_after_the_timeout_is_posted_once() -> None:
+    """The soak's case end to end on the Slack side: slack-sdk against the fake Slack server,
+    which stores the post 1.6 s after it arrived, while the client gives up after 1 s. The
+    check right after the timeout does not see it; the one after the settle delay does."""
+    with FakeSlack(token="xoxb-test") as fake:
+        rig = SinkRig(partitions=1, policy=replace(SETTLING, history_settle_s=2.0))
+        rig.slack = SlackWebNotifier(  # type: ignore[assignment]
+            "xoxb-test", base_url=fake.base_url, timeout_s=1.0
+        )
+        fake.slow("C1", delay_s=0, then_store=True, store_after_s=1.6)
+        rig.start()
+        rig.send([message(1, "C1")])
+        wait_until(rig.all_committed, timeout_s=30, message="all committed")
+        stats = rig.finish()
+        assert stats.posts == 1  # before issue 11's fix: 2, and two m1 in the channel
+        assert fake.post_counts() == {"m1": 1}
+        assert stats.history_checks >= 1 and stats.found_in_history == 1
+        assert stats.unverified == 0
+        assert rig.receipts()["m1"].status == "DELIVERED"

@@ -12,6 +12,7 @@ from typing import Protocol
 import pytest
 
 from services.notifier.core import (
+    HISTORY_WINDOW_EXCEEDED,
     Found,
     NotFound,
     Posted,
@@ -24,6 +25,7 @@ from services.notifier.core import (
     UpdateRequest,
 )
 from services.notifier.slack import (
+    STORE_LATE,
     STORE_THEN_TIMEOUT,
     DryRunNotifier,
     FakeNotifier,
@@ -160,6 +162,17 @@ def test_post_then_find_by_metadata(subject: Subject) -> None:
     assert n.find_post("C2", "m1", LONG_AGO) == NotFound()
     later = datetime.fromtimestamp(float(posted.ts), UTC) + timedelta(seconds=60)
     assert n.find_post("C1", "m1", later) == NotFound()
+
+
+def test_history_window_is_bounded_above_inclusively(subject: Subject) -> None:
+    n = subject.notifier
+    posted = n.post(request("m1"))
+    assert isinstance(posted, Posted)
+    at = datetime.fromtimestamp(float(posted.ts), UTC)
+    before = at - timedelta(seconds=1)
+    assert n.find_post("C1", "m1", LONG_AGO, at) == Found(posted.ts)  # latest is inclusive
+    assert n.find_post("C1", "m1", at, at) == Found(posted.ts)  # and so is oldest
+    assert n.find_post("C1", "m1", LONG_AGO, before) == NotFound()
 
 
 def test_rate_limit(subject: Subject) -> None:
@@ -342,9 +355,60 @@ def test_history_pages_and_its_limit(fake: FakeSlack) -> None:
     assert isinstance(first, Posted)
     assert web.find_post("C1", "m0", LONG_AGO) == Found(first.ts)
     short = SlackWebNotifier(TOKEN, base_url=fake.base_url, history_limit=2, history_max_pages=2)
-    assert short.find_post("C1", "m0", LONG_AGO) == Rejected("history_window_exceeded")
-    assert short.find_post("C1", "m9", LONG_AGO) == Rejected("history_window_exceeded")
+    assert short.find_post("C1", "m0", LONG_AGO) == Rejected(HISTORY_WINDOW_EXCEEDED)
+    assert short.find_post("C1", "m9", LONG_AGO) == Rejected(HISTORY_WINDOW_EXCEEDED)
     assert web.find_post("C1", "m9", LONG_AGO) == NotFound()
+
+
+def test_a_busy_channel_is_read_from_the_windows_end_not_from_now(fake: FakeSlack) -> None:
+    """Issue 11: read newest first from now, the messages posted to the channel after the
+    in-doubt post filled the page budget before the post was reached ("window exceeded", then
+    posted again). With ``latest`` the reading starts just after the post."""
+    web = SlackWebNotifier(TOKEN, base_url=fake.base_url, history_limit=2, history_max_pages=2)
+    target = web.post(request("m0"))
+    assert isinstance(target, Posted)
+    for i in range(1, 9):  # a busy channel: 8 more posts, 4 pages of 2
+        assert isinstance(web.post(request(f"m{i}")), Posted)
+    at = datetime.fromtimestamp(float(target.ts), UTC)
+    assert web.find_post("C1", "m0", at - timedelta(seconds=60)) == Rejected(
+        HISTORY_WINDOW_EXCEEDED
+    )
+    assert web.find_post("C1", "m0", at - timedelta(seconds=60), at) == Found(target.ts)
+    calls = fake.calls(method="conversations.history")
+    assert calls[-1].params["latest"] == f"{float(target.ts):.6f}"
+    assert calls[-1].params["inclusive"] in ("1", "true", True)
+
+
+def test_history_reading_is_bounded_in_time(fake: FakeSlack) -> None:
+    clock = [0.0]
+
+    def monotonic() -> float:
+        clock[0] += 4.0  # every look at the clock: 4 s later (a slow Slack)
+        return clock[0]
+
+    web = SlackWebNotifier(
+        TOKEN,
+        base_url=fake.base_url,
+        history_limit=1,
+        history_max_pages=50,
+        history_budget_s=10.0,
+        monotonic=monotonic,
+    )
+    for i in range(10):
+        web.post(request(f"m{i}"))
+    before = len(fake.calls(method="conversations.history"))
+    assert web.find_post("C1", "m0", LONG_AGO) == Rejected(HISTORY_WINDOW_EXCEEDED)
+    # the deadline (taken at 4 s, so 14 s) passed at the 4th look (16 s): 3 pages read
+    assert len(fake.calls(method="conversations.history")) - before == 3
+
+
+def test_twin_store_late_misses_the_first_read_only() -> None:
+    twin = FakeNotifier()
+    twin.script("C1", STORE_LATE)
+    outcome = twin.post(request("m1"))
+    assert isinstance(outcome, Unavailable) and outcome.in_doubt
+    assert twin.find_post("C1", "m1", LONG_AGO) == NotFound()  # Slack still storing it
+    assert isinstance(twin.find_post("C1", "m1", LONG_AGO), Found)
 
 
 def test_check_auth(fake: FakeSlack) -> None:

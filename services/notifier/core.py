@@ -343,9 +343,17 @@ class Wait:
 Decision = Proceed | Finish | Retry | Fatal | Wait
 
 
-def already_final(receipt: SlackDeliveryReceipt | None) -> bool:
-    """True when the message already has a final receipt and must not be posted again."""
-    return receipt is not None and receipt.status in FINAL_STATUSES
+def already_final(receipt: SlackDeliveryReceipt | None, *, redriven: bool = False) -> bool:
+    """True when the message already has a final receipt and must not be posted again.
+
+    ``redriven``: the record is a dead letter an operator sent back (``python -m services.dlq
+    redrive``). Its FAILED receipt is the very failure being re-driven, so it does not stop
+    it (otherwise a re-drive of the notifier's dead letters would do nothing); DELIVERED and
+    DRY_RUN still do, which keeps a second re-drive (``--force``) from posting twice.
+    """
+    if receipt is None or receipt.status not in FINAL_STATUSES:
+        return False
+    return not (redriven and receipt.status == DeliveryStatus.FAILED)
 
 
 def start(message: SlackMessage, marker: AttemptMarker | None, *, now: datetime) -> Delivery:

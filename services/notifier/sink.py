@@ -98,6 +98,7 @@ from libs.kafka import (
 from libs.kafka.bounded import MARGIN_S
 from libs.kafka.consumer import partition_names
 from libs.kafka.ports import ConsumerFactory, ConsumerPort, ProducerFactory
+from libs.kafka.redrive import HEADER_REDRIVEN_FROM
 from libs.runtime.heartbeat import beat
 from libs.serde import (
     DeserializationError,
@@ -476,7 +477,7 @@ class SinkLoop:
                     self.scheduler.defer(channel, now + self.config.poll_timeout_s)
                     return
                 existing = self._table.get(item.message.message_id)
-                if core.already_final(existing):
+                if core.already_final(existing, redriven=_redriven(item.headers)):
                     self._skip(channel, entry, existing)
                     continue
                 # a marker begun ahead is this process's own (_mark_ahead saw none before it)
@@ -1070,6 +1071,11 @@ _ANSWERS: dict[Step, tuple[Any, str, Callable[..., Decision]]] = {
     Step.CHECK_UPDATE: (core.HistoryOutcome, "conversations.history", core.after_update_check),
     Step.CHECK_HISTORY: (core.HistoryOutcome, "conversations.history", core.after_history),
 }
+
+
+def _redriven(headers: Headers) -> bool:
+    """True for a record an operator re-drove from the dead-letter topic."""
+    return any(name == HEADER_REDRIVEN_FROM for name, _ in headers or ())
 
 
 def _headers(msg: Message) -> Headers:

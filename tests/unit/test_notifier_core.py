@@ -130,6 +130,21 @@ def test_already_final(status: str | None, final: bool) -> None:
     assert core.already_final(receipt) is final
 
 
+@pytest.mark.parametrize(
+    ("status", "final"),
+    [(None, False), ("FAILED", False), ("DELIVERED", True), ("DRY_RUN", True), ("PENDING", False)],
+)
+def test_a_redriven_message_is_stopped_only_by_a_successful_receipt(
+    status: str | None, final: bool
+) -> None:
+    receipt = (
+        None
+        if status is None
+        else SlackDeliveryReceipt("m1", "U123", status, attempts=1, delivered_at=T0)
+    )
+    assert core.already_final(receipt, redriven=True) is final
+
+
 # -- next_action ------------------------------------------------------------------------------
 
 

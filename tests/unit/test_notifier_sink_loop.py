@@ -12,6 +12,7 @@ from confluent_kafka import KafkaError
 from prometheus_client import REGISTRY
 
 from libs.kafka import ClientCallTimeoutError, DeliveryError
+from libs.kafka.redrive import HEADER_REDRIVEN_FROM
 from libs.serde import SlackDeliveryReceipt
 from services.notifier import core
 from services.notifier.core import (
@@ -31,6 +32,7 @@ from tests.support.notifier_twins import (
     DLQ,
     RECEIPTS,
     T0,
+    TOPIC,
     MemoryReceiptTable,
     SinkRig,
     encode_receipt,
@@ -83,6 +85,33 @@ def test_a_permanent_error_gives_a_failed_receipt_and_a_dead_letter() -> None:
     [dead] = rig.broker.records(DLQ)
     headers = dict(dead.headers() or [])
     assert headers["dlq.error.class"] == b"services.notifier.sink.SlackDeliveryError"
+
+
+def test_a_redriven_dead_letter_is_posted_and_a_second_redrive_is_skipped() -> None:
+    """A FAILED message re-driven by an operator (``dlq.redriven.from``) is tried again
+    despite its FAILED receipt; once DELIVERED, a forced second re-drive posts nothing."""
+    rig = SinkRig(partitions=1)
+    rig.slack.script("C1", Rejected("channel_not_found"))
+    rig.start()
+    rig.send([message(1, "C1")])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    assert rig.receipts()["m1"].status == "FAILED"
+    assert rig.slack.posts == []
+    p = rig.broker.producer({})
+    [letter] = rig.broker.records(DLQ)
+    for _ in range(2):  # the re-drive, then a forced second one
+        p.produce(
+            TOPIC,
+            value=letter.value(),
+            key=b"C1",
+            headers=[(HEADER_REDRIVEN_FROM, f"{DLQ}/0/0".encode())],
+        )
+    assert p.flush(1) == 0
+    wait_until(rig.all_committed, timeout_s=20, message="re-drives committed")
+    stats = rig.finish()
+    assert rig.receipts()["m1"].status == "DELIVERED"
+    assert len(rig.slack.posts) == 1
+    assert stats.skipped == 1
 
 
 def test_undecodable_input_is_dead_lettered_and_committed_past() -> None:

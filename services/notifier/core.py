@@ -629,10 +629,19 @@ def after_update(
 def after_update_check(
     d: Delivery, outcome: HistoryOutcome, *, now: datetime, policy: RetryPolicy, jitter: float
 ) -> Decision:
-    """Decide from the check of an update in doubt: applied, or apply it (again)."""
+    """Decide from the check of an update in doubt: applied, or apply it (again).
+
+    "Not applied" waits for the settle delay as a post's "not found" does: applying an
+    update twice is invisible, but one Slack applies late, after this update was applied
+    again and the next update of the same message too, would put the older text back.
+    """
     if isinstance(outcome, Found):
         return Finish(_receipt_of(d, DeliveryStatus.DELIVERED, now))
     if isinstance(outcome, NotFound):
+        wait = settle_wait(d, now, policy)
+        if wait > 0:
+            reason = "update check: not applied yet, Slack may still be applying it"
+            return Retry(replace(d, last_error=reason), wait, reason)
         return next_update(
             replace(d, in_doubt=False, check_failures=0), None, now=now, policy=policy
         )

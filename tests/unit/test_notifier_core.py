@@ -868,8 +868,13 @@ def test_an_update_in_doubt_is_checked_before_it_is_applied_again() -> None:
         ORIGINAL_TS,
         1,
     )
+    # not applied right at the takeover: Slack may still be applying it, look again later
+    early = core.after_update_check(action.delivery, NotFound(), now=NOW, policy=POLICY, jitter=0.0)
+    assert isinstance(early, Retry) and early.delay_s == pytest.approx(POLICY.history_settle_s)
+    assert early.delivery.in_doubt
+    settled = NOW + timedelta(seconds=POLICY.history_settle_s)
     not_found = core.after_update_check(
-        action.delivery, NotFound(), now=NOW, policy=POLICY, jitter=0.0
+        early.delivery, NotFound(), now=settled, policy=POLICY, jitter=0.0
     )
     assert isinstance(not_found, Proceed) and not_found.step is Step.UPDATE
     assert not not_found.delivery.unverified

@@ -121,27 +121,33 @@ def _millis(value: object) -> int:
 def write_flat(layout: Sequence[tuple[str, int]], record: object, parts: list[bytes]) -> None:
     """Append the Avro body of ``record`` to ``parts``; ``TypeError``/``AttributeError`` when a
     value does not fit its field (the caller falls back to fastavro, which names the problem)."""
+    append = parts.append
     for name, kind in layout:
         value = getattr(record, name)
         if kind == _STRING:
             data = value.encode()
         elif kind == _OPTIONAL_STRING:
             if value is None:
-                parts.append(b"\x00")
+                append(b"\x00")
                 continue
-            parts.append(b"\x02")
+            append(b"\x02")
             data = value.encode()
         elif kind == _LONG:
             if type(value) is not int:
                 raise TypeError(f"{name} is not an int")
-            parts.append(_long(value))
+            append(_long(value))
             continue
         else:
-            parts.append(_long(_millis(value)))
+            append(_long(_millis(value)))
             continue
         size = len(data)
-        parts.append(_ONE_BYTE[size << 1] if size < 64 else _long(size))
-        parts.append(data)
+        if size < 64:
+            append(_ONE_BYTE[size << 1])
+        elif size < 8192:  # two varint bytes: an alert's text and blocks usually
+            append(bytes(((size << 1) & 0x7F | 0x80, size >> 6)))
+        else:
+            append(_long(size))
+        append(data)
 
 
 # -- a direct reader for the same records ----------------------------------------------------------

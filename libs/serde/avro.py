@@ -173,27 +173,30 @@ def read_flat(layout: Sequence[tuple[str, int]], data: bytes, pos: int) -> dict[
             if branch != 2:
                 raise ValueError(f"{name}: union index {branch} out of range")
         # a zig-zag varint: a length, a long or the milliseconds of a timestamp
-        byte = data[pos]
+        n = data[pos]
         pos += 1
-        n = byte & 0x7F
-        shift = 7
-        while byte & 0x80:
-            byte = data[pos]
-            pos += 1
-            n |= (byte & 0x7F) << shift
-            shift += 7
+        if n & 0x80:  # more than one byte (short strings' lengths take one)
+            n &= 0x7F
+            shift = 7
+            while True:
+                byte = data[pos]
+                pos += 1
+                n |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
         n = (n >> 1) ^ -(n & 1)
-        if kind == _LONG:
-            out[name] = n
-        elif kind == _TIMESTAMP_MILLIS:
-            # fastavro's arithmetic (not fromtimestamp: it differs before 1970 and far out)
-            out[name] = _EPOCH + timedelta(microseconds=n * 1000)
-        else:
+        if kind <= _OPTIONAL_STRING:  # the common case first
             end = pos + n
             if n < 0 or end > size:
                 raise EOFError(f"{name}: {n} bytes of string past the end of the record")
             out[name] = data[pos:end].decode("utf-8")
             pos = end
+        elif kind == _LONG:
+            out[name] = n
+        else:
+            # fastavro's arithmetic (not fromtimestamp: it differs before 1970 and far out)
+            out[name] = _EPOCH + timedelta(microseconds=n * 1000)
     return out
 
 

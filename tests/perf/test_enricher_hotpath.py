@@ -5,7 +5,8 @@ over pre-encoded events against dict lookups and an emitter that only collects, 
 is the service's own Python cost per event, free of broker and scheduling noise; the Kafka
 benchmark (``test_enricher_perf.py``) adds the client, loop and table costs. The event mix is
 that benchmark's: half connector failures with a long error, half onboardings, ~2% of orgs
-unknown (fallback channel). ``BENCH_PROFILE=1`` also prints the top of a cProfile.
+unknown (fallback channel). ``BENCH_PROFILE=1`` also prints the top of a cProfile (sorted by
+``BENCH_SORT``, default ``tottime``).
 """
 
 from __future__ import annotations

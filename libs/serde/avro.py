@@ -336,6 +336,12 @@ class AvroDeserializer(Generic[R]):
 
     def __call__(self, data: bytes | None, *, topic: str, partition: int, offset: int) -> R:
         """Decode one Kafka value; raise ``DeserializationError`` naming where it came from."""
+        return self.decode(data, topic, partition, offset)
+
+    def decode(self, data: bytes | None, topic: str, partition: int, offset: int) -> R:
+        """``self(data, topic=..., partition=..., offset=...)`` with positional arguments: the
+        shape of a table's decoder, so hot callers (a table lookup, the enricher's events)
+        call it without a keyword-adapting wrapper in between."""
         # The usual case first: a known id whose writer schema is ours and flat. Anything
         # else (first sight of an id, no or a bad header, resolution) takes the general path.
         if data is not None and len(data) >= 5 and data[0] == MAGIC_BYTE:

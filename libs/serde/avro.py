@@ -13,7 +13,7 @@ import json
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any, Generic, cast
@@ -33,6 +33,7 @@ from libs.serde.registry import SchemaRegistry, topic_subject
 
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">bI")
+_SCHEMA_ID = struct.Struct(">I")
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -120,27 +121,83 @@ def _millis(value: object) -> int:
 def write_flat(layout: Sequence[tuple[str, int]], record: object, parts: list[bytes]) -> None:
     """Append the Avro body of ``record`` to ``parts``; ``TypeError``/``AttributeError`` when a
     value does not fit its field (the caller falls back to fastavro, which names the problem)."""
+    append = parts.append
     for name, kind in layout:
         value = getattr(record, name)
         if kind == _STRING:
             data = value.encode()
         elif kind == _OPTIONAL_STRING:
             if value is None:
-                parts.append(b"\x00")
+                append(b"\x00")
                 continue
-            parts.append(b"\x02")
+            append(b"\x02")
             data = value.encode()
         elif kind == _LONG:
             if type(value) is not int:
                 raise TypeError(f"{name} is not an int")
-            parts.append(_long(value))
+            append(_long(value))
             continue
         else:
-            parts.append(_long(_millis(value)))
+            append(_long(_millis(value)))
             continue
         size = len(data)
-        parts.append(_ONE_BYTE[size << 1] if size < 64 else _long(size))
-        parts.append(data)
+        if size < 64:
+            append(_ONE_BYTE[size << 1])
+        elif size < 8192:  # two varint bytes: an alert's text and blocks usually
+            append(bytes(((size << 1) & 0x7F | 0x80, size >> 6)))
+        else:
+            append(_long(size))
+        append(data)
+
+
+# -- a direct reader for the same records ----------------------------------------------------------
+# Every consumed event and every table lookup decodes one flat record (the lookups two per
+# alert); for those, fastavro's per-call set-up costs more than the work. When the writer's
+# schema is the reader's (no resolution) the fields are read here, with the values fastavro
+# gives (tests/unit/test_serde.py decodes the same bytes both ways); anything else is fastavro's.
+
+
+def read_flat(layout: Sequence[tuple[str, int]], data: bytes, pos: int) -> dict[str, Any]:
+    """The fields of the Avro body at ``data[pos:]`` by name; raises on truncated or invalid
+    input (``IndexError``, ``EOFError``, ``ValueError``, ``UnicodeDecodeError``), like fastavro,
+    which also ignores bytes after the record."""
+    out: dict[str, Any] = {}
+    size = len(data)
+    for name, kind in layout:
+        if kind == _OPTIONAL_STRING:
+            branch = data[pos]  # union index 0 (null) or 1 (string), zig-zag encoded
+            pos += 1
+            if branch == 0:
+                out[name] = None
+                continue
+            if branch != 2:
+                raise ValueError(f"{name}: union index {branch} out of range")
+        # a zig-zag varint: a length, a long or the milliseconds of a timestamp
+        n = data[pos]
+        pos += 1
+        if n & 0x80:  # more than one byte (short strings' lengths take one)
+            n &= 0x7F
+            shift = 7
+            while True:
+                byte = data[pos]
+                pos += 1
+                n |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+        n = (n >> 1) ^ -(n & 1)
+        if kind <= _OPTIONAL_STRING:  # the common case first
+            end = pos + n
+            if n < 0 or end > size:
+                raise EOFError(f"{name}: {n} bytes of string past the end of the record")
+            out[name] = data[pos:end].decode("utf-8")
+            pos = end
+        elif kind == _LONG:
+            out[name] = n
+        else:
+            # fastavro's arithmetic (not fromtimestamp: it differs before 1970 and far out)
+            out[name] = _EPOCH + timedelta(microseconds=n * 1000)
+    return out
 
 
 class AvroSerializer(Generic[R]):
@@ -209,8 +266,11 @@ class AvroDeserializer(Generic[R]):
         self._reader_text = load_schema_text(record_type.SCHEMA, schema_dir)
         self._reader = _parse(self._reader_text)
         self._reader_canonical = _canonical(self._reader_text)
+        self._flat = flat_layout(self._reader_text)
         # schema id -> (writer schema, reader schema or None when identical to the writer's)
         self._writers: dict[int, tuple[ParsedSchema, ParsedSchema | None]] = {}
+        # schema id -> read_flat's layout, for the ids whose writer schema is the reader's
+        self._flat_ids: dict[int, tuple[tuple[str, int], ...]] = {}
         self._lock = threading.Lock()
 
     def _writer(self, schema_id: int) -> tuple[ParsedSchema, ParsedSchema | None]:
@@ -222,6 +282,8 @@ class AvroDeserializer(Generic[R]):
                 same = _canonical(text) == self._reader_canonical
                 # Skipping resolution when writer == reader is what makes decoding fast.
                 found = (writer, None if same else self._reader)
+                if same and self._flat is not None:
+                    self._flat_ids[schema_id] = self._flat
                 self._writers[schema_id] = found
         return found
 
@@ -274,9 +336,22 @@ class AvroDeserializer(Generic[R]):
 
     def __call__(self, data: bytes | None, *, topic: str, partition: int, offset: int) -> R:
         """Decode one Kafka value; raise ``DeserializationError`` naming where it came from."""
-        schema_id, writer, reader = self._schemas(
-            data, topic=topic, partition=partition, offset=offset
-        )
+        return self.decode(data, topic, partition, offset)
+
+    def decode(self, data: bytes | None, topic: str, partition: int, offset: int) -> R:
+        """``self(data, topic=..., partition=..., offset=...)`` with positional arguments: the
+        shape of a table's decoder, so hot callers (a table lookup, the enricher's events)
+        call it without a keyword-adapting wrapper in between."""
+        # The usual case first: a known id whose writer schema is ours and flat. Anything
+        # else (first sight of an id, no or a bad header, resolution) takes the general path.
+        if data is not None and len(data) >= 5 and data[0] == MAGIC_BYTE:
+            layout = self._flat_ids.get(_SCHEMA_ID.unpack_from(data, 1)[0])
+            if layout is not None:
+                try:
+                    return self._record_type(**read_flat(layout, data, 5))
+                except Exception as exc:  # truncated or corrupt body: as fastavro's errors
+                    raise self._undecodable(data, exc, topic, partition, offset) from exc
+        _, writer, reader = self._schemas(data, topic=topic, partition=partition, offset=offset)
         try:
             # _schemas refused None; BytesIO shares the bytes, seeking past the header copies none
             stream = io.BytesIO(cast(bytes, data))
@@ -284,13 +359,19 @@ class AvroDeserializer(Generic[R]):
             payload: Any = fastavro.schemaless_reader(stream, writer, reader)
             return self._record_type.from_avro(payload)
         except Exception as exc:  # fastavro raises a wide range of errors on corrupt input
-            raise DeserializationError(
-                f"cannot decode {self._record_type.__name__} with schema {schema_id}: "
-                f"{type(exc).__name__}: {exc}",
-                topic=topic,
-                partition=partition,
-                offset=offset,
-            ) from exc
+            raise self._undecodable(cast(bytes, data), exc, topic, partition, offset) from exc
+
+    def _undecodable(
+        self, data: bytes, exc: Exception, topic: str, partition: int, offset: int
+    ) -> DeserializationError:
+        (schema_id,) = _SCHEMA_ID.unpack_from(data, 1)
+        return DeserializationError(
+            f"cannot decode {self._record_type.__name__} with schema {schema_id}: "
+            f"{type(exc).__name__}: {exc}",
+            topic=topic,
+            partition=partition,
+            offset=offset,
+        )
 
 
 def decode_with_writer_schema(registry: SchemaRegistry, data: bytes) -> tuple[int, Any]:

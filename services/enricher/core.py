@@ -20,7 +20,15 @@ from string import Formatter
 from typing import Final, Generic, Protocol, TypeVar
 
 from libs.serde import CsdrAssignment, SlackMessage, SlackUser
-from services.enricher.render import Link, Mrkdwn, Note, quote_url_value, render
+from services.enricher.render import (
+    Link,
+    Mrkdwn,
+    Note,
+    link_part,
+    quote_url_value,
+    render_pair,
+    render_parts,
+)
 
 V_co = TypeVar("V_co", covariant=True)
 
@@ -111,13 +119,29 @@ class Pipeline(Generic[E]):
     error: Callable[[E], str | None] | None = None
     #: the ``link_fields`` the templates actually use: only those are quoted per event
     used_link_fields: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
+    #: per link: its label and template, and its rendered mrkdwn when it uses no field (the
+    #: same for every event: rendered once, here), else ``None``
+    link_plan: tuple[tuple[str, str, str | None], ...] = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         used: set[str] = set()
+        plan = []
         for link in self.links:
-            used |= _template_names(link.template)
+            names = _template_names(link.template)
+            used |= names
+            constant = None
+            if not names:
+                try:
+                    constant = link_part(link.label, link.template.format_map({}))
+                except (KeyError, IndexError, ValueError, AttributeError):
+                    constant = ""  # as resolve_links: a template that does not format is left out
+            plan.append((link.label, link.template, constant))
         fields = tuple(f for f in self.link_fields if f in used)
-        object.__setattr__(self, "used_link_fields", fields)  # frozen: set once, here
+        # frozen: set once, here
+        object.__setattr__(self, "used_link_fields", fields)
+        object.__setattr__(self, "link_plan", tuple(plan))
 
     def with_link_templates(self, overrides: Mapping[str, str]) -> Pipeline[E]:
         """A copy whose links use ``overrides[<link name>]`` as template where given."""
@@ -223,6 +247,24 @@ def resolve_links(pipeline: Pipeline[E], event: E) -> list[Link]:
     return links
 
 
+def _link_line(pipeline: Pipeline[E], event: E) -> str:
+    """``link_line(resolve_links(pipeline, event))``, rendering only what depends on ``event``."""
+    values = {
+        name: quote_url_value(str(getattr(event, name, "") or ""))
+        for name in pipeline.used_link_fields
+    }
+    parts = []
+    for label, template, constant in pipeline.link_plan:
+        if constant is None:
+            try:
+                constant = link_part(label, template.format_map(values))
+            except (KeyError, IndexError, ValueError, AttributeError):
+                continue  # validated at start; an unexpected template must not sink the alert
+        if constant:
+            parts.append(constant)
+    return " · ".join(parts)
+
+
 def _miss(owner: CsdrAssignment | None, user: SlackUser | None) -> str | None:
     if owner is None:
         return NO_OWNER
@@ -247,8 +289,8 @@ def _miss_warning(reason: str, event: Event, owner: CsdrAssignment | None) -> st
 def _greeting(summary: Mrkdwn, owner: CsdrAssignment) -> Mrkdwn:
     first = (owner.csdr_name or "").split()
     name = first[0] if first else ""
-    greet = Mrkdwn("Hi {greeting_name}, " if name else "Hi, ", {"greeting_name": name})
-    return Mrkdwn(greet.template + summary.template, {**summary.values, **greet.values})
+    greet = "Hi {greeting_name}, " if name else "Hi, "
+    return Mrkdwn(greet + summary.template, {**summary.values, "greeting_name": name})
 
 
 def route(
@@ -283,19 +325,18 @@ def route(
         summary = _greeting(summary, owner)
     else:  # unreachable: _miss returns a reason whenever owner or user is missing
         return Miss(miss or NO_OWNER, _miss_warning(miss or NO_OWNER, event, owner))
-    # one Note with the pipeline's steps, links and footer (dataclasses.replace per event
-    # showed in profiles)
-    note = Note(
-        title=described.title,
-        summary=summary,
-        facts=described.facts,
-        detail=described.detail,
-        steps=pipeline.steps,
-        links=resolve_links(pipeline, event),
-        warning=warning,
-        footer=f"{pipeline.name} · event {event.event_id} · message {mid}",
+    # render(Note(...)) of the described note with the pipeline's steps, links and footer,
+    # from its parts: no second Note, no Link objects per event (both showed in profiles)
+    text, blocks = render_parts(
+        described.title,
+        *render_pair(summary.template, summary.values),
+        described.facts,
+        described.detail,
+        pipeline.steps,
+        _link_line(pipeline, event),
+        warning,
+        f"{pipeline.name} · event {event.event_id} · message {mid}",
     )
-    text, blocks = render(note)
     message = SlackMessage(
         message_id=mid,
         pipeline=pipeline.name,

@@ -224,11 +224,8 @@ class EventHandler:
         source = self._sources[topic]
         pipeline = source.pipeline
         try:
-            event = source.decode(
-                msg.value(),
-                topic=topic,
-                partition=int(msg.partition() or 0),
-                offset=int(msg.offset() or 0),
+            event = source.decode.decode(
+                msg.value(), topic, int(msg.partition() or 0), int(msg.offset() or 0)
             )
         except DeserializationError as exc:
             retry_if_registry_down(exc)

@@ -17,8 +17,9 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from json.encoder import encode_basestring
-from typing import Final
+from typing import Final, NamedTuple
 
 MAX_BLOCKS: Final = 50
 MAX_SECTION_TEXT: Final = 3000
@@ -114,8 +115,13 @@ class Mrkdwn:
 
     def render_both(self) -> tuple[str, str]:
         """``(render(), plain())``, escaping each value once."""
-        escaped = {k: escape(v) for k, v in self.values.items()}
-        return self.template.format_map(escaped), _bare(self.template).format_map(escaped)
+        return render_pair(self.template, self.values)
+
+
+def render_pair(template: str, values: Mapping[str, str]) -> tuple[str, str]:
+    """``Mrkdwn(template, values).render_both()`` without the ``Mrkdwn``."""
+    escaped = {k: escape(v) for k, v in values.items()}
+    return template.format_map(escaped), _bare(template).format_map(escaped)
 
 
 def _bare(template: str) -> str:
@@ -125,9 +131,12 @@ def _bare(template: str) -> str:
     return bare
 
 
-@dataclass(frozen=True)
-class Fact:
-    """One labelled value in the facts grid (a section field)."""
+class Fact(NamedTuple):
+    """One labelled value in the facts grid (a section field).
+
+    A named tuple, not a frozen dataclass: a pipeline builds five to ten per event, and a
+    frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field) costs twice as much.
+    """
 
     label: str
     value: str
@@ -165,6 +174,29 @@ class Note:
     footer: str = ""
 
 
+_UTC_FORMAT: Final = "%Y-%m-%d %H:%M UTC"
+#: (minutes since the epoch, text) of the last ``utc_minute``: events come in time order, so
+#: consecutive ones mostly share their minute
+_last_minute: tuple[int, str] = (-1, "")
+
+
+def utc_minute(moment: datetime) -> str:
+    """``moment`` in UTC to the minute, as alerts show times (``2026-11-25 09:30 UTC``)."""
+    global _last_minute
+    try:
+        delta = moment - _EPOCH  # exact integers (a float timestamp rounds far out)
+    except TypeError:  # naive: astimezone's local-time rule, uncached
+        return moment.astimezone(UTC).strftime(_UTC_FORMAT)
+    minute = delta.days * 1440 + delta.seconds // 60
+    last = _last_minute  # one read: another thread may replace it
+    if minute != last[0]:
+        last = _last_minute = (minute, moment.astimezone(UTC).strftime(_UTC_FORMAT))
+    return last[1]
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _header_text(title: str) -> str:
     title = " ".join(title.split()) or "Alert"
     if len(title) <= MAX_HEADER_TEXT:
@@ -181,15 +213,18 @@ def _code_block(label: str, text: str) -> str:
     return (prefix + body + suffix)[:MAX_SECTION_TEXT]
 
 
-def _link_line(links: Sequence[Link]) -> str:
-    parts = []
-    for link in links:
-        if not link.url.startswith(("https://", "http://")) or len(link.url) > MAX_URL:
-            continue  # a broken or oversized link is worse than none
-        # In <url|label> the URL's own & must be escaped and a | or > would end it early.
-        url = escape(link.url).replace("|", "%7C")
-        parts.append(f"<{url}|{_link_label(link.label)}>")
+def link_line(links: Sequence[Link]) -> str:
+    """The links as one mrkdwn line (``<url|label> · ...``), leaving out unusable URLs."""
+    parts = [part for link in links if (part := link_part(link.label, link.url))]
     return " · ".join(parts)
+
+
+def link_part(label: str, url: str) -> str:
+    """One link as mrkdwn, or ``""`` when the URL is not absolute http(s) or is too long."""
+    if not url.startswith(("https://", "http://")) or len(url) > MAX_URL:
+        return ""  # a broken or oversized link is worse than none
+    # In <url|label> the URL's own & must be escaped and a | or > would end it early.
+    return "<" + escape(url).replace("|", "%7C") + "|" + _link_label(label) + ">"
 
 
 def _link_label(label: str) -> str:
@@ -247,51 +282,92 @@ def _steps_json(steps: Sequence[str]) -> str:
 def render(note: Note) -> tuple[str, str]:
     """``(fallback_text(note), blocks_json(note))``, sharing the work the two have in common."""
     summary, summary_plain = note.summary.render_both()
-    header = _header_text(note.title)
+    return render_parts(
+        note.title,
+        summary,
+        summary_plain,
+        note.facts,
+        note.detail,
+        note.steps,
+        link_line(note.links),
+        note.warning,
+        note.footer,
+    )
+
+
+def _fact_json(label: str, code: bool) -> tuple[str, int]:
+    """The JSON of a fact's field up to its value (``_J`` escapes per character, so a
+    string's JSON is the concatenation of its parts'), and the value's budget."""
+    key = (label, code)
+    done = _fact_memo.get(key)
+    if done is None:
+        head = _field_label(label)
+        budget = MAX_FIELD_TEXT - len(head) - (2 if code else 0)
+        done = ('{"type":"mrkdwn","text":' + _J(head + ("`" if code else ""))[:-1], budget)
+        if len(_fact_memo) < _MEMO_MAX:
+            _fact_memo[key] = done
+    return done
+
+
+_fact_memo: dict[tuple[str, bool], tuple[str, int]] = {}
+
+
+def render_parts(
+    title: str,
+    summary: str,
+    summary_plain: str,
+    facts: Sequence[Fact],
+    detail: Detail | None,
+    steps: Sequence[str],
+    links: str,
+    warning: str | None,
+    footer: str,
+) -> tuple[str, str]:
+    """``render`` of a note given as its parts: the summary already rendered (mrkdwn and
+    plain, values escaped) and the links as ``link_line`` gives them, so the core renders an
+    alert without building a second ``Note`` per event."""
+    header = _header_text(title)
     blocks = [
         '{"type":"header","block_id":"title","text":{"type":"plain_text","text":'
         + _J(header) + ',"emoji":true}}'
     ]  # fmt: skip
-    if note.warning:
-        blocks.append(_section_json(fit(":warning: " + note.warning, MAX_SECTION_TEXT), "warning"))
+    if warning:
+        blocks.append(_section_json(fit(":warning: " + warning, MAX_SECTION_TEXT), "warning"))
     blocks.append(_section_json(_fit_rendered(summary), "summary"))
     fields: list[str] = []
-    for fact in note.facts:
-        if not fact.value:
+    for fact in facts:
+        value = fact.value
+        if not value:
             continue
         if len(fields) == MAX_FIELDS:
             break
-        label = _field_label(fact.label)
-        budget = MAX_FIELD_TEXT - len(label) - (2 if fact.code else 0)
-        value = escape(fact.value)
-        if len(value) > budget:  # rare: fit() cuts it visibly
-            value = fit(fact.value, budget)
-        text = label + "`" + value + "`" if fact.code else label + value
-        fields.append('{"type":"mrkdwn","text":' + _J(text) + "}")
+        code = fact.code
+        head, budget = _fact_json(fact.label, code)
+        escaped = escape(value)
+        if len(escaped) > budget:  # rare: fit() cuts it visibly
+            escaped = fit(value, budget)
+        # the value's JSON without its opening quote (closing the text begun in ``head``)
+        fields.append(head + _J(escaped)[1:-1] + '`"}' if code else head + _J(escaped)[1:] + "}")
     if fields:
         blocks.append('{"type":"section","block_id":"facts","fields":[' + ",".join(fields) + "]}")
-    detail = note.detail
     if detail is not None and detail.text:
         blocks.append(_section_json(_code_block(detail.label, detail.text), "detail"))
-    if note.steps:
-        blocks.append(_steps_json(note.steps))
-    link_line = _link_line(note.links)
-    if link_line:
-        blocks.append(_section_json(_fit_rendered(link_line), "links"))
-    if note.footer:
+    if steps:
+        blocks.append(_steps_json(steps))
+    if links:
+        blocks.append(_section_json(_fit_rendered(links), "links"))
+    if footer:
         blocks.append(
             '{"type":"context","block_id":"footer","elements":[{"type":"mrkdwn","text":'
-            + _J(fit(note.footer, MAX_FIELD_TEXT)) + "}]}"
+            + _J(fit(footer, MAX_FIELD_TEXT)) + "}]}"
         )  # fmt: skip
     blocks_json = "[" + ",".join(blocks[:MAX_BLOCKS]) + "]"
 
-    lines = []
-    if note.warning:
-        lines.append(escape(note.warning))
-    lines.append(f"{escape(header)} — {summary_plain}")
+    first = f"{escape(header)} — {summary_plain}"
+    text = escape(warning) + "\n" + first if warning else first
     if detail is not None and detail.text:
-        lines.append(f"{escape(detail.label)}: {fit(detail.text, FALLBACK_DETAIL_CHARS)}")
-    text = "\n".join(lines).strip() or "Alert"
+        text += f"\n{escape(detail.label)}: {fit(detail.text, FALLBACK_DETAIL_CHARS)}"
+    text = text.strip() or "Alert"
     return _fit_rendered(text, MAX_FALLBACK_TEXT), blocks_json
 
 

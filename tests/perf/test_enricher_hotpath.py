@@ -5,7 +5,8 @@ over pre-encoded events against dict lookups and an emitter that only collects, 
 is the service's own Python cost per event, free of broker and scheduling noise; the Kafka
 benchmark (``test_enricher_perf.py``) adds the client, loop and table costs. The event mix is
 that benchmark's: half connector failures with a long error, half onboardings, ~2% of orgs
-unknown (fallback channel). ``BENCH_PROFILE=1`` also prints the top of a cProfile.
+unknown (fallback channel). ``BENCH_PROFILE=1`` also prints the top of a cProfile (sorted by
+``BENCH_SORT``, default ``tottime``).
 """
 
 from __future__ import annotations
@@ -111,5 +112,7 @@ def test_enricher_hot_path() -> None:
         _run(handler, records, out)
         profile.disable()
         text = io.StringIO()
-        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profile, stream=text).sort_stats(
+            os.environ.get("BENCH_SORT", "tottime")
+        ).print_stats(25)
         print(text.getvalue())

@@ -217,3 +217,45 @@ def test_the_fake_slack_rejects_what_we_guard_against() -> None:
         with pytest.raises(SlackApiError) as raised:
             client.chat_postMessage(channel="C1", text="t", blocks=raw)
         assert raised.value.response["error"] == "invalid_blocks"
+
+
+def test_utc_minute_is_strftime_across_minutes_zones_and_naive_times() -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from services.enricher.render import utc_minute
+
+    base = datetime(2026, 11, 25, 9, 30, 59, 999_999, tzinfo=UTC)
+    moments = [
+        base,
+        base - timedelta(seconds=59),  # same minute: the cached text
+        base + timedelta(microseconds=1),  # the next minute
+        base.astimezone(timezone(timedelta(hours=5, minutes=45))),  # same instant elsewhere
+        base - timedelta(days=1),  # same clock minute, another day
+        datetime(1969, 12, 31, 23, 59, 30, tzinfo=UTC),  # before the epoch
+        datetime(5, 1, 2, 3, 4, tzinfo=UTC),  # strftime does not pad such years
+        datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        datetime(2026, 11, 25, 9, 30),  # naive: local time, as astimezone() takes it
+        base,
+    ]
+    for moment in moments:
+        assert utc_minute(moment) == moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def test_links_of_no_field_are_rendered_once_per_pipeline() -> None:
+    pipeline = CONNECTOR.with_link_templates(
+        {"docs": "https://docs.example/{{literal}}?a=1&b=2", "crm": "not a url"}
+    )
+    plan = {label: constant for label, _, constant in pipeline.link_plan}
+    assert plan["Connector docs"] == "<https://docs.example/{literal}?a=1&amp;b=2|Connector docs>"
+    assert plan["CRM record"] == ""  # no field and not a URL: left out, once
+    assert plan["Connector in Cloud Console"] is None  # uses fields: rendered per event
+    broken = CONNECTOR.with_link_templates({"docs": "https://x/{"})
+    assert {label: c for label, _, c in broken.link_plan}["Connector docs"] == ""  # malformed
+    outcome = route(
+        connector_event(), owner(), user(), pipeline=pipeline, now=NOW, fallback_channel=None
+    )
+    assert isinstance(outcome, Alert)
+    parsed = json.loads(outcome.message.blocks)
+    links = next(b for b in parsed if b["block_id"] == "links")["text"]["text"]
+    assert "https://docs.example/{literal}?a=1&amp;b=2|Connector docs" in links
+    assert "CRM record" not in links

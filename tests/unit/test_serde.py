@@ -216,3 +216,77 @@ def test_direct_writer_falls_back_on_values_it_does_not_handle() -> None:
     assert encode("t", record)[5:] == _fastavro_bytes(record)
     with pytest.raises(SerializationError):
         encode("t", SlackMessage("m", "p", None, "t", "[]", "o", "e", T0))  # type: ignore[arg-type]
+
+
+def _fastavro_record(record_type: type[Any], body: bytes) -> Any:
+    import io
+
+    import fastavro
+
+    schema = fastavro.parse_schema(json.loads((SCHEMA_DIR / record_type.SCHEMA).read_text()))
+    return record_type.from_avro(fastavro.schemaless_reader(io.BytesIO(body), schema, None))
+
+
+def test_the_enricher_inputs_take_the_direct_reader() -> None:
+    for record_type in (ConnectorStatusChanged, OnboardingStarted, CsdrAssignment, SlackUser):
+        assert _flat(record_type)
+
+
+def _framed_edge_records() -> list[Any]:
+    # the direct reader's records: every flat type, at the writer's edge values (timestamps
+    # come back in UTC and to the millisecond, as fastavro gives them)
+    edge = [r for r in _edge_records() if _flat(type(r))]
+    long_text = "é" * 40 + "\x00" + "🚀" * 3000
+    edge.append(CsdrAssignment(long_text, "", long_text, T0, None))
+    edge.append(OnboardingStarted("", "o", "n", "p", T0, "s", None))
+    edge.append(OnboardingStarted("e", "o", "n", "p", T0, "s", ""))
+    return edge
+
+
+@pytest.mark.parametrize("record", _framed_edge_records(), ids=lambda r: type(r).__name__)
+def test_direct_reader_gives_fastavros_records(record: Any) -> None:
+    registry = InMemorySchemaRegistry()
+    framed = AvroSerializer(registry, type(record))("t", record)
+    decode = AvroDeserializer(registry, type(record))
+    first = decode(framed, topic="t", partition=0, offset=0)  # resolves the id: fastavro
+    again = decode(framed, topic="t", partition=0, offset=1)  # the direct reader
+    expected = _fastavro_record(type(record), framed[5:])
+    assert first == again == expected
+    stamps = [v for v in (getattr(again, n) for n in again.__slots__) if isinstance(v, datetime)]
+    assert all(s.tzinfo is UTC for s in stamps)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b[:-1],  # the last timestamp byte missing
+        lambda b: b[:9],  # a string cut short
+        lambda b: b[:5],  # no body at all
+        lambda b: b[:5] + b"\x03" + b[6:],  # a negative string length
+        lambda b: b[:5] + b"\x08\xff\xfe\xfd\xfc" + b[10:],  # not UTF-8
+    ],
+)
+def test_direct_reader_refuses_what_fastavro_refuses(damage: Any) -> None:
+    registry = InMemorySchemaRegistry()
+    user = SlackUser("ana@example.com", "U1", T0, "Ana")
+    framed = AvroSerializer(registry, SlackUser)("t", user)
+    decode = AvroDeserializer(registry, SlackUser)
+    assert decode(framed, topic="t", partition=0, offset=0) == user
+    bad = damage(framed)
+    with pytest.raises(Exception):  # noqa: B017 (whatever fastavro raises on it)
+        _fastavro_record(SlackUser, bad[5:])
+    with pytest.raises(DeserializationError, match="cannot decode SlackUser with schema 1"):
+        decode(bad, topic="t", partition=3, offset=7)
+
+
+def test_direct_reader_refuses_a_union_index_out_of_range() -> None:
+    registry = InMemorySchemaRegistry()
+    user = SlackUser("a", "U1", T0, None)
+    framed = AvroSerializer(registry, SlackUser)("t", user)
+    decode = AvroDeserializer(registry, SlackUser)
+    decode(framed, topic="t", partition=0, offset=0)
+    # email "a", id "U1", then display_name's union index: 2 (zig-zag 4) does not exist
+    bad = framed[:10] + b"\x04" + framed[11:]
+    assert framed[10] == 0
+    with pytest.raises(DeserializationError, match="union index"):
+        decode(bad, topic="t", partition=0, offset=0)

@@ -10,12 +10,11 @@ connector to ``RUNNING`` or ``DELETED`` resolves it (such events are otherwise d
 
 from __future__ import annotations
 
-from datetime import UTC
 from typing import Final
 
 from libs.serde import ConnectorStatusChanged, Status
 from services.enricher.core import Context, LinkTemplate, Pipeline
-from services.enricher.render import Detail, Fact, Mrkdwn, Note
+from services.enricher.render import Detail, Fact, Mrkdwn, Note, utc_minute
 
 NAME: Final = "connector-provisioning-failed"
 
@@ -71,7 +70,7 @@ def describe(event: ConnectorStatusChanged, ctx: Context) -> Note:
             Fact("Status", f"{event.old_status} → {event.new_status}"),
             Fact("Cluster", event.cluster_id, code=True),
             Fact("Environment", event.environment_id, code=True),
-            Fact("Failed at", event.occurred_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")),
+            Fact("Failed at", utc_minute(event.occurred_at)),
         ),
         detail=Detail("Error", event.error_message) if event.error_message else None,
     )

@@ -7,12 +7,11 @@ production, and a welcome from the account team is the cheapest help there is.
 
 from __future__ import annotations
 
-from datetime import UTC
 from typing import Final
 
 from libs.serde import OnboardingStarted
 from services.enricher.core import Context, LinkTemplate, Pipeline
-from services.enricher.render import Fact, Mrkdwn, Note
+from services.enricher.render import Fact, Mrkdwn, Note, utc_minute
 
 NAME: Final = "onboarding-started"
 
@@ -39,7 +38,7 @@ def describe(event: OnboardingStarted, ctx: Context) -> Note:
             Fact("Customer", f"{org} ({event.org_id})"),
             Fact("Plan", event.plan),
             Fact("Cloud", event.cloud or ""),
-            Fact("Started at", event.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")),
+            Fact("Started at", utc_minute(event.started_at)),
             Fact("Source", event.source, code=True),
         ),
     )

@@ -130,7 +130,7 @@ def _when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Group:
     """An open alert: the message later events of its key update."""
 
@@ -221,7 +221,7 @@ class Group:
         return expires_at
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Park:
     """A join miss waiting for its lookup: enough to route the event again."""
 
@@ -268,7 +268,7 @@ class Park:
         return derived_id(self.pipeline, self.event_id, SUFFIX_DM)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EventRef:
     """What the lifecycle needs of the event being handled."""
 
@@ -281,7 +281,7 @@ class EventRef:
     error: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ParkRequest:
     """Where a join miss of this event would park, and for how long."""
 
@@ -292,7 +292,7 @@ class ParkRequest:
     ttl_ms: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     """Messages to produce and state writes to make (puts, then deletes of other keys)."""
 

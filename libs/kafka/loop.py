@@ -238,6 +238,9 @@ class ProcessingLoop:
             self._producer_factory(self._producer_config),
             timeout_s=self.config.transaction_timeout_s,
             transactional=self._eos,
+            # exactly-once: a failed output aborts the transaction, so no Python report per
+            # output (with success reports on, for state, one per record delivered)
+            record_failures=not self._eos,
         )
 
     # -- producing -------------------------------------------------------------------------

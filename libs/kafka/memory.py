@@ -31,7 +31,8 @@ against the real client on a real broker:
 
 Faults are injected per method: ``fail(name, error)`` makes the next call raise
 ``KafkaException(error)``; ``hang(name)`` makes calls block until the returned event is set
-(a wedged librdkafka call); ``fail_delivery(topic, error)`` fails the next delivery report.
+(a wedged librdkafka call); ``fail_delivery(topic, error)`` fails the next delivery to
+``topic``, and so the commit of its transaction (abortable, as librdkafka's).
 
 Not modelled: replication, compaction, retention, timestamps, record batches, prefetching.
 Keyed records go to ``crc32(key) % partitions``, not Kafka's murmur2: a test must not
@@ -619,6 +620,8 @@ class InMemoryProducer(_Faults):
         self._txn: _Txn | None = None
         self._txn_tps: set[TP] = set()
         self._txn_offsets: dict[str, dict[TP, int]] = {}
+        #: the first failed delivery of the open transaction: its commit fails (abortable)
+        self._txn_failure: KafkaError | None = None
         self._rr = 0
 
     def fail_delivery(self, topic: str, error: KafkaError, times: int = 1) -> None:
@@ -679,6 +682,8 @@ class InMemoryProducer(_Faults):
                     msg = _message(q.topic, q.partition, offset, q.record)
                 else:
                     msg = Message(topic=q.topic, partition=q.partition, value=q.record.value)
+                    if q.record.txn is not None and self._txn_failure is None:
+                        self._txn_failure = err
                 if q.on_delivery is not None:
                     self._reports.append((q.on_delivery, err, msg))
 
@@ -748,6 +753,16 @@ class InMemoryProducer(_Faults):
             raise KafkaException(KafkaError(KafkaError._STATE, "no open transaction"))
         self._deliver()
         self._serve()
+        failure = self._txn_failure
+        if failure is not None:
+            # as librdkafka: a record of the transaction that failed makes it abortable
+            raise KafkaException(
+                KafkaError(
+                    failure.code(),
+                    f"failed to produce a record of the transaction: {failure.str()}",
+                    txn_requires_abort=True,
+                )
+            )
         self._end_txn("committed")
 
     def abort_transaction(self, timeout: float = -1) -> None:
@@ -779,6 +794,7 @@ class InMemoryProducer(_Faults):
             self._txn = None
             self._txn_tps = set()
             self._txn_offsets = {}
+            self._txn_failure = None
             self._broker.cond.notify_all()
 
     def _check_not_fenced(self) -> None:

@@ -53,7 +53,11 @@ class ProducerClient:
         timeout_s: float,
         transactional: bool,
         commit_attempts: int = 3,
+        record_failures: bool = True,
     ) -> None:
+        if not record_failures and not transactional:
+            # nothing else would notice a failed delivery: flush only counts what is queued
+            raise ValueError("record_failures=False needs a transactional producer")
         self.producer = producer
         self.timeout_s = timeout_s
         self.transactional = transactional
@@ -61,6 +65,8 @@ class ProducerClient:
         self.wedged = False
         self.delivery_errors: list[str] = []
         self._commit_attempts = commit_attempts
+        #: the report of a record produced without a callback of its own (None: no report)
+        self._default_report: OnDelivery | None = self._on_delivery if record_failures else None
 
     # -- bounded calls -----------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], Any], timeout_s: float | None = None) -> Any:
@@ -103,13 +109,21 @@ class ProducerClient:
         partition and offset). ``partition`` pins the record to a partition; by default the
         partitioner picks one.
 
+        With ``record_failures=False`` (transactional only) a record without ``on_acked`` or
+        ``on_delivered`` gets no report at all: librdkafka puts the transaction in the
+        abortable state when one of its records fails, so ``commit`` raises
+        ``TransactionAbortedError`` (its message names the failure) and the interval is
+        replayed. Recording failures per record would cost a Python call and a ``Message``
+        per delivered record whenever success reports are on (``delivery.report.only.error``
+        off, as a loop keeping state needs for its changelog positions).
+
         A full local queue is waited out by serving delivery reports, for at most
         ``timeout_s``: a queue that does not drain in that time means a broker that does not
         answer, which is ``DeliveryError``.
         """
         if self.transactional and not self.in_transaction:
             self.begin()
-        report: OnDelivery = self._on_delivery
+        report = self._default_report
         if on_acked is not None:
             acked = on_acked
             report = self._reporter(lambda _msg: acked())

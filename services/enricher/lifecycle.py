@@ -34,8 +34,8 @@ EXPIRED_GROUP    the window closed                          forget the group: th
 
 State layout (keys are bytes; ``\\x00`` separates free-form parts so no id can forge a prefix):
 
-* ``g/<pipeline>\\x00<dedup key>`` -> ``Group`` (a JSON header line, then the original's text
-  and blocks);
+* ``g/<pipeline>\\x00<dedup key>`` -> ``Group`` (a binary header, then its strings as raw UTF-8:
+  the original's text and blocks last; see ``Group.encode``);
 * ``p/<kind>/<missing key>\\x00<pipeline>\\x00<event id>`` -> ``Park`` (compact JSON); kind
   ``owner`` (key: org id) or ``user`` (key: lower-cased e-mail), so a table change finds its
   parks by prefix.
@@ -53,6 +53,7 @@ import base64
 import dataclasses
 import heapq
 import json
+import struct
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -65,6 +66,11 @@ from services.enricher.render import Detail, Revision, escape, render_update
 
 #: compact JSON, non-ASCII kept as is (shorter than \u escapes)
 _DUMPS: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+#: ``Group`` value layout 1: version, count, first_at, latest_at, expires_at, then the UTF-8
+#: lengths of the message id, channel, latest error (-1: none) and text; blocks are the rest
+_GROUP_V1: Final = 1
+_GROUP_HEAD: Final = struct.Struct(">BIqqqHHiI")
 
 GROUP_PREFIX: Final = b"g/"
 PARK_PREFIX: Final = b"p/"
@@ -124,7 +130,7 @@ def _when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Group:
     """An open alert: the message later events of its key update."""
 
@@ -142,30 +148,56 @@ class Group:
     latest_error: str | None = None
 
     def encode(self) -> bytes:
-        """A compact JSON header line, then the original's text and blocks as raw UTF-8.
+        """A fixed binary header, then the strings as raw UTF-8 (the blocks last, unsized).
 
-        Escaping the blocks (JSON inside JSON) cost more than the rest of the lifecycle per
-        event; raw bytes after a header holding the text's length cost a memcpy.
+        Written for every new alert, so its cost is per output: no JSON (escaping the blocks,
+        JSON inside JSON, once cost more than the rest of the lifecycle per event; a JSON
+        header with the latest error cost ~1.5 µs more than ``struct``), one join.
         """
+        mid = self.message_id.encode()
+        channel = self.channel.encode()
+        error = b"" if self.latest_error is None else self.latest_error.encode()
         text = self.text.encode()
-        head = _DUMPS(
-            [
-                self.message_id,
-                self.channel,
-                self.count,
-                self.first_at,
-                self.latest_at,
-                self.expires_at,
-                self.latest_error,
-                len(text),
-            ]
+        head = _GROUP_HEAD.pack(
+            _GROUP_V1,
+            self.count,
+            self.first_at,
+            self.latest_at,
+            self.expires_at,
+            len(mid),
+            len(channel),
+            -1 if self.latest_error is None else len(error),
+            len(text),
         )
-        # the header has no raw newline: JSON escapes it inside strings
-        return b"".join((head.encode(), b"\n", text, self.blocks.encode()))
+        return b"".join((head, mid, channel, error, text, self.blocks.encode()))
 
     @classmethod
     def decode(cls, raw: bytes) -> Group:
-        """The inverse of ``encode``."""
+        """The inverse of ``encode``; reads the layout before it too (stores and changelogs
+        written by an earlier version: a JSON header line, then text and blocks)."""
+        if raw[:1] != b"\x01":
+            return cls._decode_json_header(raw)
+        _, count, first_at, latest_at, expires_at, n_mid, n_channel, n_error, n_text = (
+            _GROUP_HEAD.unpack_from(raw)
+        )
+        at = _GROUP_HEAD.size + n_mid
+        error_at = at + n_channel
+        text_at = error_at + max(n_error, 0)
+        blocks_at = text_at + n_text
+        return cls(
+            raw[_GROUP_HEAD.size : at].decode(),
+            raw[at:error_at].decode(),
+            count,
+            first_at,
+            latest_at,
+            expires_at,
+            raw[text_at:blocks_at].decode(),
+            raw[blocks_at:].decode(),
+            None if n_error < 0 else raw[error_at:text_at].decode(),
+        )
+
+    @classmethod
+    def _decode_json_header(cls, raw: bytes) -> Group:
         head, _, body = raw.partition(b"\n")
         mid, channel, count, first_at, latest_at, expires_at, error, n = json.loads(head)
         return cls(
@@ -180,8 +212,16 @@ class Group:
             error,
         )
 
+    @staticmethod
+    def expires_at_of(raw: bytes) -> int:
+        """The ``expires_at`` of an encoded group, without decoding the rest."""
+        if raw[:1] != b"\x01":
+            return int(json.loads(raw.partition(b"\n")[0])[5])
+        expires_at: int = _GROUP_HEAD.unpack_from(raw)[4]
+        return expires_at
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class Park:
     """A join miss waiting for its lookup: enough to route the event again."""
 
@@ -228,7 +268,7 @@ class Park:
         return derived_id(self.pipeline, self.event_id, SUFFIX_DM)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EventRef:
     """What the lifecycle needs of the event being handled."""
 
@@ -241,7 +281,7 @@ class EventRef:
     error: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ParkRequest:
     """Where a join miss of this event would park, and for how long."""
 
@@ -252,7 +292,7 @@ class ParkRequest:
     ttl_ms: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     """Messages to produce and state writes to make (puts, then deletes of other keys)."""
 
@@ -596,5 +636,5 @@ class Schedule:
 def expires_at_of(key: bytes, raw: bytes) -> int:
     """The ``expires_at`` of the group or park stored at ``key`` (for the schedule)."""
     if key.startswith(GROUP_PREFIX):
-        return int(json.loads(raw.partition(b"\n")[0])[5])
+        return Group.expires_at_of(raw)
     return Park.decode(raw).expires_at

@@ -161,6 +161,24 @@ def test_records_round_trip() -> None:
     assert Park.decode(p.encode()) == p
 
 
+def test_group_round_trips_non_ascii_and_absent_error() -> None:
+    # lengths in the header are UTF-8 byte counts, not characters
+    g = group(latest_error="bäd 💥")
+    g = dataclasses.replace(g, channel="C-é", text="Ünïcode — ✅", blocks='[{"t":"é"}]')
+    assert Group.decode(g.encode()) == g
+    assert Group.decode(dataclasses.replace(g, latest_error="").encode()).latest_error == ""
+    assert Group.decode(dataclasses.replace(g, latest_error=None).encode()).latest_error is None
+
+
+def test_groups_written_by_the_json_header_layout_still_read() -> None:
+    # stores and changelogs written before the binary header keep working after an upgrade
+    legacy = '["m-1","C1",3,1000,2000,3000,"boom",7]\nÜ text[{"a":1}]'.encode()
+    assert Group.decode(legacy) == Group(
+        "m-1", "C1", 3, 1000, 2000, 3000, "Ü text", '[{"a":1}]', "boom"
+    )
+    assert expires_at_of(group_key(P, "lcc-1"), legacy) == 3000
+
+
 # -- decide: the first event of a key, a later one, misses --------------------------------------
 DM, FB = alert(), alert(miss=NO_OWNER)
 

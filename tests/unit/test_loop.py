@@ -192,6 +192,59 @@ def test_an_abortable_commit_error_rolls_back_and_replays() -> None:
     assert rig.outputs() == Counter(v for _, v, _ in records)
 
 
+def test_a_failed_output_delivery_aborts_the_transaction_and_replays() -> None:
+    # Exactly-once outputs carry no delivery report of their own: the failed record makes
+    # the transaction abortable (librdkafka, and the twin), its commit fails, and the
+    # interval is replayed.
+    rig = Rig()
+    rig.producers[0].fail_delivery(OUT, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+    records = values(6)
+    rig.send(records)
+    rig.start()
+    wait_until(lambda: rig.committed() == rig.ends(), timeout_s=20, message="committed")
+    stats = rig.finish()
+    assert stats.aborts >= 1
+    assert rig.outputs() == Counter(v for _, v, _ in records)
+
+
+@pytest.mark.parametrize("guarantee", list(Guarantee))
+def test_outputs_get_a_python_delivery_report_only_without_transactions(
+    guarantee: Guarantee,
+) -> None:
+    # A report per output is a Python call and a Message per delivered record whenever
+    # success reports are on (a loop with state): only at-least-once needs it, to see
+    # failures before committing the offsets.
+    rig = Rig(guarantee=guarantee)
+    producer = rig.producers[0]
+    reports: list[object] = []
+    produce = producer.produce
+
+    def spy(topic: str, *args: Any, **kwargs: Any) -> None:
+        reports.append(kwargs.get("on_delivery"))
+        produce(topic, *args, **kwargs)
+
+    producer.produce = spy  # type: ignore[method-assign]
+    records = values(6)
+    rig.send(records)
+    rig.start()
+    wait_until(lambda: rig.committed() == rig.ends(), timeout_s=20, message="committed")
+    rig.finish()
+    assert len(reports) == 6
+    if guarantee is Guarantee.EXACTLY_ONCE:
+        assert reports == [None] * 6
+    else:
+        assert all(r is not None for r in reports)
+
+
+def test_only_a_transactional_producer_may_go_without_failure_reports() -> None:
+    # without a transaction to fail, a failed delivery would go unnoticed
+    from libs.kafka.producer import ProducerClient
+
+    producer = InMemoryBroker().producer({})
+    with pytest.raises(ValueError, match="transactional"):
+        ProducerClient(producer, timeout_s=1, transactional=False, record_failures=False)
+
+
 @pytest.mark.parametrize("call", ["send_offsets_to_transaction", "commit_transaction"])
 def test_a_commit_that_keeps_timing_out_rolls_back_and_replays(call: str) -> None:
     # What a broker restart looks like to librdkafka: the transaction coordinator does not

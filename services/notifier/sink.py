@@ -127,6 +127,8 @@ Headers = list[tuple[str, str | bytes | None]] | None
 
 #: While markers wait for their acknowledgement, a finished Slack call is noticed within this.
 MARKER_WAIT_SLICE_S = 0.001
+#: the "receipts" summary line (receipts by outcome) comes at most this often
+RECEIPT_LOG_INTERVAL_S = 1.0
 
 MESSAGES = Counter(
     "notifier_messages_total",
@@ -343,6 +345,9 @@ class SinkLoop:
         self._fatal: str | None = None
         self._last_commit = self._mono()
         self._last_table_poll = 0.0
+        #: receipts by outcome since the last "receipts" summary line (FAILED ones excepted)
+        self._receipt_counts: dict[str, int] = {}
+        self._last_receipt_log = self._mono()
         self._closing = False
         self.last_turn = self._mono()
         self.assigned: set[TP] = set()
@@ -362,6 +367,7 @@ class SinkLoop:
             self._drain(None)
             self._flush()
             self._commit(None)
+            self._log_receipts(self._mono())
         finally:
             # Revoke callbacks during close() have nothing left to do: drained and committed.
             self._closing = True
@@ -395,6 +401,8 @@ class SinkLoop:
         if now - self._last_commit >= self.config.commit_interval_s:
             self._commit(None)
             self._observe_backlog()
+        if now - self._last_receipt_log >= RECEIPT_LOG_INTERVAL_S:
+            self._log_receipts(now)
         wait = self.scheduler.wait_s(self._mono(), self.config.poll_timeout_s)
         if self.scheduler.in_flight:
             msgs = self._consumer.consume(self.config.batch_size, 0)
@@ -841,12 +849,20 @@ class SinkLoop:
         else:
             self.stats.failed += 1
         MESSAGES.labels(outcome).inc()
-        extra = _ids(entry, status=status, attempts=receipt.attempts, slack_ts=receipt.slack_ts)
-        if update_of is not None:
-            extra["update_of"] = update_of
-        if receipt.error:
-            extra["error"] = receipt.error
-        log.log(logging.WARNING if status == "FAILED" else logging.INFO, "receipt", extra=extra)
+        # A FAILED receipt is a line of its own; the others are counted into the periodic
+        # "receipts" summary (_log_receipts), with a line each at DEBUG: a line per message was
+        # a tenth of the loop's CPU (the record, the JSON, one write each), and the receipts
+        # topic (``python -m services.notifier receipt``) is where a message's outcome is.
+        level = logging.WARNING if status == "FAILED" else logging.DEBUG
+        if status != "FAILED":
+            self._receipt_counts[outcome] = self._receipt_counts.get(outcome, 0) + 1
+        if log.isEnabledFor(level):
+            extra = _ids(entry, status=status, attempts=receipt.attempts, slack_ts=receipt.slack_ts)
+            if update_of is not None:
+                extra["update_of"] = update_of
+            if receipt.error:
+                extra["error"] = receipt.error
+            log.log(level, "receipt", extra=extra)
         value = self._encode(receipt)
         ticket = self.scheduler.tracker.expect(
             entry.tp, entry.offset, entry.epoch, 2 if decision.dead_letter else 1
@@ -882,6 +898,19 @@ class SinkLoop:
         # Read-your-own-write: the next copy of this message (a replay right behind it in the
         # channel queue) must see the receipt before it has gone round the topic.
         self._table.put_local(receipt.message_id, value)
+
+    def _log_receipts(self, now: float) -> None:
+        """One INFO line with the receipts (by outcome) produced since the previous one."""
+        if self._receipt_counts:
+            log.info(
+                "receipts",
+                extra={
+                    **self._receipt_counts,
+                    "seconds": round(now - self._last_receipt_log, 1),
+                },
+            )
+            self._receipt_counts = {}
+        self._last_receipt_log = now
 
     def _publish_dead_letter(
         self,

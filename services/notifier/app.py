@@ -104,6 +104,10 @@ class NotifierService:
             state_dir=Path(settings.state_dir),
             consumer_config=_table_consumer_config(self._kafka),
             decode=decode_marker,
+            # Not decoded at restore (most markers read back are this process's own, a JSON
+            # parse each): a marker that does not decode is answered as absent by ``get``,
+            # counted and logged, as it was skipped as invalid at restore before.
+            validate=False,
         )
         # linger.ms=0: every post waits for its marker's acknowledgement, nothing to batch
         marker_config = self._kafka.producer_config()

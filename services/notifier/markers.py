@@ -323,6 +323,10 @@ class KafkaInDoubtStore:
         # markers this process began and has not deleted (the latest begin of each): their
         # tombstone needs no lookup
         self._mine: dict[str, _Begun] = {}
+        # Read-your-own-write: the acknowledged ones among them, answered by ``get`` before
+        # the table has read them back. Kept here rather than written through to the table
+        # (a store write per message); the table applies them when it reads them back.
+        self._durable: dict[str, AttemptMarker] = {}
 
     # -- InDoubtStore ------------------------------------------------------------------------
     def assign(self, tps: Iterable[TP]) -> None:
@@ -352,10 +356,10 @@ class KafkaInDoubtStore:
             self._awaiting -= 1
             if self._mine.get(message_id) is begun:
                 begun.durable = True
-                # Read-your-own-write: a replay of the message on this replica must find it
-                # even before the table has fetched it back. (Not when it was deleted while
-                # being written: its tombstone follows it on the topic.)
-                self._table.put_local(message_id, value)
+                # A replay of the message on this replica must find it even before the table
+                # has fetched it back. (Not when it was deleted while being written: its
+                # tombstone follows it on the topic.)
+                self._durable[message_id] = marker
             on_durable()
 
         self._producer.produce(self._topic, message_id.encode(), value, on_acked=acked)
@@ -376,7 +380,8 @@ class KafkaInDoubtStore:
             self._tombstones.check_delivery("; their markers stay until retention")
         self._gate.poll()
         # The table only matters for what other replicas wrote, i.e. at an assignment (the
-        # gate): this process's own markers and tombstones are already in it (put_local).
+        # gate): this process's own markers and tombstones are known already (``_durable``,
+        # put_local).
         # Read on every turn, it applied one record per poll with a store write and a lag
         # update each; on an interval, a batch per write.
         now = self._mono()
@@ -394,7 +399,8 @@ class KafkaInDoubtStore:
 
     # -- AttemptLog --------------------------------------------------------------------------
     def get(self, message_id: str) -> AttemptMarker | None:
-        return self._table.get(message_id)
+        mine = self._durable.get(message_id)
+        return mine if mine is not None else self._table.get(message_id)
 
     def put(self, message_id: str, marker: AttemptMarker) -> None:
         """Write a marker without waiting for it (``begin`` is the durable way)."""
@@ -406,6 +412,7 @@ class KafkaInDoubtStore:
         # Its own markers are known without a lookup (a store read and a JSON decode per
         # message); the table is asked only about markers of earlier runs or other replicas.
         begun = self._mine.pop(message_id, None)
+        self._durable.pop(message_id, None)
         if begun is None and self._table.get(message_id) is None:
             return  # nothing to clear: no tombstone for every skipped replay
         # The tombstone must land after its marker. A marker this process saw acknowledged
@@ -415,6 +422,8 @@ class KafkaInDoubtStore:
         # idempotence keeps the order within the partition.
         producer = self._tombstones if begun is not None and begun.durable else self._producer
         producer.produce(self._topic, message_id.encode(), None)
+        # The table may have read the marker back already, and the tombstone takes a while
+        # (its linger, the table's fetch and poll interval): hide the marker until then.
         self._table.put_local(message_id, None)
 
     def __len__(self) -> int:

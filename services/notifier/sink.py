@@ -71,6 +71,7 @@ whole loop runs in unit tests on the in-memory twins of ``libs.kafka.memory``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -160,6 +161,12 @@ BEHIND = Gauge(
     "Messages of this replica's partitions without a final outcome (receipt) yet: "
     "not consumed, or consumed and not finished",
 )
+
+
+# The children of the per-message counters, looked up once per label value rather than
+# through ``labels()`` (validation and a lock) on every message.
+_messages = functools.cache(MESSAGES.labels)
+_slack_calls = functools.cache(SLACK_CALLS.labels)
 
 
 class SlackDeliveryError(Exception):
@@ -460,7 +467,7 @@ class SinkLoop:
         self, msg: Message, tp: TP, offset: int, epoch: int, exc: Exception
     ) -> None:
         self.stats.undecodable += 1
-        MESSAGES.labels("undecodable").inc()
+        _messages("undecodable").inc()
         ticket = self.scheduler.tracker.expect(tp, offset, epoch, 1)
         self._publish_dead_letter(ticket, None, msg.key(), msg.value(), _headers(msg), exc)
 
@@ -731,7 +738,7 @@ class SinkLoop:
         expected, method, decide = _ANSWERS[c.step]
         if not isinstance(outcome, expected):
             outcome = core.Unavailable(f"unexpected answer {outcome!r}", in_doubt=True)
-        SLACK_CALLS.labels(method, _result(outcome)).inc()
+        _slack_calls(method, _result(outcome)).inc()
         decision: Decision = decide(
             delivery, outcome, now=now, policy=self.config.policy, jitter=jitter
         )
@@ -817,7 +824,7 @@ class SinkLoop:
     ) -> None:
         self.scheduler.pop(channel)
         self.stats.skipped += 1
-        MESSAGES.labels("skipped").inc()
+        _messages("skipped").inc()
         log.info(
             "already has a final receipt, skipped",
             extra=_ids(entry, status=existing.status if existing else None),
@@ -848,7 +855,7 @@ class SinkLoop:
                 )
         else:
             self.stats.failed += 1
-        MESSAGES.labels(outcome).inc()
+        _messages(outcome).inc()
         # A FAILED receipt is a line of its own; the others are counted into the periodic
         # "receipts" summary (_log_receipts), with a line each at DEBUG: a line per message was
         # a tenth of the loop's CPU (the record, the JSON, one write each), and the receipts

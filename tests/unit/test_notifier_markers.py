@@ -109,6 +109,14 @@ class _Rig:
             return table_get(key)
 
         self.table.get = counted  # type: ignore[method-assign]
+        self.writes: list[tuple[str, bool]] = []
+        put_local = self.table.put_local
+
+        def recorded(key: str, value: bytes | None) -> None:
+            self.writes.append((key, value is None))
+            put_local(key, value)
+
+        self.table.put_local = recorded  # type: ignore[method-assign]
         self.markers = _Recording(self.broker.producer({}), timeout_s=5, transactional=False)
         self.tombstones = (
             _Recording(self.broker.producer({}), timeout_s=5, transactional=False)
@@ -219,3 +227,25 @@ def test_kafka_store_reads_its_table_on_an_interval_and_on_every_poll_while_gate
     rig.elsewhere("m4")
     rig.store.poll()
     assert rig.store.get("m4") is not None
+
+
+def test_kafka_store_answers_its_acknowledged_markers_without_writing_them_through(
+    tmp_path: Path,
+) -> None:
+    """Its own markers are answered from memory until the table reads them back: no store
+    write per marker; the tombstone still hides a marker the table may have read already."""
+    rig = _Rig(tmp_path)
+    rig.store.begin(TP0, "m1", AttemptMarker("C1", 1, T0), lambda: None, 3)
+    assert rig.store.get("m1") is None  # not acknowledged yet: not in doubt for anyone
+    rig.store.poll()
+    assert rig.store.get("m1") == AttemptMarker("C1", 1, T0)
+    assert rig.writes == []
+    rig.store.begin(TP0, "m1", AttemptMarker("C1", 2, T0), lambda: None, 3)  # a retry
+    assert rig.store.get("m1") == AttemptMarker("C1", 1, T0)  # the durable one until acked
+    rig.store.poll()
+    assert rig.store.get("m1") == AttemptMarker("C1", 2, T0)
+    rig.now += 1.0
+    rig.store.poll()  # the table reads both back
+    rig.store.delete("m1")
+    assert rig.writes == [("m1", True)]
+    assert rig.store.get("m1") is None

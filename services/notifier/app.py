@@ -115,6 +115,8 @@ class NotifierService:
         marker_producer = Producer(marker_config)
         tombstone_config = self._kafka.producer_config()
         tombstone_config["linger.ms"] = TOMBSTONE_LINGER_MS
+        # only a failed tombstone has something to report (ProducerClient records it)
+        tombstone_config["delivery.report.only.error"] = True
         self._markers = KafkaInDoubtStore(
             self.attempts,
             ProducerClient(

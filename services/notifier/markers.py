@@ -336,7 +336,14 @@ class KafkaInDoubtStore:
         return self._gate.is_open(tp)
 
     def revoke(self, tps: Iterable[TP]) -> None:
-        self._gate.forget(tps)
+        revoked = set(tps)
+        self._gate.forget(revoked)
+        # What this replica knew of its markers there is the table's business again: they are
+        # on the topic (acknowledged), and a new assignment reads the table up to its gate.
+        # (Kept, a retried post's marker of a partition gone for good stayed here forever.)
+        for message_id, begun in self._mine.items():
+            if begun.tp in revoked:
+                self._durable.pop(message_id, None)
 
     def begin(
         self,
@@ -350,7 +357,7 @@ class KafkaInDoubtStore:
             marker, message_id=message_id, tp=tp, offset=offset, started_at=self._now()
         )
 
-        begun = _Begun()
+        begun = _Begun(tp)
 
         def acked() -> None:
             self._awaiting -= 1
@@ -444,6 +451,7 @@ class KafkaInDoubtStore:
 
 @dataclass(eq=False)
 class _Begun:
-    """A marker this process began; ``durable`` once the broker acknowledged it."""
+    """A marker this process began (for a message of ``tp``); ``durable`` once acknowledged."""
 
+    tp: TP
     durable: bool = False

@@ -249,3 +249,19 @@ def test_kafka_store_answers_its_acknowledged_markers_without_writing_them_throu
     rig.store.delete("m1")
     assert rig.writes == [("m1", True)]
     assert rig.store.get("m1") is None
+
+
+def test_kafka_store_leaves_the_markers_of_a_revoked_partition_to_its_table(
+    tmp_path: Path,
+) -> None:
+    """Once the partition is revoked, its markers are answered by the table (what every
+    replica reads), not from this replica's memory."""
+    rig = _Rig(tmp_path)
+    rig.store.begin(TP0, "m1", AttemptMarker("C1", 1, T0), lambda: None, 3)
+    rig.store.begin(("slack-messages", 1), "m2", AttemptMarker("C1", 1, T0), lambda: None, 3)
+    rig.store.poll()
+    rig.store.revoke([TP0])
+    rig.lookups.clear()
+    assert rig.store.get("m1") == AttemptMarker("C1", 1, T0)  # read back by the table
+    assert rig.store.get("m2") == AttemptMarker("C1", 1, T0)
+    assert rig.lookups == ["m1"]

@@ -273,9 +273,10 @@ def _table_consumer_config(kafka: KafkaSettings) -> dict[str, Any]:
     """The consumer of the receipts and markers tables: fetches batched by the broker.
 
     Most of what the tables read back is this process's own writes, known locally already
-    (``put_local``, the markers' own read-your-own-write); with librdkafka's defaults (``fetch.min.bytes=1``) each table issued a
-    fetch per record or two as they arrived, hundreds a second per table at full speed, each
-    a round trip's worth of CPU in the client and the broker. Held until a batch fills or
+    (``put_local``, the markers' own read-your-own-write); with librdkafka's defaults
+    (``fetch.min.bytes=1``) each table issued a fetch per record or two as they arrived,
+    hundreds a second per table at full speed, each a round trip's worth of CPU in the client
+    and the broker. Held until a batch fills or
     ``TABLE_FETCH_WAIT_MS`` passes, the fetches come at most ~20 a second when the topic is
     busy; what other replicas wrote (and a partition's gate, which waits for the table to
     reach a snapshot of the high watermarks) is at most that much later.

@@ -94,7 +94,7 @@ class NotifierService:
             name="receipts",
             topic=self._receipts_topic,
             state_dir=Path(settings.state_dir),
-            consumer_config=self._kafka.consumer_config(None),
+            consumer_config=_table_consumer_config(self._kafka),
             registry=self._registry,
             dead_letters=self._table_dlq,
         )
@@ -102,17 +102,32 @@ class NotifierService:
             name="in-doubt",
             topic=topics.slack_message_attempts,
             state_dir=Path(settings.state_dir),
-            consumer_config=self._kafka.consumer_config(None),
+            consumer_config=_table_consumer_config(self._kafka),
             decode=decode_marker,
+            # Not decoded at restore (most markers read back are this process's own, a JSON
+            # parse each): a marker that does not decode is answered as absent by ``get``,
+            # counted and logged, as it was skipped as invalid at restore before.
+            validate=False,
         )
         # linger.ms=0: every post waits for its marker's acknowledgement, nothing to batch
         marker_config = self._kafka.producer_config()
         marker_config["linger.ms"] = 0
         marker_producer = Producer(marker_config)
+        tombstone_config = self._kafka.producer_config()
+        tombstone_config["linger.ms"] = TOMBSTONE_LINGER_MS
+        # only a failed tombstone has something to report (ProducerClient records it)
+        tombstone_config["delivery.report.only.error"] = True
         self._markers = KafkaInDoubtStore(
             self.attempts,
             ProducerClient(
                 marker_producer, timeout_s=settings.slack_timeout_s, transactional=False
+            ),
+            # Nothing waits for a tombstone: batched over TOMBSTONE_LINGER_MS, ~one request
+            # for dozens (a produce request costs librdkafka's thread ~30-70 us of CPU here).
+            tombstones=ProducerClient(
+                Producer(tombstone_config),
+                timeout_s=settings.slack_timeout_s,
+                transactional=False,
             ),
         )
         self.loop: SinkLoop | None = None
@@ -247,6 +262,30 @@ class NotifierService:
     def counts(self) -> dict[str, object]:
         """The sink loop's counts."""
         return dict(vars(self.loop.stats if self.loop is not None else SinkStats()))
+
+
+#: how long a marker's tombstone may wait to share a produce request with others
+TOMBSTONE_LINGER_MS = 50
+#: how long the broker may hold a fetch of the tables' consumers to fill it (see below)
+TABLE_FETCH_WAIT_MS = 50
+
+
+def _table_consumer_config(kafka: KafkaSettings) -> dict[str, Any]:
+    """The consumer of the receipts and markers tables: fetches batched by the broker.
+
+    Most of what the tables read back is this process's own writes, known locally already
+    (``put_local``, the markers' own read-your-own-write); with librdkafka's defaults
+    (``fetch.min.bytes=1``) each table issued a fetch per record or two as they arrived,
+    hundreds a second per table at full speed, each a round trip's worth of CPU in the client
+    and the broker. Held until a batch fills or
+    ``TABLE_FETCH_WAIT_MS`` passes, the fetches come at most ~20 a second when the topic is
+    busy; what other replicas wrote (and a partition's gate, which waits for the table to
+    reach a snapshot of the high watermarks) is at most that much later.
+    """
+    conf = kafka.consumer_config(None)
+    conf["fetch.min.bytes"] = 256 * 1024
+    conf["fetch.wait.max.ms"] = TABLE_FETCH_WAIT_MS
+    return conf
 
 
 def _build_notifier(settings: NotifierSettings) -> Notifier:

@@ -30,6 +30,8 @@ the in-flight messages a second time. So markers live in a compacted topic
   whose marker the next owner could miss;
 * ``delete``: a tombstone, fire-and-forget, only for a marker the table holds (a skipped
   replay writes nothing). A leftover marker costs one history check, never a duplicate post;
+  nothing waits for a tombstone, so those of acknowledged markers go through a second,
+  batching producer (``tombstones``), not as a produce request each;
 * reading: every replica follows the whole topic as a ``GlobalTable`` (its local RocksDB is a
   cache, resumed from its stored offsets and rebuilt from the topic when the volume is
   lost). Markers are few (one per post in flight, plus tombstones until compaction), so
@@ -70,6 +72,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -299,6 +302,7 @@ class KafkaInDoubtStore:
         table: GlobalTable[AttemptMarker],
         producer: ProducerClient,
         *,
+        tombstones: ProducerClient | None = None,
         gate_timeout_s: float = 5.0,
         table_poll_interval_s: float = 0.1,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -306,6 +310,7 @@ class KafkaInDoubtStore:
     ) -> None:
         self._table = table
         self._producer = producer
+        self._tombstones = tombstones or producer
         self._topic = table.topic
         self._gate = PartitionGate(
             table, name=table.name, timeout_s=gate_timeout_s, monotonic=monotonic
@@ -317,7 +322,11 @@ class KafkaInDoubtStore:
         self._awaiting = 0
         # markers this process began and has not deleted (the latest begin of each): their
         # tombstone needs no lookup
-        self._mine: dict[str, object] = {}
+        self._mine: dict[str, _Begun] = {}
+        # Read-your-own-write: the acknowledged ones among them, answered by ``get`` before
+        # the table has read them back. Kept here rather than written through to the table
+        # (a store write per message); the table applies them when it reads them back.
+        self._durable: dict[str, AttemptMarker] = {}
 
     # -- InDoubtStore ------------------------------------------------------------------------
     def assign(self, tps: Iterable[TP]) -> None:
@@ -327,7 +336,14 @@ class KafkaInDoubtStore:
         return self._gate.is_open(tp)
 
     def revoke(self, tps: Iterable[TP]) -> None:
-        self._gate.forget(tps)
+        revoked = set(tps)
+        self._gate.forget(revoked)
+        # What this replica knew of its markers there is the table's business again: they are
+        # on the topic (acknowledged), and a new assignment reads the table up to its gate.
+        # (Kept, a retried post's marker of a partition gone for good stayed here forever.)
+        for message_id, begun in self._mine.items():
+            if begun.tp in revoked:
+                self._durable.pop(message_id, None)
 
     def begin(
         self,
@@ -341,19 +357,20 @@ class KafkaInDoubtStore:
             marker, message_id=message_id, tp=tp, offset=offset, started_at=self._now()
         )
 
-        token = object()
+        begun = _Begun(tp)
 
         def acked() -> None:
             self._awaiting -= 1
-            if self._mine.get(message_id) is token:
-                # Read-your-own-write: a replay of the message on this replica must find it
-                # even before the table has fetched it back. (Not when it was deleted while
-                # being written: its tombstone follows it on the topic.)
-                self._table.put_local(message_id, value)
+            if self._mine.get(message_id) is begun:
+                begun.durable = True
+                # A replay of the message on this replica must find it even before the table
+                # has fetched it back. (Not when it was deleted while being written: its
+                # tombstone follows it on the topic.)
+                self._durable[message_id] = marker
             on_durable()
 
         self._producer.produce(self._topic, message_id.encode(), value, on_acked=acked)
-        self._mine[message_id] = token
+        self._mine[message_id] = begun
         self._awaiting += 1
 
     def poll(self) -> None:
@@ -363,9 +380,15 @@ class KafkaInDoubtStore:
         self._producer.check_delivery(
             "; the posts waiting for them were not made and are replayed after the restart"
         )
+        if self._tombstones is not self._producer:
+            self._tombstones.poll()
+            # a broker refusing writes: stop as for a marker (a leftover marker itself would
+            # only cost a history check)
+            self._tombstones.check_delivery("; their markers stay until retention")
         self._gate.poll()
         # The table only matters for what other replicas wrote, i.e. at an assignment (the
-        # gate): this process's own markers and tombstones are already in it (put_local).
+        # gate): this process's own markers and tombstones are known already (``_durable``,
+        # put_local).
         # Read on every turn, it applied one record per poll with a store write and a lag
         # update each; on an interval, a batch per write.
         now = self._mono()
@@ -383,7 +406,8 @@ class KafkaInDoubtStore:
 
     # -- AttemptLog --------------------------------------------------------------------------
     def get(self, message_id: str) -> AttemptMarker | None:
-        return self._table.get(message_id)
+        mine = self._durable.get(message_id)
+        return mine if mine is not None else self._table.get(message_id)
 
     def put(self, message_id: str, marker: AttemptMarker) -> None:
         """Write a marker without waiting for it (``begin`` is the durable way)."""
@@ -394,9 +418,19 @@ class KafkaInDoubtStore:
     def delete(self, message_id: str) -> None:
         # Its own markers are known without a lookup (a store read and a JSON decode per
         # message); the table is asked only about markers of earlier runs or other replicas.
-        if self._mine.pop(message_id, None) is None and self._table.get(message_id) is None:
+        begun = self._mine.pop(message_id, None)
+        self._durable.pop(message_id, None)
+        if begun is None and self._table.get(message_id) is None:
             return  # nothing to clear: no tombstone for every skipped replay
-        self._producer.produce(self._topic, message_id.encode(), None)
+        # The tombstone must land after its marker. A marker this process saw acknowledged
+        # is on the topic: its tombstone goes with the batching producer (a request of its
+        # own per tombstone on the markers' producer, linger.ms=0, was half of that
+        # producer's work). Any other one follows its marker on the markers' producer, whose
+        # idempotence keeps the order within the partition.
+        producer = self._tombstones if begun is not None and begun.durable else self._producer
+        producer.produce(self._topic, message_id.encode(), None)
+        # The table may have read the marker back already, and the tombstone takes a while
+        # (its linger, the table's fetch and poll interval): hide the marker until then.
         self._table.put_local(message_id, None)
 
     def __len__(self) -> int:
@@ -405,7 +439,19 @@ class KafkaInDoubtStore:
     def close(self) -> None:
         try:
             # flushes the tombstones (bounded); one lost costs a history check, not a post
-            for problem in self._producer.close(10.0):
-                log.error(problem)
+            producers = [self._producer]
+            if self._tombstones is not self._producer:
+                producers.append(self._tombstones)
+            for producer in producers:
+                for problem in producer.close(10.0):
+                    log.error(problem)
         finally:
             self._table.close()
+
+
+@dataclass(eq=False)
+class _Begun:
+    """A marker this process began (for a message of ``tp``); ``durable`` once acknowledged."""
+
+    tp: TP
+    durable: bool = False

@@ -71,6 +71,7 @@ whole loop runs in unit tests on the in-memory twins of ``libs.kafka.memory``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -128,6 +129,8 @@ Headers = list[tuple[str, str | bytes | None]] | None
 
 #: While markers wait for their acknowledgement, a finished Slack call is noticed within this.
 MARKER_WAIT_SLICE_S = 0.001
+#: the "receipts" summary line (receipts by outcome) comes at most this often
+RECEIPT_LOG_INTERVAL_S = 1.0
 
 MESSAGES = Counter(
     "notifier_messages_total",
@@ -159,6 +162,12 @@ BEHIND = Gauge(
     "Messages of this replica's partitions without a final outcome (receipt) yet: "
     "not consumed, or consumed and not finished",
 )
+
+
+# The children of the per-message counters, looked up once per label value rather than
+# through ``labels()`` (validation and a lock) on every message.
+_messages = functools.cache(MESSAGES.labels)
+_slack_calls = functools.cache(SLACK_CALLS.labels)
 
 
 class SlackDeliveryError(Exception):
@@ -344,6 +353,9 @@ class SinkLoop:
         self._fatal: str | None = None
         self._last_commit = self._mono()
         self._last_table_poll = 0.0
+        #: receipts by outcome since the last "receipts" summary line (FAILED ones excepted)
+        self._receipt_counts: dict[str, int] = {}
+        self._last_receipt_log = self._mono()
         self._closing = False
         self.last_turn = self._mono()
         self.assigned: set[TP] = set()
@@ -363,6 +375,7 @@ class SinkLoop:
             self._drain(None)
             self._flush()
             self._commit(None)
+            self._log_receipts(self._mono())
         finally:
             # Revoke callbacks during close() have nothing left to do: drained and committed.
             self._closing = True
@@ -396,6 +409,8 @@ class SinkLoop:
         if now - self._last_commit >= self.config.commit_interval_s:
             self._commit(None)
             self._observe_backlog()
+        if now - self._last_receipt_log >= RECEIPT_LOG_INTERVAL_S:
+            self._log_receipts(now)
         wait = self.scheduler.wait_s(self._mono(), self.config.poll_timeout_s)
         if self.scheduler.in_flight:
             msgs = self._consumer.consume(self.config.batch_size, 0)
@@ -453,7 +468,7 @@ class SinkLoop:
         self, msg: Message, tp: TP, offset: int, epoch: int, exc: Exception
     ) -> None:
         self.stats.undecodable += 1
-        MESSAGES.labels("undecodable").inc()
+        _messages("undecodable").inc()
         ticket = self.scheduler.tracker.expect(tp, offset, epoch, 1)
         self._publish_dead_letter(ticket, None, msg.key(), msg.value(), _headers(msg), exc)
 
@@ -728,7 +743,7 @@ class SinkLoop:
         expected, method, decide = _ANSWERS[c.step]
         if not isinstance(outcome, expected):
             outcome = core.Unavailable(f"unexpected answer {outcome!r}", in_doubt=True)
-        SLACK_CALLS.labels(method, _result(outcome)).inc()
+        _slack_calls(method, _result(outcome)).inc()
         decision: Decision = decide(
             delivery, outcome, now=now, policy=self.config.policy, jitter=jitter
         )
@@ -814,7 +829,7 @@ class SinkLoop:
     ) -> None:
         self.scheduler.pop(channel)
         self.stats.skipped += 1
-        MESSAGES.labels("skipped").inc()
+        _messages("skipped").inc()
         log.info(
             "already has a final receipt, skipped",
             extra=_ids(entry, status=existing.status if existing else None),
@@ -845,13 +860,21 @@ class SinkLoop:
                 )
         else:
             self.stats.failed += 1
-        MESSAGES.labels(outcome).inc()
-        extra = _ids(entry, status=status, attempts=receipt.attempts, slack_ts=receipt.slack_ts)
-        if update_of is not None:
-            extra["update_of"] = update_of
-        if receipt.error:
-            extra["error"] = receipt.error
-        log.log(logging.WARNING if status == "FAILED" else logging.INFO, "receipt", extra=extra)
+        _messages(outcome).inc()
+        # A FAILED receipt is a line of its own; the others are counted into the periodic
+        # "receipts" summary (_log_receipts), with a line each at DEBUG: a line per message was
+        # a tenth of the loop's CPU (the record, the JSON, one write each), and the receipts
+        # topic (``python -m services.notifier receipt``) is where a message's outcome is.
+        level = logging.WARNING if status == "FAILED" else logging.DEBUG
+        if status != "FAILED":
+            self._receipt_counts[outcome] = self._receipt_counts.get(outcome, 0) + 1
+        if log.isEnabledFor(level):
+            extra = _ids(entry, status=status, attempts=receipt.attempts, slack_ts=receipt.slack_ts)
+            if update_of is not None:
+                extra["update_of"] = update_of
+            if receipt.error:
+                extra["error"] = receipt.error
+            log.log(level, "receipt", extra=extra)
         value = self._encode(receipt)
         ticket = self.scheduler.tracker.expect(
             entry.tp, entry.offset, entry.epoch, 2 if decision.dead_letter else 1
@@ -887,6 +910,19 @@ class SinkLoop:
         # Read-your-own-write: the next copy of this message (a replay right behind it in the
         # channel queue) must see the receipt before it has gone round the topic.
         self._table.put_local(receipt.message_id, value)
+
+    def _log_receipts(self, now: float) -> None:
+        """One INFO line with the receipts (by outcome) produced since the previous one."""
+        if self._receipt_counts:
+            log.info(
+                "receipts",
+                extra={
+                    **self._receipt_counts,
+                    "seconds": round(now - self._last_receipt_log, 1),
+                },
+            )
+            self._receipt_counts = {}
+        self._last_receipt_log = now
 
     def _publish_dead_letter(
         self,

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,7 +87,7 @@ def test_a_remote_store_is_durable_and_restored_only_at_poll() -> None:
 class _Rig:
     """A ``KafkaInDoubtStore`` over the in-memory broker, with a fake monotonic clock."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *, tombstones: bool = False) -> None:
         self.broker = InMemoryBroker()
         self.broker.create_topic(ATTEMPTS, 2)
         self.table: GlobalTable[AttemptMarker] = GlobalTable(
@@ -108,9 +109,24 @@ class _Rig:
             return table_get(key)
 
         self.table.get = counted  # type: ignore[method-assign]
+        self.writes: list[tuple[str, bool]] = []
+        put_local = self.table.put_local
+
+        def recorded(key: str, value: bytes | None) -> None:
+            self.writes.append((key, value is None))
+            put_local(key, value)
+
+        self.table.put_local = recorded  # type: ignore[method-assign]
+        self.markers = _Recording(self.broker.producer({}), timeout_s=5, transactional=False)
+        self.tombstones = (
+            _Recording(self.broker.producer({}), timeout_s=5, transactional=False)
+            if tombstones
+            else None
+        )
         self.store = KafkaInDoubtStore(
             self.table,
-            ProducerClient(self.broker.producer({}), timeout_s=5, transactional=False),
+            self.markers,
+            tombstones=self.tombstones,
             table_poll_interval_s=0.1,
             monotonic=lambda: self.now,
         )
@@ -128,8 +144,40 @@ class _Rig:
         assert p.flush(1) == 0
 
 
+class _Recording(ProducerClient):
+    """A producer client that remembers the keys it was given (None values as tombstones)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.produced: list[tuple[str, bool]] = []
+
+    def produce(
+        self, topic: str, key: bytes | None, value: bytes | None, *a: Any, **k: Any
+    ) -> None:
+        self.produced.append((bytes(key or b"").decode(), value is None))
+        super().produce(topic, key, value, *a, **k)
+
+
 ATTEMPTS = "slack-message-attempts"
 TP0 = ("slack-messages", 0)
+
+
+def test_kafka_store_batches_the_tombstones_of_its_acknowledged_markers(tmp_path: Path) -> None:
+    """A tombstone of a marker the broker acknowledged goes through the batching producer; one
+    of a marker still unacknowledged follows it on the markers' producer, so it cannot land
+    before its marker (which would leave the marker on the topic)."""
+    rig = _Rig(tmp_path, tombstones=True)
+    assert rig.tombstones is not None
+    rig.store.begin(TP0, "m1", AttemptMarker("C1", 1, T0), lambda: None, 3)
+    rig.store.poll()  # m1 acknowledged
+    rig.store.begin(TP0, "m2", AttemptMarker("C1", 1, T0), lambda: None, 4)
+    rig.store.delete("m1")
+    rig.store.delete("m2")  # not acknowledged yet (an early marker cancelled on revoke)
+    assert rig.markers.produced == [("m1", False), ("m2", False), ("m2", True)]
+    assert rig.tombstones.produced == [("m1", True)]
+    rig.store.poll()
+    assert sorted(k for k, v in rig.topic() if v is None) == ["m1", "m2"]
+    assert rig.store.get("m1") is None and rig.store.get("m2") is None
 
 
 def test_kafka_store_tombstones_its_own_markers_without_a_lookup(tmp_path: Path) -> None:
@@ -179,3 +227,41 @@ def test_kafka_store_reads_its_table_on_an_interval_and_on_every_poll_while_gate
     rig.elsewhere("m4")
     rig.store.poll()
     assert rig.store.get("m4") is not None
+
+
+def test_kafka_store_answers_its_acknowledged_markers_without_writing_them_through(
+    tmp_path: Path,
+) -> None:
+    """Its own markers are answered from memory until the table reads them back: no store
+    write per marker; the tombstone still hides a marker the table may have read already."""
+    rig = _Rig(tmp_path)
+    rig.store.begin(TP0, "m1", AttemptMarker("C1", 1, T0), lambda: None, 3)
+    assert rig.store.get("m1") is None  # not acknowledged yet: not in doubt for anyone
+    rig.store.poll()
+    assert rig.store.get("m1") == AttemptMarker("C1", 1, T0)
+    assert rig.writes == []
+    rig.store.begin(TP0, "m1", AttemptMarker("C1", 2, T0), lambda: None, 3)  # a retry
+    assert rig.store.get("m1") == AttemptMarker("C1", 1, T0)  # the durable one until acked
+    rig.store.poll()
+    assert rig.store.get("m1") == AttemptMarker("C1", 2, T0)
+    rig.now += 1.0
+    rig.store.poll()  # the table reads both back
+    rig.store.delete("m1")
+    assert rig.writes == [("m1", True)]
+    assert rig.store.get("m1") is None
+
+
+def test_kafka_store_leaves_the_markers_of_a_revoked_partition_to_its_table(
+    tmp_path: Path,
+) -> None:
+    """Once the partition is revoked, its markers are answered by the table (what every
+    replica reads), not from this replica's memory."""
+    rig = _Rig(tmp_path)
+    rig.store.begin(TP0, "m1", AttemptMarker("C1", 1, T0), lambda: None, 3)
+    rig.store.begin(("slack-messages", 1), "m2", AttemptMarker("C1", 1, T0), lambda: None, 3)
+    rig.store.poll()
+    rig.store.revoke([TP0])
+    rig.lookups.clear()
+    assert rig.store.get("m1") == AttemptMarker("C1", 1, T0)  # read back by the table
+    assert rig.store.get("m2") == AttemptMarker("C1", 1, T0)
+    assert rig.lookups == ["m1"]

@@ -19,7 +19,7 @@ import random
 import statistics
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -44,25 +44,32 @@ ERROR = "org.apache.kafka.connect.errors.ConnectException: " + "Access denied to
 NOTIF, ONB = "data-notifications-pipeline", "onboarding-events"
 
 
-def _setup() -> tuple[EventHandler, list[ConsumedRecord], ListEmitter]:
+class HotPathInputs(NamedTuple):
+    """The hot-path benches' tables and events (shared with the lifecycle's bench)."""
+
+    registry: InMemorySchemaRegistry
+    owners: DictLookup[CsdrAssignment]
+    users: DictLookup[SlackUser]
+    records: list[ConsumedRecord]
+
+
+def hot_path_inputs() -> HotPathInputs:
+    """``KEYS`` owners and users, and ``EVENTS`` events: half failures, half onboardings,
+    2 % of them for orgs without an owner."""
     registry = InMemorySchemaRegistry()
-    owners = {
-        f"org-{i}": CsdrAssignment(
-            f"org-{i}", f"Org {i}", f"Owner-{i}@Example.com", T0, f"Owner {i}"
-        )
-        for i in range(KEYS)
-    }
-    users = {
-        f"owner-{i}@example.com": SlackUser(f"owner-{i}@example.com", f"U{i:07d}", T0)
-        for i in range(KEYS)
-    }
-    handler = EventHandler(
-        registry,
-        {NOTIF: CONNECTOR, ONB: ONBOARDING},
-        DictLookup(owners),
-        DictLookup(users),
-        out_topic="slack-messages",
-        fallback_channel="C0FALLBACK",
+    owners = DictLookup(
+        {
+            f"org-{i}": CsdrAssignment(
+                f"org-{i}", f"Org {i}", f"Owner-{i}@Example.com", T0, f"Owner {i}"
+            )
+            for i in range(KEYS)
+        }
+    )
+    users = DictLookup(
+        {
+            f"owner-{i}@example.com": SlackUser(f"owner-{i}@example.com", f"U{i:07d}", T0)
+            for i in range(KEYS)
+        }
     )
     enc_failure = AvroSerializer(registry, ConnectorStatusChanged)
     enc_onboarding = AvroSerializer(registry, OnboardingStarted)
@@ -82,7 +89,20 @@ def _setup() -> tuple[EventHandler, list[ConsumedRecord], ListEmitter]:
                 f"onb-{seq}", org, f"Org {org}", "Standard", T0, "onboarding", "AWS"
             )
             records.append(ConsumedRecord(ONB, enc_onboarding(ONB, event)))
-    return handler, records, ListEmitter()
+    return HotPathInputs(registry, owners, users, records)
+
+
+def _setup() -> tuple[EventHandler, list[ConsumedRecord], ListEmitter]:
+    inputs = hot_path_inputs()
+    handler = EventHandler(
+        inputs.registry,
+        {NOTIF: CONNECTOR, ONB: ONBOARDING},
+        inputs.owners,
+        inputs.users,
+        out_topic="slack-messages",
+        fallback_channel="C0FALLBACK",
+    )
+    return handler, inputs.records, ListEmitter()
 
 
 def _run(handler: EventHandler, records: list[ConsumedRecord], out: ListEmitter) -> float:

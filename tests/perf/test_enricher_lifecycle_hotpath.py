@@ -14,38 +14,23 @@ commits (the Kafka benchmark, ``test_enricher_perf.py``, adds those).
 from __future__ import annotations
 
 import os
-import random
 import statistics
 import time
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 from confluent_kafka import Producer
 
-from libs.serde import (
-    AvroSerializer,
-    ConnectorStatusChanged,
-    CsdrAssignment,
-    InMemorySchemaRegistry,
-    OnboardingStarted,
-    SlackUser,
-)
 from libs.state import KeyValueState
 from libs.state.local import LocalStore
 from libs.state.partition import PartitionState
 from services.enricher.handler import EventHandler, LifecycleConfig
 from services.enricher.pipelines.connector_provisioning_failed import PIPELINE as CONNECTOR
 from services.enricher.pipelines.onboarding_started import PIPELINE as ONBOARDING
-from tests.support.enricher_corpus import ConsumedRecord, DictLookup, ListEmitter
+from tests.perf.test_enricher_hotpath import EVENTS, NOTIF, ONB, hot_path_inputs
+from tests.support.enricher_corpus import ConsumedRecord, ListEmitter
 
-T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
-KEYS = 100_000
-EVENTS = int(os.environ.get("BENCH_HOTPATH_EVENTS", "20000"))
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
-ERROR = "org.apache.kafka.connect.errors.ConnectException: " + "Access denied to bucket. " * 8
-NOTIF, ONB = "data-notifications-pipeline", "onboarding-events"
 
 CHECKPOINT = int(os.environ.get("BENCH_CHECKPOINT_EVENTS", "1000"))
 #: the service's defaults: a one-hour grouping window, parks kept for a day
@@ -54,52 +39,20 @@ LIFECYCLE = LifecycleConfig({CONNECTOR.name: 3_600_000, ONBOARDING.name: 3_600_0
 
 def _handlers() -> tuple[EventHandler, EventHandler, list[ConsumedRecord]]:
     """(without the lifecycle, with it, the events): ``test_enricher_hotpath``'s mix."""
-    registry = InMemorySchemaRegistry()
-    owners = DictLookup(
-        {
-            f"org-{i}": CsdrAssignment(
-                f"org-{i}", f"Org {i}", f"Owner-{i}@Example.com", T0, f"Owner {i}"
-            )
-            for i in range(KEYS)
-        }
-    )
-    users = DictLookup(
-        {
-            f"owner-{i}@example.com": SlackUser(f"owner-{i}@example.com", f"U{i:07d}", T0)
-            for i in range(KEYS)
-        }
-    )
+    inputs = hot_path_inputs()
 
     def handler(lifecycle: LifecycleConfig | None) -> EventHandler:
         return EventHandler(
-            registry,
+            inputs.registry,
             {NOTIF: CONNECTOR, ONB: ONBOARDING},
-            owners,
-            users,
+            inputs.owners,
+            inputs.users,
             out_topic="slack-messages",
             fallback_channel="C0FALLBACK",
             lifecycle=lifecycle,
         )
 
-    enc_failure = AvroSerializer(registry, ConnectorStatusChanged)
-    enc_onboarding = AvroSerializer(registry, OnboardingStarted)
-    rng = random.Random(42)
-    records = []
-    for seq in range(EVENTS):
-        org = f"org-{rng.randrange(int(KEYS * 1.02))}"
-        event: Any
-        if seq % 2:
-            event = ConnectorStatusChanged(
-                f"ev-{seq}", org, "env-1", "lkc-1", f"lcc-{seq}", f"conn-{seq}", "S3Sink",
-                "PROVISIONING", "FAILED", T0, ERROR,
-            )  # fmt: skip
-            records.append(ConsumedRecord(NOTIF, enc_failure(NOTIF, event)))
-        else:
-            event = OnboardingStarted(
-                f"onb-{seq}", org, f"Org {org}", "Standard", T0, "onboarding", "AWS"
-            )
-            records.append(ConsumedRecord(ONB, enc_onboarding(ONB, event)))
-    return handler(None), handler(LIFECYCLE), records
+    return handler(None), handler(LIFECYCLE), inputs.records
 
 
 class StateEmitter(ListEmitter):

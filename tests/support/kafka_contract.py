@@ -279,8 +279,14 @@ def check_a_partition_moves_after_its_owner_committed_in_on_revoke(kit: Kit) -> 
     for partition in (0, 1):
         _produce(p, topic, [b"old1", b"old2"], partition=partition)
     a = kit.consumer(group)
+    closing: list[bool] = []
 
     def on_revoke(consumer: Any, partitions: list[TopicPartition]) -> None:
+        if closing:
+            # What is checked is the move; the revoke of close() has nothing left to commit
+            # (the loops commit before they close), and a commit there is a race with the
+            # leave: it failed with UNKNOWN_MEMBER_ID in 1 of 2 runs of a loaded machine.
+            return
         ends = [TopicPartition(tp.topic, tp.partition, 2) for tp in partitions]
         consumer.commit(offsets=ends, asynchronous=False)
 
@@ -299,8 +305,8 @@ def check_a_partition_moves_after_its_owner_committed_in_on_revoke(kit: Kit) -> 
     _produce(p, topic, [b"new"], partition=partition)
     assert [m.value() for m in _read(b, 1)] == [b"new"]
     # `a` first, while it is still a member: closed after `b`, it would have to rejoin the
-    # rebalance `b`'s leave starts before its on_revoke commit could count (seen failing with
-    # UNKNOWN_MEMBER_ID on a loaded machine).
+    # rebalance `b`'s leave starts.
+    closing.append(True)
     a.close()
     b.close()
 

@@ -14,17 +14,27 @@ even ``close``); the process exits non-zero and is restarted.
 Commit errors are classified: fatal ones are ``FatalLoopError``; anything else (a rebalance
 in progress, a coordinator moving) is ``CommitFailedError``, which the caller may retry at
 its next commit or treat as a reason to stop.
+
+A static member (``group.instance.id``) can be fenced by *itself*: when its session times
+out (a coordinator moving during a broker roll answers "not coordinator" for longer than the
+session), librdkafka rejoins under the same instance id, the broker gives the id a new member
+id, and the old member's next request gets FENCED_INSTANCE_ID, which librdkafka makes a fatal
+error: that consumer is dead for good. Nothing else shares the id, so the remedy is a new
+consumer with the same configuration (``replace_fenced``), not a process restart that would
+also drop the tables and state already loaded. ``Budget`` bounds how often that happens: two
+live processes given the same id by mistake would otherwise fence each other forever.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from libs.kafka.bounded import MARGIN_S, call_bounded
-from libs.kafka.errors import ClientCallTimeoutError, FatalLoopError, KafkaLibError
+from libs.kafka.errors import ClientCallTimeoutError, FatalLoopError, KafkaLibError, is_fatal
 from libs.kafka.ports import ConsumerPort
 
 T = TypeVar("T")
@@ -47,6 +57,8 @@ class ConsumerClient:
         #: how long any blocking call may take before the consumer counts as wedged
         self.bound_s = bound_s if bound_s is not None else timeout_s + MARGIN_S
         self.wedged = False
+        #: replaced (``replace_fenced``): its rebalance callbacks, if any, are to be ignored
+        self.retired = False
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """``fn()`` (a blocking call of the consumer), bounded; wedged past the bound."""
@@ -116,6 +128,54 @@ class ConsumerClient:
         except KafkaException as exc:
             return [f"consumer close failed: {exc}"]
         return []
+
+
+class Budget:
+    """At most ``limit`` uses in any ``window_s``: how often a loop repairs a client in place
+    before it gives up and lets the process restart."""
+
+    def __init__(
+        self, limit: int, window_s: float = 600.0, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._clock = clock
+        self._uses: list[float] = []
+
+    def spend(self) -> bool:
+        """Record a use; False when it is one more than ``limit`` within the window."""
+        now = self._clock()
+        self._uses = [t for t in self._uses if now - t < self.window_s] + [now]
+        return len(self._uses) <= self.limit
+
+    @property
+    def used(self) -> int:
+        """Uses within the window (the one refused included)."""
+        return len(self._uses)
+
+
+def self_fenced(err: KafkaError, consumer_config: Mapping[str, object]) -> bool:
+    """True for a fatal consumer error of a static member: fenced under its own instance id
+    (module docstring), so a new consumer with the same configuration can take over."""
+    return is_fatal(err) and consumer_config.get("group.instance.id") is not None
+
+
+def replace_fenced(
+    old: ConsumerClient, make: Callable[[], ConsumerPort], *, close_timeout_s: float
+) -> tuple[ConsumerClient, list[str]]:
+    """Retire and close a fenced consumer, and return a client of a new one from ``make``
+    (same timeouts) with what went wrong closing the old one.
+
+    The caller has already given up the old consumer's partitions (as lost: its offsets
+    may no longer count) and subscribes the new one; rebalance callbacks the old one still
+    makes while closing must check ``retired`` and do nothing. The new consumer joins under
+    the same ``group.instance.id``: with static membership the group gives it the old
+    member's partitions back without a rebalance of the other members.
+    """
+    old.retired = True
+    problems = old.close(close_timeout_s)
+    new = ConsumerClient(make(), timeout_s=old.timeout_s, bound_s=old.bound_s)
+    return new, problems
 
 
 def partition_names(partitions: list[TopicPartition]) -> list[str]:

@@ -24,7 +24,11 @@ other exception of the handler is a bug or an outage, not the record's fault: th
 with the record's coordinates, and Kubernetes restarts the process, which replays from the
 last checkpoint. Every blocking producer and consumer call is bounded (``call_bounded``): a
 client that does not answer in time is wedged. A wedged transactional producer is replaced in
-place (``_replace_producer``); any other wedged client stops the loop rather than hang it.
+place (``_replace_producer``); any other wedged client stops the loop rather than hang it. A
+static member's consumer fenced under its own ``group.instance.id`` is replaced in place too
+(``_replace_consumer``, ``libs.kafka.consumer.replace_fenced``): its partitions count as lost,
+and the new consumer gets them back, restores their state and resumes from the committed
+offsets.
 
 State (``state``, ``libs.state.stores.StateStores``): handlers read and write the state of the
 partition of the record they handle (``Emitter.state``). The checkpoint produces the
@@ -37,6 +41,7 @@ partition; what it produces and writes is committed with the next checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -45,10 +50,23 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from prometheus_client import Counter, Gauge
 
-from libs.kafka.consumer import ConsumerClient, partition_names
+from libs.kafka.consumer import (
+    Budget,
+    ConsumerClient,
+    partition_names,
+    replace_fenced,
+    self_fenced,
+)
 from libs.kafka.dlq import DeadLetterPublisher, Headers
 from libs.kafka.errors import (
     ClientCallTimeoutError,
@@ -132,6 +150,9 @@ class LoopConfig:
     #: wedged transactional producers replaced in place within 10 minutes before the loop
     #: gives up (exits non-zero)
     max_producer_replacements: int = 3
+    #: static-member consumers fenced under their own instance id and replaced in place
+    #: within 10 minutes before the loop gives up
+    max_consumer_replacements: int = 3
     #: how often the punctuator runs (wall-clock driven work: windows closing, parks expiring)
     punctuate_interval_s: float = 1.0
 
@@ -206,6 +227,8 @@ class ProcessingLoop:
         producer_config.setdefault(
             "transaction.timeout.ms", int(config.transaction_timeout_s * 1000)
         )
+        self._consumer_factory = consumer_factory
+        self._consumer_config = consumer_config
         self._consumer: ConsumerPort = consumer_factory(consumer_config)
         # blocking consumer calls are given the transaction timeout and bounded past it
         self._consumer_client = ConsumerClient(
@@ -214,7 +237,8 @@ class ProcessingLoop:
         self._producer_factory = producer_factory
         self._producer_config = producer_config
         self._client = self._new_client()
-        self._replacements: list[float] = []
+        self._producer_budget = Budget(config.max_producer_replacements)
+        self._consumer_budget = Budget(config.max_consumer_replacements)
         # set when the loop stops on an error: nothing more is committed on the way out
         self._failed = False
         self._dlq = DeadLetterPublisher(self._produce, service)
@@ -360,12 +384,10 @@ class ProcessingLoop:
         own idea of the last checkpoint. Too many replacements in a row mean something else
         is wrong: the loop stops (``ClientCallTimeoutError``) and the process restarts.
         """
-        now = time.monotonic()
-        self._replacements = [t for t in self._replacements if now - t < 600.0] + [now]
-        if len(self._replacements) > self.config.max_producer_replacements:
+        if not self._producer_budget.spend():
             raise ClientCallTimeoutError(
-                f"{reason}; the producer was replaced {len(self._replacements) - 1} times in "
-                "10 minutes, giving up"
+                f"{reason}; the producer was replaced {self._producer_budget.used - 1} times "
+                "in 10 minutes, giving up"
             )
         log.error(
             "producer wedged, replacing it (the new one fences the old)",
@@ -405,6 +427,40 @@ class ProcessingLoop:
         self._base.clear()
         self._uncommitted = 0
 
+    def _replace_consumer(self, err: KafkaError) -> None:
+        """Replace a consumer fenced under its own ``group.instance.id`` (module docstring).
+
+        Everything it owned counts as lost, as on a session timeout: the open transaction is
+        aborted (its offsets were sent under the fenced member) and uncommitted state dropped;
+        the new consumer resumes from the committed offsets and restores the state again.
+        """
+        if not self._consumer_budget.spend():
+            raise FatalLoopError(
+                f"consumer error: {err.str()}; the consumer was replaced "
+                f"{self._consumer_budget.used - 1} times in 10 minutes, giving up"
+            )
+        log.error(
+            "consumer fenced under its own group.instance.id, replacing it",
+            extra={"loop": self.config.name, "error": err.str()},
+        )
+        ABORTS.labels(self.config.name, "consumer fenced").inc()
+        owned = set(self._pending) | set(self._base)
+        # a dead consumer may not answer: what we track is enough then
+        with contextlib.suppress(KafkaException, RuntimeError):
+            owned |= {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        if self._state is not None:
+            owned |= set(self._state.states()) | set(self._state.restoring_partitions())
+        self._on_lost(self._consumer, [TopicPartition(t, p) for t, p in sorted(owned)])
+        self._consumer_client, problems = replace_fenced(
+            self._consumer_client,
+            lambda: self._consumer_factory(self._consumer_config),
+            close_timeout_s=self.config.close_timeout_s,
+        )
+        for problem in problems:
+            log.warning(problem, extra={"loop": self.config.name})
+        self._consumer = self._consumer_client.consumer
+        self._subscribe()
+
     def _rewind(self) -> None:
         # Seek every partition received from since the checkpoint back to its first record
         # after it; seeking also drops what librdkafka had prefetched past that point.
@@ -414,6 +470,8 @@ class ProcessingLoop:
 
     # -- rebalances ------------------------------------------------------------------------
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if self._consumer_client.retired:
+            return  # a replaced consumer closing: it owns nothing any more
         log.info(
             "partitions assigned",
             extra={"loop": self.config.name, "partitions": partition_names(partitions)},
@@ -427,6 +485,8 @@ class ProcessingLoop:
             self._state.assigned([(tp.topic, tp.partition) for tp in partitions])
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if self._consumer_client.retired:
+            return
         log.info(
             "partitions revoked",
             extra={"loop": self.config.name, "partitions": partition_names(partitions)},
@@ -442,6 +502,8 @@ class ProcessingLoop:
             self._state.revoked(revoked)
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if self._consumer_client.retired:
+            return
         log.warning(
             "partitions lost",
             extra={"loop": self.config.name, "partitions": partition_names(partitions)},
@@ -460,12 +522,7 @@ class ProcessingLoop:
         """Consume until the stop event is set; checkpoint and close on the way out."""
         if self._eos:
             self._client.init_transactions()
-        self._consumer.subscribe(
-            list(self.config.topics),
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
+        self._subscribe()
         log.info(
             "loop started",
             extra={
@@ -495,6 +552,14 @@ class ProcessingLoop:
             },
         )
         return self.stats
+
+    def _subscribe(self) -> None:
+        self._consumer.subscribe(
+            list(self.config.topics),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
 
     def _poll_once(self) -> None:
         now = time.monotonic()
@@ -527,6 +592,10 @@ class ProcessingLoop:
         for i, msg in enumerate(msgs):
             err = msg.error()
             if err is not None:
+                if self_fenced(err, self._consumer_config):
+                    # the rest of the batch came from partitions that are no longer ours
+                    self._replace_consumer(err)
+                    return
                 if is_fatal(err):
                     raise FatalLoopError(f"consumer error: {err.str()}")
                 log.warning("consumer error", extra={"loop": self.config.name, "error": err.str()})

@@ -260,6 +260,13 @@ class InMemoryBroker:
         return out
 
 
+#: how a fenced static member's consumer reports it (not ``fatal()``: see ``errors.is_fatal``)
+_FENCED = KafkaError(
+    KafkaError._FATAL,
+    "Fatal error: Broker: Static consumer fenced by other consumer with same group.instance.id",
+)
+
+
 def _message(topic: str, partition: int, offset: int, rec: _Record) -> Message:
     return Message(
         topic=topic,
@@ -294,6 +301,9 @@ class InMemoryConsumer(_Faults):
         self._awaiting_release = False
         self._lost = False
         self._closed = False
+        #: fenced (``fence``): the next consume reports a fatal error, commits fail for good
+        self._fenced = False
+        self._fatal_reported = False
         self._rr = 0
         #: assigned with ``assign``: never a group member, never rebalanced
         self._manual = False
@@ -328,6 +338,13 @@ class InMemoryConsumer(_Faults):
             self._lost = True
             self._rebalance_due = True
             self._broker._membership_changed(group)
+
+    def fence(self) -> None:
+        """Fence this member for good, as librdkafka does a static member whose instance id
+        joined again under a new member id: its partitions are lost (``on_lost``), the next
+        consume returns one error with the code ``_FATAL``, and every commit fails."""
+        self.lose()
+        self._fenced = True
 
     def rejoin(self) -> None:
         """Join again after ``lose()``."""
@@ -450,6 +467,11 @@ class InMemoryConsumer(_Faults):
         deadline = time.monotonic() + (timeout if timeout >= 0 else 1e9)
         while True:
             self._rebalance()
+            if self._fenced:
+                if self._fatal_reported:
+                    return []
+                self._fatal_reported = True
+                return [Message(topic="", error=_FENCED)]
             with self._broker.cond:
                 out = self._fetch(num_messages)
                 if out:
@@ -546,6 +568,8 @@ class InMemoryConsumer(_Faults):
     ) -> list[TopicPartition]:
         self._fault("commit")
         self._check_open()
+        if self._fenced:
+            raise KafkaException(_FENCED)
         with self._broker.cond:
             group = self._broker._group(self.group_id)
             if self not in group.members:

@@ -65,12 +65,18 @@ Rebalances
     (``services.notifier.gate``), polling the table on every turn meanwhile. The in-doubt
     markers (``services.notifier.markers``) gate the partition the same way on their own topic.
 
+A consumer fenced under its own ``group.instance.id`` (``libs.kafka.consumer`` says how a
+static member fences itself) is replaced in place: its partitions count as lost, and the new
+consumer gets them back through the same gates, so a post that was in flight is checked
+against Slack's history before anything is posted again.
+
 Clients come from ``consumer_factory``/``producer_factory`` (``libs.kafka.ports``), so the
 whole loop runs in unit tests on the in-memory twins of ``libs.kafka.memory``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import queue
@@ -84,7 +90,15 @@ from functools import partial
 from random import Random
 from typing import Any, Protocol
 
-from confluent_kafka import OFFSET_INVALID, Consumer, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from prometheus_client import Counter, Gauge
 
 from libs.kafka import (
@@ -97,7 +111,7 @@ from libs.kafka import (
     is_fatal,
 )
 from libs.kafka.bounded import MARGIN_S
-from libs.kafka.consumer import partition_names
+from libs.kafka.consumer import Budget, partition_names, replace_fenced, self_fenced
 from libs.kafka.ports import ConsumerFactory, ConsumerPort, ProducerFactory
 from libs.kafka.redrive import HEADER_REDRIVEN_FROM
 from libs.runtime.heartbeat import beat
@@ -216,6 +230,9 @@ class SinkConfig:
     #: how long a blocking Kafka call (commit, flush, close) may take before the client
     #: counts as wedged (flush and close are given less, so the bound is theirs plus a margin)
     client_call_bound_s: float = 30.0 + MARGIN_S
+    #: consumers fenced under their own instance id and replaced in place within 10 minutes
+    #: before the loop gives up (exits non-zero)
+    max_consumer_replacements: int = 3
     policy: RetryPolicy = field(default_factory=RetryPolicy)
 
     def scheduling(self) -> SchedulerConfig:
@@ -334,6 +351,9 @@ class SinkLoop:
         self._now = wall_clock
         self._mono = monotonic
         self._rng = rng or Random()
+        self._consumer_factory = consumer_factory
+        self._consumer_config = consumer_config
+        self._consumer_budget = Budget(config.max_consumer_replacements)
         self._consumer: ConsumerPort = consumer_factory(consumer_config)
         self._consumer_client = ConsumerClient(
             self._consumer, timeout_s=config.drain_timeout_s, bound_s=config.client_call_bound_s
@@ -363,12 +383,7 @@ class SinkLoop:
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> SinkStats:
         """Consume and deliver until stopped; drain, commit and close on the way out."""
-        self._consumer.subscribe(
-            [self.config.topic],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
+        self._subscribe()
         try:
             while not self._stop.is_set() and self._fatal is None:
                 self._turn()
@@ -389,6 +404,39 @@ class SinkLoop:
         if self._fatal is not None:
             raise FatalLoopError(f"stopping on a fatal Slack error: {self._fatal}")
         return self.stats
+
+    def _subscribe(self) -> None:
+        self._consumer.subscribe(
+            [self.config.topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+
+    def _replace_consumer(self, err: KafkaError) -> None:
+        """Go on with a new consumer after a fence under our own instance id (module doc)."""
+        if not self._consumer_budget.spend():
+            raise FatalLoopError(
+                f"consumer error: {err.str()}; the consumer was replaced "
+                f"{self._consumer_budget.used - 1} times in 10 minutes, giving up"
+            )
+        log.error(
+            "consumer fenced under its own group.instance.id, replacing it",
+            extra={"error": err.str()},
+        )
+        owned = set(self.assigned)
+        with contextlib.suppress(KafkaException, RuntimeError):  # a dead consumer may not answer
+            owned |= {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        self._on_lost(self._consumer, [TopicPartition(t, p) for t, p in sorted(owned)])
+        self._consumer_client, problems = replace_fenced(
+            self._consumer_client,
+            lambda: self._consumer_factory(self._consumer_config),
+            close_timeout_s=10.0,
+        )
+        for problem in problems:
+            log.warning(problem)
+        self._consumer = self._consumer_client.consumer
+        self._subscribe()
 
     def _turn(self) -> None:
         now = self._mono()
@@ -428,6 +476,10 @@ class SinkLoop:
         for msg in msgs:
             err = msg.error()
             if err is not None:
+                if self_fenced(err, self._consumer_config):
+                    # the rest of the batch came from partitions that are no longer ours
+                    self._replace_consumer(err)
+                    return
                 if is_fatal(err):
                     raise FatalLoopError(f"consumer error: {err.str()}")
                 log.warning("consumer error", extra={"error": err.str()})
@@ -1063,6 +1115,8 @@ class SinkLoop:
 
     # -- rebalances ------------------------------------------------------------------------
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if self._consumer_client.retired:
+            return  # a replaced consumer closing: it owns nothing any more
         self.stats.assignments += 1
         tps = [(p.topic, p.partition) for p in partitions]
         self.scheduler.assign(tps)
@@ -1073,6 +1127,8 @@ class SinkLoop:
         log.info("partitions assigned", extra={"partitions": partition_names(partitions)})
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if self._consumer_client.retired:
+            return
         self.stats.revocations += 1
         revoked = {(p.topic, p.partition) for p in partitions}
         log.info("partitions revoked", extra={"partitions": partition_names(partitions)})
@@ -1087,6 +1143,8 @@ class SinkLoop:
         self._release(revoked)
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if self._consumer_client.retired:
+            return
         lost = {(p.topic, p.partition) for p in partitions}
         log.warning("partitions lost", extra={"partitions": partition_names(partitions)})
         self._cancel_ahead(lost)

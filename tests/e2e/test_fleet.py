@@ -165,16 +165,10 @@ def test_broker_down_for_a_minute_then_a_rolling_broker_restart(
         faults = [(5.0, "broker 2 down for 60 s, then every broker restarted", outage_then_roll)]
         w.stream(StreamSpec(duration_s=190, connectors=150, rows=50), Random(303), faults)
         # A static member may fence itself when its coordinator moves (its retried JoinGroup
-        # lands after the first); librdkafka then reports a fatal consumer error and the only
-        # way on is a new consumer: the service exits and its pod restarts. That restart is
-        # expected here, and nothing may be lost or posted twice around it; any other exit
-        # is a problem.
-        report = w.finish(timeout_s=240, allow_exits=True)
-        report.problems.extend(
-            note
-            for note in report.notes
-            if note.startswith("restarted: ") and "Static consumer fenced" not in note
-        )
+        # lands after the first) and librdkafka reports a fatal consumer error: the loops go
+        # on with a new consumer (libs.kafka.consumer.replace_fenced), so any exit is a
+        # problem here (they used to exit for their pod to restart).
+        report = w.finish(timeout_s=240)
     report.assert_ok()
 
 

@@ -3,13 +3,14 @@ record, handler bugs stop the loop instead of dead-lettering, a wedged client ca
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
 from typing import Any
 
 import pytest
-from confluent_kafka import Message, Producer
+from confluent_kafka import Consumer, KafkaException, Message, Producer
 
 from libs.kafka import (
     ClientCallTimeoutError,
@@ -38,9 +39,10 @@ class Run:
         self.stop = threading.Event()
         kafka = KafkaSettings(bootstrap_servers=bootstrap)
         config = loop_kwargs.pop("config", {})
+        consumer_overrides = loop_kwargs.pop("consumer_overrides", {})
         self.loop = ProcessingLoop(
             LoopConfig(name="faults", topics=[self.topic_in], **config),
-            kafka.consumer_config(self.group),
+            kafka.consumer_config(self.group, **consumer_overrides),
             kafka.producer_config(transactional_id=f"{self.group}-tx"),
             lambda msg, out: handler(self, msg, out),
             service="faults",
@@ -175,6 +177,60 @@ def test_a_wedged_producer_is_replaced_in_place_and_nothing_is_lost(bootstrap: s
     assert made == ["hanging", "healthy"]
     out = Counter(run.outputs(idle_s=1))
     assert set(out) == set(values) and max(out.values()) == 1, out
+
+
+def test_a_static_member_fenced_under_its_own_instance_id_goes_on_with_a_new_consumer(
+    bootstrap: str,
+) -> None:
+    """A second join under the loop's group.instance.id gives the id a new member id and
+    fences the loop's member for good (a fatal error), as the member's own rejoin after a
+    session timeout against a moving coordinator did in a fleet e2e run (both enrichers
+    exited). The loop replaces its consumer, which takes the id back, and goes on: every
+    record out exactly once, no restart."""
+    made: list[Consumer] = []
+
+    def factory(config: dict[str, Any]) -> Consumer:
+        made.append(Consumer(config))
+        return made[-1]
+
+    static = {"group.instance.id": "pod-1", "session.timeout.ms": 6000}
+    run = Run(bootstrap, _passthrough, consumer_overrides=static, consumer_factory=factory)
+    first = [f"a{i}".encode() for i in range(20)]
+    produce(bootstrap, run.topic_in, [(f"k{i}", v) for i, v in enumerate(first)])
+    run.start()
+    intruder: Consumer | None = None
+    try:
+        wait_until(
+            lambda: len(run.outputs(idle_s=0.5)) >= len(first) or run.error,
+            timeout_s=90,
+            message="the first records out",
+        )
+        kafka = KafkaSettings(bootstrap_servers=bootstrap)
+        intruder = Consumer(kafka.consumer_config(run.group, **static))
+        intruder.subscribe([run.topic_in])
+        intruder_ = intruder
+
+        def replaced() -> bool:
+            intruder_.poll(0.2)  # drives its join, which fences the loop's member
+            return len(made) >= 2 or run.error is not None
+
+        wait_until(replaced, timeout_s=90, message="the loop's consumer replaced")
+        assert run.error is None, run.error
+        second = [f"b{i}".encode() for i in range(20)]
+        produce(bootstrap, run.topic_in, [(f"k{i}", v) for i, v in enumerate(second)])
+        wait_until(
+            lambda: len(run.outputs(idle_s=0.5)) >= len(first) + len(second) or run.error,
+            timeout_s=90,
+            message="every record out after the consumer was replaced",
+        )
+    finally:
+        if intruder is not None:
+            with contextlib.suppress(KafkaException):  # fenced in turn by the new consumer
+                intruder.close()
+        run.finish()
+    assert run.error is None, run.error
+    out = Counter(run.outputs(idle_s=1))
+    assert set(out) == set(first) | set(second) and max(out.values()) == 1, out
 
 
 def test_a_producer_that_keeps_wedging_stops_the_loop(bootstrap: str) -> None:

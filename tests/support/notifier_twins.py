@@ -195,12 +195,21 @@ class SinkRig:
         self.producers.append(p)
         return p
 
-    def start(self, group: str = "notifier", **config: Any) -> SinkRig:
+    def start(
+        self, group: str = "notifier", *, instance_id: str | None = None, **config: Any
+    ) -> SinkRig:
         self.stop = threading.Event()
         self.error = None
+        consumer_config: dict[str, Any] = {
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+        if instance_id is not None:
+            consumer_config["group.instance.id"] = instance_id
         self.loop = SinkLoop(
             replace(self.config, **config),
-            {"group.id": group, "enable.auto.commit": False, "auto.offset.reset": "earliest"},
+            consumer_config,
             {},
             notifier=self.slack,
             table=self.table,

@@ -40,7 +40,9 @@ def passthrough(rig: Rig, msg: Message, out: Emitter) -> None:
 class Rig:
     """A loop over ``in`` (2 partitions) -> ``out`` on the twins, on a thread of its own."""
 
-    def __init__(self, handler: Handler = passthrough, **config: Any) -> None:
+    def __init__(
+        self, handler: Handler = passthrough, *, instance_id: str | None = None, **config: Any
+    ) -> None:
         self.broker = InMemoryBroker()
         for topic, partitions in ((IN, 2), (OUT, 1), (IN + ".dlq", 1)):
             self.broker.create_topic(topic, partitions)
@@ -49,9 +51,16 @@ class Rig:
         self.handler = handler
         self.stop = threading.Event()
         defaults: dict[str, Any] = {"checkpoint_interval_s": 0.05, "poll_timeout_s": 0.02}
+        consumer_config: dict[str, Any] = {
+            "group.id": "g",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+        if instance_id is not None:
+            consumer_config["group.instance.id"] = instance_id
         self.loop = ProcessingLoop(
             LoopConfig(name="test", topics=[IN], **{**defaults, **config}),
-            {"group.id": "g", "enable.auto.commit": False, "auto.offset.reset": "earliest"},
+            consumer_config,
             {"transactional.id": "g-tx"},
             lambda msg, out: self.handler(self, msg, out),
             service="test",
@@ -325,3 +334,45 @@ def test_a_fatal_consumer_error_event_stops_the_loop() -> None:
     assert not rig.thread.is_alive(), "the loop kept polling a fenced consumer"
     assert isinstance(rig.error, FatalLoopError), rig.error
     assert "Static consumer fenced" in str(rig.error)
+
+
+@pytest.mark.parametrize("guarantee", list(Guarantee))
+def test_a_static_member_fenced_by_itself_goes_on_with_a_new_consumer(
+    guarantee: Guarantee,
+) -> None:
+    """A static member's session timed out (a coordinator moving during a broker roll), its
+    rejoin under the same group.instance.id fenced the old member id, and librdkafka made
+    that fatal: both enrichers of a fleet e2e run exited with no other instance of their id
+    alive. The loop now drops what it owned as lost and goes on with a new consumer; the
+    open interval is replayed once (exactly-once: not visible twice)."""
+    rig = Rig(instance_id="pod-1", guarantee=guarantee, checkpoint_interval_s=60.0).start()
+    rig.send(values(10))
+    wait_until(lambda: rig.loop.stats.consumed == 10, timeout_s=20, message="first records")
+    rig.consumers[0].fence()  # the interval's 10 outputs are not committed yet
+    wait_until(lambda: len(rig.consumers) == 2, timeout_s=20, message="a new consumer")
+    rig.send(values(10, prefix="w"))
+    wait_until(lambda: rig.loop.stats.consumed >= 30, timeout_s=20, message="replay and more")
+    stats = rig.finish()
+    assert rig.committed() == rig.ends()
+    expected = Counter(v for _, v, _ in values(10) + values(10, prefix="w"))
+    if guarantee is Guarantee.EXACTLY_ONCE:
+        assert rig.outputs() == expected
+        assert stats.aborts >= 1  # the fenced member's open transaction
+    else:  # at-least-once: the uncommitted interval may come out twice, never not at all
+        assert set(rig.outputs()) == set(expected)
+
+
+def test_a_static_member_fenced_again_and_again_stops_the_loop() -> None:
+    """Two live processes given the same group.instance.id fence each other forever: past
+    the budget the loop stops (the process restarts and the operator sees it)."""
+    rig = Rig(instance_id="pod-1", max_consumer_replacements=2).start()
+    for n in range(1, 4):
+        wait_until(lambda n=n: len(rig.consumers) == n, timeout_s=20, message=f"consumer {n}")
+        wait_until(
+            lambda: rig.consumers[-1].assignment(), timeout_s=20, message="partitions assigned"
+        )
+        rig.consumers[-1].fence()
+    rig.thread.join(20)
+    assert not rig.thread.is_alive(), "the loop kept replacing its consumer"
+    assert isinstance(rig.error, FatalLoopError), rig.error
+    assert "replaced 2 times in 10 minutes" in str(rig.error)

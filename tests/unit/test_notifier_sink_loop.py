@@ -309,6 +309,26 @@ def test_a_lost_partition_is_replayed_after_rejoining_without_posting_twice() ->
     assert stats.skipped >= delivered_before >= 3
 
 
+def test_a_static_member_fenced_by_itself_goes_on_with_a_new_consumer_posting_once() -> None:
+    """librdkafka makes a static member's self-fence (its rejoin after a session timeout
+    took a new member id under the same group.instance.id) fatal; the notifier exited
+    and its pod restarted. Now the sink treats its partitions as lost and goes on with a
+    new consumer, through the same gates: nothing is posted twice."""
+    rig = SinkRig(partitions=1, pace=True, rate_per_channel_per_s=20.0, commit_interval_s=60)
+    rig.start(instance_id="notifier-1")
+    msgs = [message(i, "C1") for i in range(10)]
+    rig.send(msgs)
+    wait_until(lambda: len(rig.slack.posts) >= 3, timeout_s=20, message="a few posts")
+    rig.consumers[0].fence()
+    wait_until(lambda: len(rig.consumers) == 2, timeout_s=20, message="a new consumer")
+    wait_until(lambda: len(rig.receipts()) == 10, timeout_s=20, message="all delivered")
+    rig.finish()
+    assert rig.all_committed()
+    posted = [p.request.metadata["event_payload"] for p in rig.slack.posts]
+    ids = [p["message_id"] for p in posted]  # type: ignore[index]
+    assert sorted(ids) == sorted(m.message_id for m in msgs)  # each posted exactly once
+
+
 def test_a_failed_receipt_is_never_written_before_its_dead_letter_is_acknowledged() -> None:
     # A kill -9 between the two once left the receipt without its letter: the replay skipped
     # the message (final receipt) and the letter was lost for good (e2e kill9-seed22).

@@ -761,8 +761,12 @@ def expire_park(park: Park, *, group: Group | None) -> Decision:
     )
 
 
-def expire_group(group: Group, *, gkey: bytes) -> Decision:
-    """The window closed: forget the group (the next event of its key posts anew)."""
+def expire_group(group: Group | None = None, *, gkey: bytes) -> Decision:
+    """The window closed: forget the group (the next event of its key posts anew).
+
+    Nothing of ``group`` is read: the punctuator does not decode it (every group expires, so
+    that decode would be per new alert).
+    """
     return Decision(Action.EXPIRED_GROUP, deletes=(gkey,), groups_delta=-1)
 
 

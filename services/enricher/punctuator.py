@@ -221,7 +221,7 @@ class LifecyclePunctuator:
             if raw is None or expires_at_of(state_key, raw) != expires_at:
                 continue  # gone or replaced since (resolved, hit, re-opened): a stale entry
             if state_key.startswith(GROUP_PREFIX):
-                self._apply(tp, state, expire_group(Group.decode(raw), gkey=state_key), out)
+                self._apply(tp, state, expire_group(gkey=state_key), out)
                 continue
             park = Park.decode(raw)
             self._apply(tp, state, expire_park(park, group=self._group(state, park)), out)

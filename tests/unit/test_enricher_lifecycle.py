@@ -995,3 +995,28 @@ def test_an_origin_that_no_longer_decodes_posts_anew_instead_of_a_blank_update()
     assert again.update_of is None and again.message_id == message_id(P, "ev-2")
     assert w.counts.by_partition[("cn", 0)] == [1, 0]  # the new group replaced the old one
     assert Group.decode(w.state.data[gkey]).message_id == again.message_id
+
+
+def test_an_update_after_a_link_template_change_shows_the_new_rendering_in_place() -> None:
+    # ENRICHER_LINK_TEMPLATES changed by a deploy while the alert is open: the update renders
+    # the original as it renders now, and still replaces the same message (nothing reposted)
+    w = World()
+    w.assign()
+    [first] = w.send("cn", failure(1))
+    assert "crm.example.com" in first.blocks
+    w.handler = EventHandler(
+        w.registry,
+        {"cn": CONNECTOR.with_link_templates({"crm": "https://crm.new.example/{org_id}"})},
+        DictLookup(w.owners),
+        DictLookup(w.users),
+        out_topic=OUT,
+        fallback_channel=FALLBACK,
+        clock=w.clock,
+        lifecycle=LifecycleConfig({CONNECTOR.name: 3_600_000}, 3_600_000),
+        counts=w.counts,
+    )
+    w.clock.now += timedelta(minutes=1)
+    [update] = w.send("cn", failure(2))
+    assert update.update_of == first.message_id and update.channel == first.channel
+    assert "crm.new.example" in update.blocks and "crm.example.com" not in update.blocks
+    assert w.counts.by_partition[("cn", 0)] == [1, 0]

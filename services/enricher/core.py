@@ -187,6 +187,10 @@ class Alert:
 
     message: SlackMessage
     miss: str | None = None
+    #: the lookups ``route`` rendered ``message`` from (``None``: absent): with the event, what
+    #: renders it again (the alert lifecycle keeps these instead of the rendered message)
+    owner: CsdrAssignment | None = dataclasses.field(default=None, compare=False, repr=False)
+    user: SlackUser | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -347,7 +351,7 @@ def route(
         source_event_id=event.event_id,
         created_at=now,
     )
-    return Alert(message, miss)
+    return Alert(message, miss, owner, user)
 
 
 def process(

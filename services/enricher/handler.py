@@ -8,6 +8,7 @@ service runs. Every decision is the core's; this module only moves bytes and cou
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter as Tally
 from collections.abc import Callable, Collection, Mapping
@@ -41,6 +42,7 @@ from services.enricher.core import (
     Pipeline,
     invalid_reason,
     process,
+    route,
     slack_user_key,
 )
 from services.enricher.lifecycle import (
@@ -50,11 +52,13 @@ from services.enricher.lifecycle import (
     Decision,
     EventRef,
     Group,
+    Origin,
     ParkRequest,
     Schedule,
     decide,
     epoch_ms,
     group_key,
+    is_open,
     resolve,
 )
 
@@ -253,13 +257,13 @@ class EventHandler:
         if lifecycle is None or state is None:
             self._act(pipeline.name, event, outcome, out)
         else:
-            self._lifecycle_act(msg, pipeline, event, outcome, out, state, lifecycle, now)
+            self._lifecycle_act(msg, source, event, outcome, out, state, lifecycle, now)
 
     # -- the alert lifecycle (services/enricher/lifecycle.py decides) ------------------------
     def _lifecycle_act(
         self,
         msg: Message,
-        pipeline: Pipeline[Any],
+        source: _Source,
         event: Any,
         outcome: Outcome,
         out: Emitter,
@@ -267,6 +271,7 @@ class EventHandler:
         lifecycle: LifecycleConfig,
         now_dt: datetime,
     ) -> None:
+        pipeline = source.pipeline
         name = pipeline.name
         now = epoch_ms(now_dt)
         tp = (str(msg.topic()), int(msg.partition() or 0))
@@ -279,7 +284,7 @@ class EventHandler:
                 gkey = group_key(name, dedup)
                 raw = state.get(gkey)
                 resolved = resolve(
-                    Group.decode(raw) if raw else None,
+                    self._original(Group.decode(raw), source, tp, now_dt) if raw else None,
                     gkey=gkey,
                     pipeline=name,
                     event_id=event.event_id,
@@ -297,7 +302,7 @@ class EventHandler:
         group = None
         if dedup is not None:
             raw = state.get(group_key(name, dedup))
-            group = Group.decode(raw) if raw else None
+            group = self._original(Group.decode(raw), source, tp, now_dt) if raw else None
         miss = outcome.reason if isinstance(outcome, Miss) else outcome.miss
         park = None
         if miss is not None and lifecycle.park_ttl_ms > 0:
@@ -310,7 +315,13 @@ class EventHandler:
             dedup,
             pipeline.error(event) if pipeline.error else None,
         )
-        decision = decide(outcome, event=ref, group=group, window_ms=window, park=park, now=now)
+        origin = None
+        if dedup is not None and isinstance(outcome, Alert):
+            # what renders the message again if a later event updates it (stored instead of it)
+            origin = Origin(bytes(msg.value() or b""), outcome.owner, outcome.user)
+        decision = decide(
+            outcome, event=ref, group=group, window_ms=window, park=park, now=now, origin=origin
+        )
         if decision.action in (Action.NEW, Action.MISSED) or (
             decision.action is Action.PARKED and decision.messages
         ):
@@ -326,6 +337,45 @@ class EventHandler:
                 self._updates[name].inc()
         else:  # PARKED, nothing posted: counted as missed if its time runs out (punctuator)
             self._count(name, "parked")
+
+    def _original(
+        self, group: Group, source: _Source, tp: tuple[str, int], now_dt: datetime
+    ) -> Group:
+        """``group`` with its original's text and blocks when an update may need them.
+
+        A group stored with its ``Origin`` (the event and the lookups it was routed with) has
+        them rendered again: the same ``route``, message id and channel as the original, so
+        the same text and blocks as long as the pipeline's code and link templates are the
+        same (after a change, an update shows the new rendering of the original). Only open
+        groups with a posted message are rendered: nothing else reads the text.
+        """
+        origin = group.origin
+        if origin is None or not group.channel or not is_open(group, epoch_ms(now_dt)):
+            return group
+        try:
+            event = source.decode.decode(origin.event, tp[0], tp[1], 0)
+        except DeserializationError as exc:
+            retry_if_registry_down(exc)  # a registry outage: the event is replayed later
+            event = None
+            log.warning("alert group's original not decodable: %s", exc)
+        outcome = None
+        if event is not None:
+            outcome = route(
+                event,
+                origin.owner,
+                origin.user,
+                pipeline=source.pipeline,
+                now=now_dt,
+                fallback_channel=group.channel,  # a fallback copy's channel; unused by a DM
+                mid=group.message_id,
+            )
+        if not isinstance(outcome, Alert):
+            # Not renderable (an event the reader schema no longer reads; a channel given, so
+            # route always alerts): the group is treated as closed, so this event posts anew
+            # instead of overwriting the original with an update that lost its content.
+            return dataclasses.replace(group, expires_at=epoch_ms(now_dt))
+        message = outcome.message
+        return dataclasses.replace(group, text=message.text, blocks=message.blocks)
 
     def _missing(self, reason: str, org_id: str) -> tuple[str, str]:
         """(park kind, key) of a join miss: the org's owner, or the owner's Slack user."""

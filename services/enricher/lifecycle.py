@@ -35,7 +35,8 @@ EXPIRED_GROUP    the window closed                          forget the group: th
 State layout (keys are bytes; ``\\x00`` separates free-form parts so no id can forge a prefix):
 
 * ``g/<pipeline>\\x00<dedup key>`` -> ``Group`` (a binary header, then its strings as raw UTF-8:
-  the original's text and blocks last; see ``Group.encode``);
+  the event's value bytes and the lookups its routing used, from which an update renders the
+  original again; see ``Group.encode``);
 * ``p/<kind>/<missing key>\\x00<pipeline>\\x00<event id>`` -> ``Park`` (compact JSON); kind
   ``owner`` (key: org id) or ``user`` (key: lower-cased e-mail), so a table change finds its
   parks by prefix.
@@ -56,11 +57,11 @@ import json
 import struct
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Final
 
-from libs.serde import SlackMessage
+from libs.serde import CsdrAssignment, SlackMessage, SlackUser
 from services.enricher.core import Alert, Miss, message_id
 from services.enricher.render import Detail, Revision, escape, render_update
 
@@ -71,6 +72,16 @@ _DUMPS: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).enco
 #: lengths of the message id, channel, latest error (-1: none) and text; blocks are the rest
 _GROUP_V1: Final = 1
 _GROUP_HEAD: Final = struct.Struct(">BIqqqHHiI")
+#: ``Group`` value layout 2 (an ``Origin`` instead of the rendered original): version, count,
+#: first_at, latest_at, expires_at, the UTF-8 lengths of the message id, channel and latest
+#: error (-1: none), the event's length, the owner's and the user's ``updated_at`` (epoch µs),
+#: then the UTF-8 lengths of the owner's org id (-1: no owner), org name, e-mail, name (-1:
+#: none) and of the user's e-mail (-1: no user), Slack id, display name (-1: none); the
+#: strings follow in that order, the event's bytes after the latest error
+_GROUP_V2: Final = 2
+_GROUP_HEAD_V2: Final = struct.Struct(">BIqqqHHiIqq7i")
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
 
 GROUP_PREFIX: Final = b"g/"
 PARK_PREFIX: Final = b"p/"
@@ -126,13 +137,38 @@ def epoch_ms(when: datetime) -> int:
     return int(when.timestamp() * 1000)
 
 
+def _micros(when: datetime) -> int:
+    """``when`` as exact epoch microseconds (naive: UTC, as the Avro decoder's are not)."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (when - _EPOCH) // _MICROSECOND
+
+
 def _when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 @dataclass(frozen=True, slots=True)
+class Origin:
+    """What renders a group's original message again: the event and the lookups it was
+    routed with (``route`` of these, with the group's channel and message id, gives the
+    original's text and blocks; the lookups as they were, not as they are now)."""
+
+    #: the event's value bytes as consumed (the Avro header names the writer schema)
+    event: bytes
+    owner: CsdrAssignment | None
+    user: SlackUser | None
+
+
+@dataclass(frozen=True, slots=True)
 class Group:
-    """An open alert: the message later events of its key update."""
+    """An open alert: the message later events of its key update.
+
+    Stored with its ``origin`` when it has one (layout 2): the original's ``text`` and
+    ``blocks`` are then not stored but rendered again by the shell when an update needs them
+    (``decode`` leaves them empty). Without one (groups written by earlier versions, or
+    nothing posted yet) they are stored as they are (layout 1).
+    """
 
     #: the original message (every update points here)
     message_id: str
@@ -146,14 +182,21 @@ class Group:
     text: str
     blocks: str
     latest_error: str | None = None
+    #: what renders the original again (then ``text`` and ``blocks`` are not stored)
+    origin: Origin | None = None
 
     def encode(self) -> bytes:
-        """A fixed binary header, then the strings as raw UTF-8 (the blocks last, unsized).
+        """A fixed binary header, then the strings as raw UTF-8 (the last one unsized).
 
         Written for every new alert, so its cost is per output: no JSON (escaping the blocks,
         JSON inside JSON, once cost more than the rest of the lifecycle per event; a JSON
-        header with the latest error cost ~1.5 µs more than ``struct``), one join.
+        header with the latest error cost ~1.5 µs more than ``struct``), one join. With an
+        ``origin`` (layout 2) the value is the event and the lookups (~0.6 KB) instead of
+        the rendered original (~2.4 KB): the RocksDB write, the changelog record and its
+        compression are per new alert and scale with the size; an update pays one render.
         """
+        if self.origin is not None:
+            return self._encode_v2(self.origin)
         mid = self.message_id.encode()
         channel = self.channel.encode()
         error = b"" if self.latest_error is None else self.latest_error.encode()
@@ -171,11 +214,74 @@ class Group:
         )
         return b"".join((head, mid, channel, error, text, self.blocks.encode()))
 
+    def _encode_v2(self, origin: Origin) -> bytes:
+        mid = self.message_id.encode()
+        channel = self.channel.encode()
+        error = b"" if self.latest_error is None else self.latest_error.encode()
+        owner, user = origin.owner, origin.user
+        parts = [mid, channel, error, origin.event]
+        if owner is None:
+            owner_at, n_org, n_org_name, n_email, n_name = 0, -1, -1, -1, -1
+        else:
+            org, org_name, email = (
+                owner.org_id.encode(),
+                owner.org_name.encode(),
+                owner.csdr_email.encode(),
+            )
+            name = None if owner.csdr_name is None else owner.csdr_name.encode()
+            owner_at, n_org, n_org_name, n_email = (
+                _micros(owner.updated_at),
+                len(org),
+                len(org_name),
+                len(email),
+            )
+            n_name = -1 if name is None else len(name)
+            parts += (org, org_name, email, name or b"")
+        if user is None:
+            user_at, n_user_email, n_slack_id, n_display = 0, -1, -1, -1
+        else:
+            user_email, slack_id = user.email.encode(), user.slack_user_id.encode()
+            display = None if user.display_name is None else user.display_name.encode()
+            user_at, n_user_email, n_slack_id = (
+                _micros(user.updated_at),
+                len(user_email),
+                len(slack_id),
+            )
+            n_display = -1 if display is None else len(display)
+            parts += (user_email, slack_id, display or b"")
+        head = _GROUP_HEAD_V2.pack(
+            _GROUP_V2,
+            self.count,
+            self.first_at,
+            self.latest_at,
+            self.expires_at,
+            len(mid),
+            len(channel),
+            -1 if self.latest_error is None else len(error),
+            len(origin.event),
+            owner_at,
+            user_at,
+            n_org,
+            n_org_name,
+            n_email,
+            n_name,
+            n_user_email,
+            n_slack_id,
+            n_display,
+        )
+        parts[0:0] = (head,)
+        return b"".join(parts)
+
     @classmethod
     def decode(cls, raw: bytes) -> Group:
-        """The inverse of ``encode``; reads the layout before it too (stores and changelogs
-        written by an earlier version: a JSON header line, then text and blocks)."""
-        if raw[:1] != b"\x01":
+        """The inverse of ``encode``; reads the layouts before it too (stores and changelogs
+        written by an earlier version: layout 1, the rendered original; before it a JSON
+        header line, then text and blocks). A layout 2 value decodes with an empty ``text``
+        and ``blocks``: its ``origin`` renders them."""
+        first = raw[:1]
+        if first == b"\x02":
+            return cls._decode_v2(raw)
+        if first != b"\x01":
             return cls._decode_json_header(raw)
         _, count, first_at, latest_at, expires_at, n_mid, n_channel, n_error, n_text = (
             _GROUP_HEAD.unpack_from(raw)
@@ -197,6 +303,60 @@ class Group:
         )
 
     @classmethod
+    def _decode_v2(cls, raw: bytes) -> Group:
+        (
+            _,
+            count,
+            first_at,
+            latest_at,
+            expires_at,
+            n_mid,
+            n_channel,
+            n_error,
+            n_event,
+            owner_at,
+            user_at,
+            *lengths,
+        ) = _GROUP_HEAD_V2.unpack_from(raw)
+        at = _GROUP_HEAD_V2.size
+
+        def take(n: int) -> str | None:
+            nonlocal at
+            if n < 0:
+                return None
+            at += n
+            return raw[at - n : at].decode()
+
+        mid, channel, error = take(n_mid), take(n_channel), take(n_error)
+        event = raw[at : at + n_event]
+        at += n_event
+        n_org, n_org_name, n_email, n_name, n_user_email, n_slack_id, n_display = lengths
+        owner = None
+        if n_org >= 0:
+            org, org_name, email, name = take(n_org), take(n_org_name), take(n_email), take(n_name)
+            owner = CsdrAssignment(
+                org or "", org_name or "", email or "", _EPOCH + owner_at * _MICROSECOND, name
+            )
+        user = None
+        if n_user_email >= 0:
+            user_email, slack_id, display = take(n_user_email), take(n_slack_id), take(n_display)
+            user = SlackUser(
+                user_email or "", slack_id or "", _EPOCH + user_at * _MICROSECOND, display
+            )
+        return cls(
+            mid or "",
+            channel or "",
+            count,
+            first_at,
+            latest_at,
+            expires_at,
+            "",
+            "",
+            error,
+            Origin(event, owner, user),
+        )
+
+    @classmethod
     def _decode_json_header(cls, raw: bytes) -> Group:
         head, _, body = raw.partition(b"\n")
         mid, channel, count, first_at, latest_at, expires_at, error, n = json.loads(head)
@@ -215,8 +375,9 @@ class Group:
     @staticmethod
     def expires_at_of(raw: bytes) -> int:
         """The ``expires_at`` of an encoded group, without decoding the rest."""
-        if raw[:1] != b"\x01":
+        if raw[:1] not in (b"\x01", b"\x02"):
             return int(json.loads(raw.partition(b"\n")[0])[5])
+        # the same leading fields in layouts 1 and 2
         expires_at: int = _GROUP_HEAD.unpack_from(raw)[4]
         return expires_at
 
@@ -359,12 +520,16 @@ def decide(
     window_ms: int,
     park: ParkRequest | None,
     now: int,
+    origin: Origin | None = None,
 ) -> Decision:
     """What an event that passed its pipeline's filter becomes, given its route ``outcome``.
 
-    ``group`` is the record at the event's group key (``None`` when absent), ``window_ms`` 0
-    disables grouping and ``park`` ``None`` disables parking: with both off this is today's
-    behaviour (a post, or nothing on a miss without fallback).
+    ``group`` is the record at the event's group key (``None`` when absent; an open one with
+    a channel must have its original's ``text`` and ``blocks``), ``window_ms`` 0 disables
+    grouping and ``park`` ``None`` disables parking: with both off this is today's behaviour
+    (a post, or nothing on a miss without fallback). ``origin`` (the event and the lookups
+    ``outcome`` was routed with) is what a group opened on the posted message stores instead
+    of its text and blocks; ``None`` stores those.
     """
     gkey = group_key(event.pipeline, event.dedup) if event.dedup is not None else None
     grouping = gkey is not None and window_ms > 0
@@ -437,6 +602,7 @@ def decide(
             text=message.text if message else "",
             blocks=message.blocks if message else "",
             latest_error=event.error,
+            origin=origin if message else None,
         )
         puts.append((gkey, opened.encode()))
         schedule.append((opened.expires_at, gkey))
@@ -497,6 +663,7 @@ def on_park_hit(
     group: Group | None,
     repark: tuple[str, str] | None,
     now: int,
+    origin: Origin | None = None,
 ) -> Decision:
     """A lookup ``park`` waited for arrived and the event was routed again (no fallback).
 
@@ -504,7 +671,8 @@ def on_park_hit(
     another lookup is still missing: ``repark`` names it (kind, key) and the park moves there,
     keeping its deadline. An ``Alert`` is DM'd; a fallback copy is updated to say where the
     alert went, and an open group of the event moves to the DM (with an update right away when
-    more events were grouped meanwhile).
+    more events were grouped meanwhile). ``origin`` is the event and the lookups the DM was
+    routed with: what the moved group stores (``None``: the DM's text and blocks).
     """
     old = park.state_key
     if isinstance(outcome, Miss):
@@ -549,7 +717,12 @@ def on_park_hit(
     planned = (park.fallback_id, message_id(park.pipeline, park.event_id))
     if park.dedup is not None and group is not None and group.message_id in planned:
         moved_group = dataclasses.replace(
-            group, message_id=dm.message_id, channel=dm.channel, text=dm.text, blocks=dm.blocks
+            group,
+            message_id=dm.message_id,
+            channel=dm.channel,
+            text=dm.text,
+            blocks=dm.blocks,
+            origin=origin,  # the DM's, never the copy's
         )
         puts.append((group_key(park.pipeline, park.dedup), moved_group.encode()))
         if moved_group.count > 1:
@@ -588,8 +761,12 @@ def expire_park(park: Park, *, group: Group | None) -> Decision:
     )
 
 
-def expire_group(group: Group, *, gkey: bytes) -> Decision:
-    """The window closed: forget the group (the next event of its key posts anew)."""
+def expire_group(group: Group | None = None, *, gkey: bytes) -> Decision:
+    """The window closed: forget the group (the next event of its key posts anew).
+
+    Nothing of ``group`` is read: the punctuator does not decode it (every group expires, so
+    that decode would be per new alert).
+    """
     return Decision(Action.EXPIRED_GROUP, deletes=(gkey,), groups_delta=-1)
 
 

@@ -39,6 +39,7 @@ from libs.serde import (
 from libs.state import KeyValueState
 from services.enricher.core import (
     NO_SLACK_USER,
+    Alert,
     Drop,
     Lookup,
     Miss,
@@ -61,6 +62,7 @@ from services.enricher.lifecycle import (
     Action,
     Decision,
     Group,
+    Origin,
     Park,
     expire_group,
     expire_park,
@@ -198,7 +200,10 @@ class LifecyclePunctuator:
             else:
                 repark = (OWNER, park.org_id)
         group = self._group(state, park)
-        decision = on_park_hit(park, outcome, group=group, repark=repark, now=now)
+        origin = None
+        if isinstance(outcome, Alert):  # the group that follows the DM renders it again
+            origin = Origin(park.event_bytes(), outcome.owner, outcome.user)
+        decision = on_park_hit(park, outcome, group=group, repark=repark, now=now, origin=origin)
         if not self._apply(tp, state, decision, out):
             self._pending.add((park.kind, park.key))
         elif decision.action is Action.HIT:
@@ -216,7 +221,7 @@ class LifecyclePunctuator:
             if raw is None or expires_at_of(state_key, raw) != expires_at:
                 continue  # gone or replaced since (resolved, hit, re-opened): a stale entry
             if state_key.startswith(GROUP_PREFIX):
-                self._apply(tp, state, expire_group(Group.decode(raw), gkey=state_key), out)
+                self._apply(tp, state, expire_group(gkey=state_key), out)
                 continue
             park = Park.decode(raw)
             self._apply(tp, state, expire_park(park, group=self._group(state, park)), out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import struct
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,6 +26,8 @@ from libs.serde import (
     SlackUser,
 )
 from libs.state import MemoryState
+from services.enricher import handler as handler_module
+from services.enricher import punctuator as punctuator_module
 from services.enricher.core import (
     NO_OWNER,
     NO_SLACK_USER,
@@ -42,11 +45,13 @@ from services.enricher.lifecycle import (
     Decision,
     EventRef,
     Group,
+    Origin,
     Park,
     ParkRequest,
     Schedule,
     decide,
     derived_id,
+    epoch_ms,
     expire_group,
     expire_park,
     expires_at_of,
@@ -55,6 +60,7 @@ from services.enricher.lifecycle import (
     park_key,
     park_prefix,
     resolve,
+    status_revision,
 )
 from services.enricher.pipelines.connector_provisioning_failed import PIPELINE as CONNECTOR
 from services.enricher.pipelines.onboarding_started import PIPELINE as ONBOARDING
@@ -829,4 +835,188 @@ def test_resweep_after_an_abort_routes_a_park_whose_hit_was_rolled_back() -> Non
     w.punctuate.resweep()  # what the app does when the loop counts an abort
     dm, rerouted = w.tick(1)
     assert dm.channel == "U0DANA" and rerouted.channel == FALLBACK
+    assert w.counts.by_partition[("cn", 0)] == [1, 0]
+
+
+# -- the group stores what renders its original again (layout 2), not the rendering -------------
+def test_group_with_origin_round_trips_and_is_smaller() -> None:
+    event = b"\x00\x00\x00\x00\x07" + "ävro bytes".encode()
+    named = dataclasses.replace(owner(), csdr_name="Dänä Owner")
+    variants = [
+        Origin(event, named, dataclasses.replace(user(), display_name="Dana 💥")),
+        Origin(event, dataclasses.replace(owner(), csdr_name=None), None),  # no Slack user
+        Origin(b"", None, None),  # no owner
+    ]
+    for origin in variants:
+        g = group(latest_error="bäd", origin=origin)
+        raw = g.encode()
+        assert raw[:1] == b"\x02"
+        back = Group.decode(raw)
+        # the rendered original is not stored: the origin renders it again
+        assert back == dataclasses.replace(g, text="", blocks="")
+        assert expires_at_of(group_key(P, "lcc-1"), raw) == g.expires_at
+    assert Group.decode(group(latest_error=None, origin=variants[0]).encode()).latest_error is None
+    assert len(group(origin=variants[0]).encode()) < len(group().encode()) / 3
+
+
+def v1_value(g: Group) -> bytes:
+    """A group as the previous version wrote it (layout 1: the rendered original), written here
+    from the layout itself rather than by ``Group.encode``."""
+    mid, channel, text = g.message_id.encode(), g.channel.encode(), g.text.encode()
+    error = (g.latest_error or "").encode()
+    head = struct.pack(
+        ">BIqqqHHiI",
+        1,
+        g.count,
+        g.first_at,
+        g.latest_at,
+        g.expires_at,
+        len(mid),
+        len(channel),
+        -1 if g.latest_error is None else len(error),
+        len(text),
+    )
+    return head + mid + channel + error + text + g.blocks.encode()
+
+
+def without_origins(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``w`` as the previous version: groups store the rendered original (layout 1)."""
+    for module in (handler_module, punctuator_module):
+        monkeypatch.setattr(module, "Origin", lambda *_: None)
+
+
+def scenario_dm(w: World) -> list[SlackMessage]:
+    w.assign()
+    out = []
+    for i in range(1, 4):
+        w.clock.now += timedelta(minutes=1)
+        out += w.send("cn", failure(i, f"error <{i}>"))
+    return out + w.send("cn", status(4, "RUNNING"))
+
+
+def scenario_fallback_copy(w: World) -> list[SlackMessage]:
+    # parking off: the fallback copy is the alert, and later events update it
+    w.owners["org-1"] = owner()  # an owner without a Slack user: the copy's warning names them
+    out = w.send("cn", failure(1))
+    w.clock.now += timedelta(minutes=2)
+    return out + w.send("cn", failure(2, "again")) + w.send("cn", status(3, "DELETED"))
+
+
+def scenario_parked_copy_then_hit(w: World) -> list[SlackMessage]:
+    out = w.send("onb", onboarding(1))
+    w.clock.now += timedelta(minutes=1)
+    out += w.send("onb", onboarding(2))  # updates the copy
+    w.assign()
+    w.punctuate.note_owners([b"org-1"])
+    out += w.tick(1)  # the DM, the copy's re-route note, the DM's catch-up update
+    w.clock.now += timedelta(minutes=1)
+    return out + w.send("onb", onboarding(3))  # the group followed the DM: it updates the DM
+
+
+@pytest.mark.parametrize(
+    ("scenario", "world"),
+    [
+        (scenario_dm, {}),
+        (scenario_fallback_copy, {"ttl_s": 0}),
+        (scenario_parked_copy_then_hit, {}),
+    ],
+)
+def test_updates_render_exactly_as_from_the_stored_rendering(
+    scenario: Any, world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layouts: list[bytes] = []
+
+    class Spy(MemoryState):
+        def put(self, key: bytes, value: bytes) -> None:
+            if key.startswith(b"g/"):
+                layouts.append(value[:1])
+            super().put(key, value)
+
+    def run(w: World) -> list[SlackMessage]:
+        w.state = w.out.state = Spy()
+        messages: list[SlackMessage] = scenario(w)
+        return messages
+
+    now = run(World(**world))
+    assert b"\x02" in layouts
+    with monkeypatch.context() as patched:
+        before = World(**world)
+        without_origins(before, patched)
+        layouts.clear()
+        then = run(before)
+    assert b"\x02" not in layouts and b"\x01" in layouts  # the previous version's values
+    assert now == then  # every message, updates included, byte for byte
+    assert sum(1 for m in now if m.update_of) >= 2
+
+
+def test_open_groups_are_stored_with_their_origin() -> None:
+    w = World()
+    w.assign()
+    [first] = w.send("cn", failure(1))
+    raw = w.state.get(group_key(P, "lcc-1"))
+    assert raw is not None and raw[:1] == b"\x02" and len(raw) < len(first.blocks)
+    stored = Group.decode(raw)
+    assert stored.origin is not None and stored.origin.owner == owner()
+    assert stored.origin.user == user()
+
+
+def test_a_group_written_by_the_previous_version_is_read_and_updated() -> None:
+    w = World()
+    w.assign()
+    [first] = w.send("cn", failure(1))
+    gkey = group_key(P, "lcc-1")
+    current = Group.decode(w.state.data[gkey])
+    old = dataclasses.replace(current, text=first.text, blocks=first.blocks, origin=None)
+    w.state.put(gkey, v1_value(old))  # as the previous version left it in the store
+    w.clock.now += timedelta(minutes=1)
+    [update] = w.send("cn", failure(2, "second"))
+    grown = dataclasses.replace(
+        old, count=2, latest_at=epoch_ms(w.clock.now), latest_error="second"
+    )
+    expected = render_update(first.text, first.blocks, status_revision(grown))
+    assert (update.text, update.blocks) == expected and update.update_of == first.message_id
+    # updated in place, still the rendered original (no origin to render it from): layout 1
+    assert Group.decode(w.state.data[gkey]) == grown
+    [resolution] = w.send("cn", status(3, "RUNNING"))
+    assert resolution.update_of == first.message_id and "Resolved" in resolution.blocks
+    assert gkey not in w.state.data
+
+
+def test_an_origin_that_no_longer_decodes_posts_anew_instead_of_a_blank_update() -> None:
+    w = World()
+    w.assign()
+    assert len(w.send("cn", failure(1))) == 1
+    gkey = group_key(P, "lcc-1")
+    stored = Group.decode(w.state.data[gkey])
+    assert stored.origin is not None
+    broken = dataclasses.replace(stored.origin, event=stored.origin.event[:5] + b"\xff")
+    w.state.put(gkey, dataclasses.replace(stored, origin=broken).encode())
+    [again] = w.send("cn", failure(2))
+    assert again.update_of is None and again.message_id == message_id(P, "ev-2")
+    assert w.counts.by_partition[("cn", 0)] == [1, 0]  # the new group replaced the old one
+    assert Group.decode(w.state.data[gkey]).message_id == again.message_id
+
+
+def test_an_update_after_a_link_template_change_shows_the_new_rendering_in_place() -> None:
+    # ENRICHER_LINK_TEMPLATES changed by a deploy while the alert is open: the update renders
+    # the original as it renders now, and still replaces the same message (nothing reposted)
+    w = World()
+    w.assign()
+    [first] = w.send("cn", failure(1))
+    assert "crm.example.com" in first.blocks
+    w.handler = EventHandler(
+        w.registry,
+        {"cn": CONNECTOR.with_link_templates({"crm": "https://crm.new.example/{org_id}"})},
+        DictLookup(w.owners),
+        DictLookup(w.users),
+        out_topic=OUT,
+        fallback_channel=FALLBACK,
+        clock=w.clock,
+        lifecycle=LifecycleConfig({CONNECTOR.name: 3_600_000}, 3_600_000),
+        counts=w.counts,
+    )
+    w.clock.now += timedelta(minutes=1)
+    [update] = w.send("cn", failure(2))
+    assert update.update_of == first.message_id and update.channel == first.channel
+    assert "crm.new.example" in update.blocks and "crm.example.com" not in update.blocks
     assert w.counts.by_partition[("cn", 0)] == [1, 0]

@@ -82,6 +82,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -189,17 +190,76 @@ class SlackDeliveryError(Exception):
 
 
 class ReceiptTable(Protocol):
-    """What the loop needs of the receipts table (a ``GlobalTable`` in production)."""
+    """What the loop needs of the receipts table (a ``GlobalTable`` in production).
+
+    ``positions()`` are the next offsets to apply per partition of the receipts topic;
+    ``applied_total`` counts the records applied so far: the answers of ``get`` change only
+    when it moves.
+    """
+
+    @property
+    def applied_total(self) -> int: ...
 
     def get(self, key: str) -> SlackDeliveryReceipt | None: ...
 
-    def put_local(self, key: str, value: bytes | None) -> None: ...
-
     def poll(self, max_records: int = 1000, timeout_s: float = 0.0) -> int: ...
+
+    def positions(self) -> dict[int, int]: ...
 
     def high_watermarks(self, timeout_s: float = 10.0) -> dict[int, int]: ...
 
     def caught_up_to(self, marks: Mapping[int, int]) -> bool: ...
+
+
+class OwnReceipts:
+    """This process's receipts until the receipts table has read them back.
+
+    Read-your-own-write: the next copy of a message (a replay right behind it in its channel)
+    and an update waiting for its original must see a receipt before it has gone round the
+    topic and the table. Written through to the table's RocksDB, that was a store write per
+    message, and an Avro decode per lookup; here it is a dict entry until the table's
+    position in the receipt's partition has passed the receipt's offset (its delivery report
+    says where it landed): from then on the table holds it, or a later record of its key.
+
+    Kept across revokes: until the table has read it, the receipt is at least as recent as
+    anything the table can answer for its key (every later record of the key lands after it
+    in the same partition), whoever owns the message. A receipt without its delivery report
+    stays (one the broker refuses stops the loop).
+    """
+
+    def __init__(self) -> None:
+        self._receipts: dict[str, SlackDeliveryReceipt] = {}
+        # per partition of the receipts topic, in the order of their delivery reports (the
+        # offsets' order: the producer is idempotent)
+        self._landed: dict[int, deque[tuple[int, SlackDeliveryReceipt]]] = {}
+
+    def get(self, message_id: str) -> SlackDeliveryReceipt | None:
+        """The latest receipt this process wrote for ``message_id``, until the table has it."""
+        return self._receipts.get(message_id)
+
+    def wrote(self, receipt: SlackDeliveryReceipt) -> None:
+        """``receipt`` is being produced (answered from here from now on)."""
+        self._receipts[receipt.message_id] = receipt
+
+    def landed(self, receipt: SlackDeliveryReceipt, partition: int, offset: int) -> None:
+        """The broker acknowledged ``receipt`` at ``partition``/``offset``."""
+        landed = self._landed.get(partition)
+        if landed is None:
+            landed = self._landed[partition] = deque()
+        landed.append((offset, receipt))
+
+    def release(self, positions: Mapping[int, int]) -> None:
+        """Forget the receipts the table has read, given its ``positions``."""
+        for partition, landed in self._landed.items():
+            position = positions.get(partition, 0)
+            while landed and landed[0][0] < position:
+                receipt = landed.popleft()[1]
+                # not a newer receipt of the same message that is still on its way
+                if self._receipts.get(receipt.message_id) is receipt:
+                    del self._receipts[receipt.message_id]
+
+    def __len__(self) -> int:
+        return len(self._receipts)
 
 
 Decode = Callable[[bytes | None, str, int, int], SlackMessage]
@@ -280,10 +340,15 @@ class _Ahead:
     """The marker of a queued post, begun while the post before it in the channel is in flight.
 
     ``delivery`` is the post as ``core.begin_post`` counted it; ``then`` is the post waiting
-    for the marker to be durable (set once the message is the channel's head).
+    for the marker to be durable (set once the message is the channel's head). ``receipt``
+    is what the receipts lookup answered then (not final), and ``table_applied`` the receipts
+    table's ``applied_total`` at that lookup: while it has not moved, the table's answer
+    has not changed either.
     """
 
     delivery: Delivery
+    receipt: SlackDeliveryReceipt | None
+    table_applied: int
     durable: bool = False
     then: Callable[[], None] | None = None
 
@@ -375,6 +440,8 @@ class SinkLoop:
         self._last_table_poll = 0.0
         #: receipts by outcome since the last "receipts" summary line (FAILED ones excepted)
         self._receipt_counts: dict[str, int] = {}
+        #: receipts produced here that the table has not read back yet
+        self.own_receipts = OwnReceipts()
         self._last_receipt_log = self._mono()
         self._closing = False
         self.last_turn = self._mono()
@@ -454,6 +521,7 @@ class SinkLoop:
             self._last_table_poll = now
             while self._table.poll(max_records=1000) >= 1000:
                 pass
+            self.own_receipts.release(self._table.positions())
         if now - self._last_commit >= self.config.commit_interval_s:
             self._commit(None)
             self._observe_backlog()
@@ -543,7 +611,7 @@ class SinkLoop:
                     # yet what was written before the partition came to this replica
                     self.scheduler.defer(channel, now + self.config.poll_timeout_s)
                     return
-                existing = self._table.get(item.message.message_id)
+                existing = self._current_receipt(item)
                 if core.already_final(existing, redriven=_redriven(item.headers)):
                     self._skip(channel, entry, existing)
                     continue
@@ -587,7 +655,27 @@ class SinkLoop:
 
     def _original(self, message: SlackMessage) -> SlackDeliveryReceipt | None:
         """The receipt of the message an update applies to (None for a post)."""
-        return None if message.update_of is None else self._table.get(message.update_of)
+        return None if message.update_of is None else self._receipt(message.update_of)
+
+    def _receipt(self, message_id: str) -> SlackDeliveryReceipt | None:
+        """The message's receipt: this process's own first, then the table's."""
+        own = self.own_receipts.get(message_id)
+        return own if own is not None else self._table.get(message_id)
+
+    def _current_receipt(self, item: _Item) -> SlackDeliveryReceipt | None:
+        """The receipt of a message at its turn.
+
+        A message whose marker was begun ahead was looked up a moment before: unless the
+        table has applied records since, a receipt that came meanwhile can only be one this
+        process produced (a copy of the message finishing, say a call of a revoked partition
+        that was still in flight), and that is in ``own_receipts``.
+        """
+        ahead = item.ahead
+        message_id = item.message.message_id
+        if ahead is None or ahead.table_applied != self._table.applied_total:
+            return self._receipt(message_id)
+        own = self.own_receipts.get(message_id)
+        return own if own is not None else ahead.receipt
 
     def _original_behind(self, channel: _Channel, entry: _Entry) -> bool:
         """Move the update's original to the front when it is queued behind the update.
@@ -720,12 +808,14 @@ class SinkLoop:
             or message.message_id == head.item.message.message_id
             or not self.scheduler.has_token(channel, self._mono())
             or not (self._receipts_gate.is_open(entry.tp) and self._markers.ready(entry.tp))
-            or core.already_final(self._table.get(message.message_id))
-            or self._markers.get(message.message_id) is not None
         ):
             return
+        table_applied = self._table.applied_total
+        receipt = self._receipt(message.message_id)
+        if core.already_final(receipt) or self._markers.get(message.message_id) is not None:
+            return
         started, marker = core.begin_post(Delivery(message), self._now())
-        ahead = item.ahead = _Ahead(started)
+        ahead = item.ahead = _Ahead(started, receipt, table_applied)
         self._markers.begin(
             entry.tp, message.message_id, marker, on_durable=ahead.acked, offset=entry.offset
         )
@@ -932,6 +1022,12 @@ class SinkLoop:
             entry.tp, entry.offset, entry.epoch, 2 if decision.dead_letter else 1
         )
         message_id = entry.item.message.message_id
+        own = self.own_receipts
+
+        def landed(msg: Message) -> None:
+            partition, offset = msg.partition(), msg.offset()
+            if partition is not None and offset is not None:  # always, for an acknowledged one
+                own.landed(receipt, partition, offset)
 
         def produce_receipt() -> None:
             self._produce(
@@ -941,6 +1037,7 @@ class SinkLoop:
                 None,
                 ticket,
                 message_id,
+                landed=landed,
             )
 
         if decision.dead_letter:
@@ -961,7 +1058,7 @@ class SinkLoop:
             produce_receipt()
         # Read-your-own-write: the next copy of this message (a replay right behind it in the
         # channel queue) must see the receipt before it has gone round the topic.
-        self._table.put_local(receipt.message_id, value)
+        own.wrote(receipt)
 
     def _log_receipts(self, now: float) -> None:
         """One INFO line with the receipts (by outcome) produced since the previous one."""
@@ -1012,15 +1109,18 @@ class SinkLoop:
         message_id: str | None,
         *,
         then: Callable[[], None] | None = None,
+        landed: Callable[[Message], None] | None = None,
     ) -> None:
-        def on_acked() -> None:
+        def on_acked(msg: Message) -> None:
+            if landed is not None:
+                landed(msg)
             if self.scheduler.tracker.acked(ticket) and message_id is not None:
                 # the receipt is on the topic: the post is no longer in doubt
                 self._markers.delete(message_id)
             if then is not None:
                 then()
 
-        self._client.produce(topic, key, value, headers, on_acked=on_acked)
+        self._client.produce(topic, key, value, headers, on_delivered=on_acked)
 
     def _check_delivery(self) -> None:
         self._client.check_delivery(

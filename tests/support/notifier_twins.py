@@ -73,19 +73,13 @@ class MemoryReceiptTable:
         self._broker = broker
         self._rows: dict[str, SlackDeliveryReceipt] = {}
         self._positions: dict[int, int] = {}
+        self.applied_total = 0
         self._held = False
         self._lock = threading.Lock()
 
     def get(self, key: str) -> SlackDeliveryReceipt | None:
         with self._lock:
             return self._rows.get(key)
-
-    def put_local(self, key: str, value: bytes | None) -> None:
-        with self._lock:
-            if value is None:
-                self._rows.pop(key, None)
-            else:
-                self._rows[key] = decode_receipt(value)
 
     def hold(self) -> None:
         self._held = True
@@ -106,7 +100,12 @@ class MemoryReceiptTable:
                 self._rows[bytes(r.key() or b"").decode()] = decode_receipt(bytes(r.value() or b""))
                 self._positions[p] = offset + 1
                 applied += 1
+            self.applied_total += applied
         return 0 if applied < max_records else applied
+
+    def positions(self) -> dict[int, int]:
+        with self._lock:
+            return dict(self._positions)
 
     def high_watermarks(self, timeout_s: float = 10.0) -> dict[int, int]:
         return {

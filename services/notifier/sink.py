@@ -84,7 +84,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -376,12 +375,66 @@ _Entry = Entry[_Item]
 _Channel = Channel[_Item]
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Completion:
+    """A Slack call of a channel's head: what it answered, or what it raised."""
+
     channel: _Channel
     entry: _Entry
     step: Step
-    future: Future[object]
+    outcome: object = None
+    error: BaseException | None = None
+
+
+class _SlackCalls:
+    """The threads the Slack calls run on: up to ``size``, started as calls come.
+
+    A call is a function and its ``_Completion``; the worker fills in the answer and puts the
+    completion on ``done`` (the loop's queue). Not a ``ThreadPoolExecutor``: its ``Future``
+    (a condition and its lock, created per call), the work item and the done callback were a
+    tenth of the loop thread's time per message, for nothing the loop uses.
+    """
+
+    def __init__(self, size: int, done: queue.SimpleQueue[_Completion]) -> None:
+        self._size = size
+        self._done = done
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], object], _Completion] | None] = (
+            queue.SimpleQueue()
+        )
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def submit(self, call: Callable[[], object], completion: _Completion) -> None:
+        """Run ``call`` on a worker; its answer arrives on the queue as ``completion``."""
+        if self._closed:
+            raise RuntimeError("Slack calls submitted after shutdown")
+        self._jobs.put((call, completion))
+        if len(self._threads) < self._size:
+            worker = threading.Thread(
+                target=self._work, name=f"slack_{len(self._threads)}", daemon=False
+            )
+            self._threads.append(worker)
+            worker.start()
+
+    def _work(self) -> None:
+        jobs, done = self._jobs, self._done
+        while (job := jobs.get()) is not None:
+            call, completion = job
+            try:
+                completion.outcome = call()
+            except BaseException as exc:  # the loop's thread decides what it means (_complete)
+                completion.error = exc
+            done.put(completion)
+
+    def shutdown(self) -> None:
+        """Drop the calls not started; each worker ends after the call it is in (bounded by
+        the Slack client's timeout)."""
+        self._closed = True
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._jobs.get_nowait()
+        for _ in self._threads:
+            self._jobs.put(None)
 
 
 class SinkLoop:
@@ -429,8 +482,8 @@ class SinkLoop:
             timeout_s=config.drain_timeout_s,
             transactional=False,
         )
-        self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="slack")
         self._completions: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
+        self._calls = _SlackCalls(config.concurrency, self._completions)
         self.scheduler: ChannelScheduler[_Item] = ChannelScheduler(config.scheduling())
         self._receipts_gate = PartitionGate(
             table, name="receipts", timeout_s=config.gate_timeout_s, monotonic=monotonic
@@ -461,7 +514,7 @@ class SinkLoop:
         finally:
             # Revoke callbacks during close() have nothing left to do: drained and committed.
             self._closing = True
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._calls.shutdown()
             try:
                 for problem in self._consumer_client.close(10.0):
                     log.error(problem)
@@ -745,8 +798,7 @@ class SinkLoop:
                     self.scheduler.pop(channel)
                     self.scheduler.proceed(channel, self._mono())
                     return
-                future = self._pool.submit(call)
-                self._call(channel, entry, step, future)
+                self._calls.submit(call, _Completion(channel, entry, step))
 
             # The marker must be durable before the call: if the process dies before the
             # receipt is acknowledged, the next owner knows this post (or update) is in doubt.
@@ -764,23 +816,27 @@ class SinkLoop:
             item.delivery = action.delivery
             target = action.delivery.target
             assert target is not None
-            future_check: Future[object] = self._pool.submit(
-                self._notifier.find_update, target.channel, target.ts, item.message.message_id
+            self._calls.submit(
+                partial(
+                    self._notifier.find_update, target.channel, target.ts, item.message.message_id
+                ),
+                _Completion(channel, entry, Step.CHECK_UPDATE),
             )
             self.stats.update_checks += 1
-            self._call(channel, entry, Step.CHECK_UPDATE, future_check)
         else:
             item.delivery = action.delivery
             policy = self.config.policy
-            future: Future[object] = self._pool.submit(
-                self._notifier.find_post,
-                item.message.channel,
-                item.message.message_id,
-                core.history_oldest(action.delivery, policy),
-                core.history_latest(action.delivery, policy),
+            self._calls.submit(
+                partial(
+                    self._notifier.find_post,
+                    item.message.channel,
+                    item.message.message_id,
+                    core.history_oldest(action.delivery, policy),
+                    core.history_latest(action.delivery, policy),
+                ),
+                _Completion(channel, entry, Step.CHECK_HISTORY),
             )
             self.stats.history_checks += 1
-            self._call(channel, entry, Step.CHECK_HISTORY, future)
 
     def _mark_ahead(self, channel: _Channel) -> None:
         """Begin the marker of the post behind the head while the head's post is in flight.
@@ -828,10 +884,6 @@ class SinkLoop:
                     entry.item.ahead = None
                     self._markers.delete(entry.item.message.message_id)
 
-    def _call(self, channel: _Channel, entry: _Entry, step: Step, future: Future[Any]) -> None:
-        completion = _Completion(channel, entry, step, future)
-        future.add_done_callback(lambda _: self._completions.put(completion))
-
     # -- Slack answers ---------------------------------------------------------------------
     def _take_completions(self, block_s: float) -> None:
         try:
@@ -875,10 +927,13 @@ class SinkLoop:
         INFLIGHT.set(self.scheduler.in_flight)
         delivery = entry.item.delivery
         assert delivery is not None
-        try:
-            outcome = c.future.result()
-        except Exception as exc:  # a bug in an adapter: treat as an unanswered call
-            log.exception("Slack call raised", extra=_ids(entry))
+        outcome = c.outcome
+        exc = c.error
+        if exc is not None:
+            if not isinstance(exc, Exception):
+                raise exc  # KeyboardInterrupt, SystemExit: not the call's answer
+            # a bug in an adapter: treat as an unanswered call
+            log.error("Slack call raised", extra=_ids(entry), exc_info=exc)
             outcome = core.Unavailable(f"{type(exc).__name__}: {exc}", in_doubt=True)
         now = self._now()
         jitter = self._rng.random()

@@ -634,6 +634,17 @@ def test_a_takeover_after_an_early_marker_checks_the_history_and_posts_once() ->
     rig.markers = InMemoryAttemptLog(remote=True)
     markers = rig.markers
     _blocking_first_post(rig, lambda: "m2" in markers.durable)
+    held = rig.slack.post
+
+    def dying(request: PostRequest) -> PostOutcome:
+        if request.metadata["event_payload"] != {"message_id": "m2", "pipeline": "p1"}:
+            return held(request)
+        # m2's post may start before the loop notices m1's receipt failed: the process dies
+        # before it reaches Slack
+        wait_until(lambda: rig.error is not None, timeout_s=20, message="the loop stopped")
+        return Unavailable("the process died first", in_doubt=True)
+
+    rig.slack.post = dying  # type: ignore[method-assign]
     rig.start()
     wait_until(lambda: rig.producers, timeout_s=10)
     rig.producers[0].fail_delivery(RECEIPTS, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
@@ -764,6 +775,39 @@ def test_a_replay_behind_its_first_copy_is_skipped_from_memory_until_the_table_r
     wait_until(lambda: len(loop.own_receipts) == 0, timeout_s=20, message="forgotten once read")
     rig.finish()
     assert rig.table.get("m1") is not None
+
+
+def test_a_slack_call_that_raises_counts_as_unanswered_and_the_workers_end_at_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An adapter raising (a bug) is an unanswered call: the post is in doubt, the history is
+    checked, and it is posted once. At stop the call threads end."""
+    rig = SinkRig(partitions=1)
+    post = rig.slack.post
+    raised: list[str] = []
+
+    def buggy(request: PostRequest) -> PostOutcome:
+        if not raised:
+            raised.append(request.channel)
+            raise RuntimeError("adapter bug")
+        return post(request)
+
+    rig.slack.post = buggy  # type: ignore[method-assign]
+    caplog.set_level(logging.ERROR, logger="services.notifier.sink")
+    rig.start()
+    rig.send([message(1, "C1")])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    loop = rig.loop
+    assert loop is not None
+    stats = rig.finish()
+    assert raised == ["C1"]
+    assert any(r.getMessage() == "Slack call raised" and r.exc_info for r in caplog.records)
+    # not found at once, and again after the settle delay: then posted
+    assert (stats.posts, stats.history_checks, stats.delivered) == (2, 2, 1)
+    assert _posted_ids(rig) == ["m1"]
+    workers = loop._calls._threads
+    assert workers
+    wait_until(lambda: not any(t.is_alive() for t in workers), timeout_s=20, message="ended")
 
 
 # -- in-doubt posts that Slack stores late (issue 11) ------------------------------------------

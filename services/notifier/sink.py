@@ -145,6 +145,8 @@ Headers = list[tuple[str, str | bytes | None]] | None
 MARKER_WAIT_SLICE_S = 0.001
 #: the "receipts" summary line (receipts by outcome) comes at most this often
 RECEIPT_LOG_INTERVAL_S = 1.0
+#: keys of applied receipts remembered for the early-marked messages' second lookup
+APPLIED_KEYS_MAX = 10_000
 
 MESSAGES = Counter(
     "notifier_messages_total",
@@ -192,12 +194,11 @@ class ReceiptTable(Protocol):
     """What the loop needs of the receipts table (a ``GlobalTable`` in production).
 
     ``positions()`` are the next offsets to apply per partition of the receipts topic;
-    ``applied_total`` counts the records applied so far: the answers of ``get`` change only
-    when it moves.
+    ``on_change`` (set by the loop) hears the keys of every batch of records applied: the
+    answers of ``get`` change only then.
     """
 
-    @property
-    def applied_total(self) -> int: ...
+    on_change: Callable[[list[bytes]], None] | None
 
     def get(self, key: str) -> SlackDeliveryReceipt | None: ...
 
@@ -340,14 +341,13 @@ class _Ahead:
 
     ``delivery`` is the post as ``core.begin_post`` counted it; ``then`` is the post waiting
     for the marker to be durable (set once the message is the channel's head). ``receipt``
-    is what the receipts lookup answered then (not final), and ``table_applied`` the receipts
-    table's ``applied_total`` at that lookup: while it has not moved, the table's answer
-    has not changed either.
+    is what the receipts lookup answered then (not final), in the loop's ``epoch`` of
+    receipts applied by the table (``SinkLoop._receipts_applied``).
     """
 
     delivery: Delivery
     receipt: SlackDeliveryReceipt | None
-    table_applied: int
+    epoch: int
     durable: bool = False
     then: Callable[[], None] | None = None
 
@@ -495,6 +495,12 @@ class SinkLoop:
         self._receipt_counts: dict[str, int] = {}
         #: receipts produced here that the table has not read back yet
         self.own_receipts = OwnReceipts()
+        # The keys of the receipts the table applied since ``_applied_epoch`` began: a message
+        # looked up when its marker was begun ahead is looked up again at its turn only if its
+        # key is among them (or a new epoch began).
+        self._applied_keys: set[bytes] = set()
+        self._applied_epoch = 0
+        table.on_change = self._receipts_applied
         self._last_receipt_log = self._mono()
         self._closing = False
         self.last_turn = self._mono()
@@ -719,16 +725,28 @@ class SinkLoop:
         """The receipt of a message at its turn.
 
         A message whose marker was begun ahead was looked up a moment before: unless the
-        table has applied records since, a receipt that came meanwhile can only be one this
-        process produced (a copy of the message finishing, say a call of a revoked partition
-        that was still in flight), and that is in ``own_receipts``.
+        table has applied a record of its key since, a receipt that came meanwhile can only
+        be one this process produced (a copy of the message finishing, say a call of a
+        revoked partition that was still in flight), and that is in ``own_receipts``.
         """
         ahead = item.ahead
         message_id = item.message.message_id
-        if ahead is None or ahead.table_applied != self._table.applied_total:
+        if (
+            ahead is None
+            or ahead.epoch != self._applied_epoch
+            or message_id.encode() in self._applied_keys
+        ):
             return self._receipt(message_id)
         own = self.own_receipts.get(message_id)
         return own if own is not None else ahead.receipt
+
+    def _receipts_applied(self, keys: list[bytes]) -> None:
+        """The receipts table applied records of ``keys`` (its ``on_change``)."""
+        if len(self._applied_keys) + len(keys) > APPLIED_KEYS_MAX:
+            # bounded: the marks begun before the new epoch are looked up again at their turn
+            self._applied_epoch += 1
+            self._applied_keys = set()
+        self._applied_keys.update(keys)
 
     def _original_behind(self, channel: _Channel, entry: _Entry) -> bool:
         """Move the update's original to the front when it is queued behind the update.
@@ -769,7 +787,6 @@ class SinkLoop:
     def _submit(self, channel: _Channel, entry: _Entry, action: Proceed) -> None:
         item = entry.item
         self.scheduler.call_started(channel)
-        INFLIGHT.set(self.scheduler.in_flight)
         if action.step in (Step.POST, Step.UPDATE):
             request = action.request
             assert request is not None
@@ -866,12 +883,11 @@ class SinkLoop:
             or not (self._receipts_gate.is_open(entry.tp) and self._markers.ready(entry.tp))
         ):
             return
-        table_applied = self._table.applied_total
         receipt = self._receipt(message.message_id)
         if core.already_final(receipt) or self._markers.get(message.message_id) is not None:
             return
         started, marker = core.begin_post(Delivery(message), self._now())
-        ahead = item.ahead = _Ahead(started, receipt, table_applied)
+        ahead = item.ahead = _Ahead(started, receipt, self._applied_epoch)
         self._markers.begin(
             entry.tp, message.message_id, marker, on_durable=ahead.acked, offset=entry.offset
         )
@@ -924,7 +940,6 @@ class SinkLoop:
     def _complete(self, c: _Completion) -> None:
         channel, entry = c.channel, c.entry
         self.scheduler.call_ended(channel)
-        INFLIGHT.set(self.scheduler.in_flight)
         delivery = entry.item.delivery
         assert delivery is not None
         outcome = c.outcome
@@ -1200,6 +1215,8 @@ class SinkLoop:
                 self.stats.pauses += 1
                 log.info("partition paused", extra={**extra, "reason": change.reason})
         PAUSED.set(len(self.scheduler.paused))
+        # once a turn rather than at every call's start and end (two gauge writes a message)
+        INFLIGHT.set(self.scheduler.in_flight)
 
     def _commit(self, only: list[TP] | None, *, in_rebalance: bool = False) -> None:
         self._last_commit = self._mono()

@@ -503,6 +503,8 @@ class SinkLoop:
         table.on_change = self._receipts_applied
         self._last_receipt_log = self._mono()
         self._closing = False
+        #: posts waiting for their marker's acknowledgement (``_submit``)
+        self._posts_waiting = 0
         self.last_turn = self._mono()
         self.assigned: set[TP] = set()
 
@@ -817,16 +819,26 @@ class SinkLoop:
                     return
                 self._calls.submit(call, _Completion(channel, entry, step))
 
+            def post_when_durable() -> None:
+                self._posts_waiting -= 1
+                post()
+
             # The marker must be durable before the call: if the process dies before the
             # receipt is acknowledged, the next owner knows this post (or update) is in doubt.
             if ahead is None:
+                self._posts_waiting += 1
                 self._markers.begin(
-                    entry.tp, item.message.message_id, marker, on_durable=post, offset=entry.offset
+                    entry.tp,
+                    item.message.message_id,
+                    marker,
+                    on_durable=post_when_durable,
+                    offset=entry.offset,
                 )
             elif ahead.durable:
                 post()
             else:
-                ahead.then = post
+                self._posts_waiting += 1
+                ahead.then = post_when_durable
             if step is Step.POST:
                 self._mark_ahead(channel)
         elif action.step is Step.CHECK_UPDATE:
@@ -921,18 +933,23 @@ class SinkLoop:
         acknowledgement, which only a poll of the markers' producer serves: waiting on the
         queue alone held every post back by a whole ``poll_timeout_s`` after its marker was
         durable (one channel made 9 posts a second against a Slack answering in 1.4 ms).
-        While markers are pending, both are watched, in slices of ``MARKER_WAIT_SLICE_S``; an
-        acknowledgement submits its post from within the poll, so the wait goes on (as it
-        did) until a call finishes or the loop is due, rather than a turn per marker. What
-        the finished calls made due is dispatched before returning.
+        While a post waits for its marker, both are watched, in slices of
+        ``MARKER_WAIT_SLICE_S``; an acknowledgement submits its post from within the poll, so
+        the wait goes on (as it did) until a call finishes or the loop is due, rather than a
+        turn per marker. Markers begun ahead that no post waits for yet are not watched (a
+        wake-up per message for nothing): their acknowledgements are served once a call
+        finishes, before what it made due is dispatched.
         """
         deadline = self._mono() + wait_s
-        while self._markers.awaiting() and self._completions.empty():
+        while self._posts_waiting and self._markers.awaiting() and self._completions.empty():
             remaining = deadline - self._mono()
             if remaining <= 0:
                 return
             self._markers.wait_durable(min(remaining, MARKER_WAIT_SLICE_S))
         self._take_completions(block_s=max(0.0, deadline - self._mono()))
+        if self._markers.awaiting():
+            # the next post of the channel may start from a marker begun ahead at once
+            self._markers.wait_durable(0.0)
         # A finished call frees its channel's next message: start it now rather than after
         # the next turn's polls (a channel's posts follow each other at the pace of answers).
         self._dispatch()

@@ -604,6 +604,7 @@ def test_the_next_posts_marker_is_written_while_the_post_before_it_is_in_flight(
     wait_until(rig.all_committed, timeout_s=20, message="all committed")
     stats = rig.finish()
     assert durable_at_post == [True] * 4
+    assert rig.loop is not None and rig.loop._posts_waiting == 0
     ids = [p.request.metadata["event_payload"]["message_id"] for p in rig.slack.posts]  # type: ignore[index]
     assert ids == ["m1", "m2", "m3", "m4"]
     assert (stats.posts, stats.delivered, stats.history_checks) == (4, 4, 0)

@@ -82,8 +82,8 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -145,6 +145,8 @@ Headers = list[tuple[str, str | bytes | None]] | None
 MARKER_WAIT_SLICE_S = 0.001
 #: the "receipts" summary line (receipts by outcome) comes at most this often
 RECEIPT_LOG_INTERVAL_S = 1.0
+#: keys of applied receipts remembered for the early-marked messages' second lookup
+APPLIED_KEYS_MAX = 10_000
 
 MESSAGES = Counter(
     "notifier_messages_total",
@@ -189,17 +191,75 @@ class SlackDeliveryError(Exception):
 
 
 class ReceiptTable(Protocol):
-    """What the loop needs of the receipts table (a ``GlobalTable`` in production)."""
+    """What the loop needs of the receipts table (a ``GlobalTable`` in production).
+
+    ``positions()`` are the next offsets to apply per partition of the receipts topic;
+    ``on_change`` (set by the loop) hears the keys of every batch of records applied: the
+    answers of ``get`` change only then.
+    """
+
+    on_change: Callable[[list[bytes]], None] | None
 
     def get(self, key: str) -> SlackDeliveryReceipt | None: ...
 
-    def put_local(self, key: str, value: bytes | None) -> None: ...
-
     def poll(self, max_records: int = 1000, timeout_s: float = 0.0) -> int: ...
+
+    def positions(self) -> dict[int, int]: ...
 
     def high_watermarks(self, timeout_s: float = 10.0) -> dict[int, int]: ...
 
     def caught_up_to(self, marks: Mapping[int, int]) -> bool: ...
+
+
+class OwnReceipts:
+    """This process's receipts until the receipts table has read them back.
+
+    Read-your-own-write: the next copy of a message (a replay right behind it in its channel)
+    and an update waiting for its original must see a receipt before it has gone round the
+    topic and the table. Written through to the table's RocksDB, that was a store write per
+    message, and an Avro decode per lookup; here it is a dict entry until the table's
+    position in the receipt's partition has passed the receipt's offset (its delivery report
+    says where it landed): from then on the table holds it, or a later record of its key.
+
+    Kept across revokes: until the table has read it, the receipt is at least as recent as
+    anything the table can answer for its key (every later record of the key lands after it
+    in the same partition), whoever owns the message. A receipt without its delivery report
+    stays (one the broker refuses stops the loop).
+    """
+
+    def __init__(self) -> None:
+        self._receipts: dict[str, SlackDeliveryReceipt] = {}
+        # per partition of the receipts topic, in the order of their delivery reports (the
+        # offsets' order: the producer is idempotent)
+        self._landed: dict[int, deque[tuple[int, SlackDeliveryReceipt]]] = {}
+
+    def get(self, message_id: str) -> SlackDeliveryReceipt | None:
+        """The latest receipt this process wrote for ``message_id``, until the table has it."""
+        return self._receipts.get(message_id)
+
+    def wrote(self, receipt: SlackDeliveryReceipt) -> None:
+        """``receipt`` is being produced (answered from here from now on)."""
+        self._receipts[receipt.message_id] = receipt
+
+    def landed(self, receipt: SlackDeliveryReceipt, partition: int, offset: int) -> None:
+        """The broker acknowledged ``receipt`` at ``partition``/``offset``."""
+        landed = self._landed.get(partition)
+        if landed is None:
+            landed = self._landed[partition] = deque()
+        landed.append((offset, receipt))
+
+    def release(self, positions: Mapping[int, int]) -> None:
+        """Forget the receipts the table has read, given its ``positions``."""
+        for partition, landed in self._landed.items():
+            position = positions.get(partition, 0)
+            while landed and landed[0][0] < position:
+                receipt = landed.popleft()[1]
+                # not a newer receipt of the same message that is still on its way
+                if self._receipts.get(receipt.message_id) is receipt:
+                    del self._receipts[receipt.message_id]
+
+    def __len__(self) -> int:
+        return len(self._receipts)
 
 
 Decode = Callable[[bytes | None, str, int, int], SlackMessage]
@@ -280,10 +340,14 @@ class _Ahead:
     """The marker of a queued post, begun while the post before it in the channel is in flight.
 
     ``delivery`` is the post as ``core.begin_post`` counted it; ``then`` is the post waiting
-    for the marker to be durable (set once the message is the channel's head).
+    for the marker to be durable (set once the message is the channel's head). ``receipt``
+    is what the receipts lookup answered then (not final), in the loop's ``epoch`` of
+    receipts applied by the table (``SinkLoop._receipts_applied``).
     """
 
     delivery: Delivery
+    receipt: SlackDeliveryReceipt | None
+    epoch: int
     durable: bool = False
     then: Callable[[], None] | None = None
 
@@ -311,12 +375,66 @@ _Entry = Entry[_Item]
 _Channel = Channel[_Item]
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Completion:
+    """A Slack call of a channel's head: what it answered, or what it raised."""
+
     channel: _Channel
     entry: _Entry
     step: Step
-    future: Future[object]
+    outcome: object = None
+    error: BaseException | None = None
+
+
+class _SlackCalls:
+    """The threads the Slack calls run on: up to ``size``, started as calls come.
+
+    A call is a function and its ``_Completion``; the worker fills in the answer and puts the
+    completion on ``done`` (the loop's queue). Not a ``ThreadPoolExecutor``: its ``Future``
+    (a condition and its lock, created per call), the work item and the done callback were a
+    tenth of the loop thread's time per message, for nothing the loop uses.
+    """
+
+    def __init__(self, size: int, done: queue.SimpleQueue[_Completion]) -> None:
+        self._size = size
+        self._done = done
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], object], _Completion] | None] = (
+            queue.SimpleQueue()
+        )
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def submit(self, call: Callable[[], object], completion: _Completion) -> None:
+        """Run ``call`` on a worker; its answer arrives on the queue as ``completion``."""
+        if self._closed:
+            raise RuntimeError("Slack calls submitted after shutdown")
+        self._jobs.put((call, completion))
+        if len(self._threads) < self._size:
+            worker = threading.Thread(
+                target=self._work, name=f"slack_{len(self._threads)}", daemon=False
+            )
+            self._threads.append(worker)
+            worker.start()
+
+    def _work(self) -> None:
+        jobs, done = self._jobs, self._done
+        while (job := jobs.get()) is not None:
+            call, completion = job
+            try:
+                completion.outcome = call()
+            except BaseException as exc:  # the loop's thread decides what it means (_complete)
+                completion.error = exc
+            done.put(completion)
+
+    def shutdown(self) -> None:
+        """Drop the calls not started; each worker ends after the call it is in (bounded by
+        the Slack client's timeout)."""
+        self._closed = True
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._jobs.get_nowait()
+        for _ in self._threads:
+            self._jobs.put(None)
 
 
 class SinkLoop:
@@ -364,8 +482,8 @@ class SinkLoop:
             timeout_s=config.drain_timeout_s,
             transactional=False,
         )
-        self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="slack")
         self._completions: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
+        self._calls = _SlackCalls(config.concurrency, self._completions)
         self.scheduler: ChannelScheduler[_Item] = ChannelScheduler(config.scheduling())
         self._receipts_gate = PartitionGate(
             table, name="receipts", timeout_s=config.gate_timeout_s, monotonic=monotonic
@@ -375,8 +493,18 @@ class SinkLoop:
         self._last_table_poll = 0.0
         #: receipts by outcome since the last "receipts" summary line (FAILED ones excepted)
         self._receipt_counts: dict[str, int] = {}
+        #: receipts produced here that the table has not read back yet
+        self.own_receipts = OwnReceipts()
+        # The keys of the receipts the table applied since ``_applied_epoch`` began: a message
+        # looked up when its marker was begun ahead is looked up again at its turn only if its
+        # key is among them (or a new epoch began).
+        self._applied_keys: set[bytes] = set()
+        self._applied_epoch = 0
+        table.on_change = self._receipts_applied
         self._last_receipt_log = self._mono()
         self._closing = False
+        #: posts waiting for their marker's acknowledgement (``_submit``)
+        self._posts_waiting = 0
         self.last_turn = self._mono()
         self.assigned: set[TP] = set()
 
@@ -394,7 +522,7 @@ class SinkLoop:
         finally:
             # Revoke callbacks during close() have nothing left to do: drained and committed.
             self._closing = True
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._calls.shutdown()
             try:
                 for problem in self._consumer_client.close(10.0):
                     log.error(problem)
@@ -454,6 +582,7 @@ class SinkLoop:
             self._last_table_poll = now
             while self._table.poll(max_records=1000) >= 1000:
                 pass
+            self.own_receipts.release(self._table.positions())
         if now - self._last_commit >= self.config.commit_interval_s:
             self._commit(None)
             self._observe_backlog()
@@ -543,7 +672,7 @@ class SinkLoop:
                     # yet what was written before the partition came to this replica
                     self.scheduler.defer(channel, now + self.config.poll_timeout_s)
                     return
-                existing = self._table.get(item.message.message_id)
+                existing = self._current_receipt(item)
                 if core.already_final(existing, redriven=_redriven(item.headers)):
                     self._skip(channel, entry, existing)
                     continue
@@ -587,7 +716,39 @@ class SinkLoop:
 
     def _original(self, message: SlackMessage) -> SlackDeliveryReceipt | None:
         """The receipt of the message an update applies to (None for a post)."""
-        return None if message.update_of is None else self._table.get(message.update_of)
+        return None if message.update_of is None else self._receipt(message.update_of)
+
+    def _receipt(self, message_id: str) -> SlackDeliveryReceipt | None:
+        """The message's receipt: this process's own first, then the table's."""
+        own = self.own_receipts.get(message_id)
+        return own if own is not None else self._table.get(message_id)
+
+    def _current_receipt(self, item: _Item) -> SlackDeliveryReceipt | None:
+        """The receipt of a message at its turn.
+
+        A message whose marker was begun ahead was looked up a moment before: unless the
+        table has applied a record of its key since, a receipt that came meanwhile can only
+        be one this process produced (a copy of the message finishing, say a call of a
+        revoked partition that was still in flight), and that is in ``own_receipts``.
+        """
+        ahead = item.ahead
+        message_id = item.message.message_id
+        if (
+            ahead is None
+            or ahead.epoch != self._applied_epoch
+            or message_id.encode() in self._applied_keys
+        ):
+            return self._receipt(message_id)
+        own = self.own_receipts.get(message_id)
+        return own if own is not None else ahead.receipt
+
+    def _receipts_applied(self, keys: list[bytes]) -> None:
+        """The receipts table applied records of ``keys`` (its ``on_change``)."""
+        if len(self._applied_keys) + len(keys) > APPLIED_KEYS_MAX:
+            # bounded: the marks begun before the new epoch are looked up again at their turn
+            self._applied_epoch += 1
+            self._applied_keys = set()
+        self._applied_keys.update(keys)
 
     def _original_behind(self, channel: _Channel, entry: _Entry) -> bool:
         """Move the update's original to the front when it is queued behind the update.
@@ -628,7 +789,6 @@ class SinkLoop:
     def _submit(self, channel: _Channel, entry: _Entry, action: Proceed) -> None:
         item = entry.item
         self.scheduler.call_started(channel)
-        INFLIGHT.set(self.scheduler.in_flight)
         if action.step in (Step.POST, Step.UPDATE):
             request = action.request
             assert request is not None
@@ -657,42 +817,55 @@ class SinkLoop:
                     self.scheduler.pop(channel)
                     self.scheduler.proceed(channel, self._mono())
                     return
-                future = self._pool.submit(call)
-                self._call(channel, entry, step, future)
+                self._calls.submit(call, _Completion(channel, entry, step))
+
+            def post_when_durable() -> None:
+                self._posts_waiting -= 1
+                post()
 
             # The marker must be durable before the call: if the process dies before the
             # receipt is acknowledged, the next owner knows this post (or update) is in doubt.
             if ahead is None:
+                self._posts_waiting += 1
                 self._markers.begin(
-                    entry.tp, item.message.message_id, marker, on_durable=post, offset=entry.offset
+                    entry.tp,
+                    item.message.message_id,
+                    marker,
+                    on_durable=post_when_durable,
+                    offset=entry.offset,
                 )
             elif ahead.durable:
                 post()
             else:
-                ahead.then = post
+                self._posts_waiting += 1
+                ahead.then = post_when_durable
             if step is Step.POST:
                 self._mark_ahead(channel)
         elif action.step is Step.CHECK_UPDATE:
             item.delivery = action.delivery
             target = action.delivery.target
             assert target is not None
-            future_check: Future[object] = self._pool.submit(
-                self._notifier.find_update, target.channel, target.ts, item.message.message_id
+            self._calls.submit(
+                partial(
+                    self._notifier.find_update, target.channel, target.ts, item.message.message_id
+                ),
+                _Completion(channel, entry, Step.CHECK_UPDATE),
             )
             self.stats.update_checks += 1
-            self._call(channel, entry, Step.CHECK_UPDATE, future_check)
         else:
             item.delivery = action.delivery
             policy = self.config.policy
-            future: Future[object] = self._pool.submit(
-                self._notifier.find_post,
-                item.message.channel,
-                item.message.message_id,
-                core.history_oldest(action.delivery, policy),
-                core.history_latest(action.delivery, policy),
+            self._calls.submit(
+                partial(
+                    self._notifier.find_post,
+                    item.message.channel,
+                    item.message.message_id,
+                    core.history_oldest(action.delivery, policy),
+                    core.history_latest(action.delivery, policy),
+                ),
+                _Completion(channel, entry, Step.CHECK_HISTORY),
             )
             self.stats.history_checks += 1
-            self._call(channel, entry, Step.CHECK_HISTORY, future)
 
     def _mark_ahead(self, channel: _Channel) -> None:
         """Begin the marker of the post behind the head while the head's post is in flight.
@@ -720,12 +893,13 @@ class SinkLoop:
             or message.message_id == head.item.message.message_id
             or not self.scheduler.has_token(channel, self._mono())
             or not (self._receipts_gate.is_open(entry.tp) and self._markers.ready(entry.tp))
-            or core.already_final(self._table.get(message.message_id))
-            or self._markers.get(message.message_id) is not None
         ):
             return
+        receipt = self._receipt(message.message_id)
+        if core.already_final(receipt) or self._markers.get(message.message_id) is not None:
+            return
         started, marker = core.begin_post(Delivery(message), self._now())
-        ahead = item.ahead = _Ahead(started)
+        ahead = item.ahead = _Ahead(started, receipt, self._applied_epoch)
         self._markers.begin(
             entry.tp, message.message_id, marker, on_durable=ahead.acked, offset=entry.offset
         )
@@ -737,10 +911,6 @@ class SinkLoop:
                 if entry.tp in tps and entry.item.ahead is not None:
                     entry.item.ahead = None
                     self._markers.delete(entry.item.message.message_id)
-
-    def _call(self, channel: _Channel, entry: _Entry, step: Step, future: Future[Any]) -> None:
-        completion = _Completion(channel, entry, step, future)
-        future.add_done_callback(lambda _: self._completions.put(completion))
 
     # -- Slack answers ---------------------------------------------------------------------
     def _take_completions(self, block_s: float) -> None:
@@ -763,18 +933,23 @@ class SinkLoop:
         acknowledgement, which only a poll of the markers' producer serves: waiting on the
         queue alone held every post back by a whole ``poll_timeout_s`` after its marker was
         durable (one channel made 9 posts a second against a Slack answering in 1.4 ms).
-        While markers are pending, both are watched, in slices of ``MARKER_WAIT_SLICE_S``; an
-        acknowledgement submits its post from within the poll, so the wait goes on (as it
-        did) until a call finishes or the loop is due, rather than a turn per marker. What
-        the finished calls made due is dispatched before returning.
+        While a post waits for its marker, both are watched, in slices of
+        ``MARKER_WAIT_SLICE_S``; an acknowledgement submits its post from within the poll, so
+        the wait goes on (as it did) until a call finishes or the loop is due, rather than a
+        turn per marker. Markers begun ahead that no post waits for yet are not watched (a
+        wake-up per message for nothing): their acknowledgements are served once a call
+        finishes, before what it made due is dispatched.
         """
         deadline = self._mono() + wait_s
-        while self._markers.awaiting() and self._completions.empty():
+        while self._posts_waiting and self._markers.awaiting() and self._completions.empty():
             remaining = deadline - self._mono()
             if remaining <= 0:
                 return
             self._markers.wait_durable(min(remaining, MARKER_WAIT_SLICE_S))
         self._take_completions(block_s=max(0.0, deadline - self._mono()))
+        if self._markers.awaiting():
+            # the next post of the channel may start from a marker begun ahead at once
+            self._markers.wait_durable(0.0)
         # A finished call frees its channel's next message: start it now rather than after
         # the next turn's polls (a channel's posts follow each other at the pace of answers).
         self._dispatch()
@@ -782,13 +957,15 @@ class SinkLoop:
     def _complete(self, c: _Completion) -> None:
         channel, entry = c.channel, c.entry
         self.scheduler.call_ended(channel)
-        INFLIGHT.set(self.scheduler.in_flight)
         delivery = entry.item.delivery
         assert delivery is not None
-        try:
-            outcome = c.future.result()
-        except Exception as exc:  # a bug in an adapter: treat as an unanswered call
-            log.exception("Slack call raised", extra=_ids(entry))
+        outcome = c.outcome
+        exc = c.error
+        if exc is not None:
+            if not isinstance(exc, Exception):
+                raise exc  # KeyboardInterrupt, SystemExit: not the call's answer
+            # a bug in an adapter: treat as an unanswered call
+            log.error("Slack call raised", extra=_ids(entry), exc_info=exc)
             outcome = core.Unavailable(f"{type(exc).__name__}: {exc}", in_doubt=True)
         now = self._now()
         jitter = self._rng.random()
@@ -932,6 +1109,12 @@ class SinkLoop:
             entry.tp, entry.offset, entry.epoch, 2 if decision.dead_letter else 1
         )
         message_id = entry.item.message.message_id
+        own = self.own_receipts
+
+        def landed(msg: Message) -> None:
+            partition, offset = msg.partition(), msg.offset()
+            if partition is not None and offset is not None:  # always, for an acknowledged one
+                own.landed(receipt, partition, offset)
 
         def produce_receipt() -> None:
             self._produce(
@@ -941,6 +1124,7 @@ class SinkLoop:
                 None,
                 ticket,
                 message_id,
+                landed=landed,
             )
 
         if decision.dead_letter:
@@ -961,7 +1145,7 @@ class SinkLoop:
             produce_receipt()
         # Read-your-own-write: the next copy of this message (a replay right behind it in the
         # channel queue) must see the receipt before it has gone round the topic.
-        self._table.put_local(receipt.message_id, value)
+        own.wrote(receipt)
 
     def _log_receipts(self, now: float) -> None:
         """One INFO line with the receipts (by outcome) produced since the previous one."""
@@ -1012,15 +1196,18 @@ class SinkLoop:
         message_id: str | None,
         *,
         then: Callable[[], None] | None = None,
+        landed: Callable[[Message], None] | None = None,
     ) -> None:
-        def on_acked() -> None:
+        def on_acked(msg: Message) -> None:
+            if landed is not None:
+                landed(msg)
             if self.scheduler.tracker.acked(ticket) and message_id is not None:
                 # the receipt is on the topic: the post is no longer in doubt
                 self._markers.delete(message_id)
             if then is not None:
                 then()
 
-        self._client.produce(topic, key, value, headers, on_acked=on_acked)
+        self._client.produce(topic, key, value, headers, on_delivered=on_acked)
 
     def _check_delivery(self) -> None:
         self._client.check_delivery(
@@ -1045,6 +1232,8 @@ class SinkLoop:
                 self.stats.pauses += 1
                 log.info("partition paused", extra={**extra, "reason": change.reason})
         PAUSED.set(len(self.scheduler.paused))
+        # once a turn rather than at every call's start and end (two gauge writes a message)
+        INFLIGHT.set(self.scheduler.in_flight)
 
     def _commit(self, only: list[TP] | None, *, in_rebalance: bool = False) -> None:
         self._last_commit = self._mono()

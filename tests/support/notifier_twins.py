@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -73,19 +73,13 @@ class MemoryReceiptTable:
         self._broker = broker
         self._rows: dict[str, SlackDeliveryReceipt] = {}
         self._positions: dict[int, int] = {}
+        self.on_change: Callable[[list[bytes]], None] | None = None
         self._held = False
         self._lock = threading.Lock()
 
     def get(self, key: str) -> SlackDeliveryReceipt | None:
         with self._lock:
             return self._rows.get(key)
-
-    def put_local(self, key: str, value: bytes | None) -> None:
-        with self._lock:
-            if value is None:
-                self._rows.pop(key, None)
-            else:
-                self._rows[key] = decode_receipt(value)
 
     def hold(self) -> None:
         self._held = True
@@ -96,17 +90,25 @@ class MemoryReceiptTable:
     def poll(self, max_records: int = 1000, timeout_s: float = 0.0) -> int:
         if self._held:
             return 0
-        applied = 0
+        keys: list[bytes] = []
         records = self._broker.records(RECEIPTS)
         with self._lock:
             for r in records:
                 p, offset = int(r.partition() or 0), int(r.offset() or 0)
                 if offset < self._positions.get(p, 0):
                     continue
-                self._rows[bytes(r.key() or b"").decode()] = decode_receipt(bytes(r.value() or b""))
+                key = bytes(r.key() or b"")
+                self._rows[key.decode()] = decode_receipt(bytes(r.value() or b""))
                 self._positions[p] = offset + 1
-                applied += 1
+                keys.append(key)
+        if keys and self.on_change is not None:
+            self.on_change(keys)
+        applied = len(keys)
         return 0 if applied < max_records else applied
+
+    def positions(self) -> dict[int, int]:
+        with self._lock:
+            return dict(self._positions)
 
     def high_watermarks(self, timeout_s: float = 10.0) -> dict[int, int]:
         return {

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -265,3 +266,43 @@ def test_kafka_store_leaves_the_markers_of_a_revoked_partition_to_its_table(
     assert rig.store.get("m1") == AttemptMarker("C1", 1, T0)  # read back by the table
     assert rig.store.get("m2") == AttemptMarker("C1", 1, T0)
     assert rig.lookups == ["m1"]
+
+
+@pytest.mark.parametrize(
+    ("message_id", "channel", "tp", "offset"),
+    [
+        ("m1", "C1", ("slack-messages", 0), 7),
+        ('quote " and \\ back', "U\u00e9\u2603\U0001f600", ("t\n", 12), None),
+        ("", "C\t1", ("slack-messages", 2), 0),
+    ],
+)
+def test_a_marker_is_the_json_text_of_its_fields(
+    message_id: str, channel: str, tp: tuple[str, int], offset: int | None
+) -> None:
+    """The marker written out directly is exactly ``json.dumps`` of its fields (what it was
+    before: operators and other replicas read the same bytes)."""
+    first = datetime(2026, 11, 25, 9, 0, 0, 123456, tzinfo=UTC)
+    started = datetime(2026, 11, 25, 9, 0, 1, tzinfo=UTC)
+    raw = encode_marker(
+        AttemptMarker(channel, 3, first),
+        message_id=message_id,
+        tp=tp,
+        offset=offset,
+        started_at=started,
+    )
+    assert (
+        raw
+        == json.dumps(
+            {
+                "message_id": message_id,
+                "channel": channel,
+                "attempts": 3,
+                "first_attempt_at": first.isoformat(),
+                "started_at": started.isoformat(),
+                "topic": tp[0],
+                "partition": tp[1],
+                "offset": offset,
+            }
+        ).encode()
+    )
+    assert decode_marker(raw, "t", 0, 0) == AttemptMarker(channel, 3, first)

@@ -1,10 +1,15 @@
-"""The sink loop's offset bookkeeping: commit only the contiguous prefix of finished offsets."""
+"""The sink loop's bookkeeping: commit only the contiguous prefix of finished offsets; its own
+receipts answered until the receipts table has read them back."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 import pytest
 
 from libs.kafka import OffsetTracker
+from libs.serde import SlackDeliveryReceipt
+from services.notifier.sink import OwnReceipts
 
 TP = ("slack-messages", 0)
 OTHER = ("slack-messages", 1)
@@ -96,3 +101,55 @@ def test_out_of_order_add_is_refused() -> None:
     t, _ = tracker(5)
     with pytest.raises(ValueError, match="out of order"):
         t.add(TP, 5)
+
+
+# -- receipts of this process until the table reads them back ----------------------------------
+
+
+def _receipt(message_id: str, status: str = "DELIVERED") -> SlackDeliveryReceipt:
+    return SlackDeliveryReceipt(
+        message_id=message_id,
+        channel="C1",
+        status=status,
+        attempts=1,
+        slack_ts="1.0001",
+        error=None,
+        delivered_at=datetime(2026, 11, 25, 9, 0, tzinfo=UTC),
+    )
+
+
+def test_own_receipts_are_answered_until_the_tables_position_passes_them() -> None:
+    own = OwnReceipts()
+    r1, r2, r3 = _receipt("m1"), _receipt("m2"), _receipt("m3")
+    for r in (r1, r2, r3):
+        own.wrote(r)
+    own.landed(r1, 0, 10)
+    own.landed(r2, 0, 11)
+    # r3 has no delivery report yet: it stays whatever the positions say
+    own.release({0: 11, 1: 500})
+    assert own.get("m1") is None  # the table has read offset 10
+    assert own.get("m2") is r2 and own.get("m3") is r3
+    own.release({0: 12})
+    assert own.get("m2") is None and own.get("m3") is r3
+    own.landed(r3, 1, 7)
+    own.release({0: 12, 1: 7})
+    assert own.get("m3") is r3
+    own.release({0: 12, 1: 8})
+    assert len(own) == 0
+
+
+def test_a_newer_own_receipt_of_the_same_message_stays_until_its_own_offset_is_read() -> None:
+    """A FAILED receipt, then a DELIVERED one of the same message (a re-drive): the table
+    reading the first must not drop the second, which it has not read yet."""
+    own = OwnReceipts()
+    failed, delivered = _receipt("m1", "FAILED"), _receipt("m1")
+    own.wrote(failed)
+    own.landed(failed, 2, 4)
+    own.wrote(delivered)
+    own.release({2: 5})
+    assert own.get("m1") is delivered
+    own.landed(delivered, 2, 9)
+    own.release({2: 9})
+    assert own.get("m1") is delivered
+    own.release({2: 10})
+    assert own.get("m1") is None

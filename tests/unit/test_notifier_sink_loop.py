@@ -604,6 +604,7 @@ def test_the_next_posts_marker_is_written_while_the_post_before_it_is_in_flight(
     wait_until(rig.all_committed, timeout_s=20, message="all committed")
     stats = rig.finish()
     assert durable_at_post == [True] * 4
+    assert rig.loop is not None and rig.loop._posts_waiting == 0
     ids = [p.request.metadata["event_payload"]["message_id"] for p in rig.slack.posts]  # type: ignore[index]
     assert ids == ["m1", "m2", "m3", "m4"]
     assert (stats.posts, stats.delivered, stats.history_checks) == (4, 4, 0)
@@ -634,6 +635,17 @@ def test_a_takeover_after_an_early_marker_checks_the_history_and_posts_once() ->
     rig.markers = InMemoryAttemptLog(remote=True)
     markers = rig.markers
     _blocking_first_post(rig, lambda: "m2" in markers.durable)
+    held = rig.slack.post
+
+    def dying(request: PostRequest) -> PostOutcome:
+        if request.metadata["event_payload"] != {"message_id": "m2", "pipeline": "p1"}:
+            return held(request)
+        # m2's post may start before the loop notices m1's receipt failed: the process dies
+        # before it reaches Slack
+        wait_until(lambda: rig.error is not None, timeout_s=20, message="the loop stopped")
+        return Unavailable("the process died first", in_doubt=True)
+
+    rig.slack.post = dying  # type: ignore[method-assign]
     rig.start()
     wait_until(lambda: rig.producers, timeout_s=10)
     rig.producers[0].fail_delivery(RECEIPTS, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
@@ -674,6 +686,147 @@ def test_an_early_marker_whose_post_never_started_is_cleared_at_stop() -> None:
     assert ids == ["m1"]
     assert "m1" in rig.receipts() and "m2" not in rig.receipts()
     assert len(rig.markers) == 0
+
+
+def _counting_lookups(rig: SinkRig) -> dict[str, int]:
+    """Count the receipts table's lookups per message id."""
+    asked: dict[str, int] = {}
+    get = rig.table.get
+
+    def counted(key: str) -> SlackDeliveryReceipt | None:
+        asked[key] = asked.get(key, 0) + 1
+        return get(key)
+
+    rig.table.get = counted  # type: ignore[method-assign]
+    return asked
+
+
+def test_a_message_whose_marker_was_begun_ahead_is_looked_up_once() -> None:
+    """Its receipt was looked up when its marker was begun, a moment before its turn: the
+    table, which has applied no receipt of that message since (only others: m1's, another
+    message's), is not asked again (it was: two lookups, a store read and a decode each)."""
+    rig = SinkRig(partitions=1)
+    rig.markers = InMemoryAttemptLog(remote=True)
+    markers = rig.markers
+    asked = _counting_lookups(rig)
+    other = SlackDeliveryReceipt(
+        message_id="x9",
+        channel="C9",
+        status="DELIVERED",
+        attempts=1,
+        slack_ts="9.0001",
+        error=None,
+        delivered_at=T0,
+    )
+
+    def other_receipt_read_meanwhile() -> bool:
+        if "m2" not in markers.durable:
+            return False
+        if not rig.receipts():
+            p = rig.broker.producer({})
+            p.produce(RECEIPTS, key=b"x9", value=encode_receipt(other))
+            assert p.flush(1) == 0
+        return rig.table.positions().get(0, 0) > 0
+
+    durable_at_post = _blocking_first_post(rig, other_receipt_read_meanwhile)
+    rig.start()
+    rig.send([message(i, "C1") for i in range(1, 5)])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    assert durable_at_post == [True] * 4
+    assert (stats.posts, stats.delivered) == (4, 4)
+    assert {k: v for k, v in asked.items() if k != "x9"} == {"m1": 1, "m2": 1, "m3": 1, "m4": 1}
+
+
+def test_a_receipt_the_table_reads_after_the_early_marker_still_skips_the_message() -> None:
+    """m2's marker is begun while m1's post is held; meanwhile another replica's receipt of
+    m2 reaches the receipts table. At its turn m2 is looked up again (the table has applied
+    a record since) and skipped, not posted; its early marker is cleared."""
+    rig = SinkRig(partitions=1)
+    rig.markers = InMemoryAttemptLog(remote=True)
+    markers = rig.markers
+    other = SlackDeliveryReceipt(
+        message_id="m2",
+        channel="C1",
+        status="DELIVERED",
+        attempts=1,
+        slack_ts="9.0001",
+        error=None,
+        delivered_at=T0,
+    )
+
+    def receipt_read_meanwhile() -> bool:
+        if "m2" not in markers.durable:
+            return False
+        if not rig.receipts():
+            p = rig.broker.producer({})
+            p.produce(RECEIPTS, key=b"m2", value=encode_receipt(other))
+            assert p.flush(1) == 0
+        return rig.table.get("m2") is not None
+
+    _blocking_first_post(rig, receipt_read_meanwhile)
+    rig.start()
+    rig.send([message(1, "C1"), message(2, "C1")])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    stats = rig.finish()
+    assert _posted_ids(rig) == ["m1"]
+    assert (stats.posts, stats.skipped) == (1, 1)
+    assert rig.receipts()["m2"].slack_ts == "9.0001"
+    assert len(rig.markers) == 0
+
+
+def test_a_replay_behind_its_first_copy_is_skipped_from_memory_until_the_table_reads_it() -> None:
+    """The copy of m1 right behind it sees m1's receipt before the receipts table has read
+    it, without the receipt being written into the table (it was, a store write per message);
+    once the table has read the receipts back, the loop forgets them."""
+    rig = SinkRig(partitions=1)
+    rig.table.hold()
+    rig.start()
+    rig.send([message(1, "C1"), message(1, "C1"), message(2, "C1")])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    loop = rig.loop
+    assert loop is not None
+    assert _posted_ids(rig) == ["m1", "m2"]
+    assert loop.stats.skipped == 1
+    assert rig.table.get("m1") is None and rig.table.get("m2") is None  # not written through
+    assert len(loop.own_receipts) == 2
+    rig.table.release()
+    wait_until(lambda: len(loop.own_receipts) == 0, timeout_s=20, message="forgotten once read")
+    rig.finish()
+    assert rig.table.get("m1") is not None
+
+
+def test_a_slack_call_that_raises_counts_as_unanswered_and_the_workers_end_at_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An adapter raising (a bug) is an unanswered call: the post is in doubt, the history is
+    checked, and it is posted once. At stop the call threads end."""
+    rig = SinkRig(partitions=1)
+    post = rig.slack.post
+    raised: list[str] = []
+
+    def buggy(request: PostRequest) -> PostOutcome:
+        if not raised:
+            raised.append(request.channel)
+            raise RuntimeError("adapter bug")
+        return post(request)
+
+    rig.slack.post = buggy  # type: ignore[method-assign]
+    caplog.set_level(logging.ERROR, logger="services.notifier.sink")
+    rig.start()
+    rig.send([message(1, "C1")])
+    wait_until(rig.all_committed, timeout_s=20, message="all committed")
+    loop = rig.loop
+    assert loop is not None
+    stats = rig.finish()
+    assert raised == ["C1"]
+    assert any(r.getMessage() == "Slack call raised" and r.exc_info for r in caplog.records)
+    # not found at once, and again after the settle delay: then posted
+    assert (stats.posts, stats.history_checks, stats.delivered) == (2, 2, 1)
+    assert _posted_ids(rig) == ["m1"]
+    workers = loop._calls._threads
+    assert workers
+    wait_until(lambda: not any(t.is_alive() for t in workers), timeout_s=20, message="ended")
 
 
 # -- in-doubt posts that Slack stores late (issue 11) ------------------------------------------

@@ -27,6 +27,8 @@ live processes given the same id by mistake would otherwise fence each other for
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -36,6 +38,8 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from libs.kafka.bounded import MARGIN_S, call_bounded
 from libs.kafka.errors import ClientCallTimeoutError, FatalLoopError, KafkaLibError, is_fatal
 from libs.kafka.ports import ConsumerPort
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 TP = tuple[str, int]
@@ -161,21 +165,44 @@ def self_fenced(err: KafkaError, consumer_config: Mapping[str, object]) -> bool:
 
 
 def replace_fenced(
-    old: ConsumerClient, make: Callable[[], ConsumerPort], *, close_timeout_s: float
-) -> tuple[ConsumerClient, list[str]]:
-    """Retire and close a fenced consumer, and return a client of a new one from ``make``
-    (same timeouts) with what went wrong closing the old one.
+    old: ConsumerClient,
+    make: Callable[[], ConsumerPort],
+    *,
+    err: KafkaError,
+    budget: Budget,
+    owned: set[TP],
+    lose: Callable[[list[TopicPartition]], None],
+    close_timeout_s: float,
+    log_extra: Mapping[str, object],
+) -> ConsumerClient:
+    """Replace a consumer fenced under its own instance id (``self_fenced``): give up what it
+    owned, retire and close it, and return a client of a new one from ``make`` (same
+    timeouts) for the caller to subscribe.
 
-    The caller has already given up the old consumer's partitions (as lost: its offsets
-    may no longer count) and subscribes the new one; rebalance callbacks the old one still
-    makes while closing must check ``retired`` and do nothing. The new consumer joins under
-    the same ``group.instance.id``: with static membership the group gives it the old
-    member's partitions back without a rebalance of the other members.
+    ``lose`` gets every partition the old consumer owned (``owned``, what the caller tracks,
+    plus its assignment if it still answers) and treats them as lost: their offsets may no
+    longer count. Rebalance callbacks the old consumer still makes while closing must check
+    ``retired`` and do nothing. The new consumer joins under the same ``group.instance.id``:
+    with static membership the group gives it the old member's partitions back without a
+    rebalance of the other members. Past ``budget``, ``FatalLoopError`` (restart).
     """
+    if not budget.spend():
+        raise FatalLoopError(
+            f"consumer error: {err.str()}; the consumer was replaced {budget.used - 1} times "
+            "in 10 minutes, giving up"
+        )
+    log.error(
+        "consumer fenced under its own group.instance.id, replacing it",
+        extra={**log_extra, "error": err.str()},
+    )
+    owned = set(owned)
+    with contextlib.suppress(KafkaException, RuntimeError):  # a dead consumer may not answer
+        owned |= {(tp.topic, tp.partition) for tp in old.consumer.assignment()}
+    lose([TopicPartition(t, p) for t, p in sorted(owned)])
     old.retired = True
-    problems = old.close(close_timeout_s)
-    new = ConsumerClient(make(), timeout_s=old.timeout_s, bound_s=old.bound_s)
-    return new, problems
+    for problem in old.close(close_timeout_s):
+        log.warning(problem, extra=dict(log_extra))
+    return ConsumerClient(make(), timeout_s=old.timeout_s, bound_s=old.bound_s)
 
 
 def partition_names(partitions: list[TopicPartition]) -> list[str]:

@@ -41,7 +41,6 @@ partition; what it produces and writes is committed with the next checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -434,30 +433,20 @@ class ProcessingLoop:
         aborted (its offsets were sent under the fenced member) and uncommitted state dropped;
         the new consumer resumes from the committed offsets and restores the state again.
         """
-        if not self._consumer_budget.spend():
-            raise FatalLoopError(
-                f"consumer error: {err.str()}; the consumer was replaced "
-                f"{self._consumer_budget.used - 1} times in 10 minutes, giving up"
-            )
-        log.error(
-            "consumer fenced under its own group.instance.id, replacing it",
-            extra={"loop": self.config.name, "error": err.str()},
-        )
-        ABORTS.labels(self.config.name, "consumer fenced").inc()
         owned = set(self._pending) | set(self._base)
-        # a dead consumer may not answer: what we track is enough then
-        with contextlib.suppress(KafkaException, RuntimeError):
-            owned |= {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
         if self._state is not None:
             owned |= set(self._state.states()) | set(self._state.restoring_partitions())
-        self._on_lost(self._consumer, [TopicPartition(t, p) for t, p in sorted(owned)])
-        self._consumer_client, problems = replace_fenced(
+        self._consumer_client = replace_fenced(
             self._consumer_client,
             lambda: self._consumer_factory(self._consumer_config),
+            err=err,
+            budget=self._consumer_budget,
+            owned=owned,
+            lose=lambda tps: self._on_lost(self._consumer, tps),
             close_timeout_s=self.config.close_timeout_s,
+            log_extra={"loop": self.config.name},
         )
-        for problem in problems:
-            log.warning(problem, extra={"loop": self.config.name})
+        ABORTS.labels(self.config.name, "consumer fenced").inc()
         self._consumer = self._consumer_client.consumer
         self._subscribe()
 

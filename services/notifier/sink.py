@@ -94,7 +94,6 @@ from confluent_kafka import (
     OFFSET_INVALID,
     Consumer,
     KafkaError,
-    KafkaException,
     Message,
     Producer,
     TopicPartition,
@@ -543,26 +542,16 @@ class SinkLoop:
 
     def _replace_consumer(self, err: KafkaError) -> None:
         """Go on with a new consumer after a fence under our own instance id (module doc)."""
-        if not self._consumer_budget.spend():
-            raise FatalLoopError(
-                f"consumer error: {err.str()}; the consumer was replaced "
-                f"{self._consumer_budget.used - 1} times in 10 minutes, giving up"
-            )
-        log.error(
-            "consumer fenced under its own group.instance.id, replacing it",
-            extra={"error": err.str()},
-        )
-        owned = set(self.assigned)
-        with contextlib.suppress(KafkaException, RuntimeError):  # a dead consumer may not answer
-            owned |= {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
-        self._on_lost(self._consumer, [TopicPartition(t, p) for t, p in sorted(owned)])
-        self._consumer_client, problems = replace_fenced(
+        self._consumer_client = replace_fenced(
             self._consumer_client,
             lambda: self._consumer_factory(self._consumer_config),
+            err=err,
+            budget=self._consumer_budget,
+            owned=set(self.assigned),
+            lose=lambda tps: self._on_lost(self._consumer, tps),
             close_timeout_s=10.0,
+            log_extra={},
         )
-        for problem in problems:
-            log.warning(problem)
         self._consumer = self._consumer_client.consumer
         self._subscribe()
 

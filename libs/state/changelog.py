@@ -9,6 +9,7 @@ value of every key (a tombstone for a deleted key) is all a restore needs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -55,6 +56,7 @@ def ensure_changelogs(
     replication_factor: int,
     config: Mapping[str, str] | None = None,
     timeout_s: float = 30.0,
+    settle_s: float = 10.0,
 ) -> list[str]:
     """Create the changelog of every input topic that has none; return the names created.
 
@@ -70,14 +72,29 @@ def ensure_changelogs(
         raise ChangelogTopicError(f"input topics {missing} do not exist: create them first")
     specs = changelog_specs(group_id, wanted, replication_factor=replication_factor, config=config)
     created = ensure_topics(client_config, specs, timeout_s=timeout_s)
-    have = _partition_counts(client_config, [s.name for s in specs], timeout_s)
-    for topic, spec in zip(topics, specs, strict=True):
-        if have.get(spec.name, 0) < wanted[topic]:
+    # A changelog another replica has just created may not be in the metadata of the broker
+    # that answers yet (seen as "0 partitions" on a 3-broker cluster when two enrichers
+    # started together): short counts are read again until ``settle_s``; only a count that
+    # stays short is the operator's to fix.
+    deadline = time.monotonic() + min(timeout_s, settle_s)
+    delay = 0.1
+    while True:
+        have = _partition_counts(client_config, [s.name for s in specs], timeout_s)
+        short = [
+            (topic, spec.name)
+            for topic, spec in zip(topics, specs, strict=True)
+            if have.get(spec.name, 0) < wanted[topic]
+        ]
+        if not short:
+            return created
+        if time.monotonic() >= deadline:
+            topic, name = short[0]
             raise ChangelogTopicError(
-                f"changelog topic {spec.name} has {have.get(spec.name, 0)} partitions, fewer "
+                f"changelog topic {name} has {have.get(name, 0)} partitions, fewer "
                 f"than the {wanted[topic]} of its input topic {topic}: add partitions to it"
             )
-    return created
+        time.sleep(delay)  # a metadata refresh has nothing to wait on but time
+        delay = min(delay * 2, 1.0)
 
 
 def _partition_counts(

@@ -240,6 +240,7 @@ def check_offsets_sent_to_a_transaction_commit_with_it(kit: Kit) -> None:
     p.begin_transaction()
     p.produce(out, value=b"x", key=b"k", partition=0)
     p.send_offsets_to_transaction([TopicPartition(src, 0, 1)], c.consumer_group_metadata(), 30)
+    p.flush(30)  # an abort racing the first AddPartitionsToTxn is fatal (librdkafka #4849)
     p.abort_transaction(30)
     assert c.committed([tp], timeout=30)[0].offset < 0
     p.begin_transaction()

@@ -31,7 +31,7 @@ from libs.serde import (
     OnboardingStarted,
     SlackUser,
 )
-from services.enricher.handler import EventHandler
+from services.enricher.handler import EventHandler, LifecycleConfig
 from services.enricher.pipelines.connector_provisioning_failed import PIPELINE as CONNECTOR
 from services.enricher.pipelines.onboarding_started import PIPELINE as ONBOARDING
 from tests.support.enricher_corpus import ConsumedRecord, DictLookup, ListEmitter
@@ -92,17 +92,24 @@ def hot_path_inputs() -> HotPathInputs:
     return HotPathInputs(registry, owners, users, records)
 
 
-def _setup() -> tuple[EventHandler, list[ConsumedRecord], ListEmitter]:
-    inputs = hot_path_inputs()
-    handler = EventHandler(
+def hot_path_handler(
+    inputs: HotPathInputs, lifecycle: LifecycleConfig | None = None
+) -> EventHandler:
+    """The service's handler over ``inputs``' tables (with ``lifecycle``: grouping on)."""
+    return EventHandler(
         inputs.registry,
         {NOTIF: CONNECTOR, ONB: ONBOARDING},
         inputs.owners,
         inputs.users,
         out_topic="slack-messages",
         fallback_channel="C0FALLBACK",
+        lifecycle=lifecycle,
     )
-    return handler, inputs.records, ListEmitter()
+
+
+def _setup() -> tuple[EventHandler, list[ConsumedRecord], ListEmitter]:
+    inputs = hot_path_inputs()
+    return hot_path_handler(inputs), inputs.records, ListEmitter()
 
 
 def _run(handler: EventHandler, records: list[ConsumedRecord], out: ListEmitter) -> float:

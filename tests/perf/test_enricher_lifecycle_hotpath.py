@@ -27,7 +27,11 @@ from libs.state.partition import PartitionState
 from services.enricher.handler import EventHandler, LifecycleConfig
 from services.enricher.pipelines.connector_provisioning_failed import PIPELINE as CONNECTOR
 from services.enricher.pipelines.onboarding_started import PIPELINE as ONBOARDING
-from tests.perf.test_enricher_hotpath import EVENTS, NOTIF, ONB, hot_path_inputs
+from tests.perf.test_enricher_hotpath import (
+    EVENTS,
+    hot_path_handler,
+    hot_path_inputs,
+)
 from tests.support.enricher_corpus import ConsumedRecord, ListEmitter
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
@@ -40,19 +44,7 @@ LIFECYCLE = LifecycleConfig({CONNECTOR.name: 3_600_000, ONBOARDING.name: 3_600_0
 def _handlers() -> tuple[EventHandler, EventHandler, list[ConsumedRecord]]:
     """(without the lifecycle, with it, the events): ``test_enricher_hotpath``'s mix."""
     inputs = hot_path_inputs()
-
-    def handler(lifecycle: LifecycleConfig | None) -> EventHandler:
-        return EventHandler(
-            inputs.registry,
-            {NOTIF: CONNECTOR, ONB: ONBOARDING},
-            inputs.owners,
-            inputs.users,
-            out_topic="slack-messages",
-            fallback_channel="C0FALLBACK",
-            lifecycle=lifecycle,
-        )
-
-    return handler(None), handler(LIFECYCLE), inputs.records
+    return hot_path_handler(inputs), hot_path_handler(inputs, LIFECYCLE), inputs.records
 
 
 class StateEmitter(ListEmitter):

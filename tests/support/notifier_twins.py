@@ -182,6 +182,22 @@ class SinkRig:
             p.produce(TOPIC, value=encode_message(m), key=m.channel.encode())
         assert p.flush(1) == 0
 
+    def send_receipt(self, message_id: str, channel: str, slack_ts: str) -> None:
+        """A DELIVERED receipt of ``message_id`` on the receipts topic, as another replica
+        (or an earlier owner of the partition) writes it."""
+        receipt = SlackDeliveryReceipt(
+            message_id=message_id,
+            channel=channel,
+            status="DELIVERED",
+            attempts=1,
+            slack_ts=slack_ts,
+            error=None,
+            delivered_at=T0,
+        )
+        p = self.broker.producer({})
+        p.produce(RECEIPTS, key=message_id.encode(), value=encode_receipt(receipt))
+        assert p.flush(1) == 0
+
     def send_raw(self, key: bytes, value: bytes) -> None:
         p = self.broker.producer({})
         p.produce(TOPIC, value=value, key=key)

@@ -32,11 +32,9 @@ from tests.support.kafka import wait_until
 from tests.support.notifier_twins import (
     DLQ,
     RECEIPTS,
-    T0,
     TOPIC,
     MemoryReceiptTable,
     SinkRig,
-    encode_receipt,
     message,
     update,
 )
@@ -246,18 +244,7 @@ def test_a_partition_starts_only_once_the_receipts_table_reached_the_assignment_
     the partition waits until the table's positions reach the high watermarks of the
     assignment, however long the table takes."""
     rig = SinkRig(partitions=1)
-    receipt = SlackDeliveryReceipt(
-        message_id="m1",
-        channel="C1",
-        status="DELIVERED",
-        attempts=1,
-        slack_ts="1.0001",
-        error=None,
-        delivered_at=T0,
-    )
-    p = rig.broker.producer({})
-    p.produce(RECEIPTS, key=b"m1", value=encode_receipt(receipt))
-    assert p.flush(1) == 0
+    rig.send_receipt("m1", "C1", "1.0001")
     rig.send([message(1, "C1")])
     rig.table.hold()  # the new owner's table has not fetched the receipt yet
     rig.start()
@@ -417,18 +404,7 @@ def test_an_update_waits_for_its_originals_receipt_then_updates_it() -> None:
     waited_from = loop.last_turn
     wait_until(lambda: loop.last_turn > waited_from + 0.3, timeout_s=20)
     assert rig.slack.updates_of("m1") == [] and "m1-u1" not in rig.receipts()
-    p = rig.broker.producer({})
-    original = SlackDeliveryReceipt(
-        message_id="m1",
-        channel="C1",
-        status="DELIVERED",
-        attempts=1,
-        slack_ts=ts.ts,
-        error=None,
-        delivered_at=T0,
-    )
-    p.produce(RECEIPTS, key=b"m1", value=encode_receipt(original))
-    assert p.flush(1) == 0
+    rig.send_receipt("m1", "C1", ts.ts)
     wait_until(rig.all_committed, timeout_s=20, message="updated once the receipt arrived")
     stats = rig.finish()
     assert _update_ids(rig, "m1") == ["m1-u1"]
@@ -709,23 +685,12 @@ def test_a_message_whose_marker_was_begun_ahead_is_looked_up_once() -> None:
     rig.markers = InMemoryAttemptLog(remote=True)
     markers = rig.markers
     asked = _counting_lookups(rig)
-    other = SlackDeliveryReceipt(
-        message_id="x9",
-        channel="C9",
-        status="DELIVERED",
-        attempts=1,
-        slack_ts="9.0001",
-        error=None,
-        delivered_at=T0,
-    )
 
     def other_receipt_read_meanwhile() -> bool:
         if "m2" not in markers.durable:
             return False
         if not rig.receipts():
-            p = rig.broker.producer({})
-            p.produce(RECEIPTS, key=b"x9", value=encode_receipt(other))
-            assert p.flush(1) == 0
+            rig.send_receipt("x9", "C9", "9.0001")
         return rig.table.positions().get(0, 0) > 0
 
     durable_at_post = _blocking_first_post(rig, other_receipt_read_meanwhile)
@@ -745,23 +710,12 @@ def test_a_receipt_the_table_reads_after_the_early_marker_still_skips_the_messag
     rig = SinkRig(partitions=1)
     rig.markers = InMemoryAttemptLog(remote=True)
     markers = rig.markers
-    other = SlackDeliveryReceipt(
-        message_id="m2",
-        channel="C1",
-        status="DELIVERED",
-        attempts=1,
-        slack_ts="9.0001",
-        error=None,
-        delivered_at=T0,
-    )
 
     def receipt_read_meanwhile() -> bool:
         if "m2" not in markers.durable:
             return False
         if not rig.receipts():
-            p = rig.broker.producer({})
-            p.produce(RECEIPTS, key=b"m2", value=encode_receipt(other))
-            assert p.flush(1) == 0
+            rig.send_receipt("m2", "C1", "9.0001")
         return rig.table.get("m2") is not None
 
     _blocking_first_post(rig, receipt_read_meanwhile)

@@ -690,6 +690,10 @@ class RegistryProxy:
                 status, headers, payload, mode = proxy._answer(
                     self.command, self.path, dict(self.headers.items()), body
                 )
+                # counted before the answer goes out, so a client holding its answer can rely
+                # on the count including it
+                with proxy._changed:
+                    proxy.answered[mode] += 1
                 try:
                     self.send_response(status)
                     for k, v in headers:
@@ -699,9 +703,6 @@ class RegistryProxy:
                     self.wfile.write(payload)
                 except OSError:
                     return  # the client gave up waiting (its timeout against "hang")
-                finally:
-                    with proxy._changed:
-                        proxy.answered[mode] += 1
 
             def do_GET(self) -> None:
                 self._any()

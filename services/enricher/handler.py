@@ -66,7 +66,12 @@ log = logging.getLogger(__name__)
 
 EVENTS = Counter(
     "enricher_events_total",
-    "Events handled, by pipeline and outcome (dm, fallback, dropped, missed)",
+    (
+        "Events handled, by pipeline and outcome: dm, fallback (posted to the fallback"
+        " channel), dropped (filtered), missed (a join miss with no fallback, or a park that"
+        " expired with nothing posted), parked (waiting for a late owner), grouped (updated an"
+        " open alert), resolved"
+    ),
     ["pipeline", "outcome"],
 )
 DROPS = Counter(

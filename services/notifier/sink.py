@@ -386,12 +386,17 @@ class _Completion:
 
 
 class _SlackCalls:
-    """The threads the Slack calls run on: up to ``size``, started as calls come.
+    """The threads the Slack calls run on: as many as calls are in flight, up to ``size``.
 
     A call is a function and its ``_Completion``; the worker fills in the answer and puts the
     completion on ``done`` (the loop's queue). Not a ``ThreadPoolExecutor``: its ``Future``
     (a condition and its lock, created per call), the work item and the done callback were a
     tenth of the loop thread's time per message, for nothing the loop uses.
+
+    A thread is started only when every one there is busy: one channel, whose calls come
+    one after the other, runs on one thread. (Started at every submit up to ``size``, eight
+    threads took turns at one channel's calls, each woken cold, all contending with the loop
+    for the GIL.)
     """
 
     def __init__(self, size: int, done: queue.SimpleQueue[_Completion]) -> None:
@@ -401,14 +406,20 @@ class _SlackCalls:
             queue.SimpleQueue()
         )
         self._threads: list[threading.Thread] = []
+        # calls submitted and not answered yet; the loop adds, the workers subtract
+        self._pending = 0
+        self._lock = threading.Lock()
         self._closed = False
 
     def submit(self, call: Callable[[], object], completion: _Completion) -> None:
         """Run ``call`` on a worker; its answer arrives on the queue as ``completion``."""
         if self._closed:
             raise RuntimeError("Slack calls submitted after shutdown")
+        with self._lock:
+            self._pending += 1
+            pending = self._pending
         self._jobs.put((call, completion))
-        if len(self._threads) < self._size:
+        if pending > len(self._threads) and len(self._threads) < self._size:
             worker = threading.Thread(
                 target=self._work, name=f"slack_{len(self._threads)}", daemon=False
             )
@@ -416,14 +427,23 @@ class _SlackCalls:
             worker.start()
 
     def _work(self) -> None:
-        jobs, done = self._jobs, self._done
+        jobs, done, lock = self._jobs, self._done, self._lock
         while (job := jobs.get()) is not None:
             call, completion = job
             try:
                 completion.outcome = call()
             except BaseException as exc:  # the loop's thread decides what it means (_complete)
                 completion.error = exc
+            # Free before the loop hears of it: the call the loop starts on this answer (the
+            # channel's next post) finds this thread free instead of starting another.
+            with lock:
+                self._pending -= 1
             done.put(completion)
+
+    @property
+    def threads(self) -> int:
+        """Worker threads started so far."""
+        return len(self._threads)
 
     def shutdown(self) -> None:
         """Drop the calls not started; each worker ends after the call it is in (bounded by

@@ -3,13 +3,17 @@ receipts answered until the receipts table has read them back."""
 
 from __future__ import annotations
 
+import queue
+import threading
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
 from libs.kafka import OffsetTracker
 from libs.serde import SlackDeliveryReceipt
-from services.notifier.sink import OwnReceipts
+from services.notifier.core import Step
+from services.notifier.sink import OwnReceipts, _Completion, _SlackCalls
 
 TP = ("slack-messages", 0)
 OTHER = ("slack-messages", 1)
@@ -153,3 +157,46 @@ def test_a_newer_own_receipt_of_the_same_message_stays_until_its_own_offset_is_r
     assert own.get("m1") is delivered
     own.release({2: 10})
     assert own.get("m1") is None
+
+
+# -- the Slack call threads -------------------------------------------------------------------
+
+
+def _completion() -> Any:
+    # the pool passes completions through untouched; what they hold is the loop's business
+    return _Completion(channel=None, entry=None, step=Step.POST)  # type: ignore[arg-type]
+
+
+def test_calls_one_after_the_other_run_on_one_thread() -> None:
+    """One channel's posts come one at a time: one thread, not one per call up to the size
+    (eight threads taking turns, each woken cold, contending with the loop for the GIL)."""
+    done: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
+    calls = _SlackCalls(8, done)
+    try:
+        for n in range(20):
+            completion = _completion()
+            calls.submit(lambda n=n: n, completion)  # type: ignore[misc]
+            assert done.get(timeout=20) is completion and completion.outcome == n
+        assert calls.threads == 1
+    finally:
+        calls.shutdown()
+
+
+def test_calls_in_flight_at_once_get_a_thread_each_up_to_the_size() -> None:
+    done: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
+    calls = _SlackCalls(3, done)
+    release = threading.Event()
+    try:
+        started = [_completion() for _ in range(4)]
+        for completion in started:
+            calls.submit(lambda: release.wait(20), completion)
+        assert calls.threads == 3  # the fourth call waits for a free thread
+        release.set()
+        answered = {id(done.get(timeout=20)) for _ in started}
+        assert answered == {id(c) for c in started}
+        again = _completion()
+        calls.submit(lambda: "ok", again)  # three threads free: none started
+        assert done.get(timeout=20) is again and again.outcome == "ok"
+        assert calls.threads == 3
+    finally:
+        calls.shutdown()

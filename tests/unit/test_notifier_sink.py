@@ -14,6 +14,7 @@ from libs.kafka import OffsetTracker
 from libs.serde import SlackDeliveryReceipt
 from services.notifier.core import Step
 from services.notifier.sink import OwnReceipts, _Completion, _SlackCalls
+from tests.support.kafka import wait_until
 
 TP = ("slack-messages", 0)
 OTHER = ("slack-messages", 1)
@@ -200,3 +201,44 @@ def test_calls_in_flight_at_once_get_a_thread_each_up_to_the_size() -> None:
         assert calls.threads == 3
     finally:
         calls.shutdown()
+
+
+def test_after_a_burst_calls_one_after_the_other_stay_on_one_thread() -> None:
+    """The threads a burst started stay, but a call goes to the thread that finished last:
+    the others stay asleep instead of taking turns."""
+    done: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
+    calls = _SlackCalls(8, done)
+    release = threading.Event()
+    try:
+        burst = [_completion() for _ in range(4)]
+        for completion in burst:
+            calls.submit(lambda: release.wait(20), completion)
+        release.set()
+        for _ in burst:
+            done.get(timeout=20)
+        names = set()
+        for _ in range(20):
+            completion = _completion()
+            calls.submit(lambda: threading.current_thread().name, completion)
+            assert done.get(timeout=20) is completion
+            names.add(completion.outcome)
+        assert calls.threads == 4 and len(names) == 1
+    finally:
+        calls.shutdown()
+
+
+def test_the_call_threads_end_at_shutdown_and_drop_what_waits() -> None:
+    done: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
+    calls = _SlackCalls(1, done)
+    release = threading.Event()
+    ran: list[str] = []
+    calls.submit(lambda: release.wait(20), _completion())
+    calls.submit(lambda: ran.append("dropped"), _completion())  # waits: the one thread is busy
+    calls.shutdown()
+    release.set()
+    assert done.get(timeout=20).outcome is True
+    workers = [w.thread for w in calls._workers if w.thread is not None]
+    wait_until(lambda: not any(t.is_alive() for t in workers), timeout_s=20, message="ended")
+    assert ran == [] and done.empty()
+    with pytest.raises(RuntimeError):
+        calls.submit(lambda: None, _completion())

@@ -252,6 +252,69 @@ def test_kafka_store_answers_its_acknowledged_markers_without_writing_them_throu
     assert rig.store.get("m1") is None
 
 
+def test_kafka_store_skips_hiding_a_marker_its_table_has_not_read(tmp_path: Path) -> None:
+    """The receipt usually comes before the table reads its marker back: then there is
+    nothing in the table to hide, and the tombstone goes without a store write."""
+    rig = _Rig(tmp_path)
+    rig.store.poll()  # the table's read of this interval: the marker below is not read back
+    rig.store.begin(TP0, "m1", AttemptMarker("C1", 1, T0), lambda: None, 3)
+    rig.store.poll()
+    assert rig.store.get("m1") == AttemptMarker("C1", 1, T0)  # from memory
+    rig.lookups.clear()
+    rig.store.delete("m1")
+    assert rig.writes == []
+    assert rig.lookups == ["m1"]  # a miss (no decode) tells the table holds no marker of it
+    assert rig.markers.produced == [("m1", False), ("m1", True)]
+    assert rig.store.get("m1") is None
+    rig.now += 1.0
+    rig.store.poll()  # marker and tombstone read back together
+    assert rig.store.get("m1") is None
+
+
+def test_kafka_store_still_hides_a_marker_its_table_has_read(tmp_path: Path) -> None:
+    """A marker the table read back before its receipt came must be hidden at once: its
+    tombstone takes a while (linger, fetch, the table's interval), and a replay (or an update
+    of the message) would meanwhile take it for a post in doubt."""
+    rig = _Rig(tmp_path)
+    rig.store.poll()
+    rig.store.begin(TP0, "m1", AttemptMarker("C1", 1, T0), lambda: None, 3)
+    rig.store.poll()
+    rig.now += 1.0
+    rig.store.poll()  # the table reads the marker back
+    rig.lookups.clear()
+    rig.store.delete("m1")
+    assert rig.writes == [("m1", True)]
+    assert rig.lookups == []  # the table's position says it has read it: no lookup
+    assert rig.store.get("m1") is None  # before the table has read the tombstone
+
+
+def test_kafka_store_hides_an_earlier_marker_of_the_message_its_table_holds(
+    tmp_path: Path,
+) -> None:
+    """The table may hold an earlier marker of the message (an earlier attempt, run or
+    replica) while it has not read this one: the lookup finds it and it is hidden."""
+    rig = _Rig(tmp_path)
+    rig.store.poll()
+    rig.store.begin(TP0, "m1", AttemptMarker("C1", 1, T0), lambda: None, 3)
+    rig.store.poll()
+    rig.now += 1.0
+    rig.store.poll()  # the table reads the first attempt's marker back
+    rig.store.begin(TP0, "m1", AttemptMarker("C1", 2, T0), lambda: None, 3)  # a retry
+    rig.store.poll()  # acknowledged, not read back (within the interval)
+    rig.store.delete("m1")
+    assert rig.writes == [("m1", True)]
+    assert rig.store.get("m1") is None
+    # one another replica wrote after this process's own: read with it (the position says)
+    rig.store.begin(TP0, "m2", AttemptMarker("C1", 1, T0), lambda: None, 4)
+    rig.store.poll()
+    rig.elsewhere("m2")
+    rig.now += 1.0
+    rig.store.poll()
+    rig.store.delete("m2")
+    assert rig.writes == [("m1", True), ("m2", True)]
+    assert rig.store.get("m2") is None
+
+
 def test_kafka_store_leaves_the_markers_of_a_revoked_partition_to_its_table(
     tmp_path: Path,
 ) -> None:

@@ -3,13 +3,18 @@ receipts answered until the receipts table has read them back."""
 
 from __future__ import annotations
 
+import queue
+import threading
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
 from libs.kafka import OffsetTracker
 from libs.serde import SlackDeliveryReceipt
-from services.notifier.sink import OwnReceipts
+from services.notifier.core import Step
+from services.notifier.sink import OwnReceipts, _Completion, _SlackCalls
+from tests.support.kafka import wait_until
 
 TP = ("slack-messages", 0)
 OTHER = ("slack-messages", 1)
@@ -153,3 +158,87 @@ def test_a_newer_own_receipt_of_the_same_message_stays_until_its_own_offset_is_r
     assert own.get("m1") is delivered
     own.release({2: 10})
     assert own.get("m1") is None
+
+
+# -- the Slack call threads -------------------------------------------------------------------
+
+
+def _completion() -> Any:
+    # the pool passes completions through untouched; what they hold is the loop's business
+    return _Completion(channel=None, entry=None, step=Step.POST)  # type: ignore[arg-type]
+
+
+def test_calls_one_after_the_other_run_on_one_thread() -> None:
+    """One channel's posts come one at a time: one thread, not one per call up to the size
+    (eight threads taking turns, each woken cold, contending with the loop for the GIL)."""
+    done: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
+    calls = _SlackCalls(8, done)
+    try:
+        for n in range(20):
+            completion = _completion()
+            calls.submit(lambda n=n: n, completion)  # type: ignore[misc]
+            assert done.get(timeout=20) is completion and completion.outcome == n
+        assert calls.threads == 1
+    finally:
+        calls.shutdown()
+
+
+def test_calls_in_flight_at_once_get_a_thread_each_up_to_the_size() -> None:
+    done: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
+    calls = _SlackCalls(3, done)
+    release = threading.Event()
+    try:
+        started = [_completion() for _ in range(4)]
+        for completion in started:
+            calls.submit(lambda: release.wait(20), completion)
+        assert calls.threads == 3  # the fourth call waits for a free thread
+        release.set()
+        answered = {id(done.get(timeout=20)) for _ in started}
+        assert answered == {id(c) for c in started}
+        again = _completion()
+        calls.submit(lambda: "ok", again)  # three threads free: none started
+        assert done.get(timeout=20) is again and again.outcome == "ok"
+        assert calls.threads == 3
+    finally:
+        calls.shutdown()
+
+
+def test_after_a_burst_calls_one_after_the_other_stay_on_one_thread() -> None:
+    """The threads a burst started stay, but a call goes to the thread that finished last:
+    the others stay asleep instead of taking turns."""
+    done: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
+    calls = _SlackCalls(8, done)
+    release = threading.Event()
+    try:
+        burst = [_completion() for _ in range(4)]
+        for completion in burst:
+            calls.submit(lambda: release.wait(20), completion)
+        release.set()
+        for _ in burst:
+            done.get(timeout=20)
+        names = set()
+        for _ in range(20):
+            completion = _completion()
+            calls.submit(lambda: threading.current_thread().name, completion)
+            assert done.get(timeout=20) is completion
+            names.add(completion.outcome)
+        assert calls.threads == 4 and len(names) == 1
+    finally:
+        calls.shutdown()
+
+
+def test_the_call_threads_end_at_shutdown_and_drop_what_waits() -> None:
+    done: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
+    calls = _SlackCalls(1, done)
+    release = threading.Event()
+    ran: list[str] = []
+    calls.submit(lambda: release.wait(20), _completion())
+    calls.submit(lambda: ran.append("dropped"), _completion())  # waits: the one thread is busy
+    calls.shutdown()
+    release.set()
+    assert done.get(timeout=20).outcome is True
+    workers = [w.thread for w in calls._workers if w.thread is not None]
+    wait_until(lambda: not any(t.is_alive() for t in workers), timeout_s=20, message="ended")
+    assert ran == [] and done.empty()
+    with pytest.raises(RuntimeError):
+        calls.submit(lambda: None, _completion())

@@ -778,7 +778,7 @@ def test_a_slack_call_that_raises_counts_as_unanswered_and_the_workers_end_at_st
     # not found at once, and again after the settle delay: then posted
     assert (stats.posts, stats.history_checks, stats.delivered) == (2, 2, 1)
     assert _posted_ids(rig) == ["m1"]
-    workers = loop._calls._threads
+    workers = [w.thread for w in loop._calls._workers if w.thread is not None]
     assert workers
     wait_until(lambda: not any(t.is_alive() for t in workers), timeout_s=20, message="ended")
 

@@ -640,7 +640,14 @@ def resolve(
     messages: tuple[SlackMessage, ...] = ()
     if group.channel:
         status = f":white_check_mark: *Resolved* at {_when(now)}: {escape(how)}. {_seen(group)}"
-        revision = Revision(status, None, strike_steps=True)
+        # The updates showed the latest error in place of the original's: the resolution
+        # keeps it there (a single event's error is the original's own detail already).
+        detail = (
+            Detail("Latest error", group.latest_error)
+            if group.count > 1 and group.latest_error
+            else None
+        )
+        revision = Revision(status, detail, strike_steps=True)
         mid = message_id(pipeline, event_id)
         messages = (
             _update(

@@ -413,6 +413,8 @@ def test_five_failures_one_post_four_updates_then_resolved() -> None:
     assert resolution.update_of == first.message_id and resolution.channel == first.channel
     assert "Resolved" in resolution.blocks and "is RUNNING" in resolution.blocks
     assert "Seen *5 times*" in resolution.blocks
+    # the latest error the updates showed stays on the resolved message
+    assert "Latest error" in resolution.blocks and "error 5" in resolution.blocks
     assert done.deletes == (gkey,)
 
 

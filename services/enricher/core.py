@@ -25,6 +25,7 @@ from services.enricher.render import (
     MAX_URL,
     Detail,
     Fact,
+    Joiner,
     Link,
     Mrkdwn,
     Note,
@@ -34,6 +35,7 @@ from services.enricher.render import (
     fit,
     header_text,
     hole,
+    joiner,
     link_part,
     quote_url_value,
     render_pair,
@@ -215,10 +217,12 @@ class Pipeline(Generic[E]):
     link_plan: tuple[tuple[str, str, str | None], ...] = dataclasses.field(
         init=False, repr=False, compare=False
     )
-    #: the links' mrkdwn line as a format string over the quoted ``used_link_fields`` and the
+    #: the links' mrkdwn line as a ``joiner`` of the quoted ``used_link_fields`` and the
     #: longest the quoted values may be together with every URL within ``MAX_URL``, or ``None``
     #: (a template ``_link_format`` cannot say: ``_link_line`` renders those)
-    link_format: tuple[str, int] | None = dataclasses.field(init=False, repr=False, compare=False)
+    link_format: tuple[Joiner, int] | None = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
     #: when ``describe`` is a ``NoteTemplate``: its compiled templates (``route``'s fast path)
     compiled: CompiledNotes[E] | None = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -355,38 +359,39 @@ def resolve_links(pipeline: Pipeline[E], event: E) -> list[Link]:
 
 def _link_format(
     plan: Sequence[tuple[str, str, str | None]], fields: tuple[str, ...]
-) -> tuple[str, int] | None:
+) -> tuple[Joiner, int] | None:
     """``Pipeline.link_format`` of a ``link_plan`` over ``fields``.
 
     A quoted value holds only unreserved characters and ``%``, which neither ``escape`` nor
     ``link_part``'s ``|`` rule changes, so a link's mrkdwn is its template's fixed parts
     escaped once with the quoted values in between; only the URL's length depends on them.
     """
-    parts: list[str] = []
-    slack = MAX_URL
+    pieces, slack = [""], MAX_URL
+    holes: list[int] = []
     for label, template, constant in plan:
+        separator = " · " if pieces != [""] or holes else ""
         if constant is not None:
             if constant:
-                parts.append(constant.replace("{", "{{").replace("}", "}}"))
+                pieces[-1] += separator + constant
             continue
         parsed = list(Formatter().parse(template))  # parsed before: _template_names
         if not parsed[0][0].startswith(("https://", "http://")):
             return None  # a field in the scheme: link_part decides per event
-        piece, fixed, counts = ["<"], 0, dict.fromkeys(fields, 0)
+        pieces[-1] += separator + "<"
+        fixed, counts = 0, dict.fromkeys(fields, 0)
         for literal, name, spec, conversion in parsed:
-            piece.append(escape(literal).replace("|", "%7C").replace("{", "{{").replace("}", "}}"))
+            pieces[-1] += escape(literal).replace("|", "%7C")
             fixed += len(literal)
             if name is None:
                 continue
             if name not in fields or spec or conversion:
                 return None  # not a plain field: format_map's own rules (or errors) apply
-            piece.append(f"{{{fields.index(name)}}}")
+            holes.append(fields.index(name))
+            pieces.append("")
             counts[name] += 1
-        label_part = escape(label).replace("|", "¦")
-        piece.append("|" + label_part.replace("{", "{{").replace("}", "}}") + ">")
-        parts.append("".join(piece))
+        pieces[-1] += "|" + escape(label).replace("|", "¦") + ">"
         slack = min(slack, (MAX_URL - fixed) // max(1, *counts.values()))
-    return " · ".join(parts), slack
+    return joiner(pieces, holes), slack
 
 
 def _links(pipeline: Pipeline[E], event: E) -> str:
@@ -399,7 +404,7 @@ def _links(pipeline: Pipeline[E], event: E) -> str:
     ]
     if sum(map(len, quoted)) > link_format[1]:  # a URL may be too long: link_part decides
         return _link_line(pipeline, event)
-    return link_format[0].format(*quoted)
+    return link_format[0](quoted)
 
 
 def _link_line(pipeline: Pipeline[E], event: E) -> str:

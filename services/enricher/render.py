@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
@@ -374,17 +374,17 @@ def render_parts(
 
 
 # Compiled templates (``core.NoteTemplate``): an alert of a fixed shape is rendered once with
-# placeholder characters ("holes") where its variable strings go, and kept as two format
-# strings; an event then only escapes its strings and fills them in. ``render_parts`` stays the
-# reference: a template is checked against it when compiled, and declines (``fill`` answers
-# ``None``) whenever a value would make ``render_parts`` cut a block to Slack's limits.
+# placeholder characters ("holes") where its variable strings go, and kept as its fixed pieces;
+# an event then only escapes its strings and joins them with the pieces. ``render_parts`` stays
+# the reference: a template is checked against it when compiled, and declines (``fill``
+# answers ``None``) whenever a value would make ``render_parts`` cut a block to Slack's limits.
 
 #: hole ``i`` is ``chr(HOLE_BASE + i)``: Unicode's supplementary private use area, which
 #: escaping, JSON encoding and whitespace rules all leave alone
 HOLE_BASE: Final = 0xF0000
-_HOLE: Final = re.compile("[\U000f0000-\U000ffffd]")
+_HOLE: Final = re.compile("([\U000f0000-\U000ffffd])")
 #: what JSON must escape in a string (``encode_basestring``, ``ensure_ascii=False``)
-_JSON_SPECIAL: Final = re.compile('["\\\x00-\x1f]')
+_JSON_SPECIAL: Final = re.compile(r'["\\\x00-\x1f]')
 
 
 def hole(index: int) -> str:
@@ -392,16 +392,33 @@ def hole(index: int) -> str:
     return chr(HOLE_BASE + index)
 
 
-def _format_string(rendered: str, remap: Mapping[int, int]) -> str:
-    """``rendered`` as a ``str.format`` string: braces doubled, hole ``i`` a field
-    ``{remap.get(i, i)}``."""
-    doubled = rendered.replace("{", "{{").replace("}", "}}")
+Joiner = Callable[[Sequence[str]], str]
 
-    def field(found: re.Match[str]) -> str:
-        number = ord(found.group()) - HOLE_BASE
-        return f"{{{remap.get(number, number)}}}"
 
-    return _HOLE.sub(field, doubled)
+def joiner(pieces: Sequence[str], holes: Sequence[int]) -> Joiner:
+    """A function of ``h`` joining ``pieces[0], h[holes[0]], pieces[1], ...,
+    pieces[-1]`` (one more piece than holes).
+
+    Generated once per template (as ``dataclasses`` generates ``__init__``): a join of a tuple
+    is a third of ``str.format``'s cost, which parses its template on every call. The source
+    holds only indexes; the pieces are passed in, never part of the code.
+    """
+    if len(pieces) != len(holes) + 1:
+        raise ValueError(f"{len(pieces)} pieces around {len(holes)} holes")
+    terms = [f"p[{i}], h[{int(number)}]" for i, number in enumerate(holes)]
+    terms.append(f"p[{len(holes)}]")
+    source = f"lambda p: lambda h: ''.join(({', '.join(terms)},))"
+    join: Joiner = eval(source, {"__builtins__": {}})(tuple(pieces))
+    return join
+
+
+def _joiner(rendered: str, remap: Mapping[int, int]) -> tuple[Joiner, int]:
+    """The ``joiner`` of ``rendered`` (hole ``i`` where it has ``hole(i)``, or hole
+    ``remap[i]``), and one more than the largest hole it takes."""
+    split = _HOLE.split(rendered)  # pieces at even positions, hole characters between
+    holes = [ord(found) - HOLE_BASE for found in split[1::2]]
+    holes = [remap.get(number, number) for number in holes]
+    return joiner(split[0::2], holes), max(holes, default=-1) + 1
 
 
 def _block_texts(blocks_json: str) -> list[tuple[str, int]] | None:
@@ -425,32 +442,35 @@ def _block_texts(blocks_json: str) -> list[tuple[str, int]] | None:
 
 @dataclass(frozen=True)
 class Template:
-    """An alert's ``(text, blocks)`` as format strings over holes (``compile_template``).
+    """An alert's ``(text, blocks)`` as their fixed pieces and holes (``compile_template``).
 
     ``fill`` takes the holes' final strings (mrkdwn-escaped where ``render_parts`` escapes;
     JSON encoding is ``fill``'s). ``limits`` holds, per block text with holes, the room its
     fixed characters leave under Slack's limit and how often each hole occurs in it.
     """
 
-    text: str
-    blocks: str
+    text: Joiner
+    blocks: Joiner
     limits: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]
     #: holes whose lengths add up to at most this fit every block text (``limits``' shortcut)
     slack: int
+    #: the blocks use holes ``0 .. block_holes - 1`` (the others are the text's own)
+    block_holes: int
 
     def fill(self, holes: Sequence[str]) -> tuple[str, str] | None:
         """``(text, blocks)`` with the holes filled, or ``None`` when a block text would
         exceed its limit (``render_parts`` would cut it: the caller renders it instead)."""
-        joined = "".join(holes)
+        in_blocks = holes[: self.block_holes]
+        joined = "".join(in_blocks)
         if len(joined) > self.slack:
             for room, counts in self.limits:
                 if sum([len(holes[i]) * n for i, n in counts]) > room:
                     return None
         # the fallback text as render_parts finishes it (the holes may start or end with space)
-        text = _fit_rendered(self.text.format(*holes).strip() or "Alert", MAX_FALLBACK_TEXT)
+        text = _fit_rendered(self.text(holes).strip() or "Alert", MAX_FALLBACK_TEXT)
         if _JSON_SPECIAL.search(joined) is None:  # mostly: the strings are their own JSON
-            return text, self.blocks.format(*holes)
-        return text, self.blocks.format(*[_J(h)[1:-1] for h in holes])
+            return text, self.blocks(in_blocks)
+        return text, self.blocks([_J(h)[1:-1] for h in in_blocks])
 
 
 def compile_template(
@@ -477,12 +497,9 @@ def compile_template(
         room = limit - (len(block_text) - sum(counts.values()))
         limits.append((room, tuple(sorted(counts.items()))))
         slack = min(slack, room // max(counts.values()))
-    return Template(
-        _format_string(text, text_holes or {}),
-        _format_string(blocks_json, {}),
-        tuple(limits),
-        slack,
-    )
+    join_blocks, block_holes = _joiner(blocks_json, {})
+    join_text, _ = _joiner(text, text_holes or {})
+    return Template(join_text, join_blocks, tuple(limits), slack, block_holes)
 
 
 def blocks(note: Note) -> list[dict[str, object]]:

@@ -48,6 +48,7 @@ EDGES = (
     "*bold* _it_ ~st~ `code` ```fence```",
     "{org} {0} {} }{ {{ }}",
     'quote " backslash \\ \\u0041',
+    "C:\\dir\\file",  # a backslash alone: JSON escapes it too
     "ctrl \x00 \x1f \t \r\n end",
     "été ☃ 日本語 🚀 e\u0301 \u05e9\u05dc\u05d5\u05dd \u2028",
     hole(0) + hole(7) + "\U000ffffd",  # the compiler's own placeholder characters

@@ -498,6 +498,10 @@ class CompiledNotes(Generic[E]):
     empty are. Each template is checked once against ``render_parts`` on sample strings and
     is not used if it differs (``render`` then answers ``None`` for that shape, as it does
     for an event whose strings would make ``render_parts`` cut a block to Slack's limits).
+
+    The templates are a cache: output is the same with or without them. At most 12 shapes
+    per combination of empty facts (3 greetings x detail x links), a few KB each; compiling
+    one is a render and a check (well under a millisecond), once per process.
     """
 
     def __init__(self, pipeline: Pipeline[E], template: NoteTemplate[E]) -> None:

@@ -17,13 +17,25 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from string import Formatter
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Final, Generic, NamedTuple, Protocol, TypeVar
 
 from libs.serde import CsdrAssignment, SlackMessage, SlackUser
 from services.enricher.render import (
+    FALLBACK_DETAIL_CHARS,
+    MAX_URL,
+    Detail,
+    Fact,
+    Joiner,
     Link,
     Mrkdwn,
     Note,
+    Template,
+    compile_template,
+    escape,
+    fit,
+    header_text,
+    hole,
+    joiner,
     link_part,
     quote_url_value,
     render_pair,
@@ -92,6 +104,87 @@ def keep_all(event: object) -> str | None:
     return None
 
 
+class FactTemplate(NamedTuple):
+    """A fact of a ``NoteTemplate``: a label and the value as a template over the slots
+    (``"{org} ({org_id})"``). As a ``Fact``, left out of an alert when its value is empty."""
+
+    label: str
+    value: str
+    code: bool = False
+
+
+#: the summary value ``route`` adds when it greets the owner
+GREETING_SLOT: Final = "greeting_name"
+
+
+@dataclass(frozen=True)
+class NoteTemplate(Generic[E]):
+    """A pipeline's ``describe`` for alerts of a fixed shape: the title, summary, facts and
+    detail as templates over named strings (``slots``), which ``values`` gives per event.
+
+    Called, it describes the event as any ``describe`` does (a ``Note``). As a pipeline's
+    ``describe`` it also lets ``route`` render the alert from a template compiled once per
+    shape (greeting or miss warning, which facts are empty, detail and links or not): only the
+    event's strings are escaped and filled in. Templates use slots only as plain fields
+    (``{org}``: no conversion, format spec, index or attribute), so where each value lands is
+    known. The title is plain text; the summary is mrkdwn (values escaped, as ``Mrkdwn``).
+    """
+
+    slots: tuple[str, ...]
+    values: Callable[[E, Context], tuple[str, ...]]
+    title: str
+    summary: str
+    facts: tuple[FactTemplate, ...] = ()
+    #: ``(label, slot)``: the slot's value as the alert's detail (a code block) when not empty
+    detail: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if GREETING_SLOT in self.slots or len(set(self.slots)) != len(self.slots):
+            raise ValueError(f"slots must be unique and not {GREETING_SLOT!r}: {self.slots}")
+        for template in (self.title, self.summary, *(fact.value for fact in self.facts)):
+            _slot_fields(template, self.slots)
+        if self.detail is not None and self.detail[1] not in self.slots:
+            raise ValueError(f"detail slot {self.detail[1]!r} is not one of {self.slots}")
+
+    def __call__(self, event: E, ctx: Context) -> Note:
+        return self.note(self.values(event, ctx))
+
+    def note(self, values: Sequence[str]) -> Note:
+        """The ``Note`` of the slots' ``values`` (in ``slots`` order)."""
+        named = dict(zip(self.slots, values, strict=True))
+        detail = None
+        if self.detail is not None and named[self.detail[1]]:
+            detail = Detail(self.detail[0], named[self.detail[1]])
+        return Note(
+            title=self.title.format_map(named),
+            summary=Mrkdwn(self.summary, named),
+            facts=tuple(Fact(f.label, f.value.format_map(named), f.code) for f in self.facts),
+            detail=detail,
+        )
+
+
+def _slot_fields(template: str, slots: Sequence[str]) -> list[str]:
+    """The slots ``template`` uses, in order; ``ValueError`` unless each is a plain field."""
+    names = []
+    for _, name, spec, conversion in Formatter().parse(template):
+        if name is None:
+            continue
+        if name not in slots or spec or conversion:
+            raise ValueError(f"{template!r}: fields must be plain slot names, one of {slots}")
+        names.append(name)
+    return names
+
+
+def _positional(template: str, slots: Sequence[str]) -> str:
+    """``template`` with each ``{slot}`` as ``{index}``, for ``str.format(*values)``."""
+    out = []
+    for literal, name, _, _ in Formatter().parse(template):
+        out.append(literal.replace("{", "{{").replace("}", "}}"))
+        if name is not None:
+            out.append(f"{{{slots.index(name)}}}")
+    return "".join(out)
+
+
 @dataclass(frozen=True)
 class Pipeline(Generic[E]):
     """One alert pipeline, declared as data; see ``services/enricher/pipelines``."""
@@ -124,6 +217,14 @@ class Pipeline(Generic[E]):
     link_plan: tuple[tuple[str, str, str | None], ...] = dataclasses.field(
         init=False, repr=False, compare=False
     )
+    #: the links' mrkdwn line as a ``joiner`` of the quoted ``used_link_fields`` and the
+    #: longest the quoted values may be together with every URL within ``MAX_URL``, or ``None``
+    #: (a template ``_link_format`` cannot say: ``_link_line`` renders those)
+    link_format: tuple[Joiner, int] | None = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
+    #: when ``describe`` is a ``NoteTemplate``: its compiled templates (``route``'s fast path)
+    compiled: CompiledNotes[E] | None = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         used: set[str] = set()
@@ -142,6 +243,11 @@ class Pipeline(Generic[E]):
         # frozen: set once, here
         object.__setattr__(self, "used_link_fields", fields)
         object.__setattr__(self, "link_plan", tuple(plan))
+        object.__setattr__(self, "link_format", _link_format(self.link_plan, fields))
+        compiled = None
+        if isinstance(self.describe, NoteTemplate):
+            compiled = CompiledNotes(self, self.describe)
+        object.__setattr__(self, "compiled", compiled)
 
     def with_link_templates(self, overrides: Mapping[str, str]) -> Pipeline[E]:
         """A copy whose links use ``overrides[<link name>]`` as template where given."""
@@ -251,6 +357,56 @@ def resolve_links(pipeline: Pipeline[E], event: E) -> list[Link]:
     return links
 
 
+def _link_format(
+    plan: Sequence[tuple[str, str, str | None]], fields: tuple[str, ...]
+) -> tuple[Joiner, int] | None:
+    """``Pipeline.link_format`` of a ``link_plan`` over ``fields``.
+
+    A quoted value holds only unreserved characters and ``%``, which neither ``escape`` nor
+    ``link_part``'s ``|`` rule changes, so a link's mrkdwn is its template's fixed parts
+    escaped once with the quoted values in between; only the URL's length depends on them.
+    """
+    pieces, slack = [""], MAX_URL
+    holes: list[int] = []
+    for label, template, constant in plan:
+        separator = " · " if pieces != [""] or holes else ""
+        if constant is not None:
+            if constant:
+                pieces[-1] += separator + constant
+            continue
+        parsed = list(Formatter().parse(template))  # parsed before: _template_names
+        if not parsed[0][0].startswith(("https://", "http://")):
+            return None  # a field in the scheme: link_part decides per event
+        pieces[-1] += separator + "<"
+        fixed, counts = 0, dict.fromkeys(fields, 0)
+        for literal, name, spec, conversion in parsed:
+            pieces[-1] += escape(literal).replace("|", "%7C")
+            fixed += len(literal)
+            if name is None:
+                continue
+            if name not in fields or spec or conversion:
+                return None  # not a plain field: format_map's own rules (or errors) apply
+            holes.append(fields.index(name))
+            pieces.append("")
+            counts[name] += 1
+        pieces[-1] += "|" + escape(label).replace("|", "¦") + ">"
+        slack = min(slack, (MAX_URL - fixed) // max(1, *counts.values()))
+    return joiner(pieces, holes), slack
+
+
+def _links(pipeline: Pipeline[E], event: E) -> str:
+    """``_link_line(pipeline, event)``, from the pipeline's ``link_format`` when it has one."""
+    link_format = pipeline.link_format
+    if link_format is None:
+        return _link_line(pipeline, event)
+    quoted = [
+        quote_url_value(str(getattr(event, name, "") or "")) for name in pipeline.used_link_fields
+    ]
+    if sum(map(len, quoted)) > link_format[1]:  # a URL may be too long: link_part decides
+        return _link_line(pipeline, event)
+    return link_format[0](quoted)
+
+
 def _link_line(pipeline: Pipeline[E], event: E) -> str:
     """``link_line(resolve_links(pipeline, event))``, rendering only what depends on ``event``."""
     values = {
@@ -290,11 +446,221 @@ def _miss_warning(reason: str, event: Event, owner: CsdrAssignment | None) -> st
     )
 
 
-def _greeting(summary: Mrkdwn, owner: CsdrAssignment) -> Mrkdwn:
+def _greeting_name(owner: CsdrAssignment) -> str:
+    """The owner's first name, as the DM greets them (``""``: no name to greet)."""
     first = (owner.csdr_name or "").split()
-    name = first[0] if first else ""
-    greet = "Hi {greeting_name}, " if name else "Hi, "
-    return Mrkdwn(greet + summary.template, {**summary.values, "greeting_name": name})
+    return first[0] if first else ""
+
+
+def _compose(
+    pipeline: Pipeline[E],
+    note: Note,
+    warning: str | None,
+    greeting: str | None,
+    event_id: str,
+    mid: str,
+    links: str,
+) -> tuple[str, str]:
+    """``(text, blocks)`` of the described ``note`` with the pipeline's steps, the ``links``
+    (``link_line``'s mrkdwn), a miss ``warning``, the owner's ``greeting`` (``None``: none;
+    ``""``: a nameless "Hi, ") and the footer; ``render(Note(...))`` from its parts."""
+    summary = note.summary
+    if greeting is not None:
+        greet = "Hi {" + GREETING_SLOT + "}, " if greeting else "Hi, "
+        summary = Mrkdwn(greet + summary.template, {**summary.values, GREETING_SLOT: greeting})
+    return render_parts(
+        note.title,
+        *render_pair(summary.template, summary.values),
+        note.facts,
+        note.detail,
+        pipeline.steps,
+        links,
+        warning,
+        f"{pipeline.name} · event {event_id} · message {mid}",
+    )
+
+
+# Holes of a compiled alert (``render.hole``), then one per slot, then the two the fallback
+# text shows differently from the blocks.
+_H_TITLE, _H_DETAIL, _H_WARNING, _H_LINKS, _H_GREETING, _H_EVENT, _H_MID = range(7)
+_FIXED_HOLES: Final = 7
+#: a shape's greeting: a miss (warning instead), "Hi, ", "Hi <name>, "
+_MISSED, _NAMELESS, _NAMED = range(3)
+_UNSEEN: Final = object()
+
+
+class CompiledNotes(Generic[E]):
+    """The alerts of a pipeline whose ``describe`` is a ``NoteTemplate``, as compiled
+    templates: one per shape, compiled when the shape is first met.
+
+    A shape is what changes the blocks' layout rather than their strings: the greeting (or
+    the miss warning), whether the detail and the links are there, which facts that may be
+    empty are. Each template is checked once against ``render_parts`` on sample strings and
+    is not used if it differs (``render`` then answers ``None`` for that shape, as it does
+    for an event whose strings would make ``render_parts`` cut a block to Slack's limits).
+
+    The templates are a cache: output is the same with or without them. At most 12 shapes
+    per combination of empty facts (3 greetings x detail x links), a few KB each; compiling
+    one is a render and a check (well under a millisecond), once per process.
+    """
+
+    def __init__(self, pipeline: Pipeline[E], template: NoteTemplate[E]) -> None:
+        self._pipeline = pipeline
+        self.template = template
+        slots = template.slots
+        self._title = _positional(template.title, slots)
+        self._detail = None if template.detail is None else slots.index(template.detail[1])
+        # facts that are empty when all their slots are (no fixed text): one bit each
+        maybe_empty = []
+        for number, fact in enumerate(template.facts):
+            parsed = list(Formatter().parse(fact.value))
+            if not any(literal for literal, _, _, _ in parsed):
+                used = _slot_fields(fact.value, slots)
+                maybe_empty.append((1 << number, tuple(slots.index(n) for n in used)))
+        self._maybe_empty = tuple(maybe_empty)
+        self._shapes: dict[int, Template | None] = {}
+
+    def render(
+        self,
+        values: tuple[str, ...],
+        warning: str | None,
+        greeting: str | None,
+        event_id: str,
+        mid: str,
+        links: str,
+    ) -> tuple[str, str] | None:
+        """``_compose`` of ``template.note(values)`` from the shape's template, or ``None``
+        when the template cannot say it (the caller composes it)."""
+        joined = "".join(values)
+        if "&" in joined or "<" in joined or ">" in joined:
+            escaped: Sequence[str] = [escape(v) for v in values]
+        else:
+            escaped = values
+        mask = 0
+        if "" in values:
+            for bit, used in self._maybe_empty:
+                if not any([values[i] for i in used]):
+                    mask |= bit
+        detail = "" if self._detail is None else values[self._detail]
+        kind = _MISSED if greeting is None else _NAMED if greeting else _NAMELESS
+        shape = ((mask * 3 + kind) << 2) | (2 if detail else 0) | (1 if links else 0)
+        template = self._shapes.get(shape, _UNSEEN)
+        if template is _UNSEEN:
+            template = self._compile(values, warning, greeting, detail, links)
+            self._shapes[shape] = template
+        if template is None:
+            return None
+        assert isinstance(template, Template)
+        return self._fill(
+            template, values, escaped, warning, greeting, event_id, mid, detail, links
+        )
+
+    def _fill(
+        self,
+        template: Template,
+        values: Sequence[str],
+        escaped: Sequence[str],
+        warning: str | None,
+        greeting: str | None,
+        event_id: str,
+        mid: str,
+        detail: str,
+        links: str,
+    ) -> tuple[str, str] | None:
+        header = header_text(self._title.format(*values))
+        if detail:  # as render's code block and fallback text show it
+            stripped = detail.strip()
+            body = escape(stripped) if stripped else "(empty)"
+            if "```" in body:  # three backticks would close the code block early
+                body = body.replace("```", "`\u200b``")
+            short = fit(detail, FALLBACK_DETAIL_CHARS)
+        else:
+            body = short = ""
+        return template.fill(
+            (
+                header,
+                body,
+                escape(warning) if warning else "",
+                links,
+                escape(greeting) if greeting else "",
+                escape(event_id),
+                escape(mid),
+                *escaped,
+                escape(header),
+                short,
+            )
+        )
+
+    def _compile(
+        self,
+        values: Sequence[str],
+        warning: str | None,
+        greeting: str | None,
+        detail: str,
+        links: str,
+    ) -> Template | None:
+        """The template of the shape of this event (``values`` and the rest say which)."""
+        note_template, pipeline = self.template, self._pipeline
+        count = len(note_template.slots)
+        holes = [hole(i) for i in range(_FIXED_HOLES + count)]
+        named = dict(zip(note_template.slots, holes[_FIXED_HOLES:], strict=True))
+        note = note_template.note(holes[_FIXED_HOLES:])
+        real = dict(zip(note_template.slots, values, strict=True))
+        facts = tuple(  # the shape's empty facts empty, the others their holes
+            fact if declared.value.format_map(real) else fact._replace(value="")
+            for fact, declared in zip(note.facts, note_template.facts, strict=True)
+        )
+        declared_detail = note_template.detail
+        rendered = _compose(
+            pipeline,
+            Note(
+                title=holes[_H_TITLE],
+                summary=Mrkdwn(note_template.summary, named),
+                facts=facts,
+                detail=Detail(declared_detail[0], holes[_H_DETAIL])
+                if declared_detail and detail
+                else None,
+            ),
+            holes[_H_WARNING] if warning else None,
+            None if greeting is None else holes[_H_GREETING] if greeting else "",
+            holes[_H_EVENT],
+            holes[_H_MID],
+            holes[_H_LINKS] if links else "",
+        )
+        compiled = compile_template(
+            *rendered,
+            {_H_TITLE: _FIXED_HOLES + count, _H_DETAIL: _FIXED_HOLES + count + 1},
+        )
+        if compiled is None:
+            return None
+        # Checked against the renderer on this shape with strings of its own (markup, escapes,
+        # JSON specials): a fixed part render_parts cut, say, would not fill the same.
+        probe = [_probe(i, v) for i, v in enumerate(values)]
+        probe_warning = _probe(-1, warning) if warning else None
+        probe_greeting = None if greeting is None else _probe(-2, greeting)
+        probe_links = _probe(-3, links)
+        expected = _compose(
+            pipeline,
+            note_template.note(probe),
+            probe_warning,
+            probe_greeting,
+            "event <&>",
+            "mid",
+            probe_links,
+        )
+        escaped = [escape(v) for v in probe]
+        detail = "" if self._detail is None else probe[self._detail]
+        filled = self._fill(
+            compiled, probe, escaped, probe_warning, probe_greeting, "event <&>", "mid",
+            detail, probe_links,
+        )  # fmt: skip
+        return compiled if filled == expected else None
+
+
+def _probe(number: int, value: str) -> str:
+    """A sample string standing for ``value`` (empty when it is): markup, escapes, a quote
+    and a backslash for JSON, a line break."""
+    return f' p{number} <&> "q\\" ``` *b*\n' if value else ""
 
 
 def route(
@@ -319,28 +685,31 @@ def route(
         return Miss(miss, _miss_warning(miss, event, owner))
     if mid is None:
         mid = message_id(pipeline.name, event.event_id)
-    described = pipeline.describe(event, Context(owner, user))
-    summary, warning = described.summary, described.warning
+    warning: str | None = None
+    greeting: str | None = None
     if miss is not None and fallback_channel:
         channel = fallback_channel
         warning = _miss_warning(miss, event, owner)
     elif owner is not None and user is not None:
         channel = user.slack_user_id.strip()
-        summary = _greeting(summary, owner)
+        greeting = _greeting_name(owner)
     else:  # unreachable: _miss returns a reason whenever owner or user is missing
         return Miss(miss or NO_OWNER, _miss_warning(miss or NO_OWNER, event, owner))
-    # render(Note(...)) of the described note with the pipeline's steps, links and footer,
-    # from its parts: no second Note, no Link objects per event (both showed in profiles)
-    text, blocks = render_parts(
-        described.title,
-        *render_pair(summary.template, summary.values),
-        described.facts,
-        described.detail,
-        pipeline.steps,
-        _link_line(pipeline, event),
-        warning,
-        f"{pipeline.name} · event {event.event_id} · message {mid}",
-    )
+    ctx = Context(owner, user)
+    links = _links(pipeline, event)
+    compiled = pipeline.compiled
+    if compiled is not None:
+        values = compiled.template.values(event, ctx)
+        rendered = compiled.render(values, warning, greeting, event.event_id, mid, links)
+        if rendered is None:  # a value at Slack's limits, or a shape no template says
+            note = compiled.template.note(values)
+            rendered = _compose(pipeline, note, warning, greeting, event.event_id, mid, links)
+    else:
+        note = pipeline.describe(event, ctx)
+        if miss is None:
+            warning = note.warning
+        rendered = _compose(pipeline, note, warning, greeting, event.event_id, mid, links)
+    text, blocks = rendered
     message = SlackMessage(
         message_id=mid,
         pipeline=pipeline.name,

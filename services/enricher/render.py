@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
@@ -197,7 +197,9 @@ def utc_minute(moment: datetime) -> str:
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _header_text(title: str) -> str:
+def header_text(title: str) -> str:
+    """The header block's text of an alert titled ``title``: whitespace collapsed, never
+    empty, cut to Slack's limit."""
     title = " ".join(title.split()) or "Alert"
     if len(title) <= MAX_HEADER_TEXT:
         return title
@@ -326,7 +328,7 @@ def render_parts(
     """``render`` of a note given as its parts: the summary already rendered (mrkdwn and
     plain, values escaped) and the links as ``link_line`` gives them, so the core renders an
     alert without building a second ``Note`` per event."""
-    header = _header_text(title)
+    header = header_text(title)
     blocks = [
         '{"type":"header","block_id":"title","text":{"type":"plain_text","text":'
         + _J(header) + ',"emoji":true}}'
@@ -369,6 +371,135 @@ def render_parts(
         text += f"\n{escape(detail.label)}: {fit(detail.text, FALLBACK_DETAIL_CHARS)}"
     text = text.strip() or "Alert"
     return _fit_rendered(text, MAX_FALLBACK_TEXT), blocks_json
+
+
+# Compiled templates (``core.NoteTemplate``): an alert of a fixed shape is rendered once with
+# placeholder characters ("holes") where its variable strings go, and kept as its fixed pieces;
+# an event then only escapes its strings and joins them with the pieces. ``render_parts`` stays
+# the reference: a template is checked against it when compiled, and declines (``fill``
+# answers ``None``) whenever a value would make ``render_parts`` cut a block to Slack's limits.
+
+#: hole ``i`` is ``chr(HOLE_BASE + i)``: Unicode's supplementary private use area, which
+#: escaping, JSON encoding and whitespace rules all leave alone
+HOLE_BASE: Final = 0xF0000
+_HOLE: Final = re.compile("([\U000f0000-\U000ffffd])")
+#: what JSON must escape in a string (``encode_basestring``, ``ensure_ascii=False``)
+_JSON_SPECIAL: Final = re.compile(r'["\\\x00-\x1f]')
+
+
+def hole(index: int) -> str:
+    """The character standing for hole ``index`` in an alert rendered to compile a template."""
+    return chr(HOLE_BASE + index)
+
+
+Joiner = Callable[[Sequence[str]], str]
+
+
+def joiner(pieces: Sequence[str], holes: Sequence[int]) -> Joiner:
+    """A function of ``h`` joining ``pieces[0], h[holes[0]], pieces[1], ...,
+    pieces[-1]`` (one more piece than holes).
+
+    Generated once per template (as ``dataclasses`` generates ``__init__``): a join of a tuple
+    is a third of ``str.format``'s cost, which parses its template on every call. The source
+    holds only indexes; the pieces are passed in, never part of the code.
+    """
+    if len(pieces) != len(holes) + 1:
+        raise ValueError(f"{len(pieces)} pieces around {len(holes)} holes")
+    terms = [f"p[{i}], h[{int(number)}]" for i, number in enumerate(holes)]
+    terms.append(f"p[{len(holes)}]")
+    source = f"lambda p: lambda h: ''.join(({', '.join(terms)},))"
+    join: Joiner = eval(source, {"__builtins__": {}})(tuple(pieces))
+    return join
+
+
+def _joiner(rendered: str, remap: Mapping[int, int]) -> tuple[Joiner, int]:
+    """The ``joiner`` of ``rendered`` (hole ``i`` where it has ``hole(i)``, or hole
+    ``remap[i]``), and one more than the largest hole it takes."""
+    split = _HOLE.split(rendered)  # pieces at even positions, hole characters between
+    holes = [ord(found) - HOLE_BASE for found in split[1::2]]
+    holes = [remap.get(number, number) for number in holes]
+    return joiner(split[0::2], holes), max(holes, default=-1) + 1
+
+
+def _block_texts(blocks_json: str) -> list[tuple[str, int]] | None:
+    """Each text of rendered blocks with the limit ``render_parts`` holds it to, or ``None``
+    for blocks it does not write."""
+    texts: list[tuple[str, int]] = []
+    for block in json.loads(blocks_json):
+        kind = block.get("type")
+        if kind == "header":
+            continue  # the title alone, which header_text cuts before it is filled in
+        if kind == "section" and "text" in block:
+            texts.append((block["text"]["text"], MAX_SECTION_TEXT))
+        elif kind == "section" and "fields" in block:
+            texts.extend((f["text"], MAX_FIELD_TEXT) for f in block["fields"])
+        elif kind == "context":
+            texts.extend((e["text"], MAX_FIELD_TEXT) for e in block["elements"])
+        else:
+            return None
+    return texts
+
+
+@dataclass(frozen=True)
+class Template:
+    """An alert's ``(text, blocks)`` as their fixed pieces and holes (``compile_template``).
+
+    ``fill`` takes the holes' final strings (mrkdwn-escaped where ``render_parts`` escapes;
+    JSON encoding is ``fill``'s). ``limits`` holds, per block text with holes, the room its
+    fixed characters leave under Slack's limit and how often each hole occurs in it.
+    """
+
+    text: Joiner
+    blocks: Joiner
+    limits: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]
+    #: holes whose lengths add up to at most this fit every block text (``limits``' shortcut)
+    slack: int
+    #: the blocks use holes ``0 .. block_holes - 1`` (the others are the text's own)
+    block_holes: int
+
+    def fill(self, holes: Sequence[str]) -> tuple[str, str] | None:
+        """``(text, blocks)`` with the holes filled, or ``None`` when a block text would
+        exceed its limit (``render_parts`` would cut it: the caller renders it instead)."""
+        in_blocks = holes[: self.block_holes]
+        joined = "".join(in_blocks)
+        if len(joined) > self.slack:
+            for room, counts in self.limits:
+                if sum([len(holes[i]) * n for i, n in counts]) > room:
+                    return None
+        # the fallback text as render_parts finishes it (the holes may start or end with space)
+        text = _fit_rendered(self.text(holes).strip() or "Alert", MAX_FALLBACK_TEXT)
+        if _JSON_SPECIAL.search(joined) is None:  # mostly: the strings are their own JSON
+            return text, self.blocks(in_blocks)
+        return text, self.blocks([_J(h)[1:-1] for h in in_blocks])
+
+
+def compile_template(
+    text: str, blocks_json: str, text_holes: Mapping[int, int] | None = None
+) -> Template | None:
+    """The ``Template`` of ``render_parts``' output for an alert whose variable strings were
+    holes (``hole(i)``), or ``None`` when the blocks are not ones ``render_parts`` writes.
+
+    ``text_holes`` maps a hole to another one in the fallback text, for a string the text
+    shows differently (the title escaped, the detail shortened). The caller checks the result
+    against ``render_parts`` on sample values: a fixed part cut to a limit, say, would differ.
+    """
+    texts = _block_texts(blocks_json)
+    if texts is None:
+        return None
+    limits = []
+    slack = MAX_FALLBACK_TEXT * 1000  # no block text with holes: any length fits
+    for block_text, limit in texts:
+        counts: dict[int, int] = {}
+        for found in _HOLE.findall(block_text):
+            counts[ord(found) - HOLE_BASE] = counts.get(ord(found) - HOLE_BASE, 0) + 1
+        if not counts:
+            continue
+        room = limit - (len(block_text) - sum(counts.values()))
+        limits.append((room, tuple(sorted(counts.items()))))
+        slack = min(slack, room // max(counts.values()))
+    join_blocks, block_holes = _joiner(blocks_json, {})
+    join_text, _ = _joiner(text, text_holes or {})
+    return Template(join_text, join_blocks, tuple(limits), slack, block_holes)
 
 
 def blocks(note: Note) -> list[dict[str, object]]:

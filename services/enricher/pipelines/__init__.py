@@ -2,6 +2,10 @@
 
 To add one: write a module with a ``PIPELINE`` (source topic setting, record type, filter,
 ``describe``, steps, links; see ``connector_provisioning_failed``) and list it in ``PIPELINES``.
+Give ``describe`` as a ``NoteTemplate`` (title, summary, facts and detail as templates over
+the strings a ``values`` function takes from the event) so the core renders its alerts from
+compiled templates; any other ``describe`` returning a ``Note`` works, rendered in full per
+event.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Final
 
 from libs.serde import ConnectorStatusChanged, Status
-from services.enricher.core import Context, LinkTemplate, Pipeline
-from services.enricher.render import Detail, Fact, Mrkdwn, Note, utc_minute
+from services.enricher.core import Context, FactTemplate, LinkTemplate, NoteTemplate, Pipeline
+from services.enricher.render import utc_minute
 
 NAME: Final = "connector-provisioning-failed"
 
@@ -46,34 +46,52 @@ def resolves(event: ConnectorStatusChanged) -> str | None:
     return None
 
 
-def describe(event: ConnectorStatusChanged, ctx: Context) -> Note:
-    """What happened, to which customer, and the context that matters."""
-    org = ctx.org_name or event.org_id
-    summary = Mrkdwn(
-        "*{org}* (`{org_id}`) just tried to create the {connector_type} connector "
-        "*{connector_name}*, and it failed while provisioning. Customers who hit this early "
-        "often give up quietly: a quick note from you while it is fresh can save the setup.",
-        {
-            "org": org,
-            "org_id": event.org_id,
-            "connector_type": event.connector_type,
-            "connector_name": event.connector_name,
-        },
+def values(event: ConnectorStatusChanged, ctx: Context) -> tuple[str, ...]:
+    """The strings ``DESCRIBE`` shows, in the order of its slots."""
+    return (
+        ctx.org_name or event.org_id,
+        event.org_id,
+        event.connector_type,
+        event.connector_name,
+        event.connector_id,
+        f"{event.old_status} → {event.new_status}",
+        event.cluster_id,
+        event.environment_id,
+        utc_minute(event.occurred_at),
+        event.error_message or "",
     )
-    return Note(
-        title=f"Connector failed to provision: {org}",
-        summary=summary,
-        facts=(
-            Fact("Customer", f"{org} ({event.org_id})"),
-            Fact("Connector", f"{event.connector_name} ({event.connector_id})"),
-            Fact("Type", event.connector_type),
-            Fact("Status", f"{event.old_status} → {event.new_status}"),
-            Fact("Cluster", event.cluster_id, code=True),
-            Fact("Environment", event.environment_id, code=True),
-            Fact("Failed at", utc_minute(event.occurred_at)),
-        ),
-        detail=Detail("Error", event.error_message) if event.error_message else None,
-    )
+
+
+#: What happened, to which customer, and the context that matters.
+DESCRIBE: Final = NoteTemplate[ConnectorStatusChanged](
+    slots=(
+        "org",
+        "org_id",
+        "connector_type",
+        "connector_name",
+        "connector_id",
+        "status",
+        "cluster_id",
+        "environment_id",
+        "failed_at",
+        "error",
+    ),
+    values=values,
+    title="Connector failed to provision: {org}",
+    summary="*{org}* (`{org_id}`) just tried to create the {connector_type} connector "
+    "*{connector_name}*, and it failed while provisioning. Customers who hit this early "
+    "often give up quietly: a quick note from you while it is fresh can save the setup.",
+    facts=(
+        FactTemplate("Customer", "{org} ({org_id})"),
+        FactTemplate("Connector", "{connector_name} ({connector_id})"),
+        FactTemplate("Type", "{connector_type}"),
+        FactTemplate("Status", "{status}"),
+        FactTemplate("Cluster", "{cluster_id}", code=True),
+        FactTemplate("Environment", "{environment_id}", code=True),
+        FactTemplate("Failed at", "{failed_at}"),
+    ),
+    detail=("Error", "error"),
+)
 
 
 PIPELINE: Final = Pipeline[ConnectorStatusChanged](
@@ -81,7 +99,7 @@ PIPELINE: Final = Pipeline[ConnectorStatusChanged](
     source_topic_setting="data_notifications_pipeline",
     record_type=ConnectorStatusChanged,
     keep=keep,
-    describe=describe,
+    describe=DESCRIBE,
     dedup_key=dedup_key,
     resolves=resolves,
     error=lambda event: event.error_message,

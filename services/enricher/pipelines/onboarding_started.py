@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Final
 
 from libs.serde import OnboardingStarted
-from services.enricher.core import Context, LinkTemplate, Pipeline
-from services.enricher.render import Fact, Mrkdwn, Note, utc_minute
+from services.enricher.core import Context, FactTemplate, LinkTemplate, NoteTemplate, Pipeline
+from services.enricher.render import utc_minute
 
 NAME: Final = "onboarding-started"
 
@@ -21,34 +21,44 @@ def org_id(event: OnboardingStarted) -> str:
     return event.org_id
 
 
-def describe(event: OnboardingStarted, ctx: Context) -> Note:
-    """Who started onboarding, on which plan and cloud."""
-    org = event.org_name or ctx.org_name or event.org_id
-    where = " on {cloud}" if event.cloud else ""
-    summary = Mrkdwn(
-        "*{org}* (`{org_id}`) just started onboarding on the *{plan}* plan" + where + ". "
-        "The first days decide whether they get to production: a short welcome from their "
-        "account team now goes a long way.",
-        {"org": org, "org_id": event.org_id, "plan": event.plan, "cloud": event.cloud or ""},
+def values(event: OnboardingStarted, ctx: Context) -> tuple[str, ...]:
+    """The strings ``DESCRIBE`` shows, in the order of its slots."""
+    cloud = event.cloud or ""
+    return (
+        event.org_name or ctx.org_name or event.org_id,
+        event.org_id,
+        event.plan,
+        cloud,
+        f" on {cloud}" if cloud else "",
+        utc_minute(event.started_at),
+        event.source,
     )
-    return Note(
-        title=f"New customer onboarding: {org}",
-        summary=summary,
-        facts=(
-            Fact("Customer", f"{org} ({event.org_id})"),
-            Fact("Plan", event.plan),
-            Fact("Cloud", event.cloud or ""),
-            Fact("Started at", utc_minute(event.started_at)),
-            Fact("Source", event.source, code=True),
-        ),
-    )
+
+
+#: Who started onboarding, on which plan and cloud.
+DESCRIBE: Final = NoteTemplate[OnboardingStarted](
+    # on_cloud: " on <cloud>" or nothing (plain text: escaping it escapes the cloud alone)
+    slots=("org", "org_id", "plan", "cloud", "on_cloud", "started_at", "source"),
+    values=values,
+    title="New customer onboarding: {org}",
+    summary="*{org}* (`{org_id}`) just started onboarding on the *{plan}* plan{on_cloud}. "
+    "The first days decide whether they get to production: a short welcome from their "
+    "account team now goes a long way.",
+    facts=(
+        FactTemplate("Customer", "{org} ({org_id})"),
+        FactTemplate("Plan", "{plan}"),
+        FactTemplate("Cloud", "{cloud}"),
+        FactTemplate("Started at", "{started_at}"),
+        FactTemplate("Source", "{source}", code=True),
+    ),
+)
 
 
 PIPELINE: Final = Pipeline[OnboardingStarted](
     name=NAME,
     source_topic_setting="onboarding_events",
     record_type=OnboardingStarted,
-    describe=describe,
+    describe=DESCRIBE,
     dedup_key=org_id,
     steps=(
         "Send a short welcome and offer a kickoff call.",

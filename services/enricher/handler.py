@@ -163,10 +163,15 @@ class LifecycleCounts:
         """Count and schedule ``decision``'s changes against partition ``tp``."""
         if decision.schedule:
             self.schedule.add(tp, decision.schedule)
-        if decision.groups_delta or decision.parks_delta:
-            counts = self.by_partition.setdefault(tp, [0, 0])
-            counts[0] = max(0, counts[0] + decision.groups_delta)
-            counts[1] = max(0, counts[1] + decision.parks_delta)
+        groups, parks = decision.groups_delta, decision.parks_delta
+        if groups or parks:
+            counts = self.by_partition.get(tp)
+            if counts is None:
+                counts = self.by_partition[tp] = [0, 0]
+            if groups:
+                counts[0] = max(0, counts[0] + groups)
+            if parks:
+                counts[1] = max(0, counts[1] + parks)
 
     def recount(self, tp: tuple[str, int], groups: int, parks: int) -> None:
         """The counts of a partition whose state was just read in full."""
@@ -281,7 +286,8 @@ class EventHandler:
         now = epoch_ms(now_dt)
         tp = (str(msg.topic()), int(msg.partition() or 0))
         window = lifecycle.windows_ms.get(name, 0)
-        dedup = pipeline.dedup_key(event) if pipeline.dedup_key and window > 0 else None
+        dedup_of = pipeline.dedup_key
+        dedup = dedup_of(event) if dedup_of is not None and window > 0 else None
         if isinstance(outcome, Drop):
             how = pipeline.resolves(event) if pipeline.resolves and dedup is not None else None
             resolved = None
@@ -307,28 +313,34 @@ class EventHandler:
         group = None
         if dedup is not None:
             raw = state.get(group_key(name, dedup))
-            group = self._original(Group.decode(raw), source, tp, now_dt) if raw else None
-        miss = outcome.reason if isinstance(outcome, Miss) else outcome.miss
+            if raw:
+                group = self._original(Group.decode(raw), source, tp, now_dt)
+        alert: Alert | None
+        if isinstance(outcome, Alert):
+            alert, miss = outcome, outcome.miss
+        else:
+            alert, miss = None, outcome.reason
+        value = msg.value() or b""
         park = None
         if miss is not None and lifecycle.park_ttl_ms > 0:
             kind, key = self._missing(miss, event.org_id)
-            park = ParkRequest(kind, key, tp[0], bytes(msg.value() or b""), lifecycle.park_ttl_ms)
+            park = ParkRequest(kind, key, tp[0], bytes(value), lifecycle.park_ttl_ms)
+        error_of = pipeline.error
         ref = EventRef(
-            name,
-            event.event_id,
-            event.org_id,
-            dedup,
-            pipeline.error(event) if pipeline.error else None,
+            name, event.event_id, event.org_id, dedup, error_of(event) if error_of else None
         )
         origin = None
-        if dedup is not None and isinstance(outcome, Alert):
+        if dedup is not None and alert is not None:
             # what renders the message again if a later event updates it (stored instead of it)
-            origin = Origin(bytes(msg.value() or b""), outcome.owner, outcome.user)
+            origin = Origin(bytes(value), alert.owner, alert.user)
         decision = decide(
             outcome, event=ref, group=group, window_ms=window, park=park, now=now, origin=origin
         )
-        if decision.action in (Action.NEW, Action.MISSED) or (
-            decision.action is Action.PARKED and decision.messages
+        action = decision.action
+        if (
+            action is Action.NEW
+            or action is Action.MISSED
+            or (action is Action.PARKED and decision.messages)
         ):
             # what it was before the lifecycle, produced and counted the same way (a parked
             # miss's fallback copy is posted now: that miss is counted now, as before)
@@ -336,7 +348,7 @@ class EventHandler:
             self._act(name, event, outcome, out)
             return
         self._apply(decision, tp, out, state)
-        if decision.action is Action.GROUPED:
+        if action is Action.GROUPED:
             self._count(name, "grouped")
             if decision.messages:
                 self._updates[name].inc()
@@ -402,10 +414,14 @@ class EventHandler:
         if produce:
             for message in decision.messages:
                 self._produce(message, out)
-        for key, value in decision.puts:
-            state.put(key, value)
-        for key in decision.deletes:
-            state.delete(key)
+        if decision.puts:
+            put = state.put
+            for key, value in decision.puts:
+                put(key, value)
+        if decision.deletes:
+            delete = state.delete
+            for key in decision.deletes:
+                delete(key)
         self.counts.add(tp, decision)
 
     def _produce(self, message: SlackMessage, out: Emitter) -> None:

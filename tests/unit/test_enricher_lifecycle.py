@@ -1022,3 +1022,148 @@ def test_an_update_after_a_link_template_change_shows_the_new_rendering_in_place
     assert update.update_of == first.message_id and update.channel == first.channel
     assert "crm.new.example" in update.blocks and "crm.example.com" not in update.blocks
     assert w.counts.by_partition[("cn", 0)] == [1, 0]
+
+
+# -- a new alert's group, encoded straight from the decision's fields (branch lc6) ------------
+def v2_value(
+    mid: str,
+    channel: str,
+    count: int,
+    first_at: int,
+    latest_at: int,
+    expires_at: int,
+    error: str | None,
+    origin: Origin,
+) -> bytes:
+    """Layout 2 written from its description (``lifecycle._GROUP_HEAD_V2``'s comment), not by
+    ``Group.encode``: what every reader of a stored group expects, byte for byte."""
+
+    def utf8(s: str | None) -> bytes:
+        return b"" if s is None else s.encode()
+
+    def n(s: str | None) -> int:
+        return -1 if s is None else len(s.encode())
+
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    o, u = origin.owner, origin.user
+    owner_at = 0 if o is None else (o.updated_at - epoch) // timedelta(microseconds=1)
+    user_at = 0 if u is None else (u.updated_at - epoch) // timedelta(microseconds=1)
+    head = struct.pack(
+        ">BIqqqHHiIqq7i",
+        2,
+        count,
+        first_at,
+        latest_at,
+        expires_at,
+        n(mid),
+        n(channel),
+        n(error),
+        len(origin.event),
+        owner_at,
+        user_at,
+        *((-1, -1, -1, -1) if o is None else (n(o.org_id), n(o.org_name), n(o.csdr_email))),
+        *(() if o is None else (n(o.csdr_name),)),
+        *((-1, -1, -1) if u is None else (n(u.email), n(u.slack_user_id), n(u.display_name))),
+    )
+    strings = [mid, channel, error]
+    tail = b"".join(utf8(s) for s in strings) + origin.event
+    if o is not None:
+        tail += b"".join(utf8(s) for s in (o.org_id, o.org_name, o.csdr_email, o.csdr_name))
+    if u is not None:
+        tail += b"".join(utf8(s) for s in (u.email, u.slack_user_id, u.display_name))
+    return head + tail
+
+
+def origins() -> list[Origin]:
+    event = b"\x00\x00\x00\x00\x07" + "ävro bytes".encode()
+    return [
+        Origin(
+            event,
+            dataclasses.replace(owner(), csdr_name="Dänä Owner"),
+            dataclasses.replace(user(), display_name="Dana 💥"),
+        ),
+        Origin(event, dataclasses.replace(owner(), csdr_name=None), None),
+        Origin(event, owner(), dataclasses.replace(user(), display_name=None)),
+        Origin(b"", None, None),
+    ]
+
+
+@pytest.mark.parametrize("error", [None, "", "bäd ✗ error"])
+def test_layout_2_is_the_documented_bytes(error: str | None) -> None:
+    for origin in origins():
+        g = group(latest_error=error, origin=origin, channel="C0FALLBÄCK")
+        assert g.encode() == v2_value(
+            g.message_id,
+            g.channel,
+            g.count,
+            g.first_at,
+            g.latest_at,
+            g.expires_at,
+            error,
+            origin,
+        )
+
+
+@pytest.mark.parametrize("error", [None, "bäd ✗ error"])
+def test_a_new_alerts_group_is_layout_2_of_its_fields(error: str | None) -> None:
+    """The NEW decision writes the group ``Group(...).encode()`` would, with the same puts,
+    schedule and counts as every other opening: with no group, and replacing a closed one."""
+    a = alert()
+    gkey = group_key(P, "lcc-1")
+    for origin in origins():
+        for stored, delta in ((None, 1), (group(expires_at=T - 1), 0)):
+            d = decide(
+                a,
+                event=ref(error=error),
+                group=stored,
+                window_ms=W,
+                park=None,
+                now=T,
+                origin=origin,
+            )
+            value = v2_value(a.message.message_id, a.message.channel, 1, T, T, T + W, error, origin)
+            assert d == Decision(
+                Action.NEW, (a.message,), ((gkey, value),), (), ((T + W, gkey),), delta, 0
+            )
+            opened = Group(
+                a.message.message_id, a.message.channel, 1, T, T, T + W, "", "", error, origin
+            )
+            assert value == opened.encode()
+            assert Group.decode(value) == opened
+
+
+def test_a_new_alert_without_grouping_or_origin() -> None:
+    a = alert()
+    assert decide(a, event=ref(dedup=None), group=None, window_ms=W, park=None, now=T) == (
+        Decision(Action.NEW, (a.message,))
+    )
+    assert decide(a, event=ref(), group=None, window_ms=0, park=None, now=T) == (
+        Decision(Action.NEW, (a.message,))
+    )
+    # no origin (what earlier callers pass): the rendered original, layout 1
+    d = decide(a, event=ref(), group=None, window_ms=W, park=None, now=T)
+    ((_, value),) = d.puts
+    assert value[:1] == b"\x01"
+    assert Group.decode(value) == Group(
+        a.message.message_id,
+        a.message.channel,
+        1,
+        T,
+        T,
+        T + W,
+        a.message.text,
+        a.message.blocks,
+        "boom",
+    )
+
+
+def test_counts_add_clamps_and_creates_partitions_on_change_only() -> None:
+    counts = LifecycleCounts()
+    counts.add(("t", 0), Decision(Action.NEW, ()))
+    assert counts.by_partition == {}
+    counts.add(("t", 0), Decision(Action.EXPIRED_PARK, parks_delta=-1))
+    assert counts.by_partition[("t", 0)] == [0, 0]
+    counts.add(("t", 0), Decision(Action.NEW, groups_delta=1))
+    counts.add(("t", 0), Decision(Action.PARKED, groups_delta=1, parks_delta=1))
+    counts.add(("t", 0), Decision(Action.EXPIRED_PARK, groups_delta=-1, parks_delta=-1))
+    assert counts.by_partition[("t", 0)] == [1, 0]

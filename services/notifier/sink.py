@@ -146,6 +146,8 @@ MARKER_WAIT_SLICE_S = 0.001
 RECEIPT_LOG_INTERVAL_S = 1.0
 #: keys of applied receipts remembered for the early-marked messages' second lookup
 APPLIED_KEYS_MAX = 10_000
+#: markers begun ahead per channel at most: the messages right behind its head
+AHEAD = 4
 
 MESSAGES = Counter(
     "notifier_messages_total",
@@ -319,6 +321,8 @@ class SinkStats:
     dead_lettered: int = 0
     undecodable: int = 0
     posts: int = 0
+    #: posts (of ``posts``) started by a call thread on the answer to the one before (_Relay)
+    relayed: int = 0
     updates: int = 0
     history_checks: int = 0
     update_checks: int = 0
@@ -787,7 +791,7 @@ class SinkLoop:
             item = _Item(msg.key(), msg.value(), _headers(msg), message)
             entry = self.scheduler.enqueue(tp, offset, epoch, message.channel, item)
             channel = self.scheduler.channels[entry.channel]
-            if len(channel.queue) == 2 and channel.queue[0].item.relay is not None:
+            if 2 <= len(channel.queue) <= AHEAD + 1 and channel.queue[0].item.relay is not None:
                 # right behind a post in flight: its marker is begun now (it would otherwise
                 # wait for the channel's next post to start), so that post's relay can take it
                 self._mark_ahead(channel)
@@ -1042,24 +1046,42 @@ class SinkLoop:
         neither final nor in doubt already (an update's target is only known at its turn).
         The message is checked again at its turn (``_start_head``): its receipt may come in
         the meantime (a replay of the message behind its first copy).
+
+        Up to ``AHEAD`` messages behind the head: a post started by a relay (``_Relay``) is
+        in flight before the loop hears of it, so the marker of the message behind it, begun
+        only then, was mostly still on its way to the broker when that post was answered,
+        and the relay had nothing to start.
         """
-        if len(channel.queue) < 2:
+        queue = channel.queue
+        if len(queue) < 2:
             return
-        head, entry = channel.queue[0], channel.queue[1]
+        head = queue[0]
+        ids = {head.item.message.message_id}
+        for i in range(1, min(len(queue), AHEAD + 1)):
+            entry = queue[i]
+            item, message = entry.item, entry.item.message
+            if message.message_id in ids:
+                return  # a replay behind its first copy: looked at after that one's receipt
+            ids.add(message.message_id)
+            if item.ahead is not None:
+                continue
+            if not self._begin_ahead(channel, head, entry):
+                return
+
+    def _begin_ahead(self, channel: _Channel, head: _Entry, entry: _Entry) -> bool:
+        """Begin ``entry``'s marker ahead of its turn (``_mark_ahead``); False if it may not."""
         item, message = entry.item, entry.item.message
         if (
             item.delivery is not None
-            or item.ahead is not None
             or entry.dropped
             or message.update_of is not None
-            or message.message_id == head.item.message.message_id
             or not self.scheduler.has_token(channel, self._mono())
             or not (self._receipts_gate.is_open(entry.tp) and self._markers.ready(entry.tp))
         ):
-            return
+            return False
         receipt = self._receipt(message.message_id)
         if core.already_final(receipt) or self._markers.get(message.message_id) is not None:
-            return
+            return False
         started, marker = core.begin_post(Delivery(message), self._now())
         ahead = item.ahead = _Ahead(started, receipt, self._applied_epoch)
         relay = head.item.relay
@@ -1078,6 +1100,7 @@ class SinkLoop:
         self._markers.begin(
             entry.tp, message.message_id, marker, on_durable=durable, offset=entry.offset
         )
+        return True
 
     def _arm(self, channel: _Channel) -> None:
         """Leave the post behind the channel's head for the head's call thread (``_Relay``).
@@ -1181,6 +1204,7 @@ class SinkLoop:
         self.scheduler.take_token(channel, c.started_at)
         self.scheduler.call_started(channel)
         self.stats.posts += 1
+        self.stats.relayed += 1
         self._mark_ahead(channel)
         self._arm(channel)
 

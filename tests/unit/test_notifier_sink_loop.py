@@ -807,6 +807,7 @@ def test_the_next_post_of_a_channel_starts_without_waiting_for_the_loop() -> Non
     assert m2_before_m1_decided == [True]
     assert _posted_ids(rig) == ["m1", "m2", "m3", "m4"]
     assert (stats.posts, stats.delivered, stats.history_checks) == (4, 4, 0)
+    assert stats.relayed >= 1
     assert set(rig.receipts()) == {"m1", "m2", "m3", "m4"}
     assert len(rig.markers) == 0
 
@@ -825,7 +826,7 @@ def test_after_a_failed_post_the_next_one_waits_for_the_retry() -> None:
     wait_until(rig.all_committed, timeout_s=20, message="all committed")
     stats = rig.finish()
     assert started == ["m1", "m1", "m2", "m3"]
-    assert stats.retries == 1 and stats.delivered == 3
+    assert stats.retries == 1 and stats.delivered == 3 and stats.posts == 4
     assert len(rig.markers) == 0
 
 

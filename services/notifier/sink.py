@@ -146,8 +146,6 @@ MARKER_WAIT_SLICE_S = 0.001
 RECEIPT_LOG_INTERVAL_S = 1.0
 #: keys of applied receipts remembered for the early-marked messages' second lookup
 APPLIED_KEYS_MAX = 10_000
-#: markers begun ahead per channel at most: the messages right behind its head
-AHEAD = 4
 
 MESSAGES = Counter(
     "notifier_messages_total",
@@ -321,8 +319,6 @@ class SinkStats:
     dead_lettered: int = 0
     undecodable: int = 0
     posts: int = 0
-    #: posts (of ``posts``) started by a call thread on the answer to the one before (_Relay)
-    relayed: int = 0
     updates: int = 0
     history_checks: int = 0
     update_checks: int = 0
@@ -353,8 +349,6 @@ class _Ahead:
     epoch: int
     durable: bool = False
     then: Callable[[], None] | None = None
-    #: counted in ``SinkLoop._arms_waiting`` until acknowledged (a relay waits for it)
-    arm_pending: bool = False
 
     def acked(self) -> None:
         self.durable = True
@@ -374,8 +368,6 @@ class _Item:
     delivery: Delivery | None = None
     #: its marker, begun early (``SinkLoop._mark_ahead``) and not used by a post yet
     ahead: _Ahead | None = None
-    #: the relay of its post in flight (``_Relay``): where the next post of the channel waits
-    relay: _Relay | None = None
 
 
 _Entry = Entry[_Item]
@@ -384,93 +376,16 @@ _Channel = Channel[_Item]
 
 @dataclass(eq=False)
 class _Completion:
-    """A Slack call of a channel's head: what it answered, or what it raised.
-
-    ``relay`` (posts only) is where the loop may leave the channel's next post for the call
-    thread to start as soon as this one is answered; ``started_at`` is when a post handed over
-    that way was started (the loop's monotonic clock, read on the call thread).
-    """
+    """A Slack call of a channel's head: what it answered, or what it raised."""
 
     channel: _Channel
     entry: _Entry
     step: Step
     outcome: object = None
     error: BaseException | None = None
-    relay: _Relay | None = None
-    started_at: float = 0.0
 
 
 _Job = tuple[Callable[[], object], _Completion]
-
-#: the answers to a post after which the loop always finishes it (``core.after_post``: a
-#: ``Finish``), so the channel's next message is what comes next
-_RELAY_AFTER = (core.Posted, core.Rendered)
-
-
-class _Relay:
-    """A channel's next post, handed to the call thread of the post in flight before it.
-
-    A channel's posts follow one another: the next starts once the previous one is answered.
-    Started by the loop, that meant the answer went to the loop's thread, which decided it,
-    produced its receipt and only then started the next post on a call thread: the loop's
-    work and two thread hand-offs sat between every two posts of a channel. The loop arms
-    the relay (``arm``) with the next post once everything it would check at that post's turn
-    is settled: its marker is durable, it has no final receipt, its partition is ready, the
-    channel's bucket holds a token. The call thread, once this post is answered with a
-    success (an answer the loop always finishes the post on), starts it at once
-    (``settle``); on any other answer, or at stop, it leaves it, and the loop starts that
-    message itself at its turn, as without a relay. Whatever could change the loop's
-    decision about the armed post (its receipt read or written, a revoke, a stop) disarms it
-    first (``disarm``), under the lock the call thread takes it with: either the post was
-    started before (as if the loop had started it a moment earlier, which it may), or it is
-    not started from here.
-    """
-
-    __slots__ = ("armed", "lock", "open", "started")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.open = True
-        #: the next post's call, while armed
-        self.armed: _Job | None = None
-        #: the completion of the post the call thread started from here
-        self.started: _Completion | None = None
-
-    def arm(self, job: _Job) -> bool:
-        """Leave ``job`` for the call thread (loop); False once the post is answered."""
-        with self.lock:
-            if not self.open:
-                return False
-            self.armed = job
-            return True
-
-    def disarm(self) -> bool:
-        """Take the armed post back (loop); True when the call thread has started it."""
-        with self.lock:
-            self.armed = None
-            return self.started is not None
-
-    def settle(
-        self,
-        completion: _Completion,
-        done: queue.SimpleQueue[_Completion],
-        go: bool,
-        clock: Callable[[], float],
-    ) -> _Job | None:
-        """The post is answered (call thread): the armed post to start now, if ``go``.
-
-        When it is, this post's completion is put on ``done`` under the lock, so a loop that
-        finds the relay taken (``disarm``) finds that completion queued.
-        """
-        with self.lock:
-            self.open = False
-            job, self.armed = self.armed, None
-            if job is None or not go:
-                return None
-            job[1].started_at = clock()
-            self.started = job[1]
-            done.put(completion)
-            return job
 
 
 class _Worker:
@@ -503,18 +418,9 @@ class _SlackCalls:
     finds it there.
     """
 
-    def __init__(
-        self,
-        size: int,
-        done: queue.SimpleQueue[_Completion],
-        *,
-        stop: threading.Event | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, size: int, done: queue.SimpleQueue[_Completion]) -> None:
         self._size = size
         self._done = done
-        self._stop = stop or threading.Event()
-        self._clock = clock
         self._workers: list[_Worker] = []
         self._idle: list[_Worker] = []
         self._next = 0
@@ -558,17 +464,6 @@ class _SlackCalls:
                 completion.outcome = call()
             except BaseException as exc:  # the loop's thread decides what it means (_complete)
                 completion.error = exc
-            relay = completion.relay
-            if relay is not None:
-                go = (
-                    completion.error is None
-                    and isinstance(completion.outcome, _RELAY_AFTER)
-                    and not (self._closed or self._stop.is_set())
-                )
-                following = relay.settle(completion, done, go, self._clock)
-                if following is not None:
-                    job = following  # the channel's next post, from this thread at once
-                    continue
             try:
                 job = jobs.get_nowait()  # handed to it while busy, or the end (None)
             except queue.Empty:
@@ -641,11 +536,7 @@ class SinkLoop:
             transactional=False,
         )
         self._completions: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
-        self._calls = _SlackCalls(config.concurrency, self._completions, stop=stop, clock=monotonic)
-        #: relays armed with a channel's next post (``_Relay``), and that post's entry
-        self._armed: dict[_Relay, _Entry] = {}
-        #: early markers a relay waits for (their acknowledgements are watched, _await_calls)
-        self._arms_waiting = 0
+        self._calls = _SlackCalls(config.concurrency, self._completions)
         self.scheduler: ChannelScheduler[_Item] = ChannelScheduler(config.scheduling())
         self._receipts_gate = PartitionGate(
             table, name="receipts", timeout_s=config.gate_timeout_s, monotonic=monotonic
@@ -677,7 +568,6 @@ class SinkLoop:
         try:
             while not self._stop.is_set() and self._fatal is None:
                 self._turn()
-            self._settle_relays(None)
             self._drain(None)
             self._flush()
             self._commit(None)
@@ -685,8 +575,6 @@ class SinkLoop:
         finally:
             # Revoke callbacks during close() have nothing left to do: drained and committed.
             self._closing = True
-            for relay in self._armed:
-                relay.disarm()
             self._calls.shutdown()
             try:
                 for problem in self._consumer_client.close(10.0):
@@ -789,12 +677,7 @@ class SinkLoop:
             epoch = self.scheduler.track(tp, offset)
             assert epoch is not None
             item = _Item(msg.key(), msg.value(), _headers(msg), message)
-            entry = self.scheduler.enqueue(tp, offset, epoch, message.channel, item)
-            channel = self.scheduler.channels[entry.channel]
-            if 2 <= len(channel.queue) <= AHEAD + 1 and channel.queue[0].item.relay is not None:
-                # right behind a post in flight: its marker is begun now (it would otherwise
-                # wait for the channel's next post to start), so that post's relay can take it
-                self._mark_ahead(channel)
+            self.scheduler.enqueue(tp, offset, epoch, message.channel, item)
         BUFFERED.set(self.scheduler.outstanding())
 
     def _hold(self, tp: TP, offset: int, reason: str) -> None:
@@ -909,8 +792,6 @@ class SinkLoop:
             self._applied_epoch += 1
             self._applied_keys = set()
         self._applied_keys.update(keys)
-        if self._armed:
-            self._disarm_receipt({key.decode() for key in keys})
 
     def _original_behind(self, channel: _Channel, entry: _Entry) -> bool:
         """Move the update's original to the front when it is queued behind the update.
@@ -970,9 +851,6 @@ class SinkLoop:
                 call = partial(self._notifier.post, request)
                 self.stats.posts += 1
             step = action.step
-            completion = _Completion(channel, entry, step)
-            if step is Step.POST:
-                completion.relay = item.relay = _Relay()
 
             def post() -> None:
                 if entry.dropped:
@@ -982,7 +860,7 @@ class SinkLoop:
                     self.scheduler.pop(channel)
                     self.scheduler.proceed(channel, self._mono())
                     return
-                self._calls.submit(call, completion)
+                self._calls.submit(call, _Completion(channel, entry, step))
 
             def post_when_durable() -> None:
                 self._posts_waiting -= 1
@@ -1006,7 +884,6 @@ class SinkLoop:
                 ahead.then = post_when_durable
             if step is Step.POST:
                 self._mark_ahead(channel)
-                self._arm(channel)
         elif action.step is Step.CHECK_UPDATE:
             item.delivery = action.delivery
             target = action.delivery.target
@@ -1046,167 +923,29 @@ class SinkLoop:
         neither final nor in doubt already (an update's target is only known at its turn).
         The message is checked again at its turn (``_start_head``): its receipt may come in
         the meantime (a replay of the message behind its first copy).
-
-        Up to ``AHEAD`` messages behind the head: a post started by a relay (``_Relay``) is
-        in flight before the loop hears of it, so the marker of the message behind it, begun
-        only then, was mostly still on its way to the broker when that post was answered,
-        and the relay had nothing to start.
         """
-        queue = channel.queue
-        if len(queue) < 2:
+        if len(channel.queue) < 2:
             return
-        head = queue[0]
-        ids = {head.item.message.message_id}
-        for i in range(1, min(len(queue), AHEAD + 1)):
-            entry = queue[i]
-            item, message = entry.item, entry.item.message
-            if message.message_id in ids:
-                return  # a replay behind its first copy: looked at after that one's receipt
-            ids.add(message.message_id)
-            if item.ahead is not None:
-                continue
-            if not self._begin_ahead(channel, head, entry):
-                return
-
-    def _begin_ahead(self, channel: _Channel, head: _Entry, entry: _Entry) -> bool:
-        """Begin ``entry``'s marker ahead of its turn (``_mark_ahead``); False if it may not."""
+        head, entry = channel.queue[0], channel.queue[1]
         item, message = entry.item, entry.item.message
         if (
             item.delivery is not None
+            or item.ahead is not None
             or entry.dropped
             or message.update_of is not None
+            or message.message_id == head.item.message.message_id
             or not self.scheduler.has_token(channel, self._mono())
             or not (self._receipts_gate.is_open(entry.tp) and self._markers.ready(entry.tp))
         ):
-            return False
+            return
         receipt = self._receipt(message.message_id)
         if core.already_final(receipt) or self._markers.get(message.message_id) is not None:
-            return False
+            return
         started, marker = core.begin_post(Delivery(message), self._now())
         ahead = item.ahead = _Ahead(started, receipt, self._applied_epoch)
-        relay = head.item.relay
-        if channel.busy and relay is not None and relay.open:
-            # the head's post is in flight: a relay can take this post once it is durable
-            ahead.arm_pending = True
-            self._arms_waiting += 1
-
-        def durable() -> None:
-            if ahead.arm_pending:
-                ahead.arm_pending = False
-                self._arms_waiting -= 1
-            ahead.acked()
-            self._arm(channel)
-
         self._markers.begin(
-            entry.tp, message.message_id, marker, on_durable=durable, offset=entry.offset
+            entry.tp, message.message_id, marker, on_durable=ahead.acked, offset=entry.offset
         )
-        return True
-
-    def _arm(self, channel: _Channel) -> None:
-        """Leave the post behind the channel's head for the head's call thread (``_Relay``).
-
-        Only what ``_start_head`` would start at that message's turn without a further
-        look: a plain post whose marker, begun ahead, is durable (the in-doubt rule), with
-        no final receipt (as looked up then; a receipt read or written since disarms the
-        relay), of a partition that is ready and not stopping, and a token in the channel's
-        bucket (nothing else takes from it before that post: the token is taken when the
-        loop hears the post started, at the time it started).
-        """
-        if (
-            not channel.busy
-            or len(channel.queue) < 2
-            or self._stop.is_set()
-            or self._fatal is not None
-            or self._closing
-        ):
-            return
-        relay = channel.queue[0].item.relay
-        entry = channel.queue[1]
-        item = entry.item
-        ahead = item.ahead
-        if (
-            relay is None
-            or not relay.open
-            or relay in self._armed
-            or ahead is None
-            or not ahead.durable
-            or ahead.then is not None
-            or entry.dropped
-            or item.delivery is not None
-        ):
-            return
-        now = self._mono()
-        if not (
-            self.scheduler.has_token(channel, now)
-            and self._receipts_gate.is_open(entry.tp)
-            and self._markers.ready(entry.tp)
-        ):
-            return
-        if core.already_final(self._current_receipt(item), redriven=_redriven(item.headers)):
-            return  # skipped at its turn
-        action = core.next_action(
-            core.start(item.message, None, now=self._now()),
-            now=self._now(),
-            policy=self.config.policy,
-        )
-        if not isinstance(action, Proceed) or action.step is not Step.POST:
-            return  # a post the loop finishes without a call (blocks that do not parse)
-        request = action.request
-        assert isinstance(request, core.PostRequest)
-        completion = _Completion(channel, entry, Step.POST, relay=_Relay())
-        if relay.arm((partial(self._notifier.post, request), completion)):
-            self._armed[relay] = entry
-
-    def _disarm_receipt(self, message_ids: Iterable[str]) -> None:
-        """A receipt of these messages was read or written: their posts wait for their turn.
-
-        A post the call thread has started already stays started, as if the loop had
-        started it a moment before the receipt came (which it may).
-        """
-        for relay, entry in list(self._armed.items()):
-            if entry.item.message.message_id in message_ids:
-                del self._armed[relay]
-                relay.disarm()
-
-    def _settle_relays(self, tps: set[TP] | None) -> None:
-        """Disarm the relays of ``tps`` (None: all), before they are revoked (or at stop).
-
-        A post a call thread has started already is made the channel's post in flight (its
-        predecessor's completion is queued by then: ``_Relay.settle``), so what follows (the
-        revoke's drain, the stop's) treats it as any call in flight. Taking completions in can
-        arm another relay (the next post's marker acknowledged meanwhile): repeated until
-        none of ``tps`` is armed.
-        """
-        while True:
-            started = False
-            for relay, entry in list(self._armed.items()):
-                if tps is None or entry.tp in tps:
-                    del self._armed[relay]
-                    started = relay.disarm() or started
-            if not started:
-                return
-            self._take_completions(block_s=0.0)
-
-    def _relay_started(self, c: _Completion) -> None:
-        """The call thread started the channel's next post (``c``) from a relay.
-
-        What ``_start_head`` and ``_submit`` do for a post, after the fact: the post is the
-        head now (the one before it was just finished), in flight, its token taken at the
-        time it started.
-        """
-        channel, entry = c.channel, c.entry
-        assert channel.head is entry and not channel.busy, "a relayed post is not the head"
-        item = entry.item
-        ahead, item.ahead = item.ahead, None
-        assert ahead is not None
-        item.delivery = ahead.delivery
-        item.relay = c.relay
-        self.scheduler.take_token(channel, c.started_at)
-        self.scheduler.call_started(channel)
-        self.stats.posts += 1
-        self.stats.relayed += 1
-        self._mark_ahead(channel)
-        self._arm(channel)
 
     def _cancel_ahead(self, tps: set[TP]) -> None:
         """Tombstone the early markers of ``tps`` whose post was never started."""
@@ -1245,11 +984,7 @@ class SinkLoop:
         finishes, before what it made due is dispatched.
         """
         deadline = self._mono() + wait_s
-        while (
-            (self._posts_waiting or self._arms_waiting)
-            and self._markers.awaiting()
-            and self._completions.empty()
-        ):
+        while self._posts_waiting and self._markers.awaiting() and self._completions.empty():
             remaining = deadline - self._mono()
             if remaining <= 0:
                 return
@@ -1265,11 +1000,6 @@ class SinkLoop:
     def _complete(self, c: _Completion) -> None:
         channel, entry = c.channel, c.entry
         self.scheduler.call_ended(channel)
-        relayed: _Completion | None = None
-        if c.relay is not None:
-            entry.item.relay = None
-            self._armed.pop(c.relay, None)
-            relayed = c.relay.started
         delivery = entry.item.delivery
         assert delivery is not None
         outcome = c.outcome
@@ -1293,14 +1023,6 @@ class SinkLoop:
             self._count_update_check(entry, outcome, decision)
         elif c.step is Step.CHECK_HISTORY:
             self._count_check(entry, outcome, decision)
-        if relayed is not None:
-            # The call thread started the channel's next post on this answer (_Relay): it is
-            # finished, whatever became of its partition meanwhile.
-            assert isinstance(decision, Finish), decision
-            self.scheduler.pop(channel)
-            self._produce_finish(entry, decision)
-            self._relay_started(relayed)
-            return
         if entry.dropped:
             # Its partition was revoked or lost while the call was in flight: still record a
             # final outcome (a fact the next owner's table will see), retry nothing.
@@ -1467,8 +1189,6 @@ class SinkLoop:
         # Read-your-own-write: the next copy of this message (a replay right behind it in the
         # channel queue) must see the receipt before it has gone round the topic.
         own.wrote(receipt)
-        if self._armed:
-            self._disarm_receipt((receipt.message_id,))
 
     def _log_receipts(self, now: float) -> None:
         """One INFO line with the receipts (by outcome) produced since the previous one."""
@@ -1644,7 +1364,6 @@ class SinkLoop:
         self.stats.revocations += 1
         revoked = {(p.topic, p.partition) for p in partitions}
         log.info("partitions revoked", extra={"partitions": partition_names(partitions)})
-        self._settle_relays(revoked)
         self._cancel_ahead(revoked)
         if self._closing:
             self._release(revoked)
@@ -1660,7 +1379,6 @@ class SinkLoop:
             return
         lost = {(p.topic, p.partition) for p in partitions}
         log.warning("partitions lost", extra={"partitions": partition_names(partitions)})
-        self._settle_relays(lost)
         self._cancel_ahead(lost)
         self.scheduler.forget(lost)
         self._release(lost)

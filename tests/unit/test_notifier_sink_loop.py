@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError
@@ -749,114 +748,6 @@ def test_a_replay_behind_its_first_copy_is_skipped_from_memory_until_the_table_r
     wait_until(lambda: len(loop.own_receipts) == 0, timeout_s=20, message="forgotten once read")
     rig.finish()
     assert rig.table.get("m1") is not None
-
-
-# -- the next post of a channel started by the call thread (relay) ----------------------------
-
-
-def _within(condition: Callable[[], bool], timeout_s: float) -> bool:
-    """Whether ``condition()`` held within ``timeout_s`` (polled)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
-def _recording_posts(rig: SinkRig) -> list[str]:
-    """The message ids of the posts as they start (before the fake answers)."""
-    started: list[str] = []
-    post = rig.slack.post
-
-    def recording(request: PostRequest) -> PostOutcome:
-        payload = request.metadata["event_payload"]
-        assert isinstance(payload, dict)
-        started.append(str(payload["message_id"]))
-        return post(request)
-
-    rig.slack.post = recording  # type: ignore[method-assign]
-    return started
-
-
-def test_the_next_post_of_a_channel_starts_without_waiting_for_the_loop() -> None:
-    """Once m1 is posted, m2 (its marker durable ahead) starts from the call thread that
-    posted m1, while the loop's thread is still busy with m1's answer: here it takes its time
-    over it (held until m2 started, bounded). Before, m2 started only after the loop had
-    decided m1 and produced its receipt. Every post once, in order, every marker cleared."""
-    rig = SinkRig(partitions=1)
-    assert isinstance(rig.markers, InMemoryAttemptLog)
-    markers = rig.markers
-    started = _recording_posts(rig)
-    _blocking_first_post(rig, lambda: "m2" in markers.durable)
-    rig.start()
-    loop = rig.loop
-    assert loop is not None
-    complete = loop._complete
-    m2_before_m1_decided: list[bool] = []
-
-    def slow(c: Any) -> None:
-        if c.entry.item.message.message_id == "m1" and not m2_before_m1_decided:
-            m2_before_m1_decided.append(_within(lambda: "m2" in started, 3.0))
-        complete(c)
-
-    loop._complete = slow  # type: ignore[method-assign]
-    rig.send([message(i, "C1") for i in range(1, 5)])
-    wait_until(rig.all_committed, timeout_s=20, message="all committed")
-    stats = rig.finish()
-    assert m2_before_m1_decided == [True]
-    assert _posted_ids(rig) == ["m1", "m2", "m3", "m4"]
-    assert (stats.posts, stats.delivered, stats.history_checks) == (4, 4, 0)
-    assert stats.relayed >= 1
-    assert set(rig.receipts()) == {"m1", "m2", "m3", "m4"}
-    assert len(rig.markers) == 0
-
-
-def test_after_a_failed_post_the_next_one_waits_for_the_retry() -> None:
-    """m2 is ready behind m1, but m1's post fails (retried): the call thread leaves m2, which
-    goes only after m1 is posted on its retry (order per channel)."""
-    rig = SinkRig(partitions=1)
-    rig.slack.script("C1", Unavailable("connection refused", in_doubt=False))
-    assert isinstance(rig.markers, InMemoryAttemptLog)
-    markers = rig.markers
-    started = _recording_posts(rig)
-    _blocking_first_post(rig, lambda: "m2" in markers.durable)
-    rig.start()
-    rig.send([message(i, "C1") for i in range(1, 4)])
-    wait_until(rig.all_committed, timeout_s=20, message="all committed")
-    stats = rig.finish()
-    assert started == ["m1", "m1", "m2", "m3"]
-    assert stats.retries == 1 and stats.delivered == 3 and stats.posts == 4
-    assert len(rig.markers) == 0
-
-
-def test_a_post_ready_behind_one_in_flight_is_not_started_once_its_partition_is_lost() -> None:
-    """m2 is ready behind m1 (its marker durable) when the partition is lost with m1's post
-    in flight: m1's answer does not start m2 here. After the rejoin m2 is posted once (its
-    early marker was cleared at the loss, so without a history check)."""
-    rig = SinkRig(partitions=1)
-    assert isinstance(rig.markers, InMemoryAttemptLog)
-    markers = rig.markers
-    started = _recording_posts(rig)
-    _blocking_first_post(
-        rig,
-        lambda: (
-            "m2" in markers.durable
-            and rig.consumers[0].lose() is None
-            and _within(lambda: rig.loop is not None and not rig.loop.assigned, 10.0)
-        ),
-    )
-    rig.start()
-    rig.send([message(1, "C1"), message(2, "C1")])
-    wait_until(lambda: len(rig.receipts()) == 1, timeout_s=20, message="m1's receipt")
-    assert rig.loop is not None and not rig.loop.assigned
-    assert started == ["m1"] and rig.error is None
-    rig.consumers[0].rejoin()
-    wait_until(lambda: len(rig.receipts()) == 2, timeout_s=20, message="m2's receipt")
-    stats = rig.finish()
-    assert started == ["m1", "m2"]
-    assert stats.history_checks == 0 and stats.skipped == 1  # m1, replayed
-    assert len(rig.markers) == 0
 
 
 def test_a_slack_call_that_raises_counts_as_unanswered_and_the_workers_end_at_stop(

@@ -434,6 +434,7 @@ class KafkaInDoubtStore:
         value = _encode(marker)
         self._producer.produce(self._topic, message_id.encode(), value)
         self._table.put_local(message_id, value)
+        self._hidden.discard(message_id.encode())  # the store's answer is this one now
 
     def delete(self, message_id: str) -> None:
         # Its own markers need no lookup to know a tombstone is due (a lookup of a marker the

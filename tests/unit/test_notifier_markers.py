@@ -328,6 +328,19 @@ def test_kafka_store_hides_a_marker_its_table_has_read_without_a_store_write(
     assert rig.writes == []
 
 
+def test_a_marker_put_after_a_hidden_delete_is_answered(tmp_path: Path) -> None:
+    """``put`` writes its marker into the store: a hide left from memory does not cover it."""
+    rig = _Rig(tmp_path)
+    rig.store.poll()
+    rig.store.begin(TP0, "m1", AttemptMarker("C1", 1, T0), lambda: None, 3)
+    rig.store.poll()
+    rig.now += 1.0
+    rig.store.poll()  # the table reads the marker back
+    rig.store.delete("m1")
+    rig.store.put("m1", AttemptMarker("C1", 5, T0))
+    assert rig.store.get("m1") == AttemptMarker("C1", 5, T0)
+
+
 def test_kafka_store_hides_an_earlier_marker_of_the_message_its_table_holds(
     tmp_path: Path,
 ) -> None:

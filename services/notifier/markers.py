@@ -333,6 +333,11 @@ class KafkaInDoubtStore:
         # The table's positions as of its last read here (``delete``): behind the table's own
         # at worst (the gate's checks move them too), which only costs a lookup.
         self._positions: dict[int, int] = {}
+        # Keys of this process's markers that the table had read back when they were deleted,
+        # answered as absent until the table applies a later record of the key (the
+        # tombstone): the hide, without a store write per message (``delete``).
+        self._hidden: set[bytes] = set()
+        table.on_change = self._applied
 
     # -- InDoubtStore ------------------------------------------------------------------------
     def assign(self, tps: Iterable[TP]) -> None:
@@ -418,13 +423,18 @@ class KafkaInDoubtStore:
     # -- AttemptLog --------------------------------------------------------------------------
     def get(self, message_id: str) -> AttemptMarker | None:
         mine = self._durable.get(message_id)
-        return mine if mine is not None else self._table.get(message_id)
+        if mine is not None:
+            return mine
+        if self._hidden and message_id.encode() in self._hidden:
+            return None  # deleted; the table has not read the tombstone yet
+        return self._table.get(message_id)
 
     def put(self, message_id: str, marker: AttemptMarker) -> None:
         """Write a marker without waiting for it (``begin`` is the durable way)."""
         value = _encode(marker)
         self._producer.produce(self._topic, message_id.encode(), value)
         self._table.put_local(message_id, value)
+        self._hidden.discard(message_id.encode())  # the store's answer is this one now
 
     def delete(self, message_id: str) -> None:
         # Its own markers need no lookup to know a tombstone is due (a lookup of a marker the
@@ -432,7 +442,8 @@ class KafkaInDoubtStore:
         # markers of earlier runs or other replicas.
         begun = self._mine.pop(message_id, None)
         self._durable.pop(message_id, None)
-        if begun is None and self._table.get(message_id) is None:
+        key = message_id.encode()
+        if begun is None and (key in self._hidden or self._table.get(message_id) is None):
             return  # nothing to clear: no tombstone for every skipped replay
         # The tombstone must land after its marker. A marker this process saw acknowledged
         # is on the topic: its tombstone goes with the batching producer (a request of its
@@ -440,31 +451,42 @@ class KafkaInDoubtStore:
         # producer's work). Any other one follows its marker on the markers' producer, whose
         # idempotence keeps the order within the partition.
         producer = self._tombstones if begun is not None and begun.durable else self._producer
-        producer.produce(self._topic, message_id.encode(), None)
+        producer.produce(self._topic, key, None)
         # The table may have read the marker back already, and the tombstone takes a while
         # (its linger, the table's fetch and poll interval): hide the marker until then.
-        if begun is None or self._table_may_hold(message_id, begun):
+        if begun is not None and self._read_back(begun):
+            # Every later record of the key lands after this marker, which the table has
+            # applied: the next one it applies is the tombstone (or newer), and from then on
+            # the table's answer is right. Until then ``get`` answers from here. (At 100
+            # channels most markers are read back before their receipt, begun ahead of their
+            # turn: this was a store write and its WAL append per message.)
+            self._hidden.add(key)
+        elif begun is None or self._table.get(message_id) is not None:
+            # Whatever else the table holds, a lookup sees (a marker of an earlier attempt, run
+            # or replica, or this one read back before its acknowledgement came): the next
+            # record of the key the table applies may be this process's marker rather than
+            # the tombstone, so the hide goes into the store, which reading the marker back
+            # overwrites as it did (and the tombstone right behind it clears).
             self._table.put_local(message_id, None)
 
-    def _table_may_hold(self, message_id: str, begun: _Begun) -> bool:
-        """False only when the table holds no marker of ``message_id`` (hiding it is moot).
+    def _applied(self, keys: list[bytes]) -> None:
+        """The table applied records of ``keys`` (its ``on_change``): no longer hidden."""
+        if self._hidden:
+            self._hidden.difference_update(keys)
 
-        Mostly the table has not read this process's marker back by the time its receipt is
-        acknowledged (the table is read every ``table_poll_interval_s``, its fetches held by
-        the broker): the store write that would hide it then changes nothing a lookup can
-        see, and a miss costs less than that write (a write batch, ~3 us here, against
-        ~1.3 us). The table holds a marker of the key when it has read this one (its position
-        in the marker's partition is past the marker's offset; every later record of the key
-        lands after it there), or an earlier one (an earlier attempt, run or replica, or
-        ``put``), which the lookup finds. A marker read back after this check is left to its
-        tombstone, as it was when the write came first: the read overwrote the write.
+    def _read_back(self, begun: _Begun) -> bool:
+        """Whether the table has applied this process's marker ``begun``.
+
+        Its position in the marker's partition is past the marker's acknowledged offset.
+        Mostly it has not by the time the receipt is acknowledged (the table is read every
+        ``table_poll_interval_s``, its fetches held by the broker): then the hide changes
+        nothing a lookup can see, unless the table holds another marker of the key, which the
+        lookup in ``delete`` finds (a miss costs less than the store write, ~1.3 against ~3
+        us). A marker without an offset yet (a fetch can return a record before its producer
+        hears of the acknowledgement) is left to that lookup too.
         """
         landed = begun.landed
-        if landed is not None and self._positions.get(landed[0], 0) > landed[1]:
-            return True  # read back: the write is needed, no lookup needed to know it
-        # Not acknowledged (no offset; a fetch can return a record before its producer hears
-        # of the acknowledgement) or not read back: whatever the table holds, a lookup sees.
-        return self._table.get(message_id) is not None
+        return landed is not None and self._positions.get(landed[0], 0) > landed[1]
 
     def __len__(self) -> int:
         return self._table.record_count()

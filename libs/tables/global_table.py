@@ -656,12 +656,16 @@ class GlobalTable(Generic[V]):
             _, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)
             if high >= 0:
                 lag += max(0, high - self._offsets.get(p, 0))
-        self._lag = lag
-        LAG.labels(self.name).set(lag)
+        # The gauges are written only on a change: a follower polls every loop turn, and
+        # five gauge writes per poll were a seventh of the notifier's loop thread at one
+        # channel. Every other writer of ``_lag`` sets its gauge too, so they stay equal.
+        if lag != self._lag:
+            self._lag = lag
+            LAG.labels(self.name).set(lag)
         if self.state is not TableState.LOADING:
-            self._set_state(
-                TableState.LAGGING if lag > self._lagging_threshold else TableState.CAUGHT_UP
-            )
+            state = TableState.LAGGING if lag > self._lagging_threshold else TableState.CAUGHT_UP
+            if state is not self.state:
+                self._set_state(state)
 
     def _require_consumer(self) -> Consumer:
         if self._consumer is None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, Message, TopicPartition
+from prometheus_client import REGISTRY as METRICS
 
 from libs.kafka import HEADER_SOURCE_OFFSET, DeadLetterPublisher, dlq_topic
 from libs.kafka.memory import InMemoryBroker
@@ -281,7 +282,7 @@ def _loaded(
 
     table = avro_table(
         SlackUser,
-        name="users",
+        name=kw.pop("name", "users"),
         topic=TOPIC,
         state_dir=tmp_path,
         consumer_config={},
@@ -366,6 +367,57 @@ def test_on_change_hears_live_keys_only_tombstones_included(tmp_path: Path) -> N
     assert table.poll() == 2
     assert heard == [[b"b@x", b"a@x"]]
     assert table.poll() == 0 and heard == [[b"b@x", b"a@x"]]
+
+
+class _CountedGauge:
+    """A labelled gauge that counts its writes and passes them on."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.writes = 0
+
+    def labels(self, *values: str) -> Any:
+        child = self.inner.labels(*values)
+
+        def set_(value: float) -> None:
+            self.writes += 1
+            child.set(value)
+
+        return SimpleNamespace(set=set_)
+
+
+def test_a_poll_that_changes_nothing_writes_no_gauge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = AnsweringRegistry()
+    encode = AvroSerializer(registry, SlackUser)
+    log = {0: [_msg(0, b"a@x", encode(TOPIC, SlackUser("a@x", "UA", T0)))]}
+    table, _ = _loaded(registry, log, tmp_path, name="gauges", lagging_threshold=1)
+    table.bootstrap(threading.Event(), timeout_s=10)
+    lag = _CountedGauge(global_table.LAG)
+    state = _CountedGauge(global_table.STATE)
+    monkeypatch.setattr(global_table, "LAG", lag)
+    monkeypatch.setattr(global_table, "STATE", state)
+
+    for _ in range(50):
+        assert table.poll() == 0
+    assert (lag.writes, state.writes) == (0, 0)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return METRICS.get_sample_value(name, {"table": "gauges", **labels})
+
+    # a change still shows: two records behind, one read, then the other
+    log[0] += [
+        _msg(i, f"{i}@x".encode(), encode(TOPIC, SlackUser("b@x", "UB", T0))) for i in (1, 2, 3)
+    ]
+    assert table.poll(max_records=1) == 1
+    assert table.lag() == 2 and sample("table_lag_records") == 2
+    assert sample("table_state", state="lagging") == 1
+    assert sample("table_state", state="caught_up") == 0
+    assert table.poll() == 2
+    assert table.lag() == 0 and sample("table_lag_records") == 0
+    assert sample("table_state", state="caught_up") == 1
+    assert sample("table_state", state="lagging") == 0
 
 
 @pytest.mark.parametrize("kind", ["memory", "rocksdb"])

@@ -150,6 +150,93 @@ def write_flat(layout: Sequence[tuple[str, int]], record: object, parts: list[by
         append(data)
 
 
+# -- the same writer, generated per schema --------------------------------------------------------
+# ``write_flat`` interprets the layout per record (a loop, a getattr and a branch per field);
+# a record written once per output (the enricher's ``SlackMessage``) is cheaper as
+# straight-line code generated once per layout: the same steps, in field order, with the
+# same errors. A caller that already holds a string field's UTF-8 (the enricher renders
+# an alert's blocks straight to bytes) passes it instead of having the writer encode it.
+
+#: Avro length prefixes of the sizes met so far (a few thousand at most: sizes past 8191
+#: are not kept)
+_SIZE_PREFIXES: dict[int, bytes] = {}
+
+
+def _size_prefix(size: int) -> bytes:
+    prefix = _SIZE_PREFIXES.get(size)
+    if prefix is None:
+        prefix = _long(size)
+        if size < 8192:
+            _SIZE_PREFIXES[size] = prefix
+    return prefix
+
+
+FlatWriter = Callable[..., bytes]
+
+
+def flat_writer(layout: Sequence[tuple[str, int]], utf8: Sequence[str] = ()) -> FlatWriter:
+    """``write(header, record, *utf8_values) -> bytes``: ``header`` then the Avro body of
+    ``record``, the bytes ``write_flat`` writes, with the same errors (``TypeError``,
+    ``AttributeError``, ``UnicodeError`` when a value does not fit its field).
+
+    ``utf8`` names string fields (of ``layout``) whose UTF-8 the caller may pass, in that
+    order, after the record: a value that is not ``None`` is written as the field's bytes (it
+    must be ``record.<field>.encode()``: nothing checks it per call), ``None`` encodes the
+    record's string as usual. Generated once per layout (as ``dataclasses`` generates
+    ``__init__``); the source holds only field names checked to be identifiers.
+    """
+    kinds = dict(layout)
+    for name in utf8:
+        if kinds.get(name) != _STRING:
+            raise ValueError(f"{name!r} is not a string field of the layout")
+    lines = [f"def write(header, r{''.join(f', u{i}' for i in range(len(utf8)))}):"]
+    terms = ["header"]
+    for number, (name, kind) in enumerate(layout):
+        if not name.isidentifier():
+            raise ValueError(f"{name!r} is not a field name")
+        v, d = f"v{number}", f"d{number}"
+        if name in utf8:
+            u = f"u{utf8.index(name)}"
+            lines.append(f"    {d} = r.{name}.encode() if {u} is None else {u}")
+        elif kind == _STRING:
+            lines.append(f"    {d} = r.{name}.encode()")
+        elif kind == _OPTIONAL_STRING:
+            lines.append(f"    {v} = r.{name}")
+            lines.append(f"    {d} = b'\\x00' if {v} is None else b'\\x02' + _string({v}.encode())")
+            terms.append(d)
+            continue
+        elif kind == _LONG:
+            lines.append(f"    {v} = r.{name}")
+            lines.append(f"    if type({v}) is not int:")
+            lines.append(f"        raise TypeError('{name} is not an int')")
+            terms.append(f"_long({v})")
+            continue
+        else:
+            terms.append(f"_long(_millis(r.{name}))")
+            continue
+        terms.append(f"_size_prefix(len({d}))")
+        terms.append(d)
+    lines.append(f"    return b''.join(({', '.join(terms)},))")
+    scope: dict[str, Any] = {
+        "__builtins__": {},
+        "_long": _long,
+        "_millis": _millis,
+        "_size_prefix": _size_prefix,
+        "_string": _string,
+        "TypeError": TypeError,
+        "int": int,
+        "type": type,
+        "len": len,
+    }
+    exec("\n".join(lines), scope)
+    write: FlatWriter = scope["write"]
+    return write
+
+
+def _string(data: bytes) -> bytes:
+    return _size_prefix(len(data)) + data
+
+
 # -- a direct reader for the same records ----------------------------------------------------------
 # Every consumed event and every table lookup decodes one flat record (the lookups two per
 # alert); for those, fastavro's per-call set-up costs more than the work. When the writer's
@@ -210,6 +297,7 @@ class AvroSerializer(Generic[R]):
         *,
         subject_name_strategy: SubjectNameStrategy = topic_subject,
         schema_dir: Path = SCHEMA_DIR,
+        utf8_fields: Sequence[str] = (),
     ) -> None:
         self._registry = registry
         self._record_type = record_type
@@ -217,6 +305,8 @@ class AvroSerializer(Generic[R]):
         self._schema_text = load_schema_text(record_type.SCHEMA, schema_dir)
         self._schema = _parse(self._schema_text)
         self._flat = flat_layout(self._schema_text)
+        #: ``encode``'s writer (``utf8_fields`` may come as UTF-8); ``None``: not a flat record
+        self._writer = None if self._flat is None else flat_writer(self._flat, utf8_fields)
         self._headers: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
@@ -240,6 +330,21 @@ class AvroSerializer(Generic[R]):
                 return b"".join(parts)
             except (TypeError, AttributeError, UnicodeError):
                 pass  # fastavro below raises the error it always did, or encodes it its way
+        return self._fastavro(topic, header, record)
+
+    def encode(self, topic: str, record: R, *utf8: bytes | None) -> bytes:
+        """``self(topic, record)``, given the UTF-8 of the ``utf8_fields`` (in their order;
+        ``None``: encode the record's string) when the caller has it already. Each must be
+        the field's ``str.encode()``: the bytes are the same as ``self(topic, record)``'s."""
+        header = self._header(topic)
+        if self._writer is not None:
+            try:
+                return self._writer(header, record, *utf8)
+            except (TypeError, AttributeError, UnicodeError):
+                pass  # as __call__: fastavro raises the error it always did, or encodes it
+        return self._fastavro(topic, header, record)
+
+    def _fastavro(self, topic: str, header: bytes, record: R) -> bytes:
         buf = io.BytesIO()
         buf.write(header)
         try:

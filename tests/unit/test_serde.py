@@ -218,6 +218,43 @@ def test_direct_writer_falls_back_on_values_it_does_not_handle() -> None:
         encode("t", SlackMessage("m", "p", None, "t", "[]", "o", "e", T0))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "record", [r for r in _edge_records() if _flat(type(r))], ids=lambda r: type(r).__name__
+)
+def test_the_generated_writer_gives_the_direct_writers_bytes(record: Any) -> None:
+    from libs.serde.avro import flat_layout, flat_writer, load_schema_text, write_flat
+
+    layout = flat_layout(load_schema_text(type(record).SCHEMA))
+    assert layout is not None
+    parts = [b"head"]
+    write_flat(layout, record, parts)
+    assert flat_writer(layout)(b"head", record) == b"".join(parts)
+    strings = [n for n, _ in layout if isinstance(getattr(record, n), str)][:2]
+    given = flat_writer(layout, strings)
+    utf8 = [getattr(record, n).encode() for n in strings]
+    assert given(b"head", record, *utf8) == given(b"head", record, *[None] * len(utf8))
+    assert given(b"head", record, *utf8) == b"".join(parts)
+
+
+def test_encode_with_utf8_gives_the_serializers_bytes_and_falls_back_as_it_does() -> None:
+    from libs.serde import SerializationError
+
+    encode = AvroSerializer(InMemorySchemaRegistry(), SlackMessage, utf8_fields=("blocks",))
+    for record in [r for r in _edge_records() if isinstance(r, SlackMessage)]:
+        expected = encode("t", record)
+        assert encode.encode("t", record, record.blocks.encode()) == expected
+        assert encode.encode("t", record, None) == expected
+    naive = datetime(2026, 1, 1, 12, 0)  # fastavro's local-time rule decides, as before
+    record = SlackMessage("m", "p", "c", "t", "[]", "o", "e", naive)
+    assert encode.encode("t", record, b"[]") == encode("t", record)
+    with pytest.raises(SerializationError):
+        encode.encode("t", SlackMessage("m", "p", None, "t", "[]", "o", "e", T0), b"[]")  # type: ignore[arg-type]
+    with pytest.raises(SerializationError):  # a lone surrogate has no UTF-8: as __call__
+        encode.encode("t", SlackMessage("m", "p", "\ud800", "t", "[]", "o", "e", T0), None)
+    with pytest.raises(ValueError):
+        AvroSerializer(InMemorySchemaRegistry(), SlackMessage, utf8_fields=("created_at",))
+
+
 def _fastavro_record(record_type: type[Any], body: bytes) -> Any:
     import io
 

@@ -8,6 +8,7 @@ compatible schema still decodes into the reader's typed record.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import struct
@@ -287,6 +288,103 @@ def read_flat(layout: Sequence[tuple[str, int]], data: bytes, pos: int) -> dict[
     return out
 
 
+# -- the same reader, generated per schema ---------------------------------------------------------
+# As the writer: ``read_flat``'s steps in straight-line code, and the record built from
+# positional arguments instead of a dict of keyword arguments (an event of eleven fields
+# is read per consumed record).
+
+FlatReader = Callable[[bytes, int], Any]
+
+
+def _varint_tail(data: bytes, pos: int, n: int) -> tuple[int, int]:
+    """The rest of a varint whose first byte (``n``, continuation bit set) was read."""
+    n &= 0x7F
+    shift = 7
+    while True:
+        byte = data[pos]
+        pos += 1
+        n |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return n, pos
+        shift += 7
+
+
+def _bad_branch(name: str, branch: int) -> ValueError:
+    return ValueError(f"{name}: union index {branch} out of range")
+
+
+def _past_end(name: str, n: int) -> EOFError:
+    return EOFError(f"{name}: {n} bytes of string past the end of the record")
+
+
+def flat_reader(
+    layout: Sequence[tuple[str, int]], build: Callable[..., Any], arguments: Sequence[str]
+) -> FlatReader:
+    """``read(data, pos)``: ``build(*values)`` of the Avro body at ``data[pos:]``, the values
+    ``read_flat`` reads passed in the order of the field names ``arguments`` (the record
+    type's fields, which may be ordered differently from the schema's), with ``read_flat``'s
+    errors on truncated or invalid input. ``arguments`` must name each field once.
+
+    Generated once per layout; the source holds only field names checked to be identifiers.
+    """
+    fields = [name for name, _ in layout]
+    if sorted(arguments) != sorted(fields) or len(set(fields)) != len(fields):
+        raise ValueError(f"arguments {arguments} are not the fields {fields}")
+    lines = ["def read(data, pos):", "    size = len(data)"]
+    names = []
+    for number, (name, kind) in enumerate(layout):
+        if not name.isidentifier():
+            raise ValueError(f"{name!r} is not a field name")
+        v = f"v{number}"
+        names.append(v)
+        indent = "    "
+        if kind == _OPTIONAL_STRING:
+            lines += [
+                "    branch = data[pos]",
+                "    pos += 1",
+                "    if branch == 0:",
+                f"        {v} = None",
+                "    else:",
+                "        if branch != 2:",
+                f"            raise _bad_branch({name!r}, branch)",
+            ]
+            indent = "        "
+        lines += [
+            f"{indent}n = data[pos]",
+            f"{indent}pos += 1",
+            f"{indent}if n & 0x80:",
+            f"{indent}    n, pos = _varint_tail(data, pos, n)",
+            f"{indent}n = (n >> 1) ^ -(n & 1)",
+        ]
+        if kind <= _OPTIONAL_STRING:
+            lines += [
+                f"{indent}end = pos + n",
+                f"{indent}if n < 0 or end > size:",
+                f"{indent}    raise _past_end({name!r}, n)",
+                f"{indent}{v} = data[pos:end].decode('utf-8')",
+                f"{indent}pos = end",
+            ]
+        elif kind == _LONG:
+            lines.append(f"{indent}{v} = n")
+        else:
+            lines.append(f"{indent}{v} = _EPOCH + _timedelta(microseconds=n * 1000)")
+    order = ", ".join(names[fields.index(name)] for name in arguments)
+    lines.append(f"    return build({order})")
+    scope: dict[str, Any] = {
+        "__builtins__": {},
+        "_varint_tail": _varint_tail,
+        "_EPOCH": _EPOCH,
+        "_timedelta": timedelta,
+        "build": build,
+        "_bad_branch": _bad_branch,
+        "_past_end": _past_end,
+        "len": len,
+    }
+    exec("\n".join(lines), scope)
+    read: FlatReader = scope["read"]
+    return read
+
+
 class AvroSerializer(Generic[R]):
     """Encodes records of one type for any topic, registering the schema per subject once."""
 
@@ -376,6 +474,11 @@ class AvroDeserializer(Generic[R]):
         self._writers: dict[int, tuple[ParsedSchema, ParsedSchema | None]] = {}
         # schema id -> read_flat's layout, for the ids whose writer schema is the reader's
         self._flat_ids: dict[int, tuple[tuple[str, int], ...]] = {}
+        #: the layout's generated reader (``flat_reader``), when the record type is a
+        #: dataclass whose ``__init__`` takes exactly the schema's fields
+        self._read_flat = _generated_reader(self._flat, record_type)
+        # schema id -> that reader, for the same ids
+        self._flat_readers: dict[int, FlatReader] = {}
         self._lock = threading.Lock()
 
     def _writer(self, schema_id: int) -> tuple[ParsedSchema, ParsedSchema | None]:
@@ -389,6 +492,8 @@ class AvroDeserializer(Generic[R]):
                 found = (writer, None if same else self._reader)
                 if same and self._flat is not None:
                     self._flat_ids[schema_id] = self._flat
+                    if self._read_flat is not None:
+                        self._flat_readers[schema_id] = self._read_flat
                 self._writers[schema_id] = found
         return found
 
@@ -450,7 +555,15 @@ class AvroDeserializer(Generic[R]):
         # The usual case first: a known id whose writer schema is ours and flat. Anything
         # else (first sight of an id, no or a bad header, resolution) takes the general path.
         if data is not None and len(data) >= 5 and data[0] == MAGIC_BYTE:
-            layout = self._flat_ids.get(_SCHEMA_ID.unpack_from(data, 1)[0])
+            schema_id = _SCHEMA_ID.unpack_from(data, 1)[0]
+            read = self._flat_readers.get(schema_id)
+            if read is not None:
+                try:
+                    record: R = read(data, 5)
+                    return record
+                except Exception as exc:  # truncated or corrupt body: as fastavro's errors
+                    raise self._undecodable(data, exc, topic, partition, offset) from exc
+            layout = self._flat_ids.get(schema_id)
             if layout is not None:
                 try:
                     return self._record_type(**read_flat(layout, data, 5))
@@ -477,6 +590,22 @@ class AvroDeserializer(Generic[R]):
             partition=partition,
             offset=offset,
         )
+
+
+def _generated_reader(
+    layout: Sequence[tuple[str, int]] | None, record_type: type[Any]
+) -> FlatReader | None:
+    """``flat_reader`` of ``layout`` building ``record_type`` positionally, or ``None`` when
+    its ``__init__`` is not known to take exactly the layout's fields."""
+    if layout is None or not dataclasses.is_dataclass(record_type):
+        return None
+    fields = dataclasses.fields(record_type)
+    if any(not f.init or f.kw_only for f in fields):
+        return None
+    names = [f.name for f in fields]
+    if sorted(names) != sorted(name for name, _ in layout):
+        return None
+    return flat_reader(layout, record_type, names)
 
 
 def decode_with_writer_schema(registry: SchemaRegistry, data: bytes) -> tuple[int, Any]:

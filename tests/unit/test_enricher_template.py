@@ -401,3 +401,18 @@ def test_the_handlers_message_bytes_are_the_general_encoders() -> None:
             assert fast.blocks_utf8 == plain.message.blocks.encode()
     assert len(out.records) == len(events)
     assert 300 < direct < len(events)  # the direct bytes and the renderer's fallback both ran
+
+
+@pytest.mark.parametrize("extra", ["", ' "q" \\ \n'], ids=["plain", "json-specials"])
+def test_a_string_without_utf8_is_rendered_and_left_to_the_encoder(extra: str) -> None:
+    """A lone surrogate (never decoded from Avro, but a caller may route anything): the
+    template renders what the renderer renders and writes no UTF-8, so the encoder meets
+    the string itself and refuses it as it always did."""
+    compiled = CONNECTOR.compiled
+    assert compiled is not None
+    values = ["acme"] * len(compiled.template.slots)
+    values[3] = "bad \ud800 name" + extra
+    filled = compiled.render(tuple(values), None, "Ann", "ev-1", "0" * 32, "")
+    plain = _compose(CONNECTOR, compiled.template.note(values), None, "Ann", "ev-1", "0" * 32, "")
+    assert filled is not None
+    assert filled[:2] == plain and filled[2] is None

@@ -8,6 +8,7 @@ compatible schema still decodes into the reader's typed record.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import struct
@@ -150,6 +151,93 @@ def write_flat(layout: Sequence[tuple[str, int]], record: object, parts: list[by
         append(data)
 
 
+# -- the same writer, generated per schema --------------------------------------------------------
+# ``write_flat`` interprets the layout per record (a loop, a getattr and a branch per field);
+# a record written once per output (the enricher's ``SlackMessage``) is cheaper as
+# straight-line code generated once per layout: the same steps, in field order, with the
+# same errors. A caller that already holds a string field's UTF-8 (the enricher renders
+# an alert's blocks straight to bytes) passes it instead of having the writer encode it.
+
+#: Avro length prefixes of the sizes met so far (a few thousand at most: sizes past 8191
+#: are not kept)
+_SIZE_PREFIXES: dict[int, bytes] = {}
+
+
+def _size_prefix(size: int) -> bytes:
+    prefix = _SIZE_PREFIXES.get(size)
+    if prefix is None:
+        prefix = _long(size)
+        if size < 8192:
+            _SIZE_PREFIXES[size] = prefix
+    return prefix
+
+
+FlatWriter = Callable[..., bytes]
+
+
+def flat_writer(layout: Sequence[tuple[str, int]], utf8: Sequence[str] = ()) -> FlatWriter:
+    """``write(header, record, *utf8_values) -> bytes``: ``header`` then the Avro body of
+    ``record``, the bytes ``write_flat`` writes, with the same errors (``TypeError``,
+    ``AttributeError``, ``UnicodeError`` when a value does not fit its field).
+
+    ``utf8`` names string fields (of ``layout``) whose UTF-8 the caller may pass, in that
+    order, after the record: a value that is not ``None`` is written as the field's bytes (it
+    must be ``record.<field>.encode()``: nothing checks it per call), ``None`` encodes the
+    record's string as usual. Generated once per layout (as ``dataclasses`` generates
+    ``__init__``); the source holds only field names checked to be identifiers.
+    """
+    kinds = dict(layout)
+    for name in utf8:
+        if kinds.get(name) != _STRING:
+            raise ValueError(f"{name!r} is not a string field of the layout")
+    lines = [f"def write(header, r{''.join(f', u{i}' for i in range(len(utf8)))}):"]
+    terms = ["header"]
+    for number, (name, kind) in enumerate(layout):
+        if not name.isidentifier():
+            raise ValueError(f"{name!r} is not a field name")
+        v, d = f"v{number}", f"d{number}"
+        if name in utf8:
+            u = f"u{utf8.index(name)}"
+            lines.append(f"    {d} = r.{name}.encode() if {u} is None else {u}")
+        elif kind == _STRING:
+            lines.append(f"    {d} = r.{name}.encode()")
+        elif kind == _OPTIONAL_STRING:
+            lines.append(f"    {v} = r.{name}")
+            lines.append(f"    {d} = b'\\x00' if {v} is None else b'\\x02' + _string({v}.encode())")
+            terms.append(d)
+            continue
+        elif kind == _LONG:
+            lines.append(f"    {v} = r.{name}")
+            lines.append(f"    if type({v}) is not int:")
+            lines.append(f"        raise TypeError('{name} is not an int')")
+            terms.append(f"_long({v})")
+            continue
+        else:
+            terms.append(f"_long(_millis(r.{name}))")
+            continue
+        terms.append(f"_size_prefix(len({d}))")
+        terms.append(d)
+    lines.append(f"    return b''.join(({', '.join(terms)},))")
+    scope: dict[str, Any] = {
+        "__builtins__": {},
+        "_long": _long,
+        "_millis": _millis,
+        "_size_prefix": _size_prefix,
+        "_string": _string,
+        "TypeError": TypeError,
+        "int": int,
+        "type": type,
+        "len": len,
+    }
+    exec("\n".join(lines), scope)
+    write: FlatWriter = scope["write"]
+    return write
+
+
+def _string(data: bytes) -> bytes:
+    return _size_prefix(len(data)) + data
+
+
 # -- a direct reader for the same records ----------------------------------------------------------
 # Every consumed event and every table lookup decodes one flat record (the lookups two per
 # alert); for those, fastavro's per-call set-up costs more than the work. When the writer's
@@ -200,6 +288,103 @@ def read_flat(layout: Sequence[tuple[str, int]], data: bytes, pos: int) -> dict[
     return out
 
 
+# -- the same reader, generated per schema ---------------------------------------------------------
+# As the writer: ``read_flat``'s steps in straight-line code, and the record built from
+# positional arguments instead of a dict of keyword arguments (an event of eleven fields
+# is read per consumed record).
+
+FlatReader = Callable[[bytes, int], Any]
+
+
+def _varint_tail(data: bytes, pos: int, n: int) -> tuple[int, int]:
+    """The rest of a varint whose first byte (``n``, continuation bit set) was read."""
+    n &= 0x7F
+    shift = 7
+    while True:
+        byte = data[pos]
+        pos += 1
+        n |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return n, pos
+        shift += 7
+
+
+def _bad_branch(name: str, branch: int) -> ValueError:
+    return ValueError(f"{name}: union index {branch} out of range")
+
+
+def _past_end(name: str, n: int) -> EOFError:
+    return EOFError(f"{name}: {n} bytes of string past the end of the record")
+
+
+def flat_reader(
+    layout: Sequence[tuple[str, int]], build: Callable[..., Any], arguments: Sequence[str]
+) -> FlatReader:
+    """``read(data, pos)``: ``build(*values)`` of the Avro body at ``data[pos:]``, the values
+    ``read_flat`` reads passed in the order of the field names ``arguments`` (the record
+    type's fields, which may be ordered differently from the schema's), with ``read_flat``'s
+    errors on truncated or invalid input. ``arguments`` must name each field once.
+
+    Generated once per layout; the source holds only field names checked to be identifiers.
+    """
+    fields = [name for name, _ in layout]
+    if sorted(arguments) != sorted(fields) or len(set(fields)) != len(fields):
+        raise ValueError(f"arguments {arguments} are not the fields {fields}")
+    lines = ["def read(data, pos):", "    size = len(data)"]
+    names = []
+    for number, (name, kind) in enumerate(layout):
+        if not name.isidentifier():
+            raise ValueError(f"{name!r} is not a field name")
+        v = f"v{number}"
+        names.append(v)
+        indent = "    "
+        if kind == _OPTIONAL_STRING:
+            lines += [
+                "    branch = data[pos]",
+                "    pos += 1",
+                "    if branch == 0:",
+                f"        {v} = None",
+                "    else:",
+                "        if branch != 2:",
+                f"            raise _bad_branch({name!r}, branch)",
+            ]
+            indent = "        "
+        lines += [
+            f"{indent}n = data[pos]",
+            f"{indent}pos += 1",
+            f"{indent}if n & 0x80:",
+            f"{indent}    n, pos = _varint_tail(data, pos, n)",
+            f"{indent}n = (n >> 1) ^ -(n & 1)",
+        ]
+        if kind <= _OPTIONAL_STRING:
+            lines += [
+                f"{indent}end = pos + n",
+                f"{indent}if n < 0 or end > size:",
+                f"{indent}    raise _past_end({name!r}, n)",
+                f"{indent}{v} = data[pos:end].decode('utf-8')",
+                f"{indent}pos = end",
+            ]
+        elif kind == _LONG:
+            lines.append(f"{indent}{v} = n")
+        else:
+            lines.append(f"{indent}{v} = _EPOCH + _timedelta(microseconds=n * 1000)")
+    order = ", ".join(names[fields.index(name)] for name in arguments)
+    lines.append(f"    return build({order})")
+    scope: dict[str, Any] = {
+        "__builtins__": {},
+        "_varint_tail": _varint_tail,
+        "_EPOCH": _EPOCH,
+        "_timedelta": timedelta,
+        "build": build,
+        "_bad_branch": _bad_branch,
+        "_past_end": _past_end,
+        "len": len,
+    }
+    exec("\n".join(lines), scope)
+    read: FlatReader = scope["read"]
+    return read
+
+
 class AvroSerializer(Generic[R]):
     """Encodes records of one type for any topic, registering the schema per subject once."""
 
@@ -210,6 +395,7 @@ class AvroSerializer(Generic[R]):
         *,
         subject_name_strategy: SubjectNameStrategy = topic_subject,
         schema_dir: Path = SCHEMA_DIR,
+        utf8_fields: Sequence[str] = (),
     ) -> None:
         self._registry = registry
         self._record_type = record_type
@@ -217,6 +403,8 @@ class AvroSerializer(Generic[R]):
         self._schema_text = load_schema_text(record_type.SCHEMA, schema_dir)
         self._schema = _parse(self._schema_text)
         self._flat = flat_layout(self._schema_text)
+        #: ``encode``'s writer (``utf8_fields`` may come as UTF-8); ``None``: not a flat record
+        self._writer = None if self._flat is None else flat_writer(self._flat, utf8_fields)
         self._headers: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
@@ -240,6 +428,21 @@ class AvroSerializer(Generic[R]):
                 return b"".join(parts)
             except (TypeError, AttributeError, UnicodeError):
                 pass  # fastavro below raises the error it always did, or encodes it its way
+        return self._fastavro(topic, header, record)
+
+    def encode(self, topic: str, record: R, *utf8: bytes | None) -> bytes:
+        """``self(topic, record)``, given the UTF-8 of the ``utf8_fields`` (in their order;
+        ``None``: encode the record's string) when the caller has it already. Each must be
+        the field's ``str.encode()``: the bytes are the same as ``self(topic, record)``'s."""
+        header = self._header(topic)
+        if self._writer is not None:
+            try:
+                return self._writer(header, record, *utf8)
+            except (TypeError, AttributeError, UnicodeError):
+                pass  # as __call__: fastavro raises the error it always did, or encodes it
+        return self._fastavro(topic, header, record)
+
+    def _fastavro(self, topic: str, header: bytes, record: R) -> bytes:
         buf = io.BytesIO()
         buf.write(header)
         try:
@@ -271,6 +474,11 @@ class AvroDeserializer(Generic[R]):
         self._writers: dict[int, tuple[ParsedSchema, ParsedSchema | None]] = {}
         # schema id -> read_flat's layout, for the ids whose writer schema is the reader's
         self._flat_ids: dict[int, tuple[tuple[str, int], ...]] = {}
+        #: the layout's generated reader (``flat_reader``), when the record type is a
+        #: dataclass whose ``__init__`` takes exactly the schema's fields
+        self._read_flat = _generated_reader(self._flat, record_type)
+        # schema id -> that reader, for the same ids
+        self._flat_readers: dict[int, FlatReader] = {}
         self._lock = threading.Lock()
 
     def _writer(self, schema_id: int) -> tuple[ParsedSchema, ParsedSchema | None]:
@@ -284,6 +492,8 @@ class AvroDeserializer(Generic[R]):
                 found = (writer, None if same else self._reader)
                 if same and self._flat is not None:
                     self._flat_ids[schema_id] = self._flat
+                    if self._read_flat is not None:
+                        self._flat_readers[schema_id] = self._read_flat
                 self._writers[schema_id] = found
         return found
 
@@ -345,7 +555,15 @@ class AvroDeserializer(Generic[R]):
         # The usual case first: a known id whose writer schema is ours and flat. Anything
         # else (first sight of an id, no or a bad header, resolution) takes the general path.
         if data is not None and len(data) >= 5 and data[0] == MAGIC_BYTE:
-            layout = self._flat_ids.get(_SCHEMA_ID.unpack_from(data, 1)[0])
+            schema_id = _SCHEMA_ID.unpack_from(data, 1)[0]
+            read = self._flat_readers.get(schema_id)
+            if read is not None:
+                try:
+                    record: R = read(data, 5)
+                    return record
+                except Exception as exc:  # truncated or corrupt body: as fastavro's errors
+                    raise self._undecodable(data, exc, topic, partition, offset) from exc
+            layout = self._flat_ids.get(schema_id)
             if layout is not None:
                 try:
                     return self._record_type(**read_flat(layout, data, 5))
@@ -372,6 +590,22 @@ class AvroDeserializer(Generic[R]):
             partition=partition,
             offset=offset,
         )
+
+
+def _generated_reader(
+    layout: Sequence[tuple[str, int]] | None, record_type: type[Any]
+) -> FlatReader | None:
+    """``flat_reader`` of ``layout`` building ``record_type`` positionally, or ``None`` when
+    its ``__init__`` is not known to take exactly the layout's fields."""
+    if layout is None or not dataclasses.is_dataclass(record_type):
+        return None
+    fields = dataclasses.fields(record_type)
+    if any(not f.init or f.kw_only for f in fields):
+        return None
+    names = [f.name for f in fields]
+    if sorted(names) != sorted(name for name, _ in layout):
+        return None
+    return flat_reader(layout, record_type, names)
 
 
 def decode_with_writer_schema(registry: SchemaRegistry, data: bytes) -> tuple[int, Any]:

@@ -297,6 +297,9 @@ class Alert:
     #: renders it again (the alert lifecycle keeps these instead of the rendered message)
     owner: CsdrAssignment | None = dataclasses.field(default=None, compare=False, repr=False)
     user: SlackUser | None = dataclasses.field(default=None, compare=False, repr=False)
+    #: ``message.blocks.encode()`` when the compiled template wrote it (``None``: not
+    #: written): the shell's encoder takes it instead of encoding the ~2 KB again
+    blocks_utf8: bytes | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -528,9 +531,10 @@ class CompiledNotes(Generic[E]):
         event_id: str,
         mid: str,
         links: str,
-    ) -> tuple[str, str] | None:
-        """``_compose`` of ``template.note(values)`` from the shape's template, or ``None``
-        when the template cannot say it (the caller composes it)."""
+    ) -> tuple[str, str, bytes | None] | None:
+        """``_compose`` of ``template.note(values)`` from the shape's template with the
+        blocks' UTF-8 (``Template.fill``), or ``None`` when the template cannot say it (the
+        caller composes it)."""
         joined = "".join(values)
         if "&" in joined or "<" in joined or ">" in joined:
             escaped: Sequence[str] = [escape(v) for v in values]
@@ -566,7 +570,7 @@ class CompiledNotes(Generic[E]):
         mid: str,
         detail: str,
         links: str,
-    ) -> tuple[str, str] | None:
+    ) -> tuple[str, str, bytes | None] | None:
         header = header_text(self._title.format(*values))
         if detail:  # as render's code block and fallback text show it
             stripped = detail.strip()
@@ -654,13 +658,16 @@ class CompiledNotes(Generic[E]):
             compiled, probe, escaped, probe_warning, probe_greeting, "event <&>", "mid",
             detail, probe_links,
         )  # fmt: skip
-        return compiled if filled == expected else None
+        if filled is None or filled[:2] != expected:
+            return None
+        # the UTF-8 is the blocks' (what the output's Avro would have encoded)
+        return compiled if filled[2] == filled[1].encode() else None
 
 
 def _probe(number: int, value: str) -> str:
     """A sample string standing for ``value`` (empty when it is): markup, escapes, a quote
-    and a backslash for JSON, a line break."""
-    return f' p{number} <&> "q\\" ``` *b*\n' if value else ""
+    and a backslash for JSON, a line break, multi-byte UTF-8."""
+    return f' p{number} <&> "q\\" ``` *b*\n é→🚀' if value else ""
 
 
 def route(
@@ -698,18 +705,20 @@ def route(
     ctx = Context(owner, user)
     links = _links(pipeline, event)
     compiled = pipeline.compiled
+    utf8: bytes | None = None
     if compiled is not None:
         values = compiled.template.values(event, ctx)
-        rendered = compiled.render(values, warning, greeting, event.event_id, mid, links)
-        if rendered is None:  # a value at Slack's limits, or a shape no template says
+        filled = compiled.render(values, warning, greeting, event.event_id, mid, links)
+        if filled is not None:
+            text, blocks, utf8 = filled
+        else:  # a value at Slack's limits, or a shape no template says
             note = compiled.template.note(values)
-            rendered = _compose(pipeline, note, warning, greeting, event.event_id, mid, links)
+            text, blocks = _compose(pipeline, note, warning, greeting, event.event_id, mid, links)
     else:
         note = pipeline.describe(event, ctx)
         if miss is None:
             warning = note.warning
-        rendered = _compose(pipeline, note, warning, greeting, event.event_id, mid, links)
-    text, blocks = rendered
+        text, blocks = _compose(pipeline, note, warning, greeting, event.event_id, mid, links)
     message = SlackMessage(
         message_id=mid,
         pipeline=pipeline.name,
@@ -720,7 +729,7 @@ def route(
         source_event_id=event.event_id,
         created_at=now,
     )
-    return Alert(message, miss, owner, user)
+    return Alert(message, miss, owner, user, utf8)
 
 
 def process(

@@ -224,7 +224,8 @@ class EventHandler:
         self._out_topic = out_topic
         self._fallback_channel = fallback_channel
         self._clock = clock
-        self._encode = AvroSerializer(registry, SlackMessage)
+        # an alert's blocks may come as the UTF-8 its template wrote (Alert.blocks_utf8)
+        self._encode = AvroSerializer(registry, SlackMessage, utf8_fields=("blocks",))
         self.outcomes: Tally[tuple[str, str]] = Tally()
         self._events: dict[tuple[str, str], Any] = {}  # bound EVENTS children
         self._lifecycle = lifecycle
@@ -424,9 +425,11 @@ class EventHandler:
                 delete(key)
         self.counts.add(tp, decision)
 
-    def _produce(self, message: SlackMessage, out: Emitter) -> None:
+    def _produce(
+        self, message: SlackMessage, out: Emitter, blocks_utf8: bytes | None = None
+    ) -> None:
         try:
-            value = self._encode(self._out_topic, message)
+            value = self._encode.encode(self._out_topic, message, blocks_utf8)
         except RegistryError as exc:
             raise RetryLater(f"schema registry unavailable: {exc}", delay_s=5.0) from exc
         # keyed by channel: an update lands in its original's partition, after it
@@ -434,7 +437,7 @@ class EventHandler:
 
     def _act(self, pipeline: str, event: Any, outcome: Outcome, out: Emitter) -> None:
         if isinstance(outcome, Alert):
-            self._produce(outcome.message, out)
+            self._produce(outcome.message, out, outcome.blocks_utf8)
             if outcome.miss is None:
                 self._count(pipeline, "dm")
             else:

@@ -15,7 +15,16 @@ from typing import Any
 
 import pytest
 
+from libs.serde import (
+    AvroSerializer,
+    ConnectorStatusChanged,
+    CsdrAssignment,
+    InMemorySchemaRegistry,
+    OnboardingStarted,
+    SlackMessage,
+)
 from services.enricher.core import (
+    Alert,
     Context,
     FactTemplate,
     NoteTemplate,
@@ -25,6 +34,7 @@ from services.enricher.core import (
     _links,
     route,
 )
+from services.enricher.handler import EventHandler
 from services.enricher.pipelines.connector_provisioning_failed import PIPELINE as CONNECTOR
 from services.enricher.pipelines.onboarding_started import PIPELINE as ONBOARDING
 from services.enricher.render import (
@@ -36,6 +46,7 @@ from services.enricher.render import (
     hole,
     render_pair,
 )
+from tests.support.enricher_corpus import ConsumedRecord, DictLookup, ListEmitter
 from tests.unit.test_enricher_core import NOW, connector_event, onboarding_event, owner, user
 
 EDGES = (
@@ -149,7 +160,9 @@ def test_the_compiled_template_renders_what_the_renderer_renders(pipeline: Pipel
             declined += 1
         else:
             taken += 1
-            assert fast == plain, (values, warning, greeting, event_id, links)
+            assert fast[:2] == plain, (values, warning, greeting, event_id, links)
+            # the blocks' UTF-8 the template wrote is what encoding them gives
+            assert fast[2] == plain[1].encode(), (values, warning, greeting, event_id, links)
     assert taken > 1000 and declined > 50  # both paths were exercised
 
 
@@ -313,3 +326,93 @@ def test_a_template_the_link_format_cannot_say_is_left_to_the_link_line() -> Non
         assert pipeline.link_format is None
         event = connector_event()
         assert _links(pipeline, event) == _link_line(pipeline, event)
+
+
+def test_the_handlers_message_bytes_are_the_general_encoders() -> None:
+    """The shell writes an alert's blocks from the UTF-8 its template wrote: on events of
+    edge strings (markup, JSON specials, multi-byte and astral characters, values at Slack's
+    limits, so the renderer's fallback path too) the produced bytes are the general
+    encoder's for the message the plain renderer routes."""
+    registry = InMemorySchemaRegistry()
+    topics = {"failures": CONNECTOR, "onboardings": ONBOARDING}
+    encoders = {
+        "failures": AvroSerializer(registry, ConnectorStatusChanged),
+        "onboardings": AvroSerializer(registry, OnboardingStarted),
+    }
+    reference = AvroSerializer(registry, SlackMessage)
+    rng = random.Random(11)
+    owners: dict[str, CsdrAssignment] = {}
+    events: list[tuple[str, Any]] = []
+    limits = (150, 300, 1500, 1985, 1995, 2000, 2985, 2995, 3000)
+    for n in range(600):
+        big = _long(rng, rng.choice(limits)) if rng.random() < 0.4 else _value(rng)
+        if n % 2 == 0:
+            event: Any = dataclasses.replace(
+                connector_event(n),
+                org_id=f"org-{n} {_value(rng)}",
+                connector_name=rng.choice((big, _value(rng))),
+                connector_type=_value(rng),
+                error_message=rng.choice((None, "", big)),
+            )
+        else:
+            event = dataclasses.replace(
+                onboarding_event(n), org_id=f"org-{n}", org_name=big, cloud=_value(rng)
+            )
+        if n % 7:
+            owners[event.org_id] = dataclasses.replace(
+                owner(org_id=event.org_id), org_name=_value(rng), csdr_name=_value(rng) or None
+            )
+        events.append(("failures" if n % 2 == 0 else "onboardings", event))
+    users = DictLookup({"jane.doe@example.com": user()})
+    handler = EventHandler(
+        registry,
+        topics,
+        DictLookup(owners),
+        users,
+        out_topic="out",
+        fallback_channel="C0FALLBACK",
+        clock=lambda: NOW,
+    )
+    out = ListEmitter()
+    direct = 0
+    for topic, event in events:
+        handler(ConsumedRecord(topic, encoders[topic](topic, event)), out)  # type: ignore[arg-type]
+        plain = route(
+            event,
+            owners.get(event.org_id),
+            user() if event.org_id in owners else None,
+            pipeline=_plain(topics[topic]),
+            now=NOW,
+            fallback_channel="C0FALLBACK",
+        )
+        assert isinstance(plain, Alert)
+        assert out.records[-1][2] == reference("out", plain.message), event
+        fast = route(
+            event,
+            owners.get(event.org_id),
+            user() if event.org_id in owners else None,
+            pipeline=topics[topic],
+            now=NOW,
+            fallback_channel="C0FALLBACK",
+        )
+        assert isinstance(fast, Alert)
+        if fast.blocks_utf8 is not None:
+            direct += 1
+            assert fast.blocks_utf8 == plain.message.blocks.encode()
+    assert len(out.records) == len(events)
+    assert 300 < direct < len(events)  # the direct bytes and the renderer's fallback both ran
+
+
+@pytest.mark.parametrize("extra", ["", ' "q" \\ \n'], ids=["plain", "json-specials"])
+def test_a_string_without_utf8_is_rendered_and_left_to_the_encoder(extra: str) -> None:
+    """A lone surrogate (never decoded from Avro, but a caller may route anything): the
+    template renders what the renderer renders and writes no UTF-8, so the encoder meets
+    the string itself and refuses it as it always did."""
+    compiled = CONNECTOR.compiled
+    assert compiled is not None
+    values = ["acme"] * len(compiled.template.slots)
+    values[3] = "bad \ud800 name" + extra
+    filled = compiled.render(tuple(values), None, "Ann", "ev-1", "0" * 32, "")
+    plain = _compose(CONNECTOR, compiled.template.note(values), None, "Ann", "ev-1", "0" * 32, "")
+    assert filled is not None
+    assert filled[:2] == plain and filled[2] is None

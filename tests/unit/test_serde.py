@@ -218,6 +218,43 @@ def test_direct_writer_falls_back_on_values_it_does_not_handle() -> None:
         encode("t", SlackMessage("m", "p", None, "t", "[]", "o", "e", T0))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "record", [r for r in _edge_records() if _flat(type(r))], ids=lambda r: type(r).__name__
+)
+def test_the_generated_writer_gives_the_direct_writers_bytes(record: Any) -> None:
+    from libs.serde.avro import flat_layout, flat_writer, load_schema_text, write_flat
+
+    layout = flat_layout(load_schema_text(type(record).SCHEMA))
+    assert layout is not None
+    parts = [b"head"]
+    write_flat(layout, record, parts)
+    assert flat_writer(layout)(b"head", record) == b"".join(parts)
+    strings = [n for n, _ in layout if isinstance(getattr(record, n), str)][:2]
+    given = flat_writer(layout, strings)
+    utf8 = [getattr(record, n).encode() for n in strings]
+    assert given(b"head", record, *utf8) == given(b"head", record, *[None] * len(utf8))
+    assert given(b"head", record, *utf8) == b"".join(parts)
+
+
+def test_encode_with_utf8_gives_the_serializers_bytes_and_falls_back_as_it_does() -> None:
+    from libs.serde import SerializationError
+
+    encode = AvroSerializer(InMemorySchemaRegistry(), SlackMessage, utf8_fields=("blocks",))
+    for record in [r for r in _edge_records() if isinstance(r, SlackMessage)]:
+        expected = encode("t", record)
+        assert encode.encode("t", record, record.blocks.encode()) == expected
+        assert encode.encode("t", record, None) == expected
+    naive = datetime(2026, 1, 1, 12, 0)  # fastavro's local-time rule decides, as before
+    record = SlackMessage("m", "p", "c", "t", "[]", "o", "e", naive)
+    assert encode.encode("t", record, b"[]") == encode("t", record)
+    with pytest.raises(SerializationError):
+        encode.encode("t", SlackMessage("m", "p", None, "t", "[]", "o", "e", T0), b"[]")  # type: ignore[arg-type]
+    with pytest.raises(SerializationError):  # a lone surrogate has no UTF-8: as __call__
+        encode.encode("t", SlackMessage("m", "p", "\ud800", "t", "[]", "o", "e", T0), None)
+    with pytest.raises(ValueError):
+        AvroSerializer(InMemorySchemaRegistry(), SlackMessage, utf8_fields=("created_at",))
+
+
 def _fastavro_record(record_type: type[Any], body: bytes) -> Any:
     import io
 
@@ -290,3 +327,49 @@ def test_direct_reader_refuses_a_union_index_out_of_range() -> None:
     assert framed[10] == 0
     with pytest.raises(DeserializationError, match="union index"):
         decode(bad, topic="t", partition=0, offset=0)
+
+
+def _damaged(framed: bytes) -> list[bytes]:
+    """``framed`` cut short (in its first 60 bytes and its last 3), and with each of its
+    body's first 35 bytes replaced by a few values (varint continuations, negative lengths,
+    union indexes, invalid UTF-8)."""
+    cuts = {*range(5, min(len(framed), 60)), *range(max(5, len(framed) - 3), len(framed))}
+    out = [framed[:cut] for cut in sorted(cuts)]
+    for at in range(5, min(len(framed), 40)):
+        out += [framed[:at] + bytes((b,)) + framed[at + 1 :] for b in (0x01, 0x03, 0x04, 0xFF)]
+    return out
+
+
+@pytest.mark.parametrize("record", _framed_edge_records(), ids=lambda r: type(r).__name__)
+def test_the_generated_reader_reads_what_read_flat_reads(record: Any) -> None:
+    """Same records on good bodies; on damaged ones the same error (type and text) or, where
+    read_flat reads a record from them, the same record."""
+    from libs.serde.avro import _generated_reader, flat_layout, load_schema_text, read_flat
+
+    record_type = type(record)
+    layout = flat_layout(load_schema_text(record_type.SCHEMA))
+    assert layout is not None
+    read = _generated_reader(layout, record_type)
+    assert read is not None
+    framed = AvroSerializer(InMemorySchemaRegistry(), record_type)("t", record)
+    assert read(framed, 5) == record_type(**read_flat(layout, framed, 5))
+    for bad in _damaged(framed):
+        try:
+            expected: Any = record_type(**read_flat(layout, bad, 5))
+        except Exception as exc:  # whatever read_flat raises, the same
+            expected = (type(exc), str(exc))
+        try:
+            got: Any = read(bad, 5)
+        except Exception as exc:
+            got = (type(exc), str(exc))
+        assert got == expected, bad
+
+
+def test_a_record_type_not_built_from_its_fields_keeps_read_flat() -> None:
+    from libs.serde.avro import _generated_reader, flat_layout, load_schema_text
+
+    layout = flat_layout(load_schema_text(SlackUser.SCHEMA))
+    assert _generated_reader(layout, SlackUser) is not None
+    assert _generated_reader(None, SlackUser) is None
+    assert _generated_reader(layout, CsdrAssignment) is None  # other fields
+    assert _generated_reader(layout, dict) is None  # not a dataclass

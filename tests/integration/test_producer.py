@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from confluent_kafka import Message
@@ -265,3 +266,82 @@ def test_a_tombstone_restarts_the_query_and_replays_with_the_same_ids(
     first, second = rig.events(expected=2)
     assert first == second  # the replay is recognisable: same event id
     assert first.event_id == str(uuid.UUID(first.event_id))
+
+
+class ProcessKilledError(Exception):
+    """The process dies here: nothing after this point of ``write`` runs, nothing is closed."""
+
+
+def crash_at(point: str, sink: KafkaTransactionalSink) -> None:
+    """Make ``sink`` die at ``point`` of its next batch, its producer left as it is.
+
+    The dead instance's producer is not aborted or closed, like a process killed with kill -9
+    (even a little worse: it stays connected, a zombie the restart has to fence). Where the
+    transaction is open, what was produced is flushed first, so its records are in the log.
+    """
+    produce, commit = sink._produce, sink._client.commit
+
+    def flushed_then_crash() -> None:
+        sink._client.producer.flush(30)
+        raise ProcessKilledError(point)
+
+    if point == "events produced, cursor not":
+
+        def produce_until_the_cursor(topic: str, **kwargs: Any) -> None:
+            if topic == sink.cursor_topic:
+                flushed_then_crash()
+            produce(topic, **kwargs)
+
+        sink._produce = produce_until_the_cursor  # type: ignore[method-assign]
+    elif point == "cursor produced, commit not sent":
+        sink._client.commit = lambda *a, **kw: flushed_then_crash()  # type: ignore[method-assign]
+    elif point == "committed, runner not told":
+
+        def commit_then_crash(*args: Any, **kwargs: Any) -> None:
+            commit(*args, **kwargs)
+            raise ProcessKilledError(point)
+
+        sink._client.commit = commit_then_crash  # type: ignore[method-assign]
+    else:
+        raise ValueError(point)
+
+
+@pytest.mark.parametrize("harness", [None], ids=["memory"])
+@pytest.mark.parametrize(
+    ("point", "aborted"),
+    [
+        ("events produced, cursor not", 3),
+        ("cursor produced, commit not sent", 3),
+        ("committed, runner not told", 0),
+    ],
+)
+def test_a_crash_at_any_point_of_a_batch_then_a_restart_produces_every_row_once(
+    rig: Rig, bootstrap: str, point: str, aborted: int
+) -> None:
+    """The kill -9 of test_producer_process.py, at chosen points instead of a random one."""
+    t = NOW - timedelta(hours=1)
+    keys = [f"org-{i}" for i in range(8)]
+    rig.memory.create_table("onboarding")
+    # ties across every batch boundary: the key alone tells where a batch ended
+    rig.memory.insert(
+        "onboarding", [onboarding_row(k, t + (i // 2) * US) for i, k in enumerate(keys)]
+    )
+    dead = rig.runner(batch_size=3)
+    assert dead.poll_once(NOW).rows == 3
+    crash_at(point, cast(KafkaTransactionalSink, dead._sink))
+    with pytest.raises(ProcessKilledError):
+        dead.poll_once(NOW)
+
+    restarted = rig.runner(batch_size=3)  # fences the dead instance, reads the cursor back
+    rows_done = 6 if point == "committed, runner not told" else 3
+    assert restarted.cursor is not None and restarted.cursor.rows_total == rows_done
+    rig.drain(restarted)
+
+    events = rig.events(expected=len(keys))
+    assert sorted(e.org_id for e in events) == keys  # each once: no gap, no duplicate
+    # what the dead instance had in the log is there, aborted: a read_uncommitted reader
+    # sees it on top of the committed records
+    everything = consume_all(
+        bootstrap, rig.topics.events, expected=len(keys) + aborted, read_committed=False
+    )
+    assert len(everything) == len(keys) + aborted

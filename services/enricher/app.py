@@ -76,6 +76,8 @@ SERVICE = "enricher"
 LIVENESS_STALL_S = 60.0
 #: how long the loop may go without polling before /readyz fails
 READINESS_STALL_S = 15.0
+#: the loop producer's linger with exactly-once (see ``_loop_producer_config``)
+LOOP_LINGER_MS = 100
 
 
 def lifecycle_config(
@@ -180,6 +182,17 @@ class Enricher:
     # -- events ----------------------------------------------------------------------------
     def _loop_producer_config(self, transactional_id: str) -> dict[str, Any]:
         conf = self._kafka.producer_config(transactional_id=transactional_id)
+        if self._settings.processing_guarantee == Guarantee.EXACTLY_ONCE.value:
+            # Nothing of a transaction is visible before its commit, and the commit sends
+            # whatever is still lingering at once (librdkafka's flush ignores linger.ms): a
+            # linger shorter than the checkpoint interval only cut each partition's outputs
+            # into more, smaller produce requests. With 5 ms librdkafka's broker thread spent
+            # 8-18 µs per 2.4 KB output (lz4, requests, responses), with 100 ms 1-2 µs
+            # (tests/perf/ENRICHER.md, "Service-side costs"); at-least-once keeps 5 ms, as its
+            # outputs are visible as soon as they are acknowledged.
+            conf["linger.ms"] = min(
+                LOOP_LINGER_MS, int(self._settings.checkpoint_interval_s * 1000)
+            )
         if self.lifecycle is None:
             # Without state the loop's producer only records failed deliveries (and the
             # checkpoint's flush or transaction commit fails on them anyway): a delivery

@@ -67,9 +67,12 @@ def test_loop_producer_reports_only_failed_deliveries_and_still_sees_them() -> N
     from libs.kafka import DeliveryError, KafkaSettings
     from libs.kafka.producer import ProducerClient
     from services.enricher.app import Enricher
+    from services.enricher.settings import EnricherSettings
 
     stand_in: Any = SimpleNamespace(
-        _kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"), lifecycle=None
+        _kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+        _settings=EnricherSettings(group_id="g"),
+        lifecycle=None,
     )
     conf = Enricher._loop_producer_config(stand_in, "enricher-test")
     assert conf["delivery.report.only.error"] is True
@@ -137,10 +140,42 @@ def test_loop_producer_reports_successes_when_the_lifecycle_keeps_state() -> Non
     from libs.kafka import KafkaSettings
     from services.enricher.app import Enricher
     from services.enricher.handler import LifecycleConfig
+    from services.enricher.settings import EnricherSettings
 
     stand_in: Any = SimpleNamespace(
         _kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+        _settings=EnricherSettings(group_id="g"),
         lifecycle=LifecycleConfig({"connector": 60_000}, 0),
     )
     conf = Enricher._loop_producer_config(stand_in, "enricher-test")
     assert not conf.get("delivery.report.only.error")
+
+
+@pytest.mark.parametrize(
+    ("guarantee", "interval_s", "linger_ms"),
+    [
+        ("exactly_once", 0.5, 100),  # invisible until the commit, which sends at once
+        ("exactly_once", 0.05, 50),  # never longer than a checkpoint interval
+        ("at_least_once", 0.5, 5),  # visible once acknowledged: the shared default
+    ],
+)
+def test_loop_producer_lingers_only_within_a_transaction(
+    guarantee: str, interval_s: float, linger_ms: int
+) -> None:
+    """With exactly-once the outputs wait for the commit anyway: batch them for longer."""
+    from types import SimpleNamespace
+    from typing import Any
+
+    from libs.kafka import KafkaSettings
+    from services.enricher.app import Enricher
+    from services.enricher.settings import EnricherSettings
+
+    stand_in: Any = SimpleNamespace(
+        _kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+        _settings=EnricherSettings(
+            group_id="g", processing_guarantee=guarantee, checkpoint_interval_s=interval_s
+        ),
+        lifecycle=None,
+    )
+    conf = Enricher._loop_producer_config(stand_in, "enricher-test")
+    assert conf["linger.ms"] == linger_ms

@@ -596,3 +596,176 @@ def test_a_gate_timeout_says_what_the_table_waits_for(tmp_path: Path) -> None:
     with pytest.raises(TableError, match=r"waiting for the cluster.*_ALL_BROKERS_DOWN"):
         table.bootstrap(threading.Event(), timeout_s=0.3)
     table.close()
+
+
+# -- the lookups' value reader -------------------------------------------------------------------
+def _flat_types() -> list[type[Any]]:
+    from libs.serde import ALL_RECORDS
+    from libs.tables.avro import value_reader
+
+    return [t for t in ALL_RECORDS if value_reader(t) is not None]
+
+
+def _edge_values(record_type: type[Any], *, short: bool = False) -> list[Any]:
+    """Records of ``record_type`` at the reader's edges: lengths at varint boundaries,
+    multi-byte UTF-8, empty and absent strings, extreme longs, timestamps before the epoch,
+    far out and with sub-millisecond parts."""
+    from datetime import timedelta, timezone
+
+    from libs.serde.avro import flat_layout, load_schema_text
+
+    layout = flat_layout(load_schema_text(record_type.SCHEMA))
+    assert layout is not None
+    texts = ["", "é", "日本🚀", "x" * 63, "x" * 64, "é" * 32, "y" * 8191, "z" * 8192, "q" * 70_000]
+    if short:
+        texts = texts[:6]
+    stamps = [
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1900, 1, 1, tzinfo=UTC),
+        datetime(2262, 1, 1, 0, 0, 0, 1500, tzinfo=UTC),
+        datetime(2026, 6, 1, 12, 0, 0, 999, tzinfo=timezone(timedelta(hours=-9, minutes=-30))),
+        datetime(1970, 1, 1, tzinfo=UTC),
+    ]
+    longs = [0, -1, 1, 63, 64, -65, 2**31, -(2**31), 2**63 - 1, -(2**63)]
+    out = []
+    for n in range(len(texts)):
+        fields: dict[str, Any] = {}
+        for i, (name, kind) in enumerate(layout):
+            text = texts[(n + i) % len(texts)]
+            fields[name] = [
+                text,
+                None if (n + i) % 2 else text,
+                longs[(n + i) % len(longs)],
+                stamps[(n + i) % len(stamps)],
+            ][kind]
+        out.append(record_type(**fields))
+    return out
+
+
+def test_the_lookup_tables_values_take_the_value_reader() -> None:
+    from libs.serde import SlackDeliveryReceipt
+
+    assert {CsdrAssignment, SlackUser, SlackDeliveryReceipt} <= set(_flat_types())
+
+
+@pytest.mark.parametrize("record_type", _flat_types(), ids=lambda t: t.__name__)
+def test_value_reader_gives_the_deserializers_records(record_type: type[Any]) -> None:
+    from libs.tables.avro import ValueReader
+
+    registry = InMemorySchemaRegistry()
+    encode = AvroSerializer(registry, record_type)
+    deserializer = AvroDeserializer(registry, record_type)
+    read = ValueReader(AvroDeserializer(registry, record_type), registry, record_type)
+    for record in _edge_values(record_type):
+        value = encode(TOPIC, record)
+        expected = deserializer.decode(value, TOPIC, 0, 0)
+        assert read(value, TOPIC, -1, -1) == expected  # the first: the deserializer's path
+        assert read._direct  # the rest: read directly
+        direct = read(value, TOPIC, -1, -1)
+        assert direct == expected
+        assert [type(getattr(direct, n)) for n in direct.__slots__] == [
+            type(getattr(expected, n)) for n in expected.__slots__
+        ]
+
+
+def _outcome(decode: Any, value: bytes) -> Any:
+    try:
+        return decode(value, TOPIC, -1, -1)
+    except DeserializationError as exc:
+        return ("error", str(exc), exc.registry_unavailable)
+
+
+@pytest.mark.parametrize("record_type", _flat_types(), ids=lambda t: t.__name__)
+def test_value_reader_fails_as_the_deserializer_on_damaged_values(record_type: type[Any]) -> None:
+    """Every truncation and many corruptions of values: the same record or the same error
+    (the table answers such a value as absent and counts it)."""
+    import random
+
+    from libs.tables.avro import ValueReader
+
+    registry = InMemorySchemaRegistry()
+    encode = AvroSerializer(registry, record_type)
+    general = AvroDeserializer(registry, record_type).decode
+    read = ValueReader(AvroDeserializer(registry, record_type), registry, record_type)
+    rng = random.Random(7)
+    errors = 0
+    for record in _edge_values(record_type, short=True)[:4]:
+        value = encode(TOPIC, record)
+        # both past their first value (the deserializer's first one goes through fastavro)
+        assert read(value, TOPIC, -1, -1) == general(value, TOPIC, -1, -1)
+        assert read._direct
+        damaged = [value[:n] for n in range(5, len(value))]
+        for _ in range(300):
+            body = bytearray(value)
+            for _ in range(rng.randint(1, 3)):
+                body[rng.randrange(5, len(body))] = rng.randrange(256)
+            damaged.append(bytes(body))
+        damaged += [value[:5] + b"\x03", value[:5] + b"\xff" * 12, value + b"\x00"]
+        for bad in damaged:
+            expected = _outcome(general, bad)
+            assert _outcome(read, bad) == expected, bad
+            errors += isinstance(expected, tuple)
+    assert errors > 100  # the damage did reach the error paths
+
+
+def test_value_reader_leaves_other_writer_schemas_to_the_deserializer() -> None:
+    """A value written with another schema (a newer writer: a field more, another order)
+    needs resolution: the deserializer's path, every time."""
+    import json
+
+    from libs.serde import load_schema_text
+    from libs.tables.avro import ValueReader
+
+    registry = InMemorySchemaRegistry()
+    schema = json.loads(load_schema_text(SlackUser.SCHEMA))
+    schema["fields"] = [
+        {"name": "team", "type": "string", "default": ""},
+        *reversed(schema["fields"]),
+    ]
+    writer_id = registry.register(f"{TOPIC}-value", json.dumps(schema))
+    import io
+
+    import fastavro
+
+    body = io.BytesIO()
+    fastavro.schemaless_writer(
+        body,
+        fastavro.parse_schema(schema),
+        {
+            "team": "t",
+            "email": "a@x",
+            "slack_user_id": "U1",
+            "updated_at": T0,
+            "display_name": None,
+        },
+    )
+    value = b"\x00" + struct.pack(">I", writer_id) + body.getvalue()
+    read = ValueReader(AvroDeserializer(registry, SlackUser), registry, SlackUser)
+    for _ in range(2):
+        assert read(value, TOPIC, -1, -1) == SlackUser("a@x", "U1", T0)
+    assert not read._direct
+
+
+def test_value_reader_asks_the_registry_once_per_schema_id() -> None:
+    """The header check fetched the writer schema; the registry is down at the first lookup:
+    the lookup still decodes, and later lookups do not ask the registry again."""
+    from libs.tables.avro import ValueReader
+
+    registry = AnsweringRegistry()
+    value = AvroSerializer(registry, SlackUser)(TOPIC, SlackUser("a@x", "U1", T0))
+    deserializer = AvroDeserializer(registry, SlackUser)
+    deserializer.check_header(value, topic=TOPIC, partition=0, offset=0)
+    read = ValueReader(deserializer, registry, SlackUser)
+    registry.down = True
+    asked = 0
+    down = registry.schema_by_id
+
+    def counting(schema_id: int) -> str:
+        nonlocal asked
+        asked += 1
+        return down(schema_id)
+
+    registry.schema_by_id = counting  # type: ignore[method-assign]
+    for _ in range(3):
+        assert read(value, TOPIC, -1, -1) == SlackUser("a@x", "U1", T0)
+    assert asked == 1 and not read._direct

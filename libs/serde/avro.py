@@ -477,8 +477,6 @@ class AvroDeserializer(Generic[R]):
         #: the layout's generated reader (``flat_reader``), when the record type is a
         #: dataclass whose ``__init__`` takes exactly the schema's fields
         self._read_flat = _generated_reader(self._flat, record_type)
-        # schema id -> that reader, for the same ids
-        self._flat_readers: dict[int, FlatReader] = {}
         self._lock = threading.Lock()
 
     def _writer(self, schema_id: int) -> tuple[ParsedSchema, ParsedSchema | None]:
@@ -492,8 +490,6 @@ class AvroDeserializer(Generic[R]):
                 found = (writer, None if same else self._reader)
                 if same and self._flat is not None:
                     self._flat_ids[schema_id] = self._flat
-                    if self._read_flat is not None:
-                        self._flat_readers[schema_id] = self._read_flat
                 self._writers[schema_id] = found
         return found
 
@@ -555,17 +551,13 @@ class AvroDeserializer(Generic[R]):
         # The usual case first: a known id whose writer schema is ours and flat. Anything
         # else (first sight of an id, no or a bad header, resolution) takes the general path.
         if data is not None and len(data) >= 5 and data[0] == MAGIC_BYTE:
-            schema_id = _SCHEMA_ID.unpack_from(data, 1)[0]
-            read = self._flat_readers.get(schema_id)
-            if read is not None:
-                try:
-                    record: R = read(data, 5)
-                    return record
-                except Exception as exc:  # truncated or corrupt body: as fastavro's errors
-                    raise self._undecodable(data, exc, topic, partition, offset) from exc
-            layout = self._flat_ids.get(schema_id)
+            layout = self._flat_ids.get(_SCHEMA_ID.unpack_from(data, 1)[0])
             if layout is not None:
+                read = self._read_flat
                 try:
+                    if read is not None:
+                        record: R = read(data, 5)
+                        return record
                     return self._record_type(**read_flat(layout, data, 5))
                 except Exception as exc:  # truncated or corrupt body: as fastavro's errors
                     raise self._undecodable(data, exc, topic, partition, offset) from exc

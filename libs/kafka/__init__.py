@@ -1,7 +1,13 @@
 """Kafka plumbing: client config, topics, the run loop with checkpoints, dead letters."""
 
 from libs.kafka.acks import AckTicket, OffsetTracker
-from libs.kafka.admin import TopicSpec, connect_admin, describe_cleanup_policy, ensure_topics
+from libs.kafka.admin import (
+    TopicSpec,
+    connect_admin,
+    describe_cleanup_policy,
+    describe_topic_config,
+    ensure_topics,
+)
 from libs.kafka.bounded import call_bounded
 from libs.kafka.config import KafkaSettings, SecurityProtocol
 from libs.kafka.consumer import CommitFailedError, ConsumerClient
@@ -80,6 +86,7 @@ __all__ = [
     "call_bounded",
     "connect_admin",
     "describe_cleanup_policy",
+    "describe_topic_config",
     "dlq_headers",
     "dlq_topic",
     "ensure_topics",

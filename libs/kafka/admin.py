@@ -185,10 +185,21 @@ def _describe_with_retry(
             time.sleep(_RETRY_S)
 
 
-def describe_cleanup_policy(client_config: dict[str, Any], topic: str) -> str:
-    """The topic's ``cleanup.policy`` as the broker reports it."""
+def describe_topic_config(
+    client_config: dict[str, Any], topic: str, *, timeout_s: float = 30.0
+) -> dict[str, str]:
+    """The topic's configuration as the broker reports it, name -> value.
+
+    A topic created a moment ago is waited for (until ``timeout_s``): the broker that answers
+    may not have it in its metadata yet, most often on a multi-broker cluster.
+    """
     admin = AdminClient(client_config)
     res = ConfigResource(ConfigResource.Type.TOPIC, topic)
-    entries = admin.describe_configs([res])[res].result(timeout=30)
+    entries = _describe_with_retry(admin, res, timeout_s)
     admin.poll(0)  # delivers its log lines
-    return str(entries["cleanup.policy"].value)
+    return {name: str(entry.value) for name, entry in entries.items()}
+
+
+def describe_cleanup_policy(client_config: dict[str, Any], topic: str) -> str:
+    """The topic's ``cleanup.policy`` as the broker reports it."""
+    return describe_topic_config(client_config, topic)["cleanup.policy"]

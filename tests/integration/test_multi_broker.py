@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
-from libs.kafka.admin import TopicSpec, ensure_topics
+from libs.kafka.admin import TopicSpec, describe_topic_config, ensure_topics
 from libs.tables import GlobalTable, TableState
 from tests.support.stack import STACK_SH, Stack, _env, start_stack
 
@@ -109,9 +109,8 @@ def test_writes_go_on_with_one_node_down_and_the_node_rejoins(cluster: Stack, ho
     conf = {"bootstrap.servers": cluster.bootstrap}
     ensure_topics(conf, [TopicSpec(topic, PARTITIONS, 3)])
     admin = AdminClient(conf)
-    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
-    configs = admin.describe_configs([resource])[resource].result(timeout=30)
-    assert configs["min.insync.replicas"].value == "2"
+    # the broker that answers may not know the topic yet: describe_topic_config waits for it
+    assert describe_topic_config(conf, topic)["min.insync.replicas"] == "2"
     _wait_for("all replicas in sync", lambda: _isr_sizes(admin, topic) == [3] * PARTITIONS)
 
     producer = Producer(

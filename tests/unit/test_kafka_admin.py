@@ -4,12 +4,13 @@ broker restarting; they stop at once on what no retry cures."""
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import ConfigResource, NewTopic  # type: ignore[attr-defined]
 
+from libs.kafka import admin as admin_module
 from libs.kafka.admin import TopicSpec, _create_with_retry, _describe_with_retry
 from libs.kafka.errors import TopicError
 
@@ -37,6 +38,45 @@ def test_just_created_topic_is_described_after_retries() -> None:
     resource = ConfigResource(ConfigResource.Type.TOPIC, "t")
     assert _describe_with_retry(admin, resource, 5.0) == {"cleanup.policy": "compact"}  # type: ignore[arg-type]
     assert admin.calls == 3
+
+
+class _Entry:
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+
+class FlakyAdminClient(FlakyAdmin):
+    """FlakyAdmin answering ConfigEntry-like values, built like ``AdminClient(conf)``."""
+
+    made: ClassVar[list[FlakyAdminClient]] = []
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        super().__init__(failures=2)
+        FlakyAdminClient.made.append(self)
+
+    def describe_configs(self, resources: list[Any], request_timeout: float) -> dict[Any, Any]:
+        answer = super().describe_configs(resources, request_timeout)
+        fut = answer[resources[0]]
+        if fut.exception() is None:
+            wrapped: Future[Any] = Future()
+            wrapped.set_result({k: _Entry(v) for k, v in fut.result().items()})
+            return {resources[0]: wrapped}
+        return answer
+
+    def poll(self, timeout: float) -> int:
+        return 0
+
+
+def test_a_topic_created_a_moment_ago_is_described_once_a_broker_knows_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a 3-broker CI run: describe_configs right after create answered UNKNOWN_TOPIC_OR_PART
+    monkeypatch.setattr(admin_module, "AdminClient", FlakyAdminClient)
+    monkeypatch.setattr(admin_module, "_RETRY_S", 0.01)
+    FlakyAdminClient.made.clear()
+    assert admin_module.describe_cleanup_policy({}, "t") == "compact"
+    assert admin_module.describe_topic_config({}, "t") == {"cleanup.policy": "compact"}
+    assert [a.calls for a in FlakyAdminClient.made] == [3, 3]
 
 
 def test_other_errors_are_not_retried() -> None:

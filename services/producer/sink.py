@@ -302,7 +302,11 @@ class KafkaTransactionalSink:
             # a restart ever load a cursor that was not committed again; DEBUG lines, so they
             # go to a logger of their own that lets them through at any LOG_LEVEL.
             conf["debug"] = self._reader_debug
-            conf["logger"] = LibrdkafkaLogger(_reader_debug_logger())
+            password = self._kafka.sasl_password
+            conf["logger"] = LibrdkafkaLogger(
+                _reader_debug_logger(),
+                secrets=[password.get_secret_value()] if password else [],
+            )
         return Consumer(conf)
 
     def _decode(self, msg: Any) -> ProducerCursor | None:

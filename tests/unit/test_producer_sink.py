@@ -6,6 +6,7 @@ both are the in-memory twin's (``libs.kafka.memory``), patched in where the sink
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -49,12 +50,14 @@ class Clients:
         self.broker = broker
         self.faulty_reads = 0
         self.made: list[InMemoryConsumer] = []
+        self.configs: list[dict[str, Any]] = []
         self.wrap: Callable[[InMemoryConsumer], Any] = lambda c: c
 
     def producer(self, config: dict[str, Any]) -> Any:
         return self.broker.producer(config)
 
     def consumer(self, config: dict[str, Any]) -> Any:
+        self.configs.append(config)
         config = dict(config)
         if config.get("isolation.level") == "read_committed" and self.faulty_reads:
             self.faulty_reads -= 1
@@ -86,7 +89,7 @@ def new_sink(registry: InMemorySchemaRegistry) -> Iterator[Callable[..., KafkaTr
     sinks: list[KafkaTransactionalSink] = []
 
     def make(
-        txn_id: str = "producer.onboarding", load_timeout_s: float = 10
+        txn_id: str = "producer.onboarding", load_timeout_s: float = 10, reader_debug: str = ""
     ) -> KafkaTransactionalSink:
         sink = KafkaTransactionalSink(
             KafkaSettings(bootstrap_servers="memory:9092"),
@@ -99,6 +102,7 @@ def new_sink(registry: InMemorySchemaRegistry) -> Iterator[Callable[..., KafkaTr
             transactional_id=txn_id,
             transaction_timeout_s=5,
             load_timeout_s=load_timeout_s,
+            reader_debug=reader_debug,
         )
         sinks.append(sink)
         return sink
@@ -236,3 +240,22 @@ def test_a_transaction_that_stays_open_fails_the_load_in_bounded_time_naming_the
     other.abort_transaction()
     loaded = restarted.load_cursor()
     assert loaded is not None and loaded.rows_total == 25
+
+
+def test_the_reader_debug_setting_logs_the_cursor_reader_s_fetches_at_any_level(
+    clients: Clients, new_sink: Callable[..., KafkaTransactionalSink]
+) -> None:
+    restarted = new_sink(reader_debug="fetch,msg,eos")
+    restarted.start()
+    assert restarted.load_cursor() is None
+    assert clients.configs
+    for config in clients.configs:
+        assert config["debug"] == "fetch,msg,eos"
+        logger = config["logger"]._logger
+        assert logger.name == "librdkafka.cursor-reader"
+        assert logger.isEnabledFor(logging.DEBUG)  # whatever LOG_LEVEL the root has
+    plain = new_sink(txn_id="another")
+    clients.configs.clear()
+    plain.start()
+    plain.load_cursor()
+    assert clients.configs and all("debug" not in c for c in clients.configs)

@@ -5,6 +5,13 @@ cursor, the tables' dead letters. The end is reached by *position*, not by end-o
 events: transaction markers and compaction holes occupy offsets no record is returned for,
 and the consumer's position moves past them.
 
+With ``settle_with`` (a ``read_uncommitted`` consumer) the end of each partition is taken only
+once every transaction that had records in it when the read began has completed: the
+``read_committed`` end (last stable offset) has reached the high watermark seen at the start.
+A transaction still being aborted (the fenced instance's, whose abort markers the coordinator
+writes after ``init_transactions`` fenced it) is then settled before anything is read; a
+transaction other clients open later does not hold the read up.
+
 A broker restarting while the topic is read is waited out within the deadline: metadata and
 watermark requests that fail with a transient error (``libs.kafka.errors.is_transient``: no
 leader yet, a connection refused, a timeout) are asked again, and the consumer's transient
@@ -44,13 +51,17 @@ def read_to_end(
     timeout_s: float,
     missing_ok: bool = False,
     batch_size: int = 500,
+    settle_with: Consumer | None = None,
 ) -> Iterator[Message]:
     """Every record of ``topic`` below the high watermarks taken now, partition by position.
 
     ``consumer`` is a group-less consumer this function assigns (``read_committed`` when the
     topic is written in transactions). Raises ``TopicError`` when the topic does not exist
     (unless ``missing_ok``: then nothing is read) or is not read to its end within
-    ``timeout_s``. Records appended meanwhile may be yielded too.
+    ``timeout_s``. Records appended meanwhile may be yielded too. ``settle_with``: see the
+    module docstring; a transaction that stays open past the deadline raises ``TopicError``
+    naming the partition (a bounded wait: another client's open transaction never wedges the
+    read).
     """
     deadline = time.monotonic() + timeout_s
 
@@ -77,13 +88,15 @@ def read_to_end(
         # a topic created a moment ago may not be in every broker's metadata yet
         time.sleep(_RETRY_S)
 
-    def watermarks(partition: int) -> Callable[[], tuple[int, int]]:
+    def watermarks(partition: int, client: Consumer = consumer) -> Callable[[], tuple[int, int]]:
         tp = TopicPartition(topic, partition)
-        return lambda: consumer.get_watermark_offsets(tp, timeout=remaining())
+        return lambda: client.get_watermark_offsets(tp, timeout=remaining())
 
     ends: dict[int, int] = {}
     for p in meta.partitions:
         low, high = _retrying(watermarks(p), deadline, topic)
+        if settle_with is not None:
+            high = _settled_end(watermarks(p), watermarks(p, settle_with), deadline, topic, p)
         if high > low:
             ends[p] = high
     if not ends:
@@ -105,6 +118,31 @@ def read_to_end(
         for tp in consumer.position([TopicPartition(topic, p) for p in sorted(pending)]):
             if tp.offset >= ends[tp.partition]:
                 pending.discard(tp.partition)
+
+
+def _settled_end(
+    stable: Callable[[], tuple[int, int]],
+    log_end: Callable[[], tuple[int, int]],
+    deadline: float,
+    topic: str,
+    partition: int,
+) -> int:
+    """The last stable offset once it has reached the high watermark taken now.
+
+    A last stable offset below the high watermark is the first offset of a transaction still
+    open (or whose commit or abort markers are not written yet); waited out until ``deadline``.
+    """
+    _, target = _retrying(log_end, deadline, topic)
+    while True:
+        _, lso = _retrying(stable, deadline, topic)
+        if lso >= target:
+            return lso
+        if time.monotonic() > deadline:
+            raise TopicError(
+                f"{topic} [{partition}]: a transaction open at offset {lso} did not complete "
+                f"in time (last stable offset {lso} < high watermark {target})"
+            )
+        time.sleep(_RETRY_S)
 
 
 def _retrying(request: Callable[[], T], deadline: float, topic: str) -> T:

@@ -89,6 +89,7 @@ def build_runners(
             transactional_id=f"{settings.transactional_id}.{query.name}",
             transaction_timeout_s=settings.transaction_timeout_s,
             load_timeout_s=settings.query_timeout_s,
+            reader_debug=settings.cursor_reader_debug,
         )
         runners.append(
             QueryRunner(

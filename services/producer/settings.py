@@ -63,6 +63,12 @@ class ProducerSettings(BaseSettings):
     transaction_timeout_s: float = Field(
         default=60.0, gt=0, description="Kafka transaction.timeout.ms, in seconds"
     )
+    cursor_reader_debug: str = Field(
+        default="",
+        description="librdkafka debug contexts of the cursor reader at start (e.g. "
+        "fetch,msg,eos: its fetches and the aborted records they skip), logged at any "
+        "LOG_LEVEL; empty: off",
+    )
 
     @field_validator("warehouse")
     @classmethod

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from confluent_kafka import Message
+from confluent_kafka import Message, Producer
 
 from libs.kafka import FatalLoopError, KafkaSettings, dlq_topic
 from libs.serde import AvroDeserializer, OnboardingStarted, ProducerCursor, SchemaRegistry
 from services.producer.core import event_id
 from services.producer.queries import ONBOARDING_STARTED
 from services.producer.runner import QueryRunner
-from services.producer.sink import KafkaTransactionalSink
+from services.producer.sink import CursorLoadError, KafkaTransactionalSink
 from services.producer.sources import InMemorySource, TableRef
 from tests.integration.test_producer_sources import (
     WarehouseHarness,
@@ -89,7 +89,7 @@ class Rig:
         self.memory = InMemorySource()
         self.runners: list[QueryRunner] = []
 
-    def sink(self, source_name: str) -> KafkaTransactionalSink:
+    def sink(self, source_name: str, *, load_timeout_s: float = 30) -> KafkaTransactionalSink:
         return KafkaTransactionalSink(
             KafkaSettings(bootstrap_servers=self.bootstrap),
             self.registry,
@@ -100,7 +100,7 @@ class Rig:
             source=source_name,
             transactional_id=self.txn_id,
             transaction_timeout_s=30,
-            load_timeout_s=30,
+            load_timeout_s=load_timeout_s,
         )
 
     def runner(self, *, batch_size: int = 100, delay_s: float = 60.0) -> QueryRunner:
@@ -345,3 +345,39 @@ def test_a_crash_at_any_point_of_a_batch_then_a_restart_produces_every_row_once(
         bootstrap, rig.topics.events, expected=len(keys) + aborted, read_committed=False
     )
     assert len(everything) == len(keys) + aborted
+
+
+@pytest.mark.parametrize("harness", [None], ids=["memory"])
+@pytest.mark.parametrize("outcome", ["commit", "abort"])
+def test_a_transaction_open_on_the_cursor_topic_holds_the_load_until_it_completes(
+    rig: Rig, bootstrap: str, outcome: str
+) -> None:
+    """Another client's transaction open on the cursor partition when the cursor is read back
+    (a transaction still being aborted has this shape: last stable offset below the high
+    watermark) is waited for, within the load timeout; past it the load fails naming the
+    partition, and the poll loop retries it. Nothing wedges."""
+    t = NOW - timedelta(hours=1)
+    rig.memory.create_table("onboarding")
+    rig.memory.insert("onboarding", [onboarding_row("a", t)])
+    rig.drain(rig.runner())
+    other = Producer(
+        {"bootstrap.servers": bootstrap, "transactional.id": unique("other"), "linger.ms": 0}
+    )
+    other.init_transactions(30)
+    other.begin_transaction()
+    other.produce(rig.topics.cursors, key=b"another-query", value=b"not a cursor")
+    assert other.flush(30) == 0
+
+    sink = rig.sink("memory.onboarding", load_timeout_s=3)
+    try:
+        sink.start()
+        with pytest.raises(CursorLoadError, match=rf"{rig.topics.cursors} \[0\].*did not complete"):
+            sink.load_cursor()
+        if outcome == "commit":
+            other.commit_transaction(30)
+        else:
+            other.abort_transaction(30)
+        loaded = sink.load_cursor()
+        assert loaded is not None and loaded.last_key == "a" and loaded.rows_total == 1
+    finally:
+        sink.close()

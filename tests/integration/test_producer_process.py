@@ -302,6 +302,34 @@ def wait_for_output(seen: TopicCounter, proc: ProducerProcess, threshold: int, w
     assert proc.alive(), f"producer exited early:\n{proc.log_path.read_text()[-3000:]}"
 
 
+#: the cursor reader's debug lines worth keeping: what each fetch returned (offsets, last
+#: stable offset), the aborted message sets it skipped and the abort markers it saw
+_TRACE_FACILITIES = {"FETCH", "CONSUME", "MSG", "TXN"}
+
+
+def reader_trace(proc: ProducerProcess) -> str:
+    """Each run's cursor load, as the producer logged it with ``PRODUCER_CURSOR_READER_DEBUG``.
+
+    A restart once loaded the cursor record of the transaction its ``init_transactions`` had
+    aborted (25 rows never produced) and nothing in the log said what its fetches returned:
+    this keeps, for every start, the reader's fetch responses, the aborted message sets and
+    abort markers they held, and the cursor it loaded.
+    """
+    out = []
+    for line in proc.log_lines():
+        msg = str(line.get("msg", ""))
+        if msg in {"producer starting", "cursor loaded"} or line.get("level") == "ERROR":
+            fields = {k: line.get(k) for k in ("cursor_key", "rows_total", "offset") if k in line}
+            out.append(f"{line.get('ts')} {msg} {fields or ''}")
+        elif line.get("logger") == "librdkafka.cursor-reader" and (
+            line.get("facility") in _TRACE_FACILITIES
+            and "Fetch 1/" not in msg
+            and "is fetchable" not in msg
+        ):
+            out.append(f"{line.get('ts')} {line.get('facility')} {line.get('client')}: {msg}")
+    return "cursor reader trace:\n" + "\n".join(out[-200:])
+
+
 def _rows(now: datetime) -> list[dict[str, object]]:
     base = now - timedelta(days=1)
     # three rows per timestamp (ties everywhere), microsecond steps between timestamps
@@ -326,6 +354,9 @@ def _env(
             "PRODUCER_RETRY_INITIAL_S": "0.2",
             "PRODUCER_RETRY_MAX_S": "2",
             "PRODUCER_TRANSACTIONAL_ID": unique("producer-kill"),
+            # what the cursor reader's fetches returned and skipped: once, a restart loaded
+            # the cursor of the batch its init_transactions had aborted (reader_trace)
+            "PRODUCER_CURSOR_READER_DEBUG": "fetch,msg,eos",
             "LOG_FORMAT": "json",
             "LOG_LEVEL": "INFO",
         }
@@ -404,9 +435,11 @@ def test_kill_9_mid_batch_then_restart_produces_every_row_exactly_once(
 
         decode = AvroDeserializer(registry, OnboardingStarted)
         got = [decode(m.value(), topic=events, partition=0, offset=0) for m in result]
-        assert len(got) == ROWS, f"expected {ROWS} committed records, got {len(got)}"
+        assert len(got) == ROWS, (
+            f"expected {ROWS} committed records, got {len(got)}\n{reader_trace(final)}"
+        )
         dupes = [k for k, n in Counter(e.org_id for e in got).items() if n > 1]
-        assert not dupes, f"produced more than once: {dupes[:10]}"
+        assert not dupes, f"produced more than once: {dupes[:10]}\n{reader_trace(final)}"
         assert {e.event_id for e in got} == {
             event_id("onboarding-started", str(r["org_id"]), r["started_at"])  # type: ignore[arg-type]
             for r in rows

@@ -182,15 +182,18 @@ def flat_writer(layout: Sequence[tuple[str, int]], utf8: Sequence[str] = ()) -> 
 
     ``utf8`` names string fields (of ``layout``) whose UTF-8 the caller may pass, in that
     order, after the record: a value that is not ``None`` is written as the field's bytes (it
-    must be ``record.<field>.encode()``: nothing checks it per call), ``None`` encodes the
-    record's string as usual. Generated once per layout (as ``dataclasses`` generates
-    ``__init__``); the source holds only field names checked to be identifiers.
+    must be ``record.<field>.encode()``: nothing checks it per call), ``None`` (the default:
+    each may be left out) encodes the record's string as usual. Generated once per layout (as
+    ``dataclasses`` generates ``__init__``); the source holds only field names checked to be
+    identifiers.
     """
     kinds = dict(layout)
     for name in utf8:
         if kinds.get(name) != _STRING:
             raise ValueError(f"{name!r} is not a string field of the layout")
-    lines = [f"def write(header, r{''.join(f', u{i}' for i in range(len(utf8)))}):"]
+    # The UTF-8 parameters default to None: a caller without them (``AvroSerializer``'s
+    # ``__call__``) runs the same code rather than failing over to another writer.
+    lines = [f"def write(header, r{''.join(f', u{i}=None' for i in range(len(utf8)))}):"]
     terms = ["header"]
     for number, (name, kind) in enumerate(layout):
         if not name.isidentifier():
@@ -403,7 +406,8 @@ class AvroSerializer(Generic[R]):
         self._schema_text = load_schema_text(record_type.SCHEMA, schema_dir)
         self._schema = _parse(self._schema_text)
         self._flat = flat_layout(self._schema_text)
-        #: ``encode``'s writer (``utf8_fields`` may come as UTF-8); ``None``: not a flat record
+        #: the writer of ``__call__`` and ``encode`` (``utf8_fields`` may come as UTF-8);
+        #: ``None``: not a flat record
         self._writer = None if self._flat is None else flat_writer(self._flat, utf8_fields)
         self._headers: dict[str, bytes] = {}
         self._lock = threading.Lock()
@@ -419,21 +423,24 @@ class AvroSerializer(Generic[R]):
         return header
 
     def __call__(self, topic: str, record: R) -> bytes:
-        """Encode ``record`` for ``topic``."""
+        """Encode ``record`` for ``topic``.
+
+        A flat record takes the generated writer (``flat_writer``), as ``encode`` does: one
+        writer per layout, whichever way it is called (``write_flat`` stays as the reference
+        the tests hold it to).
+        """
         header = self._header(topic)
-        if self._flat is not None:
-            parts = [header]
+        if self._writer is not None:
             try:
-                write_flat(self._flat, record, parts)
-                return b"".join(parts)
+                return self._writer(header, record)
             except (TypeError, AttributeError, UnicodeError):
                 pass  # fastavro below raises the error it always did, or encodes it its way
         return self._fastavro(topic, header, record)
 
     def encode(self, topic: str, record: R, *utf8: bytes | None) -> bytes:
         """``self(topic, record)``, given the UTF-8 of the ``utf8_fields`` (in their order;
-        ``None``: encode the record's string) when the caller has it already. Each must be
-        the field's ``str.encode()``: the bytes are the same as ``self(topic, record)``'s."""
+        ``None`` or left out: encode the record's string) when the caller has it already.
+        Each must be the field's ``str.encode()``: the bytes are ``self(topic, record)``'s."""
         header = self._header(topic)
         if self._writer is not None:
             try:

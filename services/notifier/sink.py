@@ -709,6 +709,7 @@ class SinkLoop:
         """Run the channel's head as far as it goes without waiting."""
         while (entry := channel.head) is not None and not channel.busy:
             item = entry.item
+            wall = self._now()  # one clock read for the message's start, action and marker
             if item.delivery is None:
                 if not (self._receipts_gate.is_open(entry.tp) and self._markers.ready(entry.tp)):
                     # the receipts table, or the partition's in-doubt markers, have not read
@@ -721,7 +722,7 @@ class SinkLoop:
                     continue
                 # a marker begun ahead is this process's own (_mark_ahead saw none before it)
                 marker = None if item.ahead else self._markers.get(item.message.message_id)
-                item.delivery = core.start(item.message, marker, now=self._now())
+                item.delivery = core.start(item.message, marker, now=wall)
                 if marker is not None:
                     log.info(
                         "update of a previous run is in doubt, checking the message first"
@@ -732,7 +733,7 @@ class SinkLoop:
             waiting = item.delivery.waiting_since is not None
             action = core.next_action(
                 item.delivery,
-                now=self._now(),
+                now=wall,
                 policy=self.config.policy,
                 original=self._original(item.message),
             )
@@ -754,7 +755,7 @@ class SinkLoop:
                 if wait > 0:
                     self.scheduler.defer(channel, now + wait)
                     return
-            self._submit(channel, entry, action)
+            self._submit(channel, entry, action, wall)
             return
 
     def _original(self, message: SlackMessage) -> SlackDeliveryReceipt | None:
@@ -829,7 +830,7 @@ class SinkLoop:
             )
         self.scheduler.defer(channel, self._mono() + action.delay_s)
 
-    def _submit(self, channel: _Channel, entry: _Entry, action: Proceed) -> None:
+    def _submit(self, channel: _Channel, entry: _Entry, action: Proceed, now: datetime) -> None:
         item = entry.item
         self.scheduler.call_started(channel)
         if action.step in (Step.POST, Step.UPDATE):
@@ -838,14 +839,14 @@ class SinkLoop:
             call: Callable[[], object]
             ahead: _Ahead | None = None
             if isinstance(request, core.UpdateRequest):
-                item.delivery, marker = core.begin_update(action.delivery, self._now())
+                item.delivery, marker = core.begin_update(action.delivery, now)
                 call = partial(self._notifier.update, request)
                 self.stats.updates += 1
             else:
                 ahead, item.ahead = item.ahead, None
                 if ahead is None or action.delivery.attempts or action.delivery.in_doubt:
                     ahead = None
-                    item.delivery, marker = core.begin_post(action.delivery, self._now())
+                    item.delivery, marker = core.begin_post(action.delivery, now)
                 else:
                     item.delivery = ahead.delivery  # its marker is begun already
                 call = partial(self._notifier.post, request)

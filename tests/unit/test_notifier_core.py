@@ -228,6 +228,32 @@ def test_begin_post_counts_and_keeps_the_first_attempt_time() -> None:
     assert marker2 == AttemptMarker("U123", 2, T0)
 
 
+def test_begin_post_keeps_every_other_field_of_the_delivery() -> None:
+    import dataclasses
+
+    d = Delivery(
+        message(),
+        attempts=2,
+        failures=1,
+        check_failures=1,
+        in_doubt=True,
+        first_attempt_at=T0,
+        last_attempt_ended_at=NOW,
+        last_error="timeout",
+        unverified=True,
+        target=core.UpdateTarget("C1", "1.2"),
+        waiting_since=NOW,
+    )
+    # every field set away from its default: a field added to Delivery must be added here,
+    # and begin_post (which writes the copy out field by field) is checked against it
+    defaults = Delivery(message())
+    for f in dataclasses.fields(Delivery):
+        if f.name != "message":
+            assert getattr(d, f.name) != getattr(defaults, f.name), f.name
+    started, _ = core.begin_post(d, NOW)
+    assert started == dataclasses.replace(d, attempts=3)
+
+
 # -- after_post -------------------------------------------------------------------------------
 
 

@@ -234,6 +234,42 @@ def test_the_generated_writer_gives_the_direct_writers_bytes(record: Any) -> Non
     utf8 = [getattr(record, n).encode() for n in strings]
     assert given(b"head", record, *utf8) == given(b"head", record, *[None] * len(utf8))
     assert given(b"head", record, *utf8) == b"".join(parts)
+    assert given(b"head", record) == b"".join(parts)  # the UTF-8 left out: encoded here
+
+
+def _no_fastavro_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastavro
+
+    def not_fastavro(*args: object, **kwargs: object) -> None:
+        raise AssertionError("written by fastavro's writer")
+
+    monkeypatch.setattr(fastavro, "schemaless_writer", not_fastavro)
+
+
+@pytest.mark.parametrize(
+    "record", [r for r in _edge_records() if _flat(type(r))], ids=lambda r: type(r).__name__
+)
+def test_a_flat_record_is_written_by_the_generated_writer_whichever_way_it_is_called(
+    record: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import libs.serde.avro as avro
+
+    expected = _fastavro_bytes(record)
+
+    def not_write_flat(*args: object) -> None:
+        raise AssertionError("written by write_flat, not the generated writer")
+
+    # write_flat is the reference, not a second writer of the same layout
+    monkeypatch.setattr(avro, "write_flat", not_write_flat)
+    _no_fastavro_writer(monkeypatch)
+    plain = AvroSerializer(InMemorySchemaRegistry(), type(record))
+    assert plain("t", record)[5:] == expected
+    assert plain.encode("t", record)[5:] == expected
+    if isinstance(record, SlackMessage):
+        given = AvroSerializer(InMemorySchemaRegistry(), SlackMessage, utf8_fields=("blocks",))
+        # without the UTF-8 arguments: the same generated writer, not fastavro
+        assert given("t", record)[5:] == expected
+        assert given.encode("t", record)[5:] == expected
 
 
 def test_encode_with_utf8_gives_the_serializers_bytes_and_falls_back_as_it_does() -> None:

@@ -467,9 +467,10 @@ class EventHandler:
     def publish_counts(self) -> None:
         """Add the outcomes counted since the last call to ``enricher_events_total``.
 
-        The service calls it at every checkpoint of its loop and on close, so the counter lags
-        the handler by at most a checkpoint interval. An event counts once it is handled, also
-        when its interval is rolled back and replayed (as when it was counted per event).
+        The service calls it after every checkpoint of its loop (one rolled back leaves its
+        counts to the next) and on close, so the counter lags the handler by about a checkpoint
+        interval. An event counts once it is handled, also when its interval is rolled back and
+        replayed (as when it was counted per event).
         """
         published = self._published
         for key, total in self.outcomes.items():

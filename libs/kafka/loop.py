@@ -210,9 +210,11 @@ class ProcessingLoop:
     ) -> None:
         self.config = config
         self.stats = LoopStats()
-        # per-topic counter children, bound once: labels() locks and hashes on every call
-        self._in_counters: dict[str, Any] = {}
-        self._out_counters: dict[str, Any] = {}
+        # Records consumed and produced per topic since the counters were last published
+        # (``_publish_counts``, at every checkpoint and on close): a Prometheus counter's
+        # inc() takes a lock per call, and the hot path counted one per record each way.
+        self._in_counts: dict[str, int] = {}
+        self._out_counts: dict[str, int] = {}
         self._handler = handler
         self._stop = stop
         self._on_checkpoint = on_checkpoint
@@ -272,10 +274,8 @@ class ProcessingLoop:
     ) -> None:
         self._client.produce(topic, key, value, headers)
         self.stats.produced += 1
-        counter = self._out_counters.get(topic)
-        if counter is None:
-            counter = self._out_counters[topic] = RECORDS_OUT.labels(self.config.name, topic)
-        counter.inc()
+        counts = self._out_counts
+        counts[topic] = counts.get(topic, 0) + 1
 
     # -- checkpoints -----------------------------------------------------------------------
     def _offsets(self) -> list[TopicPartition]:
@@ -286,6 +286,7 @@ class ProcessingLoop:
 
         ``in_rebalance``: called from the revoke callback (``ConsumerClient.commit``).
         """
+        self._publish_counts()  # whatever becomes of the interval: records count when handled
         state = self._state
         if self._pending or self._client.in_transaction or (state is not None and state.dirty):
             offsets = self._offsets()
@@ -315,6 +316,22 @@ class ProcessingLoop:
         if self._on_checkpoint is not None:
             self._on_checkpoint()
         self._last_checkpoint = time.monotonic()
+
+    def _publish_counts(self) -> None:
+        """Add the records counted since the last call to the Prometheus counters.
+
+        Called at every checkpoint (every ``checkpoint_interval_s`` at the latest, with
+        at-least-once too) and on close, so the counters lag the loop by at most an interval.
+        A record counts once it is handled, as when the counters were incremented per record:
+        an interval rolled back and replayed counts its records again, and nothing counted is
+        dropped by a rollback (the counts are only ever cleared here).
+        """
+        name = self.config.name
+        for counts, metric in ((self._in_counts, RECORDS_IN), (self._out_counts, RECORDS_OUT)):
+            if counts:
+                for topic, n in counts.items():
+                    metric.labels(name, topic).inc(n)
+                counts.clear()
 
     def _fencing_offsets(self, written: list[tuple[str, int]]) -> list[TopicPartition]:
         """Positions of partitions whose state changed without a record handled (punctuation).
@@ -688,10 +705,8 @@ class ProcessingLoop:
         key = (topic, partition)
         self._base.setdefault(key, offset)
         self.stats.consumed += 1
-        counter = self._in_counters.get(topic)
-        if counter is None:
-            counter = self._in_counters[topic] = RECORDS_IN.labels(self.config.name, topic)
-        counter.inc()
+        counts = self._in_counts
+        counts[topic] = counts.get(topic, 0) + 1
         self._current = key
         try:
             self._handler(msg, self._out)
@@ -727,6 +742,7 @@ class ProcessingLoop:
         # state after a broker outage, say): log them instead. A wedged client is not called
         # again; each step gets ``close_timeout_s``, so closing never hangs the process.
         bound = self.config.close_timeout_s
+        self._publish_counts()  # a loop stopped by an error has not checkpointed them
         try:
             for problem in self._client.close(bound):
                 log.error(problem, extra={"loop": self.config.name})

@@ -227,7 +227,8 @@ class EventHandler:
         # an alert's blocks may come as the UTF-8 its template wrote (Alert.blocks_utf8)
         self._encode = AvroSerializer(registry, SlackMessage, utf8_fields=("blocks",))
         self.outcomes: Tally[tuple[str, str]] = Tally()
-        self._events: dict[tuple[str, str], Any] = {}  # bound EVENTS children
+        #: ``outcomes`` as last added to ``enricher_events_total`` (``publish_counts``)
+        self._published: dict[tuple[str, str], int] = {}
         self._lifecycle = lifecycle
         self.counts = counts or LifecycleCounts()
         self._updates = _children(UPDATES, pipelines)
@@ -460,13 +461,23 @@ class EventHandler:
             )
 
     def _count(self, pipeline: str, outcome: str) -> None:
-        key = (pipeline, outcome)
-        self.outcomes[key] += 1
-        # labels() locks and builds a tuple per call: bind each child once
-        child = self._events.get(key)
-        if child is None:
-            child = self._events[key] = EVENTS.labels(pipeline, outcome)
-        child.inc()
+        # published to EVENTS by publish_counts: a counter's inc() takes a lock per call
+        self.outcomes[pipeline, outcome] += 1
+
+    def publish_counts(self) -> None:
+        """Add the outcomes counted since the last call to ``enricher_events_total``.
+
+        The service calls it after every checkpoint of its loop (one rolled back leaves its
+        counts to the next) and on close, so the counter lags the handler by about a checkpoint
+        interval. An event counts once it is handled, also when its interval is rolled back and
+        replayed (as when it was counted per event).
+        """
+        published = self._published
+        for key, total in self.outcomes.items():
+            added = total - published.get(key, 0)
+            if added:
+                EVENTS.labels(*key).inc(added)
+                published[key] = total
 
 
 def retry_if_registry_down(exc: DeserializationError) -> None:

@@ -686,6 +686,80 @@ def test_handler_groups_five_failures_and_resolves_on_running() -> None:
     assert w.handler.outcomes[(P, "dropped")] == 1
 
 
+def events_counted(outcome: str) -> float:
+    return (
+        REGISTRY.get_sample_value("enricher_events_total", {"pipeline": P, "outcome": outcome})
+        or 0.0
+    )
+
+
+def test_outcomes_reach_the_events_counter_when_published() -> None:
+    """The hot path counts outcomes in ``outcomes`` only; ``publish_counts`` (the loop's
+    checkpoint, the service's close) adds what was counted since its last call, once."""
+    w = World()
+    w.assign()
+    dm, grouped = events_counted("dm"), events_counted("grouped")
+    for i in range(1, 4):
+        w.send("cn", failure(i, f"error {i}"))
+    assert (events_counted("dm"), events_counted("grouped")) == (dm, grouped)
+    w.handler.publish_counts()
+    assert (events_counted("dm"), events_counted("grouped")) == (dm + 1, grouped + 2)
+    w.handler.publish_counts()  # nothing new: nothing added twice
+    assert (events_counted("dm"), events_counted("grouped")) == (dm + 1, grouped + 2)
+    w.send("cn", failure(4))
+    w.handler.publish_counts()
+    assert (events_counted("dm"), events_counted("grouped")) == (dm + 1, grouped + 3)
+    assert w.handler.outcomes[(P, "dm")] == 1 and w.handler.outcomes[(P, "grouped")] == 3
+
+
+def test_the_service_publishes_the_outcomes_at_checkpoints_and_on_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Wired: the loop's checkpoint hook is the handler's ``publish_counts``, and closing the
+    service publishes what a loop stopped by an error did not checkpoint."""
+    import threading
+    from types import SimpleNamespace
+
+    from libs.kafka import LoopStats
+    from services.enricher import app
+    from services.enricher.settings import EnricherSettings
+
+    w = World()
+    w.assign()
+    dm = events_counted("dm")
+    w.send("cn", failure(1))
+    loops: list[dict[str, Any]] = []
+
+    class Loop:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            loops.append(kwargs)
+
+        def run(self) -> LoopStats:
+            return LoopStats()
+
+    monkeypatch.setattr(app, "ProcessingLoop", Loop)
+    flushed: list[float] = []
+    stand_in: Any = SimpleNamespace(
+        handle=w.handler,
+        tables=(),
+        lifecycle=None,
+        punctuator=w.punctuate,
+        _settings=EnricherSettings(group_id="g"),
+        _pipelines={"cn": CONNECTOR},
+        _stop=threading.Event(),
+        _follow_tables=lambda: None,
+        _loop_consumer_config=lambda: {},
+        _loop_producer_config=lambda transactional_id: {},
+        _dlq_producer=SimpleNamespace(flush=flushed.append),
+    )
+    app.Enricher.run(stand_in)
+    [loop] = loops
+    assert loop["on_checkpoint"] == w.handler.publish_counts
+    assert events_counted("dm") == dm  # the fake loop never checkpointed
+    app.Enricher.close(stand_in)
+    assert events_counted("dm") == dm + 1 and flushed
+
+
 def test_handler_with_window_zero_is_todays_behaviour() -> None:
     w = World(window_s=0, ttl_s=0)
     w.assign()

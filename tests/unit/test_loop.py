@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, Message
+from prometheus_client import REGISTRY
 
 from libs.kafka import (
     Emitter,
@@ -376,3 +377,67 @@ def test_a_static_member_fenced_again_and_again_stops_the_loop() -> None:
     assert not rig.thread.is_alive(), "the loop kept replacing its consumer"
     assert isinstance(rig.error, FatalLoopError), rig.error
     assert "replaced 2 times in 10 minutes" in str(rig.error)
+
+
+def records_counted() -> tuple[float, float]:
+    """``loop_records_consumed_total`` of ``in`` and ``loop_records_produced_total`` of ``out``
+    of the rigs' loop ("test"), as /metrics shows them."""
+    consumed = REGISTRY.get_sample_value(
+        "loop_records_consumed_total", {"loop": "test", "topic": IN}
+    )
+    produced = REGISTRY.get_sample_value(
+        "loop_records_produced_total", {"loop": "test", "topic": OUT}
+    )
+    return consumed or 0.0, produced or 0.0
+
+
+@pytest.mark.parametrize("guarantee", list(Guarantee))
+def test_record_counters_are_published_at_each_checkpoint(guarantee: Guarantee) -> None:
+    """The per-record counters are plain integers added to Prometheus at each checkpoint
+    (a counter's inc() locks): none of an interval shows before its checkpoint, all of it
+    after, and the checkpoint on the way out adds the rest."""
+    consumed, produced = records_counted()
+    # a checkpoint after every 6 records, none by time
+    rig = Rig(guarantee=guarantee, checkpoint_interval_s=60.0, max_uncommitted=6).start()
+    rig.send(values(3))
+    wait_until(lambda: rig.loop.stats.consumed == 3, timeout_s=20, message="consumed")
+    assert records_counted() == (consumed, produced)  # no checkpoint yet: not published
+    rig.send(values(3, prefix="w"))
+    wait_until(lambda: rig.committed() == rig.ends(), timeout_s=20, message="committed")
+    assert records_counted() == (consumed + 6, produced + 6)
+    rig.send(values(4, prefix="x"))
+    wait_until(lambda: rig.loop.stats.consumed == 10, timeout_s=20, message="consumed more")
+    assert records_counted() == (consumed + 6, produced + 6)
+    rig.finish()  # the checkpoint on the way out
+    assert records_counted() == (consumed + 10, produced + 10)
+
+
+def test_record_counters_keep_what_a_rollback_replays_and_a_failed_stop_leaves() -> None:
+    """Records count when handled, as they did per record: those of an aborted interval count
+    again when replayed, and those handled after the last checkpoint of a loop stopped by an
+    error are published on close."""
+    asked: list[bytes] = []
+
+    def flaky_then_buggy(rig: Rig, msg: Message, out: Emitter) -> None:
+        if msg.value() == b"v3" and not asked:
+            asked.append(b"v3")
+            raise RetryLater("lookup not ready", delay_s=0.05)
+        out.produce(OUT, msg.key(), msg.value())
+        if msg.value() == b"boom":
+            raise KeyError("a bug")
+
+    consumed, produced = records_counted()
+    rig = Rig(flaky_then_buggy)
+    rig.send(values(6))
+    rig.start()
+    wait_until(lambda: rig.committed() == rig.ends(), timeout_s=20, message="committed")
+    assert rig.loop.stats.aborts == 1
+    replayed = rig.loop.stats.consumed
+    assert replayed > 6  # the aborted interval's records were handled twice
+    assert records_counted() == (consumed + replayed, produced + rig.loop.stats.produced)
+    rig.send([(b"k", b"a", 0), (b"k", b"boom", 0)])
+    rig.thread.join(20)
+    assert isinstance(rig.error, FatalLoopError), rig.error
+    # the stopped loop committed nothing of its last interval but counted both records
+    assert rig.loop.stats.consumed == replayed + 2
+    assert records_counted() == (consumed + replayed + 2, produced + rig.loop.stats.produced)

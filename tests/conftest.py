@@ -16,6 +16,16 @@ import pytest
 from libs.serde import ConfluentSchemaRegistry
 from tests.support.stack import Stack, start_stack
 
+if os.environ.get("TEST_COMPILED") == "1":
+    # `make test-unit-compiled`: the enricher's mypyc build, before any test imports its
+    # modules; a missing or stale build fails the run instead of testing the sources silently
+    from libs.runtime.compiled import use_compiled
+
+    _ROOT = Path(__file__).resolve().parents[1]
+    _COMPILED = use_compiled(_ROOT, _ROOT / "build" / "mypyc" / "lib")
+    if not _COMPILED.modules:
+        raise pytest.UsageError(f"TEST_COMPILED=1, but {_COMPILED.describe()}")
+
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:

@@ -17,7 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from string import Formatter
+from types import GenericAlias
 from typing import Final, Generic, NamedTuple, Protocol, TypeVar
+
+from mypy_extensions import mypyc_attr
 
 from libs.serde import CsdrAssignment, SlackMessage, SlackUser
 from services.enricher.render import (
@@ -120,6 +123,11 @@ class FactTemplate(NamedTuple):
 GREETING_SLOT: Final = "greeting_name"
 
 
+# Where ``make install`` compiles this module with mypyc, a frozen dataclass that is also
+# ``Generic`` fails to be created at import (mypyc issue 827), so ``NoteTemplate`` and
+# ``Pipeline`` stay Python classes inside the compiled module; mypyc drops their ``Generic``
+# base, and ``__class_getitem__`` keeps ``NoteTemplate[X](...)`` working. Neither is per event.
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True)
 class NoteTemplate(Generic[E]):
     """A pipeline's ``describe`` for alerts of a fixed shape: the title, summary, facts and
@@ -148,6 +156,10 @@ class NoteTemplate(Generic[E]):
             _slot_fields(template, self.slots)
         if self.detail is not None and self.detail[1] not in self.slots:
             raise ValueError(f"detail slot {self.detail[1]!r} is not one of {self.slots}")
+
+    def __class_getitem__(cls, item: object) -> GenericAlias:
+        # what ``Generic`` gives a Python class (see above: compiled, it has no such base)
+        return GenericAlias(cls, item)
 
     def __call__(self, event: E, ctx: Context) -> Note:
         return self.note(self.values(event, ctx))
@@ -188,6 +200,7 @@ def _positional(template: str, slots: Sequence[str]) -> str:
     return "".join(out)
 
 
+@mypyc_attr(native_class=False)  # as NoteTemplate: a Generic frozen dataclass
 @dataclass(frozen=True)
 class Pipeline(Generic[E]):
     """One alert pipeline, declared as data; see ``services/enricher/pipelines``."""
@@ -251,6 +264,10 @@ class Pipeline(Generic[E]):
         if isinstance(self.describe, NoteTemplate):
             compiled = CompiledNotes(self, self.describe)
         object.__setattr__(self, "compiled", compiled)
+
+    def __class_getitem__(cls, item: object) -> GenericAlias:
+        # as ``NoteTemplate.__class_getitem__`` (mypyc drops the ``Generic`` base)
+        return GenericAlias(cls, item)
 
     def with_link_templates(self, overrides: Mapping[str, str]) -> Pipeline[E]:
         """A copy whose links use ``overrides[<link name>]`` as template where given."""

@@ -1,0 +1,118 @@
+"""Modules compiled ahead of time (mypyc, by ``make install``) preferred over their source.
+
+The source stays the truth: a build is used only when every module in it was compiled from
+exactly the source beside it (the build's manifest records each source's SHA-256), and only
+for modules not imported yet. Otherwise the process runs the source and says why, so a
+developer's edit is never shadowed by an older compiled copy and no process runs a mix.
+The build is a directory (``build/mypyc/lib``, written by ``deploy/mypyc/build.py``): the
+extension modules under their package paths, mypyc's shared library at its top, and
+``compiled.json``; it is never written next to the sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+#: the build's manifest: ``{"modules": {name: source sha256}, "inputs": {path: sha256} (other
+#: sources the compiled code was type-checked against), "reason": why no module}``
+MANIFEST = "compiled.json"
+
+
+@dataclass(frozen=True)
+class CompiledModules:
+    """What ``use_compiled`` decided: the compiled modules in use, or why none is."""
+
+    modules: tuple[str, ...]
+    #: why the source runs (``None`` when ``modules`` are compiled)
+    reason: str | None = None
+
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        if self.modules:
+            return "compiled (mypyc) modules: " + ", ".join(self.modules)
+        return f"pure Python: {self.reason}"
+
+
+class _CompiledFinder(importlib.abc.MetaPathFinder):
+    """Finds the build's extension modules by full name, before the source tree is searched."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self._files = files
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        file = self._files.get(fullname)
+        if file is None:
+            return None
+        return importlib.util.spec_from_file_location(fullname, file)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _extension(directory: Path, stem: str) -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = directory / (stem + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def use_compiled(root: Path, build: Path) -> CompiledModules:
+    """Make the modules compiled into ``build`` the ones imported, when the build is of the
+    sources under ``root`` and none of them is imported yet; else change nothing.
+
+    Call it before anything imports those modules (a service's ``__main__``).
+    """
+    try:
+        manifest = json.loads((build / MANIFEST).read_text())
+    except FileNotFoundError:
+        return CompiledModules((), f"no compiled build in {build}")
+    except (OSError, ValueError) as exc:
+        return CompiledModules((), f"unreadable {build / MANIFEST}: {exc}")
+    digests: dict[str, str] = manifest.get("modules") or {}
+    if not digests:
+        return CompiledModules((), str(manifest.get("reason") or "the build compiled nothing"))
+    inputs: dict[str, str] = manifest.get("inputs") or {}
+    for relative, digest in sorted(inputs.items()):
+        try:
+            current = _sha256(root / relative)
+        except OSError:
+            current = None
+        if current != digest:
+            return CompiledModules((), f"{relative} changed since the build (make install)")
+    files: dict[str, Path] = {}
+    for name, digest in sorted(digests.items()):
+        parts = name.split(".")
+        source = root.joinpath(*parts[:-1], parts[-1] + ".py")
+        try:
+            current = _sha256(source)
+        except OSError:
+            return CompiledModules((), f"{source} is missing")
+        if current != digest:
+            return CompiledModules((), f"{name} changed since it was compiled (make install)")
+        if name in sys.modules:
+            return CompiledModules((), f"{name} was imported before the compiled build was used")
+        file = _extension(build.joinpath(*parts[:-1]), parts[-1])
+        if file is None:
+            return CompiledModules((), f"{name} has no extension module in {build}")
+        files[name] = file
+    # mypyc's shared library (one per build): a top-level module the extensions import
+    for shared in sorted(build.glob("*__mypyc.*")):
+        files[shared.name.split(".", 1)[0]] = shared
+    sys.meta_path.insert(0, _CompiledFinder(files))
+    return CompiledModules(tuple(sorted(digests)))

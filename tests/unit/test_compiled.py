@@ -1,0 +1,118 @@
+"""``use_compiled``: a build is used only when it was made from exactly the sources beside it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from libs.runtime.compiled import MANIFEST, CompiledModules, use_compiled
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _tree(tmp_path: Path, source: str = "X = 1\n") -> tuple[Path, Path]:
+    """A source tree with ``pkg_c1/mod.py`` and an empty build directory."""
+    root, build = tmp_path / "src", tmp_path / "build"
+    (root / "pkg_c1").mkdir(parents=True)
+    (root / "pkg_c1" / "mod.py").write_text(source)
+    build.mkdir()
+    return root, build
+
+
+def _manifest(
+    build: Path,
+    modules: dict[str, str],
+    reason: str | None = None,
+    inputs: dict[str, str] | None = None,
+) -> None:
+    manifest = {"modules": modules, "inputs": inputs or {}, "reason": reason}
+    (build / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_no_build_runs_the_sources(tmp_path: Path) -> None:
+    root, build = _tree(tmp_path)
+    result = use_compiled(root, build)
+    assert result == CompiledModules((), f"no compiled build in {build}")
+    assert result.describe() == f"pure Python: no compiled build in {build}"
+
+
+def test_a_build_without_a_compiler_says_why(tmp_path: Path) -> None:
+    root, build = _tree(tmp_path)
+    _manifest(build, {}, "no C compiler (gcc) on this machine")
+    assert use_compiled(root, build).reason == "no C compiler (gcc) on this machine"
+
+
+def test_a_changed_source_is_not_shadowed_by_its_older_build(tmp_path: Path) -> None:
+    root, build = _tree(tmp_path, "X = 2\n")
+    _manifest(build, {"pkg_c1.mod": _digest("X = 1\n")})
+    finders = list(sys.meta_path)
+    result = use_compiled(root, build)
+    assert result.modules == ()
+    assert result.reason == "pkg_c1.mod changed since it was compiled (make install)"
+    assert sys.meta_path == finders
+
+
+def test_a_changed_type_the_build_read_is_not_shadowed_either(tmp_path: Path) -> None:
+    root, build = _tree(tmp_path)
+    (root / "records.py").write_text("class R: x: int\n")
+    _manifest(build, {"pkg_c1.mod": _digest("X = 1\n")}, inputs={"records.py": _digest("")})
+    assert use_compiled(root, build).reason == "records.py changed since the build (make install)"
+
+
+def test_a_module_already_imported_is_not_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, build = _tree(tmp_path)
+    _manifest(build, {"pkg_c1.mod": _digest("X = 1\n")})
+    monkeypatch.setitem(sys.modules, "pkg_c1.mod", sys.modules[__name__])
+    result = use_compiled(root, build)
+    assert result.reason == "pkg_c1.mod was imported before the compiled build was used"
+
+
+def test_a_manifest_without_its_extension_module_is_not_used(tmp_path: Path) -> None:
+    root, build = _tree(tmp_path)
+    _manifest(build, {"pkg_c1.mod": _digest("X = 1\n")})
+    assert use_compiled(root, build).reason == f"pkg_c1.mod has no extension module in {build}"
+
+
+def test_an_unreadable_manifest_runs_the_sources(tmp_path: Path) -> None:
+    root, build = _tree(tmp_path)
+    (build / MANIFEST).write_text("{not json")
+    result = use_compiled(root, build)
+    assert result.modules == ()
+    assert result.reason is not None and result.reason.startswith("unreadable")
+
+
+def test_a_current_build_is_what_imports_load(tmp_path: Path) -> None:
+    """A real extension module (the interpreter's ``_lsprof``, standing for a mypyc one) in the
+    build, its "source" beside the sources: a fresh interpreter imports the extension."""
+    import _lsprof
+
+    extension = Path(_lsprof.__file__)
+    root, build = tmp_path / "src", tmp_path / "build"
+    root.mkdir()
+    build.mkdir()
+    (root / "_lsprof.py").write_text("SOURCE = True\n")
+    shutil.copy(extension, build / extension.name)
+    _manifest(build, {"_lsprof": _digest("SOURCE = True\n")})
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from libs.runtime.compiled import use_compiled\n"
+        f"result = use_compiled(Path({str(root)!r}), Path({str(build)!r}))\n"
+        "import _lsprof\n"
+        "print(result.describe()); print(_lsprof.__file__); print(hasattr(_lsprof, 'SOURCE'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == ["compiled (mypyc) modules: _lsprof", str(build / extension.name), "False"]

@@ -694,6 +694,9 @@ def test_kill_9_mid_update_then_restart_applies_no_update_twice_and_loses_none(
     h.send([original, *updates])
     [applied] = h.fake.wait_for_updates(1, channel="D0KUPD", timeout_s=30)
     assert applied.message_id == updates[0].message_id
+    # the original's receipt is out (receipts linger 50 ms): only the update is in doubt; a kill
+    # inside that linger would leave the original in doubt too, checked in the history as well
+    assert h.receipts_read(1)[original.message_id].status == "DELIVERED"
     notifier.kill()
     if volume_lost:
         shutil.rmtree(h.tmp / "state")

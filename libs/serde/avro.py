@@ -429,13 +429,7 @@ class AvroSerializer(Generic[R]):
         writer per layout, whichever way it is called (``write_flat`` stays as the reference
         the tests hold it to).
         """
-        header = self._header(topic)
-        if self._writer is not None:
-            try:
-                return self._writer(header, record)
-            except (TypeError, AttributeError, UnicodeError):
-                pass  # fastavro below raises the error it always did, or encodes it its way
-        return self._fastavro(topic, header, record)
+        return self.encode(topic, record)
 
     def encode(self, topic: str, record: R, *utf8: bytes | None) -> bytes:
         """``self(topic, record)``, given the UTF-8 of the ``utf8_fields`` (in their order;
@@ -446,7 +440,7 @@ class AvroSerializer(Generic[R]):
             try:
                 return self._writer(header, record, *utf8)
             except (TypeError, AttributeError, UnicodeError):
-                pass  # as __call__: fastavro raises the error it always did, or encodes it
+                pass  # fastavro below raises the error it always did, or encodes it its way
         return self._fastavro(topic, header, record)
 
     def _fastavro(self, topic: str, header: bytes, record: R) -> bytes:

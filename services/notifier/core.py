@@ -415,10 +415,18 @@ def next_action(
 def begin_post(d: Delivery, now: datetime) -> tuple[Delivery, AttemptMarker]:
     """Count the post about to be made and return the marker to persist before making it."""
     first = d.first_attempt_at or now
-    # ``replace(d, attempts=..., first_attempt_at=first)`` written out: once per post,
-    # ``dataclasses.replace`` (a walk over the fields' metadata) cost twice the constructor.
-    # tests/unit/test_notifier_core.py holds it to ``replace`` with every field set.
-    started = Delivery(
+    started = _attempt_begun(d, first)
+    return started, AttemptMarker(d.message.channel, started.attempts, first)
+
+
+def _attempt_begun(d: Delivery, first: datetime) -> Delivery:
+    """``d`` with one more attempt (a post or an update), the first of them begun at ``first``.
+
+    ``replace(d, attempts=..., first_attempt_at=...)`` written out: once per call,
+    ``dataclasses.replace`` (a walk over the fields' metadata) cost twice the constructor.
+    tests/unit/test_notifier_core.py holds it to ``replace`` with every field set.
+    """
+    return Delivery(
         d.message,
         attempts=d.attempts + 1,
         failures=d.failures,
@@ -431,7 +439,6 @@ def begin_post(d: Delivery, now: datetime) -> tuple[Delivery, AttemptMarker]:
         target=d.target,
         waiting_since=d.waiting_since,
     )
-    return started, AttemptMarker(d.message.channel, started.attempts, first)
 
 
 def after_post(
@@ -622,7 +629,7 @@ def begin_update(d: Delivery, now: datetime) -> tuple[Delivery, AttemptMarker]:
     """Count the update about to be made and return the marker to persist before making it."""
     assert d.target is not None
     first = d.first_attempt_at or now
-    started = replace(d, attempts=d.attempts + 1, first_attempt_at=first)
+    started = _attempt_begun(d, first)
     return started, AttemptMarker(d.target.channel, started.attempts, first)
 
 

@@ -252,6 +252,8 @@ def test_begin_post_keeps_every_other_field_of_the_delivery() -> None:
             assert getattr(d, f.name) != getattr(defaults, f.name), f.name
     started, _ = core.begin_post(d, NOW)
     assert started == dataclasses.replace(d, attempts=3)
+    updating, _ = core.begin_update(d, NOW)  # the same copy
+    assert updating == dataclasses.replace(d, attempts=3)
 
 
 # -- after_post -------------------------------------------------------------------------------

@@ -724,7 +724,7 @@ def watch(
     later_rows_written = False
     late_fallback_seen: float | None = None  # when the late org's fallback copy was shown
     late_owner_assigned = False
-    last_status = 0.0
+    status = StatusLine()
     services_started = time.monotonic()
     try:
         while not stop.is_set():
@@ -780,18 +780,17 @@ def watch(
                     f"Slack user {LATE_SLACK_USER[0]} published"
                 )
             now = time.monotonic()
-            if now - last_status > 5:
-                last_status = now
-                status_line(services, viewer)
+            if now - status.checked_at > 5:
+                status.show(status_line(services, viewer), now)
             if args.exit_after_alerts and len(viewer.shown) >= args.exit_after_alerts:
-                status_line(services, viewer)
+                status.show(status_line(services, viewer), now, force=True)
                 log(
                     f"{len(viewer.shown)} Slack messages shown; exiting as asked "
                     "(--exit-after-alerts)"
                 )
                 return 0
             if args.timeout and now - started > args.timeout:
-                status_line(services, viewer)
+                status.show(status_line(services, viewer), now, force=True)
                 log(f"{RED}timeout after {args.timeout}s with {len(viewer.shown)} messages{RESET}")
                 return 1 if args.exit_after_alerts else 0
         return 0
@@ -799,14 +798,38 @@ def watch(
         consumer.close()
 
 
-def status_line(services: Services, viewer: Viewer) -> None:
+class StatusLine:
+    """The counters' line, shown when it changed, else once a minute as a sign of life.
+
+    Repeated every few seconds, an unchanged line would scroll the alerts off the screen
+    (and fill a ``tee``'d log with copies of itself) while the demo waits for Ctrl-C.
+    """
+
+    HEARTBEAT_S = 60.0
+
+    def __init__(self) -> None:
+        self.checked_at = float("-inf")
+        self._shown: str | None = None
+        self._shown_at = float("-inf")
+
+    def show(self, text: str, now: float, *, force: bool = False) -> bool:
+        """Emit ``text`` if it differs from the last one shown, ``force`` or a minute passed."""
+        self.checked_at = now
+        if not force and text == self._shown and now - self._shown_at < self.HEARTBEAT_S:
+            return False
+        self._shown, self._shown_at = text, now
+        emit(text)
+        return True
+
+
+def status_line(services: Services, viewer: Viewer) -> str:
     events_in = services.metric("enricher", "enricher_events_total")
     filtered = services.metric("enricher", "enricher_dropped_total")
     parked = services.metric("enricher", "enricher_parked_events")
     missed = services.metric("enricher", "enricher_join_misses_total")
     failed = sum(1 for r in viewer.receipts.values() if r.status == "FAILED")
     c = viewer.counts
-    emit(
+    return (
         f"{YELLOW}── events in {events_in:.0f} · filtered {filtered:.0f} · alerts "
         f"{c['alerts']} · updates {c['updates']} · resolved {c['resolved']} · re-routed "
         f"{c['rerouted']} · failed {failed} · waiting for owner/Slack user {parked:.0f} · "

@@ -300,7 +300,12 @@ class EventHandler:
                 gkey = group_key(name, dedup)
                 raw = state.get(gkey)
                 stored = Group.decode(raw) if raw else None
-                if lifecycle.park_ttl_ms > 0:  # the parks of its key end with the problem
+                ttl = lifecycle.park_ttl_ms
+                if ttl > 0 and (raw is not None or ttl > window):
+                    # The parks of its key end with the problem. A park opens its key's group,
+                    # which outlives it when the window is at least the park's time (as by
+                    # default): no group, no park, so the resolving events of connectors that
+                    # never failed (most) scan nothing. A scan costs O(this interval's writes).
                     parks = self._parks_of(state, event.org_id, stored)
                 resolved = resolve(
                     self._original(stored, source, tp, now_dt) if stored is not None else None,

@@ -980,7 +980,21 @@ def test_park_whose_window_closed_unresolved_still_goes_to_the_owner() -> None:
     assert w.counts.by_partition[("cn", 0)] == [0, 0]
 
 
-def test_resolving_reads_parks_only_with_parking_on() -> None:
+SCANS = [park_prefix(OWNER, "org-1"), park_prefix(USER, "dana.owner@example.com")]
+
+
+@pytest.mark.parametrize(
+    ("name", "window_s", "ttl_s", "failed_first", "scans"),
+    [
+        ("parking off", 3600, 0, True, []),
+        ("a connector that never failed: no group, so no park", 3600, 3600, False, []),
+        ("its group is there: so may a park be", 3600, 3600, True, SCANS),
+        ("parks outlive their groups: always", 600, 3600, False, SCANS),
+    ],
+)
+def test_resolving_reads_parks_only_where_one_may_wait(
+    name: str, window_s: int, ttl_s: int, failed_first: bool, scans: list[bytes]
+) -> None:
     reads: list[bytes] = []
 
     class Spy(MemoryState):
@@ -992,18 +1006,16 @@ def test_resolving_reads_parks_only_with_parking_on() -> None:
             reads.append(prefix)
             yield from super().prefix(prefix)
 
-    for ttl_s, scans in [
-        (0, []),
-        (3600, [park_prefix(OWNER, "org-1"), park_prefix(USER, "dana.owner@example.com")]),
-    ]:
-        w = World(ttl_s=ttl_s)
-        w.assign()
-        w.state = w.out.state = Spy()
-        reads.clear()
-        w.send("cn", dataclasses.replace(status(1, "PAUSED"), old_status="RUNNING"))
-        assert reads == []  # not a resolving event: the store is not touched
-        w.send("cn", status(2, "RUNNING"))
-        assert reads == [group_key(P, "lcc-1"), *scans], ttl_s
+    w = World(window_s=window_s, ttl_s=ttl_s)
+    w.assign()
+    w.state = w.out.state = Spy()
+    if failed_first:
+        w.send("cn", failure(1))
+    reads.clear()
+    w.send("cn", dataclasses.replace(status(2, "PAUSED"), old_status="RUNNING"))
+    assert reads == []  # not a resolving event: the store is not touched
+    w.send("cn", status(3, "RUNNING"))
+    assert reads == [group_key(P, "lcc-1"), *scans], name
 
 
 def test_park_expires_and_the_miss_becomes_final() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter as Tally
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -53,12 +53,14 @@ from services.enricher.lifecycle import (
     EventRef,
     Group,
     Origin,
+    Park,
     ParkRequest,
     Schedule,
     decide,
     epoch_ms,
     group_key,
     is_open,
+    park_prefix,
     resolve,
 )
 
@@ -293,22 +295,38 @@ class EventHandler:
         if isinstance(outcome, Drop):
             how = pipeline.resolves(event) if pipeline.resolves and dedup is not None else None
             resolved = None
+            parks: Sequence[Park] = ()
             if how is not None and dedup is not None:
                 gkey = group_key(name, dedup)
                 raw = state.get(gkey)
+                stored = Group.decode(raw) if raw else None
+                ttl = lifecycle.park_ttl_ms
+                if ttl > 0 and (raw is not None or ttl > window):
+                    # The parks of its key end with the problem. A park opens its key's group,
+                    # which outlives it when the window is at least the park's time (as by
+                    # default): no group, no park, so the resolving events of connectors that
+                    # never failed (most) scan nothing. A scan costs O(this interval's writes).
+                    parks = self._parks_of(state, event.org_id, stored)
                 resolved = resolve(
-                    self._original(Group.decode(raw), source, tp, now_dt) if raw else None,
+                    self._original(stored, source, tp, now_dt) if stored is not None else None,
                     gkey=gkey,
                     pipeline=name,
                     event_id=event.event_id,
                     org_id=event.org_id,
                     how=how,
                     now=now,
+                    parks=parks,
                 )
-            if resolved is None:  # resolves no open alert: a drop, counted as always
+            if resolved is None or resolved.action is not Action.RESOLVED:
+                # resolves no open alert: a drop, counted as always (its parks, if any, go)
+                if resolved is not None:
+                    self._apply(resolved, tp, out, state)
+                    self._log_unparked(parks, resolved, event.event_id)
                 self._act(name, event, outcome, out)
                 return
             self._apply(resolved, tp, out, state)
+            if resolved.parks_delta:
+                self._log_unparked(parks, resolved, event.event_id)
             self._count(name, "resolved")
             self._resolutions[name].inc()
             return
@@ -395,6 +413,41 @@ class EventHandler:
             return dataclasses.replace(group, expires_at=epoch_ms(now_dt))
         message = outcome.message
         return dataclasses.replace(group, text=message.text, blocks=message.blocks)
+
+    def _parks_of(self, state: KeyValueState, org_id: str, group: Group | None) -> list[Park]:
+        """The parks a resolving event of ``org_id`` may end: those waiting for the org's owner
+        and for the owner's Slack user (``resolve`` keeps those of its key).
+
+        A user park waits under the e-mail the owner had when it parked (``_missing``): the
+        owners table's e-mail now, and the one the group's message was routed with if it
+        differs (an e-mail changed since a fallback copy was posted). A park moved to an
+        e-mail that changed since, with no group naming it, is not found: it can still DM.
+        """
+        try:
+            owner = self._owners.get(org_id)
+        except DeserializationError as exc:
+            raise RetryLater(f"lookup decode failed: {exc}", delay_s=5.0) from exc
+        prefixes = [park_prefix(OWNER, org_id)]
+        for known in (owner, group.origin.owner if group and group.origin else None):
+            if known is not None and known.csdr_email:
+                prefix = park_prefix(USER, slack_user_key(known.csdr_email))
+                if prefix not in prefixes:
+                    prefixes.append(prefix)
+        return [Park.decode(raw) for prefix in prefixes for _, raw in state.prefix(prefix)]
+
+    @staticmethod
+    def _log_unparked(parks: Sequence[Park], decision: Decision, resolved_by: str) -> None:
+        ended = set(decision.deletes)
+        for park in parks:
+            if park.state_key in ended:
+                log.info(
+                    "parked event resolved before its lookup arrived: not routed",
+                    extra={
+                        "pipeline": park.pipeline,
+                        "event_id": park.event_id,
+                        "resolved_by": resolved_by,
+                    },
+                )
 
     def _missing(self, reason: str, org_id: str) -> tuple[str, str]:
         """(park kind, key) of a join miss: the org's owner, or the owner's Slack user."""

@@ -21,7 +21,12 @@ PARKED           first event of a key, join miss, parking    park it under the m
                                                             group on that copy (or unposted)
 MISSED           join miss, no fallback, parking off        nothing (counted as today)
 RESOLVED         a resolving event, open group              update the message: resolved, when
-                                                            and how, steps struck; close group
+                                                            and how, steps struck; close group;
+                                                            delete every park of its key (the
+                                                            problem ended: no DM, no re-route
+                                                            note over "Resolved" later)
+UNPARKED         a resolving event, no open group, parks    delete them; the event is a drop,
+                 of its key waiting (the window closed)     counted as today
 HIT              the missing lookup arrived                 DM the owner; update the fallback
                                                             copy to say where it went; the
                                                             group follows the DM
@@ -106,6 +111,7 @@ class Action(StrEnum):
     PARKED = "parked"
     MISSED = "missed"
     RESOLVED = "resolved"
+    UNPARKED = "unparked"
     HIT = "hit"
     REPARKED = "reparked"
     EXPIRED_PARK = "expired_park"
@@ -697,13 +703,33 @@ def resolve(
     org_id: str,
     how: str,
     now: int,
+    parks: Iterable[Park] = (),
 ) -> Decision | None:
     """A resolving event: the open group's message says so and the window closes.
 
-    ``None`` when there is no open group: the event is what it was before (dropped, counted).
+    ``parks`` are the parks the shell found where this event's parks would wait (its org's
+    owner, its owner's Slack user); those of ``gkey`` (same pipeline and dedup key) are deleted
+    with it: the problem ended, so an owner arriving later must neither get a DM about it nor
+    have the fallback copy's "Resolved" overwritten by the re-route note. The parked events are
+    not counted again (neither hit nor missed). Without an open group (its window closed while
+    a park still waits) the parks go all the same: ``UNPARKED``, updating nothing.
+
+    ``None`` when there is no open group and no such park: the event is what it was before
+    (dropped, counted).
     """
+    ended = tuple(
+        dict.fromkeys(
+            p.state_key
+            for p in parks
+            if p.dedup is not None
+            and p.pipeline == pipeline
+            and group_key(p.pipeline, p.dedup) == gkey
+        )
+    )
     if group is None or not is_open(group, now):
-        return None
+        if not ended:
+            return None
+        return Decision(Action.UNPARKED, deletes=ended, parks_delta=-len(ended))
     messages: tuple[SlackMessage, ...] = ()
     if group.channel:
         status = f":white_check_mark: *Resolved* at {_when(now)}: {escape(how)}. {_seen(group)}"
@@ -727,7 +753,13 @@ def resolve(
                 now=now,
             ),
         )
-    return Decision(Action.RESOLVED, messages, deletes=(gkey,), groups_delta=-1)
+    return Decision(
+        Action.RESOLVED,
+        messages,
+        deletes=(gkey, *ended),
+        groups_delta=-1,
+        parks_delta=-len(ended),
+    )
 
 
 def on_park_hit(
@@ -747,6 +779,9 @@ def on_park_hit(
     alert went, and an open group of the event moves to the DM (with an update right away when
     more events were grouped meanwhile). ``origin`` is the event and the lookups the DM was
     routed with: what the moved group stores (``None``: the DM's text and blocks).
+
+    A park never outlives its key's resolution (``resolve`` deletes it), so a hit is about a
+    problem not known to be over; one whose group's window merely closed still DMs.
     """
     old = park.state_key
     if isinstance(outcome, Miss):

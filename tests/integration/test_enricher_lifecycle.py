@@ -3,7 +3,7 @@
 Five failures of one connector give one new message and four updates of it, a RUNNING change
 a final (resolution) update, across a kill -9 whose local state is lost (restored from the
 changelog); an onboarding whose owner and Slack user arrive after it goes to the owner, and
-its fallback copy is updated to say so.
+its fallback copy is updated to say so; a connector resolved before its owner arrives is not.
 """
 
 from __future__ import annotations
@@ -149,6 +149,66 @@ def test_owner_assigned_after_the_event_gets_the_alert(h: Harness) -> None:
         h.events([onboarding("onb-2", "org-2")])
         update = _by_id(h.wait_messages(4))[message_id(ONBOARDING, "onb-2")]
         assert update.update_of == dm.message_id and update.channel == "U2"
+    finally:
+        e.stop()
+
+
+def test_connector_resolved_before_its_owner_arrives_is_not_dmed(h: Harness) -> None:
+    """Two connectors of an org without owner fail: both parked, fallback copies posted. One
+    runs again (its copy says "Resolved"), then the owner arrives: only the other is DM'd.
+
+    Failed before: the resolved connector's park stayed, and the owner got a DM about it with
+    its copy's "Resolved" overwritten by "Sent to". Both parks wait under the org's id, so the
+    one punctuation that routes the other's would route it too, in the same transaction:
+    once the other's DM is committed, its absence is final.
+    """
+    h.ensure_topics()
+    e = h.start(ENRICHER_FALLBACK_CHANNEL=FALLBACK)
+    try:
+        e.wait_ready()
+        resolved, waiting = failure("ev-a1", "org-3"), failure("ev-b1", "org-3")
+        h.events([resolved, waiting])
+        copies = _by_id(h.wait_messages(2))
+        copy = copies[message_id(CONNECTOR, "ev-a1")]
+        assert copy.channel == FALLBACK
+        wait_until(lambda: e.metric("enricher_parked_events") == 2, message="both parked")
+        running = dataclasses.replace(
+            resolved,
+            event_id="ev-a2",
+            old_status="FAILED",
+            new_status="RUNNING",
+            error_message=None,
+        )
+        h.events([running])
+        done = _by_id(h.wait_messages(3))[message_id(CONNECTOR, "ev-a2")]
+        assert done.update_of == copy.message_id and "Resolved" in done.blocks
+        wait_until(
+            lambda: (
+                e.metric("enricher_alert_resolutions_total", pipeline=CONNECTOR) == 1
+                and e.metric("enricher_parked_events") == 1
+            ),
+            message="resolved, its park gone",
+        )
+        # the Slack user first, then the owner: one punctuation routes the org's parks
+        h.users([slack_user("owner-org-3@example.com", "U3")])
+        wait_until(
+            lambda: e.metric("table_records_applied_total", table="slack_users") >= 1,
+            message="Slack user applied",
+        )
+        h.owners([owner("org-3")])
+        dm = _by_id(h.wait_messages(5))[derived_id(CONNECTOR, "ev-b1", "dm")]
+        assert dm.channel == "U3"
+        wait_until(
+            lambda: (
+                e.metric("enricher_park_hits_total", pipeline=CONNECTOR) == 1
+                and e.metric("enricher_parked_events") == 0
+            ),
+            message="the other park hit",
+        )
+        everything = _by_id(h.messages())
+        assert derived_id(CONNECTOR, "ev-a1", "dm") not in everything
+        assert not any(m.update_of == copy.message_id for m in everything.values() if m != done)
+        assert len(everything) == 5  # 2 copies, the resolution, the other's DM and re-route
     finally:
         e.stop()
 

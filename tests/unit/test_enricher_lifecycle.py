@@ -436,6 +436,81 @@ def test_resolve(name: str, grp: Group | None, expected: tuple[Action, int] | No
         assert d.groups_delta == -1
 
 
+def waiting() -> list[Park]:
+    """Parks a resolving event of ``lcc-1`` (org-1) finds where its parks would wait: two of
+    its key (one per kind, as a closed and a later group left them), and three of others."""
+    base = Park(P, OWNER, "org-1", "t", "", "ev-1", "org-1", NO_OWNER, T + TTL, "lcc-1")
+    return [
+        base,
+        dataclasses.replace(base, kind=USER, key="dana@x", event_id="ev-5"),
+        dataclasses.replace(base, event_id="ev-2", dedup="lcc-2"),  # another connector
+        dataclasses.replace(base, pipeline=ONBOARDING.name, event_id="ev-3"),
+        dataclasses.replace(base, event_id="ev-4", dedup=None),  # grouping was off
+    ]
+
+
+def test_resolve_deletes_every_park_of_its_key() -> None:
+    """Left, a park DMs the owner about a resolved problem and overwrites the copy's
+    "Resolved" with its re-route note (``on_park_hit``), however late the owner arrives."""
+    gkey = group_key(P, "lcc-1")
+    parks = waiting()
+    d = resolve(
+        group(), gkey=gkey, pipeline=P, event_id="e", org_id="o", how="h", now=T, parks=parks
+    )
+    assert d is not None and d.action is Action.RESOLVED and len(d.messages) == 1
+    assert d.deletes == (gkey, parks[0].state_key, parks[1].state_key)
+    assert (d.groups_delta, d.parks_delta) == (-1, -2)
+    # the same park found twice (under two prefixes the shell scanned) is deleted once
+    d = resolve(
+        group(),
+        gkey=gkey,
+        pipeline=P,
+        event_id="e",
+        org_id="o",
+        how="h",
+        now=T,
+        parks=[parks[0], parks[0]],
+    )
+    assert d is not None and d.deletes == (gkey, parks[0].state_key) and d.parks_delta == -1
+
+
+@pytest.mark.parametrize(
+    ("name", "grp"), [("no group", None), ("window closed", group(expires_at=T))]
+)
+def test_resolve_without_an_open_group_still_ends_the_parks(name: str, grp: Group | None) -> None:
+    parks = waiting()
+    d = resolve(
+        grp,
+        gkey=group_key(P, "lcc-1"),
+        pipeline=P,
+        event_id="e",
+        org_id="o",
+        how="h",
+        now=T,
+        parks=parks,
+    )
+    assert d is not None, name
+    # nothing to update: not a resolution (the shell counts the event a drop, as before)
+    assert d.action is Action.UNPARKED and d.messages == () and d.puts == ()
+    assert d.deletes == (parks[0].state_key, parks[1].state_key)
+    assert (d.groups_delta, d.parks_delta) == (0, -2)
+    # and with no park of its key it is what it was: nothing
+    others = parks[2:]
+    assert (
+        resolve(
+            grp,
+            gkey=group_key(P, "lcc-1"),
+            pipeline=P,
+            event_id="e",
+            org_id="o",
+            how="h",
+            now=T,
+            parks=others,
+        )
+        is None
+    )
+
+
 # -- parks -----------------------------------------------------------------------------------
 def parked(**changes: Any) -> Park:
     base = Park(P, OWNER, "org-1", "t", "", "ev-1", "org-1", NO_OWNER, T + TTL, "lcc-1")
@@ -812,6 +887,135 @@ def test_owner_without_slack_user_reparks_under_the_email() -> None:
     w.punctuate.note_users([b"dana.owner@example.com"])
     [dm] = w.tick(1)
     assert dm.message_id == message_id(P, "ev-1") and dm.channel == "U0DANA"
+
+
+def parks_gauge() -> float | None:
+    return REGISTRY.get_sample_value("enricher_parked_events")
+
+
+def owner_arrives(w: World, *, email: str = "dana.owner@example.com") -> list[SlackMessage]:
+    """The owner and their Slack user arrive, and the punctuator hears of both."""
+    w.owners["org-1"] = owner(email=email)
+    w.users[email] = user(email=email)
+    w.punctuate.note_owners([b"org-1"])
+    w.punctuate.note_users([email.encode()])
+    return w.tick(1)
+
+
+@pytest.mark.parametrize(
+    ("name", "known_owner", "fallback"),
+    [
+        ("no owner: parked under the org, copy posted", False, FALLBACK),
+        ("owner without Slack user: parked under the e-mail, copy posted", True, FALLBACK),
+        ("no owner, no fallback: parked, nothing posted", False, None),
+    ],
+)
+def test_resolve_before_the_owner_arrives_ends_the_park(
+    name: str, known_owner: bool, fallback: str | None
+) -> None:
+    """Failed before: the park stayed, so the owner arriving later was DM'd about a resolved
+    problem and the copy's "Resolved" was overwritten by "Sent to @owner"."""
+    w = World(fallback=fallback)
+    if known_owner:
+        w.owners["org-1"] = owner()
+    posted = w.send("cn", failure(1))
+    [(park, _)] = w.state.prefix(b"p/")
+    kind = USER if known_owner else OWNER
+    assert park.startswith(park_prefix(kind, "dana.owner@example.com" if known_owner else "org-1"))
+    assert w.counts.by_partition[("cn", 0)] == [1, 1] and parks_gauge() == 1
+    resolution = w.send("cn", status(2, "RUNNING"))
+    if fallback is None:
+        assert posted == resolution == []  # nothing posted, nothing to update
+    else:
+        [copy], [done] = posted, resolution
+        assert copy.channel == FALLBACK
+        assert done.update_of == copy.message_id and "Resolved" in done.blocks
+    assert w.handler.outcomes[(P, "resolved")] == 1, name
+    assert list(w.state.prefix(b"")) == []  # the group and the park are gone
+    assert w.counts.by_partition[("cn", 0)] == [0, 0] and parks_gauge() == 0
+    assert owner_arrives(w) == []  # no DM, no update of the fallback copy
+    assert w.tick(7200) == []  # and nothing when the park's time would have run out
+    assert w.handler.outcomes[(P, "dropped")] == 0
+
+
+def test_resolve_after_the_window_closed_ends_the_waiting_park() -> None:
+    """The window closed (the group expired) while the park still waits: the resolve has no
+    message to update and counts as the drop it always was, but the park goes too."""
+    w = World(window_s=600, ttl_s=3600)
+    [copy] = w.send("cn", failure(1))
+    assert w.tick(601) == [] and w.counts.by_partition[("cn", 0)] == [0, 1]
+    assert w.send("cn", status(2, "RUNNING")) == []
+    assert w.handler.outcomes[(P, "dropped")] == 1 and w.handler.outcomes[(P, "resolved")] == 0
+    assert w.state.data == {} and w.counts.by_partition[("cn", 0)] == [0, 0]
+    assert parks_gauge() == 0
+    assert owner_arrives(w) == []
+    assert copy.channel == FALLBACK
+
+
+def test_resolve_finds_the_park_under_the_email_it_was_parked_with() -> None:
+    """The owner's e-mail changed after the event parked under it: the group's origin (the
+    owner the fallback copy was routed with) still names the e-mail."""
+    w = World()
+    w.owners["org-1"] = owner()  # no Slack user: parked under dana.owner@example.com
+    [copy] = w.send("cn", failure(1))
+    w.owners["org-1"] = owner(email="sam.new@example.com")  # reassigned, not seen by a park
+    [done] = w.send("cn", status(2, "RUNNING"))
+    assert done.update_of == copy.message_id
+    assert list(w.state.prefix(b"p/")) == [] and parks_gauge() == 0
+    w.users["sam.new@example.com"] = user("U0SAM", "sam.new@example.com")
+    w.users["dana.owner@example.com"] = user()
+    w.punctuate.note_users([b"dana.owner@example.com", b"sam.new@example.com"])
+    assert w.tick(1) == []
+
+
+def test_park_whose_window_closed_unresolved_still_goes_to_the_owner() -> None:
+    """The reverse order, kept: the group expired on its own (never resolved), so the owner
+    arriving while the park waits gets the alert and the copy says where it went."""
+    w = World(window_s=600, ttl_s=3600)
+    [copy] = w.send("cn", failure(1))
+    assert w.tick(601) == [] and w.counts.by_partition[("cn", 0)] == [0, 1]
+    dm, rerouted = owner_arrives(w)
+    assert dm.channel == "U0DANA" and dm.update_of is None
+    assert rerouted.update_of == copy.message_id and "Sent to" in rerouted.blocks
+    assert w.counts.by_partition[("cn", 0)] == [0, 0]
+
+
+SCANS = [park_prefix(OWNER, "org-1"), park_prefix(USER, "dana.owner@example.com")]
+
+
+@pytest.mark.parametrize(
+    ("name", "window_s", "ttl_s", "failed_first", "scans"),
+    [
+        ("parking off", 3600, 0, True, []),
+        ("a connector that never failed: no group, so no park", 3600, 3600, False, []),
+        ("its group is there: so may a park be", 3600, 3600, True, SCANS),
+        ("parks outlive their groups: always", 600, 3600, False, SCANS),
+    ],
+)
+def test_resolving_reads_parks_only_where_one_may_wait(
+    name: str, window_s: int, ttl_s: int, failed_first: bool, scans: list[bytes]
+) -> None:
+    reads: list[bytes] = []
+
+    class Spy(MemoryState):
+        def get(self, key: bytes) -> bytes | None:
+            reads.append(key)
+            return super().get(key)
+
+        def prefix(self, prefix: bytes) -> Any:
+            reads.append(prefix)
+            yield from super().prefix(prefix)
+
+    w = World(window_s=window_s, ttl_s=ttl_s)
+    w.assign()
+    w.state = w.out.state = Spy()
+    if failed_first:
+        w.send("cn", failure(1))
+    reads.clear()
+    w.send("cn", dataclasses.replace(status(2, "PAUSED"), old_status="RUNNING"))
+    assert reads == []  # not a resolving event: the store is not touched
+    w.send("cn", status(3, "RUNNING"))
+    assert reads == [group_key(P, "lcc-1"), *scans], name
 
 
 def test_park_expires_and_the_miss_becomes_final() -> None:

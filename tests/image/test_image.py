@@ -105,6 +105,35 @@ def test_container_is_non_root_with_a_read_only_root(image: Image, tmp_path: Pat
     assert writable == set(spec.mount_paths), out
 
 
+#: what services/enricher/__main__.py logs at start when it runs the image's mypyc build
+COMPILED_LINE = "hot path: compiled (mypyc) modules: "
+
+
+def test_hot_path_is_compiled_and_no_compiler_ships(image: Image, tmp_path: Path) -> None:
+    """The enricher's hot path from the image's mypyc build, loaded as the enricher loads it
+    (the build's SHA-256s against /app's sources) as the pod's user on the read-only root, every
+    compiled module imported from it; and the runtime stage carries no C compiler."""
+    spec = pod_spec("enricher")
+    probe = (
+        "import importlib, shutil\n"
+        "from pathlib import Path\n"
+        "import services.enricher.__main__ as main\n"
+        "print(main.COMPILED.describe())\n"
+        "print('modules', len(main.COMPILED.modules))\n"
+        "for name in main.COMPILED.modules:\n"
+        "    print('file', name, importlib.import_module(name).__file__)\n"
+        "print('compilers', [c for c in ('cc', 'gcc', 'c99') if shutil.which(c)])\n"
+    )
+    out = run_once(image, spec, ["-c", probe], tmp_path, entrypoint="python").splitlines()
+    assert out[0].startswith(COMPILED_LINE.removeprefix("hot path: ")), out
+    count = int(out[1].split()[1])
+    files = [line.split() for line in out if line.startswith("file ")]
+    assert count > 0 and len(files) == count, out
+    for _, name, file in files:
+        assert file.startswith("/app/build/mypyc/lib/") and file.endswith(".so"), (name, file)
+    assert out[-1] == "compilers []", out
+
+
 #: the warehouse file the producer polls, in its /tmp volume
 WAREHOUSE = "warehouse.duckdb"
 
@@ -119,7 +148,8 @@ def test_alert_from_event_to_receipt(
 ) -> None:
     """The three services from the image against the local stack and a fake Slack: connector
     events and warehouse rows become Slack posts and receipts, poison ends in the dead-letter
-    topics, every service stops cleanly on SIGTERM (the e2e audit of tests/e2e/harness.py)."""
+    topics, every service stops cleanly on SIGTERM (the e2e audit of tests/e2e/harness.py);
+    and the enricher says at start that it runs the image's compiled hot path."""
     specs = {s: pod_spec(s) for s in SERVICES}
     vol_root = tmp_path / "volumes"
 
@@ -141,6 +171,15 @@ def test_alert_from_event_to_receipt(
         producer_tmp.mkdir(parents=True)
         w.warehouse = producer_tmp / WAREHOUSE
         w.start()
+        # which hot path runs: the enricher's first line once its logging is configured
+        enricher = w.fleet["enricher"]
+
+        def hot_path() -> list[str]:
+            msgs = (str(r.get("msg", "")) for r in enricher.log_records())
+            return [m for m in msgs if m.startswith("hot path: ")]
+
+        w.fleet.wait_for(hot_path, 60, "the enricher's 'hot path: ...' log line")
+        assert hot_path()[0].startswith(COMPILED_LINE), hot_path()
         w.stream(StreamSpec(duration_s=8, connectors=10, rows=4), Random(7))
         report = w.finish()
     report.assert_ok()

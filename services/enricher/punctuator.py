@@ -98,7 +98,10 @@ class LifecyclePunctuator:
         *,
         out_topic: str,
         counts: LifecycleCounts,
+        store_origins: bool = True,
     ) -> None:
+        """``store_origins``: as ``EventHandler``'s (``False``: groups as before lc6)."""
+        self._store_origins = store_origins
         self._sources = {
             p.name: _Source(p, AvroDeserializer(registry, p.record_type))
             for p in pipelines.values()
@@ -201,7 +204,8 @@ class LifecyclePunctuator:
                 repark = (OWNER, park.org_id)
         group = self._group(state, park)
         origin = None
-        if isinstance(outcome, Alert):  # the group that follows the DM renders it again
+        if isinstance(outcome, Alert) and self._store_origins:
+            # the group that follows the DM renders it again
             origin = Origin(park.event_bytes(), outcome.owner, outcome.user)
         decision = on_park_hit(park, outcome, group=group, repark=repark, now=now, origin=origin)
         if not self._apply(tp, state, decision, out):

@@ -654,6 +654,22 @@ class StateEmitter(ListEmitter):
         self.state = state
 
 
+class ReadSpy(MemoryState):
+    """A partition's state that records every key and prefix read, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[bytes] = []
+
+    def get(self, key: bytes) -> bytes | None:
+        self.reads.append(key)
+        return super().get(key)
+
+    def prefix(self, prefix: bytes) -> Any:
+        self.reads.append(prefix)
+        yield from super().prefix(prefix)
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
@@ -1000,20 +1016,11 @@ SCANS = [park_prefix(OWNER, "org-1"), park_prefix(USER, "dana.owner@example.com"
 def test_resolving_reads_parks_only_where_one_may_wait(
     name: str, window_s: int, ttl_s: int, failed_first: bool, scans: list[bytes]
 ) -> None:
-    reads: list[bytes] = []
-
-    class Spy(MemoryState):
-        def get(self, key: bytes) -> bytes | None:
-            reads.append(key)
-            return super().get(key)
-
-        def prefix(self, prefix: bytes) -> Any:
-            reads.append(prefix)
-            yield from super().prefix(prefix)
-
+    spy = ReadSpy()
+    reads = spy.reads
     w = World(window_s=window_s, ttl_s=ttl_s)
     w.assign()
-    w.state = w.out.state = Spy()
+    w.state = w.out.state = spy
     if failed_first:
         w.send("cn", failure(1))
     reads.clear()
@@ -1065,20 +1072,11 @@ def test_first_sight_routes_parks_whose_lookup_arrived_unseen() -> None:
 
 
 def test_expiry_reads_only_what_is_due() -> None:
-    reads: list[bytes] = []
-
-    class Spy(MemoryState):
-        def get(self, key: bytes) -> bytes | None:
-            reads.append(key)
-            return super().get(key)
-
-        def prefix(self, prefix: bytes) -> Any:
-            reads.append(prefix)
-            yield from super().prefix(prefix)
-
+    spy = ReadSpy()
+    reads = spy.reads
     w = World(window_s=60)
     w.assign()
-    w.state = w.out.state = Spy()
+    w.state = w.out.state = spy
     w.send("cn", failure(1))  # due in 60 s
     w.clock.now += timedelta(seconds=50)
     for n in range(2, 52):  # 50 more connectors, due in 110 s

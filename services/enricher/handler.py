@@ -324,16 +324,14 @@ class EventHandler:
                     now=now,
                     parks=parks,
                 )
-            if resolved is None or resolved.action is not Action.RESOLVED:
-                # resolves no open alert: a drop, counted as always (its parks, if any, go)
-                if resolved is not None:
-                    self._apply(resolved, tp, out, state)
+            if resolved is not None:
+                self._apply(resolved, tp, out, state)
+                if resolved.parks_delta:
                     self._log_unparked(parks, resolved, event.event_id)
+            if resolved is None or resolved.action is not Action.RESOLVED:
+                # resolves no open alert: a drop, counted as always (its parks, if any, went)
                 self._act(name, event, outcome, out)
                 return
-            self._apply(resolved, tp, out, state)
-            if resolved.parks_delta:
-                self._log_unparked(parks, resolved, event.event_id)
             self._count(name, "resolved")
             self._resolutions[name].inc()
             return

@@ -416,6 +416,20 @@ def test_five_failures_one_post_four_updates_then_resolved() -> None:
     assert done.deletes == (gkey,)
 
 
+def resolve_lcc1(grp: Group | None, parks: list[Park] | None = None) -> Decision | None:
+    """``resolve`` for a resolving event of connector ``lcc-1`` at ``T`` finding ``parks``."""
+    return resolve(
+        grp,
+        gkey=group_key(P, "lcc-1"),
+        pipeline=P,
+        event_id="e",
+        org_id="o",
+        how="h",
+        now=T,
+        parks=parks or (),
+    )
+
+
 @pytest.mark.parametrize(
     ("name", "grp", "expected"),
     [
@@ -426,9 +440,7 @@ def test_five_failures_one_post_four_updates_then_resolved() -> None:
     ],
 )
 def test_resolve(name: str, grp: Group | None, expected: tuple[Action, int] | None) -> None:
-    d = resolve(
-        grp, gkey=group_key(P, "lcc-1"), pipeline=P, event_id="e", org_id="o", how="h", now=T
-    )
+    d = resolve_lcc1(grp)
     assert (None if d is None else (d.action, len(d.messages))) == expected, name
     if d is not None:
         assert d.groups_delta == -1
@@ -452,23 +464,12 @@ def test_resolve_deletes_every_park_of_its_key() -> None:
     "Resolved" with its re-route note (``on_park_hit``), however late the owner arrives."""
     gkey = group_key(P, "lcc-1")
     parks = waiting()
-    d = resolve(
-        group(), gkey=gkey, pipeline=P, event_id="e", org_id="o", how="h", now=T, parks=parks
-    )
+    d = resolve_lcc1(group(), parks)
     assert d is not None and d.action is Action.RESOLVED and len(d.messages) == 1
     assert d.deletes == (gkey, parks[0].state_key, parks[1].state_key)
     assert (d.groups_delta, d.parks_delta) == (-1, -2)
     # the same park found twice (under two prefixes the shell scanned) is deleted once
-    d = resolve(
-        group(),
-        gkey=gkey,
-        pipeline=P,
-        event_id="e",
-        org_id="o",
-        how="h",
-        now=T,
-        parks=[parks[0], parks[0]],
-    )
+    d = resolve_lcc1(group(), [parks[0], parks[0]])
     assert d is not None and d.deletes == (gkey, parks[0].state_key) and d.parks_delta == -1
 
 
@@ -477,16 +478,7 @@ def test_resolve_deletes_every_park_of_its_key() -> None:
 )
 def test_resolve_without_an_open_group_still_ends_the_parks(name: str, grp: Group | None) -> None:
     parks = waiting()
-    d = resolve(
-        grp,
-        gkey=group_key(P, "lcc-1"),
-        pipeline=P,
-        event_id="e",
-        org_id="o",
-        how="h",
-        now=T,
-        parks=parks,
-    )
+    d = resolve_lcc1(grp, parks)
     assert d is not None, name
     # nothing to update: not a resolution (the shell counts the event a drop, as before)
     assert d.action is Action.UNPARKED and d.messages == () and d.puts == ()
@@ -494,19 +486,7 @@ def test_resolve_without_an_open_group_still_ends_the_parks(name: str, grp: Grou
     assert (d.groups_delta, d.parks_delta) == (0, -2)
     # and with no park of its key it is what it was: nothing
     others = parks[2:]
-    assert (
-        resolve(
-            grp,
-            gkey=group_key(P, "lcc-1"),
-            pipeline=P,
-            event_id="e",
-            org_id="o",
-            how="h",
-            now=T,
-            parks=others,
-        )
-        is None
-    )
+    assert resolve_lcc1(grp, others) is None
 
 
 # -- parks -----------------------------------------------------------------------------------

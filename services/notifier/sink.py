@@ -1020,10 +1020,9 @@ class SinkLoop:
         decision: Decision = decide(
             delivery, outcome, now=now, policy=self.config.policy, jitter=jitter
         )
-        if c.step is Step.CHECK_UPDATE:
-            self._count_update_check(entry, outcome, decision)
-        elif c.step is Step.CHECK_HISTORY:
-            self._count_check(entry, outcome, decision)
+        check = _CHECKS.get(c.step)
+        if check is not None:
+            self._count_check(check, entry, outcome, decision)
         if entry.dropped:
             # Its partition was revoked or lost while the call was in flight: still record a
             # final outcome (a fact the next owner's table will see), retry nothing.
@@ -1034,33 +1033,21 @@ class SinkLoop:
             return
         self._decide(channel, entry, decision)
 
-    def _count_check(self, entry: _Entry, outcome: object, decision: Decision) -> None:
+    def _count_check(
+        self, check: _Check, entry: _Entry, outcome: object, decision: Decision
+    ) -> None:
         if isinstance(outcome, core.Found):
-            self.stats.found_in_history += 1
-            IN_DOUBT.labels("found").inc()
-            log.info("in-doubt post found in the history, not posting again", extra=_ids(entry))
+            if check is _HISTORY_CHECK:
+                self.stats.found_in_history += 1
+            check.metric.labels(check.found).inc()
+            log.info(check.found_log, extra=_ids(entry))
         elif isinstance(outcome, core.NotFound):
-            IN_DOUBT.labels("not_found").inc()
+            check.metric.labels(check.not_found).inc()
         elif isinstance(decision, Proceed | Finish) and not isinstance(outcome, core.RateLimited):
             self.stats.unverified += 1
-            IN_DOUBT.labels("unverified").inc()
+            check.metric.labels("unverified").inc()
             log.warning(
-                "in-doubt post cannot be verified, posting again (at-least-once)",
-                extra=_ids(entry, error=getattr(outcome, "error", None)),
-            )
-
-    def _count_update_check(self, entry: _Entry, outcome: object, decision: Decision) -> None:
-        if isinstance(outcome, core.Found):
-            UPDATE_CHECKS.labels("applied").inc()
-            log.info("in-doubt update found applied, not updating again", extra=_ids(entry))
-        elif isinstance(outcome, core.NotFound):
-            UPDATE_CHECKS.labels("not_applied").inc()
-        elif isinstance(decision, Proceed | Finish) and not isinstance(outcome, core.RateLimited):
-            self.stats.unverified += 1
-            UPDATE_CHECKS.labels("unverified").inc()
-            log.warning(
-                "in-doubt update cannot be verified, applying it again (at-least-once)",
-                extra=_ids(entry, error=getattr(outcome, "error", None)),
+                check.unverified_log, extra=_ids(entry, error=getattr(outcome, "error", None))
             )
 
     def _decide(self, channel: _Channel, entry: _Entry, decision: Decision) -> None:
@@ -1397,6 +1384,37 @@ _ANSWERS: dict[Step, tuple[Any, str, Callable[..., Decision]]] = {
     Step.UPDATE: (core.UpdateOutcome, "chat.update", core.after_update),
     Step.CHECK_UPDATE: (core.HistoryOutcome, "conversations.history", core.after_update_check),
     Step.CHECK_HISTORY: (core.HistoryOutcome, "conversations.history", core.after_history),
+}
+
+
+@dataclass(frozen=True)
+class _Check:
+    """How the answer to a check of an in-doubt call is counted and logged."""
+
+    metric: Counter
+    found: str
+    not_found: str
+    found_log: str
+    unverified_log: str
+
+
+_HISTORY_CHECK = _Check(
+    IN_DOUBT,
+    "found",
+    "not_found",
+    "in-doubt post found in the history, not posting again",
+    "in-doubt post cannot be verified, posting again (at-least-once)",
+)
+#: the checks by the step that made them
+_CHECKS = {
+    Step.CHECK_HISTORY: _HISTORY_CHECK,
+    Step.CHECK_UPDATE: _Check(
+        UPDATE_CHECKS,
+        "applied",
+        "not_applied",
+        "in-doubt update found applied, not updating again",
+        "in-doubt update cannot be verified, applying it again (at-least-once)",
+    ),
 }
 
 

@@ -785,12 +785,6 @@ def passthrough(argv: Sequence[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["passthrough"]:
-        sys.exit(passthrough(sys.argv[2:]))
-    sys.exit(f"usage: {sys.argv[0]} passthrough BOOTSTRAP IN1,IN2 OUT GROUP")
-
-
 def test_cpu_per_output_counts_the_cpu_of_the_outputs_in_its_window() -> None:
     """No broker needed: a process spending 50 µs per output, its outputs visible a transaction
     (5000) at a time, as the enricher's loop commits them.
@@ -815,3 +809,9 @@ def test_cpu_per_output_counts_the_cpu_of_the_outputs_in_its_window() -> None:
         for seen in range(committed - 4000, committed + 1, 1000)
     ]
     assert visible.cpu_us_per_output(n) < 0.8 * 50 + 0.5
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["passthrough"]:
+        sys.exit(passthrough(sys.argv[2:]))
+    sys.exit(f"usage: {sys.argv[0]} passthrough BOOTSTRAP IN1,IN2 OUT GROUP")

@@ -8,7 +8,11 @@ Figures (medians of ``BENCH_RUNS`` runs, default 3):
   from the start of producing a batch of ``BENCH_MESSAGES`` messages (default 400 x channels
   up to 2000) to the last of their receipts read back from ``slack-message-receipts``, so it
   includes Kafka both ways, the receipts table, the markers, the receipt's ack and the commit;
-* the notifier's CPU time per message (user + system of its process, from ``/proc``);
+* the notifier's CPU time per message (user + system of its process, from ``/proc``), and
+  its split by thread (``/proc/<pid>/task``): the loop's (the main thread), librdkafka's
+  (``rdk:*``) and RocksDB's, whose sum is the **own CPU** issue 14's ≤ 0.3 ms target is
+  about, and the Slack call threads' (every other Python thread: the HTTP calls, which the
+  bare client below pays too);
 * the notifier's resident memory (VmRSS) after the runs and its peak (VmHWM);
 * the baseline, in the same run against the same fake Slack: bare
   ``WebClient.chat_postMessage`` calls in a loop (one thread, and 8 threads like the
@@ -33,7 +37,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -99,10 +103,56 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
+    """User + system CPU seconds of each thread of a process so far: ``{tid: (kind, s)}``,
+    kind ``loop`` (the main thread), ``rdk`` (librdkafka's), ``rocksdb`` or ``calls`` (any
+    other thread: the notifier's other threads are its Slack call threads, the health server's
+    is idle). A thread that ends between the reads drops out of the sum (none does in a run)."""
+    out: dict[int, tuple[str, float]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        tid = int(task.name)
+        kind = (
+            "loop"
+            if tid == pid
+            else "rdk"
+            if name.startswith("rdk:")
+            else "rocksdb"
+            if name.startswith("rocksdb")
+            else "calls"
+        )
+        out[tid] = (kind, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    return out
+
+
+def by_kind(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds per kind of thread spent between two ``thread_cpu_s`` reads."""
+    spent: dict[str, float] = {}
+    for tid, (kind, s) in after.items():
+        spent[kind] = spent.get(kind, 0.0) + s - before.get(tid, (kind, 0.0))[1]
+    return spent
+
+
+#: the kinds of threads whose CPU is the notifier's own (not the Slack calls')
+OWN = ("loop", "rdk", "rocksdb")
+
+
 @dataclass
 class Figure:
     msgs_per_s: float
     cpu_ms_per_msg: float
+    #: CPU ms per message by kind of thread (``thread_cpu_s``); empty for the bare client
+    threads_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def own_ms_per_msg(self) -> float:
+        return sum(self.threads_ms.get(kind, 0.0) for kind in OWN)
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +292,7 @@ class Bench:
             )
             ids.add(m.message_id)
             values.append((channel.encode(), self.encode(self.messages, m)))
-        cpu0 = cpu_seconds(self.proc.pid)
+        cpu0, threads0 = cpu_seconds(self.proc.pid), thread_cpu_s(self.proc.pid)
         t0 = time.perf_counter()
         for key, value in values:
             self.producer.produce(self.messages, key=key, value=value)
@@ -258,7 +308,8 @@ class Bench:
                     ids.discard(r.message_id)
         wall = time.perf_counter() - t0
         cpu = cpu_seconds(self.proc.pid) - cpu0
-        return Figure(n / wall, cpu / n * 1000)
+        spent = by_kind(threads0, thread_cpu_s(self.proc.pid))
+        return Figure(n / wall, cpu / n * 1000, {k: v / n * 1000 for k, v in spent.items()})
 
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -268,9 +319,11 @@ class Bench:
 
 
 def median(figures: list[Figure]) -> Figure:
+    kinds = {k for f in figures for k in f.threads_ms}
     return Figure(
         statistics.median(f.msgs_per_s for f in figures),
         statistics.median(f.cpu_ms_per_msg for f in figures),
+        {k: statistics.median(f.threads_ms.get(k, 0.0) for f in figures) for k in sorted(kinds)},
     )
 
 
@@ -318,6 +371,18 @@ def test_notifier_throughput_and_overhead(
             f"{fig.cpu_ms_per_msg:11.3f} {fig.msgs_per_s / base_1.msgs_per_s:11.2f}x "
             f"{fig.msgs_per_s / base_8.msgs_per_s:11.2f}x {overhead}"
         )
+    for c in CHANNELS:
+        split = ", ".join(f"{k} {v:.3f}" for k, v in results[c].threads_ms.items())
+        print(
+            f"notifier, {c} channel{'s' if c > 1 else ''}: CPU ms/msg by thread {split}; "
+            f"own (loop + rdk + rocksdb) {results[c].own_ms_per_msg:.3f}"
+        )
+    one = results[CHANNELS[0]]
+    print(
+        f"against issue 14's targets: own CPU ≤ 0.3 ms/msg: 1 channel {one.own_ms_per_msg:.3f}, "
+        f"{CHANNELS[-1]} channels {results[CHANNELS[-1]].own_ms_per_msg:.3f}; one channel ≥ 0.9x "
+        f"the 1-thread bare client: {one.msgs_per_s / base_1.msgs_per_s:.2f}x"
+    )
     print(f"notifier RSS after the runs {rss:.0f} MB (peak {peak:.0f} MB)")
     if stopped:
         s = stopped[0]

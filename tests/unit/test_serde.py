@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from datetime import UTC, datetime
@@ -399,6 +400,56 @@ def test_the_generated_reader_reads_what_read_flat_reads(record: Any) -> None:
         except Exception as exc:
             got = (type(exc), str(exc))
         assert got == expected, bad
+
+
+def test_the_generated_reader_calls_a_record_type_that_does_more_than_set_its_fields() -> None:
+    """Records are built through their slots only where ``__init__`` would do no more; a
+    type with its own ``__init__`` or a ``__post_init__`` is called as it always was."""
+    from libs.serde.avro import _generated_reader, _slot_setters, flat_layout, load_schema_text
+
+    layout = flat_layout(load_schema_text(SlackUser.SCHEMA))
+    assert layout is not None
+    names = ["email", "slack_user_id", "updated_at", "display_name"]
+    assert _slot_setters(SlackUser, names) is not None
+    framed = AvroSerializer(InMemorySchemaRegistry(), SlackUser)("t", SlackUser("A", "U1", T0))
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Lowered:
+        email: str
+        slack_user_id: str
+        updated_at: datetime
+        display_name: str | None = None
+
+        def __post_init__(self) -> None:
+            object.__setattr__(self, "email", self.email.lower())
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Counted:
+        email: str
+        slack_user_id: str
+        updated_at: datetime
+        display_name: str | None
+
+        def __init__(self, *values: Any) -> None:
+            for name, value in zip(names, values, strict=True):
+                object.__setattr__(self, name, value)
+            calls.append(values[0])
+
+    @dataclasses.dataclass(slots=True)
+    class Mutable:
+        email: str
+        slack_user_id: str
+        updated_at: datetime
+        display_name: str | None = None
+
+    calls: list[str] = []
+    for record_type in (Lowered, Counted, Mutable):
+        assert _slot_setters(record_type, names) is None
+    for record_type, email in ((Lowered, "a"), (Counted, "A"), (Mutable, "A")):
+        read = _generated_reader(layout, record_type)
+        assert read is not None
+        assert read(framed, 5) == record_type(email, "U1", T0, None)
+    assert calls == ["A", "A"]  # the reader's and the expected value's
 
 
 def test_a_record_type_not_built_from_its_fields_keeps_read_flat() -> None:

@@ -346,8 +346,22 @@ def message_id(pipeline: str, event_id: str) -> str:
     Downstream (the notifier's receipts table) uses it to recognise a replayed message, so it
     must not depend on time, offsets or the channel it ends up in.
     """
-    digest = hashlib.sha256(f"{pipeline}\x00{event_id}".encode()).hexdigest()
-    return digest[:MESSAGE_ID_HEX]
+    # sha256 of "<pipeline>\x00<event_id>" in UTF-8, continued from a copy of the state
+    # after the pipeline's prefix: the same digest, without hashing the prefix per event
+    prefix = _ID_PREFIXES.get(pipeline)
+    if prefix is None:
+        prefix = hashlib.sha256(f"{pipeline}\x00".encode())
+        if len(_ID_PREFIXES) < _ID_PREFIXES_MAX:
+            _ID_PREFIXES[pipeline] = prefix
+    digest = prefix.copy()
+    digest.update(event_id.encode())
+    return digest.hexdigest()[:MESSAGE_ID_HEX]
+
+
+#: a cache, not state: the hash of each pipeline name's prefix (a few pipelines; bounded in
+#: case a caller passes ever-new names), copied, never updated, once stored
+_ID_PREFIXES_MAX: Final = 256
+_ID_PREFIXES: Final[dict[str, hashlib._Hash]] = {}
 
 
 def slack_user_key(email: str) -> str:

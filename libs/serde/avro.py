@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
-from types import MemberDescriptorType
 from typing import Any, Generic, cast
 
 import fastavro
@@ -30,7 +29,7 @@ from libs.serde.errors import (
     SerdeError,
     SerializationError,
 )
-from libs.serde.records import R
+from libs.serde.records import R, slot_setters
 from libs.serde.registry import SchemaRegistry, topic_subject
 
 MAGIC_BYTE = 0
@@ -169,6 +168,12 @@ def write_flat(layout: Sequence[tuple[str, int]], record: object, parts: list[by
 _SIZE_PREFIXES: dict[int, bytes] = {}
 
 
+#: the Avro length prefix of each size below ``_PREFIXED`` (all but an alert's blocks), for the
+#: generated writer to index instead of calling ``_size_prefix`` (~170 KB, once)
+_PREFIXED = 4096
+_PREFIX = tuple(_long(size) for size in range(_PREFIXED))
+
+
 def _size_prefix(size: int) -> bytes:
     prefix = _SIZE_PREFIXES.get(size)
     if prefix is None:
@@ -222,16 +227,18 @@ def flat_writer(layout: Sequence[tuple[str, int]], utf8: Sequence[str] = ()) -> 
             terms.append(f"_long({v})")
             continue
         else:
-            terms.append(f"_long(_millis(r.{name}))")
+            terms.append(f"_timestamp(r.{name})")
             continue
-        terms.append(f"_size_prefix(len({d}))")
+        lines.append(f"    s{number} = len({d})")
+        terms.append(f"_PREFIX[s{number}] if s{number} < {_PREFIXED} else _size_prefix(s{number})")
         terms.append(d)
     lines.append(f"    return b''.join(({', '.join(terms)},))")
     scope: dict[str, Any] = {
         "__builtins__": {},
         "_long": _long,
-        "_millis": _millis,
+        "_timestamp": _timestamp,
         "_size_prefix": _size_prefix,
+        "_PREFIX": _PREFIX,
         "_string": _string,
         "TypeError": TypeError,
         "int": int,
@@ -241,6 +248,21 @@ def flat_writer(layout: Sequence[tuple[str, int]], utf8: Sequence[str] = ()) -> 
     exec("\n".join(lines), scope)
     write: FlatWriter = scope["write"]
     return write
+
+
+#: (milliseconds, their Avro long) of the last timestamp ``_timestamp`` wrote: an output's
+#: ``created_at`` is when it was handled, which consecutive outputs share to the millisecond
+_last_timestamp: tuple[int, bytes] = (0, _long(0))
+
+
+def _timestamp(value: object) -> bytes:
+    """``_long(_millis(value))``, the varint kept for the next value of the same millisecond."""
+    global _last_timestamp
+    millis = _millis(value)
+    last = _last_timestamp  # one read: another thread may replace it
+    if millis != last[0]:
+        last = _last_timestamp = (millis, _long(millis))
+    return last[1]
 
 
 def _string(data: bytes) -> bytes:
@@ -325,7 +347,7 @@ def flat_reader(
 
     With ``setters`` (one per argument: its slot's ``__set__``), the record is
     ``build.__new__(build)`` with each value set through its slot instead: what a slotted
-    dataclass's ``__init__`` does (``_slot_setters`` says when), without its
+    dataclass's ``__init__`` does (``slot_setters`` says when), without its
     ``object.__setattr__`` lookup per field.
 
     Generated once per layout; the source holds only field names checked to be identifiers.
@@ -354,11 +376,25 @@ def flat_reader(
                 f"            raise _bad_branch({name!r}, branch)",
             ]
             indent = "        "
+        if kind <= _OPTIONAL_STRING:
+            # the usual string first: a length below 64 is one even byte (zig-zag), n >> 1
+            lines += [
+                f"{indent}n = data[pos]",
+                f"{indent}if not n & 0x81:",
+                f"{indent}    end = pos + 1 + (n >> 1)",
+                f"{indent}    if end > size:",
+                f"{indent}        raise _past_end({name!r}, n >> 1)",
+                f"{indent}    {v} = data[pos + 1:end].decode('utf-8')",
+                f"{indent}    pos = end",
+                f"{indent}else:",
+            ]
+            indent += "    "
+            lines.append(f"{indent}pos += 1")
+        else:
+            lines += [f"{indent}n = data[pos]", f"{indent}pos += 1"]
         # the varint's continuation bytes read inline (a timestamp has six, a long string
         # two): a helper's call per field cost more than the loop
         lines += [
-            f"{indent}n = data[pos]",
-            f"{indent}pos += 1",
             f"{indent}if n & 0x80:",
             f"{indent}    n &= 0x7F",
             f"{indent}    shift = 7",
@@ -616,36 +652,7 @@ def _generated_reader(
     names = [f.name for f in fields]
     if sorted(names) != sorted(name for name, _ in layout):
         return None
-    return flat_reader(layout, record_type, names, _slot_setters(record_type, names))
-
-
-def _slot_setters(
-    record_type: type[Any], names: Sequence[str]
-) -> list[Callable[[Any, Any], None]] | None:
-    """Each field's slot ``__set__`` when ``record_type(*values)`` does nothing but set its
-    slots in order, else ``None`` (the reader calls the type): a frozen slotted dataclass
-    whose ``__init__`` is the generated one, which only calls the builtin
-    ``object.__setattr__`` per field (the slot's ``__set__``), no ``__post_init__``, and
-    object's ``__new__``."""
-    code = getattr(record_type.__dict__.get("__init__"), "__code__", None)
-    params = getattr(record_type, "__dataclass_params__", None)
-    if (
-        params is None
-        or not params.frozen
-        or code is None
-        or code.co_names != ("__setattr__",)
-        or code.co_freevars != ("__dataclass_builtins_object__",)
-        or hasattr(record_type, "__post_init__")
-        or cast(object, record_type.__new__) is not object.__new__
-    ):
-        return None
-    setters = []
-    for name in names:
-        slot = record_type.__dict__.get(name)
-        if not isinstance(slot, MemberDescriptorType):
-            return None
-        setters.append(slot.__set__)
-    return setters
+    return flat_reader(layout, record_type, names, slot_setters(record_type, names))
 
 
 def decode_with_writer_schema(registry: SchemaRegistry, data: bytes) -> tuple[int, Any]:

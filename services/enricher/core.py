@@ -22,7 +22,7 @@ from typing import Final, Generic, NamedTuple, Protocol, TypeVar
 
 from mypy_extensions import mypyc_attr
 
-from libs.serde import CsdrAssignment, SlackMessage, SlackUser
+from libs.serde import CsdrAssignment, SlackMessage, SlackUser, positional_builder
 from services.enricher.render import (
     FALLBACK_DETAIL_CHARS,
     MAX_URL,
@@ -704,6 +704,10 @@ def _probe(number: int, value: str) -> str:
     return f' p{number} <&> "q\\" ``` *b*\n é→🚀' if value else ""
 
 
+#: ``SlackMessage(*fields)``, built through its slots (one per routed event)
+_new_message: Final = positional_builder(SlackMessage)
+
+
 def route(
     event: E,
     owner: CsdrAssignment | None,
@@ -753,15 +757,10 @@ def route(
         if miss is None:
             warning = note.warning
         text, blocks = _compose(pipeline, note, warning, greeting, event.event_id, mid, links)
-    message = SlackMessage(
-        message_id=mid,
-        pipeline=pipeline.name,
-        channel=channel,
-        text=text,
-        blocks=blocks,
-        org_id=event.org_id,
-        source_event_id=event.event_id,
-        created_at=now,
+    # SlackMessage's fields in order: message_id, pipeline, channel, text, blocks, org_id,
+    # source_event_id, created_at, update_of
+    message = _new_message(
+        mid, pipeline.name, channel, text, blocks, event.org_id, event.event_id, now, None
     )
     return Alert(message, miss, owner, user, utf8)
 

@@ -190,14 +190,21 @@ def _slot_fields(template: str, slots: Sequence[str]) -> list[str]:
     return names
 
 
-def _positional(template: str, slots: Sequence[str]) -> str:
-    """``template`` with each ``{slot}`` as ``{index}``, for ``str.format(*values)``."""
-    out = []
+def _slot_joiner(template: str, slots: Sequence[str]) -> Joiner:
+    """``template.format_map`` of the slots' values (given in ``slots`` order) as a
+    ``joiner``: its fields are plain slot names (``_slot_fields``), each the value itself, so
+    the literal text between them is fixed and parsed here once instead of per event."""
+    pieces: list[str] = []
+    holes: list[int] = []
+    literal_run = ""
     for literal, name, _, _ in Formatter().parse(template):
-        out.append(literal.replace("{", "{{").replace("}", "}}"))
+        literal_run += literal
         if name is not None:
-            out.append(f"{{{slots.index(name)}}}")
-    return "".join(out)
+            pieces.append(literal_run)
+            holes.append(slots.index(name))
+            literal_run = ""
+    pieces.append(literal_run)
+    return joiner(pieces, holes)
 
 
 @mypyc_attr(native_class=False)  # as NoteTemplate: a Generic frozen dataclass
@@ -545,7 +552,7 @@ class CompiledNotes(Generic[E]):
         self._pipeline = pipeline
         self.template = template
         slots = template.slots
-        self._title = _positional(template.title, slots)
+        self._title = _slot_joiner(template.title, slots)
         self._detail = None if template.detail is None else slots.index(template.detail[1])
         # facts that are empty when all their slots are (no fixed text): one bit each
         maybe_empty = []
@@ -605,7 +612,7 @@ class CompiledNotes(Generic[E]):
         detail: str,
         links: str,
     ) -> tuple[str, str, bytes | None] | None:
-        header = header_text(self._title.format(*values))
+        header = header_text(self._title(values))
         if detail:  # as render's code block and fallback text show it
             stripped = detail.strip()
             body = escape(stripped) if stripped else "(empty)"

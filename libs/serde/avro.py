@@ -334,6 +334,31 @@ def _past_end(name: str, n: int) -> EOFError:
     return EOFError(f"{name}: {n} bytes of string past the end of the record")
 
 
+def _varint_lines(indent: str, unrolled: int) -> list[str]:
+    """Source reading the rest of a varint into ``n`` (its first byte, continuation bit set,
+    read): ``unrolled - 1`` more bytes as nested steps, then a loop for any further ones."""
+    lines = [f"{indent}n &= 0x7F"]
+    for number in range(1, unrolled):
+        lines += [
+            f"{indent}byte = data[pos]",
+            f"{indent}pos += 1",
+            f"{indent}n |= (byte & 0x7F) << {7 * number}",
+            f"{indent}if byte & 0x80:",
+        ]
+        indent += "    "
+    return [
+        *lines,
+        f"{indent}shift = {7 * unrolled}",
+        f"{indent}while True:",
+        f"{indent}    byte = data[pos]",
+        f"{indent}    pos += 1",
+        f"{indent}    n |= (byte & 0x7F) << shift",
+        f"{indent}    if not byte & 0x80:",
+        f"{indent}        break",
+        f"{indent}    shift += 7",
+    ]
+
+
 def flat_reader(
     layout: Sequence[tuple[str, int]],
     build: Callable[..., Any],
@@ -393,20 +418,11 @@ def flat_reader(
         else:
             lines += [f"{indent}n = data[pos]", f"{indent}pos += 1"]
         # the varint's continuation bytes read inline (a timestamp has six, a long string
-        # two): a helper's call per field cost more than the loop
-        lines += [
-            f"{indent}if n & 0x80:",
-            f"{indent}    n &= 0x7F",
-            f"{indent}    shift = 7",
-            f"{indent}    while True:",
-            f"{indent}        byte = data[pos]",
-            f"{indent}        pos += 1",
-            f"{indent}        n |= (byte & 0x7F) << shift",
-            f"{indent}        if not byte & 0x80:",
-            f"{indent}            break",
-            f"{indent}        shift += 7",
-            f"{indent}n = (n >> 1) ^ -(n & 1)",
-        ]
+        # two): a helper's call per field cost more than the loop; a number's first seven
+        # bytes unrolled (the shifts constant), as a timestamp of this century takes six
+        lines.append(f"{indent}if n & 0x80:")
+        lines += _varint_lines(indent + "    ", 7 if kind > _OPTIONAL_STRING else 1)
+        lines.append(f"{indent}n = (n >> 1) ^ -(n & 1)")
         if kind <= _OPTIONAL_STRING:
             lines += [
                 f"{indent}end = pos + n",

@@ -29,6 +29,7 @@ from libs.serde.records import (
     SlackMessage,
     SlackUser,
     Status,
+    positional_builder,
 )
 from libs.serde.registry import (
     ConfluentSchemaRegistry,
@@ -66,6 +67,7 @@ __all__ = [
     "decode_with_writer_schema",
     "encode_key",
     "load_schema_text",
+    "positional_builder",
     "topic_subject",
     "wait_for_registry",
 ]

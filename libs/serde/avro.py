@@ -29,7 +29,7 @@ from libs.serde.errors import (
     SerdeError,
     SerializationError,
 )
-from libs.serde.records import R
+from libs.serde.records import R, slot_setters
 from libs.serde.registry import SchemaRegistry, topic_subject
 
 MAGIC_BYTE = 0
@@ -66,6 +66,10 @@ def _parse(text: str) -> ParsedSchema:
 # (tests/unit/test_serde.py compares the two on every such schema).
 
 _STRING, _OPTIONAL_STRING, _LONG, _TIMESTAMP_MILLIS = range(4)
+# A timestamp-millis ``n`` reads as ``_EPOCH + timedelta(0, n // 1000, n % 1000 * 1000)``:
+# fastavro's ``_EPOCH + timedelta(microseconds=n * 1000)`` (not fromtimestamp: it differs
+# before 1970 and far out) in exact integers, the same value and the same OverflowError,
+# at half the cost of the keyword form's conversion of microseconds.
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_BYTE = tuple(bytes((n,)) for n in range(128))
 
@@ -111,9 +115,10 @@ def _millis(value: object) -> int:
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise TypeError("naive datetime")  # fastavro's local-time rule applies: use it
-        # the same arithmetic as fastavro's timestamp-millis (truncates sub-milliseconds)
+        # fastavro's timestamp-millis arithmetic, which truncates sub-milliseconds with
+        # int(microseconds / 1000): the same as // for microseconds (0 to 999999)
         delta = value - _EPOCH
-        return (delta.days * 86400 + delta.seconds) * 1000 + int(delta.microseconds / 1000)
+        return (delta.days * 86400 + delta.seconds) * 1000 + delta.microseconds // 1000
     if type(value) is int:
         return value
     raise TypeError(f"not a timestamp: {type(value).__name__}")
@@ -161,6 +166,12 @@ def write_flat(layout: Sequence[tuple[str, int]], record: object, parts: list[by
 #: Avro length prefixes of the sizes met so far (a few thousand at most: sizes past 8191
 #: are not kept)
 _SIZE_PREFIXES: dict[int, bytes] = {}
+
+
+#: the Avro length prefix of each size below ``_PREFIXED`` (all but an alert's blocks), for the
+#: generated writer to index instead of calling ``_size_prefix`` (~170 KB, once)
+_PREFIXED = 4096
+_PREFIX = tuple(_long(size) for size in range(_PREFIXED))
 
 
 def _size_prefix(size: int) -> bytes:
@@ -216,16 +227,18 @@ def flat_writer(layout: Sequence[tuple[str, int]], utf8: Sequence[str] = ()) -> 
             terms.append(f"_long({v})")
             continue
         else:
-            terms.append(f"_long(_millis(r.{name}))")
+            terms.append(f"_timestamp(r.{name})")
             continue
-        terms.append(f"_size_prefix(len({d}))")
+        lines.append(f"    s{number} = len({d})")
+        terms.append(f"_PREFIX[s{number}] if s{number} < {_PREFIXED} else _size_prefix(s{number})")
         terms.append(d)
     lines.append(f"    return b''.join(({', '.join(terms)},))")
     scope: dict[str, Any] = {
         "__builtins__": {},
         "_long": _long,
-        "_millis": _millis,
+        "_timestamp": _timestamp,
         "_size_prefix": _size_prefix,
+        "_PREFIX": _PREFIX,
         "_string": _string,
         "TypeError": TypeError,
         "int": int,
@@ -235,6 +248,21 @@ def flat_writer(layout: Sequence[tuple[str, int]], utf8: Sequence[str] = ()) -> 
     exec("\n".join(lines), scope)
     write: FlatWriter = scope["write"]
     return write
+
+
+#: (milliseconds, their Avro long) of the last timestamp ``_timestamp`` wrote: an output's
+#: ``created_at`` is when it was handled, which consecutive outputs share to the millisecond
+_last_timestamp: tuple[int, bytes] = (0, _long(0))
+
+
+def _timestamp(value: object) -> bytes:
+    """``_long(_millis(value))``, the varint kept for the next value of the same millisecond."""
+    global _last_timestamp
+    millis = _millis(value)
+    last = _last_timestamp  # one read: another thread may replace it
+    if millis != last[0]:
+        last = _last_timestamp = (millis, _long(millis))
+    return last[1]
 
 
 def _string(data: bytes) -> bytes:
@@ -286,8 +314,7 @@ def read_flat(layout: Sequence[tuple[str, int]], data: bytes, pos: int) -> dict[
         elif kind == _LONG:
             out[name] = n
         else:
-            # fastavro's arithmetic (not fromtimestamp: it differs before 1970 and far out)
-            out[name] = _EPOCH + timedelta(microseconds=n * 1000)
+            out[name] = _EPOCH + timedelta(0, n // 1000, n % 1000 * 1000)
     return out
 
 
@@ -299,19 +326,6 @@ def read_flat(layout: Sequence[tuple[str, int]], data: bytes, pos: int) -> dict[
 FlatReader = Callable[[bytes, int], Any]
 
 
-def _varint_tail(data: bytes, pos: int, n: int) -> tuple[int, int]:
-    """The rest of a varint whose first byte (``n``, continuation bit set) was read."""
-    n &= 0x7F
-    shift = 7
-    while True:
-        byte = data[pos]
-        pos += 1
-        n |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return n, pos
-        shift += 7
-
-
 def _bad_branch(name: str, branch: int) -> ValueError:
     return ValueError(f"{name}: union index {branch} out of range")
 
@@ -320,19 +334,54 @@ def _past_end(name: str, n: int) -> EOFError:
     return EOFError(f"{name}: {n} bytes of string past the end of the record")
 
 
+def _varint_lines(indent: str, unrolled: int) -> list[str]:
+    """Source reading the rest of a varint into ``n`` (its first byte, continuation bit set,
+    read): ``unrolled - 1`` more bytes as nested steps, then a loop for any further ones."""
+    lines = [f"{indent}n &= 0x7F"]
+    for number in range(1, unrolled):
+        lines += [
+            f"{indent}byte = data[pos]",
+            f"{indent}pos += 1",
+            f"{indent}n |= (byte & 0x7F) << {7 * number}",
+            f"{indent}if byte & 0x80:",
+        ]
+        indent += "    "
+    return [
+        *lines,
+        f"{indent}shift = {7 * unrolled}",
+        f"{indent}while True:",
+        f"{indent}    byte = data[pos]",
+        f"{indent}    pos += 1",
+        f"{indent}    n |= (byte & 0x7F) << shift",
+        f"{indent}    if not byte & 0x80:",
+        f"{indent}        break",
+        f"{indent}    shift += 7",
+    ]
+
+
 def flat_reader(
-    layout: Sequence[tuple[str, int]], build: Callable[..., Any], arguments: Sequence[str]
+    layout: Sequence[tuple[str, int]],
+    build: Callable[..., Any],
+    arguments: Sequence[str],
+    setters: Sequence[Callable[[Any, Any], None]] | None = None,
 ) -> FlatReader:
     """``read(data, pos)``: ``build(*values)`` of the Avro body at ``data[pos:]``, the values
     ``read_flat`` reads passed in the order of the field names ``arguments`` (the record
     type's fields, which may be ordered differently from the schema's), with ``read_flat``'s
     errors on truncated or invalid input. ``arguments`` must name each field once.
 
+    With ``setters`` (one per argument: its slot's ``__set__``), the record is
+    ``build.__new__(build)`` with each value set through its slot instead: what a slotted
+    dataclass's ``__init__`` does (``slot_setters`` says when), without its
+    ``object.__setattr__`` lookup per field.
+
     Generated once per layout; the source holds only field names checked to be identifiers.
     """
     fields = [name for name, _ in layout]
     if sorted(arguments) != sorted(fields) or len(set(fields)) != len(fields):
         raise ValueError(f"arguments {arguments} are not the fields {fields}")
+    if setters is not None and len(setters) != len(arguments):
+        raise ValueError(f"{len(setters)} setters for {len(arguments)} arguments")
     lines = ["def read(data, pos):", "    size = len(data)"]
     names = []
     for number, (name, kind) in enumerate(layout):
@@ -352,13 +401,28 @@ def flat_reader(
                 f"            raise _bad_branch({name!r}, branch)",
             ]
             indent = "        "
-        lines += [
-            f"{indent}n = data[pos]",
-            f"{indent}pos += 1",
-            f"{indent}if n & 0x80:",
-            f"{indent}    n, pos = _varint_tail(data, pos, n)",
-            f"{indent}n = (n >> 1) ^ -(n & 1)",
-        ]
+        if kind <= _OPTIONAL_STRING:
+            # the usual string first: a length below 64 is one even byte (zig-zag), n >> 1
+            lines += [
+                f"{indent}n = data[pos]",
+                f"{indent}if not n & 0x81:",
+                f"{indent}    end = pos + 1 + (n >> 1)",
+                f"{indent}    if end > size:",
+                f"{indent}        raise _past_end({name!r}, n >> 1)",
+                f"{indent}    {v} = data[pos + 1:end].decode('utf-8')",
+                f"{indent}    pos = end",
+                f"{indent}else:",
+            ]
+            indent += "    "
+            lines.append(f"{indent}pos += 1")
+        else:
+            lines += [f"{indent}n = data[pos]", f"{indent}pos += 1"]
+        # the varint's continuation bytes read inline (a timestamp has six, a long string
+        # two): a helper's call per field cost more than the loop; a number's first seven
+        # bytes unrolled (the shifts constant), as a timestamp of this century takes six
+        lines.append(f"{indent}if n & 0x80:")
+        lines += _varint_lines(indent + "    ", 7 if kind > _OPTIONAL_STRING else 1)
+        lines.append(f"{indent}n = (n >> 1) ^ -(n & 1)")
         if kind <= _OPTIONAL_STRING:
             lines += [
                 f"{indent}end = pos + n",
@@ -370,18 +434,24 @@ def flat_reader(
         elif kind == _LONG:
             lines.append(f"{indent}{v} = n")
         else:
-            lines.append(f"{indent}{v} = _EPOCH + _timedelta(microseconds=n * 1000)")
-    order = ", ".join(names[fields.index(name)] for name in arguments)
-    lines.append(f"    return build({order})")
+            lines.append(f"{indent}{v} = _EPOCH + _timedelta(0, n // 1000, n % 1000 * 1000)")
+    ordered = [names[fields.index(name)] for name in arguments]
+    if setters is None:
+        lines.append(f"    return build({', '.join(ordered)})")
+    else:
+        lines.append("    record = _new(build)")
+        lines += [f"    _set{i}(record, {v})" for i, v in enumerate(ordered)]
+        lines.append("    return record")
     scope: dict[str, Any] = {
         "__builtins__": {},
-        "_varint_tail": _varint_tail,
         "_EPOCH": _EPOCH,
         "_timedelta": timedelta,
         "build": build,
+        "_new": object.__new__,
         "_bad_branch": _bad_branch,
         "_past_end": _past_end,
         "len": len,
+        **{f"_set{i}": setter for i, setter in enumerate(setters or ())},
     }
     exec("\n".join(lines), scope)
     read: FlatReader = scope["read"]
@@ -598,7 +668,7 @@ def _generated_reader(
     names = [f.name for f in fields]
     if sorted(names) != sorted(name for name, _ in layout):
         return None
-    return flat_reader(layout, record_type, names)
+    return flat_reader(layout, record_type, names, slot_setters(record_type, names))
 
 
 def decode_with_writer_schema(registry: SchemaRegistry, data: bytes) -> tuple[int, Any]:

@@ -8,9 +8,11 @@ values (fastavro converts ``timestamp-millis``/``timestamp-micros`` both ways).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar, Protocol, Self, TypeVar
+from types import MemberDescriptorType
+from typing import Any, ClassVar, Protocol, Self, TypeVar, cast
 
 
 class AvroRecord(Protocol):
@@ -25,6 +27,7 @@ class AvroRecord(Protocol):
 
 
 R = TypeVar("R", bound=AvroRecord)
+T = TypeVar("T")
 
 
 class _Record:
@@ -57,6 +60,63 @@ def _field_names(cls: type) -> tuple[str, ...]:
         names = tuple(f.name for f in dataclasses.fields(cls))
         _FIELD_NAMES[cls] = names
     return names
+
+
+def slot_setters(
+    record_type: type[Any], names: Sequence[str]
+) -> list[Callable[[Any, Any], None]] | None:
+    """Each of ``names``' slot ``__set__`` when ``record_type(*values)`` (``names``' values)
+    does nothing but set their slots in order, else ``None`` (call the type): a frozen
+    slotted dataclass whose ``__init__`` takes exactly ``names``, positionally,
+    whose ``__init__`` is the generated one, which only calls the builtin
+    ``object.__setattr__`` per field (the slot's ``__set__``), no ``__post_init__``, and
+    object's ``__new__``."""
+    code = getattr(record_type.__dict__.get("__init__"), "__code__", None)
+    params = getattr(record_type, "__dataclass_params__", None)
+    if (
+        params is None
+        or [f.name for f in dataclasses.fields(record_type)] != list(names)
+        or any(not f.init or f.kw_only for f in dataclasses.fields(record_type))
+        or not params.frozen
+        or code is None
+        or code.co_names != ("__setattr__",)
+        or code.co_freevars != ("__dataclass_builtins_object__",)
+        or hasattr(record_type, "__post_init__")
+        or cast(object, record_type.__new__) is not object.__new__
+    ):
+        return None
+    setters = []
+    for name in names:
+        slot = record_type.__dict__.get(name)
+        if not isinstance(slot, MemberDescriptorType):
+            return None
+        setters.append(slot.__set__)
+    return setters
+
+
+def positional_builder(record_type: type[T]) -> Callable[..., T]:
+    """``record_type`` called with every field's value, in declaration order: for a record
+    built once per event (the enricher's ``SlackMessage``), a function setting a frozen
+    slotted dataclass's slots directly (what its ``__init__`` does, without an
+    ``object.__setattr__`` lookup per field), or the type itself when ``__init__`` does more.
+
+    Generated once per type; the source holds only the argument count.
+    """
+    if not dataclasses.is_dataclass(record_type):
+        return record_type
+    names = [f.name for f in dataclasses.fields(record_type)]
+    setters = slot_setters(record_type, names)
+    if setters is None:
+        return record_type
+    params = ", ".join(f"v{i}" for i in range(len(names)))
+    lines = [f"def build({params}):", "    record = _new(cls)"]
+    lines += [f"    _set{i}(record, v{i})" for i in range(len(names))]
+    lines.append("    return record")
+    scope: dict[str, Any] = {"__builtins__": {}, "_new": object.__new__, "cls": record_type}
+    scope.update((f"_set{i}", setter) for i, setter in enumerate(setters))
+    exec("\n".join(lines), scope)
+    build: Callable[..., T] = scope["build"]
+    return build
 
 
 class Status:

@@ -22,7 +22,7 @@ from typing import Final, Generic, NamedTuple, Protocol, TypeVar
 
 from mypy_extensions import mypyc_attr
 
-from libs.serde import CsdrAssignment, SlackMessage, SlackUser
+from libs.serde import CsdrAssignment, SlackMessage, SlackUser, positional_builder
 from services.enricher.render import (
     FALLBACK_DETAIL_CHARS,
     MAX_URL,
@@ -190,14 +190,21 @@ def _slot_fields(template: str, slots: Sequence[str]) -> list[str]:
     return names
 
 
-def _positional(template: str, slots: Sequence[str]) -> str:
-    """``template`` with each ``{slot}`` as ``{index}``, for ``str.format(*values)``."""
-    out = []
+def _slot_joiner(template: str, slots: Sequence[str]) -> Joiner:
+    """``template.format_map`` of the slots' values (given in ``slots`` order) as a
+    ``joiner``: its fields are plain slot names (``_slot_fields``), each the value itself, so
+    the literal text between them is fixed and parsed here once instead of per event."""
+    pieces: list[str] = []
+    holes: list[int] = []
+    literal_run = ""
     for literal, name, _, _ in Formatter().parse(template):
-        out.append(literal.replace("{", "{{").replace("}", "}}"))
+        literal_run += literal
         if name is not None:
-            out.append(f"{{{slots.index(name)}}}")
-    return "".join(out)
+            pieces.append(literal_run)
+            holes.append(slots.index(name))
+            literal_run = ""
+    pieces.append(literal_run)
+    return joiner(pieces, holes)
 
 
 @mypyc_attr(native_class=False)  # as NoteTemplate: a Generic frozen dataclass
@@ -346,8 +353,22 @@ def message_id(pipeline: str, event_id: str) -> str:
     Downstream (the notifier's receipts table) uses it to recognise a replayed message, so it
     must not depend on time, offsets or the channel it ends up in.
     """
-    digest = hashlib.sha256(f"{pipeline}\x00{event_id}".encode()).hexdigest()
-    return digest[:MESSAGE_ID_HEX]
+    # sha256 of "<pipeline>\x00<event_id>" in UTF-8, continued from a copy of the state
+    # after the pipeline's prefix: the same digest, without hashing the prefix per event
+    prefix = _ID_PREFIXES.get(pipeline)
+    if prefix is None:
+        prefix = hashlib.sha256(f"{pipeline}\x00".encode())
+        if len(_ID_PREFIXES) < _ID_PREFIXES_MAX:
+            _ID_PREFIXES[pipeline] = prefix
+    digest = prefix.copy()
+    digest.update(event_id.encode())
+    return digest.hexdigest()[:MESSAGE_ID_HEX]
+
+
+#: a cache, not state: the hash of each pipeline name's prefix (a few pipelines; bounded in
+#: case a caller passes ever-new names), copied, never updated, once stored
+_ID_PREFIXES_MAX: Final = 256
+_ID_PREFIXES: Final[dict[str, hashlib._Hash]] = {}
 
 
 def slack_user_key(email: str) -> str:
@@ -531,7 +552,7 @@ class CompiledNotes(Generic[E]):
         self._pipeline = pipeline
         self.template = template
         slots = template.slots
-        self._title = _positional(template.title, slots)
+        self._title = _slot_joiner(template.title, slots)
         self._detail = None if template.detail is None else slots.index(template.detail[1])
         # facts that are empty when all their slots are (no fixed text): one bit each
         maybe_empty = []
@@ -591,7 +612,7 @@ class CompiledNotes(Generic[E]):
         detail: str,
         links: str,
     ) -> tuple[str, str, bytes | None] | None:
-        header = header_text(self._title.format(*values))
+        header = header_text(self._title(values))
         if detail:  # as render's code block and fallback text show it
             stripped = detail.strip()
             body = escape(stripped) if stripped else "(empty)"
@@ -690,6 +711,10 @@ def _probe(number: int, value: str) -> str:
     return f' p{number} <&> "q\\" ``` *b*\n é→🚀' if value else ""
 
 
+#: ``SlackMessage(*fields)``, built through its slots (one per routed event)
+_new_message: Final = positional_builder(SlackMessage)
+
+
 def route(
     event: E,
     owner: CsdrAssignment | None,
@@ -739,15 +764,10 @@ def route(
         if miss is None:
             warning = note.warning
         text, blocks = _compose(pipeline, note, warning, greeting, event.event_id, mid, links)
-    message = SlackMessage(
-        message_id=mid,
-        pipeline=pipeline.name,
-        channel=channel,
-        text=text,
-        blocks=blocks,
-        org_id=event.org_id,
-        source_event_id=event.event_id,
-        created_at=now,
+    # SlackMessage's fields in order: message_id, pipeline, channel, text, blocks, org_id,
+    # source_event_id, created_at, update_of
+    message = _new_message(
+        mid, pipeline.name, channel, text, blocks, event.org_id, event.event_id, now, None
     )
     return Alert(message, miss, owner, user, utf8)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -312,6 +313,15 @@ def test_message_id_is_deterministic_per_pipeline_and_event() -> None:
     assert message_id(CONNECTOR.name, "ev-1") != message_id(CONNECTOR.name, "ev-2")
     # no ambiguity between (pipeline, event id) pairs that concatenate alike
     assert message_id("a", "bc") != message_id("ab", "c")
+
+
+@pytest.mark.parametrize("pipeline", [CONNECTOR.name, ONBOARDING.name, "", "é→🚀"])
+def test_message_id_is_the_sha256_of_pipeline_and_event_id(pipeline: str) -> None:
+    """The ids are part of the contract (receipts recognise replays by them): the cached
+    prefix hash gives the digest of the whole string, call after call."""
+    for event_id in ["ev-1", "", "ev-1", "é\x00x", "x" * 1000, "ev-1"]:
+        whole = hashlib.sha256(f"{pipeline}\x00{event_id}".encode()).hexdigest()[:32]
+        assert message_id(pipeline, event_id) == whole
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import string
 from collections.abc import Iterator
 from typing import Any
 
@@ -123,10 +124,25 @@ def test_fit_marks_a_50k_error_visibly() -> None:
     assert out.endswith("… (truncated, 50,047 chars)")
 
 
+URL_UNRESERVED = set(string.ascii_letters + string.digits + "-._~")
+
+
 def test_url_values_are_percent_encoded() -> None:
     assert quote_url_value("a b/c|d>e&f") == "a%20b%2Fc%7Cd%3Ee%26f"
     assert quote_url_value("lcc-Ok_1.2~") == "lcc-Ok_1.2~"
     assert quote_url_value("é") == "%C3%A9"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "-", "org-1", "ORG1", "a.b", "a_b", "a~b", "-a-", "é1", "½", "a b", "a-b/c", "x\x00", "٣"],
+)
+def test_url_quoting_keeps_exactly_the_unreserved_characters(value: str) -> None:
+    """The shortcuts for ASCII letters, digits and "-" answer what quoting byte by byte does."""
+    expected = "".join(
+        chr(b) if chr(b) in URL_UNRESERVED else f"%{b:02X}" for b in value.encode("utf-8")
+    )
+    assert quote_url_value(value) == expected
 
 
 def test_hostile_inputs_stay_within_limits_and_are_escaped() -> None:

@@ -32,6 +32,7 @@ from services.enricher.core import (
     _compose,
     _link_line,
     _links,
+    _slot_joiner,
     route,
 )
 from services.enricher.handler import EventHandler
@@ -416,3 +417,13 @@ def test_a_string_without_utf8_is_rendered_and_left_to_the_encoder(extra: str) -
     plain = _compose(CONNECTOR, compiled.template.note(values), None, "Ann", "ev-1", "0" * 32, "")
     assert filled is not None
     assert filled[:2] == plain and filled[2] is None
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["{a}", "x", "", "Failed: {a}", "{a}{b} {{literal}} {a}", "}}{{{b}}}{{", "é→🚀 {b} end"],
+)
+def test_a_title_joiner_formats_as_format_map(template: str) -> None:
+    values = ("<one>", " two {x} ")
+    named = dict(zip(("a", "b"), values, strict=True))
+    assert _slot_joiner(template, ("a", "b"))(values) == template.format_map(named)

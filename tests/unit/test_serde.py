@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from datetime import UTC, datetime
@@ -181,7 +182,19 @@ def _edge_records() -> list[Any]:
         datetime(2026, 6, 1, 12, 0, 0, 999, tzinfo=timezone(timedelta(hours=-9, minutes=-30))),
         datetime(1970, 1, 1, tzinfo=UTC),
     ]
-    texts = ["", "é", "日本🚀", "x" * 63, "x" * 64, "é" * 32, "y" * 8191, "z" * 8192, "q" * 70_000]
+    texts = [
+        "",
+        "é",
+        "日本🚀",
+        "x" * 63,
+        "x" * 64,
+        "é" * 32,
+        "w" * 4095,
+        "v" * 4096,
+        "y" * 8191,
+        "z" * 8192,
+        "q" * 70_000,
+    ]
     for n, (stamp, text) in enumerate(zip(stamps * 2, texts, strict=False)):
         out.append(SlackMessage(text, "p", text, text, text, text, text, stamp))
         out.append(SlackUser(text, text, stamp, None if n % 2 else text))
@@ -205,6 +218,29 @@ def test_the_enricher_output_takes_the_direct_writer() -> None:
 def test_direct_writer_gives_fastavros_bytes(record: Any) -> None:
     encoded = AvroSerializer(InMemorySchemaRegistry(), type(record))("t", record)
     assert encoded[5:] == _fastavro_bytes(record)
+
+
+def test_timestamps_of_one_millisecond_in_a_row_are_written_as_fastavro_writes_each() -> None:
+    """The writer keeps the last timestamp's bytes: the same millisecond reached through other
+    microseconds or zones, or a different one next, is still each value's own."""
+    from datetime import timedelta, timezone
+
+    encode = AvroSerializer(InMemorySchemaRegistry(), SlackMessage)
+    plus2 = timezone(timedelta(hours=2))
+    stamps = [
+        T0,
+        T0.replace(microsecond=999),
+        T0.astimezone(plus2),
+        T0 + timedelta(milliseconds=1),
+        T0,
+        T0 - timedelta(microseconds=1),
+        datetime(1969, 12, 31, 23, 59, 59, 999000, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        T0,
+    ]
+    for stamp in stamps:
+        record = SlackMessage("m", "p", "c", "t", "[]", "o", "e", stamp)
+        assert encode("t", record)[5:] == _fastavro_bytes(record), stamp
 
 
 def test_direct_writer_falls_back_on_values_it_does_not_handle() -> None:
@@ -399,6 +435,91 @@ def test_the_generated_reader_reads_what_read_flat_reads(record: Any) -> None:
         except Exception as exc:
             got = (type(exc), str(exc))
         assert got == expected, bad
+
+
+def test_the_generated_reader_calls_a_record_type_that_does_more_than_set_its_fields() -> None:
+    """Records are built through their slots only where ``__init__`` would do no more; a
+    type with its own ``__init__`` or a ``__post_init__`` is called as it always was."""
+    from libs.serde.avro import _generated_reader, flat_layout, load_schema_text
+    from libs.serde.records import slot_setters
+
+    layout = flat_layout(load_schema_text(SlackUser.SCHEMA))
+    assert layout is not None
+    names = ["email", "slack_user_id", "updated_at", "display_name"]
+    assert slot_setters(SlackUser, names) is not None
+    framed = AvroSerializer(InMemorySchemaRegistry(), SlackUser)("t", SlackUser("A", "U1", T0))
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Lowered:
+        email: str
+        slack_user_id: str
+        updated_at: datetime
+        display_name: str | None = None
+
+        def __post_init__(self) -> None:
+            object.__setattr__(self, "email", self.email.lower())
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Counted:
+        email: str
+        slack_user_id: str
+        updated_at: datetime
+        display_name: str | None
+
+        def __init__(self, *values: Any) -> None:
+            for name, value in zip(names, values, strict=True):
+                object.__setattr__(self, name, value)
+            calls.append(values[0])
+
+    @dataclasses.dataclass(slots=True)
+    class Mutable:
+        email: str
+        slack_user_id: str
+        updated_at: datetime
+        display_name: str | None = None
+
+    calls: list[str] = []
+    for record_type in (Lowered, Counted, Mutable):
+        assert slot_setters(record_type, names) is None
+    for record_type, email in ((Lowered, "a"), (Counted, "A"), (Mutable, "A")):
+        read = _generated_reader(layout, record_type)
+        assert read is not None
+        assert read(framed, 5) == record_type(email, "U1", T0, None)
+    assert calls == ["A", "A"]  # the reader's and the expected value's
+
+
+@pytest.mark.parametrize("record", SAMPLES, ids=lambda r: type(r).__name__)
+def test_a_positional_builder_builds_what_the_type_builds(record: Any) -> None:
+    from libs.serde import positional_builder
+
+    record_type = type(record)
+    build = positional_builder(record_type)
+    assert build is not record_type  # every record type is built through its slots
+    values = [getattr(record, f.name) for f in dataclasses.fields(record)]
+    built = build(*values)
+    assert type(built) is record_type and built == record_type(*values) == record
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.__setattr__(dataclasses.fields(record)[0].name, "x")
+
+
+def test_a_positional_builder_is_the_type_when_its_init_does_more() -> None:
+    from libs.serde import positional_builder
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Checked:
+        name: str
+
+        def __post_init__(self) -> None:
+            if not self.name:
+                raise ValueError("empty")
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class KeywordOnly:
+        name: str = dataclasses.field(kw_only=True)
+
+    assert positional_builder(Checked) is Checked
+    assert positional_builder(KeywordOnly) is KeywordOnly
+    assert positional_builder(dict) is dict
 
 
 def test_a_record_type_not_built_from_its_fields_keeps_read_flat() -> None:

@@ -16,6 +16,10 @@
   ``waiting``, logs why and asks again with backoff. Only what no retry cures (rejected
   credentials or authorization, a topic missing past a grace period) raises ``TableError``.
 * One apply function serves bootstrap and live following.
+* A gate at least ``bulk_load_min_records`` behind (a cold start) tells the store it loads in
+  bulk (``TableStore.bulk_load``: RocksDB defers compactions to the gate's end), and every
+  gate batch is consumed and applied with Python's cycle collector paused (see
+  ``_cyclic_gc_paused``). Neither changes what is stored or when positions move.
 * Restore validates the wire header only (``check``: magic byte, a schema id the registry
   knows) and stores the raw bytes; values are decoded at ``get``, once per lookup instead of
   once per record restored. A record that passed the header check but does not decode at
@@ -167,6 +171,7 @@ class GlobalTable(Generic[V]):
         validate: bool = True,
         batch_size: int = 2000,
         lagging_threshold: int = 1000,
+        bulk_load_min_records: int = 50_000,
         retry_s: float = 2.0,
         dead_letter_topic: str | None = None,
         missing_topic_grace_s: float = 5.0,
@@ -206,6 +211,10 @@ class GlobalTable(Generic[V]):
         )
         self._batch_size = batch_size
         self._lagging_threshold = lagging_threshold
+        # a gate at least this far behind loads in bulk (``TableStore.bulk_load``); a shorter
+        # one (a warm restart) fills about one memtable at most: no compaction to defer
+        self._bulk_load_min_records = bulk_load_min_records
+        self._bulk = False
         self._retry_s = retry_s
         self._dead_letter_topic = dead_letter_topic
         # a topic created a moment ago may not be in every broker's metadata yet
@@ -311,7 +320,6 @@ class GlobalTable(Generic[V]):
         ]
         consumer.assign(starts)
         self._assigned = True
-        self._store.bulk_load(True)
         if self.waiting_reason is not None:
             log.info(
                 "table bootstrap resumes: the cluster answers again",
@@ -326,6 +334,9 @@ class GlobalTable(Generic[V]):
             max(0, high - self._offsets.get(p, low)) for p, (low, high) in marks.items()
         )
         LAG.labels(self.name).set(self._lag)
+        if self._lag >= self._bulk_load_min_records and not self._bulk:
+            self._bulk = True
+            self._store.bulk_load(True)
         log.info(
             "table bootstrap started",
             extra={
@@ -439,7 +450,9 @@ class GlobalTable(Generic[V]):
         # The writes skip the WAL: flush once at the gate so a crash right after a long
         # restore does not throw the memtable's part of it away.
         self._store.flush()
-        self._store.bulk_load(False)
+        if self._bulk:
+            self._bulk = False
+            self._store.bulk_load(False)
         self._set_state(TableState.CAUGHT_UP)
         return True
 

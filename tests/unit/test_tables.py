@@ -418,7 +418,10 @@ class _FailingConsumer(FakeConsumer):
 
 
 def _recording_table(
-    log: dict[int, list[Message]], store: InMemoryStore, consumer: type[FakeConsumer]
+    log: dict[int, list[Message]],
+    store: InMemoryStore,
+    consumer: type[FakeConsumer],
+    **kw: Any,
 ) -> GlobalTable[SlackUser]:
     registry = AnsweringRegistry()
     encode = AvroSerializer(registry, SlackUser)
@@ -437,6 +440,7 @@ def _recording_table(
         store=store,
         consumer_factory=lambda conf: consumer(log),
         batch_size=2,
+        **kw,
     )
 
 
@@ -471,7 +475,7 @@ def test_a_failing_batch_turns_the_collector_back_on() -> None:
 
 def test_the_gate_loads_in_bulk_and_ends_the_bulk_load_when_caught_up() -> None:
     store = _RecordingStore()
-    table = _recording_table({}, store, FakeConsumer)
+    table = _recording_table({}, store, FakeConsumer, bulk_load_min_records=5)  # 5 behind
     table.begin_bootstrap()
     assert store.bulk
     while not table.step_bootstrap():
@@ -479,6 +483,14 @@ def test_the_gate_loads_in_bulk_and_ends_the_bulk_load_when_caught_up() -> None:
     assert store.at_write and all(bulk for _, _, bulk in store.at_write)
     assert not store.bulk and table.ready()
     table.close()
+
+
+def test_a_gate_not_far_behind_is_no_bulk_load() -> None:
+    store = _RecordingStore()
+    table = _recording_table({}, store, FakeConsumer, bulk_load_min_records=6)  # 5 behind
+    table.bootstrap(threading.Event(), timeout_s=10)
+    assert store.at_write and not any(bulk for _, _, bulk in store.at_write)
+    assert table.ready()
 
 
 def test_registry_down_pauses_at_the_record_and_dead_letters_nothing(tmp_path: Path) -> None:

@@ -37,6 +37,11 @@ _PARTITION = struct.Struct(">I")
 _NEXT_OFFSET = struct.Struct(">q")
 #: bumped when the store's key layout changes: an old store is then wiped and rebuilt
 LAYOUT_VERSION = "1"
+#: level-0 files (memtable flushes) that start a compaction: RocksDB's default...
+_L0_COMPACTION_TRIGGER = 4
+#: ...and during a bulk load: below RocksDB's write slowdown trigger (20), so a load of any
+#: size never throttles its own writes
+_L0_COMPACTION_TRIGGER_BULK = 16
 
 REBUILDS = Counter(
     "table_rebuilds_total", "Times the store was wiped and rebuilt", ["table", "reason"]
@@ -85,6 +90,10 @@ class TableStore(Protocol):
         """Make everything written so far durable."""
         ...
 
+    def bulk_load(self, on: bool) -> None:
+        """A hint: many writes follow (``on``) or they are done; changes no data."""
+        ...
+
     def close(self) -> None:
         """Flush and release the store."""
         ...
@@ -96,6 +105,12 @@ class RocksDictStore:
     Keys: ``d<key>`` data, ``o<partition:u32be>`` next offset (i64be), ``m:meta`` the format.
     Writes skip the WAL: data and offsets share one memtable that is flushed atomically, so a
     crash loses only a suffix of both together, and the table re-reads exactly that suffix.
+    A bulk load (``bulk_load``, the table's gate) defers compactions to its end: a restore
+    writes keys in offset order, i.e. spread over the whole key range, so every flush
+    overlapped all the data compacted before it and each compaction during the load
+    rewrote that again. At the end one compaction merges the flushed files, in the
+    background. Reads stay correct meanwhile (more files to look in, each behind its bloom
+    filter).
     Memory is bounded by ``write_buffer_mb`` (times two memtables while one flushes) plus
     ``block_cache_mb``: a lookup that misses the block cache reads the OS page cache, which is
     not the process's RSS.
@@ -145,6 +160,10 @@ class RocksDictStore:
         if meta is None:
             db.put(_META, json.dumps(self._format).encode())
         self._db = db
+        # rocksdict reopens an existing store with the column options it persisted last,
+        # ``set_options`` included, not with ``_open_db``'s: a bulk load cut short (a crash,
+        # a stop during the gate) would otherwise keep deferring compactions for good
+        self.bulk_load(False)
         self._offsets = self._load_offsets()
 
     def _open_db(self) -> Rdict:
@@ -153,6 +172,7 @@ class RocksDictStore:
         opts.set_max_background_jobs(2)
         opts.set_write_buffer_size(self._write_buffer_mb * 1024 * 1024)
         opts.set_max_write_buffer_number(2)
+        opts.set_level_zero_file_num_compaction_trigger(_L0_COMPACTION_TRIGGER)
         table = BlockBasedOptions()
         table.set_block_cache(Cache(self._block_cache_mb * 1024 * 1024))
         # A point lookup of a missing key (a join miss) costs no data block read. Index and
@@ -233,6 +253,10 @@ class RocksDictStore:
     def flush(self) -> None:
         self._require_db().flush()
 
+    def bulk_load(self, on: bool) -> None:
+        trigger = _L0_COMPACTION_TRIGGER_BULK if on else _L0_COMPACTION_TRIGGER
+        self._require_db().set_options({"level0_file_num_compaction_trigger": str(trigger)})
+
     def close(self) -> None:
         if self._db is not None:
             self._db.flush()
@@ -248,6 +272,8 @@ class InMemoryStore:
         self._offsets: dict[int, int] = {}
         self._cluster_id: str | None = None
         self.wipes: list[str] = []
+        #: the last ``bulk_load`` hint (nothing else changes with it here)
+        self.bulk = False
 
     def open(self) -> None:
         """Nothing to open: the store lives as long as the object."""
@@ -283,6 +309,9 @@ class InMemoryStore:
 
     def flush(self) -> None:
         """Nothing to flush."""
+
+    def bulk_load(self, on: bool) -> None:
+        self.bulk = on
 
     def close(self) -> None:
         """Nothing to release."""

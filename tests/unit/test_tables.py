@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import struct
 import threading
 import time
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import REGISTRY as METRICS
 
 from libs.kafka import HEADER_SOURCE_OFFSET, DeadLetterPublisher, dlq_topic
@@ -106,6 +107,52 @@ def test_rocksdb_store_keeps_offsets_across_a_reopen(tmp_path: Path) -> None:
     changed.open()  # another format: rebuilt from nothing
     assert changed.offsets() == {} and changed.get(b"k") is None
     changed.close()
+
+
+def _level0_files(store: RocksDictStore) -> int:
+    return int(store._require_db().property_int_value("rocksdb.num-files-at-level0") or 0)
+
+
+def _flushes(store: RocksDictStore, n: int) -> None:
+    """``n`` memtable flushes of overlapping keys: ``n`` level-0 files."""
+    for i in range(n):
+        store.write([(f"k{j}".encode(), f"v{i}".encode()) for j in range(100)], {0: i + 1})
+        store.flush()
+
+
+def _wait_compacted(store: RocksDictStore) -> None:
+    deadline = time.monotonic() + 30
+    while _level0_files(store) >= 4:
+        assert time.monotonic() < deadline, f"{_level0_files(store)} level-0 files stay"
+        time.sleep(0.01)
+
+
+def test_a_bulk_load_defers_compactions_to_its_end(tmp_path: Path) -> None:
+    s = RocksDictStore(tmp_path / "t", name="t", format_info={"format": "1"})
+    s.open()
+    s.bulk_load(True)
+    _flushes(s, 5)
+    db = s._require_db()
+    # past RocksDB's trigger (4) and none pending: nothing is compacted during the load
+    assert _level0_files(s) == 5
+    assert db.property_int_value("rocksdb.compaction-pending") == 0
+    assert db.property_int_value("rocksdb.num-running-compactions") == 0
+    s.bulk_load(False)
+    _wait_compacted(s)
+    assert s.get(b"k7") == b"v4" and s.offsets() == {0: 5}
+    s.close()
+
+
+def test_a_bulk_load_cut_short_is_compacted_after_a_reopen(tmp_path: Path) -> None:
+    s = RocksDictStore(tmp_path / "t", name="t", format_info={"format": "1"})
+    s.open()
+    s.bulk_load(True)
+    _flushes(s, 5)
+    s.close()  # a gate stopped before its end: the hint is not kept
+    s.open()
+    _wait_compacted(s)
+    assert s.get(b"k7") == b"v4" and s.offsets() == {0: 5}
+    s.close()
 
 
 # -- the header check ---------------------------------------------------------------------------
@@ -326,6 +373,124 @@ def test_each_schema_id_is_checked_once_and_poison_is_dead_lettered(tmp_path: Pa
     assert letters == [(b"bad@x", 50), (b"unknown@x", 51), (None, 52)]
     assert table.applied_since_start == 51 and table.positions() == {0: 54}
     assert table.get("u7@x") == SlackUser("u7@x", "U7", T0) and table.get("u3@x") is None
+
+
+def test_records_of_several_schema_ids_check_each_id_once(tmp_path: Path) -> None:
+    registry = AnsweringRegistry()
+    users = AvroSerializer(registry, SlackUser)
+    owners = AvroSerializer(registry, CsdrAssignment)  # another id the registry knows
+    a = users(TOPIC, SlackUser("a@x", "UA", T0))
+    b = owners(TOPIC, CsdrAssignment("o", "O", "a@x", T0))
+    assert a[:5] != b[:5]
+    log = {0: [_msg(i, f"k{i}".encode(), (a, b)[i % 2]) for i in range(20)]}
+    fetched: list[int] = []
+    lookup = registry.schema_by_id
+
+    def counting(schema_id: int) -> str:
+        fetched.append(schema_id)
+        return lookup(schema_id)
+
+    registry.schema_by_id = counting  # type: ignore[method-assign]
+    table, letters = _loaded(registry, log, tmp_path)
+    table.bootstrap(threading.Event(), timeout_s=10)
+    assert sorted(fetched) == sorted(int.from_bytes(v[1:5], "big") for v in (a, b))
+    assert letters == [] and table.applied_since_start == 20
+    assert table.get("k0") == SlackUser("a@x", "UA", T0)
+    assert table.get("k1") is None and table.undecodable_reads == 1  # stored, not a user
+
+
+class _RecordingStore(InMemoryStore):
+    """Records each write's entries, whether the cycle collector was on and the bulk hint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_write: list[tuple[int, bool, bool]] = []
+
+    def write(self, entries: Any, offsets: dict[int, int]) -> None:
+        entries = list(entries)
+        self.at_write.append((len(entries), gc.isenabled(), self.bulk))
+        super().write(entries, offsets)
+
+
+class _FailingConsumer(FakeConsumer):
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        raise KafkaException(KafkaError(KafkaError._FATAL, "fenced", fatal=True))
+
+
+def _recording_table(
+    log: dict[int, list[Message]],
+    store: InMemoryStore,
+    consumer: type[FakeConsumer],
+    **kw: Any,
+) -> GlobalTable[SlackUser]:
+    registry = AnsweringRegistry()
+    encode = AvroSerializer(registry, SlackUser)
+    for p, n in ((0, 3), (1, 2)):
+        log[p] = [
+            _msg(i, f"u{p}{i}".encode(), encode(TOPIC, SlackUser("u@x", "U", T0)), p)
+            for i in range(n)
+        ]
+    return avro_table(
+        SlackUser,
+        name="users",
+        topic=TOPIC,
+        state_dir=Path("/nonexistent"),
+        consumer_config={},
+        registry=registry,
+        store=store,
+        consumer_factory=lambda conf: consumer(log),
+        batch_size=2,
+        **kw,
+    )
+
+
+def test_the_gate_applies_its_batches_with_the_cycle_collector_paused() -> None:
+    store = _RecordingStore()
+    table = _recording_table({}, store, FakeConsumer)
+    assert gc.isenabled()
+    table.bootstrap(threading.Event(), timeout_s=10)
+    assert gc.isenabled()  # on again after each batch
+    applied = [on for n, on, _ in store.at_write if n]  # the batches, not position moves
+    assert len(applied) >= 3 and not any(applied)
+    assert table.positions() == {0: 3, 1: 2}
+
+
+def test_a_collector_turned_off_by_someone_else_stays_off() -> None:
+    table = _recording_table({}, _RecordingStore(), FakeConsumer)
+    gc.disable()
+    try:
+        table.bootstrap(threading.Event(), timeout_s=10)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_failing_batch_turns_the_collector_back_on() -> None:
+    table = _recording_table({}, _RecordingStore(), _FailingConsumer)
+    table.begin_bootstrap()
+    with pytest.raises(KafkaException):
+        table.step_bootstrap()
+    assert gc.isenabled()
+
+
+def test_the_gate_loads_in_bulk_and_ends_the_bulk_load_when_caught_up() -> None:
+    store = _RecordingStore()
+    table = _recording_table({}, store, FakeConsumer, bulk_load_min_records=5)  # 5 behind
+    table.begin_bootstrap()
+    assert store.bulk
+    while not table.step_bootstrap():
+        pass
+    assert store.at_write and all(bulk for _, _, bulk in store.at_write)
+    assert not store.bulk and table.ready()
+    table.close()
+
+
+def test_a_gate_not_far_behind_is_no_bulk_load() -> None:
+    store = _RecordingStore()
+    table = _recording_table({}, store, FakeConsumer, bulk_load_min_records=6)  # 5 behind
+    table.bootstrap(threading.Event(), timeout_s=10)
+    assert store.at_write and not any(bulk for _, _, bulk in store.at_write)
+    assert table.ready()
 
 
 def test_registry_down_pauses_at_the_record_and_dead_letters_nothing(tmp_path: Path) -> None:

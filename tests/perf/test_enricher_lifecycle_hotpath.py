@@ -24,6 +24,7 @@ from confluent_kafka import Producer
 from libs.state import KeyValueState
 from libs.state.local import LocalStore
 from libs.state.partition import PartitionState
+from services.enricher import handler as handler_module
 from services.enricher.handler import EventHandler, LifecycleConfig
 from services.enricher.pipelines.connector_provisioning_failed import PIPELINE as CONNECTOR
 from services.enricher.pipelines.onboarding_started import PIPELINE as ONBOARDING
@@ -104,8 +105,10 @@ def test_lifecycle_cost_in_process(tmp_path: Path) -> None:
     off = statistics.median(without)
     on = statistics.median(f for f, _ in with_state)
     checkpoints = statistics.median(c for _, c in with_state)
+    # the service runs the mypyc build; this bench does with TEST_COMPILED=1 (tests/conftest.py)
+    code = "pure Python" if str(handler_module.__file__).endswith(".py") else "compiled"
     print(
         f"\nlifecycle in-process ({EVENTS} events, checkpoint every {CHECKPOINT}, medians of "
-        f"{RUNS}): off {off:.1f} µs/event, on {on:.1f} µs/event (checkpoints {checkpoints:.1f}), "
-        f"lifecycle +{on - off:.1f} µs/event"
+        f"{RUNS}, {code}): off {off:.1f} µs/event, on {on:.1f} µs/event (checkpoints "
+        f"{checkpoints:.1f}), lifecycle +{on - off:.1f} µs/event"
     )

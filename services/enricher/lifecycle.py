@@ -141,7 +141,12 @@ def derived_id(pipeline: str, event_id: str, suffix: str) -> str:
 
 def epoch_ms(when: datetime) -> int:
     """``when`` as epoch milliseconds (the state's time unit)."""
-    return int(when.timestamp() * 1000)
+    if when.tzinfo is None:
+        return int(when.timestamp() * 1000)  # local time, as ``timestamp`` reads a naive one
+    # The float ``timestamp()`` computes for an aware ``when`` (its exact µs since the epoch
+    # over 10**6, one correctly rounded division), without its timedelta to long conversions:
+    # the same milliseconds (per event).
+    return int(_micros(when) / 1_000_000 * 1000)
 
 
 def _micros(when: datetime) -> int:

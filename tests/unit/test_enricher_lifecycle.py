@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import random
 import struct
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -1499,3 +1500,21 @@ def test_layout_2_stores_exact_microseconds(updated_at: datetime) -> None:
     assert decoded is not None and decoded.owner is not None and decoded.user is not None
     assert decoded.owner.updated_at == updated_at
     assert decoded.user.updated_at == updated_at
+
+
+def test_epoch_ms_is_the_timestamps_milliseconds() -> None:
+    """``epoch_ms`` of an aware time is ``int(timestamp() * 1000)`` to the millisecond (the
+    float's rounding included), before 1970 and in other zones; a naive time is read as
+    ``timestamp`` reads it (local time)."""
+    rng = random.Random(7)
+    zones = [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))]
+    times = [datetime(1970, 1, 1, tzinfo=UTC), datetime(1969, 12, 31, 23, 59, 59, 999_500)]
+    times += [datetime.fromtimestamp(T / 1000 + i / 1000, UTC) for i in range(2000)]
+    times += [
+        datetime.fromtimestamp(rng.uniform(-3e9, 5e9), rng.choice(zones)).replace(
+            microsecond=rng.randrange(1_000_000)
+        )
+        for _ in range(5000)
+    ]
+    for when in times:
+        assert epoch_ms(when) == int(when.timestamp() * 1000), when

@@ -38,6 +38,10 @@ from tests.support.enricher_corpus import ConsumedRecord, ListEmitter
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 
 CHECKPOINT = int(os.environ.get("BENCH_CHECKPOINT_EVENTS", "1000"))
+#: ``on`` or ``off``: only that pass (the same setup otherwise), so that an instruction count
+#: of the whole process (``valgrind --tool=callgrind``) of one minus the other is the
+#: lifecycle's own, free of the load's noise (tests/perf/ENRICHER.md, "Lifecycle pass")
+PASSES = os.environ.get("BENCH_PASSES", "both")
 #: the service's defaults: a one-hour grouping window, parks kept for a day
 LIFECYCLE = LifecycleConfig({CONNECTOR.name: 3_600_000, ONBOARDING.name: 3_600_000}, 86_400_000)
 
@@ -96,8 +100,11 @@ def test_lifecycle_cost_in_process(tmp_path: Path) -> None:
         # a new store each run: the events open new groups, as in the service's benchmark
         local = LocalStore(tmp_path / f"run-{run}", store="bench", changelog=("changelog", 0))
         local.open()
-        figure_off, _ = _run(plain, records, ListEmitter(), producer)
-        figure_on = _run(lifecycle, records, StateEmitter(PartitionState(local)), producer)
+        figure_off, figure_on = 0.0, (0.0, 0.0)
+        if PASSES in ("both", "off"):
+            figure_off, _ = _run(plain, records, ListEmitter(), producer)
+        if PASSES in ("both", "on"):
+            figure_on = _run(lifecycle, records, StateEmitter(PartitionState(local)), producer)
         local.close()
         if run:
             without.append(figure_off)

@@ -29,8 +29,10 @@ LIB = OUT / "lib"
 MANIFEST = LIB / "compiled.json"
 
 #: what is compiled: the enricher's pure-Python hot path (the handler's dispatch, route,
-#: render, the pipelines' values, the lifecycle's decide). Not libs/serde: its readers and
-#: writers are generated at run time. A compiled module's globals are bound at build time:
+#: render, the pipelines' values, the lifecycle's decide, the state's per-event get and put
+#: and its checkpoint write). Not libs/serde: its readers and writers are generated at run
+#: time. (The Makefile rebuilds when one of its MYPYC_INPUTS changes: every source here
+#: must be among them.) A compiled module's globals are bound at build time:
 #: tests reach other behaviour through constructor arguments (``EventHandler``'s
 #: ``store_origins``, ``clock``), never by patching these modules.
 SOURCES = (
@@ -40,6 +42,8 @@ SOURCES = (
     "services/enricher/lifecycle.py",
     "services/enricher/pipelines/connector_provisioning_failed.py",
     "services/enricher/pipelines/onboarding_started.py",
+    "libs/state/partition.py",
+    "libs/state/local.py",
 )
 
 # setuptools' build_ext as mypyc's own command line runs it, but into OUT instead of in place

@@ -22,6 +22,7 @@ import shutil
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Final
 
 from prometheus_client import Counter
 from rocksdict import (
@@ -38,7 +39,8 @@ from libs.state.errors import StateError
 
 log = logging.getLogger(__name__)
 
-_DATA = b"d"
+#: (``Final``: a constant where the module is compiled, not a module dict lookup per key)
+_DATA: Final = b"d"
 _POSITION = b"p"
 _CAUGHT_UP = b"t"
 _SECONDS = struct.Struct(">d")
@@ -232,7 +234,10 @@ class LocalStore:
         return n
 
     def get(self, key: bytes) -> bytes | None:
-        raw: bytes | None = self._require().get(_DATA + key)
+        db = self._db  # not ``_require()``: a get per event (nearly always of an absent key)
+        if db is None:
+            raise StateError(f"state store {self.path} is not open")
+        raw: bytes | None = db.get(_DATA + key)
         return raw
 
     def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:

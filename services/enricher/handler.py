@@ -336,8 +336,10 @@ class EventHandler:
             self._resolutions[name].inc()
             return
         group = None
+        group_at: bytes | None = None
         if dedup is not None:
-            raw = state.get(group_key(name, dedup))
+            group_at = group_key(name, dedup)  # built once: decide takes it
+            raw = state.get(group_at)
             if raw:
                 group = self._original(Group.decode(raw), source, tp, now_dt)
         alert: Alert | None
@@ -359,7 +361,14 @@ class EventHandler:
             # what renders the message again if a later event updates it (stored instead of it)
             origin = Origin(bytes(value), alert.owner, alert.user)
         decision = decide(
-            outcome, event=ref, group=group, window_ms=window, park=park, now=now, origin=origin
+            outcome,
+            event=ref,
+            group=group,
+            window_ms=window,
+            park=park,
+            now=now,
+            origin=origin,
+            gkey=group_at,
         )
         action = decision.action
         if (

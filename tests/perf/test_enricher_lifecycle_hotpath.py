@@ -24,6 +24,7 @@ from confluent_kafka import Producer
 from libs.state import KeyValueState
 from libs.state.local import LocalStore
 from libs.state.partition import PartitionState
+from services.enricher import handler as handler_module
 from services.enricher.handler import EventHandler, LifecycleConfig
 from services.enricher.pipelines.connector_provisioning_failed import PIPELINE as CONNECTOR
 from services.enricher.pipelines.onboarding_started import PIPELINE as ONBOARDING
@@ -37,6 +38,10 @@ from tests.support.enricher_corpus import ConsumedRecord, ListEmitter
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 
 CHECKPOINT = int(os.environ.get("BENCH_CHECKPOINT_EVENTS", "1000"))
+#: ``on`` or ``off``: only that pass (the same setup otherwise), so that an instruction count
+#: of the whole process (``valgrind --tool=callgrind``) of one minus the other is the
+#: lifecycle's own, free of the load's noise (tests/perf/ENRICHER.md, "Lifecycle pass")
+PASSES = os.environ.get("BENCH_PASSES", "both")
 #: the service's defaults: a one-hour grouping window, parks kept for a day
 LIFECYCLE = LifecycleConfig({CONNECTOR.name: 3_600_000, ONBOARDING.name: 3_600_000}, 86_400_000)
 
@@ -95,8 +100,11 @@ def test_lifecycle_cost_in_process(tmp_path: Path) -> None:
         # a new store each run: the events open new groups, as in the service's benchmark
         local = LocalStore(tmp_path / f"run-{run}", store="bench", changelog=("changelog", 0))
         local.open()
-        figure_off, _ = _run(plain, records, ListEmitter(), producer)
-        figure_on = _run(lifecycle, records, StateEmitter(PartitionState(local)), producer)
+        figure_off, figure_on = 0.0, (0.0, 0.0)
+        if PASSES in ("both", "off"):
+            figure_off, _ = _run(plain, records, ListEmitter(), producer)
+        if PASSES in ("both", "on"):
+            figure_on = _run(lifecycle, records, StateEmitter(PartitionState(local)), producer)
         local.close()
         if run:
             without.append(figure_off)
@@ -104,8 +112,10 @@ def test_lifecycle_cost_in_process(tmp_path: Path) -> None:
     off = statistics.median(without)
     on = statistics.median(f for f, _ in with_state)
     checkpoints = statistics.median(c for _, c in with_state)
+    # the service runs the mypyc build; this bench does with TEST_COMPILED=1 (tests/conftest.py)
+    code = "pure Python" if str(handler_module.__file__).endswith(".py") else "compiled"
     print(
         f"\nlifecycle in-process ({EVENTS} events, checkpoint every {CHECKPOINT}, medians of "
-        f"{RUNS}): off {off:.1f} µs/event, on {on:.1f} µs/event (checkpoints {checkpoints:.1f}), "
-        f"lifecycle +{on - off:.1f} µs/event"
+        f"{RUNS}, {code}): off {off:.1f} µs/event, on {on:.1f} µs/event (checkpoints "
+        f"{checkpoints:.1f}), lifecycle +{on - off:.1f} µs/event"
     )

@@ -10,8 +10,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import random
 import struct
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from libs.serde import (
     SlackUser,
 )
 from libs.state import MemoryState
+from services.enricher import lifecycle
 from services.enricher.core import (
     NO_OWNER,
     NO_SLACK_USER,
@@ -165,6 +167,34 @@ def test_records_round_trip() -> None:
     assert Park.decode(p.encode()) == p
 
 
+def test_park_is_every_field_in_order_as_compact_json() -> None:
+    """What the previous version reads: a positional array of all fields (a field added to
+    ``Park`` and not to ``encode`` fails here)."""
+    for p in (
+        Park(P, USER, "dänä@example.com", "t", "AA==", "ev-1", "org-1", NO_SLACK_USER, T, None),
+        Park(P, OWNER, "org-1", "t", "AA==", "ev-1", "org-1", NO_OWNER, T, "lcc-1", "m", "C"),
+        Park(
+            P,
+            OWNER,
+            "org-1",
+            "t",
+            "AA==",
+            "ev-1",
+            "org-1",
+            NO_OWNER,
+            T,
+            None,
+            "m",
+            "C",
+            'tëxt "q"',
+            "[]",
+        ),
+    ):
+        fields = [getattr(p, f.name) for f in dataclasses.fields(p)]
+        assert p.encode() == json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
+        assert Park.decode(p.encode()) == p
+
+
 def test_group_round_trips_non_ascii_and_absent_error() -> None:
     # lengths in the header are UTF-8 byte counts, not characters
     g = group(latest_error="bäd 💥")
@@ -302,6 +332,10 @@ def test_decide(
     dp: int,
 ) -> None:
     decision = decide(outcome, event=event, group=grp, window_ms=window, park=park, now=T)
+    # the handler passes the group key it read ``grp`` at: the same decision
+    gkey = group_key(P, event.dedup) if event.dedup is not None else None
+    given = decide(outcome, event=event, group=grp, window_ms=window, park=park, now=T, gkey=gkey)
+    assert given == decision, name
     assert decision.action is action, name
     assert len(decision.messages) == n_msgs, name
     assert [k[:2] for k in keys(decision)] == put_prefixes, name
@@ -1420,3 +1454,67 @@ def test_counts_add_clamps_and_creates_partitions_on_change_only() -> None:
     counts.add(("t", 0), Decision(Action.PARKED, groups_delta=1, parks_delta=1))
     counts.add(("t", 0), Decision(Action.EXPIRED_PARK, groups_delta=-1, parks_delta=-1))
     assert counts.by_partition[("t", 0)] == [1, 0]
+
+
+def test_when_shows_the_minute_of_any_epoch_ms() -> None:
+    """``_when`` keeps its strings by minute: the same text as formatting each time, at minute
+    boundaries, before 1970, and after its cache was filled and cleared."""
+
+    def formatted(ms: int) -> str:
+        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    edges = [T, T - 1, 0, -1, -60_000, -60_001, 59_999, 60_000, 1_795_597_259_999]
+    many = [T + i * 60_000 + i % 60_000 for i in range(5000)]  # more minutes than it keeps
+    for ms in edges + many + edges:
+        assert lifecycle._when(ms) == formatted(ms), ms
+
+
+@pytest.mark.parametrize(
+    "updated_at",
+    [
+        datetime(2026, 11, 25, 9, 0, 3, 123_456, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        datetime(1901, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(2026, 11, 25, 10, 0, 3, 7, tzinfo=timezone(timedelta(hours=1))),
+    ],
+)
+def test_layout_2_stores_exact_microseconds(updated_at: datetime) -> None:
+    """The lookups' ``updated_at`` as exact epoch microseconds (also before 1970, in another
+    zone), and a naive one as UTC, as the Avro decoder's: what layout 2 documents."""
+    o = dataclasses.replace(owner(), updated_at=updated_at)
+    u = dataclasses.replace(user(), updated_at=updated_at)
+    origin = Origin(b"\x00avro", o, u)
+    g = group(origin=origin)
+    expected = v2_value(
+        g.message_id, g.channel, g.count, g.first_at, g.latest_at, g.expires_at, "boom", origin
+    )
+    assert g.encode() == expected
+    naive = updated_at.astimezone(UTC).replace(tzinfo=None)
+    as_naive = Origin(
+        origin.event,
+        dataclasses.replace(o, updated_at=naive),
+        dataclasses.replace(u, updated_at=naive),
+    )
+    assert group(origin=as_naive).encode() == expected
+    decoded = Group.decode(expected).origin
+    assert decoded is not None and decoded.owner is not None and decoded.user is not None
+    assert decoded.owner.updated_at == updated_at
+    assert decoded.user.updated_at == updated_at
+
+
+def test_epoch_ms_is_the_timestamps_milliseconds() -> None:
+    """``epoch_ms`` of an aware time is ``int(timestamp() * 1000)`` to the millisecond (the
+    float's rounding included), before 1970 and in other zones; a naive time is read as
+    ``timestamp`` reads it (local time)."""
+    rng = random.Random(7)
+    zones = [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))]
+    times = [datetime(1970, 1, 1, tzinfo=UTC), datetime(1969, 12, 31, 23, 59, 59, 999_500)]
+    times += [datetime.fromtimestamp(T / 1000 + i / 1000, UTC) for i in range(2000)]
+    times += [
+        datetime.fromtimestamp(rng.uniform(-3e9, 5e9), rng.choice(zones)).replace(
+            microsecond=rng.randrange(1_000_000)
+        )
+        for _ in range(5000)
+    ]
+    for when in times:
+        assert epoch_ms(when) == int(when.timestamp() * 1000), when

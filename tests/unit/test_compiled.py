@@ -116,3 +116,27 @@ def test_a_current_build_is_what_imports_load(tmp_path: Path) -> None:
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.splitlines()
     assert out == ["compiled (mypyc) modules: _lsprof", str(build / extension.name), "False"]
+
+
+def test_make_install_rebuilds_when_any_compiled_source_or_input_changes() -> None:
+    """``make install`` rebuilds only when one of ``MYPYC_INPUTS`` is newer than the build: a
+    compiled module missing from it is edited without a rebuild, and the enricher then runs
+    the sources, saying ``make install`` would fix it (``libs/state`` was missing when its
+    two modules were first compiled)."""
+    import glob
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("mypyc_build", ROOT / "deploy/mypyc/build.py")
+    assert spec is not None and spec.loader is not None
+    mypyc_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mypyc_build)
+    makefile = (ROOT / "Makefile").read_text()
+    listed = re.search(r"^MYPYC_INPUTS := (.*?)\)$", makefile, re.M | re.S)
+    assert listed, "Makefile has no MYPYC_INPUTS"
+    patterns = re.findall(r"[\w/.*-]+\.py", listed.group(1))
+    covered = {Path(p) for pattern in patterns for p in glob.glob(pattern, root_dir=ROOT)}
+    needed = {Path(s) for s in mypyc_build.SOURCES} | {
+        Path(p) for p in glob.glob(mypyc_build.INPUTS, root_dir=ROOT)
+    }
+    assert needed <= covered, f"MYPYC_INPUTS lacks {sorted(map(str, needed - covered))}"

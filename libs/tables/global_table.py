@@ -19,7 +19,7 @@
 * A gate at least ``bulk_load_min_records`` behind (a cold start) tells the store it loads in
   bulk (``TableStore.bulk_load``: RocksDB defers compactions to the gate's end), and every
   gate batch is consumed and applied with Python's cycle collector paused (see
-  ``_cyclic_gc_paused``). Neither changes what is stored or when positions move.
+  ``libs.runtime.collector``). Neither changes what is stored or when positions move.
 * Restore validates the wire header only (``check``: magic byte, a schema id the registry
   knows) and stores the raw bytes; values are decoded at ``get``, once per lookup instead of
   once per record restored. A record that passed the header check but does not decode at
@@ -52,12 +52,10 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -82,6 +80,7 @@ from libs.kafka import (
     is_transient,
     read_to_end,
 )
+from libs.runtime.collector import cyclic_gc_paused
 from libs.serde import DeserializationError
 from libs.tables.errors import TableError
 from libs.tables.store import REBUILDS, Entry, RocksDictStore, TableStore
@@ -437,7 +436,7 @@ class GlobalTable(Generic[V]):
         if self._is_blocked():
             time.sleep(0.05)  # the gate has nothing else to do; the loop has not started
             return False
-        with _cyclic_gc_paused():
+        with cyclic_gc_paused():
             msgs = consumer.consume(self._batch_size, 0.2)
             if msgs:
                 self._apply(msgs)
@@ -775,27 +774,6 @@ class GlobalTable(Generic[V]):
         if self._opened:
             self._store.close()
             self._opened = False
-
-
-@contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    """Keep Python's cycle collector out of one gate batch; reference counting still frees.
-
-    ``consume`` allocates one ``Message`` per record, a container the collector tracks, and a
-    batch holds thousands until it is applied: the collector ran over them several times per
-    batch (and over the whole heap in its full collections) and never found a cycle, a
-    quarter of the gate's Python thread. The batch is freed by reference counting before the
-    collector is back on; garbage cycles other threads make meanwhile wait at most one batch.
-    A collector someone else turned off stays off.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def bootstrap_all(

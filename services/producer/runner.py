@@ -10,17 +10,16 @@ interrupts them, and a batch in flight is finished (or aborted) before the loop 
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from prometheus_client import Counter, Gauge
 
+from libs.runtime.collector import cyclic_gc_paused
 from libs.runtime.heartbeat import beat
 from libs.serde import ProducerCursor
 from services.producer.core import (
@@ -58,28 +57,6 @@ ROWS_TOTAL = Gauge("producer_cursor_rows_total", "Rows read since the cursor beg
 def utc_now() -> datetime:
     """The wall clock, timezone-aware."""
     return datetime.now(UTC)
-
-
-@contextmanager
-def cyclic_gc_paused() -> Iterator[None]:
-    """Keep Python's cycle collector out of one batch; reference counting still frees.
-
-    A batch holds half a dozen container objects per row (the row, its values, the record,
-    the event...) until it is written, thousands of them, none in a reference cycle: the
-    collector ran over them several times per batch (and over the whole heap once they had
-    been promoted to the oldest generation) and never found anything, which was about a
-    sixth of a backfill's CPU per row. The batch's objects are freed by reference counting
-    when it is done, before the collector runs again; garbage cycles other threads make
-    meanwhile wait at most one batch.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 @dataclass(frozen=True)

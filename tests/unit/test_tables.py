@@ -346,6 +346,19 @@ def _msg(offset: int, key: bytes | None, value: bytes | None, partition: int = 0
     return Message(topic=TOPIC, partition=partition, offset=offset, key=key, value=value)
 
 
+def _count_schema_fetches(registry: AnsweringRegistry) -> list[int]:
+    """The schema ids ``registry`` is asked for from now on, in order."""
+    fetched: list[int] = []
+    lookup = registry.schema_by_id
+
+    def counting(schema_id: int) -> str:
+        fetched.append(schema_id)
+        return lookup(schema_id)
+
+    registry.schema_by_id = counting  # type: ignore[method-assign]
+    return fetched
+
+
 def test_each_schema_id_is_checked_once_and_poison_is_dead_lettered(tmp_path: Path) -> None:
     registry = AnsweringRegistry()
     encode = AvroSerializer(registry, SlackUser)
@@ -359,14 +372,7 @@ def test_each_schema_id_is_checked_once_and_poison_is_dead_lettered(tmp_path: Pa
             _msg(53, b"u3@x", None),  # tombstone
         ]
     }
-    fetched: list[int] = []
-    lookup = registry.schema_by_id
-
-    def counting(schema_id: int) -> str:
-        fetched.append(schema_id)
-        return lookup(schema_id)
-
-    registry.schema_by_id = counting  # type: ignore[method-assign]
+    fetched = _count_schema_fetches(registry)
     table, letters = _loaded(registry, log, tmp_path)
     table.bootstrap(threading.Event(), timeout_s=10)
     assert len(fetched) == 2  # the good records' id once, the unknown id once
@@ -383,14 +389,7 @@ def test_records_of_several_schema_ids_check_each_id_once(tmp_path: Path) -> Non
     b = owners(TOPIC, CsdrAssignment("o", "O", "a@x", T0))
     assert a[:5] != b[:5]
     log = {0: [_msg(i, f"k{i}".encode(), (a, b)[i % 2]) for i in range(20)]}
-    fetched: list[int] = []
-    lookup = registry.schema_by_id
-
-    def counting(schema_id: int) -> str:
-        fetched.append(schema_id)
-        return lookup(schema_id)
-
-    registry.schema_by_id = counting  # type: ignore[method-assign]
+    fetched = _count_schema_fetches(registry)
     table, letters = _loaded(registry, log, tmp_path)
     table.bootstrap(threading.Event(), timeout_s=10)
     assert sorted(fetched) == sorted(int.from_bytes(v[1:5], "big") for v in (a, b))

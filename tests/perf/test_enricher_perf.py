@@ -75,6 +75,7 @@ from libs.serde import (
 from libs.tables import GlobalTable, avro_table
 from services.common.settings import TopicSettings
 from tests.support.kafka import create_topics, unique, wait_until
+from tests.support.proc import process_cpu_s, thread_cpu_s
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
@@ -179,25 +180,12 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _cpu_s(pid: int) -> float:
-    """CPU time (user + system) of every thread of a running process so far, in seconds."""
-    # /proc/<pid>/stat: the command name may contain spaces, so count fields after its ')'
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _thread_cpu_s(pid: int) -> dict[str, float]:
     """CPU seconds per thread name (``rdk:broker...`` threads are librdkafka's, summed)."""
     out: dict[str, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended
-            continue
+    for name, seconds in thread_cpu_s(pid).values():
         group = name.split("/")[0].rstrip("0123456789")
-        ticks = int(fields[11]) + int(fields[12])
-        out[group] = out.get(group, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+        out[group] = out.get(group, 0.0) + seconds
     return out
 
 
@@ -242,7 +230,7 @@ class CpuSampler(threading.Thread):
     def run(self) -> None:
         while not self.halt.is_set():
             try:
-                total = _cpu_s(self.pid)
+                total = process_cpu_s(self.pid)
                 threads = _thread_cpu_s(self.pid)
             except OSError:  # the process ended
                 return
@@ -346,7 +334,7 @@ class Collector(threading.Thread):
                     self.seen.append((m, time.time()))
             if batch and self.pid is not None:
                 try:
-                    self.cpu.append((len(self.seen), _cpu_s(self.pid)))
+                    self.cpu.append((len(self.seen), process_cpu_s(self.pid)))
                     if not self.threads or len(self.seen) <= EVENTS:
                         sample = (len(self.seen), _thread_cpu_s(self.pid))
                         if self.threads:

@@ -53,13 +53,13 @@ from libs.serde import (
     SlackMessage,
 )
 from tests.support.kafka import create_topics, unique, wait_until
+from tests.support.proc import process_cpu_s, thread_cpu_s
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 MESSAGES = int(os.environ.get("BENCH_MESSAGES", "2000"))
 CHANNELS = [1, 10, 100]
 TOKEN = "xoxb-bench"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 BLOCKS = [
     {"type": "header", "text": {"type": "plain_text", "text": "Connector failed: s3-sink-orders"}},
     {
@@ -87,12 +87,6 @@ BLOCKS = [
 pytestmark = pytest.mark.perf
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, from /proc (clock-tick resolution)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def rss_mb(pid: int) -> tuple[float, float]:
     """Resident memory of a process now and its peak (VmRSS, VmHWM), in MB."""
     fields = dict(
@@ -103,19 +97,12 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
-    """User + system CPU seconds of each thread of a process so far: ``{tid: (kind, s)}``,
-    kind ``loop`` (the main thread), ``rdk`` (librdkafka's), ``rocksdb`` or ``calls`` (any
-    other thread: the notifier's other threads are its Slack call threads, the health server's
-    is idle). A thread that ends between the reads drops out of the sum (none does in a run)."""
+def threads_by_kind(pid: int) -> dict[int, tuple[str, float]]:
+    """``thread_cpu_s`` with each thread's kind for its name: ``loop`` (the main thread),
+    ``rdk`` (librdkafka's), ``rocksdb`` or ``calls`` (any other thread: the notifier's other
+    threads are its Slack call threads, the health server's is idle)."""
     out: dict[int, tuple[str, float]] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended
-            continue
-        tid = int(task.name)
+    for tid, (name, seconds) in thread_cpu_s(pid).items():
         kind = (
             "loop"
             if tid == pid
@@ -125,14 +112,14 @@ def thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
             if name.startswith("rocksdb")
             else "calls"
         )
-        out[tid] = (kind, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+        out[tid] = (kind, seconds)
     return out
 
 
 def by_kind(
     before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
 ) -> dict[str, float]:
-    """CPU seconds per kind of thread spent between two ``thread_cpu_s`` reads."""
+    """CPU seconds per kind of thread spent between two ``threads_by_kind`` reads."""
     spent: dict[str, float] = {}
     for tid, (kind, s) in after.items():
         spent[kind] = spent.get(kind, 0.0) + s - before.get(tid, (kind, 0.0))[1]
@@ -147,7 +134,7 @@ OWN = ("loop", "rdk", "rocksdb")
 class Figure:
     msgs_per_s: float
     cpu_ms_per_msg: float
-    #: CPU ms per message by kind of thread (``thread_cpu_s``); empty for the bare client
+    #: CPU ms per message by kind of thread (``threads_by_kind``); empty for the bare client
     threads_ms: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -292,7 +279,7 @@ class Bench:
             )
             ids.add(m.message_id)
             values.append((channel.encode(), self.encode(self.messages, m)))
-        cpu0, threads0 = cpu_seconds(self.proc.pid), thread_cpu_s(self.proc.pid)
+        cpu0, threads0 = process_cpu_s(self.proc.pid), threads_by_kind(self.proc.pid)
         t0 = time.perf_counter()
         for key, value in values:
             self.producer.produce(self.messages, key=key, value=value)
@@ -307,8 +294,8 @@ class Bench:
                     assert r.status == "DELIVERED", r
                     ids.discard(r.message_id)
         wall = time.perf_counter() - t0
-        cpu = cpu_seconds(self.proc.pid) - cpu0
-        spent = by_kind(threads0, thread_cpu_s(self.proc.pid))
+        cpu = process_cpu_s(self.proc.pid) - cpu0
+        spent = by_kind(threads0, threads_by_kind(self.proc.pid))
         return Figure(n / wall, cpu / n * 1000, {k: v / n * 1000 for k, v in spent.items()})
 
     def close(self) -> None:

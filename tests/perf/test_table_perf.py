@@ -44,6 +44,7 @@ from libs.kafka import KafkaSettings
 from libs.serde import AvroSerializer, ConfluentSchemaRegistry, CsdrAssignment, SlackUser
 from libs.tables import GlobalTable, avro_table, bootstrap_all
 from tests.support.kafka import create_topics, unique
+from tests.support.proc import thread_cpu_s
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
@@ -69,29 +70,19 @@ class Figures:
 
 
 def _thread_cpu() -> dict[str, float]:
-    """CPU seconds of this process's live threads, by group (empty where /proc is missing)."""
+    """CPU seconds of this process's live threads, by group."""
     groups: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return groups
-    for task in tasks:
-        try:
-            stat = Path(f"/proc/self/task/{task}/stat").read_text()
-        except OSError:
-            continue  # the thread ended meanwhile
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(task) == os.getpid():
+    me = os.getpid()
+    for tid, (name, seconds) in thread_cpu_s(me).items():
+        if tid == me:
             group = "python"
-        elif comm.startswith("rdk:"):
+        elif name.startswith("rdk:"):
             group = "rdkafka"
-        elif comm.startswith("rocksdb:"):
+        elif name.startswith("rocksdb:"):
             group = "rocksdb"
         else:
             group = "other"
-        groups[group] = groups.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        groups[group] = groups.get(group, 0.0) + seconds
     return groups
 
 

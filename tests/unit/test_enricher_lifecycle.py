@@ -39,6 +39,7 @@ from services.enricher.core import (
 )
 from services.enricher.handler import EventHandler, LifecycleConfig, LifecycleCounts
 from services.enricher.lifecycle import (
+    GROUP_PREFIX,
     OWNER,
     USER,
     Action,
@@ -1518,3 +1519,14 @@ def test_epoch_ms_is_the_timestamps_milliseconds() -> None:
     ]
     for when in times:
         assert epoch_ms(when) == int(when.timestamp() * 1000), when
+
+
+def test_group_keys_are_the_stored_layout_under_the_group_prefix() -> None:
+    """``group_key`` spells the prefix out (one f-string per event): it must stay
+    ``GROUP_PREFIX`` (which the punctuator and the changelog's readers go by) and the key
+    layout the state already holds."""
+    assert group_key("connector-provisioning-failed", "lcc-1") == (
+        b"g/connector-provisioning-failed\x00lcc-1"
+    )
+    assert group_key("p", "é").startswith(GROUP_PREFIX)
+    assert group_key("p", "é") == GROUP_PREFIX + "p\x00é".encode()

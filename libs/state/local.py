@@ -234,10 +234,7 @@ class LocalStore:
         return n
 
     def get(self, key: bytes) -> bytes | None:
-        db = self._db  # not ``_require()``: a get per event (nearly always of an absent key)
-        if db is None:
-            raise StateError(f"state store {self.path} is not open")
-        raw: bytes | None = db.get(_DATA + key)
+        raw: bytes | None = self._require().get(_DATA + key)
         return raw
 
     def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:

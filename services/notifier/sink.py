@@ -1037,7 +1037,7 @@ class SinkLoop:
         self, check: _Check, entry: _Entry, outcome: object, decision: Decision
     ) -> None:
         if isinstance(outcome, core.Found):
-            if check is _HISTORY_CHECK:
+            if check.counts_found_in_history:
                 self.stats.found_in_history += 1
             check.metric.labels(check.found).inc()
             log.info(check.found_log, extra=_ids(entry))
@@ -1396,18 +1396,20 @@ class _Check:
     not_found: str
     found_log: str
     unverified_log: str
+    #: a found post counts in ``SinkStats.found_in_history``
+    counts_found_in_history: bool = False
 
 
-_HISTORY_CHECK = _Check(
-    IN_DOUBT,
-    "found",
-    "not_found",
-    "in-doubt post found in the history, not posting again",
-    "in-doubt post cannot be verified, posting again (at-least-once)",
-)
 #: the checks by the step that made them
 _CHECKS = {
-    Step.CHECK_HISTORY: _HISTORY_CHECK,
+    Step.CHECK_HISTORY: _Check(
+        IN_DOUBT,
+        "found",
+        "not_found",
+        "in-doubt post found in the history, not posting again",
+        "in-doubt post cannot be verified, posting again (at-least-once)",
+        counts_found_in_history=True,
+    ),
     Step.CHECK_UPDATE: _Check(
         UPDATE_CHECKS,
         "applied",

@@ -44,13 +44,6 @@ SOURCES = (
     "services/enricher/pipelines/onboarding_started.py",
     "libs/state/partition.py",
     "libs/state/local.py",
-    # the notifier's sink loop: its decisions, scheduling, markers and gates (tests reach
-    # other behaviour through constructor arguments here too)
-    "services/notifier/core.py",
-    "services/notifier/gate.py",
-    "services/notifier/scheduler.py",
-    "services/notifier/markers.py",
-    "services/notifier/sink.py",
 )
 
 # setuptools' build_ext as mypyc's own command line runs it, but into OUT instead of in place

@@ -24,7 +24,6 @@ rendered to the log and gets a ``DRY_RUN`` receipt, and no local rate limit appl
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from pathlib import Path
@@ -262,8 +261,7 @@ class NotifierService:
 
     def counts(self) -> dict[str, object]:
         """The sink loop's counts."""
-        # not ``vars()``: compiled (mypyc), ``SinkStats`` is a native class without ``__dict__``
-        return dataclasses.asdict(self.loop.stats if self.loop is not None else SinkStats())
+        return dict(vars(self.loop.stats if self.loop is not None else SinkStats()))
 
 
 #: how long a marker's tombstone may wait to share a produce request with others

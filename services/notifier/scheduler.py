@@ -32,7 +32,7 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
 from libs.kafka.acks import OffsetTracker
@@ -53,36 +53,31 @@ class SchedulerConfig:
     max_buffered_per_partition: int = 500
 
 
+@dataclass(eq=False)
 class Entry(Generic[T]):
-    """One consumed message until it is finished; ``item`` is the sink's own data.
+    """One consumed message until it is finished; ``item`` is the sink's own data."""
 
-    A plain class, not a dataclass: compiled (mypyc), a generic dataclass cannot be created
-    (its decorator writes the class ``__dict__`` of a class with the ``Generic`` base); a
-    plain generic class is a native one, and ``Entry[X]`` still works.
-    """
-
-    def __init__(self, tp: TP, offset: int, epoch: int, channel: str, item: T) -> None:
-        self.tp = tp
-        self.offset = offset
-        self.epoch = epoch
-        self.channel = channel
-        self.item = item
-        #: its partition was revoked or lost while its call was in flight: finish, never retry
-        self.dropped = False
+    tp: TP
+    offset: int
+    epoch: int
+    channel: str
+    item: T
+    #: its partition was revoked or lost while its call was in flight: finish, never retry
+    dropped: bool = False
 
 
+@dataclass(eq=False)
 class Channel(Generic[T]):
-    """A channel's FIFO and its pacing state (a plain class: as ``Entry``)."""
+    """A channel's FIFO and its pacing state."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.queue: deque[Entry[T]] = deque()
-        self.busy = False
-        #: a Retry-After or backoff: nothing of the channel starts before this
-        self.not_before = 0.0
-        self.bucket: Bucket | None = None
-        #: the time of its live entry in the ready heap (older entries are stale)
-        self.scheduled: float | None = None
+    name: str
+    queue: deque[Entry[T]] = field(default_factory=deque)
+    busy: bool = False
+    #: a Retry-After or backoff: nothing of the channel starts before this
+    not_before: float = 0.0
+    bucket: Bucket | None = None
+    #: the time of its live entry in the ready heap (older entries are stale)
+    scheduled: float | None = None
 
     @property
     def head(self) -> Entry[T] | None:

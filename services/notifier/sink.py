@@ -374,18 +374,15 @@ _Entry = Entry[_Item]
 _Channel = Channel[_Item]
 
 
+@dataclass(eq=False)
 class _Completion:
-    """A Slack call of a channel's head: what it answered, or what it raised.
+    """A Slack call of a channel's head: what it answered, or what it raised."""
 
-    (A plain class: a dataclass field typed ``object`` does not compile with mypyc.)
-    """
-
-    def __init__(self, channel: _Channel, entry: _Entry, step: Step) -> None:
-        self.channel = channel
-        self.entry = entry
-        self.step = step
-        self.outcome: object = None
-        self.error: BaseException | None = None
+    channel: _Channel
+    entry: _Entry
+    step: Step
+    outcome: object = None
+    error: BaseException | None = None
 
 
 _Job = tuple[Callable[[], object], _Completion]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -85,7 +84,7 @@ def message(text: str = "Connector failed for Acme", blocks: str | None = None) 
 
 def delivery(**changes: object) -> Delivery:
     d = Delivery(message())
-    return dataclasses.replace(d, **changes)  # type: ignore[arg-type]
+    return Delivery(**{**d.__dict__, **changes})  # type: ignore[arg-type]
 
 
 # -- classification --------------------------------------------------------------------------
@@ -804,7 +803,7 @@ def test_the_wait_for_the_original_is_bounded_and_never_becomes_a_post(
 
 
 def replace_policy(**changes: float) -> RetryPolicy:
-    return dataclasses.replace(POLICY, **changes)  # type: ignore[arg-type]
+    return RetryPolicy(**{**POLICY.__dict__, **changes})  # type: ignore[arg-type]
 
 
 def started_update(**changes: object) -> Delivery:
@@ -814,7 +813,7 @@ def started_update(**changes: object) -> Delivery:
     assert isinstance(action, Proceed)
     d, marker = core.begin_update(action.delivery, NOW)
     assert (marker.channel, marker.attempts) == ("D0DM", 1)
-    return dataclasses.replace(d, **changes)  # type: ignore[arg-type]
+    return Delivery(**{**d.__dict__, **changes})  # type: ignore[arg-type]
 
 
 def test_an_applied_update_is_delivered_with_the_original_channel_and_ts() -> None:

@@ -5,8 +5,8 @@
 The sources stay the truth and what runs without a build: ``libs.runtime.compiled`` uses the
 extension modules only when each was compiled from the source beside it (``compiled.json``
 records their SHA-256). One more module is generated here, from ``schemas/``, and compiled with
-them: the Avro readers of ``libs.serde.avro.compiled_readers_source``; its source is kept in
-the build (``generated/``), never beside the sources, and the manifest records its SHA-256
+them: the Avro readers and writers of ``libs.serde.avro.compiled_avro_source``; its source is
+kept in the build (``generated/``), never beside the sources, and the manifest records its SHA-256
 with those of the schemas and of ``libs/serde`` (its generator). Without a C compiler or
 Python's headers this writes a manifest saying so (the enricher then logs "pure Python" at
 start) and exits 0, so ``make install`` works on any machine. The output never goes next to
@@ -93,17 +93,17 @@ def _sha256(path: Path) -> str:
 
 
 def _generate(directory: Path) -> dict[str, Path]:
-    """The readers' module generated from ``schemas/`` into ``directory``: {module: file}
+    """The Avro module generated from ``schemas/`` into ``directory``: {module: file}
     (none when there is no schema)."""
     sys.path.insert(0, str(ROOT))
-    from libs.serde.avro import COMPILED_READERS, SCHEMA_DIR, compiled_readers_source
+    from libs.serde.avro import COMPILED_AVRO, SCHEMA_DIR, compiled_avro_source
 
     schemas = {p.name: p.read_text(encoding="utf-8") for p in sorted(SCHEMA_DIR.glob("*.avsc"))}
     if not schemas:
         return {}
-    file = directory / f"{COMPILED_READERS}.py"
-    file.write_text(compiled_readers_source(schemas))
-    return {COMPILED_READERS: file}
+    file = directory / f"{COMPILED_AVRO}.py"
+    file.write_text(compiled_avro_source(schemas))
+    return {COMPILED_AVRO: file}
 
 
 def _write(

@@ -207,14 +207,49 @@ def flat_writer(layout: Sequence[tuple[str, int]], utf8: Sequence[str] = ()) -> 
     # The UTF-8 parameters default to None: a caller without them (``AvroSerializer``'s
     # ``__call__``) runs the same code rather than failing over to another writer.
     lines = [f"def write(header, r{''.join(f', u{i}=None' for i in range(len(utf8)))}):"]
+
+    def given(number: int, name: str) -> str | None:
+        if name not in utf8:
+            return None
+        u = f"u{utf8.index(name)}"
+        return f"r.{name}.encode() if {u} is None else {u}"
+
+    lines += _write_lines(layout, given)
+    scope: dict[str, Any] = {
+        "__builtins__": {},
+        "_long": _long,
+        "_timestamp": _timestamp,
+        "_size_prefix": _size_prefix,
+        "_PREFIX": _PREFIX,
+        "_string": _string,
+        "TypeError": TypeError,
+        "int": int,
+        "type": type,
+        "len": len,
+    }
+    exec("\n".join(lines), scope)
+    write: FlatWriter = scope["write"]
+    return write
+
+
+def _write_lines(
+    layout: Sequence[tuple[str, int]], given: Callable[[int, str], str | None]
+) -> list[str]:
+    """The body of a writer of ``layout`` (indented for a function) from ``header`` and the
+    record ``r`` to the bytes returned. ``given(number, name)``: for a string field, the
+    expression of its UTF-8 when the caller may pass it (evaluating ``r.<name>`` only when
+    it does not), else ``None``. ``flat_writer`` runs it as it is; ``compiled_avro_source``
+    puts it in a method compiled by mypyc. Names used: ``_long``, ``_timestamp``,
+    ``_size_prefix``, ``_PREFIX``, ``_string``, ``TypeError``, ``int``, ``type``, ``len``."""
+    lines = []
     terms = ["header"]
     for number, (name, kind) in enumerate(layout):
         if not name.isidentifier():
             raise ValueError(f"{name!r} is not a field name")
         v, d = f"v{number}", f"d{number}"
-        if name in utf8:
-            u = f"u{utf8.index(name)}"
-            lines.append(f"    {d} = r.{name}.encode() if {u} is None else {u}")
+        expression = given(number, name) if kind == _STRING else None
+        if expression is not None:
+            lines.append(f"    {d} = {expression}")
         elif kind == _STRING:
             lines.append(f"    {d} = r.{name}.encode()")
         elif kind == _OPTIONAL_STRING:
@@ -235,21 +270,7 @@ def flat_writer(layout: Sequence[tuple[str, int]], utf8: Sequence[str] = ()) -> 
         terms.append(f"_PREFIX[s{number}] if s{number} < {_PREFIXED} else _size_prefix(s{number})")
         terms.append(d)
     lines.append(f"    return b''.join(({', '.join(terms)},))")
-    scope: dict[str, Any] = {
-        "__builtins__": {},
-        "_long": _long,
-        "_timestamp": _timestamp,
-        "_size_prefix": _size_prefix,
-        "_PREFIX": _PREFIX,
-        "_string": _string,
-        "TypeError": TypeError,
-        "int": int,
-        "type": type,
-        "len": len,
-    }
-    exec("\n".join(lines), scope)
-    write: FlatWriter = scope["write"]
-    return write
+    return lines
 
 
 #: (milliseconds, their Avro long) of the last timestamp ``_timestamp`` wrote: an output's
@@ -412,7 +433,7 @@ def flat_reader(
 def _read_lines(layout: Sequence[tuple[str, int]]) -> list[str]:
     """The body of a reader of ``layout`` (indented for a function): from ``data`` and
     ``pos`` to the values ``v0``, ``v1``, ... of the layout's fields, in its order.
-    ``flat_reader`` runs it as it is; ``compiled_readers_source`` puts it in a method
+    ``flat_reader`` runs it as it is; ``compiled_avro_source`` puts it in a method
     compiled by mypyc. Names used: ``len``, ``_EPOCH``, ``_timedelta``, ``_bad_branch``
     and ``_past_end``."""
     lines = ["    size = len(data)"]
@@ -471,7 +492,7 @@ def _read_lines(layout: Sequence[tuple[str, int]]) -> list[str]:
 
 # -- the same reader, generated from schemas/ at build time and compiled ---------------------------
 # mypyc cannot compile ``exec``'d code: ``deploy/mypyc/build.py`` writes the readers of every
-# flat schema in schemas/ as one module (``compiled_readers_source``: ``_read_lines`` in typed
+# flat schema in schemas/ as one module (``compiled_avro_source``: ``_read_lines`` in typed
 # methods) and compiles it with the hot path. A process that uses the build
 # (``libs.runtime.compiled``, which refuses a build whose schemas, this generator or the
 # generated source changed) imports it; every other process does not find it and reads
@@ -479,9 +500,9 @@ def _read_lines(layout: Sequence[tuple[str, int]]) -> list[str]:
 # from and serves only a deserializer whose own schema has that fingerprint, and only for
 # writer ids whose schema is that one (``_flat_ids``): any other writer schema is fastavro's.
 
-#: the module ``compiled_readers_source`` writes (top-level: its source is in the build, not
+#: the module ``compiled_avro_source`` writes (top-level: its source is in the build, not
 #: beside the sources), importable only when the process uses the build
-COMPILED_READERS = "field_alerts_avro_readers"
+COMPILED_AVRO = "field_alerts_avro"
 
 
 def schema_fingerprint(text: str) -> str:
@@ -497,20 +518,28 @@ def _class_name(file_name: str) -> str:
     return "".join(part.capitalize() for part in stem.split("_")) + "Reader"
 
 
-def compiled_readers_source(schemas: Mapping[str, str]) -> str:
-    """The module ``COMPILED_READERS``: per flat schema of ``schemas`` (file name -> text), a
+def compiled_avro_source(schemas: Mapping[str, str]) -> str:
+    """The module ``COMPILED_AVRO``: per flat schema of ``schemas`` (file name -> text), a
     class whose ``read(data, pos)`` is ``flat_reader``'s, building the record through the
     slot setters it is constructed with (one per field, in the schema's order), and
     ``READERS``: fingerprint -> (layout, class). Deterministic: the same schemas and this
     generator give the same text (the build's manifest records its hash)."""
     out = [
-        '"""Avro readers generated from schemas/ by libs/serde/avro.py (deploy/mypyc/build.py)."""',
+        '"""Avro readers and writers generated from schemas/ by libs/serde/avro.py."""',
         "",
         "from collections.abc import Callable",
         "from datetime import UTC, datetime, timedelta",
-        "from typing import Final",
+        "from typing import Any, Final",
         "",
+        "import libs.serde.avro as _avro",
+        "",
+        "_long: Final = _avro._long",
+        "_size_prefix: Final = _avro._size_prefix",
+        "_string: Final = _avro._string",
+        "_PREFIX: Final = _avro._PREFIX",
         "_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)",
+        "#: _avro._timestamp's last (milliseconds, varint): one item, replaced whole",
+        "_LAST: Final[list[tuple[int, bytes]]] = [(0, _long(0))]",
         "_timedelta: Final = timedelta",
         "_new: Final[Callable[[type], object]] = object.__new__",
         "Setter = Callable[[object, object], None]",
@@ -523,8 +552,28 @@ def compiled_readers_source(schemas: Mapping[str, str]) -> str:
         "",
         "def _past_end(name: str, n: int) -> EOFError:",
         '    return EOFError(f"{name}: {n} bytes of string past the end of the record")',
+        "",
+        "",
+        "def _millis(value: object) -> int:  # _avro._millis",
+        "    if isinstance(value, datetime):",
+        "        if value.tzinfo is None:",
+        '            raise TypeError("naive datetime")',
+        "        delta = value - _EPOCH",
+        "        return (delta.days * 86400 + delta.seconds) * 1000 + delta.microseconds // 1000",
+        "    if type(value) is int:",
+        "        return value",
+        '    raise TypeError(f"not a timestamp: {type(value).__name__}")',
+        "",
+        "",
+        "def _timestamp(value: object) -> bytes:  # _avro._timestamp",
+        "    millis = _millis(value)",
+        "    last = _LAST[0]",
+        "    if millis != last[0]:",
+        "        last = (millis, _long(millis))",
+        "        _LAST[0] = last",
+        "    return last[1]",
     ]
-    entries = []
+    entries, writers = [], []
     for file_name, text in sorted(schemas.items()):
         layout = flat_layout(text)
         if layout is None:
@@ -553,11 +602,38 @@ def compiled_readers_source(schemas: Mapping[str, str]) -> str:
             "        return record",
         ]
         entries.append(f"    {schema_fingerprint(text)!r}: ({layout!r}, {cls}),")
+        writer = cls.removesuffix("Reader") + "Writer"
+        declared = {_STRING: "bytes", _OPTIONAL_STRING: "bytes", _LONG: "int"}
+
+        def given(number: int, name: str) -> str:
+            return f"u0 if u0 is not None and self.utf8 == {number} else r.{name}.encode()"
+
+        out += [
+            "",
+            "",
+            f"class {writer}:",
+            f'    """{file_name}: {", ".join(name for name, _ in layout)}."""',
+            "",
+            "    def __init__(self, utf8: int) -> None:",
+            "        self.utf8 = utf8",
+            "",
+            "    def write(self, header: bytes, r: Any, u0: bytes | None = None) -> bytes:",
+            *(
+                f"        d{number}: {declared[kind]}"
+                for number, (_, kind) in enumerate(layout)
+                if kind in (_STRING, _OPTIONAL_STRING)
+            ),
+            *("    " + line for line in _write_lines(layout, given)),
+        ]
+        writers.append(f"    {schema_fingerprint(text)!r}: ({layout!r}, {writer}),")
     out += [
         "",
         "",
         "READERS: Final[dict[str, tuple[Layout, Callable[[type, list[Setter]], object]]]] = {",
         *entries,
+        "}",
+        "WRITERS: Final[dict[str, tuple[Layout, Callable[[int], object]]]] = {",
+        *writers,
         "}",
         "",
     ]
@@ -565,14 +641,46 @@ def compiled_readers_source(schemas: Mapping[str, str]) -> str:
 
 
 @cache
+def _compiled_module() -> Any:
+    """The compiled module when this process uses the build, else ``None``."""
+    try:
+        return importlib.import_module(COMPILED_AVRO)
+    except ImportError:
+        return None
+
+
 def _compiled_readers() -> Mapping[str, tuple[Any, Callable[..., Any]]]:
     """``READERS`` of the compiled module when this process uses the build, else empty."""
-    try:
-        module = importlib.import_module(COMPILED_READERS)
-    except ImportError:
-        return {}
-    readers: Mapping[str, tuple[Any, Callable[..., Any]]] = module.READERS
+    readers: Mapping[str, tuple[Any, Callable[..., Any]]] = getattr(
+        _compiled_module(), "READERS", {}
+    )
     return readers
+
+
+def _compiled_writers() -> Mapping[str, tuple[Any, Callable[..., Any]]]:
+    """``WRITERS`` of the compiled module when this process uses the build, else empty."""
+    writers: Mapping[str, tuple[Any, Callable[..., Any]]] = getattr(
+        _compiled_module(), "WRITERS", {}
+    )
+    return writers
+
+
+def _compiled_writer(
+    writers: Mapping[str, tuple[Any, Callable[..., Any]]],
+    fingerprint: str,
+    layout: Sequence[tuple[str, int]],
+    utf8: Sequence[str],
+) -> FlatWriter | None:
+    """The ``write`` of ``writers``' writer generated for the schema of ``fingerprint``
+    (whose layout must be ``layout``): ``flat_writer(layout, utf8)``'s, for at most one
+    ``utf8`` field; ``None`` when there is none."""
+    found = writers.get(fingerprint)
+    if found is None or tuple(found[0]) != tuple(layout) or len(utf8) > 1:
+        return None
+    names = [name for name, _ in layout]
+    index = names.index(utf8[0]) if utf8 else -1
+    write: FlatWriter = found[1](index).write
+    return write
 
 
 def _compiled_reader(
@@ -619,6 +727,11 @@ class AvroSerializer(Generic[R]):
         #: the writer of ``__call__`` and ``encode`` (``utf8_fields`` may come as UTF-8);
         #: ``None``: not a flat record
         self._writer = None if self._flat is None else flat_writer(self._flat, utf8_fields)
+        if self._flat is not None:  # the same writer compiled, when this process has it
+            compiled = _compiled_writer(
+                _compiled_writers(), schema_fingerprint(self._schema_text), self._flat, utf8_fields
+            )
+            self._writer = compiled or self._writer
         self._headers: dict[str, bytes] = {}
         self._lock = threading.Lock()
 

@@ -214,7 +214,7 @@ def test_the_build_generates_the_readers_from_the_schemas_and_records_them() -> 
     source's hash in the manifest; the build ``make install`` made is of today's schemas."""
     import importlib.util
 
-    from libs.serde.avro import COMPILED_READERS, SCHEMA_DIR, compiled_readers_source
+    from libs.serde.avro import COMPILED_AVRO, SCHEMA_DIR, compiled_avro_source
 
     spec = importlib.util.spec_from_file_location("mypyc_build", ROOT / "deploy/mypyc/build.py")
     assert spec is not None and spec.loader is not None
@@ -224,9 +224,9 @@ def test_the_build_generates_the_readers_from_the_schemas_and_records_them() -> 
     out.mkdir(parents=True, exist_ok=True)
     try:
         files = mypyc_build._generate(out)
-        assert list(files) == [COMPILED_READERS]
+        assert list(files) == [COMPILED_AVRO]
         schemas = {p.name: p.read_text() for p in SCHEMA_DIR.glob("*.avsc")}
-        assert files[COMPILED_READERS].read_text() == compiled_readers_source(schemas)
+        assert files[COMPILED_AVRO].read_text() == compiled_avro_source(schemas)
     finally:
         shutil.rmtree(out)
     manifest_file = ROOT / "build" / "mypyc" / "lib" / MANIFEST
@@ -235,7 +235,7 @@ def test_the_build_generates_the_readers_from_the_schemas_and_records_them() -> 
     manifest = json.loads(manifest_file.read_text())
     if not manifest["modules"]:
         pytest.skip(f"the build compiled nothing: {manifest['reason']}")
-    assert set(manifest["generated"]) == {COMPILED_READERS}
+    assert set(manifest["generated"]) == {COMPILED_AVRO}
     assert {f"schemas/{name}" for name in schemas} <= set(manifest["inputs"])
 
 

@@ -1,4 +1,4 @@
-"""The Avro readers generated from schemas/ at build time (``compiled_readers_source``).
+"""The Avro readers and writers generated from schemas/ at build time (``compiled_avro_source``).
 
 They run compiled only in a process using the mypyc build (``TEST_COMPILED=1``); here the
 same generated source also runs as plain Python (``_source_readers``), so every suite holds it
@@ -29,9 +29,9 @@ from libs.serde import (
     avro,
 )
 from libs.serde.avro import (
-    COMPILED_READERS,
+    COMPILED_AVRO,
     _compiled_reader,
-    compiled_readers_source,
+    compiled_avro_source,
     flat_layout,
     load_schema_text,
     read_flat,
@@ -49,10 +49,15 @@ def _schemas(schema_dir: Path = SCHEMA_DIR) -> dict[str, str]:
 @cache
 def _source_readers() -> Readers:
     """``READERS`` of the generated source run as Python (what mypyc compiles)."""
-    module = types.ModuleType(COMPILED_READERS)
-    exec(compile(compiled_readers_source(_schemas()), COMPILED_READERS, "exec"), module.__dict__)
-    readers: Readers = module.READERS
+    readers: Readers = _source_module().READERS
     return readers
+
+
+@cache
+def _source_module() -> types.ModuleType:
+    module = types.ModuleType(COMPILED_AVRO)
+    exec(compile(compiled_avro_source(_schemas()), COMPILED_AVRO, "exec"), module.__dict__)
+    return module
 
 
 def _reader(readers: Readers, record_type: type[Any]) -> Callable[[bytes, int], Any]:
@@ -66,9 +71,7 @@ def _reader(readers: Readers, record_type: type[Any]) -> Callable[[bytes, int], 
 
 def test_the_generated_source_is_deterministic_and_covers_every_flat_schema() -> None:
     schemas = _schemas()
-    assert compiled_readers_source(schemas) == compiled_readers_source(
-        dict(reversed(schemas.items()))
-    )
+    assert compiled_avro_source(schemas) == compiled_avro_source(dict(reversed(schemas.items())))
     flat = {schema_fingerprint(t) for t in schemas.values() if flat_layout(t) is not None}
     assert set(_source_readers()) == flat
     assert len(flat) == 6  # all but ProducerCursor (timestamp-micros)
@@ -238,3 +241,111 @@ def test_the_enricher_reads_compiled_when_it_uses_the_build() -> None:
         read = AvroDeserializer(InMemorySchemaRegistry(), record_type)._read_flat
         assert read is not None
         assert (type(read).__name__ == "builtin_function_or_method") is compiled, read
+
+
+def _writers(where: str) -> Readers:
+    writers: Readers = _source_module().WRITERS if where == "source" else avro._compiled_writers()
+    if where == "build" and os.environ.get("TEST_COMPILED") == "1":
+        assert writers, "TEST_COMPILED=1 but the generated writers are not in the build"
+    if not writers:
+        pytest.skip("this process does not use the compiled build (TEST_COMPILED=1 does)")
+    return writers
+
+
+def _outcome(write: Callable[..., bytes], *args: Any) -> Any:
+    try:
+        return write(*args)
+    except Exception as exc:
+        return (type(exc), str(exc))
+
+
+def _bad_messages() -> list[Any]:
+    from datetime import datetime
+
+    from libs.serde import SlackMessage
+
+    naive = datetime(2026, 1, 1, 12, 0)
+    return [
+        SlackMessage("m", "p", None, "t", "[]", "o", "e", T0),  # type: ignore[arg-type]
+        SlackMessage("m", "p", 3, "t", "[]", "o", "e", T0),  # type: ignore[arg-type]
+        SlackMessage("m", "p", "\ud800", "t", "[]", "o", "e", T0),
+        SlackMessage("m", "p", "c", "t", "[]", "o", "e", naive),
+        SlackMessage("m", "p", "c", "t", "[]", "o", "e", 1_700_000_000_000),  # type: ignore[arg-type]
+        SlackMessage("m", "p", "c", "t", "[]", "o", "e", "now"),  # type: ignore[arg-type]
+        SlackMessage("m", "p", "c", "t", "[]", "o", "e", T0, 5),  # type: ignore[arg-type]
+        SlackMessage("m", "p", "c", "t", None, "o", "e", T0),  # type: ignore[arg-type]
+    ]
+
+
+@pytest.mark.parametrize("where", ["source", "build"])
+@pytest.mark.parametrize(
+    "record",
+    [r for r in _framed_edge_records() + _bad_messages()],
+    ids=lambda r: type(r).__name__,
+)
+def test_a_generated_writer_writes_what_the_run_time_writer_writes(where: str, record: Any) -> None:
+    """The same bytes, or the same error (type and text), as ``flat_writer``'s; with and
+    without a string's UTF-8 given (the enricher's blocks), and that UTF-8 left out."""
+    from libs.serde.avro import _compiled_writer, flat_writer
+
+    writers = _writers(where)
+    text = load_schema_text(type(record).SCHEMA)
+    layout = flat_layout(text)
+    assert layout is not None
+    fingerprint = schema_fingerprint(text)
+    plain = _compiled_writer(writers, fingerprint, layout, ())
+    assert plain is not None
+    expected = _outcome(flat_writer(layout), b"head", record)
+    assert _outcome(plain, b"head", record) == expected
+    strings = [n for n, k in layout if k == 0]
+    for name in strings[:1] + strings[-1:]:
+        given = _compiled_writer(writers, fingerprint, layout, (name,))
+        assert given is not None
+        reference = flat_writer(layout, (name,))
+        value = getattr(record, name)
+        utf8 = value.encode() if isinstance(value, str) and value != "\ud800" else b"[x]"
+        for args in ((), (None,), (utf8,)):
+            want = _outcome(reference, b"head", record, *args)
+            assert _outcome(given, b"head", record, *args) == want, (name, args)
+    assert _compiled_writer(writers, fingerprint, layout, strings[:2]) is None
+
+
+def test_the_serializer_writes_compiled_only_for_the_schema_it_was_generated_from(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from libs.serde import SlackMessage
+
+    calls: list[int] = []
+
+    def counting(writers: Readers) -> Readers:
+        def wrap(cls: Callable[..., Any]) -> Callable[..., Any]:
+            def make(utf8: int) -> Any:
+                inner = cls(utf8)
+
+                class Writer:
+                    def write(self, *args: Any) -> bytes:
+                        calls.append(utf8)
+                        out: bytes = inner.write(*args)
+                        return out
+
+                return Writer()
+
+            return make
+
+        return {key: (layout, wrap(cls)) for key, (layout, cls) in writers.items()}
+
+    monkeypatch.setattr(avro, "_compiled_writers", lambda: counting(_source_module().WRITERS))
+    message = SlackMessage("m", "p", "c", "t", "[1]", "o", "e", T0)
+    reference = AvroSerializer(InMemorySchemaRegistry(), SlackMessage)("t", message)
+    encode = AvroSerializer(InMemorySchemaRegistry(), SlackMessage, utf8_fields=("blocks",))
+    assert encode.encode("t", message, b"[1]") == encode("t", message) == reference
+    assert calls == [-1, 4, 4]  # the plain reference's, then the blocks' (field 4) twice
+
+    newer = json.loads(load_schema_text(SlackMessage.SCHEMA))
+    newer["fields"].append({"name": "thread", "type": ["null", "string"], "default": None})
+    (tmp_path / SlackMessage.SCHEMA).write_text(json.dumps(newer))
+    calls.clear()
+    other = AvroSerializer(InMemorySchemaRegistry(), SlackMessage, schema_dir=tmp_path)
+    # written the run-time way (the record has no `thread`: fastavro writes its default)
+    assert other("t", message)[5:] == reference[5:] + b"\x00"
+    assert calls == []

@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # exactly the sources beside it, and logs at start which one runs; without a C compiler the
 # build says so and the sources run.
 MYPYC_INPUTS := deploy/mypyc/build.py $(wildcard services/enricher/*.py \
-	services/enricher/pipelines/*.py libs/serde/*.py libs/state/*.py)
+	services/enricher/pipelines/*.py libs/serde/*.py libs/state/*.py schemas/*.avsc)
 MYPYC_MANIFEST := build/mypyc/lib/compiled.json
 
 .PHONY: install demo test test-unit test-unit-compiled test-integration lint typecheck bench soak stack-up stack-down clean

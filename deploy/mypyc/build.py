@@ -4,10 +4,13 @@
 
 The sources stay the truth and what runs without a build: ``libs.runtime.compiled`` uses the
 extension modules only when each was compiled from the source beside it (``compiled.json``
-records their SHA-256). Without a C compiler or Python's headers this writes a manifest saying
-so (the enricher then logs "pure Python" at start) and exits 0, so ``make install`` works on
-any machine. The output never goes next to the sources: a stale ``.so`` there would shadow an
-edited ``.py`` for every import.
+records their SHA-256). One more module is generated here, from ``schemas/``, and compiled with
+them: the Avro readers and writers of ``libs.serde.avro.compiled_avro_source``; its source is
+kept in the build (``generated/``), never beside the sources, and the manifest records its SHA-256
+with those of the schemas and of ``libs/serde`` (its generator). Without a C compiler or
+Python's headers this writes a manifest saying so (the enricher then logs "pure Python" at
+start) and exits 0, so ``make install`` works on any machine. The output never goes next to
+the sources: a stale ``.so`` there would shadow an edited ``.py`` for every import.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ MANIFEST = LIB / "compiled.json"
 #: what is compiled: the enricher's pure-Python hot path (the handler's dispatch, route,
 #: render, the pipelines' values, the lifecycle's decide, the state's per-event get and put
 #: and its checkpoint write). Not libs/serde: its readers and writers are generated at run
-#: time. (The Makefile rebuilds when one of its MYPYC_INPUTS changes: every source here
-#: must be among them.) A compiled module's globals are bound at build time:
+#: time; the readers are also generated here, from the schemas, as one more module compiled
+#: with these (``_generate``). (The Makefile
+#: rebuilds when one of its MYPYC_INPUTS changes: every source and input here must be among
+#: them.) A compiled module's globals are bound at build time:
 #: tests reach other behaviour through constructor arguments (``EventHandler``'s
 #: ``store_origins``, ``clock``), never by patching these modules.
 SOURCES = (
@@ -75,17 +80,45 @@ def _missing_toolchain() -> str | None:
 
 
 #: what the compiled code was type-checked against besides itself: the records it reads
-#: (mypyc checks their fields' types at run time; a changed field must mean a rebuild)
-INPUTS = "libs/serde/*.py"
+#: (mypyc checks their fields' types at run time; a changed field must mean a rebuild); and
+#: what the generated module is generated from: the schemas and its generator in libs/serde
+INPUTS = ("libs/serde/*.py", "schemas/*.avsc")
+
+#: the generated module's source, inside the build (``libs.runtime.compiled.GENERATED``)
+GENERATED = LIB / "generated"
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write(modules: dict[str, str], reason: str | None, inputs: dict[str, str]) -> None:
+def _generate(directory: Path) -> dict[str, Path]:
+    """The Avro module generated from ``schemas/`` into ``directory``: {module: file}
+    (none when there is no schema)."""
+    sys.path.insert(0, str(ROOT))
+    from libs.serde.avro import COMPILED_AVRO, SCHEMA_DIR, compiled_avro_source
+
+    schemas = {p.name: p.read_text(encoding="utf-8") for p in sorted(SCHEMA_DIR.glob("*.avsc"))}
+    if not schemas:
+        return {}
+    file = directory / f"{COMPILED_AVRO}.py"
+    file.write_text(compiled_avro_source(schemas))
+    return {COMPILED_AVRO: file}
+
+
+def _write(
+    modules: dict[str, str],
+    reason: str | None,
+    inputs: dict[str, str],
+    generated: dict[str, str] | None = None,
+) -> None:
     LIB.mkdir(parents=True, exist_ok=True)
-    manifest = {"modules": modules, "inputs": inputs, "reason": reason}
+    manifest = {
+        "modules": modules,
+        "generated": generated or {},
+        "inputs": inputs,
+        "reason": reason,
+    }
     MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -98,15 +131,28 @@ def main(sources: list[str]) -> int:
         _write({}, reason, {})
         return 0
     digests = {_module(s): _sha256(ROOT / s) for s in sources}
-    inputs = {str(p.relative_to(ROOT)): _sha256(p) for p in sorted(ROOT.glob(INPUTS))}
+    inputs = {
+        str(p.relative_to(ROOT)): _sha256(p)
+        for pattern in INPUTS
+        for p in sorted(ROOT.glob(pattern))
+    }
     started = time.monotonic()
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tmp-", dir=OUT) as tmp:
         script = Path(tmp) / "setup.py"
         script.write_text(SETUP)
         staging = Path(tmp) / "lib"
+        (Path(tmp) / "generated").mkdir()
+        generated = _generate(Path(tmp) / "generated")
         run = subprocess.run(
-            [sys.executable, str(script), tmp, str(staging), *sources],
+            [
+                sys.executable,
+                str(script),
+                tmp,
+                str(staging),
+                *sources,
+                *map(str, generated.values()),
+            ],
             cwd=ROOT,
             env={**os.environ, "PYTHONWARNINGS": "ignore"},
             capture_output=True,
@@ -124,11 +170,19 @@ def main(sources: list[str]) -> int:
                 print(f"mypyc: {source} changed during the build: run it again", file=sys.stderr)
                 return 1
         if any(_sha256(ROOT / p) != digest for p, digest in inputs.items()):
-            print(f"mypyc: {INPUTS} changed during the build: run it again", file=sys.stderr)
+            print(
+                f"mypyc: {' or '.join(INPUTS)} changed during the build: run it again",
+                file=sys.stderr,
+            )
             return 1
         shutil.copytree(staging, LIB)
-    _write(digests, None, inputs)
-    print(f"mypyc: compiled {len(sources)} modules in {time.monotonic() - started:.0f} s: {LIB}")
+        GENERATED.mkdir()
+        for file in generated.values():
+            shutil.copy(file, GENERATED / file.name)
+        sources_generated = {name: _sha256(file) for name, file in generated.items()}
+    _write(digests, None, inputs, sources_generated)
+    count = len(sources) + len(generated)
+    print(f"mypyc: compiled {count} modules in {time.monotonic() - started:.0f} s: {LIB}")
     return 0
 
 

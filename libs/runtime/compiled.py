@@ -7,6 +7,11 @@ developer's edit is never shadowed by an older compiled copy and no process runs
 The build is a directory (``build/mypyc/lib``, written by ``deploy/mypyc/build.py``): the
 extension modules under their package paths, mypyc's shared library at its top, and
 ``compiled.json``; it is never written next to the sources.
+
+A build may also hold modules generated at build time (the Avro readers of ``schemas/``):
+top-level modules whose source is in the build (``generated/``), not in the source tree.
+Each is used only when its source is the one recorded and the inputs it was generated from
+(the schemas, its generator) are unchanged, and only with the rest of the build.
 """
 
 from __future__ import annotations
@@ -22,9 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-#: the build's manifest: ``{"modules": {name: source sha256}, "inputs": {path: sha256} (other
-#: sources the compiled code was type-checked against), "reason": why no module}``
+#: the build's manifest: ``{"modules": {name: source sha256}, "generated": {name: sha256 of
+#: its source in GENERATED}, "inputs": {path: sha256} (other sources the compiled code was
+#: type-checked against or generated from), "reason": why no module}``
 MANIFEST = "compiled.json"
+
+#: where a build keeps the source of the modules it generated (relative to the build)
+GENERATED = "generated"
 
 
 @dataclass(frozen=True)
@@ -34,11 +43,16 @@ class CompiledModules:
     modules: tuple[str, ...]
     #: why the source runs (``None`` when ``modules`` are compiled)
     reason: str | None = None
+    #: the modules generated at build time in use (with ``modules`` only)
+    generated: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """One line for the start-up log."""
         if self.modules:
-            return "compiled (mypyc) modules: " + ", ".join(self.modules)
+            line = "compiled (mypyc) modules: " + ", ".join(self.modules)
+            if self.generated:
+                line += "; generated: " + ", ".join(self.generated)
+            return line
         return f"pure Python: {self.reason}"
 
 
@@ -111,8 +125,22 @@ def use_compiled(root: Path, build: Path) -> CompiledModules:
         if file is None:
             return CompiledModules((), f"{name} has no extension module in {build}")
         files[name] = file
+    generated: dict[str, str] = manifest.get("generated") or {}
+    for name, digest in sorted(generated.items()):
+        try:
+            current = _sha256(build / GENERATED / f"{name}.py")
+        except OSError:
+            current = None
+        if current != digest:
+            return CompiledModules((), f"{name}'s generated source changed since the build")
+        if name in sys.modules:
+            return CompiledModules((), f"{name} was imported before the compiled build was used")
+        file = _extension(build, name)
+        if file is None:
+            return CompiledModules((), f"{name} has no extension module in {build}")
+        files[name] = file
     # mypyc's shared library (one per build): a top-level module the extensions import
     for shared in sorted(build.glob("*__mypyc.*")):
         files[shared.name.split(".", 1)[0]] = shared
     sys.meta_path.insert(0, _CompiledFinder(files))
-    return CompiledModules(tuple(sorted(digests)))
+    return CompiledModules(tuple(sorted(digests)), generated=tuple(sorted(generated)))

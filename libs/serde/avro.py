@@ -9,11 +9,13 @@ compatible schema still decodes into the reader's typed record.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib
 import io
 import json
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
@@ -205,14 +207,49 @@ def flat_writer(layout: Sequence[tuple[str, int]], utf8: Sequence[str] = ()) -> 
     # The UTF-8 parameters default to None: a caller without them (``AvroSerializer``'s
     # ``__call__``) runs the same code rather than failing over to another writer.
     lines = [f"def write(header, r{''.join(f', u{i}=None' for i in range(len(utf8)))}):"]
+
+    def given(number: int, name: str) -> str | None:
+        if name not in utf8:
+            return None
+        u = f"u{utf8.index(name)}"
+        return f"r.{name}.encode() if {u} is None else {u}"
+
+    lines += _write_lines(layout, given)
+    scope: dict[str, Any] = {
+        "__builtins__": {},
+        "_long": _long,
+        "_timestamp": _timestamp,
+        "_size_prefix": _size_prefix,
+        "_PREFIX": _PREFIX,
+        "_string": _string,
+        "TypeError": TypeError,
+        "int": int,
+        "type": type,
+        "len": len,
+    }
+    exec("\n".join(lines), scope)
+    write: FlatWriter = scope["write"]
+    return write
+
+
+def _write_lines(
+    layout: Sequence[tuple[str, int]], given: Callable[[int, str], str | None]
+) -> list[str]:
+    """The body of a writer of ``layout`` (indented for a function) from ``header`` and the
+    record ``r`` to the bytes returned. ``given(number, name)``: for a string field, the
+    expression of its UTF-8 when the caller may pass it (evaluating ``r.<name>`` only when
+    it does not), else ``None``. ``flat_writer`` runs it as it is; ``compiled_avro_source``
+    puts it in a method compiled by mypyc. Names used: ``_long``, ``_timestamp``,
+    ``_size_prefix``, ``_PREFIX``, ``_string``, ``TypeError``, ``int``, ``type``, ``len``."""
+    lines = []
     terms = ["header"]
     for number, (name, kind) in enumerate(layout):
         if not name.isidentifier():
             raise ValueError(f"{name!r} is not a field name")
         v, d = f"v{number}", f"d{number}"
-        if name in utf8:
-            u = f"u{utf8.index(name)}"
-            lines.append(f"    {d} = r.{name}.encode() if {u} is None else {u}")
+        expression = given(number, name) if kind == _STRING else None
+        if expression is not None:
+            lines.append(f"    {d} = {expression}")
         elif kind == _STRING:
             lines.append(f"    {d} = r.{name}.encode()")
         elif kind == _OPTIONAL_STRING:
@@ -233,21 +270,7 @@ def flat_writer(layout: Sequence[tuple[str, int]], utf8: Sequence[str] = ()) -> 
         terms.append(f"_PREFIX[s{number}] if s{number} < {_PREFIXED} else _size_prefix(s{number})")
         terms.append(d)
     lines.append(f"    return b''.join(({', '.join(terms)},))")
-    scope: dict[str, Any] = {
-        "__builtins__": {},
-        "_long": _long,
-        "_timestamp": _timestamp,
-        "_size_prefix": _size_prefix,
-        "_PREFIX": _PREFIX,
-        "_string": _string,
-        "TypeError": TypeError,
-        "int": int,
-        "type": type,
-        "len": len,
-    }
-    exec("\n".join(lines), scope)
-    write: FlatWriter = scope["write"]
-    return write
+    return lines
 
 
 #: (milliseconds, their Avro long) of the last timestamp ``_timestamp`` wrote: an output's
@@ -382,13 +405,42 @@ def flat_reader(
         raise ValueError(f"arguments {arguments} are not the fields {fields}")
     if setters is not None and len(setters) != len(arguments):
         raise ValueError(f"{len(setters)} setters for {len(arguments)} arguments")
-    lines = ["def read(data, pos):", "    size = len(data)"]
-    names = []
+    lines = ["def read(data, pos):", *_read_lines(layout)]
+    names = [f"v{number}" for number in range(len(layout))]
+    ordered = [names[fields.index(name)] for name in arguments]
+    if setters is None:
+        lines.append(f"    return build({', '.join(ordered)})")
+    else:
+        lines.append("    record = _new(build)")
+        lines += [f"    _set{i}(record, {v})" for i, v in enumerate(ordered)]
+        lines.append("    return record")
+    scope: dict[str, Any] = {
+        "__builtins__": {},
+        "_EPOCH": _EPOCH,
+        "_timedelta": timedelta,
+        "build": build,
+        "_new": object.__new__,
+        "_bad_branch": _bad_branch,
+        "_past_end": _past_end,
+        "len": len,
+        **{f"_set{i}": setter for i, setter in enumerate(setters or ())},
+    }
+    exec("\n".join(lines), scope)
+    read: FlatReader = scope["read"]
+    return read
+
+
+def _read_lines(layout: Sequence[tuple[str, int]]) -> list[str]:
+    """The body of a reader of ``layout`` (indented for a function): from ``data`` and
+    ``pos`` to the values ``v0``, ``v1``, ... of the layout's fields, in its order.
+    ``flat_reader`` runs it as it is; ``compiled_avro_source`` puts it in a method
+    compiled by mypyc. Names used: ``len``, ``_EPOCH``, ``_timedelta``, ``_bad_branch``
+    and ``_past_end``."""
+    lines = ["    size = len(data)"]
     for number, (name, kind) in enumerate(layout):
         if not name.isidentifier():
             raise ValueError(f"{name!r} is not a field name")
         v = f"v{number}"
-        names.append(v)
         indent = "    "
         if kind == _OPTIONAL_STRING:
             lines += [
@@ -435,26 +487,222 @@ def flat_reader(
             lines.append(f"{indent}{v} = n")
         else:
             lines.append(f"{indent}{v} = _EPOCH + _timedelta(0, n // 1000, n % 1000 * 1000)")
-    ordered = [names[fields.index(name)] for name in arguments]
-    if setters is None:
-        lines.append(f"    return build({', '.join(ordered)})")
-    else:
-        lines.append("    record = _new(build)")
-        lines += [f"    _set{i}(record, {v})" for i, v in enumerate(ordered)]
-        lines.append("    return record")
-    scope: dict[str, Any] = {
-        "__builtins__": {},
-        "_EPOCH": _EPOCH,
-        "_timedelta": timedelta,
-        "build": build,
-        "_new": object.__new__,
-        "_bad_branch": _bad_branch,
-        "_past_end": _past_end,
-        "len": len,
-        **{f"_set{i}": setter for i, setter in enumerate(setters or ())},
-    }
-    exec("\n".join(lines), scope)
-    read: FlatReader = scope["read"]
+    return lines
+
+
+# -- the same reader, generated from schemas/ at build time and compiled ---------------------------
+# mypyc cannot compile ``exec``'d code: ``deploy/mypyc/build.py`` writes the readers of every
+# flat schema in schemas/ as one module (``compiled_avro_source``: ``_read_lines`` in typed
+# methods) and compiles it with the hot path. A process that uses the build
+# (``libs.runtime.compiled``, which refuses a build whose schemas, this generator or the
+# generated source changed) imports it; every other process does not find it and reads
+# with ``flat_reader``. Each reader is keyed by the fingerprint of the schema it was generated
+# from and serves only a deserializer whose own schema has that fingerprint, and only for
+# writer ids whose schema is that one (``_flat_ids``): any other writer schema is fastavro's.
+
+#: the module ``compiled_avro_source`` writes (top-level: its source is in the build, not
+#: beside the sources), importable only when the process uses the build
+COMPILED_AVRO = "field_alerts_avro"
+
+
+def schema_fingerprint(text: str) -> str:
+    """The SHA-256 of a schema's canonical JSON (``_canonical``): what a compiled reader was
+    generated for."""
+    return hashlib.sha256(_canonical(text).encode()).hexdigest()
+
+
+def _class_name(file_name: str) -> str:
+    stem = Path(file_name).stem
+    if not stem.isidentifier():
+        raise ValueError(f"{file_name!r} does not name a reader")
+    return "".join(part.capitalize() for part in stem.split("_")) + "Reader"
+
+
+def compiled_avro_source(schemas: Mapping[str, str]) -> str:
+    """The module ``COMPILED_AVRO``: per flat schema of ``schemas`` (file name -> text), a
+    class whose ``read(data, pos)`` is ``flat_reader``'s, building the record through the
+    slot setters it is constructed with (one per field, in the schema's order), and
+    ``READERS``: fingerprint -> (layout, class). Deterministic: the same schemas and this
+    generator give the same text (the build's manifest records its hash)."""
+    out = [
+        '"""Avro readers and writers generated from schemas/ by libs/serde/avro.py."""',
+        "",
+        "from collections.abc import Callable",
+        "from datetime import UTC, datetime, timedelta",
+        "from typing import Any, Final",
+        "",
+        "import libs.serde.avro as _avro",
+        "",
+        "_long: Final = _avro._long",
+        "_size_prefix: Final = _avro._size_prefix",
+        "_string: Final = _avro._string",
+        "_PREFIX: Final = _avro._PREFIX",
+        "_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)",
+        "#: _avro._timestamp's last (milliseconds, varint): one item, replaced whole",
+        "_LAST: Final[list[tuple[int, bytes]]] = [(0, _long(0))]",
+        "_timedelta: Final = timedelta",
+        "_new: Final[Callable[[type], object]] = object.__new__",
+        "Setter = Callable[[object, object], None]",
+        "Layout = tuple[tuple[str, int], ...]",
+        "",
+        "",
+        "def _bad_branch(name: str, branch: int) -> ValueError:",
+        '    return ValueError(f"{name}: union index {branch} out of range")',
+        "",
+        "",
+        "def _past_end(name: str, n: int) -> EOFError:",
+        '    return EOFError(f"{name}: {n} bytes of string past the end of the record")',
+        "",
+        "",
+        "def _millis(value: object) -> int:  # _avro._millis",
+        "    if isinstance(value, datetime):",
+        "        if value.tzinfo is None:",
+        '            raise TypeError("naive datetime")',
+        "        delta = value - _EPOCH",
+        "        return (delta.days * 86400 + delta.seconds) * 1000 + delta.microseconds // 1000",
+        "    if type(value) is int:",
+        "        return value",
+        '    raise TypeError(f"not a timestamp: {type(value).__name__}")',
+        "",
+        "",
+        "def _timestamp(value: object) -> bytes:  # _avro._timestamp",
+        "    millis = _millis(value)",
+        "    last = _LAST[0]",
+        "    if millis != last[0]:",
+        "        last = (millis, _long(millis))",
+        "        _LAST[0] = last",
+        "    return last[1]",
+    ]
+    entries, writers = [], []
+    for file_name, text in sorted(schemas.items()):
+        layout = flat_layout(text)
+        if layout is None:
+            continue
+        cls = _class_name(file_name)
+        setters = [f"s{number}" for number in range(len(layout))]
+        types = {_STRING: "str", _OPTIONAL_STRING: "str | None", _LONG: "int"}
+        out += [
+            "",
+            "",
+            f"class {cls}:",
+            f'    """{file_name}: {", ".join(name for name, _ in layout)}."""',
+            "",
+            "    def __init__(self, cls: type, setters: list[Setter]) -> None:",
+            "        self.cls = cls",
+            *(f"        self.{s}: Setter = setters[{i}]" for i, s in enumerate(setters)),
+            "",
+            "    def read(self, data: bytes, pos: int) -> object:",
+            *(
+                f"        v{number}: {types.get(kind, 'datetime')}"
+                for number, (_, kind) in enumerate(layout)
+            ),
+            *("    " + line for line in _read_lines(layout)),
+            "        record = _new(self.cls)",
+            *(f"        self.{s}(record, v{i})" for i, s in enumerate(setters)),
+            "        return record",
+        ]
+        entries.append(f"    {schema_fingerprint(text)!r}: ({layout!r}, {cls}),")
+        writer = cls.removesuffix("Reader") + "Writer"
+        declared = {_STRING: "bytes", _OPTIONAL_STRING: "bytes", _LONG: "int"}
+
+        def given(number: int, name: str) -> str:
+            return f"u0 if u0 is not None and self.utf8 == {number} else r.{name}.encode()"
+
+        out += [
+            "",
+            "",
+            f"class {writer}:",
+            f'    """{file_name}: {", ".join(name for name, _ in layout)}."""',
+            "",
+            "    def __init__(self, utf8: int) -> None:",
+            "        self.utf8 = utf8",
+            "",
+            "    def write(self, header: bytes, r: Any, u0: bytes | None = None) -> bytes:",
+            *(
+                f"        d{number}: {declared[kind]}"
+                for number, (_, kind) in enumerate(layout)
+                if kind in (_STRING, _OPTIONAL_STRING)
+            ),
+            *("    " + line for line in _write_lines(layout, given)),
+        ]
+        writers.append(f"    {schema_fingerprint(text)!r}: ({layout!r}, {writer}),")
+    out += [
+        "",
+        "",
+        "READERS: Final[dict[str, tuple[Layout, Callable[[type, list[Setter]], object]]]] = {",
+        *entries,
+        "}",
+        "WRITERS: Final[dict[str, tuple[Layout, Callable[[int], object]]]] = {",
+        *writers,
+        "}",
+        "",
+    ]
+    return "\n".join(out)
+
+
+@cache
+def _compiled_module() -> Any:
+    """The compiled module when this process uses the build, else ``None``."""
+    try:
+        return importlib.import_module(COMPILED_AVRO)
+    except ImportError:
+        return None
+
+
+def _compiled_readers() -> Mapping[str, tuple[Any, Callable[..., Any]]]:
+    """``READERS`` of the compiled module when this process uses the build, else empty."""
+    readers: Mapping[str, tuple[Any, Callable[..., Any]]] = getattr(
+        _compiled_module(), "READERS", {}
+    )
+    return readers
+
+
+def _compiled_writers() -> Mapping[str, tuple[Any, Callable[..., Any]]]:
+    """``WRITERS`` of the compiled module when this process uses the build, else empty."""
+    writers: Mapping[str, tuple[Any, Callable[..., Any]]] = getattr(
+        _compiled_module(), "WRITERS", {}
+    )
+    return writers
+
+
+def _compiled_writer(
+    writers: Mapping[str, tuple[Any, Callable[..., Any]]],
+    fingerprint: str,
+    layout: Sequence[tuple[str, int]],
+    utf8: Sequence[str],
+) -> FlatWriter | None:
+    """The ``write`` of ``writers``' writer generated for the schema of ``fingerprint``
+    (whose layout must be ``layout``): ``flat_writer(layout, utf8)``'s, for at most one
+    ``utf8`` field; ``None`` when there is none."""
+    found = writers.get(fingerprint)
+    if found is None or tuple(found[0]) != tuple(layout) or len(utf8) > 1:
+        return None
+    names = [name for name, _ in layout]
+    index = names.index(utf8[0]) if utf8 else -1
+    write: FlatWriter = found[1](index).write
+    return write
+
+
+def _compiled_reader(
+    readers: Mapping[str, tuple[Any, Callable[..., Any]]],
+    fingerprint: str,
+    layout: Sequence[tuple[str, int]],
+    record_type: type[Any],
+) -> FlatReader | None:
+    """The ``read`` of ``readers``' reader generated for the schema of ``fingerprint`` (whose
+    layout must be ``layout``), building ``record_type`` through its slots; ``None`` when
+    there is none or ``record_type`` is not built by setting its slots alone."""
+    found = readers.get(fingerprint)
+    if found is None or tuple(found[0]) != tuple(layout):
+        return None
+    if not dataclasses.is_dataclass(record_type):
+        return None
+    names = [f.name for f in dataclasses.fields(record_type)]
+    setters = slot_setters(record_type, names)
+    if setters is None or sorted(names) != sorted(name for name, _ in layout):
+        return None
+    by_name = dict(zip(names, setters, strict=True))
+    read: FlatReader = found[1](record_type, [by_name[name] for name, _ in layout]).read
     return read
 
 
@@ -479,6 +727,11 @@ class AvroSerializer(Generic[R]):
         #: the writer of ``__call__`` and ``encode`` (``utf8_fields`` may come as UTF-8);
         #: ``None``: not a flat record
         self._writer = None if self._flat is None else flat_writer(self._flat, utf8_fields)
+        if self._flat is not None:  # the same writer compiled, when this process has it
+            compiled = _compiled_writer(
+                _compiled_writers(), schema_fingerprint(self._schema_text), self._flat, utf8_fields
+            )
+            self._writer = compiled or self._writer
         self._headers: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
@@ -545,9 +798,12 @@ class AvroDeserializer(Generic[R]):
         self._writers: dict[int, tuple[ParsedSchema, ParsedSchema | None]] = {}
         # schema id -> read_flat's layout, for the ids whose writer schema is the reader's
         self._flat_ids: dict[int, tuple[tuple[str, int], ...]] = {}
-        #: the layout's generated reader (``flat_reader``), when the record type is a
-        #: dataclass whose ``__init__`` takes exactly the schema's fields
-        self._read_flat = _generated_reader(self._flat, record_type)
+        #: the layout's generated reader, when the record type is a dataclass whose
+        #: ``__init__`` takes exactly the schema's fields: compiled when the process uses
+        #: a build generated from this schema (``_compiled_reader``), else ``flat_reader``'s
+        self._read_flat = _generated_reader(
+            self._flat, record_type, schema_fingerprint(self._reader_text)
+        )
         self._lock = threading.Lock()
 
     def _writer(self, schema_id: int) -> tuple[ParsedSchema, ParsedSchema | None]:
@@ -656,12 +912,20 @@ class AvroDeserializer(Generic[R]):
 
 
 def _generated_reader(
-    layout: Sequence[tuple[str, int]] | None, record_type: type[Any]
+    layout: Sequence[tuple[str, int]] | None,
+    record_type: type[Any],
+    fingerprint: str | None = None,
 ) -> FlatReader | None:
     """``flat_reader`` of ``layout`` building ``record_type`` positionally, or ``None`` when
-    its ``__init__`` is not known to take exactly the layout's fields."""
+    its ``__init__`` is not known to take exactly the layout's fields. With the
+    ``fingerprint`` of the schema ``layout`` is of, the compiled reader generated for that
+    schema at build time (``_compiled_reader``) when the process has one."""
     if layout is None or not dataclasses.is_dataclass(record_type):
         return None
+    if fingerprint is not None:
+        compiled = _compiled_reader(_compiled_readers(), fingerprint, layout, record_type)
+        if compiled is not None:
+            return compiled
     fields = dataclasses.fields(record_type)
     if any(not f.init or f.kw_only for f in fields):
         return None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.runtime.compiled import MANIFEST, CompiledModules, use_compiled
+from libs.runtime.compiled import GENERATED, MANIFEST, CompiledModules, use_compiled
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,8 +34,11 @@ def _manifest(
     modules: dict[str, str],
     reason: str | None = None,
     inputs: dict[str, str] | None = None,
+    generated: dict[str, str] | None = None,
 ) -> None:
     manifest = {"modules": modules, "inputs": inputs or {}, "reason": reason}
+    if generated is not None:
+        manifest["generated"] = generated
     (build / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -134,9 +137,125 @@ def test_make_install_rebuilds_when_any_compiled_source_or_input_changes() -> No
     makefile = (ROOT / "Makefile").read_text()
     listed = re.search(r"^MYPYC_INPUTS := (.*?)\)$", makefile, re.M | re.S)
     assert listed, "Makefile has no MYPYC_INPUTS"
-    patterns = re.findall(r"[\w/.*-]+\.py", listed.group(1))
+    patterns = re.findall(r"[\w/.*-]+\.(?:py|avsc)", listed.group(1))
     covered = {Path(p) for pattern in patterns for p in glob.glob(pattern, root_dir=ROOT)}
     needed = {Path(s) for s in mypyc_build.SOURCES} | {
-        Path(p) for p in glob.glob(mypyc_build.INPUTS, root_dir=ROOT)
+        Path(p) for pattern in mypyc_build.INPUTS for p in glob.glob(pattern, root_dir=ROOT)
     }
+    # the generated readers' schemas and generator are inputs too
+    assert {Path("libs/serde/avro.py"), Path("schemas/slack_user.avsc")} <= needed
     assert needed <= covered, f"MYPYC_INPUTS lacks {sorted(map(str, needed - covered))}"
+
+
+def _generated_build(tmp_path: Path, source: str = "X = 1\n") -> tuple[Path, Path, str]:
+    """A source tree and a build holding one generated module (``_lsprof``'s extension stands
+    for it; its "source" in the build's ``generated/``) besides a compiled one (another copy
+    stands for its extension), with an input (a schema) recorded."""
+    import _lsprof
+
+    root, build = _tree(tmp_path)
+    (root / "s.avsc").write_text("{}")
+    extension = Path(_lsprof.__file__)
+    shutil.copy(extension, build / extension.name)
+    (build / "pkg_c1").mkdir()
+    shutil.copy(extension, build / "pkg_c1" / extension.name.replace("_lsprof", "mod", 1))
+    (build / GENERATED).mkdir()
+    (build / GENERATED / "_lsprof.py").write_text(source)
+    _manifest(
+        build,
+        {"pkg_c1.mod": _digest("X = 1\n")},
+        inputs={"s.avsc": _digest("{}")},
+        generated={"_lsprof": _digest("X = 1\n")},
+    )
+    return root, build, extension.name
+
+
+def test_a_generated_module_is_checked_against_its_source_in_the_build(tmp_path: Path) -> None:
+    """The generated source edited (or another build's) makes the build unusable; unchanged,
+    the check goes on (to ``_lsprof`` imported already, in this process)."""
+    root, build, _ = _generated_build(tmp_path, "X = 2\n")
+    reason = "_lsprof's generated source changed since the build"
+    assert use_compiled(root, build).reason == reason
+    (build / GENERATED / "_lsprof.py").unlink()
+    assert use_compiled(root, build).reason == reason
+    (build / GENERATED / "_lsprof.py").write_text("X = 1\n")
+    reason = "_lsprof was imported before the compiled build was used"
+    assert use_compiled(root, build).reason == reason
+
+
+def test_a_changed_schema_makes_the_generated_build_unusable(tmp_path: Path) -> None:
+    root, build, _ = _generated_build(tmp_path)
+    (root / "s.avsc").write_text('{"type": "string"}')
+    assert use_compiled(root, build).reason == "s.avsc changed since the build (make install)"
+
+
+def test_a_generated_module_is_loaded_from_the_build(tmp_path: Path) -> None:
+    """A fresh interpreter imports the generated module's extension from the build, and the
+    start-up line names it."""
+    root, build, name = _generated_build(tmp_path)
+    script = (
+        "from pathlib import Path\n"
+        "from libs.runtime.compiled import use_compiled\n"
+        f"result = use_compiled(Path({str(root)!r}), Path({str(build)!r}))\n"
+        "import _lsprof\n"
+        "print(result.describe()); print(_lsprof.__file__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == [
+        "compiled (mypyc) modules: pkg_c1.mod; generated: _lsprof",
+        str(build / name),
+    ]
+
+
+def test_the_build_generates_the_readers_from_the_schemas_and_records_them() -> None:
+    """``deploy/mypyc/build.py`` writes the readers' module from ``schemas/`` and records its
+    source's hash in the manifest; the build ``make install`` made is of today's schemas."""
+    import importlib.util
+
+    from libs.serde.avro import COMPILED_AVRO, SCHEMA_DIR, compiled_avro_source
+
+    spec = importlib.util.spec_from_file_location("mypyc_build", ROOT / "deploy/mypyc/build.py")
+    assert spec is not None and spec.loader is not None
+    mypyc_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mypyc_build)
+    out = Path(mypyc_build.OUT).parent / "pytest-generated"  # under build/, removed below
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        files = mypyc_build._generate(out)
+        assert list(files) == [COMPILED_AVRO]
+        schemas = {p.name: p.read_text() for p in SCHEMA_DIR.glob("*.avsc")}
+        assert files[COMPILED_AVRO].read_text() == compiled_avro_source(schemas)
+    finally:
+        shutil.rmtree(out)
+    manifest_file = ROOT / "build" / "mypyc" / "lib" / MANIFEST
+    if not manifest_file.is_file():
+        pytest.skip("no build here (make install)")
+    manifest = json.loads(manifest_file.read_text())
+    if not manifest["modules"]:
+        pytest.skip(f"the build compiled nothing: {manifest['reason']}")
+    assert set(manifest["generated"]) == {COMPILED_AVRO}
+    assert {f"schemas/{name}" for name in schemas} <= set(manifest["inputs"])
+
+
+def test_without_a_c_compiler_the_build_exits_0_and_nothing_generated_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No toolchain: the manifest says why, lists neither compiled nor generated modules, and
+    the process runs the sources (the readers generated at run time)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mypyc_build", ROOT / "deploy/mypyc/build.py")
+    assert spec is not None and spec.loader is not None
+    mypyc_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mypyc_build)
+    lib = tmp_path / "lib"
+    monkeypatch.setattr(mypyc_build, "LIB", lib)
+    monkeypatch.setattr(mypyc_build, "MANIFEST", lib / MANIFEST)
+    monkeypatch.setattr(mypyc_build, "_missing_toolchain", lambda: "no C compiler (cc)")
+    assert mypyc_build.main(list(mypyc_build.SOURCES)) == 0
+    manifest = json.loads((lib / MANIFEST).read_text())
+    assert manifest["modules"] == {} and manifest["generated"] == {}
+    assert not (lib / GENERATED).exists()
+    assert use_compiled(ROOT, lib) == CompiledModules((), "no C compiler (cc)")

@@ -112,7 +112,8 @@ COMPILED_LINE = "hot path: compiled (mypyc) modules: "
 def test_hot_path_is_compiled_and_no_compiler_ships(image: Image, tmp_path: Path) -> None:
     """The enricher's hot path from the image's mypyc build, loaded as the enricher loads it
     (the build's SHA-256s against /app's sources) as the pod's user on the read-only root, every
-    compiled module imported from it; and the runtime stage carries no C compiler."""
+    compiled module imported from it, the Avro module generated from schemas/ included; and the
+    runtime stage carries no C compiler."""
     spec = pod_spec("enricher")
     probe = (
         "import importlib, shutil\n"
@@ -120,15 +121,18 @@ def test_hot_path_is_compiled_and_no_compiler_ships(image: Image, tmp_path: Path
         "import services.enricher.__main__ as main\n"
         "print(main.COMPILED.describe())\n"
         "print('modules', len(main.COMPILED.modules))\n"
-        "for name in main.COMPILED.modules:\n"
+        "print('generated', *main.COMPILED.generated)\n"
+        "for name in main.COMPILED.modules + main.COMPILED.generated:\n"
         "    print('file', name, importlib.import_module(name).__file__)\n"
         "print('compilers', [c for c in ('cc', 'gcc', 'c99') if shutil.which(c)])\n"
     )
     out = run_once(image, spec, ["-c", probe], tmp_path, entrypoint="python").splitlines()
     assert out[0].startswith(COMPILED_LINE.removeprefix("hot path: ")), out
     count = int(out[1].split()[1])
+    # the Avro module generated from schemas/ is compiled in the image too (its stage has them)
+    assert out[2] == "generated field_alerts_avro", out
     files = [line.split() for line in out if line.startswith("file ")]
-    assert count > 0 and len(files) == count, out
+    assert count > 0 and len(files) == count + 1, out
     for _, name, file in files:
         assert file.startswith("/app/build/mypyc/lib/") and file.endswith(".so"), (name, file)
     assert out[-1] == "compilers []", out

@@ -16,7 +16,6 @@ from libs.serde import SchemaRegistry  # noqa: E402
 from services.common.cli import run_service  # noqa: E402
 from services.common.settings import CommonSettings, TopicSettings  # noqa: E402
 from services.enricher.app import Enricher  # noqa: E402
-from services.enricher.malloc import tune_malloc  # noqa: E402
 from services.enricher.settings import EnricherSettings  # noqa: E402
 
 
@@ -30,9 +29,6 @@ def build(
 ) -> Enricher:
     """The enricher, once logging is configured: say first which hot path it runs."""
     logging.getLogger("services.enricher").info("hot path: %s", COMPILED.describe())
-    if settings.malloc_tune:
-        # before the tables load and the first batch: the heap's trim and top pad
-        logging.getLogger("services.enricher").info("%s", tune_malloc())
     return Enricher(common, topics, settings, registry=registry, stop=stop)
 
 

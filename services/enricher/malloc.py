@@ -1,4 +1,4 @@
-"""glibc malloc settings for the enricher's process, set once at start (before the tables load).
+"""glibc malloc settings for the enricher's process, set once the tables' cold load is done.
 
 Every alert's message is built from strings of 2 to 4 KB (the blocks' UTF-8 decode, the output's
 join, librdkafka's copy): above CPython's small-object allocator, so glibc ``malloc`` serves
@@ -7,9 +7,10 @@ more than 128 KB is free there, and grown again by the next batch: a system call
 fresh zeroed pages per batch, seen as ``brk``/``sbrk`` under ``malloc`` and ``free`` in the
 loop's native profile. Here the heap keeps up to ``TRIM_THRESHOLD`` free at its top and grows
 by ``TOP_PAD`` at a time; large blocks (``MMAP_THRESHOLD``: a table's restore batch, a
-producer buffer) keep their own mappings, returned when freed. Only memory already touched
-stays resident: tens of MB at most, within the 1M-key RSS budget (tests/perf/ENRICHER.md,
-"Checkpoint, lookups and malloc").
+producer buffer) keep their own mappings, returned when freed. Set after the gate's
+``malloc_trim`` (``app.release_freed_heap``), so the cold load runs with glibc's defaults and
+its peak is what it was; afterwards only memory the batches touch stays resident (the 1M-key
+RSS budget: tests/perf/ENRICHER.md, "Checkpoint, lookups and malloc").
 
 ``ENRICHER_MALLOC_TUNE=false`` leaves glibc's defaults (or the operator's ``GLIBC_TUNABLES``).
 Other C libraries (musl has no ``mallopt``) are left alone.

@@ -103,8 +103,8 @@ class EnricherSettings(BaseSettings):
     malloc_tune: bool = Field(
         default=True,
         description=(
-            "at start, keep up to 64 MB free at glibc's heap top instead of trimming it per "
-            "batch (services/enricher/malloc.py); false keeps glibc's defaults or GLIBC_TUNABLES"
+            "once the tables are loaded, keep up to 64 MB free at glibc's heap top instead of "
+            "trimming it per batch (services/enricher/malloc.py); false keeps glibc's defaults"
         ),
     )
 

@@ -293,7 +293,7 @@ class ProcessingLoop:
             if state is not None:
                 if self._eos:
                     offsets += self._fencing_offsets(state.dirty_partitions())
-                state.write_changelog(self._produce_changelog)
+                state.write_changelog(self._client.produce_run)
             if self._eos:
                 try:
                     self._client.commit(offsets, self._consumer.consumer_group_metadata())
@@ -348,16 +348,6 @@ class ProcessingLoop:
         if not idle:
             return []
         return [tp for tp in self._consumer.position(idle) if tp.offset >= 0]
-
-    def _produce_changelog(
-        self,
-        topic: str,
-        partition: int,
-        key: bytes,
-        value: bytes | None,
-        on_delivered: Callable[[Message], None] | None,
-    ) -> None:
-        self._client.produce(topic, key, value, partition=partition, on_delivered=on_delivered)
 
     def _flush_and_commit(self, offsets: list[TopicPartition], *, in_rebalance: bool) -> None:
         try:

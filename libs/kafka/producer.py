@@ -129,6 +129,61 @@ class ProducerClient:
             report = self._reporter(lambda _msg: acked())
         elif on_delivered is not None:
             report = self._reporter(on_delivered)
+        self._produce_waiting(
+            topic,
+            key,
+            value,
+            list(headers or ()),
+            # -1 (RD_KAFKA_PARTITION_UA) is confluent-kafka's default: the partitioner
+            -1 if partition is None else partition,
+            report,
+        )
+
+    def produce_run(
+        self,
+        topic: str,
+        partition: int,
+        records: Sequence[tuple[bytes, bytes | None]],
+        on_last_delivered: Callable[[Message], None],
+    ) -> None:
+        """Produce ``records`` (key, value) in order to one partition; report the last one.
+
+        What ``produce`` does per record with ``partition`` and no headers, for a run of
+        records that only needs to know where the last one landed (a changelog at the
+        checkpoint: the producer is idempotent, so a partition's records keep their order and
+        the last one's offset + 1 is the position after all of them). ``on_last_delivered``
+        gets the last record once acknowledged; the others get the producer's default report
+        (none with ``record_failures=False``). One C call per record instead of three Python
+        frames and confluent-kafka's keyword parsing: ≈ 1 µs per record.
+        """
+        if not records:
+            return
+        if self.transactional and not self.in_transaction:
+            self.begin()
+        produce = self.producer.produce
+        report = self._default_report
+        last = len(records) - 1
+        for i, (key, value) in enumerate(records):
+            if i == last:
+                report = self._reporter(on_last_delivered)
+            try:
+                if report is None:
+                    produce(topic, value, key, partition)
+                else:
+                    produce(topic, value, key, partition, on_delivery=report)
+            except BufferError:
+                self._produce_waiting(topic, key, value, None, partition, report)
+
+    def _produce_waiting(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, Any]] | None,
+        partition: int,
+        report: OnDelivery | None,
+    ) -> None:
+        """``produce``, a full local queue waited out by serving delivery reports (bounded)."""
         deadline: float | None = None
         while True:
             try:
@@ -136,10 +191,9 @@ class ProducerClient:
                     topic,
                     key=key,
                     value=value,
-                    headers=list(headers or ()),
+                    headers=headers,
                     on_delivery=report,
-                    # -1 (RD_KAFKA_PARTITION_UA) is confluent-kafka's default: the partitioner
-                    partition=-1 if partition is None else partition,
+                    partition=partition,
                 )
                 return
             except BufferError:

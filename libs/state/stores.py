@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -85,10 +85,13 @@ RESTORING = Gauge(
     "state_partitions_restoring", "Assigned partitions whose state is being restored", ["store"]
 )
 
-#: how a changelog record is produced: (topic, partition, key, value, on_delivered); the
-#: producer must report successful deliveries to ``on_delivered`` when it is not ``None``
-#: (no ``delivery.report.only.error``: that would leave every position where it was)
-ChangelogProduce = Callable[[str, int, bytes, bytes | None, Callable[[Message], None] | None], None]
+#: how a partition's changelog records are produced: (topic, partition, records in order,
+#: on_last_delivered); the producer must keep their order (idempotent) and report the last
+#: record's successful delivery to ``on_last_delivered`` (no ``delivery.report.only.error``:
+#: that would leave every position where it was). ``ProducerClient.produce_run``.
+ChangelogProduce = Callable[
+    [str, int, Sequence[tuple[bytes, bytes | None]], Callable[[Message], None]], None
+]
 
 
 class RestoreConsumer(Protocol):
@@ -318,15 +321,12 @@ class StateStores:
         for tp, st in self._ready.items():
             if not st.dirty:
                 continue
-            topic = changelog_topic(self.group_id, tp[0])
             entries = st.entries()
-            last = len(entries) - 1
             # Only the partition's last record reports its offset: the producer keeps a
             # partition's records in order (idempotent, as transactions require), so its
             # offset + 1 is the position after all of them. One Python callback per partition
-            # per checkpoint instead of one per record.
-            for i, (key, value) in enumerate(entries):
-                produce(topic, tp[1], key, value, self._on_delivered(tp) if i == last else None)
+            # per checkpoint instead of one per record, and one call for the whole run.
+            produce(changelog_topic(self.group_id, tp[0]), tp[1], entries, self._on_delivered(tp))
             n += len(entries)
         return n
 

@@ -63,6 +63,7 @@ from services.enricher.handler import (
     LifecycleConfig,
     LifecycleCounts,
 )
+from services.enricher.malloc import tune_malloc
 from services.enricher.pipelines import PIPELINES
 from services.enricher.punctuator import LifecyclePunctuator
 from services.enricher.settings import EnricherSettings
@@ -296,6 +297,10 @@ class Enricher:
         self._dlq_producer.flush(10)
         # the load's records are freed: give their memory back (kept as RSS for good otherwise)
         release_freed_heap()
+        if self._settings.malloc_tune:
+            # only now: the load ran with glibc's defaults (its peak unchanged), the batches
+            # that follow keep their heap top instead of trimming it per batch
+            log.info("%s", tune_malloc())
 
     def run(self) -> None:
         """Consume every pipeline's source topic until stopped."""

@@ -100,6 +100,13 @@ class EnricherSettings(BaseSettings):
             "final (fallback copy or drop); 0 disables parking"
         ),
     )
+    malloc_tune: bool = Field(
+        default=True,
+        description=(
+            "once the tables are loaded, keep up to 64 MB free at glibc's heap top instead of "
+            "trimming it per batch (services/enricher/malloc.py); false keeps glibc's defaults"
+        ),
+    )
 
     @field_validator("fallback_channel", "transactional_id", "group_instance_id", mode="before")
     @classmethod

@@ -221,9 +221,12 @@ def test_release_freed_heap_returns_what_glibc_kept_to_the_os() -> None:
     assert before - after > freed_kb // 2, (before, after, freed_kb)
 
 
-def test_bootstrap_releases_the_freed_heap_after_the_gate(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("tune", [True, False])
+def test_bootstrap_releases_the_freed_heap_after_the_gate_then_tunes_malloc(
+    monkeypatch: pytest.MonkeyPatch, tune: bool
 ) -> None:
+    """The cold load runs with glibc's defaults (its peak as it was); the heap's trim and top
+    pad are set after the trim, unless ``ENRICHER_MALLOC_TUNE`` is off."""
     from types import SimpleNamespace
     from typing import Any
 
@@ -232,7 +235,9 @@ def test_bootstrap_releases_the_freed_heap_after_the_gate(
     calls: list[str] = []
     monkeypatch.setattr(app, "bootstrap_all", lambda tables, stop: calls.append("gate"))
     monkeypatch.setattr(app, "release_freed_heap", lambda: bool(calls.append("trim")))
+    monkeypatch.setattr(app, "tune_malloc", lambda: str(calls.append("tune")))
     dlq: Any = SimpleNamespace(flush=lambda timeout: calls.append("dlq flush"))
-    stand_in: Any = SimpleNamespace(tables=(), _stop=None, _dlq_producer=dlq)
+    settings = SimpleNamespace(malloc_tune=tune)
+    stand_in: Any = SimpleNamespace(tables=(), _stop=None, _dlq_producer=dlq, _settings=settings)
     app.Enricher.bootstrap(stand_in)
-    assert calls == ["gate", "dlq flush", "trim"]
+    assert calls == ["gate", "dlq flush", "trim"] + (["tune"] if tune else [])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from libs.kafka import ProducerClient
 from libs.kafka.memory import InMemoryBroker
 
@@ -52,3 +54,46 @@ def test_no_transaction_open_nothing_is_called() -> None:
     recording.calls.clear()
     client.abort()
     assert recording.calls == []
+
+
+def _run_client(max_queued: int, *, record_failures: bool) -> tuple[InMemoryBroker, ProducerClient]:
+    broker = InMemoryBroker()
+    broker.create_topic("cl", 2)
+    producer = broker.producer(
+        {"transactional.id": "t", "queue.buffering.max.messages": max_queued}
+    )
+    client = ProducerClient(
+        producer,  # type: ignore[arg-type]
+        timeout_s=5.0,
+        transactional=True,
+        record_failures=record_failures,
+    )
+    client.init_transactions()
+    return broker, client
+
+
+@pytest.mark.parametrize("record_failures", [False, True])
+@pytest.mark.parametrize("max_queued", [1, 100])
+def test_produce_run_keeps_the_order_and_reports_only_the_last_record(
+    max_queued: int, record_failures: bool
+) -> None:
+    """The changelog's checkpoint path: one call per partition's run of records, in order,
+    opening the transaction; only the last record's delivery comes back, with its offset.
+    A local queue of one record makes every record after the first wait for room."""
+    broker, client = _run_client(max_queued, record_failures=record_failures)
+    records = [(b"a", b"1"), (b"b", None), (b"a", b"3")]
+    delivered: list[tuple[int | None, int | None]] = []
+    client.produce_run("cl", 1, records, lambda m: delivered.append((m.partition(), m.offset())))
+    assert client.in_transaction
+    client.flush()
+    client.commit([], None)
+    assert delivered == [(1, 2)]
+    assert [(m.partition(), m.key(), m.value()) for m in broker.records("cl")] == [
+        (1, k, v) for k, v in records
+    ]
+
+
+def test_produce_run_of_nothing_opens_no_transaction() -> None:
+    _, client = _run_client(100, record_failures=False)
+    client.produce_run("cl", 0, [], lambda m: None)
+    assert not client.in_transaction

@@ -4,6 +4,7 @@ topics, open transactions)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -262,20 +263,32 @@ def test_changelog_positions_come_from_delivery_reports(tmp_path: Path) -> None:
     st.delete(b"b")
     producer = broker.producer({})
 
-    reporting: list[int] = []
+    runs: list[int] = []
 
-    def produce(topic: str, partition: int, key: bytes, value: bytes | None, cb: object) -> None:
+    def produce(
+        topic: str,
+        partition: int,
+        records: Sequence[tuple[bytes, bytes | None]],
+        on_last: Callable[[Message], None],
+    ) -> None:
         def report(err: object, msg: Message) -> None:
             assert err is None
-            if cb is not None:
-                cb(msg)  # type: ignore[operator]
+            on_last(msg)
 
-        reporting.append(cb is not None)
-        producer.produce(topic, value=value, key=key, partition=partition, on_delivery=report)
+        runs.append(len(records))
+        for i, (key, value) in enumerate(records):
+            last = i == len(records) - 1
+            producer.produce(
+                topic,
+                value=value,
+                key=key,
+                partition=partition,
+                on_delivery=report if last else None,
+            )
 
     assert s.write_changelog(produce) == 2
-    # one position report per partition per checkpoint: the last record's
-    assert reporting == [False, True]
+    # one run per partition per checkpoint, whose last record reports the position
+    assert runs == [2]
     producer.flush()
     s.commit()
     assert not s.dirty

@@ -86,6 +86,18 @@ def _extension(directory: Path, stem: str) -> Path | None:
     return None
 
 
+def _unimported_extension(name: str, build: Path) -> Path | str:
+    """The extension module of ``name`` (dotted, under its package path) in ``build``, or why
+    it cannot be used: ``name`` was imported already (from its source), or it has none."""
+    if name in sys.modules:
+        return f"{name} was imported before the compiled build was used"
+    parts = name.split(".")
+    file = _extension(build.joinpath(*parts[:-1]), parts[-1])
+    if file is None:
+        return f"{name} has no extension module in {build}"
+    return file
+
+
 def use_compiled(root: Path, build: Path) -> CompiledModules:
     """Make the modules compiled into ``build`` the ones imported, when the build is of the
     sources under ``root`` and none of them is imported yet; else change nothing.
@@ -119,12 +131,10 @@ def use_compiled(root: Path, build: Path) -> CompiledModules:
             return CompiledModules((), f"{source} is missing")
         if current != digest:
             return CompiledModules((), f"{name} changed since it was compiled (make install)")
-        if name in sys.modules:
-            return CompiledModules((), f"{name} was imported before the compiled build was used")
-        file = _extension(build.joinpath(*parts[:-1]), parts[-1])
-        if file is None:
-            return CompiledModules((), f"{name} has no extension module in {build}")
-        files[name] = file
+        found = _unimported_extension(name, build)
+        if isinstance(found, str):
+            return CompiledModules((), found)
+        files[name] = found
     generated: dict[str, str] = manifest.get("generated") or {}
     for name, digest in sorted(generated.items()):
         try:
@@ -133,12 +143,10 @@ def use_compiled(root: Path, build: Path) -> CompiledModules:
             current = None
         if current != digest:
             return CompiledModules((), f"{name}'s generated source changed since the build")
-        if name in sys.modules:
-            return CompiledModules((), f"{name} was imported before the compiled build was used")
-        file = _extension(build, name)
-        if file is None:
-            return CompiledModules((), f"{name} has no extension module in {build}")
-        files[name] = file
+        found = _unimported_extension(name, build)
+        if isinstance(found, str):
+            return CompiledModules((), found)
+        files[name] = found
     # mypyc's shared library (one per build): a top-level module the extensions import
     for shared in sorted(build.glob("*__mypyc.*")):
         files[shared.name.split(".", 1)[0]] = shared

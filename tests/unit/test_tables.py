@@ -155,6 +155,37 @@ def test_a_bulk_load_cut_short_is_compacted_after_a_reopen(tmp_path: Path) -> No
     s.close()
 
 
+def _block_cache(db: Any) -> tuple[int, int]:
+    """(capacity, usage) of the block cache a store reads through, in bytes."""
+    return (
+        int(db.property_int_value("rocksdb.block-cache-capacity") or 0),
+        int(db.property_int_value("rocksdb.block-cache-usage") or 0),
+    )
+
+
+def test_a_reopened_store_keeps_its_bloom_filter_and_block_cache(tmp_path: Path) -> None:
+    # rocksdict reopens an existing store with the options it persisted, which name no bloom
+    # filter (``filter_policy=nullptr``) and get a new 8 MB cache: each lookup then searched
+    # every file's index and data blocks, a key absent from all of them included
+    s = RocksDictStore(tmp_path / "t", name="t", format_info={"format": "1"}, block_cache_mb=4)
+    for _ in range(2):  # created, then reopened
+        s.open()
+        s.write([(f"k{j:05d}".encode(), b"v" * 100) for j in range(0, 20_000, 2)], {0: 1})
+        s.flush()
+        s.close()
+    s.open()
+    db = s._require_db()
+    capacity, opened = _block_cache(db)  # open read the format and the offsets
+    assert capacity == 4 * 1024 * 1024
+    # 1,000 absent keys inside the stored key range, in two files: the filters answer all
+    # but their false positives (1 % at 10 bits per key, ~20 of 4 KB data blocks); without
+    # them each lookup reads a data block of each file (~500 distinct blocks, 2 MB)
+    assert all(s.get(f"k{j:05d}".encode()) is None for j in range(1, 20_000, 20))
+    assert _block_cache(db)[1] - opened < 100 * 4096
+    assert s.get(b"k10002") == b"v" * 100 and _block_cache(db)[1] > opened
+    s.close()
+
+
 # -- the header check ---------------------------------------------------------------------------
 def test_check_header_validates_without_decoding() -> None:
     registry = AnsweringRegistry()

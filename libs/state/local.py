@@ -143,6 +143,10 @@ class LocalStore:
         self._db = db
 
     def _open_db(self) -> Rdict:
+        # The column options are passed (``column_families``) so that they apply to an
+        # existing store too: rocksdict otherwise reopens it with those of its OPTIONS file,
+        # which name no bloom filter (rocksdict's is not persisted) and a new 8 MB block cache
+        # per store instead of the loop's shared one.
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
         opts.set_max_background_jobs(1)
@@ -162,7 +166,7 @@ class LocalStore:
         # lookups of absent keys (a new alert group) cost no data block read
         table.set_bloom_filter(10, False)
         opts.set_block_based_table_factory(table)
-        return Rdict(str(self.path), opts)
+        return Rdict(str(self.path), opts, column_families={"default": opts})
 
     def _remove(self, reason: str) -> None:
         WIPES.labels(self.store, reason).inc()

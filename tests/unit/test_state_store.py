@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, Message
+from rocksdict import Cache
 
 from libs.kafka.memory import InMemoryBroker
 from libs.state import KeyValueState, MemoryState
@@ -114,6 +115,29 @@ def test_store_of_another_changelog_is_wiped(tmp_path: Path) -> None:
     store.close()
     other = local(path, partition=1)
     assert other.position is None and other.get(b"a") is None
+
+
+def test_a_reopened_store_keeps_the_shared_cache_and_its_bloom_filter(tmp_path: Path) -> None:
+    # most state lookups miss (a new alert group): the filters must answer them after a
+    # restart or a revoke too, and every partition's store must read through the loop's cache
+    cache = Cache(4 * 1024 * 1024)
+    path = tmp_path / "s"
+    for _ in range(2):  # created, then reopened
+        store = LocalStore(path, store="t", changelog=(CHANGELOG, 0), cache=cache)
+        store.open()
+        store.write([(f"k{j:05d}".encode(), b"v" * 100) for j in range(0, 20_000, 2)], 7)
+        store.close()
+    store = LocalStore(path, store="t", changelog=(CHANGELOG, 0), cache=cache)
+    store.open()
+    db = store._require()
+    assert db.property_int_value("rocksdb.block-cache-capacity") == 4 * 1024 * 1024
+    before = db.property_int_value("rocksdb.block-cache-usage") or 0
+    assert cache.get_usage() == before  # the same cache
+    # 1,000 absent keys in two files: only the filters' false positives (~1 %) read a 4 KB
+    # data block; without filters each lookup reads one of each file (~2 MB in all)
+    assert all(store.get(f"k{j:05d}".encode()) is None for j in range(1, 20_000, 20))
+    assert (db.property_int_value("rocksdb.block-cache-usage") or 0) - before < 100 * 4096
+    store.close()
 
 
 def test_changelog_specs() -> None:

@@ -18,6 +18,7 @@ from prometheus_client import Counter
 from rocksdict import (
     BlockBasedOptions,
     Cache,
+    DBCompressionType,
     Options,
     Rdict,
     WriteBatch,
@@ -177,6 +178,11 @@ class RocksDictStore:
         opts.set_write_buffer_size(self._write_buffer_mb * 1024 * 1024)
         opts.set_max_write_buffer_number(2)
         opts.set_level_zero_file_num_compaction_trigger(_L0_COMPACTION_TRIGGER)
+        # A table much larger than its block cache (1M keys: ~80 MB of blocks, 8 MB of cache)
+        # decompresses a data block for most lookups: LZ4's is cheaper than Snappy's (0.6 to
+        # 1.0 µs less per owner-and-user join at 1M keys, none at 100k), files the same size.
+        # Existing Snappy files stay readable and are rewritten by their next compaction.
+        opts.set_compression_type(DBCompressionType.lz4())
         table = BlockBasedOptions()
         table.set_block_cache(Cache(self._block_cache_mb * 1024 * 1024))
         # A point lookup of a missing key (a join miss) costs no data block read. Index and

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import REGISTRY as METRICS
+from rocksdict import DBCompressionType
 
 from libs.kafka import HEADER_SOURCE_OFFSET, DeadLetterPublisher, dlq_topic
 from libs.kafka.memory import InMemoryBroker
@@ -37,6 +38,7 @@ from libs.tables import (
     avro_table,
     global_table,
 )
+from libs.tables import store as table_store
 from libs.tables.global_table import BLOCKED, UNDECODABLE
 
 T0 = datetime(2026, 11, 25, tzinfo=UTC)
@@ -183,6 +185,27 @@ def test_a_reopened_store_keeps_its_bloom_filter_and_block_cache(tmp_path: Path)
     assert all(s.get(f"k{j:05d}".encode()) is None for j in range(1, 20_000, 20))
     assert _block_cache(db)[1] - opened < 100 * 4096
     assert s.get(b"k10002") == b"v" * 100 and _block_cache(db)[1] > opened
+    s.close()
+
+
+def test_a_store_written_with_snappy_reads_after_the_switch_to_lz4(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # stores written before the tables compressed with LZ4 keep their Snappy files until a
+    # compaction rewrites them: both must read, before and after that compaction
+    with monkeypatch.context() as m:
+        m.setattr(table_store, "DBCompressionType", SimpleNamespace(lz4=DBCompressionType.snappy))
+        s = RocksDictStore(tmp_path / "t", name="t", format_info={"format": "1"})
+        s.open()
+        s.write([(f"k{j}".encode(), f"v{j}".encode() * 20) for j in range(2000)], {0: 2000})
+        s.close()
+    s.open()
+    s.write([(f"k{j}".encode(), f"w{j}".encode() * 20) for j in range(0, 2000, 2)], {0: 3000})
+    s.flush()
+    expected = {f"k{j}".encode(): f"{'vw'[j % 2 == 0]}{j}".encode() * 20 for j in range(2000)}
+    assert all(s.get(k) == v for k, v in expected.items())
+    s._require_db().compact_range(None, None)
+    assert all(s.get(k) == v for k, v in expected.items()) and s.offsets() == {0: 3000}
     s.close()
 
 

@@ -24,6 +24,7 @@ from libs.serde import (
     SlackMessage,
 )
 from services.enricher.core import (
+    _SETS_SLOTS_ONLY,
     Alert,
     Context,
     FactTemplate,
@@ -32,6 +33,7 @@ from services.enricher.core import (
     _compose,
     _link_line,
     _links,
+    _new_message,
     _slot_joiner,
     route,
 )
@@ -458,3 +460,16 @@ def test_a_joiner_needs_one_more_piece_than_holes() -> None:
     for make in (joiner, utf8_joiner):
         with pytest.raises(ValueError, match="2 pieces around 2 holes"):
             make(["a", "b"], [0, 1])
+
+
+def test_a_message_is_built_as_its_type_builds_it() -> None:
+    """``route``'s ``SlackMessage``, set slot by slot (compiled: the generic setter), is the
+    one ``SlackMessage(...)`` makes, and the direct path is the one in use."""
+    fields = ("m", "p", "C1", "t", "[]", "org-1", "ev-1", NOW, None)
+    assert _SETS_SLOTS_ONLY
+    built = _new_message(*fields)
+    assert type(built) is SlackMessage
+    assert built == SlackMessage(*fields)
+    assert _new_message(*fields[:8], "m-0") == SlackMessage(*fields[:8], "m-0")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.text = "changed"  # type: ignore[misc]

@@ -746,11 +746,11 @@ _MESSAGE_FIELDS: Final = (
     "update_of",
 )
 #: ``SlackMessage(*values)`` only sets its slots in order (``slot_setters`` checks how its
-#: ``__init__`` was made): ``_new_message`` may set them itself
+#: ``__init__`` was made): ``new_message`` may set them itself
 _SETS_SLOTS_ONLY: Final = slot_setters(SlackMessage, _MESSAGE_FIELDS) is not None
 
 
-def _new_message(
+def new_message(
     mid: str,
     pipeline: str,
     channel: str,
@@ -836,7 +836,7 @@ def route(
         text, blocks = _compose(pipeline, note, warning, greeting, event.event_id, mid, links)
     # SlackMessage's fields in order: message_id, pipeline, channel, text, blocks, org_id,
     # source_event_id, created_at, update_of
-    message = _new_message(
+    message = new_message(
         mid, pipeline.name, channel, text, blocks, event.org_id, event.event_id, now, None
     )
     return Alert(message, miss, owner, user, utf8)

@@ -33,8 +33,8 @@ from services.enricher.core import (
     _compose,
     _link_line,
     _links,
-    _new_message,
     _slot_joiner,
+    new_message,
     route,
 )
 from services.enricher.handler import EventHandler
@@ -467,9 +467,9 @@ def test_a_message_is_built_as_its_type_builds_it() -> None:
     one ``SlackMessage(...)`` makes, and the direct path is the one in use."""
     fields = ("m", "p", "C1", "t", "[]", "org-1", "ev-1", NOW, None)
     assert _SETS_SLOTS_ONLY
-    built = _new_message(*fields)
+    built = new_message(*fields)
     assert type(built) is SlackMessage
     assert built == SlackMessage(*fields)
-    assert _new_message(*fields[:8], "m-0") == SlackMessage(*fields[:8], "m-0")
+    assert new_message(*fields[:8], "m-0") == SlackMessage(*fields[:8], "m-0")
     with pytest.raises(dataclasses.FrozenInstanceError):
         built.text = "changed"  # type: ignore[misc]

@@ -470,7 +470,7 @@ def _links(pipeline: Pipeline[E], event: E) -> str:
     ]
     if sum(map(len, quoted)) > link_format[1]:  # a URL may be too long: link_part decides
         return _link_line(pipeline, event)
-    return link_format[0].join(quoted)
+    return link_format[0](quoted)
 
 
 def _link_line(pipeline: Pipeline[E], event: E) -> str:
@@ -634,7 +634,7 @@ class CompiledNotes(Generic[E]):
         detail: str,
         links: str,
     ) -> tuple[str, str, bytes | None] | None:
-        header = header_text(self._title.join(values))
+        header = header_text(self._title(values))
         if detail:  # as render's code block and fallback text show it
             stripped = detail.strip()
             body = escape(stripped) if stripped else "(empty)"

@@ -19,8 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
-from operator import itemgetter
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 MAX_BLOCKS: Final = 50
 MAX_SECTION_TEXT: Final = 3000
@@ -399,90 +398,46 @@ def hole(index: int) -> str:
     return chr(HOLE_BASE + index)
 
 
-class Joiner:
-    """A function of ``h`` joining ``pieces[0], h[holes[0]], pieces[1], ...,
-    pieces[-1]`` (one more piece than holes): ``joiner(pieces, holes)``.
-
-    Built once per template. Per call: a copy of the pieces with a free slot between each
-    two, the slots filled in one slice assignment from an ``itemgetter`` of the holes, one
-    join; C calls only, compiled or not. It was an ``eval``'d lambda per template (a join of
-    one tuple), interpreted code called from the compiled path 2 to 4 times per alert
-    (≈ 5 % of the hot path's samples; tests/perf/ENRICHER.md, "Handler residuals pass").
-    """
-
-    def __init__(self, pieces: Sequence[str], holes: Sequence[int]) -> None:
-        if len(pieces) != len(holes) + 1:
-            raise ValueError(f"{len(pieces)} pieces around {len(holes)} holes")
-        parts: list[str] = [pieces[0]]
-        for piece in pieces[1:]:
-            parts.append("")  # the next hole's slot
-            parts.append(piece)
-        self._parts = parts
-        self._pick = _picker(holes)
-        self._holes = len(holes)
-
-    def join(self, h: Sequence[str]) -> str:
-        """The pieces with ``h``'s strings in the holes."""
-        parts = self._parts.copy()
-        if self._holes > 1:
-            parts[1::2] = self._pick(h)
-        elif self._holes:
-            parts[1] = self._pick(h)[0]
-        return "".join(parts)
-
-    def __call__(self, h: Sequence[str]) -> str:
-        return self.join(h)
-
-
-def _picker(holes: Sequence[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
-    """``lambda h: [h[i] for i in holes]`` in C: ``itemgetter``, which answers a tuple for two
-    or more indexes (one hole takes the same index twice: the caller's slice takes the first)."""
-    if len(holes) > 1:
-        return itemgetter(*holes)
-    first = holes[0] if holes else 0  # no hole: never called, there is no slot to fill
-    return itemgetter(first, first)
+Joiner = Callable[[Sequence[str]], str]
 
 
 def joiner(pieces: Sequence[str], holes: Sequence[int]) -> Joiner:
     """A function of ``h`` joining ``pieces[0], h[holes[0]], pieces[1], ...,
-    pieces[-1]`` (one more piece than holes): a ``Joiner``."""
-    return Joiner(pieces, holes)
+    pieces[-1]`` (one more piece than holes).
+
+    Generated once per template (as ``dataclasses`` generates ``__init__``): a join of a tuple
+    is a third of ``str.format``'s cost, which parses its template on every call. The source
+    holds only indexes; the pieces are passed in, never part of the code.
+    """
+    if len(pieces) != len(holes) + 1:
+        raise ValueError(f"{len(pieces)} pieces around {len(holes)} holes")
+    join: Joiner = eval(_join_source("''", len(pieces), holes), {"__builtins__": {}})(*pieces)
+    return join
 
 
-class Utf8Joiner:
-    """``Joiner(pieces, holes)`` of the holes' UTF-8, answering the joined string's: the
+def _join_source(empty: str, count: int, holes: Sequence[int]) -> str:
+    """``lambda p0, p1, ...: lambda h: <empty>.join((p0, h[..], p1, ...))``: each piece a
+    variable of the closure, which the join reads in one step (``p[i]`` takes three)."""
+    terms = [f"p{i}, h[{int(number)}]" for i, number in enumerate(holes)]
+    terms.append(f"p{len(holes)}")
+    params = ", ".join(f"p{i}" for i in range(count))
+    return f"lambda {params}: lambda h: {empty}.join(({', '.join(terms)},))"
+
+
+Utf8Joiner = Callable[[Sequence[bytes]], bytes]
+
+
+def utf8_joiner(pieces: Sequence[str], holes: Sequence[int]) -> Utf8Joiner:
+    """``joiner(pieces, holes)`` of the holes' UTF-8, answering the joined string's: the
     pieces are encoded once, here; per call only the holes' strings have been (UTF-8 is per
     character, so a string's UTF-8 is its parts' concatenated). An alert's fixed pieces are
     most of its ~2 KB of blocks and hold non-ASCII characters (``·``, ``•``, ``…``):
     encoding them per event was most of the cost of writing the message."""
-
-    def __init__(self, pieces: Sequence[str], holes: Sequence[int]) -> None:
-        if len(pieces) != len(holes) + 1:
-            raise ValueError(f"{len(pieces)} pieces around {len(holes)} holes")
-        parts: list[bytes] = [pieces[0].encode()]
-        for piece in pieces[1:]:
-            parts.append(b"")  # the next hole's slot
-            parts.append(piece.encode())
-        self._parts = parts
-        self._pick = _picker(holes)
-        self._holes = len(holes)
-
-    def join(self, h: Sequence[bytes]) -> bytes:
-        """The pieces' UTF-8 with ``h``'s in the holes."""
-        parts = self._parts.copy()
-        if self._holes > 1:
-            parts[1::2] = self._pick(h)
-        elif self._holes:
-            parts[1] = self._pick(h)[0]
-        return b"".join(parts)
-
-    def __call__(self, h: Sequence[bytes]) -> bytes:
-        return self.join(h)
-
-
-def utf8_joiner(pieces: Sequence[str], holes: Sequence[int]) -> Utf8Joiner:
-    """``joiner(pieces, holes)`` of the holes' UTF-8: a ``Utf8Joiner``."""
-    return Utf8Joiner(pieces, holes)
+    if len(pieces) != len(holes) + 1:
+        raise ValueError(f"{len(pieces)} pieces around {len(holes)} holes")
+    source = _join_source("b''", len(pieces), holes)
+    join: Utf8Joiner = eval(source, {"__builtins__": {}})(*[p.encode() for p in pieces])
+    return join
 
 
 def _joiner(rendered: str, remap: Mapping[int, int]) -> tuple[Joiner, int]:
@@ -546,13 +501,13 @@ class Template:
                 if sum([len(holes[i]) * n for i, n in counts]) > room:
                     return None
         # the fallback text as render_parts finishes it (the holes may start or end with space)
-        text = _fit_rendered(self.text.join(holes).strip() or "Alert", MAX_FALLBACK_TEXT)
+        text = _fit_rendered(self.text(holes).strip() or "Alert", MAX_FALLBACK_TEXT)
         try:
             utf8 = [h.encode() for h in in_blocks]
         except UnicodeEncodeError:  # a lone surrogate: no UTF-8 (the encoder meets it)
             if _JSON_SPECIAL.search("".join(in_blocks)) is not None:
                 in_blocks = [_J(h)[1:-1] for h in in_blocks]
-            return text, self.blocks.join(in_blocks), None
+            return text, self.blocks(in_blocks), None
         # Mostly the strings are their own JSON. Checked on their UTF-8, which holds each of
         # JSON's specials (ASCII) as itself and nowhere else: deleting bytes is one C loop,
         # cheaper than a regular expression over the ~600 characters.
@@ -562,7 +517,7 @@ class Template:
         # The blocks are their UTF-8 decoded (every string had one): one pass of the decoder
         # costs about half of joining the strings, which widens each ASCII hole to the two
         # bytes a character of the pieces takes (they hold "•").
-        blocks_utf8 = self.blocks_utf8.join(utf8)
+        blocks_utf8 = self.blocks_utf8(utf8)
         return text, blocks_utf8.decode(), blocks_utf8
 
 

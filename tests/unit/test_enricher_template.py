@@ -47,9 +47,7 @@ from services.enricher.render import (
     Note,
     escape,
     hole,
-    joiner,
     render_pair,
-    utf8_joiner,
 )
 from tests.support.enricher_corpus import ConsumedRecord, DictLookup, ListEmitter
 from tests.unit.test_enricher_core import NOW, connector_event, onboarding_event, owner, user
@@ -431,35 +429,6 @@ def test_a_title_joiner_formats_as_format_map(template: str) -> None:
     values = ("<one>", " two {x} ")
     named = dict(zip(("a", "b"), values, strict=True))
     assert _slot_joiner(template, ("a", "b"))(values) == template.format_map(named)
-
-
-@pytest.mark.parametrize(
-    ("pieces", "holes"),
-    [
-        ([""], []),
-        (["only"], []),
-        (["a", "b"], [0]),
-        (["", "", ""], [2, 2]),  # a hole twice, nothing around it
-        (["<", "|", "> · é→🚀", ""], [1, 0, 1]),
-    ],
-)
-def test_joiners_interleave_the_pieces_and_the_holes(pieces: list[str], holes: list[int]) -> None:
-    """``Joiner`` and ``Utf8Joiner`` (each compiled with the module) against the join they
-    stand for, and reusable: a call fills a copy, never the joiner's own pieces."""
-    h = ["zéro", "", 'two "q"']
-    expected = pieces[0] + "".join(h[n] + p for n, p in zip(holes, pieces[1:], strict=True))
-    join, join_utf8 = joiner(pieces, holes), utf8_joiner(pieces, holes)
-    for values in (h, list(reversed(h)), h):
-        want = pieces[0] + "".join(values[n] + p for n, p in zip(holes, pieces[1:], strict=True))
-        assert join(values) == join.join(tuple(values)) == want
-        assert join_utf8([v.encode() for v in values]) == want.encode()
-    assert join(h) == expected
-
-
-def test_a_joiner_needs_one_more_piece_than_holes() -> None:
-    for make in (joiner, utf8_joiner):
-        with pytest.raises(ValueError, match="2 pieces around 2 holes"):
-            make(["a", "b"], [0, 1])
 
 
 def test_a_message_is_built_as_its_type_builds_it() -> None:

@@ -8,7 +8,6 @@ service runs. Every decision is the core's; this module only moves bytes and cou
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter as Tally
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -424,9 +423,9 @@ class EventHandler:
             # Not renderable (an event the reader schema no longer reads; a channel given, so
             # route always alerts): the group is treated as closed, so this event posts anew
             # instead of overwriting the original with an update that lost its content.
-            return dataclasses.replace(group, expires_at=epoch_ms(now_dt))
+            return _with(group, group.text, group.blocks, epoch_ms(now_dt))
         message = outcome.message
-        return dataclasses.replace(group, text=message.text, blocks=message.blocks)
+        return _with(group, message.text, message.blocks, group.expires_at)
 
     def _parks_of(self, state: KeyValueState, org_id: str, group: Group | None) -> list[Park]:
         """The parks a resolving event of ``org_id`` may end: those waiting for the org's owner
@@ -545,6 +544,23 @@ class EventHandler:
             if added:
                 EVENTS.labels(*key).inc(added)
                 published[key] = total
+
+
+def _with(group: Group, text: str, blocks: str, expires_at: int) -> Group:
+    """``dataclasses.replace(group, text=text, blocks=blocks, expires_at=expires_at)``,
+    compiled (the function is an interpreted loop over the fields; one per update)."""
+    return Group(
+        group.message_id,
+        group.channel,
+        group.count,
+        group.first_at,
+        group.latest_at,
+        expires_at,
+        text,
+        blocks,
+        group.latest_error,
+        group.origin,
+    )
 
 
 def retry_if_registry_down(exc: DeserializationError) -> None:

@@ -168,32 +168,79 @@ def test_records_round_trip() -> None:
     assert Park.decode(p.encode()) == p
 
 
-def test_park_is_every_field_in_order_as_compact_json() -> None:
-    """What the previous version reads: a positional array of all fields (a field added to
-    ``Park`` and not to ``encode`` fails here)."""
-    for p in (
-        Park(P, USER, "dänä@example.com", "t", "AA==", "ev-1", "org-1", NO_SLACK_USER, T, None),
-        Park(P, OWNER, "org-1", "t", "AA==", "ev-1", "org-1", NO_OWNER, T, "lcc-1", "m", "C"),
-        Park(
-            P,
-            OWNER,
-            "org-1",
-            "t",
-            "AA==",
-            "ev-1",
-            "org-1",
-            NO_OWNER,
-            T,
-            None,
-            "m",
-            "C",
-            'tëxt "q"',
-            "[]",
-        ),
-    ):
-        fields = [getattr(p, f.name) for f in dataclasses.fields(p)]
-        assert p.encode() == json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
-        assert Park.decode(p.encode()) == p
+PARKS = (
+    Park(P, USER, "dänä@example.com", "t", "AA==", "ev-1", "org-1", NO_SLACK_USER, T, None),
+    Park(P, OWNER, "org-1", "t", "AA==", "ev-1", "org-1", NO_OWNER, T, "lcc-1", "m", "C"),
+    Park(
+        P,
+        OWNER,
+        "org-1",
+        "t",
+        "AA==",
+        "ev-1",
+        "org-1",
+        NO_OWNER,
+        T,
+        None,
+        "m",
+        "C",
+        'tëxt "q"',
+        "[]",
+    ),
+    Park(P, OWNER, "", "", "", "", "", "", -T, "", "", "", "", ""),  # empty, not absent
+    Park(P, USER, "k", "t", "x", "e", "o", "r", 0, "d💥", None, None, None, '[{"t":"é\\n"}]'),
+)
+
+
+@pytest.mark.parametrize("park", PARKS)
+def test_parks_written_as_json_by_earlier_versions_still_read(park: Park) -> None:
+    """Before layout 1 a park was a compact JSON array of its fields in declaration order:
+    stores and changelogs from before an upgrade read back unchanged."""
+    fields = [getattr(park, f.name) for f in dataclasses.fields(park)]
+    legacy = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
+    assert Park.decode(legacy) == park
+    assert expires_at_of(park.state_key, legacy) == park.expires_at
+    assert Park.decode(park.encode()) == park
+    assert expires_at_of(park.state_key, park.encode()) == park.expires_at
+
+
+def test_a_json_park_of_an_earlier_version_reads_back() -> None:
+    # bytes as the previous version's ``Park.encode`` wrote them (its _DUMPS of the fields)
+    legacy = (
+        '["connector-provisioning-failed","owner","org-9","data-notifications-pipeline",'
+        '"AAECAw==","ev-9","org-9","no_owner",1764000000000,"lcc-9","m-9","C0FALLBACK",'
+        '"Ünïcode — \\"q\\"","[{\\"type\\":\\"header\\"}]"]'
+    ).encode()
+    assert Park.decode(legacy) == Park(
+        "connector-provisioning-failed",
+        OWNER,
+        "org-9",
+        "data-notifications-pipeline",
+        "AAECAw==",
+        "ev-9",
+        "org-9",
+        "no_owner",
+        1764000000000,
+        "lcc-9",
+        "m-9",
+        "C0FALLBACK",
+        'Ünïcode — "q"',
+        '[{"type":"header"}]',
+    )
+    assert Park.expires_at_of(legacy) == 1764000000000
+
+
+def test_park_layout_1_is_a_header_and_every_field_in_order() -> None:
+    """The layout pinned: what a later version must read (a field added to ``Park`` and not
+    to ``encode`` fails here: the header counts every field)."""
+    park = PARKS[2]
+    names = [f.name for f in dataclasses.fields(Park)]
+    strings = [getattr(park, n) for n in names if n != "expires_at"]
+    head = struct.pack(
+        ">Bq13i", 1, park.expires_at, *(-1 if v is None else len(v.encode()) for v in strings)
+    )
+    assert len(names) == 14
+    assert park.encode() == head + b"".join(v.encode() for v in strings if v is not None)
 
 
 def test_group_round_trips_non_ascii_and_absent_error() -> None:

@@ -24,6 +24,7 @@ from libs.serde import (
     SlackMessage,
 )
 from services.enricher.core import (
+    _SETS_SLOTS_ONLY,
     Alert,
     Context,
     FactTemplate,
@@ -33,6 +34,7 @@ from services.enricher.core import (
     _link_line,
     _links,
     _slot_joiner,
+    new_message,
     route,
 )
 from services.enricher.handler import EventHandler
@@ -427,3 +429,16 @@ def test_a_title_joiner_formats_as_format_map(template: str) -> None:
     values = ("<one>", " two {x} ")
     named = dict(zip(("a", "b"), values, strict=True))
     assert _slot_joiner(template, ("a", "b"))(values) == template.format_map(named)
+
+
+def test_a_message_is_built_as_its_type_builds_it() -> None:
+    """``route``'s ``SlackMessage``, set slot by slot (compiled: the generic setter), is the
+    one ``SlackMessage(...)`` makes, and the direct path is the one in use."""
+    fields = ("m", "p", "C1", "t", "[]", "org-1", "ev-1", NOW, None)
+    assert _SETS_SLOTS_ONLY
+    built = new_message(*fields)
+    assert type(built) is SlackMessage
+    assert built == SlackMessage(*fields)
+    assert new_message(*fields[:8], "m-0") == SlackMessage(*fields[:8], "m-0")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.text = "changed"  # type: ignore[misc]

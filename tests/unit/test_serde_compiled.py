@@ -349,3 +349,21 @@ def test_the_serializer_writes_compiled_only_for_the_schema_it_was_generated_fro
     # written the run-time way (the record has no `thread`: fastavro writes its default)
     assert other("t", message)[5:] == reference[5:] + b"\x00"
     assert calls == []
+
+
+@pytest.mark.parametrize("where", ["source", "build"])
+def test_the_generated_varint_helpers_write_what_the_run_time_ones_write(where: str) -> None:
+    """``_long``, ``_size_prefix`` and ``_string`` are written out in the generated module (so
+    that they are compiled with its writers): the same bytes as ``libs.serde.avro``'s."""
+    module = _source_module() if where == "source" else avro._compiled_module()
+    if module is None:
+        pytest.skip("this process does not use the compiled build (TEST_COMPILED=1 does)")
+    edges = [0, 1, -1, 63, 64, -64, -65, 127, 128, 8191, 8192, 2**31, -(2**31), 2**62, -(2**62)]
+    edges += [2**63 - 1, -(2**63), 1_764_000_000_000, -1_764_000_000_000]
+    for n in edges + [n * 7919 for n in range(-3000, 3000)]:
+        assert module._long(n) == avro._long(n), n
+    for size in [*range(0, 300), 4095, 4096, 8191, 8192, 8193, 100_000, 2**40]:
+        assert module._size_prefix(size) == avro._size_prefix(size), size
+        assert module._size_prefix(size) == avro._size_prefix(size), size  # cached the same
+    for data in (b"", b"x", "é→🚀".encode(), b"\x00" * 5000):
+        assert module._string(data) == avro._string(data)

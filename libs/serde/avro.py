@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import io
 import json
 import struct
@@ -562,17 +563,11 @@ def compiled_avro_source(schemas: Mapping[str, str]) -> str:
         '    return out.to_bytes(size + 1, "little")',
         "",
         "",
-        "def _size_prefix(size: int) -> bytes:  # _avro._size_prefix",
-        "    prefix = _SIZE_PREFIXES.get(size)",
-        "    if prefix is None:",
-        "        prefix = _long(size)",
-        "        if size < 8192:",
-        "            _SIZE_PREFIXES[size] = prefix",
-        "    return prefix",
+        # these two as written above (their names resolve to the generated module's own)
+        *inspect.getsource(_size_prefix).splitlines(),
         "",
         "",
-        "def _string(data: bytes) -> bytes:  # _avro._string",
-        "    return _size_prefix(len(data)) + data",
+        *inspect.getsource(_string).splitlines(),
         "",
         "",
         "def _bad_branch(name: str, branch: int) -> ValueError:",

@@ -315,6 +315,7 @@ def _build_notifier(settings: NotifierSettings) -> Notifier:
         settings.slack_bot_token.get_secret_value(),
         base_url=settings.slack_api_url,
         timeout_s=settings.slack_timeout_s,
+        keep_alive_s=settings.slack_keep_alive_s,
         history_limit=settings.history_limit,
         history_max_pages=settings.history_max_pages,
     )

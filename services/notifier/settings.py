@@ -39,6 +39,14 @@ class NotifierSettings(BaseSettings):
         gt=0,
         description="HTTP timeout of one Slack call (a timed-out post is in doubt)",
     )
+    slack_keep_alive_s: float = Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "reuse a call thread's HTTP connection to Slack while it has been idle less than "
+            "this; 0: a new connection (and TLS handshake) per call, as plain slack-sdk"
+        ),
+    )
     concurrency: int = Field(
         default=16,
         ge=1,

@@ -8,6 +8,10 @@ slack-sdk's own retries are switched off (``retry_handlers=[]``): its default
 that Slack had already processed is exactly the duplicate this service exists to prevent.
 Every retry goes through the core, which checks the channel's history first when the previous
 post is in doubt.
+
+The client is slack-sdk's ``WebClient`` with one change below it: each call thread keeps its
+HTTP connection open between calls (``keepalive.KeepAliveWebClient``) instead of opening a new
+one, and a new TLS handshake, per call. What an error means for a post is unchanged.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from datetime import datetime
 from typing import Protocol
 from urllib.error import URLError
 
-from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web import SlackResponse
 
@@ -46,6 +49,7 @@ from services.notifier.core import (
     find_in_history,
     render_request,
 )
+from services.notifier.keepalive import KeepAliveWebClient
 
 log = logging.getLogger(__name__)
 
@@ -147,17 +151,21 @@ class SlackWebNotifier:
         *,
         base_url: str = "https://slack.com/api/",
         timeout_s: float = 10.0,
+        keep_alive_s: float = 30.0,
         history_limit: int = 200,
         history_max_pages: int = 20,
         history_budget_s: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._client = WebClient(
+        # One kept-alive connection per call thread (keepalive.py); keep_alive_s=0 opens a
+        # connection per call, as plain slack-sdk does.
+        self._client = KeepAliveWebClient(
             token=token,
             base_url=base_url,
             timeout=max(1, round(timeout_s)),
             retry_handlers=[],
             logger=_SDK_LOG,
+            idle_s=keep_alive_s,
         )
         # WebClient's timeout is an int of seconds; sub-second timeouts are rounded up to 1.
         self._history_limit = history_limit

@@ -27,6 +27,11 @@ they were *posted* with (``StoredMessage.posted_metadata``; ``metadata`` is what
 ``update_counts()`` applied updates by the update's id. A message posted or updated twice shows
 as a count of 2.
 
+Connections: HTTP/1.1, kept alive between requests unless the client sends ``Connection:
+close`` (as Slack does; urllib, hence plain slack-sdk, always closes). ``connections()`` counts
+them (accepted so far, open now) and ``drop_connections()`` closes the open ones, as Slack's
+edge ends idle connections.
+
 Several clients can share one fake and still be told apart: ``client_url(label)`` is a base URL
 (``/client/<label>/api/``) whose calls are recorded with ``client=label``.
 
@@ -119,11 +124,13 @@ Bad control requests get HTTP 400 ``{"ok": false, "error": ...}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
 import math
 import signal
+import socket
 import socketserver
 import sys
 import threading
@@ -425,6 +432,21 @@ class FakeSlack:
         # server_close joins the request threads (ThreadingMixIn.block_on_close).
         server.server_close()
         self._server = self._thread = None
+
+    # --------------------------------------------------------------------------- connections
+
+    def connections(self) -> tuple[int, int]:
+        """(connections accepted so far, connections open now)."""
+        server = self._server
+        if server is None:
+            return (0, 0)
+        return server.connections_accepted, server.open_connections()
+
+    def drop_connections(self) -> int:
+        """Close the connections open now, as Slack's edge ends idle kept-alive connections
+        (a request being answered loses its answer). Returns how many were open."""
+        server = self._server
+        return 0 if server is None else server.drop_connections()
 
     def __enter__(self) -> FakeSlack:
         return self.start()
@@ -1019,12 +1041,29 @@ class FakeSlack:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Routes ``/api/<method>`` and ``/_fake/<action>``; quiet, one request per connection."""
+    """Routes ``/api/<method>`` and ``/_fake/<action>``; quiet.
+
+    HTTP/1.1, as Slack: a connection stays open for the client's next request unless the
+    client asks for ``Connection: close`` (urllib, hence plain slack-sdk, always does).
+    """
 
     server: _Server
-    protocol_version = "HTTP/1.0"
-    # An idle connection must not hold a thread (and stop()) forever.
+    protocol_version = "HTTP/1.1"
+    # The headers and the body go out in two writes: without TCP_NODELAY the body waits for
+    # the client's delayed ACK (~40 ms) on a kept-alive connection.
+    disable_nagle_algorithm = True
+    # An idle connection must not hold a thread forever (stop() also ends idle connections).
     timeout = 10.0
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.opened(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.closed(self.connection)
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -1081,7 +1120,39 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], fake: FakeSlack) -> None:
         self.fake = fake
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        #: connections accepted so far
+        self.connections_accepted = 0
         super().__init__(address, _Handler)
+
+    def opened(self, connection: socket.socket) -> None:
+        with self._connections_lock:
+            self._connections.add(connection)
+            self.connections_accepted += 1
+
+    def closed(self, connection: socket.socket) -> None:
+        with self._connections_lock:
+            self._connections.discard(connection)
+
+    def open_connections(self) -> int:
+        with self._connections_lock:
+            return len(self._connections)
+
+    def drop_connections(self) -> int:
+        """Shut down every open connection; returns how many there were."""
+        with self._connections_lock:
+            open_now = list(self._connections)
+        for connection in open_now:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        return len(open_now)
+
+    def server_close(self) -> None:
+        # A kept-alive connection waits for its client's next request: end those waits, or
+        # joining the request threads would take the handler's whole idle timeout.
+        self.drop_connections()
+        super().server_close()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, which can stall on a machine

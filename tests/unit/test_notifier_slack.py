@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import pytest
+from slack_sdk.errors import SlackApiError
 
 from services.notifier.core import (
     HISTORY_WINDOW_EXCEEDED,
@@ -24,6 +26,7 @@ from services.notifier.core import (
     Updated,
     UpdateRequest,
 )
+from services.notifier.keepalive import KeepAliveWebClient
 from services.notifier.slack import (
     STORE_LATE,
     STORE_THEN_TIMEOUT,
@@ -33,6 +36,7 @@ from services.notifier.slack import (
     SlackWebNotifier,
 )
 from tests.support.fake_slack import FakeSlack
+from tests.support.kafka import wait_until
 
 TOKEN = "xoxb-test"
 LONG_AGO = datetime(2020, 1, 1, tzinfo=UTC)
@@ -139,12 +143,16 @@ def fake() -> Iterator[FakeSlack]:
         yield server
 
 
-@pytest.fixture(params=["slack_sdk", "twin"])
+@pytest.fixture(params=["slack_sdk", "slack_sdk_per_call", "twin"])
 def subject(request: pytest.FixtureRequest, fake: FakeSlack) -> Subject:
+    """The twin, and slack-sdk over a kept-alive connection (the default) and per call."""
     if request.param == "twin":
         twin = FakeNotifier()
         return Subject(twin, TwinScript(twin))
-    web = SlackWebNotifier(TOKEN, base_url=fake.base_url, timeout_s=1, history_limit=50)
+    keep_alive_s = 0.0 if request.param == "slack_sdk_per_call" else 30.0
+    web = SlackWebNotifier(
+        TOKEN, base_url=fake.base_url, timeout_s=1, history_limit=50, keep_alive_s=keep_alive_s
+    )
     return Subject(web, WebScript(fake))
 
 
@@ -303,11 +311,14 @@ def test_dry_run_update_logs_what_it_would_update(caplog: pytest.LogCaptureFixtu
 # -- slack-sdk specifics -----------------------------------------------------------------------
 
 
-def test_connection_refused_is_not_in_doubt() -> None:
+@pytest.mark.parametrize("keep_alive_s", [30.0, 0.0])
+def test_connection_refused_is_not_in_doubt(keep_alive_s: float) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    web = SlackWebNotifier(TOKEN, base_url=f"http://127.0.0.1:{port}/api/", timeout_s=1)
+    web = SlackWebNotifier(
+        TOKEN, base_url=f"http://127.0.0.1:{port}/api/", timeout_s=1, keep_alive_s=keep_alive_s
+    )
     outcome = web.post(request("m1"))
     assert isinstance(outcome, Unavailable)
     assert outcome.in_doubt is False
@@ -426,3 +437,80 @@ def test_dry_run_logs_a_rendering(caplog: pytest.LogCaptureFixture) -> None:
     assert dry.find_post("U9", "m1", LONG_AGO) == NotFound()
     assert dry.check_auth() is None
     assert dry.dry_run is True
+
+
+# -- kept-alive connections ----------------------------------------------------------------------
+
+
+def test_calls_of_a_thread_share_one_connection(fake: FakeSlack) -> None:
+    web = SlackWebNotifier(TOKEN, base_url=fake.base_url, timeout_s=1)
+    for i in range(5):
+        assert isinstance(web.post(request(f"m{i}")), Posted)
+    assert isinstance(web.find_post("C1", "m0", LONG_AGO), Found)
+    assert web.check_auth() is None
+    assert fake.connections() == (1, 1)
+    other = threading.Thread(target=lambda: [web.post(request(f"t{i}")) for i in range(3)])
+    other.start()
+    other.join(30)
+    assert fake.connections()[0] == 2  # a connection per calling thread
+    assert len(fake.posts()) == 8
+
+
+def test_keep_alive_zero_opens_a_connection_per_call_as_slack_sdk(fake: FakeSlack) -> None:
+    web = SlackWebNotifier(TOKEN, base_url=fake.base_url, timeout_s=1, keep_alive_s=0)
+    for i in range(3):
+        assert isinstance(web.post(request(f"m{i}")), Posted)
+    assert fake.connections()[0] == 3
+
+
+def test_a_connection_the_server_closed_is_replaced_before_the_post(fake: FakeSlack) -> None:
+    web = SlackWebNotifier(TOKEN, base_url=fake.base_url, timeout_s=1)
+    assert isinstance(web.post(request("m1")), Posted)
+    assert fake.drop_connections() == 1
+    wait_until(lambda: fake.connections()[1] == 0, timeout_s=30, message="connection closed")
+    # Sent on the closed connection, the post would be answered by a reset: in doubt.
+    assert isinstance(web.post(request("m2")), Posted)
+    assert fake.connections()[0] == 2
+    assert [p.metadata["event_payload"]["message_id"] for p in fake.posts()] == ["m1", "m2"]
+
+
+def test_an_answer_lost_is_in_doubt_and_the_next_call_opens_a_new_connection(
+    fake: FakeSlack,
+) -> None:
+    web = SlackWebNotifier(TOKEN, base_url=fake.base_url, timeout_s=1)
+    assert isinstance(web.post(request("m1")), Posted)
+    fake.slow("C1", delay_s=3, then_store=True)
+    outcome = web.post(request("m2"))
+    assert isinstance(outcome, Unavailable) and outcome.in_doubt is True
+    assert isinstance(web.post(request("m3")), Posted)
+    assert fake.connections()[0] == 2
+
+
+def test_a_connection_idle_for_keep_alive_s_is_not_reused(fake: FakeSlack) -> None:
+    now = [100.0]
+    client = KeepAliveWebClient(
+        token=TOKEN, base_url=fake.base_url, retry_handlers=[], idle_s=5, monotonic=lambda: now[0]
+    )
+    client.chat_postMessage(channel="C1", text="one")
+    now[0] += 4.9
+    client.chat_postMessage(channel="C1", text="two")
+    assert (fake.connections()[0], client.connections_opened) == (1, 1)
+    now[0] += 5.0
+    client.chat_postMessage(channel="C1", text="three")
+    assert (fake.connections()[0], client.connections_opened) == (2, 2)
+    client.close()
+    wait_until(lambda: fake.connections()[1] == 0, timeout_s=30, message="closed")
+
+
+def test_an_http_error_answer_reads_as_through_urllib(fake: FakeSlack) -> None:
+    """429 and 5xx come back as slack-sdk's SlackApiError with status, headers and body."""
+    client = KeepAliveWebClient(token=TOKEN, base_url=fake.base_url, retry_handlers=[], idle_s=30)
+    fake.rate_limit("C1", retry_after_s=7)
+    with pytest.raises(SlackApiError) as raised:
+        client.chat_postMessage(channel="C1", text="one")
+    response = raised.value.response
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "7"
+    assert response["error"] == "ratelimited"
+    client.chat_postMessage(channel="C1", text="two")  # the connection is still good
+    assert fake.connections()[0] == 1

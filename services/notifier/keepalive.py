@@ -154,9 +154,14 @@ def _close_all(opened: list[_Connection], lock: threading.Lock) -> None:
 
 
 def _readable(sock: Any) -> bool:
-    """True when an idle connection's socket has something to read: the server closed it."""
+    """True when an idle connection's socket has something to read: the server closed it.
+
+    ``poll``, not ``select``: a process holding RocksDB files and Kafka sockets can have
+    descriptors above ``select``'s limit of 1024.
+    """
+    poller = select.poll()
     try:
-        ready, _, _ = select.select([sock], [], [], 0)
+        poller.register(sock, select.POLLIN)
     except (OSError, ValueError):
         return True  # closed under us: not reusable
-    return bool(ready)
+    return bool(poller.poll(0))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
+import resource
 import socket
 import threading
 from collections.abc import Iterator
@@ -514,3 +517,37 @@ def test_an_http_error_answer_reads_as_through_urllib(fake: FakeSlack) -> None:
     assert response["error"] == "ratelimited"
     client.chat_postMessage(channel="C1", text="two")  # the connection is still good
     assert fake.connections()[0] == 1
+
+
+def test_a_connection_on_a_descriptor_above_1024_is_still_reused(fake: FakeSlack) -> None:
+    """The enricher's and notifier's processes hold RocksDB files and Kafka sockets; a check
+    with ``select`` fails above descriptor 1024 and reconnected at every call."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
+    gc.collect()  # clients of earlier tests closing their sockets would free low descriptors
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        client = KeepAliveWebClient(
+            token=TOKEN, base_url=fake.base_url, retry_handlers=[], idle_s=30
+        )
+        client.chat_postMessage(channel="C1", text="one")
+        for _ in range(10):
+            if client._local.conn.http.sock.fileno() > 1024:
+                break
+            # a descriptor freed meanwhile (another test's socket closing): fill it, reconnect
+            while (fd := os.open(os.devnull, os.O_RDONLY)) <= 1024:
+                filler.append(fd)
+            filler.append(fd)
+            client.close()
+            client.chat_postMessage(channel="C1", text="again")
+        assert client._local.conn.http.sock.fileno() > 1024
+        opened = client.connections_opened
+        client.chat_postMessage(channel="C1", text="two")
+        client.chat_postMessage(channel="C1", text="three")
+        assert client.connections_opened == opened
+        client.close()
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -29,7 +29,7 @@ as a count of 2.
 
 Connections: HTTP/1.1, kept alive between requests unless the client sends ``Connection:
 close`` (as Slack does; urllib, hence plain slack-sdk, always closes). ``connections()`` counts
-them (accepted so far, open now) and ``drop_connections()`` closes the open ones, as Slack's
+them (accepted so far, open now) and ``drop_connections()`` closes the idle ones, as Slack's
 edge ends idle connections.
 
 Several clients can share one fake and still be told apart: ``client_url(label)`` is a base URL
@@ -443,10 +443,10 @@ class FakeSlack:
         return server.connections_accepted, server.open_connections()
 
     def drop_connections(self) -> int:
-        """Close the connections open now, as Slack's edge ends idle kept-alive connections
-        (a request being answered loses its answer). Returns how many were open."""
+        """Close the idle connections (waiting for their client's next request), as Slack's
+        edge ends idle kept-alive connections. Returns how many there were."""
         server = self._server
-        return 0 if server is None else server.drop_connections()
+        return 0 if server is None else server.drop_idle_connections()
 
     def __enter__(self) -> FakeSlack:
         return self.start()
@@ -1065,6 +1065,19 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server.closed(self.connection)
 
+    def parse_request(self) -> bool:
+        # a request line has arrived: the connection is busy until it is answered
+        self.server.mark(self.connection, busy=True)
+        return super().parse_request()
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.mark(self.connection, busy=False)
+            if self.server.closing:
+                self.close_connection = True  # answered; do not wait for another request
+
     def do_GET(self) -> None:
         self._dispatch("GET")
 
@@ -1120,38 +1133,47 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], fake: FakeSlack) -> None:
         self.fake = fake
-        self._connections: set[socket.socket] = set()
+        #: open connections, and whether each is answering a request now
+        self._connections: dict[socket.socket, bool] = {}
         self._connections_lock = threading.Lock()
         #: connections accepted so far
         self.connections_accepted = 0
+        self.closing = False
         super().__init__(address, _Handler)
 
     def opened(self, connection: socket.socket) -> None:
         with self._connections_lock:
-            self._connections.add(connection)
+            self._connections[connection] = False
             self.connections_accepted += 1
+
+    def mark(self, connection: socket.socket, *, busy: bool) -> None:
+        with self._connections_lock:
+            if connection in self._connections:
+                self._connections[connection] = busy
 
     def closed(self, connection: socket.socket) -> None:
         with self._connections_lock:
-            self._connections.discard(connection)
+            self._connections.pop(connection, None)
 
     def open_connections(self) -> int:
         with self._connections_lock:
             return len(self._connections)
 
-    def drop_connections(self) -> int:
-        """Shut down every open connection; returns how many there were."""
+    def drop_idle_connections(self) -> int:
+        """Shut down the open connections waiting for a request; returns how many."""
         with self._connections_lock:
-            open_now = list(self._connections)
-        for connection in open_now:
+            idle = [c for c, busy in self._connections.items() if not busy]
+        for connection in idle:
             with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
-        return len(open_now)
+        return len(idle)
 
     def server_close(self) -> None:
         # A kept-alive connection waits for its client's next request: end those waits, or
-        # joining the request threads would take the handler's whole idle timeout.
-        self.drop_connections()
+        # joining the request threads would take the handler's whole idle timeout. One
+        # answering a request (a held answer that stop() woke) finishes its answer first.
+        self.closing = True
+        self.drop_idle_connections()
         super().server_close()
 
     def server_bind(self) -> None:

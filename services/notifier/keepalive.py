@@ -21,7 +21,8 @@ it (the socket reads as ready while idle: an end of file, or bytes nobody asked 
 call opens a new one, before anything is sent. The server can still close it in the moment
 between that check and the request; the call is then in doubt (the notifier checks the
 channel's history before posting again), never repeated blindly. ``idle_s=0`` sends every call
-through urllib, as plain slack-sdk does.
+through urllib, as plain slack-sdk does; so does a client with a proxy (slack-sdk reads one from
+``HTTPS_PROXY`` and the like when none is given), which this class does not tunnel through.
 """
 
 from __future__ import annotations

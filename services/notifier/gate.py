@@ -79,12 +79,15 @@ class PartitionGate:
         marks = self._waiting[tp]
         if marks is None or not self._table.caught_up_to(marks):
             return False
+        self._open(tp)
+        return True
+
+    def _open(self, tp: TP) -> None:
         del self._waiting[tp]
         log.info(
             "partition gate open",
             extra={"table": self._name, "partition": f"{tp[0]}[{tp[1]}]"},
         )
-        return True
 
     @property
     def waiting(self) -> bool:
@@ -92,14 +95,25 @@ class PartitionGate:
         return bool(self._waiting)
 
     def poll(self) -> None:
-        """Take the snapshot of newly gated partitions (a failed one: every ``retry_s``)."""
-        missing = [tp for tp, marks in self._waiting.items() if marks is None]
-        if not missing or self._mono() < self._next_retry:
+        """Take the snapshot of newly gated partitions (a failed one: every ``retry_s``), and
+        open those whose snapshot is reached.
+
+        Opening here, not only when a message asks ``is_open``, matters for the partitions
+        that receive nothing: while any partition waits, the caller polls its table on every
+        turn, and a partition without messages kept that going for good (a table poll per
+        message instead of one per interval).
+        """
+        if not self._waiting:
             return
-        marks = self._snapshot()
-        if marks is not None:
-            for tp in missing:
-                self._waiting[tp] = marks
+        missing = [tp for tp, marks in self._waiting.items() if marks is None]
+        if missing and self._mono() >= self._next_retry:
+            marks = self._snapshot()
+            if marks is not None:
+                for tp in missing:
+                    self._waiting[tp] = marks
+        for tp, marks in list(self._waiting.items()):
+            if marks is not None and self._table.caught_up_to(marks):
+                self._open(tp)
 
     def _snapshot(self) -> Mapping[int, int] | None:
         try:

@@ -52,6 +52,24 @@ def test_a_partition_opens_once_every_table_partition_reached_its_mark() -> None
     assert not gate.waiting
 
 
+def test_a_partition_with_nothing_queued_opens_at_the_poll() -> None:
+    """No message of OTHER asks ``is_open``; the gate still stops waiting for it.
+
+    While the gate waits, the loop polls its tables on every turn: a partition that never
+    received a message kept both tables polled once per message for good (8,044 polls in
+    8,000 one-channel messages, where 0.1 s apart were due).
+    """
+    table = FakeTable()
+    gate = PartitionGate(table, name="receipts")
+    gate.close([TP, OTHER])
+    gate.poll()
+    assert gate.waiting
+    table.positions = {0: 3, 1: 5}
+    gate.poll()
+    assert not gate.waiting
+    assert gate.is_open(TP) and gate.is_open(OTHER)
+
+
 def test_a_failed_snapshot_keeps_the_partition_gated_and_is_retried() -> None:
     table, clock = FakeTable(), [0.0]
     gate = PartitionGate(table, name="receipts", retry_s=1.0, monotonic=lambda: clock[0])

@@ -224,10 +224,16 @@ def test_kafka_store_reads_its_table_on_an_interval_and_on_every_poll_while_gate
     assert rig.store.get("m3") is not None
     # an assignment gates the partition: the table is read on every poll until it opens
     rig.store.assign([TP0])
-    rig.store.poll()  # takes the snapshot of the high watermarks
-    rig.elsewhere("m4")
-    rig.store.poll()
+    rig.elsewhere("m4")  # written before the snapshot: the partition waits for it
+    rig.store.poll()  # takes the snapshot of the high watermarks, and reads at once
     assert rig.store.get("m4") is not None
+    # the gate opens at the next poll even if no message of the partition asks (``ready``);
+    # from then on the table is read on the interval again
+    rig.store.poll()
+    rig.elsewhere("m5")
+    rig.store.poll()
+    assert rig.store.get("m5") is None
+    assert rig.store.ready(TP0)
 
 
 def test_kafka_store_answers_its_acknowledged_markers_without_writing_them_through(

@@ -19,7 +19,12 @@ Figures (medians of ``BENCH_RUNS`` runs, default 3):
   notifier's pool), with their client CPU time per call; and one thread through the
   notifier's own transport (``KeepAliveWebClient``: slack-sdk with its connection kept open),
   which is the notifier's call without the notifier: issue 14's target compares against plain
-  slack-sdk, this row shows how much of the ratio is the transport's.
+  slack-sdk, this row shows how much of the ratio is the transport's;
+* one channel's ceiling without Kafka (``handed_off``): the same calls made by a call thread
+  that a loop thread hands them to, as the notifier's loop does; then the same with the
+  notifier's own one-channel loop CPU (measured in this run) spent by that loop as Python per
+  call. What separates the notifier from the second row is its Kafka side: markers,
+  receipts, and the broker's CPU on the same cores.
 
 The fake Slack runs as its own process (``python -m tests.support.fake_slack``, rate limit
 off), so neither side shares a GIL with it. ``overhead ms/msg`` = notifier CPU per message
@@ -32,17 +37,20 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import selectors
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
@@ -64,7 +72,7 @@ RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 MESSAGES = int(os.environ.get("BENCH_MESSAGES", "2000"))
 CHANNELS = [1, 10, 100]
 TOKEN = "xoxb-bench"
-BLOCKS = [
+BLOCKS: list[dict[str, Any]] = [
     {"type": "header", "text": {"type": "plain_text", "text": "Connector failed: s3-sink-orders"}},
     {
         "type": "section",
@@ -193,6 +201,52 @@ def baseline(url: str, n: int, threads: int, *, keep_alive: bool = False) -> Fig
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(call, range(n)))
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return Figure(n / wall, cpu / n * 1000)
+
+
+def handed_off(url: str, n: int, loop_ms: float = 0.0) -> Figure:
+    """The notifier's shape without Kafka: a loop thread hands each call to a call thread.
+
+    The call thread makes the call on the kept-alive transport and puts the answer on a
+    queue; the loop thread takes it and hands over the next call, as the notifier's loop does
+    for one channel (``_SlackCalls``). ``loop_ms`` is Python work of the loop per call (a busy
+    wait holding the GIL): 60 % between an answer and the next hand-over (the completion, the
+    receipt, the next message's start), 40 % while the call is in flight (the next marker,
+    the polls), the split the one-channel timeline in NOTIFIER.md shows. With ``loop_ms`` the
+    notifier's own loop CPU per message, the figure is what the notifier could reach if its
+    Kafka side (markers, receipts, the broker's CPU) cost nothing.
+    """
+    client = KeepAliveWebClient(token=TOKEN, base_url=url, retry_handlers=[], idle_s=30)
+    metadata = {"event_type": "field_alert", "event_payload": {"message_id": "x", "pipeline": "p"}}
+    jobs: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    done: queue.SimpleQueue[int] = queue.SimpleQueue()
+    between_s, during_s = loop_ms * 0.6 / 1000, loop_ms * 0.4 / 1000
+
+    def work() -> None:
+        while (i := jobs.get()) is not None:
+            client.chat_postMessage(
+                channel="CBASE0", text=f"alert {i}", blocks=BLOCKS, metadata=metadata
+            )
+            done.put(i)
+
+    def spin(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    thread = threading.Thread(target=work, name="slack_0")
+    thread.start()
+    try:
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        for i in range(n):
+            jobs.put(i)
+            spin(during_s)
+            done.get()
+            spin(between_s)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    finally:
+        jobs.put(None)
+        thread.join()
     return Figure(n / wall, cpu / n * 1000)
 
 
@@ -337,6 +391,7 @@ def test_notifier_throughput_and_overhead(
     base_1 = median([baseline(fake_slack_url, 500, 1) for _ in range(RUNS)])
     base_8 = median([baseline(fake_slack_url, 1000, 8) for _ in range(RUNS)])
     base_ka = median([baseline(fake_slack_url, 500, 1, keep_alive=True) for _ in range(RUNS)])
+    base_hand = median([handed_off(fake_slack_url, 500) for _ in range(RUNS)])
 
     bench = Bench(bootstrap, registry, service_env, tmp_path, fake_slack_url)
     results: dict[int, Figure] = {}
@@ -347,6 +402,9 @@ def test_notifier_throughput_and_overhead(
         rss, peak = rss_mb(bench.proc.pid)
     finally:
         bench.close()
+    # the notifier's one-channel loop CPU, spent by a loop without Kafka (``handed_off``)
+    loop_ms = results[CHANNELS[0]].threads_ms.get("loop", 0.0)
+    base_loop = median([handed_off(fake_slack_url, 500, loop_ms) for _ in range(RUNS)])
     stopped = [
         json.loads(line)
         for line in (tmp_path / "notifier.log").read_text().splitlines()
@@ -357,6 +415,8 @@ def test_notifier_throughput_and_overhead(
         ("bare WebClient, 1 thread", base_1, None),
         ("bare WebClient, 8 threads", base_8, None),
         ("bare WebClient kept alive, 1 thread", base_ka, None),
+        ("kept alive, handed to a call thread", base_hand, None),
+        (f"same + {loop_ms:.3f} ms loop Python/call", base_loop, None),
         *[(f"notifier, {c} channel{'s' if c > 1 else ''}", results[c], c) for c in CHANNELS],
     ]
     print()
@@ -385,6 +445,13 @@ def test_notifier_throughput_and_overhead(
         f"the 1-thread bare client: {one.msgs_per_s / base_1.msgs_per_s:.2f}x "
         f"({one.msgs_per_s / base_ka.msgs_per_s:.2f}x of one on the notifier's kept-alive "
         "transport)"
+    )
+    print(
+        "one channel's ceiling without Kafka: a loop handing calls to a call thread "
+        f"{base_hand.msgs_per_s / base_1.msgs_per_s:.2f}x the 1-thread bare client, "
+        f"{base_loop.msgs_per_s / base_1.msgs_per_s:.2f}x with the notifier's loop CPU per "
+        f"message ({loop_ms:.3f} ms) spent as Python; the notifier "
+        f"{one.msgs_per_s / base_1.msgs_per_s:.2f}x"
     )
     print(f"notifier RSS after the runs {rss:.0f} MB (peak {peak:.0f} MB)")
     if stopped:

@@ -219,15 +219,19 @@ def handed_off(url: str, n: int, loop_ms: float = 0.0) -> Figure:
     client = KeepAliveWebClient(token=TOKEN, base_url=url, retry_handlers=[], idle_s=30)
     metadata = {"event_type": "field_alert", "event_payload": {"message_id": "x", "pipeline": "p"}}
     jobs: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-    done: queue.SimpleQueue[int] = queue.SimpleQueue()
+    done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
     between_s, during_s = loop_ms * 0.6 / 1000, loop_ms * 0.4 / 1000
 
     def work() -> None:
         while (i := jobs.get()) is not None:
-            client.chat_postMessage(
-                channel="CBASE0", text=f"alert {i}", blocks=BLOCKS, metadata=metadata
-            )
-            done.put(i)
+            try:
+                client.chat_postMessage(
+                    channel="CBASE0", text=f"alert {i}", blocks=BLOCKS, metadata=metadata
+                )
+            except BaseException as exc:  # the loop raises it: a failed call ends the bench
+                done.put(exc)
+                return
+            done.put(None)
 
     def spin(seconds: float) -> None:
         end = time.perf_counter() + seconds
@@ -241,7 +245,9 @@ def handed_off(url: str, n: int, loop_ms: float = 0.0) -> Figure:
         for i in range(n):
             jobs.put(i)
             spin(during_s)
-            done.get()
+            failed = done.get()
+            if failed is not None:
+                raise failed
             spin(between_s)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:

@@ -111,8 +111,15 @@ class PartitionGate:
             if marks is not None:
                 for tp in missing:
                     self._waiting[tp] = marks
+        # the partitions of one assignment share one snapshot: ask the table once for it
+        # (``caught_up_to`` reads the consumer's positions), not once per partition
+        reached: dict[int, bool] = {}
         for tp, marks in list(self._waiting.items()):
-            if marks is not None and self._table.caught_up_to(marks):
+            if marks is None:
+                continue
+            if id(marks) not in reached:
+                reached[id(marks)] = self._table.caught_up_to(marks)
+            if reached[id(marks)]:
                 self._open(tp)
 
     def _snapshot(self) -> Mapping[int, int] | None:

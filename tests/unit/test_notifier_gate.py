@@ -25,6 +25,7 @@ class FakeTable:
         self.highs: dict[int, int] = {0: 3, 1: 5}
         self.down = False
         self.snapshots = 0
+        self.checks = 0
 
     def high_watermarks(self, timeout_s: float = 10.0) -> dict[int, int]:
         self.snapshots += 1
@@ -33,6 +34,7 @@ class FakeTable:
         return dict(self.highs)
 
     def caught_up_to(self, marks: Mapping[int, int]) -> bool:
+        self.checks += 1
         return all(self.positions.get(p, 0) >= m for p, m in marks.items())
 
 
@@ -65,8 +67,10 @@ def test_a_partition_with_nothing_queued_opens_at_the_poll() -> None:
     gate.poll()
     assert gate.waiting
     table.positions = {0: 3, 1: 5}
+    table.checks = 0
     gate.poll()
     assert not gate.waiting
+    assert table.checks == 1  # both partitions share the assignment's snapshot
     assert gate.is_open(TP) and gate.is_open(OTHER)
 
 

@@ -96,6 +96,8 @@ BLOCKS: list[dict[str, Any]] = [
     },
 ]
 
+METADATA = {"event_type": "field_alert", "event_payload": {"message_id": "x", "pipeline": "p"}}
+
 pytestmark = pytest.mark.perf
 
 
@@ -175,6 +177,11 @@ def fake_slack_url() -> Iterator[str]:
         proc.stdout.close()
 
 
+def _kept_alive(url: str) -> KeepAliveWebClient:
+    """A bare client on the notifier's transport: slack-sdk with its connection kept open."""
+    return KeepAliveWebClient(token=TOKEN, base_url=url, retry_handlers=[], idle_s=30)
+
+
 def baseline(url: str, n: int, threads: int, *, keep_alive: bool = False) -> Figure:
     """Bare chat_postMessage calls: n calls over ``threads`` threads, round-robin channels.
 
@@ -182,15 +189,12 @@ def baseline(url: str, n: int, threads: int, *, keep_alive: bool = False) -> Fig
     kept open per thread) instead of plain slack-sdk's connection per call.
     """
     client = (
-        KeepAliveWebClient(token=TOKEN, base_url=url, retry_handlers=[], idle_s=30)
-        if keep_alive
-        else WebClient(token=TOKEN, base_url=url, retry_handlers=[])
+        _kept_alive(url) if keep_alive else WebClient(token=TOKEN, base_url=url, retry_handlers=[])
     )
-    metadata = {"event_type": "field_alert", "event_payload": {"message_id": "x", "pipeline": "p"}}
 
     def call(i: int) -> None:
         client.chat_postMessage(
-            channel=f"CBASE{i % 100}", text=f"alert {i}", blocks=BLOCKS, metadata=metadata
+            channel=f"CBASE{i % 100}", text=f"alert {i}", blocks=BLOCKS, metadata=METADATA
         )
 
     cpu0, t0 = time.process_time(), time.perf_counter()
@@ -216,8 +220,7 @@ def handed_off(url: str, n: int, loop_ms: float = 0.0) -> Figure:
     notifier's own loop CPU per message, the figure is what the notifier could reach if its
     Kafka side (markers, receipts, the broker's CPU) cost nothing.
     """
-    client = KeepAliveWebClient(token=TOKEN, base_url=url, retry_handlers=[], idle_s=30)
-    metadata = {"event_type": "field_alert", "event_payload": {"message_id": "x", "pipeline": "p"}}
+    client = _kept_alive(url)
     jobs: queue.SimpleQueue[int | None] = queue.SimpleQueue()
     done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
     between_s, during_s = loop_ms * 0.6 / 1000, loop_ms * 0.4 / 1000
@@ -226,7 +229,7 @@ def handed_off(url: str, n: int, loop_ms: float = 0.0) -> Figure:
         while (i := jobs.get()) is not None:
             try:
                 client.chat_postMessage(
-                    channel="CBASE0", text=f"alert {i}", blocks=BLOCKS, metadata=metadata
+                    channel="CBASE0", text=f"alert {i}", blocks=BLOCKS, metadata=METADATA
                 )
             except BaseException as exc:  # the loop raises it: a failed call ends the bench
                 done.put(exc)
